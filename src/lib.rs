@@ -1,0 +1,12 @@
+//! meshfed: an xDS control plane that federates Kubernetes clusters across clouds into one Istio mesh.
+//!
+//! Data flows one way:
+//! sources ([`source`]) -> federated registry ([`registry`]) -> translation ([`translate`], pure)
+//! -> cache ([`cache`], encoded once, shared) -> xDS streams ([`xds`]). The push loop ([`push`]) drives
+//! the middle; the debug surface ([`debug`]) reads the same state.
+
+pub mod bootstrap;
+pub mod mesh_config;
+pub mod model;
+pub mod source;
+pub mod topology;
