@@ -1,0 +1,766 @@
+//! `meshfed bootstrap`: renders the Envoy bootstrap that points a proxy at meshfed's ADS server, and
+//! parses / validates Istio node ids (`TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`).
+//!
+//! The bootstrap is built as a [`serde_json::Value`] and serialized with `serde_yaml`, so every
+//! user-supplied string (node id, labels, locality, ...) is quoted correctly whatever it contains.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use serde_json::{Map, Value, json};
+
+use crate::model::Locality;
+
+/// The Istio version meshfed reports in node metadata (`ISTIO_VERSION`).
+pub const ISTIO_VERSION: &str = "1.24.0-meshfed";
+/// Default address of meshfed's ADS server.
+pub const DEFAULT_XDS_ADDRESS: &str = "127.0.0.1:15010";
+/// Default Envoy admin port (bound on 127.0.0.1).
+pub const DEFAULT_ADMIN_PORT: u16 = 15000;
+/// Name of the static cluster that carries ADS.
+pub const XDS_CLUSTER: &str = "xds-grpc";
+/// Proxy types accepted in a node id.
+pub const PROXY_TYPES: &[&str] = &["sidecar", "router"];
+
+const NODE_ID_FORM: &str = "TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid node id {id:?}: {reason} (expected {NODE_ID_FORM})")]
+    NodeId { id: String, reason: String },
+    #[error("invalid xDS address {address:?}: {reason} (expected HOST:PORT)")]
+    XdsAddress { address: String, reason: String },
+    #[error("invalid locality {locality:?}: {reason} (expected REGION[/ZONE[/SUBZONE]])")]
+    Locality { locality: String, reason: String },
+    #[error("invalid interception mode {0:?} (expected NONE or REDIRECT)")]
+    InterceptionMode(String),
+    #[error("invalid {what}: {reason}")]
+    Metadata { what: &'static str, reason: String },
+    #[error("cannot serialize the bootstrap: {0}")]
+    Serialize(#[from] serde_yaml::Error),
+}
+
+/// How inbound/outbound traffic reaches the proxy (node metadata `INTERCEPTION_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
+pub enum InterceptionMode {
+    /// No traffic capture: outbound listeners bind on the proxy IP.
+    #[default]
+    #[value(name = "NONE", alias = "none")]
+    None,
+    /// iptables REDIRECT capture.
+    #[value(name = "REDIRECT", alias = "redirect")]
+    Redirect,
+}
+
+impl InterceptionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterceptionMode::None => "NONE",
+            InterceptionMode::Redirect => "REDIRECT",
+        }
+    }
+}
+
+impl fmt::Display for InterceptionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InterceptionMode {
+    type Err = Error;
+
+    /// Case-insensitive `NONE` / `REDIRECT`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.eq_ignore_ascii_case("NONE") {
+            Ok(InterceptionMode::None)
+        } else if s.eq_ignore_ascii_case("REDIRECT") {
+            Ok(InterceptionMode::Redirect)
+        } else {
+            Err(Error::InterceptionMode(s.to_string()))
+        }
+    }
+}
+
+/// Everything `meshfed bootstrap` needs to render an Envoy bootstrap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapOptions {
+    /// Istio node id, e.g. `sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local`
+    pub node_id: String,
+    /// HOST:PORT of meshfed's ADS server (IPv6 literals in brackets), default [`DEFAULT_XDS_ADDRESS`]
+    pub xds_address: String,
+    /// use `DELTA_GRPC` instead of `GRPC` (state of the world)
+    pub delta: bool,
+    /// admin listens on 127.0.0.1:admin_port, default [`DEFAULT_ADMIN_PORT`]
+    pub admin_port: u16,
+    /// node metadata `CLUSTER_ID`
+    pub cluster_id: Option<String>,
+    /// node metadata `NETWORK`
+    pub network: Option<String>,
+    /// `REGION[/ZONE[/SUBZONE]]`, rendered as `node.locality`
+    pub locality: Option<String>,
+    /// node metadata `INTERCEPTION_MODE`
+    pub interception_mode: InterceptionMode,
+    /// node metadata `LABELS`
+    pub labels: BTreeMap<String, String>,
+}
+
+impl BootstrapOptions {
+    /// Options with every default for `node_id`.
+    pub fn new(node_id: impl Into<String>) -> Self {
+        BootstrapOptions {
+            node_id: node_id.into(),
+            xds_address: DEFAULT_XDS_ADDRESS.to_string(),
+            delta: false,
+            admin_port: DEFAULT_ADMIN_PORT,
+            cluster_id: None,
+            network: None,
+            locality: None,
+            interception_mode: InterceptionMode::default(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
+/// The parts of a validated Istio node id `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeIdParts {
+    /// `sidecar` or `router`
+    pub proxy_type: String,
+    pub ip: IpAddr,
+    pub pod: String,
+    pub namespace: String,
+    /// the DNS domain after `NAMESPACE.svc.`, e.g. `cluster.local`
+    pub domain: String,
+}
+
+impl NodeIdParts {
+    /// `POD.NAMESPACE`, the third part of the node id (Envoy's `node.cluster` in the bootstrap).
+    pub fn pod_dot_namespace(&self) -> String {
+        format!("{}.{}", self.pod, self.namespace)
+    }
+}
+
+/// Parses and strictly validates an Istio node id.
+///
+/// Requirements: exactly four `~`-separated, non-empty parts; TYPE one of [`PROXY_TYPES`]; IP a valid
+/// IPv4 or IPv6 address (no brackets, no zone); the third part `POD.NAMESPACE` with POD a DNS-1123
+/// subdomain and NAMESPACE a DNS-1123 label; the fourth part `NAMESPACE.svc.DOMAIN` with the same
+/// NAMESPACE and DOMAIN a DNS-1123 subdomain.
+pub fn parse_node_id(id: &str) -> Result<NodeIdParts, Error> {
+    let err = |reason: String| Error::NodeId { id: id.to_string(), reason };
+
+    let parts: Vec<&str> = id.split('~').collect();
+    if parts.len() != 4 {
+        return Err(err(format!("has {} `~`-separated parts, expected 4", parts.len())));
+    }
+    const NAMES: [&str; 4] = ["proxy type", "IP address", "POD.NAMESPACE", "NAMESPACE.svc.DOMAIN"];
+    for (i, (part, name)) in parts.iter().zip(NAMES).enumerate() {
+        if part.is_empty() {
+            return Err(err(format!("part {} ({name}) is empty", i + 1)));
+        }
+    }
+    let (proxy_type, ip, pod_ns, ns_domain) = (parts[0], parts[1], parts[2], parts[3]);
+
+    if !PROXY_TYPES.contains(&proxy_type) {
+        return Err(err(format!("unknown proxy type {proxy_type:?} (expected one of {})", PROXY_TYPES.join(", "))));
+    }
+
+    let ip: IpAddr = ip.parse().map_err(|_| err(format!("{ip:?} is not a valid IP address")))?;
+
+    // The namespace is a DNS label (no dots) but the pod name may contain dots: split on the last one.
+    let Some((pod, namespace)) = pod_ns.rsplit_once('.') else {
+        return Err(err(format!("third part {pod_ns:?} is not POD.NAMESPACE (no `.`)")));
+    };
+    if pod.is_empty() {
+        return Err(err(format!("third part {pod_ns:?} has an empty pod name")));
+    }
+    if namespace.is_empty() {
+        return Err(err(format!("third part {pod_ns:?} has an empty namespace")));
+    }
+    if !is_dns1123_subdomain(pod) {
+        return Err(err(format!(
+            "pod name {pod:?} is not a valid DNS-1123 subdomain (lowercase letters, digits, `-` and `.`)"
+        )));
+    }
+    if !is_dns1123_label(namespace) {
+        return Err(err(format!(
+            "namespace {namespace:?} is not a valid DNS-1123 label (at most 63 lowercase letters, digits and `-`)"
+        )));
+    }
+
+    let (ns4, rest) = ns_domain.split_once('.').unwrap_or((ns_domain, ""));
+    if ns4 != namespace {
+        return Err(err(format!(
+            "namespace {namespace:?} in the third part does not match namespace {ns4:?} \
+             at the start of the fourth part {ns_domain:?}"
+        )));
+    }
+    let Some(domain) = rest.strip_prefix("svc.") else {
+        return Err(err(format!("fourth part {ns_domain:?} is not {namespace}.svc.DOMAIN")));
+    };
+    if !is_dns1123_subdomain(domain) {
+        return Err(err(format!("DNS domain {domain:?} in the fourth part is not a valid DNS-1123 subdomain")));
+    }
+
+    Ok(NodeIdParts {
+        proxy_type: proxy_type.to_string(),
+        ip,
+        pod: pod.to_string(),
+        namespace: namespace.to_string(),
+        domain: domain.to_string(),
+    })
+}
+
+/// Parses `REGION[/ZONE[/SUBZONE]]`: one to three non-empty parts without whitespace or control
+/// characters. Missing parts are empty in the result.
+pub fn parse_locality(s: &str) -> Result<Locality, Error> {
+    let err = |reason: String| Error::Locality { locality: s.to_string(), reason };
+    let parts: Vec<&str> = s.split('/').collect();
+    if parts.len() > 3 {
+        return Err(err(format!("has {} `/`-separated parts, at most 3 allowed", parts.len())));
+    }
+    const NAMES: [&str; 3] = ["region", "zone", "subzone"];
+    for (part, name) in parts.iter().zip(NAMES) {
+        if part.is_empty() {
+            return Err(err(format!("{name} is empty")));
+        }
+        if part.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err(format!("{name} {part:?} contains whitespace or control characters")));
+        }
+    }
+    let get = |i: usize| parts.get(i).copied().unwrap_or("");
+    Ok(Locality::new(get(0), get(1), get(2)))
+}
+
+/// Where the ADS server is, as the `xds-grpc` cluster needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsAddress {
+    /// an IP literal (without brackets) or a DNS name
+    pub host: String,
+    pub port: u16,
+    /// `Some` when `host` is an IP literal (cluster type STATIC), `None` for a name (STRICT_DNS)
+    pub ip: Option<IpAddr>,
+}
+
+/// Parses `HOST:PORT`: HOST an IPv4 address, a bracketed IPv6 address (`[::1]:15010`) or a DNS
+/// name; PORT a non-zero decimal port.
+pub fn parse_xds_address(s: &str) -> Result<XdsAddress, Error> {
+    let err = |reason: &str| Error::XdsAddress { address: s.to_string(), reason: reason.to_string() };
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(err("no `:PORT`"));
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(err("port is not a number"));
+    }
+    let port: u16 = port.parse().map_err(|_| err("port is out of range"))?;
+    if port == 0 {
+        return Err(err("port 0"));
+    }
+    if host.is_empty() {
+        return Err(err("empty host"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let Some(inner) = inner.strip_suffix(']') else {
+            return Err(err("unterminated `[` in host"));
+        };
+        let ip: std::net::Ipv6Addr = inner.parse().map_err(|_| err("bracketed host is not an IPv6 address"))?;
+        return Ok(XdsAddress { host: inner.to_string(), port, ip: Some(IpAddr::V6(ip)) });
+    }
+    if host.contains(':') {
+        return Err(err("IPv6 addresses must be in brackets, e.g. [::1]:15010"));
+    }
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(XdsAddress { host: host.to_string(), port, ip: Some(ip) });
+    }
+    if !is_dns_name(host) {
+        return Err(err("host is neither an IP address nor a valid DNS name"));
+    }
+    Ok(XdsAddress { host: host.to_string(), port, ip: None })
+}
+
+/// Renders the Envoy bootstrap as YAML.
+pub fn render(opts: &BootstrapOptions) -> Result<String, Error> {
+    let Value::Object(mut top) = render_json(opts)? else { unreachable!("the bootstrap is an object") };
+    // serde_json sorts keys; put the top-level sections in reading order (node first).
+    let mut ordered = serde_yaml::Mapping::new();
+    for key in TOP_LEVEL_ORDER {
+        if let Some(v) = top.remove(*key) {
+            ordered.insert(serde_yaml::Value::from(*key), serde_yaml::to_value(v)?);
+        }
+    }
+    for (key, v) in top {
+        ordered.insert(serde_yaml::Value::from(key), serde_yaml::to_value(v)?);
+    }
+    Ok(serde_yaml::to_string(&ordered)?)
+}
+
+const TOP_LEVEL_ORDER: &[&str] =
+    &["node", "dynamic_resources", "static_resources", "admin", "layered_runtime", "overload_manager"];
+
+/// Renders the Envoy bootstrap as a JSON value (what [`render`] serializes).
+pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
+    let node_id = parse_node_id(&opts.node_id)?;
+    let xds = parse_xds_address(&opts.xds_address)?;
+    let locality = opts.locality.as_deref().map(parse_locality).transpose()?;
+    let cluster_id = non_empty("CLUSTER_ID", opts.cluster_id.as_deref())?;
+    let network = non_empty("NETWORK", opts.network.as_deref())?;
+    if opts.labels.keys().any(|k| k.is_empty()) {
+        return Err(Error::Metadata { what: "LABELS", reason: "a label has an empty key".to_string() });
+    }
+
+    let mut metadata = Map::new();
+    metadata.insert("ISTIO_VERSION".into(), json!(ISTIO_VERSION));
+    if let Some(cluster_id) = cluster_id {
+        metadata.insert("CLUSTER_ID".into(), json!(cluster_id));
+    }
+    if let Some(network) = network {
+        metadata.insert("NETWORK".into(), json!(network));
+    }
+    metadata.insert("NAMESPACE".into(), json!(node_id.namespace));
+    metadata.insert("INSTANCE_IPS".into(), json!(node_id.ip.to_string()));
+    metadata.insert("INTERCEPTION_MODE".into(), json!(opts.interception_mode.as_str()));
+    metadata.insert("WORKLOAD_NAME".into(), json!(node_id.pod));
+    if !opts.labels.is_empty() {
+        metadata.insert("LABELS".into(), json!(opts.labels));
+    }
+
+    let mut node = Map::new();
+    node.insert("id".into(), json!(opts.node_id));
+    node.insert("cluster".into(), json!(node_id.pod_dot_namespace()));
+    if let Some(l) = &locality {
+        let mut loc = Map::new();
+        for (key, value) in [("region", &l.region), ("zone", &l.zone), ("sub_zone", &l.subzone)] {
+            if !value.is_empty() {
+                loc.insert(key.into(), json!(value.as_ref()));
+            }
+        }
+        node.insert("locality".into(), Value::Object(loc));
+    }
+    node.insert("metadata".into(), Value::Object(metadata));
+
+    let ads_source = json!({ "ads": {}, "resource_api_version": "V3" });
+    let mut xds_cluster = json!({
+        "name": XDS_CLUSTER,
+        "type": if xds.ip.is_some() { "STATIC" } else { "STRICT_DNS" },
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [{
+                "lb_endpoints": [{
+                    "endpoint": {
+                        "address": { "socket_address": { "address": xds.host, "port_value": xds.port } }
+                    }
+                }]
+            }]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": { "interval": "30s", "timeout": "10s" }
+                    }
+                }
+            }
+        },
+        "upstream_connection_options": {
+            "tcp_keepalive": { "keepalive_time": 300, "keepalive_interval": 30, "keepalive_probes": 3 }
+        }
+    });
+    if xds.ip.is_none() {
+        // only the first family that resolves: a name like `localhost` must not become two endpoints
+        xds_cluster["dns_lookup_family"] = json!("V4_PREFERRED");
+    }
+
+    Ok(json!({
+        "node": node,
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": if opts.delta { "DELTA_GRPC" } else { "GRPC" },
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }]
+            },
+            "cds_config": ads_source.clone(),
+            "lds_config": ads_source
+        },
+        "static_resources": { "clusters": [xds_cluster] },
+        "admin": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } }
+        },
+        "layered_runtime": {
+            "layers": [
+                { "name": "static", "static_layer": {} },
+                { "name": "admin", "admin_layer": {} }
+            ]
+        },
+        // An effectively unlimited connection cap, as Istio sets: without any limit Envoy warns at startup.
+        "overload_manager": {
+            "resource_monitors": [{
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": DOWNSTREAM_CONNECTIONS_TYPE,
+                    "max_active_downstream_connections": 2147483647
+                }
+            }]
+        }
+    }))
+}
+
+const DOWNSTREAM_CONNECTIONS_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
+
+fn non_empty<'a>(what: &'static str, v: Option<&'a str>) -> Result<Option<&'a str>, Error> {
+    match v {
+        Some("") => Err(Error::Metadata { what, reason: "empty value".to_string() }),
+        v => Ok(v),
+    }
+}
+
+/// RFC 1123 label as Kubernetes validates it: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain as Kubernetes validates it: at most 253 characters, dot-separated labels.
+fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+/// A DNS host name for the xDS server: like a DNS-1123 subdomain but case-insensitive, and a
+/// trailing dot (fully qualified) is allowed.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    is_dns1123_subdomain(&s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local";
+
+    fn node_err(id: &str) -> String {
+        match parse_node_id(id) {
+            Err(e @ Error::NodeId { .. }) => e.to_string(),
+            other => panic!("{id:?}: expected a node id error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_sidecar_node_id() {
+        let p = parse_node_id(ID).unwrap();
+        assert_eq!(
+            p,
+            NodeIdParts {
+                proxy_type: "sidecar".into(),
+                ip: "127.0.50.1".parse().unwrap(),
+                pod: "client-0".into(),
+                namespace: "shop".into(),
+                domain: "cluster.local".into(),
+            }
+        );
+        assert_eq!(p.pod_dot_namespace(), "client-0.shop");
+    }
+
+    #[test]
+    fn parses_router_ipv6_and_dotted_pod() {
+        let p = parse_node_id("router~::1~a.b~b.svc.cluster.local").unwrap();
+        assert_eq!(p.proxy_type, "router");
+        assert_eq!(p.ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!((p.pod.as_str(), p.namespace.as_str(), p.domain.as_str()), ("a", "b", "cluster.local"));
+
+        let p = parse_node_id("sidecar~fd00::10:2~web.v1-abc.prod~prod.svc.example.com").unwrap();
+        assert_eq!((p.pod.as_str(), p.namespace.as_str(), p.domain.as_str()), ("web.v1-abc", "prod", "example.com"));
+        assert_eq!(p.ip, "fd00::10:2".parse::<IpAddr>().unwrap());
+
+        let p = parse_node_id("sidecar~::1~a.b~b.svc.cluster.local").unwrap();
+        assert_eq!(p.proxy_type, "sidecar");
+    }
+
+    #[test]
+    fn rejects_wrong_part_counts() {
+        assert!(node_err("").contains("has 1 `~`-separated parts"));
+        assert!(node_err("sidecar~127.0.0.1~a.b").contains("has 3 `~`-separated parts"));
+        assert!(node_err(&format!("{ID}~extra")).contains("has 5 `~`-separated parts"));
+        assert!(node_err("sidecar~~127.0.0.1~a.b~b.svc.cluster.local").contains("has 5"));
+    }
+
+    #[test]
+    fn rejects_empty_parts() {
+        assert!(node_err("~127.0.0.1~a.b~b.svc.cluster.local").contains("part 1 (proxy type) is empty"));
+        assert!(node_err("sidecar~~a.b~b.svc.cluster.local").contains("part 2 (IP address) is empty"));
+        assert!(node_err("sidecar~127.0.0.1~~b.svc.cluster.local").contains("part 3 (POD.NAMESPACE) is empty"));
+        assert!(node_err("sidecar~127.0.0.1~a.b~").contains("part 4 (NAMESPACE.svc.DOMAIN) is empty"));
+        assert!(node_err("~~~").contains("part 1"));
+    }
+
+    #[test]
+    fn rejects_bad_proxy_type() {
+        for t in ["Sidecar", "gateway", "ztunnel", " sidecar"] {
+            let e = node_err(&format!("{t}~127.0.0.1~a.b~b.svc.cluster.local"));
+            assert!(e.contains("unknown proxy type"), "{e}");
+            assert!(e.contains("sidecar, router"), "{e}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_ips() {
+        for ip in ["127.0.0", "127.0.0.256", "localhost", "[::1]", "fe80::1%eth0", "127.0.0.1 ", "010.0.0.1", ":::1"] {
+            let e = node_err(&format!("sidecar~{ip}~a.b~b.svc.cluster.local"));
+            assert!(e.contains("is not a valid IP address"), "{ip}: {e}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_pod_namespace() {
+        assert!(node_err("sidecar~127.0.0.1~ab~ab.svc.cluster.local").contains("no `.`"));
+        assert!(node_err("sidecar~127.0.0.1~.b~b.svc.cluster.local").contains("empty pod name"));
+        assert!(node_err("sidecar~127.0.0.1~a.~b.svc.cluster.local").contains("empty namespace"));
+        assert!(node_err("sidecar~127.0.0.1~A.b~b.svc.cluster.local").contains("pod name \"A\""));
+        assert!(node_err("sidecar~127.0.0.1~a..x.b~b.svc.cluster.local").contains("pod name \"a..x\""));
+        assert!(node_err("sidecar~127.0.0.1~a_1.b~b.svc.cluster.local").contains("pod name"));
+        assert!(node_err("sidecar~127.0.0.1~a.B~B.svc.cluster.local").contains("namespace \"B\""));
+        assert!(node_err("sidecar~127.0.0.1~a.-b~-b.svc.cluster.local").contains("DNS-1123 label"));
+        let long = "n".repeat(64);
+        assert!(node_err(&format!("sidecar~127.0.0.1~a.{long}~{long}.svc.cluster.local")).contains("DNS-1123 label"));
+    }
+
+    #[test]
+    fn rejects_mismatched_namespace_and_bad_domain() {
+        let e = node_err("sidecar~127.0.0.1~a.shop~bank.svc.cluster.local");
+        assert!(e.contains("\"shop\" in the third part does not match namespace \"bank\""), "{e}");
+        let e = node_err("sidecar~127.0.0.1~a.shop~shop");
+        assert!(e.contains("does not match namespace") || e.contains("is not shop.svc.DOMAIN"), "{e}");
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc").contains("is not shop.svc.DOMAIN"));
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.cluster.local").contains("is not shop.svc.DOMAIN"));
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.").contains("DNS domain \"\""));
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.Cluster.local").contains("DNS domain"));
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.cluster..local").contains("DNS domain"));
+        assert!(node_err("sidecar~127.0.0.1~a.shop~shopx.svc.cluster.local").contains("does not match"));
+    }
+
+    #[test]
+    fn node_id_error_names_the_expected_form() {
+        let e = node_err("sidecar");
+        assert!(e.starts_with("invalid node id \"sidecar\": "), "{e}");
+        assert!(e.ends_with("(expected TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN)"), "{e}");
+    }
+
+    #[test]
+    fn parses_localities() {
+        assert_eq!(parse_locality("us-east-1").unwrap(), Locality::new("us-east-1", "", ""));
+        assert_eq!(parse_locality("us-east-1/use1-az1").unwrap(), Locality::new("us-east-1", "use1-az1", ""));
+        assert_eq!(parse_locality("eastus/eastus-1/rack7").unwrap(), Locality::new("eastus", "eastus-1", "rack7"));
+        for bad in ["", "/", "a/", "/b", "a//c", "a/b/c/d", "a/b c", "a/b/"] {
+            assert!(matches!(parse_locality(bad), Err(Error::Locality { .. })), "{bad:?}");
+        }
+        assert!(parse_locality("a/b/c/d").unwrap_err().to_string().contains("at most 3"));
+    }
+
+    #[test]
+    fn parses_xds_addresses() {
+        let a = parse_xds_address("127.0.0.1:15010").unwrap();
+        assert_eq!((a.host.as_str(), a.port, a.ip), ("127.0.0.1", 15010, Some("127.0.0.1".parse().unwrap())));
+        let a = parse_xds_address("[::1]:15012").unwrap();
+        assert_eq!((a.host.as_str(), a.port, a.ip), ("::1", 15012, Some("::1".parse().unwrap())));
+        let a = parse_xds_address("meshfed.meshfed-system.svc:15010").unwrap();
+        assert_eq!((a.host.as_str(), a.port, a.ip), ("meshfed.meshfed-system.svc", 15010, None));
+        assert!(parse_xds_address("Localhost.:1").unwrap().ip.is_none());
+        for bad in [
+            "",
+            "127.0.0.1",
+            "127.0.0.1:",
+            ":15010",
+            "127.0.0.1:abc",
+            "127.0.0.1:+1",
+            "127.0.0.1:70000",
+            "127.0.0.1:0",
+            "::1:15010",
+            "[::1:15010",
+            "[127.0.0.1]:15010",
+            "bad host:15010",
+            "a_b:15010",
+            "-x:1",
+        ] {
+            assert!(matches!(parse_xds_address(bad), Err(Error::XdsAddress { .. })), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_interception_mode() {
+        assert_eq!("NONE".parse::<InterceptionMode>().unwrap(), InterceptionMode::None);
+        assert_eq!("redirect".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
+        assert!("TPROXY".parse::<InterceptionMode>().is_err());
+        assert_eq!(InterceptionMode::default().to_string(), "NONE");
+    }
+
+    fn rendered(opts: &BootstrapOptions) -> serde_yaml::Value {
+        serde_yaml::from_str(&render(opts).unwrap()).unwrap()
+    }
+
+    fn s<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> &'a str {
+        let mut v = v;
+        for p in path {
+            v = v.get(p).unwrap_or_else(|| panic!("missing {p} in {path:?}"));
+        }
+        v.as_str().unwrap_or_else(|| panic!("{path:?} is not a string: {v:?}"))
+    }
+
+    #[test]
+    fn renders_api_type_for_sotw_and_delta() {
+        let mut opts = BootstrapOptions::new(ID);
+        let y = rendered(&opts);
+        assert_eq!(s(&y, &["dynamic_resources", "ads_config", "api_type"]), "GRPC");
+        opts.delta = true;
+        let y = rendered(&opts);
+        let ads = &y["dynamic_resources"]["ads_config"];
+        assert_eq!(s(ads, &["api_type"]), "DELTA_GRPC");
+        assert_eq!(s(ads, &["transport_api_version"]), "V3");
+        assert_eq!(ads["set_node_on_first_message_only"], serde_yaml::Value::Bool(true));
+        assert_eq!(s(&ads["grpc_services"][0], &["envoy_grpc", "cluster_name"]), "xds-grpc");
+        for source in ["cds_config", "lds_config"] {
+            assert_eq!(s(&y, &["dynamic_resources", source, "resource_api_version"]), "V3");
+            assert!(y["dynamic_resources"][source]["ads"].is_mapping());
+        }
+    }
+
+    #[test]
+    fn renders_node_and_metadata() {
+        let mut opts = BootstrapOptions::new(ID);
+        opts.cluster_id = Some("aws-use1".into());
+        opts.network = Some("aws-net".into());
+        opts.interception_mode = InterceptionMode::Redirect;
+        opts.labels.insert("app".into(), "client".into());
+        let y = rendered(&opts);
+        let node = &y["node"];
+        assert_eq!(s(node, &["id"]), ID);
+        assert_eq!(s(node, &["cluster"]), "client-0.shop");
+        assert!(node.get("locality").is_none());
+        let md = &node["metadata"];
+        assert_eq!(s(md, &["ISTIO_VERSION"]), ISTIO_VERSION);
+        assert_eq!(s(md, &["CLUSTER_ID"]), "aws-use1");
+        assert_eq!(s(md, &["NETWORK"]), "aws-net");
+        assert_eq!(s(md, &["NAMESPACE"]), "shop");
+        assert_eq!(s(md, &["INSTANCE_IPS"]), "127.0.50.1");
+        assert_eq!(s(md, &["INTERCEPTION_MODE"]), "REDIRECT");
+        assert_eq!(s(md, &["WORKLOAD_NAME"]), "client-0");
+        assert_eq!(s(md, &["LABELS", "app"]), "client");
+
+        let y = rendered(&BootstrapOptions::new(ID));
+        let md = &y["node"]["metadata"];
+        assert_eq!(s(md, &["INTERCEPTION_MODE"]), "NONE");
+        for absent in ["CLUSTER_ID", "NETWORK", "LABELS"] {
+            assert!(md.get(absent).is_none(), "{absent}");
+        }
+    }
+
+    #[test]
+    fn renders_locality() {
+        let mut opts = BootstrapOptions::new(ID);
+        opts.locality = Some("us-east-1/use1-az1/rack-7".into());
+        let y = rendered(&opts);
+        let l = &y["node"]["locality"];
+        assert_eq!((s(l, &["region"]), s(l, &["zone"]), s(l, &["sub_zone"])), ("us-east-1", "use1-az1", "rack-7"));
+
+        opts.locality = Some("eastus/eastus-2".into());
+        let y = rendered(&opts);
+        let l = &y["node"]["locality"];
+        assert_eq!((s(l, &["region"]), s(l, &["zone"])), ("eastus", "eastus-2"));
+        assert!(l.get("sub_zone").is_none());
+
+        opts.locality = Some("a//c".into());
+        assert!(matches!(render(&opts), Err(Error::Locality { .. })));
+    }
+
+    #[test]
+    fn escapes_special_characters() {
+        let mut opts = BootstrapOptions::new(ID);
+        let nasty = [
+            ("app", "x: y\n- z # not a comment"),
+            ("quote\"key'", "'single' \"double\" \\back"),
+            ("yes", "no"),
+            ("num", "0x10"),
+            ("null", "~"),
+            ("star", "*anchor &ref !tag"),
+            ("braces", "{a: [b]}"),
+            ("unicode", "ünï\u{1F600}\t"),
+            ("leading space", " v "),
+            ("empty", ""),
+        ];
+        for (k, v) in nasty {
+            opts.labels.insert(k.into(), v.into());
+        }
+        opts.cluster_id = Some("true".into());
+        opts.network = Some("net: {evil}".into());
+        let y = rendered(&opts);
+        let md = &y["node"]["metadata"];
+        let labels = md["LABELS"].as_mapping().unwrap();
+        assert_eq!(labels.len(), nasty.len());
+        for (k, v) in nasty {
+            assert_eq!(s(md, &["LABELS", k]), v, "label {k:?}");
+        }
+        assert_eq!(s(md, &["CLUSTER_ID"]), "true");
+        assert_eq!(s(md, &["NETWORK"]), "net: {evil}");
+    }
+
+    #[test]
+    fn renders_xds_cluster() {
+        let y = rendered(&BootstrapOptions::new(ID));
+        let c = &y["static_resources"]["clusters"][0];
+        assert_eq!(s(c, &["name"]), "xds-grpc");
+        assert_eq!(s(c, &["type"]), "STATIC");
+        assert_eq!(s(c, &["connect_timeout"]), "1s");
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+        assert_eq!(s(sa, &["address"]), "127.0.0.1");
+        assert_eq!(sa["port_value"].as_u64(), Some(15010));
+        let http = &c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        let h2 = &http["explicit_http_config"]["http2_protocol_options"];
+        assert_eq!(s(h2, &["connection_keepalive", "interval"]), "30s");
+        assert!(c["upstream_connection_options"]["tcp_keepalive"].is_mapping());
+        assert!(c.get("dns_lookup_family").is_none());
+        let admin = &y["admin"]["address"]["socket_address"];
+        assert_eq!((s(admin, &["address"]), admin["port_value"].as_u64()), ("127.0.0.1", Some(15000)));
+
+        let mut opts = BootstrapOptions::new(ID);
+        opts.xds_address = "meshfed.meshfed-system:15012".into();
+        opts.admin_port = 19000;
+        let y = rendered(&opts);
+        let c = &y["static_resources"]["clusters"][0];
+        assert_eq!(s(c, &["type"]), "STRICT_DNS");
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+        assert_eq!(s(sa, &["address"]), "meshfed.meshfed-system");
+        assert_eq!(sa["port_value"].as_u64(), Some(15012));
+        assert_eq!(y["admin"]["address"]["socket_address"]["port_value"].as_u64(), Some(19000));
+
+        opts.xds_address = "[::1]:15010".into();
+        let y = rendered(&opts);
+        let c = &y["static_resources"]["clusters"][0];
+        assert_eq!(s(c, &["type"]), "STATIC");
+        let sa = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+        assert_eq!(s(sa, &["address"]), "::1");
+    }
+
+    #[test]
+    fn render_validates_inputs() {
+        let mut opts = BootstrapOptions::new("sidecar~127.0.0.1~a.b~c.svc.cluster.local");
+        assert!(matches!(render(&opts), Err(Error::NodeId { .. })));
+        opts.node_id = ID.into();
+        opts.xds_address = "127.0.0.1".into();
+        assert!(matches!(render(&opts), Err(Error::XdsAddress { .. })));
+        opts.xds_address = DEFAULT_XDS_ADDRESS.into();
+        opts.cluster_id = Some(String::new());
+        assert!(matches!(render(&opts), Err(Error::Metadata { what: "CLUSTER_ID", .. })));
+        opts.cluster_id = None;
+        opts.labels.insert(String::new(), "v".into());
+        assert!(matches!(render(&opts), Err(Error::Metadata { what: "LABELS", .. })));
+    }
+}

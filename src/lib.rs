@@ -6,7 +6,18 @@
 //! the middle; the debug surface ([`debug`]) reads the same state.
 
 pub mod bootstrap;
+pub mod cache;
+pub mod canonical;
+pub mod debug;
+pub mod demo;
+pub mod descriptors;
 pub mod mesh_config;
 pub mod model;
+pub mod proxy;
+pub mod push;
+pub mod registry;
 pub mod source;
 pub mod topology;
+pub mod translate;
+pub mod type_url;
+pub mod xds;

@@ -1,1 +1,189 @@
-fn main(){}
+//! The meshfed command line: `serve` runs the control plane, `bootstrap` prints an Envoy bootstrap.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
+use meshfed::mesh_config::MeshConfig;
+use meshfed::xds::connections::Connections;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(name = "meshfed", version, about = "xDS control plane for Istio meshes spanning clouds")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane (with no mesh config: the built-in two-clouds demo).
+    Serve(ServeArgs),
+    /// Print an Envoy bootstrap (YAML) that points Envoy at meshfed over ADS.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Mesh config file (YAML). Default: the built-in demo, examples/two-clouds/mesh.yaml.
+    #[arg(long, env = "MESHFED_MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
+    /// Address of the ADS gRPC server.
+    #[arg(long, default_value = "0.0.0.0:15010")]
+    xds_address: SocketAddr,
+    /// Address of the debug HTTP server (/healthz, /ready, /debug/...).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    debug_address: SocketAddr,
+    /// Allow the debug server on a non-loopback address (it has no authentication).
+    #[arg(long)]
+    debug_expose: bool,
+}
+
+#[derive(clap::Args)]
+struct BootstrapArgs {
+    /// Istio node id: TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local (TYPE sidecar or router)
+    #[arg(long)]
+    node_id: String,
+    /// meshfed's ADS address
+    #[arg(long, default_value = bootstrap::DEFAULT_XDS_ADDRESS)]
+    xds_address: String,
+    /// Use Delta xDS (DELTA_GRPC) instead of state-of-the-world (GRPC)
+    #[arg(long)]
+    delta: bool,
+    /// Envoy admin port (on 127.0.0.1)
+    #[arg(long, default_value_t = bootstrap::DEFAULT_ADMIN_PORT)]
+    admin_port: u16,
+    /// Node metadata CLUSTER_ID
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// Node metadata NETWORK
+    #[arg(long)]
+    network: Option<String>,
+    /// REGION/ZONE[/SUBZONE]
+    #[arg(long)]
+    locality: Option<String>,
+    /// NONE: outbound listeners bind on the node id's IP; REDIRECT: iptables capture, as in Istio
+    #[arg(long, value_enum, default_value = "NONE")]
+    interception_mode: InterceptionMode,
+    /// Workload labels (node metadata LABELS), KEY=VALUE, repeatable
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    if !args.debug_address.ip().is_loopback() && !args.debug_expose {
+        bail!(
+            "--debug-address {} is not a loopback address; the debug server has no authentication, pass --debug-expose to bind it anyway",
+            args.debug_address
+        );
+    }
+    let path = match args.mesh_config {
+        Some(p) => p,
+        None => meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?,
+    };
+    let mesh = MeshConfig::load(&path)?;
+    info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // The initial state of every file source is queued before the push loop starts, so the first push
+    // is the complete state.
+    let files = meshfed::source::files::run(&mesh, events_tx).await.context("starting the file source")?;
+    let (push, push_task) = meshfed::push::start(&mesh, events_rx);
+    let connections = Arc::new(Connections::default());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    let debug_listener = tokio::net::TcpListener::bind(args.debug_address)
+        .await
+        .with_context(|| format!("binding the debug address {}", args.debug_address))?;
+    let files_errors = files.subscribe_errors();
+    let debug_state = meshfed::debug::DebugState {
+        push: push.clone(),
+        connections: connections.clone(),
+        source_errors: Arc::new(move || files_errors.borrow().iter().map(|e| e.to_string()).collect()),
+    };
+    info!(address = %args.debug_address, "debug server listening");
+    let debug_task = tokio::spawn(meshfed::debug::serve(debug_listener, debug_state, shutdown(shutdown_rx.clone())));
+
+    // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
+    let mut ready = push.subscribe();
+    let _ = ready.wait_for(|s| s.generation > 0).await;
+    let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
+        .await
+        .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
+    info!(address = %args.xds_address, "ADS server listening");
+    let ads = meshfed::xds::AdsService::new(push.clone(), connections.clone());
+    let xds_task = tokio::spawn(meshfed::xds::serve(xds_listener, ads, shutdown(shutdown_rx.clone())));
+
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted, shutting down"),
+        _ = terminate() => info!("terminated, shutting down"),
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = xds_task.await;
+        let _ = debug_task.await;
+    })
+    .await;
+    drop(files);
+    push_task.abort();
+    Ok(())
+}
+
+async fn terminate() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+fn bootstrap_cmd(args: BootstrapArgs) -> Result<()> {
+    let opts = BootstrapOptions {
+        node_id: args.node_id,
+        xds_address: args.xds_address,
+        delta: args.delta,
+        admin_port: args.admin_port,
+        cluster_id: args.cluster_id,
+        network: args.network,
+        locality: args.locality,
+        interception_mode: args.interception_mode,
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+    };
+    print!("{}", bootstrap::render(&opts)?);
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or_else(|| Cli::parse_from(["meshfed", "serve"]).command.expect("serve")) {
+        Command::Bootstrap(args) => bootstrap_cmd(args),
+        Command::Serve(args) => {
+            tokio::runtime::Runtime::new().context("starting the runtime").and_then(|rt| rt.block_on(serve(args)))
+        }
+    };
+    if let Err(e) = result {
+        error!("{e:#}");
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

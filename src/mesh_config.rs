@@ -203,10 +203,12 @@ impl MeshConfig {
         let mut debounce = Debounce::default();
         if let Some(d) = raw.debounce {
             if let Some(q) = d.quiet {
-                debounce.quiet = parse_duration(&q).ok_or_else(|| invalid(format!("debounce.quiet: invalid duration {q:?}")))?;
+                debounce.quiet =
+                    parse_duration(&q).ok_or_else(|| invalid(format!("debounce.quiet: invalid duration {q:?}")))?;
             }
             if let Some(m) = d.max {
-                debounce.max = parse_duration(&m).ok_or_else(|| invalid(format!("debounce.max: invalid duration {m:?}")))?;
+                debounce.max =
+                    parse_duration(&m).ok_or_else(|| invalid(format!("debounce.max: invalid duration {m:?}")))?;
             }
         }
         Ok(MeshConfig {

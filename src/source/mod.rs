@@ -21,9 +21,9 @@ pub enum SourceEvent {
 impl SourceEvent {
     pub fn cluster(&self) -> &ClusterId {
         match self {
-            SourceEvent::Sync { cluster, .. } | SourceEvent::Upsert { cluster, .. } | SourceEvent::Delete { cluster, .. } => {
-                cluster
-            }
+            SourceEvent::Sync { cluster, .. }
+            | SourceEvent::Upsert { cluster, .. }
+            | SourceEvent::Delete { cluster, .. } => cluster,
         }
     }
 }

@@ -1,0 +1,183 @@
+//! The resource cache: what each scope of proxies should have, encoded once and shared.
+//!
+//! A [`Snapshot`] is immutable and published through a `watch` channel: the push loop builds the next
+//! one while streams read the current one, and a slow stream simply reads a newer snapshot when it
+//! gets to it (it can never block the publisher). Resource maps are persistent (`imbl`), so a new
+//! snapshot that changes one ClusterLoadAssignment shares everything else with the previous one.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::{Message, Name};
+
+use crate::registry::ClusterSummary;
+use crate::translate::{ClusterScope, EndpointScope, ListenerScope, Named, RouteScope, View};
+use crate::type_url::ResourceType;
+
+/// One resource, encoded once (as a canonical `google.protobuf.Any`) with a content-derived version.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resource {
+    pub name: Arc<str>,
+    /// hex of a 64-bit hash of `body`: equal content gives equal versions, in every process
+    pub version: Arc<str>,
+    /// the encoded `google.protobuf.Any`
+    pub body: Bytes,
+    /// included in wildcard subscriptions (false for gRPC api_listeners and their routes)
+    pub wildcard: bool,
+}
+
+impl Resource {
+    pub fn encode<M: Message + Name>(named: Named<M>) -> Arc<Resource> {
+        let body = crate::canonical::encode_any_canonical(&named.resource);
+        let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body));
+        Arc::new(Resource { name: named.name.into(), version: version.into(), body, wildcard: named.wildcard })
+    }
+}
+
+/// The resources of one type for one scope, by name (ordered, so iteration is deterministic).
+pub type Resources = imbl::OrdMap<Arc<str>, Arc<Resource>>;
+
+/// Which resources of one type changed since the previous snapshot (changed, added or removed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangedNames(pub BTreeSet<Arc<str>>);
+
+/// What changed between a snapshot and the one before it.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// per resource type (indexed by [`ResourceType::index`]); None: nothing of that type changed
+    pub by_type: [Option<ChangedNames>; 4],
+    /// a short description of the cause, for logs and the debug surface
+    pub trigger: String,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.by_type.iter().all(|c| c.as_ref().is_none_or(|c| c.0.is_empty()))
+    }
+
+    pub fn get(&self, t: ResourceType) -> Option<&ChangedNames> {
+        self.by_type[t.index()].as_ref()
+    }
+
+    pub fn add(&mut self, t: ResourceType, names: impl IntoIterator<Item = Arc<str>>) {
+        let set = self.by_type[t.index()].get_or_insert_with(ChangedNames::default);
+        set.0.extend(names);
+    }
+}
+
+/// Everything the xDS streams and the debug surface read, at one generation.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub clusters: HashMap<ClusterScope, Resources>,
+    pub endpoints: HashMap<EndpointScope, Resources>,
+    pub listeners: HashMap<ListenerScope, Resources>,
+    pub routes: HashMap<RouteScope, Resources>,
+    /// what changed from `generation - 1`
+    pub changes: Arc<Changes>,
+    /// the federated services this snapshot was built from (O(1) to clone)
+    pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
+    pub gateways: Arc<Vec<crate::model::Gateway>>,
+    pub clusters_summary: Arc<Vec<ClusterSummary>>,
+}
+
+impl Snapshot {
+    /// The resources of one type a proxy with `view` should have (None if its scope is not attached).
+    pub fn resources(&self, view: &View, t: ResourceType) -> Option<&Resources> {
+        match t {
+            ResourceType::Cluster => self.clusters.get(&view.clusters),
+            ResourceType::Endpoint => self.endpoints.get(&view.endpoints),
+            ResourceType::Listener => self.listeners.get(&view.listeners),
+            ResourceType::Route => self.routes.get(&view.routes),
+        }
+    }
+}
+
+/// Replaces the resources of `map` with `new`, keeping the existing `Arc` where the version is equal,
+/// and returns the names that changed (added, changed or removed).
+pub fn replace_all(map: &mut Resources, new: Vec<Arc<Resource>>) -> BTreeSet<Arc<str>> {
+    let mut changed = BTreeSet::new();
+    let mut next = Resources::new();
+    for r in new {
+        match map.get(&r.name) {
+            Some(old) if old.version == r.version => {
+                next.insert(old.name.clone(), old.clone());
+            }
+            _ => {
+                changed.insert(r.name.clone());
+                next.insert(r.name.clone(), r);
+            }
+        }
+    }
+    for name in map.keys() {
+        if !next.contains_key(name) {
+            changed.insert(name.clone());
+        }
+    }
+    *map = next;
+    changed
+}
+
+/// Updates (or removes) individual resources in `map`; returns the names that changed.
+pub fn update(map: &mut Resources, upserts: Vec<Arc<Resource>>, removals: &[Arc<str>]) -> BTreeSet<Arc<str>> {
+    let mut changed = BTreeSet::new();
+    let keep: BTreeSet<&Arc<str>> = upserts.iter().map(|r| &r.name).collect();
+    for name in removals {
+        if !keep.contains(name) && map.remove(name).is_some() {
+            changed.insert(name.clone());
+        }
+    }
+    for r in upserts {
+        if map.get(&r.name).is_none_or(|old| old.version != r.version) {
+            changed.insert(r.name.clone());
+            map.insert(r.name.clone(), r);
+        }
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    use super::*;
+
+    fn cla(name: &str, n: usize) -> Arc<Resource> {
+        let c = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![Default::default(); n],
+            ..Default::default()
+        };
+        Resource::encode(Named::new(name, c))
+    }
+
+    #[test]
+    fn versions_derive_from_content() {
+        assert_eq!(cla("a", 1).version, cla("a", 1).version);
+        assert_ne!(cla("a", 1).version, cla("a", 2).version);
+        assert_eq!(cla("a", 1).version.len(), 16);
+    }
+
+    #[test]
+    fn replace_all_reports_added_changed_removed_and_keeps_arcs() {
+        let mut m = Resources::new();
+        let changed = replace_all(&mut m, vec![cla("a", 1), cla("b", 1)]);
+        assert_eq!(changed.len(), 2);
+        let a = m.get("a").unwrap().clone();
+        let changed = replace_all(&mut m, vec![cla("a", 1), cla("c", 1)]);
+        let names: Vec<&str> = changed.iter().map(|s| &**s).collect();
+        assert_eq!(names, ["b", "c"]);
+        assert!(Arc::ptr_eq(&a, m.get("a").unwrap()), "unchanged resources keep their shared encoding");
+    }
+
+    #[test]
+    fn update_ignores_unchanged_content() {
+        let mut m = Resources::new();
+        update(&mut m, vec![cla("a", 1)], &[]);
+        assert!(update(&mut m, vec![cla("a", 1)], &[]).is_empty());
+        assert_eq!(update(&mut m, vec![cla("a", 2)], &[]).len(), 1);
+        assert_eq!(update(&mut m, vec![], &["a".into()]).len(), 1);
+        assert!(m.is_empty());
+    }
+}

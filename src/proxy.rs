@@ -1,0 +1,248 @@
+//! A connected proxy as meshfed sees it: identity from the Istio node id, placement from node metadata.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind as ValueKind};
+use serde::Serialize;
+
+use crate::model::{ClusterId, Locality, NetworkId};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("the first request on a stream must carry a node")]
+    MissingNode,
+    #[error("{reason}")]
+    InvalidNodeId { id: String, reason: String },
+    #[error("invalid node metadata {key}: {reason}")]
+    InvalidMetadata { key: &'static str, reason: String },
+}
+
+/// Istio proxy types (the first part of the node id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyKind {
+    /// an application sidecar (or a proxyless gRPC client, which uses the same id form)
+    Sidecar,
+    /// a gateway; east-west gateways in particular
+    Router,
+}
+
+impl ProxyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyKind::Sidecar => "sidecar",
+            ProxyKind::Router => "router",
+        }
+    }
+}
+
+pub use crate::bootstrap::InterceptionMode;
+
+/// Which xDS client this is, as far as it matters for the config it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKind {
+    Envoy,
+    /// a proxyless gRPC client (user agent `grpc-*`, or metadata GENERATOR=grpc)
+    Grpc,
+    /// istioctl and other debug clients (GENERATOR=event)
+    Debug,
+}
+
+/// A proxy connected over xDS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Proxy {
+    /// the full node id
+    pub id: Arc<str>,
+    /// `<pod>.<namespace>`, the key debug endpoints use
+    pub key: Arc<str>,
+    pub kind: ProxyKind,
+    pub client: ClientKind,
+    pub ip: IpAddr,
+    pub pod: Arc<str>,
+    pub namespace: Arc<str>,
+    pub cluster_id: Option<ClusterId>,
+    /// NETWORK (or, for east-west gateways, REQUESTED_NETWORK_VIEW); empty when unset — the proxy's
+    /// cluster's network is used then
+    pub network: NetworkId,
+    pub locality: Locality,
+    pub interception: InterceptionMode,
+    pub istio_version: Arc<str>,
+    pub labels: BTreeMap<String, String>,
+}
+
+fn meta_str<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a str> {
+    match meta?.fields.get(key)?.kind.as_ref()? {
+        ValueKind::StringValue(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+fn meta_labels(meta: Option<&Struct>) -> Result<BTreeMap<String, String>, Error> {
+    let mut out = BTreeMap::new();
+    let Some(v) = meta.and_then(|m| m.fields.get("LABELS")) else { return Ok(out) };
+    match &v.kind {
+        Some(ValueKind::StructValue(s)) => {
+            for (k, v) in &s.fields {
+                match &v.kind {
+                    Some(ValueKind::StringValue(s)) => {
+                        out.insert(k.clone(), s.clone());
+                    }
+                    _ => {
+                        return Err(Error::InvalidMetadata {
+                            key: "LABELS",
+                            reason: format!("label {k:?} is not a string"),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(ValueKind::NullValue(_)) | None => Ok(out),
+        _ => Err(Error::InvalidMetadata { key: "LABELS", reason: "must be a map of strings".into() }),
+    }
+}
+
+impl Proxy {
+    /// Builds a proxy from the node of a stream's first request. `user_agent` is the gRPC user agent
+    /// (`grpc-python/...` for proxyless clients), when known.
+    pub fn from_node(node: Option<&Node>, user_agent: Option<&str>) -> Result<Proxy, Error> {
+        let node = node.ok_or(Error::MissingNode)?;
+        let nid = crate::bootstrap::parse_node_id(&node.id)
+            .map_err(|e| Error::InvalidNodeId { id: node.id.clone(), reason: e.to_string() })?;
+        let kind = match nid.proxy_type.as_str() {
+            "router" => ProxyKind::Router,
+            _ => ProxyKind::Sidecar,
+        };
+        let meta = node.metadata.as_ref();
+        let generator = meta_str(meta, "GENERATOR");
+        let client = match generator {
+            Some("event") => ClientKind::Debug,
+            Some("grpc") => ClientKind::Grpc,
+            _ if user_agent.is_some_and(|ua| ua.starts_with("grpc-") && !ua.starts_with("grpc-go")) => ClientKind::Grpc,
+            _ if node.user_agent_name.starts_with("gRPC") || node.user_agent_name.starts_with("grpc") => {
+                ClientKind::Grpc
+            }
+            _ => ClientKind::Envoy,
+        };
+        let network = match kind {
+            ProxyKind::Router => meta_str(meta, "REQUESTED_NETWORK_VIEW").or(meta_str(meta, "NETWORK")),
+            ProxyKind::Sidecar => meta_str(meta, "NETWORK"),
+        };
+        let locality = match &node.locality {
+            Some(l) => Locality::new(&l.region, &l.zone, &l.sub_zone),
+            None => Locality::default(),
+        };
+        let interception = match meta_str(meta, "INTERCEPTION_MODE") {
+            None | Some("REDIRECT") | Some("TPROXY") => InterceptionMode::Redirect,
+            Some("NONE") => InterceptionMode::None,
+            Some(other) => {
+                return Err(Error::InvalidMetadata {
+                    key: "INTERCEPTION_MODE",
+                    reason: format!("{other:?} is not REDIRECT, TPROXY or NONE"),
+                });
+            }
+        };
+        Ok(Proxy {
+            id: node.id.as_str().into(),
+            key: format!("{}.{}", nid.pod, nid.namespace).into(),
+            kind,
+            client,
+            ip: nid.ip,
+            pod: nid.pod.into(),
+            namespace: nid.namespace.into(),
+            cluster_id: meta_str(meta, "CLUSTER_ID").map(ClusterId::new),
+            network: network.map(NetworkId::new).unwrap_or_default(),
+            locality,
+            interception,
+            istio_version: meta_str(meta, "ISTIO_VERSION").unwrap_or("").into(),
+            labels: meta_labels(meta)?,
+        })
+    }
+}
+
+/// Builds a `google.protobuf.Value` string (helper for tests and clients).
+pub fn string_value(s: &str) -> Value {
+    Value { kind: Some(ValueKind::StringValue(s.to_string())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, meta: &[(&str, &str)]) -> Node {
+        Node {
+            id: id.into(),
+            metadata: Some(Struct { fields: meta.iter().map(|(k, v)| (k.to_string(), string_value(v))).collect() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn parses_sidecar_node() {
+        let mut n = node(
+            "sidecar~10.1.2.3~reviews-v1-abc.shop~shop.svc.cluster.local",
+            &[("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net"), ("INTERCEPTION_MODE", "NONE")],
+        );
+        n.locality = Some(envoy_types::pb::envoy::config::core::v3::Locality {
+            region: "us-east-1".into(),
+            zone: "us-east-1a".into(),
+            sub_zone: String::new(),
+        });
+        let p = Proxy::from_node(Some(&n), None).unwrap();
+        assert_eq!(p.kind, ProxyKind::Sidecar);
+        assert_eq!(&*p.key, "reviews-v1-abc.shop");
+        assert_eq!(&*p.namespace, "shop");
+        assert_eq!(p.ip, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(p.cluster_id, Some(ClusterId::new("aws-use1")));
+        assert_eq!(p.network, NetworkId::new("aws-net"));
+        assert_eq!(p.locality, Locality::new("us-east-1", "us-east-1a", ""));
+        assert_eq!(p.interception, InterceptionMode::None);
+        assert_eq!(p.client, ClientKind::Envoy);
+    }
+
+    #[test]
+    fn router_network_view_wins() {
+        let n = node(
+            "router~127.0.10.2~eastwest-0.istio-system~istio-system.svc.cluster.local",
+            &[("NETWORK", "aws-net"), ("REQUESTED_NETWORK_VIEW", "azure-net")],
+        );
+        let p = Proxy::from_node(Some(&n), None).unwrap();
+        assert_eq!(p.kind, ProxyKind::Router);
+        assert_eq!(p.network, NetworkId::new("azure-net"));
+        assert_eq!(p.interception, InterceptionMode::Redirect);
+    }
+
+    #[test]
+    fn detects_proxyless_grpc() {
+        let n = node("sidecar~127.0.0.1~c.shop~shop.svc.cluster.local", &[]);
+        assert_eq!(Proxy::from_node(Some(&n), Some("grpc-python/1.70")).unwrap().client, ClientKind::Grpc);
+        let n = node("sidecar~127.0.0.1~c.shop~shop.svc.cluster.local", &[("GENERATOR", "grpc")]);
+        assert_eq!(Proxy::from_node(Some(&n), None).unwrap().client, ClientKind::Grpc);
+    }
+
+    #[test]
+    fn rejects_bad_node_ids() {
+        for id in [
+            "",
+            "sidecar~1.2.3.4~a.b",
+            "gateway~1.2.3.4~a.b~b.svc.cluster.local",
+            "sidecar~1.2.3~a.b~b.svc.cluster.local",
+        ] {
+            let n = node(id, &[]);
+            let err = Proxy::from_node(Some(&n), None).unwrap_err();
+            assert!(matches!(err, Error::InvalidNodeId { .. }), "{id:?}: {err}");
+            assert!(err.to_string().contains(id), "the error names the id: {err}");
+        }
+        assert_eq!(Proxy::from_node(None, None), Err(Error::MissingNode));
+    }
+
+    #[test]
+    fn rejects_bad_metadata() {
+        let n = node("sidecar~1.2.3.4~a.b~b.svc.cluster.local", &[("INTERCEPTION_MODE", "MAGIC")]);
+        assert!(matches!(Proxy::from_node(Some(&n), None), Err(Error::InvalidMetadata { .. })));
+    }
+}

@@ -1,0 +1,411 @@
+//! The push loop: applies source events to the registry, debounces, translates what changed for every
+//! attached scope, and publishes the next [`Snapshot`]. One task owns the registry, so only one push
+//! runs at a time and nothing on the xDS path takes a lock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info};
+
+use crate::cache::{self, Changes, Resource, Resources, Snapshot};
+use crate::mesh_config::{Debounce, MeshConfig};
+use crate::model::ServiceKey;
+use crate::registry::{ChangeKind, Registry, RegistryChange};
+use crate::source::SourceEvent;
+use crate::translate::{self, ClusterScope, Context, EndpointScope, ListenerScope, RouteScope, View};
+use crate::type_url::ResourceType;
+
+/// Requests from xDS streams to the push loop.
+#[derive(Debug)]
+pub enum Command {
+    /// A proxy with this view connected: make sure its scopes are translated. Replies with the first
+    /// generation whose snapshot holds them.
+    Attach { view: View, reply: oneshot::Sender<u64> },
+    /// A proxy with this view disconnected.
+    Detach { view: View },
+}
+
+/// A handle to the push loop for xDS streams and the debug surface.
+#[derive(Clone, Debug)]
+pub struct PushHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl PushHandle {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// True once the first full state from every source has been translated and published.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Attaches a view and waits until a snapshot holding its scopes is published.
+    /// Returns a guard that detaches the view when dropped.
+    pub async fn attach(&self, view: View) -> Option<Attachment> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Attach { view: view.clone(), reply }).ok()?;
+        let generation = rx.await.ok()?;
+        let mut snapshots = self.snapshots.clone();
+        snapshots.wait_for(|s| s.generation >= generation).await.ok()?;
+        Some(Attachment { view, commands: self.commands.clone() })
+    }
+}
+
+/// Keeps a view's scopes alive while a proxy with that view is connected.
+#[derive(Debug)]
+pub struct Attachment {
+    view: View,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Detach { view: self.view.clone() });
+    }
+}
+
+/// Scopes of one resource type that proxies are attached to, with their resources.
+struct ScopeTable<S> {
+    scopes: HashMap<S, (Resources, usize)>,
+}
+
+impl<S: Clone + Eq + Hash> ScopeTable<S> {
+    fn new() -> Self {
+        Self { scopes: HashMap::new() }
+    }
+
+    /// Adds a reference; returns true if the scope is new and must be translated.
+    fn attach(&mut self, scope: &S) -> bool {
+        match self.scopes.get_mut(scope) {
+            Some((_, n)) => {
+                *n += 1;
+                false
+            }
+            None => {
+                self.scopes.insert(scope.clone(), (Resources::new(), 1));
+                true
+            }
+        }
+    }
+
+    fn detach(&mut self, scope: &S) {
+        if let Some((_, n)) = self.scopes.get_mut(scope) {
+            *n -= 1;
+            if *n == 0 {
+                self.scopes.remove(scope);
+            }
+        }
+    }
+
+    fn published(&self) -> HashMap<S, Resources> {
+        self.scopes.iter().map(|(s, (r, _))| (s.clone(), r.clone())).collect()
+    }
+}
+
+/// The push loop's state.
+pub struct Pusher {
+    ctx: Context,
+    registry: Registry,
+    debounce: Debounce,
+    clusters: ScopeTable<ClusterScope>,
+    endpoints: ScopeTable<EndpointScope>,
+    listeners: ScopeTable<ListenerScope>,
+    routes: ScopeTable<RouteScope>,
+    /// the EDS names each service produced (to remove them when its ports change or it goes away)
+    eds_names: HashMap<ServiceKey, Vec<Arc<str>>>,
+    generation: u64,
+    publisher: watch::Sender<Arc<Snapshot>>,
+    ready: Arc<AtomicBool>,
+}
+
+fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
+    items.into_iter().map(Resource::encode).collect()
+}
+
+impl Pusher {
+    pub fn new(mesh: &MeshConfig) -> (Pusher, watch::Receiver<Arc<Snapshot>>) {
+        let (publisher, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let pusher = Pusher {
+            ctx: Context::from_mesh(mesh),
+            registry: Registry::new(mesh),
+            debounce: mesh.debounce,
+            clusters: ScopeTable::new(),
+            endpoints: ScopeTable::new(),
+            listeners: ScopeTable::new(),
+            routes: ScopeTable::new(),
+            eds_names: HashMap::new(),
+            generation: 0,
+            publisher,
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        (pusher, rx)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Applies a source event to the registry (translation happens at the next push).
+    pub fn apply(&mut self, event: SourceEvent) -> RegistryChange {
+        self.registry.apply(event)
+    }
+
+    fn eds_for_service(&self, scope: &EndpointScope, key: &ServiceKey) -> Vec<Arc<Resource>> {
+        match self.registry.service(key) {
+            Some(s) => encode_all(translate::endpoint::service_load_assignments(&self.ctx, scope, s)),
+            None => Vec::new(),
+        }
+    }
+
+    fn translate_scope_eds(&self, scope: &EndpointScope) -> Vec<Arc<Resource>> {
+        let mut out = Vec::new();
+        for s in self.registry.services().values() {
+            out.extend(encode_all(translate::endpoint::service_load_assignments(&self.ctx, scope, s)));
+        }
+        out
+    }
+
+    /// Attaches a view; returns true if any of its scopes was new (a publish is needed).
+    pub fn attach(&mut self, view: &View) -> bool {
+        let mut new = false;
+        if self.clusters.attach(&view.clusters) {
+            let r = encode_all(translate::cluster::clusters(&self.ctx, &view.clusters, &self.registry));
+            cache::replace_all(&mut self.clusters.scopes.get_mut(&view.clusters).expect("attached").0, r);
+            new = true;
+        }
+        if self.endpoints.attach(&view.endpoints) {
+            let r = self.translate_scope_eds(&view.endpoints);
+            cache::replace_all(&mut self.endpoints.scopes.get_mut(&view.endpoints).expect("attached").0, r);
+            new = true;
+        }
+        if self.listeners.attach(&view.listeners) {
+            let r = encode_all(translate::listener::listeners(&self.ctx, &view.listeners, &self.registry));
+            cache::replace_all(&mut self.listeners.scopes.get_mut(&view.listeners).expect("attached").0, r);
+            new = true;
+        }
+        if self.routes.attach(&view.routes) {
+            let r = encode_all(translate::route::routes(&self.ctx, &view.routes, &self.registry));
+            cache::replace_all(&mut self.routes.scopes.get_mut(&view.routes).expect("attached").0, r);
+            new = true;
+        }
+        new
+    }
+
+    pub fn detach(&mut self, view: &View) {
+        self.clusters.detach(&view.clusters);
+        self.endpoints.detach(&view.endpoints);
+        self.listeners.detach(&view.listeners);
+        self.routes.detach(&view.routes);
+    }
+
+    /// Translates what `change` touched for every attached scope. Returns the changed names per type.
+    pub fn translate(&mut self, change: &RegistryChange) -> Changes {
+        let mut changes = Changes::default();
+        if change.is_empty() {
+            return changes;
+        }
+        if change.has_shape_change() {
+            let ctx = &self.ctx;
+            let reg = &self.registry;
+            for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
+                let new = encode_all(translate::cluster::clusters(ctx, scope, reg));
+                changes.add(ResourceType::Cluster, cache::replace_all(res, new));
+            }
+            for (scope, (res, _)) in self.listeners.scopes.iter_mut() {
+                let new = encode_all(translate::listener::listeners(ctx, scope, reg));
+                changes.add(ResourceType::Listener, cache::replace_all(res, new));
+            }
+            for (scope, (res, _)) in self.routes.scopes.iter_mut() {
+                let new = encode_all(translate::route::routes(ctx, scope, reg));
+                changes.add(ResourceType::Route, cache::replace_all(res, new));
+            }
+        }
+        // EDS: only the assignments of the services that changed.
+        let keys: Vec<&ServiceKey> = change.services.keys().collect();
+        let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
+        let mut removals_by_service: Vec<Arc<str>> = Vec::new();
+        let mut new_names: HashMap<ServiceKey, Vec<Arc<str>>> = HashMap::new();
+        for key in &keys {
+            let names: Vec<Arc<str>> = match self.registry.service(key) {
+                Some(s) => s
+                    .ports
+                    .iter()
+                    .map(|p| Arc::from(translate::outbound_cluster_name(p.port, "", &s.hostname)))
+                    .collect(),
+                None => Vec::new(),
+            };
+            if let Some(old) = self.eds_names.get(*key) {
+                removals_by_service.extend(old.iter().filter(|n| !names.contains(n)).cloned());
+            }
+            new_names.insert((*key).clone(), names);
+        }
+        for scope in scopes {
+            let mut upserts = Vec::new();
+            for key in &keys {
+                upserts.extend(self.eds_for_service(&scope, key));
+            }
+            let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
+            changes.add(ResourceType::Endpoint, cache::update(res, upserts, &removals_by_service));
+        }
+        for (k, v) in new_names {
+            if v.is_empty() {
+                self.eds_names.remove(&k);
+            } else {
+                self.eds_names.insert(k, v);
+            }
+        }
+        changes
+    }
+
+    /// Publishes the current scopes as the next snapshot.
+    pub fn publish(&mut self, mut changes: Changes) -> u64 {
+        self.generation += 1;
+        for c in changes.by_type.iter_mut() {
+            if c.as_ref().is_some_and(|c| c.0.is_empty()) {
+                *c = None;
+            }
+        }
+        let snapshot = Snapshot {
+            generation: self.generation,
+            clusters: self.clusters.published(),
+            endpoints: self.endpoints.published(),
+            listeners: self.listeners.published(),
+            routes: self.routes.published(),
+            changes: Arc::new(changes),
+            services: self.registry.services().clone(),
+            gateways: self.registry.gateways().clone(),
+            clusters_summary: Arc::new(self.registry.cluster_summaries()),
+        };
+        self.publisher.send_replace(Arc::new(snapshot));
+        self.generation
+    }
+
+    /// Runs the loop until every source and command sender is gone. `initial_syncs` is the number of
+    /// source events that make up the first full state (one per cluster); the first publish after
+    /// them marks the server ready.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<SourceEvent>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut pending = RegistryChange::default();
+        let mut first_change: Option<Instant> = None;
+        let mut last_change = Instant::now();
+        let mut events_open = true;
+        // The first full state is pushed without waiting for the debounce.
+        let mut initial = true;
+        loop {
+            let deadline = first_change.map(|first| {
+                let quiet = last_change + self.debounce.quiet;
+                let max = first + self.debounce.max;
+                tokio::time::Instant::from_std(quiet.min(max))
+            });
+            tokio::select! {
+                biased;
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.handle(cmd);
+                }
+                ev = events.recv(), if events_open => {
+                    let Some(ev) = ev else { events_open = false; continue };
+                    let cluster = ev.cluster().clone();
+                    let change = self.apply(ev);
+                    debug!(%cluster, services = change.services.len(), "source event applied");
+                    // Drain whatever else is queued before deciding (bursts coalesce).
+                    pending.merge(change);
+                    while let Ok(ev) = events.try_recv() {
+                        pending.merge(self.apply(ev));
+                    }
+                    last_change = Instant::now();
+                    first_change.get_or_insert(last_change);
+                    if initial {
+                        first_change = Some(Instant::now() - self.debounce.max);
+                    }
+                }
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    let change = std::mem::take(&mut pending);
+                    first_change = None;
+                    self.push(change, initial);
+                    initial = false;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Attach { view, reply } => {
+                let generation = if self.attach(&view) {
+                    self.publish(Changes { trigger: "proxy attached".into(), ..Default::default() })
+                } else {
+                    self.generation
+                };
+                let _ = reply.send(generation);
+            }
+            Command::Detach { view } => self.detach(&view),
+        }
+    }
+
+    fn push(&mut self, change: RegistryChange, initial: bool) {
+        let started = Instant::now();
+        let mut changes = self.translate(&change);
+        changes.trigger = describe(&change);
+        let types: BTreeSet<&str> = ResourceType::ALL
+            .iter()
+            .filter(|t| changes.get(**t).is_some_and(|c| !c.0.is_empty()))
+            .map(|t| t.short())
+            .collect();
+        let generation = self.publish(changes);
+        if initial {
+            self.ready.store(true, Ordering::Release);
+            info!(generation, services = self.registry.services().len(), "first full state built; ready");
+        }
+        debug!(generation, ?types, elapsed_us = started.elapsed().as_micros() as u64, "pushed");
+    }
+
+    /// Creates the handle streams use. Call before `run`.
+    pub fn handle_for(&self, commands: mpsc::UnboundedSender<Command>) -> PushHandle {
+        PushHandle { commands, snapshots: self.publisher.subscribe(), ready: self.ready.clone() }
+    }
+}
+
+fn describe(change: &RegistryChange) -> String {
+    let mut parts: Vec<String> = change
+        .services
+        .iter()
+        .take(5)
+        .map(|(k, kind)| format!("{k} ({})", if *kind == ChangeKind::Shape { "service" } else { "endpoints" }))
+        .collect();
+    if change.services.len() > 5 {
+        parts.push(format!("and {} more", change.services.len() - 5));
+    }
+    if change.gateways {
+        parts.push("gateways".into());
+    }
+    parts.join(", ")
+}
+
+/// Starts the push loop on the current runtime, reading source events from `events` (queue the
+/// sources' initial state first: the first push then carries the complete state).
+pub fn start(
+    mesh: &MeshConfig,
+    events: mpsc::UnboundedReceiver<SourceEvent>,
+) -> (PushHandle, tokio::task::JoinHandle<()>) {
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let (pusher, _rx) = Pusher::new(mesh);
+    let handle = pusher.handle_for(commands_tx);
+    let task = tokio::spawn(pusher.run(events, commands_rx));
+    (handle, task)
+}

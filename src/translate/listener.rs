@@ -1,0 +1,180 @@
+//! LDS: outbound listeners that carry a sidecar's traffic to services, and api_listeners for
+//! proxyless gRPC clients.
+//!
+//! With interception NONE (no iptables; what `meshfed bootstrap` sets up) each outbound port gets a
+//! listener bound on the proxy's IP: an application sends `http://reviews.shop:9080/` to the sidecar's
+//! address. With REDIRECT (Istio's iptables capture) listeners are `0.0.0.0_PORT` with
+//! bind_to_port=false behind `virtualOutbound` on 15001, exactly as istiod shapes them.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
+};
+use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager::CodecType,
+    http_connection_manager::RouteSpecifier, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+
+use super::route::{api_name, http_ports};
+use super::util::{ads_config_source, any, boolv};
+use super::{Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, outbound_cluster_name};
+use crate::model::{Protocol, Service};
+use crate::proxy::ProxyKind;
+use crate::registry::Registry;
+
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_OUTBOUND_PORT: u16 = 15001;
+
+fn socket(ip: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(port as u32)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+        ..Default::default()
+    }
+}
+
+/// An HTTP connection manager that takes its routes from RDS `route_name`.
+pub fn http_connection_manager(stat_prefix: &str, route_name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.into(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: route_name.into(),
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
+}
+
+fn network_filter<M: prost::Message + prost::Name>(name: &str, config: &M) -> Filter {
+    Filter { name: name.into(), config_type: Some(filter::ConfigType::TypedConfig(any(config))) }
+}
+
+fn hcm_filter(stat_prefix: &str, route_name: &str) -> Filter {
+    network_filter("envoy.filters.network.http_connection_manager", &http_connection_manager(stat_prefix, route_name))
+}
+
+fn tcp_proxy_filter(stat_prefix: &str, cluster: String) -> Filter {
+    let tp = TcpProxy {
+        stat_prefix: stat_prefix.into(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)),
+        ..Default::default()
+    };
+    network_filter("envoy.filters.network.tcp_proxy", &tp)
+}
+
+/// One outbound listener per port: HTTP ports route by Host header through RDS; a TCP port served
+/// by exactly one service forwards to it (several TCP services on one port cannot be told apart
+/// without original-destination addresses, so they get no listener in NONE mode).
+fn outbound_listeners(scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
+    let (ip, bind) = match scope.bind {
+        Some(ip) => (ip, true),
+        None => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), false),
+    };
+    let mut out = Vec::new();
+    let http = http_ports(registry);
+    let mut tcp: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
+    for s in registry.services().values() {
+        for p in s.ports.iter().filter(|p| matches!(p.protocol, Protocol::Tcp | Protocol::Tls | Protocol::Https)) {
+            if !http.contains_key(&p.port) {
+                tcp.entry(p.port).or_default().push(s);
+            }
+        }
+    }
+    let mut ports: Vec<(u16, Option<&Service>)> = http.keys().map(|p| (*p, None)).collect();
+    ports.extend(tcp.iter().filter(|(_, s)| s.len() == 1).map(|(p, s)| (*p, Some(s[0]))));
+    ports.sort_by_key(|(p, _)| *p);
+    for (port, tcp_service) in ports {
+        let name = format!("{ip}_{port}");
+        let stat_prefix = format!("outbound_{name}");
+        let filter = match tcp_service {
+            None => hcm_filter(&stat_prefix, &port.to_string()),
+            Some(s) => tcp_proxy_filter(&stat_prefix, outbound_cluster_name(port, "", &s.hostname)),
+        };
+        let listener = Listener {
+            name: name.clone(),
+            address: Some(socket(ip, port)),
+            filter_chains: vec![FilterChain { filters: vec![filter], ..Default::default() }],
+            traffic_direction: TrafficDirection::Outbound as i32,
+            bind_to_port: (!bind).then_some(boolv(false)),
+            ..Default::default()
+        };
+        out.push(Named::new(name, listener));
+    }
+    if !bind {
+        let listener = Listener {
+            name: VIRTUAL_OUTBOUND.into(),
+            address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), VIRTUAL_OUTBOUND_PORT)),
+            use_original_dst: Some(boolv(true)),
+            filter_chains: vec![FilterChain {
+                name: "virtualOutbound-catchall-tcp".into(),
+                filters: vec![tcp_proxy_filter(PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER.into())],
+                ..Default::default()
+            }],
+            traffic_direction: TrafficDirection::Outbound as i32,
+            ..Default::default()
+        };
+        out.push(Named::new(VIRTUAL_OUTBOUND, listener));
+    }
+    out
+}
+
+/// `FQDN:PORT` api_listeners for proxyless gRPC clients; never part of a wildcard subscription.
+fn api_listeners(registry: &Registry) -> Vec<Named<Listener>> {
+    let mut out = Vec::new();
+    for s in registry.services().values() {
+        for p in &s.ports {
+            let name = api_name(s, p.port);
+            let hcm = http_connection_manager(&name, &name);
+            let listener = Listener {
+                name: name.clone(),
+                api_listener: Some(ApiListener { api_listener: Some(any(&hcm)) }),
+                ..Default::default()
+            };
+            out.push(Named { name, resource: listener, wildcard: false });
+        }
+    }
+    out
+}
+
+/// Every listener for proxies in `scope`.
+pub fn listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
+    match scope.kind {
+        ProxyKind::Sidecar => {
+            let mut out = outbound_listeners(scope, registry);
+            out.extend(api_listeners(registry));
+            out
+        }
+        // East-west gateway listeners come with cross-network support.
+        ProxyKind::Router => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hcm_uses_rds_and_router_last() {
+        let hcm = http_connection_manager("outbound_127.0.0.1_9080", "9080");
+        let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier else { panic!("expected RDS") };
+        assert_eq!(rds.route_config_name, "9080");
+        assert_eq!(hcm.http_filters.last().unwrap().name, "envoy.filters.http.router");
+    }
+}

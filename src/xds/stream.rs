@@ -1,0 +1,670 @@
+//! The xDS protocol state machine of one ADS stream, SotW or Delta, per Envoy's xDS protocol document.
+//!
+//! Per resource type the stream tracks the subscription (wildcard and/or names), what the client holds
+//! (name -> resource/version; optimistic while a response is in flight, rolled back on NACK), the
+//! versions the client rejected (never re-sent until their content changes) and the nonces in flight.
+//! Pushes come from the cache's snapshot channel; a stream that falls behind reads the newest snapshot
+//! and diffs against what its client holds, so it always converges on the latest state.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+use tracing::{debug, info, warn};
+
+use super::codec::{DeltaResponse, Response, SotwResponse};
+use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
+use crate::cache::{Resource, Resources, Snapshot};
+use crate::proxy::Proxy;
+use crate::push::{Attachment, PushHandle};
+use crate::translate::View;
+use crate::type_url::ResourceType;
+
+/// At most this many Delta responses are tracked awaiting ACK per type; older ones count as ACKed.
+const MAX_PENDING: usize = 16;
+
+/// What the client holds of one resource.
+#[derive(Clone, Debug)]
+enum Held {
+    /// sent by this stream
+    Sent(Arc<Resource>),
+    /// reported by the client on a Delta reconnect (`initial_resource_versions`)
+    Reported(Arc<str>),
+}
+
+impl Held {
+    fn version(&self) -> &str {
+        match self {
+            Held::Sent(r) => &r.version,
+            Held::Reported(v) => v,
+        }
+    }
+}
+
+fn entry_hash(name: &str, version: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
+}
+
+/// A response in flight: what each name held before it, to roll back on NACK.
+type Inflight = Vec<(Arc<str>, Option<Held>)>;
+
+#[derive(Debug)]
+struct TypeState {
+    wildcard: bool,
+    names: HashSet<Arc<str>>,
+    held: HashMap<Arc<str>, Held>,
+    /// xor of entry hashes of `held`: an order-independent, content-derived SotW version
+    held_hash: u64,
+    rejected: HashMap<Arc<str>, Arc<str>>,
+    /// names whose resources must be re-evaluated at the next push even if unchanged
+    dirty: HashSet<Arc<str>>,
+    /// SotW: the last nonce sent and what it carried; Delta: every unacknowledged response
+    pending: VecDeque<(String, Inflight)>,
+}
+
+impl TypeState {
+    fn new() -> Self {
+        TypeState {
+            wildcard: false,
+            names: HashSet::new(),
+            held: HashMap::new(),
+            held_hash: 0,
+            rejected: HashMap::new(),
+            dirty: HashSet::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn wants(&self, name: &str, r: Option<&Resource>) -> bool {
+        self.names.contains(name) || (self.wildcard && r.is_none_or(|r| r.wildcard))
+    }
+
+    fn set_held(&mut self, name: Arc<str>, held: Option<Held>) -> Option<Held> {
+        let old = match held {
+            Some(h) => {
+                self.held_hash ^= entry_hash(&name, h.version());
+                self.held.insert(name.clone(), h)
+            }
+            None => self.held.remove(&name),
+        };
+        if let Some(o) = &old {
+            self.held_hash ^= entry_hash(&name, o.version());
+        }
+        old
+    }
+
+    fn sotw_version(&self) -> String {
+        format!("{:016x}", self.held_hash)
+    }
+
+    /// Is `r` something to send: wanted, different from what the client holds, and not a version it rejected?
+    fn needs(&self, r: &Resource) -> bool {
+        self.held.get(&r.name).is_none_or(|h| h.version() != &*r.version)
+            && self.rejected.get(&r.name).is_none_or(|v| *v != r.version)
+    }
+}
+
+/// Outcome of processing, when the stream must end.
+pub type StreamResult = Result<(), Status>;
+
+pub struct Stream {
+    flavor: Flavor,
+    push: PushHandle,
+    connections: Arc<Connections>,
+    out: mpsc::Sender<Result<Response, Status>>,
+    user_agent: Option<String>,
+    proxy: Option<Proxy>,
+    view: Option<View>,
+    conn: Option<ConnectionGuard>,
+    _attachment: Option<Attachment>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    snapshot: Arc<Snapshot>,
+    types: [Option<TypeState>; 4],
+    nonce: u64,
+}
+
+impl Stream {
+    pub fn new(
+        flavor: Flavor,
+        push: PushHandle,
+        connections: Arc<Connections>,
+        out: mpsc::Sender<Result<Response, Status>>,
+        user_agent: Option<String>,
+    ) -> Stream {
+        let snapshots = push.subscribe();
+        let snapshot = snapshots.borrow().clone();
+        Stream {
+            flavor,
+            push,
+            connections,
+            out,
+            user_agent,
+            proxy: None,
+            view: None,
+            conn: None,
+            _attachment: None,
+            snapshots,
+            snapshot,
+            types: Default::default(),
+            nonce: 0,
+        }
+    }
+
+    fn conn(&self) -> Option<&Arc<Connection>> {
+        self.conn.as_ref().map(|g| &g.conn)
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    /// Identifies the proxy from the first request's node and attaches its view.
+    async fn init(&mut self, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> StreamResult {
+        if self.proxy.is_some() {
+            return Ok(());
+        }
+        let proxy = Proxy::from_node(node, self.user_agent.as_deref()).map_err(|e| {
+            warn!(error = %e, "refusing xDS stream");
+            Status::invalid_argument(e.to_string())
+        })?;
+        // The proxy's network: node metadata NETWORK, else its cluster's network.
+        let network = if proxy.network.is_empty() {
+            let snap = self.push.snapshot();
+            proxy
+                .cluster_id
+                .as_ref()
+                .and_then(|c| snap.clusters_summary.iter().find(|s| &s.id == c))
+                .map(|s| s.network.clone())
+                .unwrap_or_default()
+        } else {
+            proxy.network.clone()
+        };
+        let view = View::with_network(&proxy, network);
+        let attachment =
+            self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
+        info!(proxy = %proxy.id, flavor = self.flavor.as_str(), client = ?proxy.client, "proxy connected");
+        self.conn = Some(self.connections.register(proxy.clone(), self.flavor));
+        self.proxy = Some(proxy);
+        self.view = Some(view);
+        self._attachment = Some(attachment);
+        self.snapshot = self.snapshots.borrow_and_update().clone();
+        Ok(())
+    }
+
+    /// Runs the stream until the client goes away or an error ends it.
+    pub async fn run_sotw(mut self, mut requests: tonic::Streaming<DiscoveryRequest>) {
+        let result = async {
+            loop {
+                tokio::select! {
+                    req = requests.message() => match req {
+                        Ok(Some(req)) => self.on_sotw_request(req).await?,
+                        Ok(None) => return Ok(()),
+                        Err(status) => { debug!(%status, "stream ended by client error"); return Ok(()) }
+                    },
+                    changed = self.snapshots.changed(), if self.view.is_some() => {
+                        if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
+                        self.on_snapshot().await?;
+                    }
+                }
+            }
+        }
+        .await;
+        self.finish(result).await;
+    }
+
+    pub async fn run_delta(mut self, mut requests: tonic::Streaming<DeltaDiscoveryRequest>) {
+        let result = async {
+            loop {
+                tokio::select! {
+                    req = requests.message() => match req {
+                        Ok(Some(req)) => self.on_delta_request(req).await?,
+                        Ok(None) => return Ok(()),
+                        Err(status) => { debug!(%status, "stream ended by client error"); return Ok(()) }
+                    },
+                    changed = self.snapshots.changed(), if self.view.is_some() => {
+                        if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
+                        self.on_snapshot().await?;
+                    }
+                }
+            }
+        }
+        .await;
+        self.finish(result).await;
+    }
+
+    async fn finish(self, result: StreamResult) {
+        if let Some(p) = &self.proxy {
+            info!(proxy = %p.id, flavor = self.flavor.as_str(), "proxy disconnected");
+        }
+        if let Err(status) = result {
+            let _ = self.out.send(Err(status)).await;
+        }
+    }
+
+    async fn send(&mut self, t: ResourceType, response: Response, nonce: &str, version: &str) -> StreamResult {
+        let bytes = response.encoded_len() as u64;
+        let count = match &response {
+            Response::Sotw(r) => r.resources.len(),
+            Response::Delta(r) => r.resources.len(),
+            Response::Raw(_) => 0,
+        };
+        let held = self.types[t.index()].as_ref().map(|s| s.held.len()).unwrap_or(0);
+        if let Some(c) = self.conn() {
+            c.update(t, |s| {
+                s.sent_nonce = nonce.to_string();
+                s.sent_version = version.to_string();
+                s.sent_at = Some(SystemTime::now());
+                s.responses_sent += 1;
+                s.bytes_sent += bytes;
+                s.resources = held;
+            });
+        }
+        debug!(type_url = t.short(), nonce, count, bytes, "sending");
+        self.out.send(Ok(response)).await.map_err(|_| Status::cancelled("client went away"))
+    }
+
+    fn record_ack(&self, t: ResourceType, nonce: &str) {
+        if let Some(c) = self.conn() {
+            c.update(t, |s| {
+                s.acked_nonce = nonce.to_string();
+                s.last_error = None;
+            });
+        }
+    }
+
+    fn record_nack(&self, t: ResourceType, nonce: &str, message: &str) {
+        if let Some(p) = &self.proxy {
+            warn!(proxy = %p.id, type_url = t.short(), nonce, error = message, "NACK");
+        }
+        if let Some(c) = self.conn() {
+            c.update(t, |s| {
+                s.last_error = Some(message.to_string());
+                s.nacks += 1;
+            });
+        }
+    }
+
+    fn update_subscription_status(&self, t: ResourceType) {
+        if let (Some(c), Some(ts)) = (self.conn(), &self.types[t.index()]) {
+            c.update(t, |s| {
+                s.subscribed = true;
+                s.wildcard = ts.wildcard;
+                s.subscribed_names = ts.names.len();
+            });
+        }
+    }
+
+    fn current(&self, t: ResourceType) -> Resources {
+        self.view.as_ref().and_then(|v| self.snapshot.resources(v, t)).cloned().unwrap_or_default()
+    }
+
+    // ---------------- SotW ----------------
+
+    async fn on_sotw_request(&mut self, req: DiscoveryRequest) -> StreamResult {
+        self.init(req.node.as_ref()).await?;
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            // Unknown types get an empty response, so the client is not left waiting.
+            debug!(type_url = %req.type_url, "unknown type URL");
+            let nonce = self.next_nonce();
+            let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+                type_url: req.type_url.clone(),
+                nonce,
+                ..Default::default()
+            };
+            let bytes = prost::Message::encode_to_vec(&raw);
+            return self
+                .out
+                .send(Ok(Response::Raw(bytes.into())))
+                .await
+                .map_err(|_| Status::cancelled("client went away"));
+        };
+        let first = self.types[t.index()].is_none();
+        let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
+        if !req.response_nonce.is_empty() {
+            let latest = ts.pending.back().map(|(n, _)| n.as_str());
+            if latest != Some(req.response_nonce.as_str()) {
+                debug!(type_url = t.short(), nonce = %req.response_nonce, "stale nonce ignored");
+                return Ok(());
+            }
+            let (nonce, inflight) = ts.pending.pop_back().expect("checked");
+            ts.pending.clear();
+            match &req.error_detail {
+                Some(err) => {
+                    rollback(ts, inflight);
+                    let msg = err.message.clone();
+                    self.record_nack(t, &nonce, &msg);
+                }
+                None => self.record_ack(t, &nonce),
+            }
+        }
+        let ts = self.types[t.index()].as_mut().expect("inserted");
+        // Subscription: the first request's empty list (or "*") means wildcard; afterwards an empty
+        // list unsubscribes everything named, unless the stream is wildcard.
+        let star = req.resource_names.iter().any(|n| n == "*");
+        let wildcard = if first {
+            req.resource_names.is_empty() || star
+        } else {
+            star || (ts.wildcard && req.resource_names.is_empty())
+        };
+        let names: HashSet<Arc<str>> =
+            req.resource_names.iter().filter(|n| *n != "*").map(|n| Arc::from(n.as_str())).collect();
+        let changed = first || wildcard != ts.wildcard || names != ts.names;
+        if !changed {
+            return Ok(());
+        }
+        ts.wildcard = wildcard;
+        ts.names = names;
+        // Forget what is no longer subscribed.
+        let current = self.current(t);
+        let ts = self.types[t.index()].as_mut().expect("inserted");
+        let dropped: Vec<Arc<str>> =
+            ts.held.keys().filter(|n| !ts.wants(n, current.get(*n).map(|r| &**r))).cloned().collect();
+        for n in dropped {
+            ts.set_held(n, None);
+        }
+        self.update_subscription_status(t);
+        self.sotw_respond(t, None, true).await
+    }
+
+    /// Sends what type `t`'s subscription needs from the current snapshot. `candidates` limits the
+    /// names considered (None: all); `requested` is true when answering a request (full state).
+    async fn sotw_respond(
+        &mut self,
+        t: ResourceType,
+        candidates: Option<&HashSet<Arc<str>>>,
+        requested: bool,
+    ) -> StreamResult {
+        let current = self.current(t);
+        let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
+        let full_state = t.sotw_full_state();
+        let mut changed = requested;
+        let mut to_send: Vec<Arc<Resource>> = Vec::new();
+        if full_state {
+            // Has anything this subscription covers changed?
+            if !changed {
+                let check = |n: &Arc<str>| {
+                    let r = current.get(n);
+                    let wanted = ts.wants(n, r.map(|r| &**r));
+                    match (r, ts.held.get(n)) {
+                        (Some(r), _) if wanted => ts.needs(r),
+                        (None, Some(_)) => true,
+                        (Some(_), Some(_)) => true, // no longer wanted
+                        _ => false,
+                    }
+                };
+                changed = match candidates {
+                    Some(c) => c.iter().any(check),
+                    None => current.keys().any(check) || ts.held.keys().any(|n| !current.contains_key(n)),
+                };
+            }
+            if !changed {
+                return Ok(());
+            }
+            for (name, r) in current.iter() {
+                if !ts.wants(name, Some(r)) {
+                    continue;
+                }
+                // The complete state must include everything wanted, a rejected resource too: its
+                // rejection alone never triggers a response, but omitting it would delete it.
+                to_send.push(r.clone());
+            }
+        } else {
+            let mut consider = |r: &Arc<Resource>| {
+                if ts.wants(&r.name, Some(r))
+                    && (requested || ts.needs(r))
+                    && ts.rejected.get(&r.name).is_none_or(|v| *v != r.version)
+                {
+                    to_send.push(r.clone());
+                }
+            };
+            match candidates {
+                Some(c) => c.iter().filter_map(|n| current.get(n)).for_each(&mut consider),
+                None => current.values().for_each(&mut consider),
+            }
+            if to_send.is_empty() {
+                return Ok(());
+            }
+        }
+        // Record what the client will hold.
+        let mut inflight: Inflight = Vec::with_capacity(to_send.len());
+        if full_state {
+            let sent: HashSet<&Arc<str>> = to_send.iter().map(|r| &r.name).collect();
+            let removed: Vec<Arc<str>> = ts.held.keys().filter(|n| !sent.contains(n)).cloned().collect();
+            for n in removed {
+                ts.set_held(n, None);
+            }
+        }
+        let mut changed_names = Vec::new();
+        for r in &to_send {
+            let prev = ts.held.get(&r.name).cloned();
+            if prev.as_ref().is_none_or(|p| p.version() != &*r.version) {
+                changed_names.push(r.name.clone());
+            }
+            ts.set_held(r.name.clone(), Some(Held::Sent(r.clone())));
+            inflight.push((r.name.clone(), prev));
+        }
+        let version = ts.sotw_version();
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let ts = self.types[t.index()].as_mut().expect("present");
+        ts.pending.clear();
+        ts.pending.push_back((nonce.clone(), inflight));
+        if t == ResourceType::Cluster {
+            self.mark_endpoints_dirty(&changed_names);
+        }
+        let response = Response::Sotw(SotwResponse {
+            version_info: version.clone(),
+            type_url: t.type_url(),
+            nonce: nonce.clone(),
+            resources: to_send,
+        });
+        self.send(t, response, &nonce, &version).await
+    }
+
+    /// After a cluster changes, Envoy re-initialises it and waits for its endpoints: make sure they are
+    /// sent again (as istiod does by pushing EDS with CDS).
+    fn mark_endpoints_dirty(&mut self, clusters: &[Arc<str>]) {
+        if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
+            for c in clusters {
+                if eds.held.contains_key(c) {
+                    eds.set_held(c.clone(), None);
+                    eds.dirty.insert(c.clone());
+                }
+            }
+        }
+    }
+
+    // ---------------- Delta ----------------
+
+    async fn on_delta_request(&mut self, req: DeltaDiscoveryRequest) -> StreamResult {
+        self.init(req.node.as_ref()).await?;
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            debug!(type_url = %req.type_url, "unknown type URL ignored (delta)");
+            return Ok(());
+        };
+        let first = self.types[t.index()].is_none();
+        let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
+        if !req.response_nonce.is_empty() {
+            match ts.pending.iter().position(|(n, _)| *n == req.response_nonce) {
+                None => debug!(type_url = t.short(), nonce = %req.response_nonce, "unknown or stale nonce ignored"),
+                Some(i) => {
+                    let (nonce, inflight) = ts.pending.remove(i).expect("found");
+                    match &req.error_detail {
+                        Some(err) => {
+                            rollback(ts, inflight);
+                            let msg = err.message.clone();
+                            self.record_nack(t, &nonce, &msg);
+                        }
+                        None => self.record_ack(t, &nonce),
+                    }
+                }
+            }
+        }
+        let ts = self.types[t.index()].as_mut().expect("inserted");
+        let mut newly: HashSet<Arc<str>> = HashSet::new();
+        let mut sub_changed = first;
+        if first {
+            // An empty first subscribe list (or "*") is a wildcard subscription.
+            if req.resource_names_subscribe.is_empty() {
+                ts.wildcard = true;
+            }
+            for (name, version) in &req.initial_resource_versions {
+                ts.set_held(Arc::from(name.as_str()), Some(Held::Reported(Arc::from(version.as_str()))));
+            }
+        }
+        for n in &req.resource_names_subscribe {
+            sub_changed = true;
+            if n == "*" {
+                ts.wildcard = true;
+            } else {
+                let n: Arc<str> = Arc::from(n.as_str());
+                if ts.names.insert(n.clone()) {
+                    newly.insert(n);
+                }
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            sub_changed = true;
+            if n == "*" {
+                ts.wildcard = false;
+            } else {
+                ts.names.remove(n.as_str());
+            }
+        }
+        if !sub_changed {
+            return Ok(());
+        }
+        // Forget what is no longer subscribed (the client drops it on unsubscribe).
+        let current = self.current(t);
+        let ts = self.types[t.index()].as_mut().expect("inserted");
+        let dropped: Vec<Arc<str>> = ts
+            .held
+            .keys()
+            .filter(|n| {
+                !ts.wants(n, current.get(*n).map(|r| &**r)) && !req.initial_resource_versions.contains_key(&***n)
+            })
+            .cloned()
+            .collect();
+        for n in dropped {
+            ts.set_held(n, None);
+        }
+        self.update_subscription_status(t);
+        if first {
+            self.delta_respond(t, None, true).await
+        } else if !newly.is_empty() {
+            self.delta_respond(t, Some(&newly), true).await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn delta_respond(
+        &mut self,
+        t: ResourceType,
+        candidates: Option<&HashSet<Arc<str>>>,
+        requested: bool,
+    ) -> StreamResult {
+        let current = self.current(t);
+        let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
+        let mut to_send: Vec<Arc<Resource>> = Vec::new();
+        let mut removed: Vec<Arc<str>> = Vec::new();
+        let mut consider = |name: &Arc<str>, ts: &TypeState| match current.get(name) {
+            Some(r) if ts.wants(name, Some(r)) => {
+                if ts.needs(r) {
+                    to_send.push(r.clone());
+                }
+            }
+            _ => {
+                if ts.held.contains_key(name) {
+                    removed.push(name.clone());
+                }
+            }
+        };
+        match candidates {
+            Some(c) => c.iter().for_each(|n| consider(n, ts)),
+            None => {
+                current.keys().for_each(|n| consider(n, ts));
+                ts.held.keys().filter(|n| !current.contains_key(*n)).for_each(|n| consider(n, ts));
+            }
+        }
+        // An empty answer is sent only to a stream's first request, so that its initial fetch completes.
+        if to_send.is_empty() && removed.is_empty() && !(requested && candidates.is_none()) {
+            return Ok(());
+        }
+        let mut inflight: Inflight = Vec::with_capacity(to_send.len() + removed.len());
+        let mut changed_names = Vec::new();
+        for r in &to_send {
+            let prev = ts.set_held(r.name.clone(), Some(Held::Sent(r.clone())));
+            changed_names.push(r.name.clone());
+            inflight.push((r.name.clone(), prev));
+        }
+        for n in &removed {
+            let prev = ts.set_held(n.clone(), None);
+            inflight.push((n.clone(), prev));
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let ts = self.types[t.index()].as_mut().expect("present");
+        ts.pending.push_back((nonce.clone(), inflight));
+        while ts.pending.len() > MAX_PENDING {
+            ts.pending.pop_front();
+        }
+        if t == ResourceType::Cluster {
+            self.mark_endpoints_dirty(&changed_names);
+        }
+        let response = Response::Delta(DeltaResponse {
+            system_version_info: String::new(),
+            type_url: t.type_url(),
+            nonce: nonce.clone(),
+            resources: to_send,
+            removed_resources: removed,
+        });
+        self.send(t, response, &nonce, "").await
+    }
+
+    // ---------------- pushes ----------------
+
+    async fn on_snapshot(&mut self) -> StreamResult {
+        let next = self.snapshots.borrow_and_update().clone();
+        let contiguous = next.generation == self.snapshot.generation + 1;
+        self.snapshot = next;
+        let changes = self.snapshot.changes.clone();
+        for t in ResourceType::ALL {
+            let Some(ts) = self.types[t.index()].as_mut() else { continue };
+            let dirty = std::mem::take(&mut ts.dirty);
+            let candidates: Option<HashSet<Arc<str>>> = if contiguous {
+                let mut c: HashSet<Arc<str>> = dirty;
+                if let Some(ch) = changes.get(t) {
+                    c.extend(ch.0.iter().cloned());
+                }
+                if c.is_empty() {
+                    continue;
+                }
+                Some(c)
+            } else {
+                None
+            };
+            match self.flavor {
+                Flavor::Sotw => self.sotw_respond(t, candidates.as_ref(), false).await?,
+                Flavor::Delta => self.delta_respond(t, candidates.as_ref(), false).await?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Undoes a NACKed response: the client kept what it had; the versions it rejected are remembered.
+fn rollback(ts: &mut TypeState, inflight: Inflight) {
+    for (name, prev) in inflight.into_iter().rev() {
+        if let Some(sent) = ts.held.get(&name).cloned()
+            && prev.as_ref().is_none_or(|p| p.version() != sent.version())
+        {
+            ts.rejected.insert(name.clone(), Arc::from(sent.version()));
+        }
+        ts.set_held(name, prev);
+    }
+}
