@@ -6,7 +6,7 @@
 //! recursively: inside nested messages, inside map values and inside `google.protobuf.Any` values whose
 //! type URL names a message in [`crate::descriptors::pool`].
 //!
-//! The rewrite is a single walk over the wire format driven by the message descriptors:
+//! The rewrite is a single walk over the wire format, driven by a plan compiled once from the descriptors:
 //! - all entries of a map field (they may be scattered) are emitted together where the first one was, sorted
 //!   by key (strings and bytes by their bytes, numbers by value); a key that occurs more than once keeps only
 //!   its last entry (protobuf's last-one-wins); an entry's key and value are written as prost writes them
@@ -17,8 +17,9 @@
 //!   deep, is copied as it is without being walked;
 //! - everything else (scalars, strings, packed repeated fields, unknown fields) is copied as it is.
 //!
-//! Decoding the canonical bytes gives a message equal to decoding the input. Groups (wire types 3 and 4)
-//! are rejected. Bytes that are copied without being walked are not validated.
+//! Decoding the canonical bytes gives a message equal to decoding the input, except that `Any` values
+//! hold their canonical bytes (equal once unpacked). Canonicalizing is idempotent. Groups (wire types 3 and
+//! 4) are rejected. Bytes copied without being walked are not validated.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -51,29 +52,32 @@ pub enum Error {
 /// The canonical encoding of `bytes`, an encoded `message_full_name` (e.g. `envoy.config.cluster.v3.Cluster`)
 /// from [`descriptors::pool`].
 pub fn canonicalize(message_full_name: &str, bytes: &[u8]) -> Result<Vec<u8>, Error> {
-    let desc = descriptors::pool()
-        .get_message_by_name(message_full_name)
-        .ok_or_else(|| Error::UnknownMessage(message_full_name.to_owned()))?;
-    canonicalize_message(&desc, bytes)
+    let schema: &Schema = &SCHEMA;
+    let message = schema.index(message_full_name).ok_or_else(|| Error::UnknownMessage(message_full_name.to_owned()))?;
+    schema.canonicalize(message, bytes)
 }
 
-/// The canonical encoding of `bytes`, an encoded `desc`. `Any` values resolve in `desc`'s pool; a descriptor
-/// from [`descriptors::pool`] is fastest (its types that need no rewriting are known in advance).
+/// The canonical encoding of `bytes`, an encoded `desc`; `Any` values resolve in `desc`'s pool. Fast for a
+/// descriptor from [`descriptors::pool`]; for any other pool the plan is compiled on every call.
 pub fn canonicalize_message(desc: &MessageDescriptor, bytes: &[u8]) -> Result<Vec<u8>, Error> {
-    let walker = Walker::new(desc.parent_pool());
-    let mut out = Vec::with_capacity(bytes.len());
-    walker.message(desc, bytes, &mut out, 0)?;
-    Ok(out)
+    if desc.parent_pool() == descriptors::pool() {
+        return canonicalize(desc.full_name(), bytes);
+    }
+    let schema = Schema::compile(desc.parent_pool());
+    let message = schema.index(desc.full_name()).ok_or_else(|| Error::UnknownMessage(desc.full_name().to_owned()))?;
+    schema.canonicalize(message, bytes)
 }
 
-/// The canonical encoding of `msg` itself. Falls back to prost's encoding (logged) if the canonicalizer
-/// rejects it, which a message prost encoded only does past [`MAX_DEPTH`] levels of nesting.
+/// The canonical encoding of `msg` itself. A type the pool does not know is encoded by prost. Falls back to
+/// prost's encoding (logged) if the canonicalizer rejects the bytes, which for bytes prost wrote happens only
+/// past [`MAX_DEPTH`] levels of nesting.
 pub fn encode_canonical<M: Message + Name>(msg: &M) -> Vec<u8> {
     let raw = msg.encode_to_vec();
-    let Some(desc) = descriptors::pool().get_message_by_name(&M::full_name()) else {
+    let schema: &Schema = &SCHEMA;
+    let Some(message) = schema.index(&M::full_name()) else {
         return raw;
     };
-    match canonicalize_message(&desc, &raw) {
+    match schema.canonicalize(message, &raw) {
         Ok(canonical) => canonical,
         Err(err) => {
             tracing::error!(error = %err, message = %M::full_name(), "cannot canonicalize; using prost's encoding");
@@ -102,53 +106,403 @@ pub fn encode_any_canonical<M: Message + Name>(msg: &M) -> Bytes {
     }
 }
 
-/// What the walker needs to know about a message type.
+/// The plan for [`descriptors::pool`], compiled on first use.
+static SCHEMA: LazyLock<Schema> = LazyLock::new(|| Schema::compile(descriptors::pool()));
+
+/// How a map key or a scalar map value is read (prost's decoding) and written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScalarKind {
+    Bool,
+    /// int32 and enums: the low 32 bits, written sign-extended
+    Int32,
+    /// uint32 and sint32: the low 32 bits
+    Uint32,
+    /// int64, uint64, sint64
+    Varint64,
+    /// fixed32, sfixed32, float
+    Fixed32,
+    /// fixed64, sfixed64, double
+    Fixed64,
+    /// string, bytes
+    Len,
+}
+
+impl ScalarKind {
+    fn of(kind: &Kind) -> Option<Self> {
+        Some(match kind {
+            Kind::Bool => ScalarKind::Bool,
+            Kind::Int32 | Kind::Enum(_) => ScalarKind::Int32,
+            Kind::Uint32 | Kind::Sint32 => ScalarKind::Uint32,
+            Kind::Int64 | Kind::Uint64 | Kind::Sint64 => ScalarKind::Varint64,
+            Kind::Fixed32 | Kind::Sfixed32 | Kind::Float => ScalarKind::Fixed32,
+            Kind::Fixed64 | Kind::Sfixed64 | Kind::Double => ScalarKind::Fixed64,
+            Kind::String | Kind::Bytes => ScalarKind::Len,
+            Kind::Message(_) => return None,
+        })
+    }
+
+    fn wire(self) -> Wire {
+        match self {
+            ScalarKind::Bool | ScalarKind::Int32 | ScalarKind::Uint32 | ScalarKind::Varint64 => Wire::Varint,
+            ScalarKind::Fixed32 => Wire::I32,
+            ScalarKind::Fixed64 => Wire::I64,
+            ScalarKind::Len => Wire::Len,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
-struct Info {
+enum MapValue {
+    Message(usize),
+    Scalar(ScalarKind),
+}
+
+impl MapValue {
+    fn wire(self) -> Wire {
+        match self {
+            MapValue::Message(_) => Wire::Len,
+            MapValue::Scalar(kind) => kind.wire(),
+        }
+    }
+}
+
+/// What to do with a field; fields without a plan are copied as they are.
+#[derive(Clone, Copy, Debug)]
+enum FieldPlan {
+    /// a message field (singular or repeated): the message at this index in [`Schema::messages`]
+    Message(usize),
+    Map {
+        key: ScalarKind,
+        value: MapValue,
+    },
+}
+
+#[derive(Debug)]
+struct MessagePlan {
+    name: Box<str>,
+    is_any: bool,
     /// the type has a map field itself
     has_map: bool,
     /// the type is `Any`, has a map field, or has a message field (however deep) of such a type
     needs_walk: bool,
+    /// message and map fields, by field number
+    fields: Vec<(u32, FieldPlan)>,
 }
 
-/// [`Info`] for every message in [`descriptors::pool`], by full name.
-static POOL_INFO: LazyLock<HashMap<Box<str>, Info>> = LazyLock::new(|| compute_info(descriptors::pool()));
+impl MessagePlan {
+    fn field(&self, number: u32) -> Option<FieldPlan> {
+        self.fields.binary_search_by_key(&number, |&(n, _)| n).ok().map(|i| self.fields[i].1)
+    }
+}
 
-fn compute_info(pool: &DescriptorPool) -> HashMap<Box<str>, Info> {
-    let messages: Vec<MessageDescriptor> = pool.all_messages().collect();
-    let index: HashMap<&str, usize> = messages.iter().enumerate().map(|(i, m)| (m.full_name(), i)).collect();
-    // parents[i]: messages with a field of type i
-    let mut parents: Vec<Vec<usize>> = vec![Vec::new(); messages.len()];
-    let mut has_map = vec![false; messages.len()];
-    let mut needs_walk = vec![false; messages.len()];
-    let mut queue = Vec::new();
-    for (i, message) in messages.iter().enumerate() {
-        has_map[i] = message.fields().any(|f| f.is_map());
-        if has_map[i] || message.full_name() == ANY {
-            needs_walk[i] = true;
-            queue.push(i);
-        }
-        for field in message.fields() {
-            if let Kind::Message(child) = field.kind()
-                && let Some(&c) = index.get(child.full_name())
-            {
-                parents[c].push(i);
+/// Every message type of a descriptor pool, reduced to what the walker needs.
+#[derive(Debug)]
+struct Schema {
+    messages: Vec<MessagePlan>,
+    by_name: HashMap<Box<str>, usize>,
+}
+
+impl Schema {
+    fn compile(pool: &DescriptorPool) -> Schema {
+        let descs: Vec<MessageDescriptor> = pool.all_messages().collect();
+        let by_name: HashMap<Box<str>, usize> =
+            descs.iter().enumerate().map(|(i, m)| (Box::from(m.full_name()), i)).collect();
+        let index = |m: &MessageDescriptor| by_name.get(m.full_name()).copied();
+        let mut messages: Vec<MessagePlan> = descs
+            .iter()
+            .map(|desc| {
+                let mut fields: Vec<(u32, FieldPlan)> = desc
+                    .fields()
+                    .filter_map(|field| {
+                        let Kind::Message(sub) = field.kind() else { return None };
+                        let plan = match (field.is_map(), sub.get_field(1), sub.get_field(2)) {
+                            (true, Some(key), Some(value)) => FieldPlan::Map {
+                                key: ScalarKind::of(&key.kind())?,
+                                value: match value.kind() {
+                                    Kind::Message(value) => MapValue::Message(index(&value)?),
+                                    kind => MapValue::Scalar(ScalarKind::of(&kind)?),
+                                },
+                            },
+                            _ => FieldPlan::Message(index(&sub)?),
+                        };
+                        Some((field.number(), plan))
+                    })
+                    .collect();
+                fields.sort_by_key(|&(number, _)| number);
+                let is_any = desc.full_name() == ANY;
+                let has_map = fields.iter().any(|(_, plan)| matches!(plan, FieldPlan::Map { .. }));
+                MessagePlan { name: Box::from(desc.full_name()), is_any, has_map, needs_walk: false, fields }
+            })
+            .collect();
+        // needs_walk: reachable backwards from the types with a map or that are Any
+        let mut parents: Vec<Vec<usize>> = vec![Vec::new(); messages.len()];
+        let mut queue = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            if message.is_any || message.has_map {
+                queue.push(i);
+            }
+            for &(_, plan) in &message.fields {
+                match plan {
+                    FieldPlan::Message(child) | FieldPlan::Map { value: MapValue::Message(child), .. } => {
+                        parents[child].push(i)
+                    }
+                    FieldPlan::Map { value: MapValue::Scalar(_), .. } => {}
+                }
             }
         }
-    }
-    while let Some(i) = queue.pop() {
-        for &p in &parents[i] {
-            if !needs_walk[p] {
-                needs_walk[p] = true;
-                queue.push(p);
+        for &i in &queue {
+            messages[i].needs_walk = true;
+        }
+        while let Some(i) = queue.pop() {
+            for &parent in &parents[i] {
+                if !messages[parent].needs_walk {
+                    messages[parent].needs_walk = true;
+                    queue.push(parent);
+                }
             }
         }
+        Schema { messages, by_name }
     }
-    messages
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (Box::from(m.full_name()), Info { has_map: has_map[i], needs_walk: needs_walk[i] }))
-        .collect()
+
+    fn index(&self, full_name: &str) -> Option<usize> {
+        self.by_name.get(full_name).copied()
+    }
+
+    fn canonicalize(&self, message: usize, bytes: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::with_capacity(bytes.len());
+        self.message(message, bytes, &mut out, 0)?;
+        Ok(out)
+    }
+
+    fn malformed(&self, message: usize, reason: &'static str) -> Error {
+        Error::Malformed { message: self.messages[message].name.to_string(), reason }
+    }
+
+    fn wire_type_error(&self, message: usize, field: &FieldRef<'_>, expected: Wire) -> Error {
+        Error::WireType {
+            message: self.messages[message].name.to_string(),
+            field: field.number,
+            wire_type: field.wire as u8,
+            expected: expected as u8,
+        }
+    }
+
+    fn message(&self, message: usize, input: &[u8], out: &mut Vec<u8>, depth: u32) -> Result<(), Error> {
+        let plan = &self.messages[message];
+        if depth > MAX_DEPTH {
+            return Err(Error::TooDeep(plan.name.to_string()));
+        }
+        if plan.is_any {
+            return self.any(message, input, out, depth);
+        }
+        let mut maps = if plan.has_map { self.collect_maps(message, input)? } else { Vec::new() };
+        let mut reader = Reader::new(input);
+        while let Some(field) = reader.next_field().map_err(|reason| self.malformed(message, reason))? {
+            match plan.field(field.number) {
+                None => out.extend_from_slice(field.raw),
+                Some(FieldPlan::Message(sub)) => {
+                    if field.wire != Wire::Len {
+                        return Err(self.wire_type_error(message, &field, Wire::Len));
+                    }
+                    if self.messages[sub].needs_walk {
+                        put_tag(field.number, Wire::Len, out);
+                        put_len_with(out, field.payload.len(), |out| self.message(sub, field.payload, out, depth + 1))?;
+                    } else {
+                        out.extend_from_slice(field.raw);
+                    }
+                }
+                Some(FieldPlan::Map { key, value }) => {
+                    // collect_maps checked the wire type and holds every entry: emit them all at the first
+                    if let Some(entries) =
+                        maps.iter_mut().find(|m| m.number == field.number).and_then(|m| m.entries.take())
+                    {
+                        self.map(field.number, key, value, entries, out, depth)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every entry of every map field of `message` in `input`, by field, in wire order.
+    fn collect_maps<'a>(&self, message: usize, input: &'a [u8]) -> Result<Vec<MapField<'a>>, Error> {
+        let plan = &self.messages[message];
+        let mut maps: Vec<MapField<'a>> = Vec::new();
+        let mut reader = Reader::new(input);
+        while let Some(field) = reader.next_field().map_err(|reason| self.malformed(message, reason))? {
+            if !matches!(plan.field(field.number), Some(FieldPlan::Map { .. })) {
+                continue;
+            }
+            if field.wire != Wire::Len {
+                return Err(self.wire_type_error(message, &field, Wire::Len));
+            }
+            match maps.iter_mut().find(|m| m.number == field.number) {
+                Some(map) => map.entries.get_or_insert_with(Vec::new).push(field.payload),
+                None => maps.push(MapField { number: field.number, entries: Some(vec![field.payload]) }),
+            }
+        }
+        Ok(maps)
+    }
+
+    fn map(
+        &self,
+        number: u32,
+        key: ScalarKind,
+        value: MapValue,
+        entries: Vec<&[u8]>,
+        out: &mut Vec<u8>,
+        depth: u32,
+    ) -> Result<(), Error> {
+        let mut scratch = Vec::with_capacity(entries.iter().map(|e| e.len()).sum());
+        let mut items: Vec<(Scalar<'_>, Range<usize>)> = Vec::with_capacity(entries.len());
+        for payload in entries {
+            let start = scratch.len();
+            let entry_key = self.map_entry(key, value, payload, &mut scratch, depth + 1)?;
+            items.push((entry_key, start..scratch.len()));
+        }
+        // stable: entries with equal keys stay in wire order, and the last of each run wins
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        for (i, (entry_key, range)) in items.iter().enumerate() {
+            if items.get(i + 1).is_some_and(|next| next.0 == *entry_key) {
+                continue;
+            }
+            put_len_field(number, &scratch[range.clone()], out);
+        }
+        Ok(())
+    }
+
+    /// Writes the canonical content of one map entry to `out` and returns its key.
+    fn map_entry<'a>(
+        &self,
+        key_kind: ScalarKind,
+        value_kind: MapValue,
+        input: &'a [u8],
+        out: &mut Vec<u8>,
+        depth: u32,
+    ) -> Result<Scalar<'a>, Error> {
+        let entry_error = |reason| Error::Malformed { message: "map entry".to_owned(), reason };
+        if depth > MAX_DEPTH {
+            return Err(Error::TooDeep("map entry".to_owned()));
+        }
+        let (key_wire, value_wire) = (key_kind.wire(), value_kind.wire());
+        let mut key = None;
+        let mut value = None;
+        let mut values = 0usize;
+        let mut reader = Reader::new(input);
+        while let Some(field) = reader.next_field().map_err(entry_error)? {
+            match field.number {
+                1 if field.wire != key_wire => return Err(entry_error("key has the wrong wire type")),
+                1 => key = Some(field),
+                2 if field.wire != value_wire => return Err(entry_error("value has the wrong wire type")),
+                2 => {
+                    value = Some(field);
+                    values += 1;
+                }
+                // prost ignores unknown fields in map entries
+                _ => {}
+            }
+        }
+        let key = Scalar::read(key_kind, key.as_ref());
+        if !key.is_default() {
+            key.write(1, key_kind, out);
+        }
+        match value_kind {
+            MapValue::Message(sub) => {
+                let merged;
+                let content = match (value, values) {
+                    (None, _) => return Ok(key),
+                    (Some(value), 1) => value.payload,
+                    // a message value given more than once is merged, as its encodings concatenated
+                    _ => {
+                        merged = value_parts(input);
+                        merged.as_slice()
+                    }
+                };
+                let mark = out.len();
+                put_tag(2, Wire::Len, out);
+                if self.messages[sub].needs_walk {
+                    put_len_with(out, content.len(), |out| self.message(sub, content, out, depth + 1))?;
+                } else {
+                    put_varint(content.len() as u64, out);
+                    out.extend_from_slice(content);
+                }
+                // an empty message value decodes like an absent one; prost leaves it out
+                if out.len() == mark + 2 {
+                    out.truncate(mark);
+                }
+            }
+            MapValue::Scalar(kind) => {
+                let value = Scalar::read(kind, value.as_ref());
+                if !value.is_default() {
+                    value.write(2, kind, out);
+                }
+            }
+        }
+        Ok(key)
+    }
+
+    fn any(&self, message: usize, input: &[u8], out: &mut Vec<u8>, depth: u32) -> Result<(), Error> {
+        let mut type_url: &[u8] = &[];
+        let mut value: &[u8] = &[];
+        let mut others = false;
+        let mut reader = Reader::new(input);
+        while let Some(field) = reader.next_field().map_err(|reason| self.malformed(message, reason))? {
+            match field.number {
+                1 | 2 if field.wire != Wire::Len => return Err(self.wire_type_error(message, &field, Wire::Len)),
+                1 => type_url = field.payload,
+                2 => value = field.payload,
+                _ => others = true,
+            }
+        }
+        if !type_url.is_empty() {
+            put_len_field(1, type_url, out);
+        }
+        if !value.is_empty() {
+            let target = std::str::from_utf8(type_url)
+                .ok()
+                .and_then(|url| self.index(descriptors::type_url_message_name(url)))
+                .filter(|&target| self.messages[target].needs_walk);
+            match target {
+                Some(target) => {
+                    let mark = out.len();
+                    put_tag(2, Wire::Len, out);
+                    put_len_with(out, value.len(), |out| self.message(target, value, out, depth + 1))?;
+                    if out.len() == mark + 2 {
+                        out.truncate(mark);
+                    }
+                }
+                None => put_len_field(2, value, out),
+            }
+        }
+        if others {
+            // not part of Any as prost knows it; kept in their order after the known fields
+            let mut reader = Reader::new(input);
+            while let Some(field) = reader.next_field().map_err(|reason| self.malformed(message, reason))? {
+                if field.number > 2 {
+                    out.extend_from_slice(field.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The contents of all the value fields (2) of a map entry already read once, concatenated.
+fn value_parts(entry: &[u8]) -> Vec<u8> {
+    let mut parts = Vec::new();
+    let mut reader = Reader::new(entry);
+    while let Ok(Some(field)) = reader.next_field() {
+        if field.number == 2 {
+            parts.extend_from_slice(field.payload);
+        }
+    }
+    parts
+}
+
+/// All entries of one map field, in wire order; taken when the field is emitted.
+struct MapField<'a> {
+    number: u32,
+    entries: Option<Vec<&'a [u8]>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,22 +651,6 @@ where
     Ok(())
 }
 
-fn wire_for(kind: &Kind) -> Wire {
-    match kind {
-        Kind::Double | Kind::Fixed64 | Kind::Sfixed64 => Wire::I64,
-        Kind::Float | Kind::Fixed32 | Kind::Sfixed32 => Wire::I32,
-        Kind::String | Kind::Bytes | Kind::Message(_) => Wire::Len,
-        Kind::Int32
-        | Kind::Int64
-        | Kind::Uint32
-        | Kind::Uint64
-        | Kind::Sint32
-        | Kind::Sint64
-        | Kind::Bool
-        | Kind::Enum(_) => Wire::Varint,
-    }
-}
-
 /// A map key or scalar map value, normalized to the value prost decodes (so that equal keys compare equal).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Scalar<'a> {
@@ -321,26 +659,21 @@ enum Scalar<'a> {
 }
 
 impl<'a> Scalar<'a> {
-    /// `field` must have the wire type [`wire_for`] gives for `kind`; `None` is the default value.
-    fn read(kind: &Kind, field: Option<&FieldRef<'a>>) -> Self {
-        let wire = wire_for(kind);
+    /// `field` must have `kind`'s wire type; `None` is the default value.
+    fn read(kind: ScalarKind, field: Option<&FieldRef<'a>>) -> Self {
         let Some(field) = field else {
-            return if wire == Wire::Len { Scalar::Bytes(&[]) } else { Scalar::Num(0) };
+            return if kind == ScalarKind::Len { Scalar::Bytes(&[]) } else { Scalar::Num(0) };
         };
-        match wire {
-            Wire::Len => Scalar::Bytes(field.payload),
-            Wire::I32 => Scalar::Num(field.payload.iter().rev().fold(0, |acc, &b| (acc << 8) | u64::from(b))),
-            Wire::I64 => Scalar::Num(field.payload.iter().rev().fold(0, |acc, &b| (acc << 8) | u64::from(b))),
-            Wire::Varint => {
-                let v = varint_value(field.payload);
-                Scalar::Num(match kind {
-                    Kind::Bool => u64::from(v != 0),
-                    // prost reads these as the low 32 bits; int32 and enums are written sign-extended
-                    Kind::Int32 | Kind::Enum(_) => i64::from(v as u32 as i32) as u64,
-                    Kind::Uint32 | Kind::Sint32 => u64::from(v as u32),
-                    _ => v,
-                })
+        let v = || varint_value(field.payload);
+        match kind {
+            ScalarKind::Len => Scalar::Bytes(field.payload),
+            ScalarKind::Fixed32 | ScalarKind::Fixed64 => {
+                Scalar::Num(field.payload.iter().rev().fold(0, |acc, &b| (acc << 8) | u64::from(b)))
             }
+            ScalarKind::Bool => Scalar::Num(u64::from(v() != 0)),
+            ScalarKind::Int32 => Scalar::Num(i64::from(v() as u32 as i32) as u64),
+            ScalarKind::Uint32 => Scalar::Num(u64::from(v() as u32)),
+            ScalarKind::Varint64 => Scalar::Num(v()),
         }
     }
 
@@ -348,269 +681,18 @@ impl<'a> Scalar<'a> {
         matches!(self, Scalar::Num(0) | Scalar::Bytes([]))
     }
 
-    fn write(&self, number: u32, kind: &Kind, out: &mut Vec<u8>) {
-        let wire = wire_for(kind);
-        put_tag(number, wire, out);
-        match (*self, wire) {
+    fn write(&self, number: u32, kind: ScalarKind, out: &mut Vec<u8>) {
+        put_tag(number, kind.wire(), out);
+        match (*self, kind) {
             (Scalar::Bytes(bytes), _) => {
                 put_varint(bytes.len() as u64, out);
                 out.extend_from_slice(bytes);
             }
-            (Scalar::Num(n), Wire::I32) => out.extend_from_slice(&(n as u32).to_le_bytes()),
-            (Scalar::Num(n), Wire::I64) => out.extend_from_slice(&n.to_le_bytes()),
+            (Scalar::Num(n), ScalarKind::Fixed32) => out.extend_from_slice(&(n as u32).to_le_bytes()),
+            (Scalar::Num(n), ScalarKind::Fixed64) => out.extend_from_slice(&n.to_le_bytes()),
             (Scalar::Num(n), _) => put_varint(n, out),
         }
     }
-}
-
-fn malformed(desc: &MessageDescriptor, reason: &'static str) -> Error {
-    Error::Malformed { message: desc.full_name().to_owned(), reason }
-}
-
-fn wire_type_error(desc: &MessageDescriptor, field: &FieldRef<'_>, expected: Wire) -> Error {
-    Error::WireType {
-        message: desc.full_name().to_owned(),
-        field: field.number,
-        wire_type: field.wire as u8,
-        expected: expected as u8,
-    }
-}
-
-/// All entries of one map field, in wire order; taken when the field is emitted.
-struct MapField<'a> {
-    number: u32,
-    entries: Option<Vec<&'a [u8]>>,
-}
-
-struct Walker<'p> {
-    pool: &'p DescriptorPool,
-    /// `pool` is [`descriptors::pool`], so [`POOL_INFO`] applies
-    known_pool: bool,
-}
-
-impl<'p> Walker<'p> {
-    fn new(pool: &'p DescriptorPool) -> Self {
-        Walker { pool, known_pool: pool == descriptors::pool() }
-    }
-
-    fn info(&self, desc: &MessageDescriptor) -> Info {
-        if self.known_pool
-            && let Some(info) = POOL_INFO.get(desc.full_name())
-        {
-            return *info;
-        }
-        Info { has_map: desc.fields().any(|f| f.is_map()), needs_walk: true }
-    }
-
-    fn message(&self, desc: &MessageDescriptor, input: &[u8], out: &mut Vec<u8>, depth: u32) -> Result<(), Error> {
-        if depth > MAX_DEPTH {
-            return Err(Error::TooDeep(desc.full_name().to_owned()));
-        }
-        if desc.full_name() == ANY {
-            return self.any(desc, input, out, depth);
-        }
-        let mut maps = if self.info(desc).has_map { collect_maps(desc, input)? } else { Vec::new() };
-        let mut reader = Reader::new(input);
-        while let Some(field) = reader.next_field().map_err(|reason| malformed(desc, reason))? {
-            let Some(fd) = desc.get_field(field.number) else {
-                out.extend_from_slice(field.raw);
-                continue;
-            };
-            if fd.is_map() {
-                // collect_maps checked the wire type and holds every entry; emit them at the first one
-                if let Some(entries) = maps.iter_mut().find(|m| m.number == field.number).and_then(|m| m.entries.take())
-                {
-                    self.map(desc, &fd, entries, out, depth)?;
-                }
-                continue;
-            }
-            match fd.kind() {
-                Kind::Message(sub) => {
-                    if field.wire != Wire::Len {
-                        return Err(wire_type_error(desc, &field, Wire::Len));
-                    }
-                    if self.info(&sub).needs_walk {
-                        put_tag(field.number, Wire::Len, out);
-                        put_len_with(out, field.payload.len(), |out| {
-                            self.message(&sub, field.payload, out, depth + 1)
-                        })?;
-                    } else {
-                        out.extend_from_slice(field.raw);
-                    }
-                }
-                _ => out.extend_from_slice(field.raw),
-            }
-        }
-        Ok(())
-    }
-
-    fn map(
-        &self,
-        desc: &MessageDescriptor,
-        fd: &prost_reflect::FieldDescriptor,
-        entries: Vec<&[u8]>,
-        out: &mut Vec<u8>,
-        depth: u32,
-    ) -> Result<(), Error> {
-        let Kind::Message(entry) = fd.kind() else {
-            return Err(malformed(desc, "map field without an entry message"));
-        };
-        let (Some(key_fd), Some(value_fd)) = (entry.get_field(1), entry.get_field(2)) else {
-            return Err(malformed(&entry, "map entry without key or value field"));
-        };
-        let (key_kind, value_kind) = (key_fd.kind(), value_fd.kind());
-        let mut scratch = Vec::new();
-        let mut items: Vec<(Scalar<'_>, Range<usize>)> = Vec::with_capacity(entries.len());
-        for payload in entries {
-            let start = scratch.len();
-            let key = self.map_entry(&entry, &key_kind, &value_kind, payload, &mut scratch, depth + 1)?;
-            items.push((key, start..scratch.len()));
-        }
-        // stable: entries with equal keys stay in wire order, and the last of each run wins
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        for (i, (key, range)) in items.iter().enumerate() {
-            if items.get(i + 1).is_some_and(|next| next.0 == *key) {
-                continue;
-            }
-            put_len_field(fd.number(), &scratch[range.clone()], out);
-        }
-        Ok(())
-    }
-
-    /// Writes the canonical content of one map entry to `out` and returns its key.
-    fn map_entry<'a>(
-        &self,
-        entry: &MessageDescriptor,
-        key_kind: &Kind,
-        value_kind: &Kind,
-        input: &'a [u8],
-        out: &mut Vec<u8>,
-        depth: u32,
-    ) -> Result<Scalar<'a>, Error> {
-        if depth > MAX_DEPTH {
-            return Err(Error::TooDeep(entry.full_name().to_owned()));
-        }
-        let (key_wire, value_wire) = (wire_for(key_kind), wire_for(value_kind));
-        let mut key = None;
-        let mut value = None;
-        // a message value given more than once is merged, as its encodings concatenated
-        let mut value_parts: Vec<&[u8]> = Vec::new();
-        let mut reader = Reader::new(input);
-        while let Some(field) = reader.next_field().map_err(|reason| malformed(entry, reason))? {
-            match field.number {
-                1 if field.wire != key_wire => return Err(wire_type_error(entry, &field, key_wire)),
-                1 => key = Some(field),
-                2 if field.wire != value_wire => return Err(wire_type_error(entry, &field, value_wire)),
-                2 => {
-                    value = Some(field);
-                    value_parts.push(field.payload);
-                }
-                // prost ignores unknown fields in map entries
-                _ => {}
-            }
-        }
-        let key = Scalar::read(key_kind, key.as_ref());
-        if !key.is_default() {
-            key.write(1, key_kind, out);
-        }
-        match value_kind {
-            Kind::Message(value_desc) => {
-                let merged;
-                let content = match value_parts.as_slice() {
-                    [] => return Ok(key),
-                    [one] => *one,
-                    parts => {
-                        merged = parts.concat();
-                        merged.as_slice()
-                    }
-                };
-                let mark = out.len();
-                put_tag(2, Wire::Len, out);
-                if self.info(value_desc).needs_walk {
-                    put_len_with(out, content.len(), |out| self.message(value_desc, content, out, depth + 1))?;
-                } else {
-                    put_varint(content.len() as u64, out);
-                    out.extend_from_slice(content);
-                }
-                // an empty message value decodes like an absent one; prost leaves it out
-                if out.len() == mark + 2 {
-                    out.truncate(mark);
-                }
-            }
-            _ => {
-                let value = Scalar::read(value_kind, value.as_ref());
-                if !value.is_default() {
-                    value.write(2, value_kind, out);
-                }
-            }
-        }
-        Ok(key)
-    }
-
-    fn any(&self, desc: &MessageDescriptor, input: &[u8], out: &mut Vec<u8>, depth: u32) -> Result<(), Error> {
-        let mut type_url: &[u8] = &[];
-        let mut value: &[u8] = &[];
-        let mut others = false;
-        let mut reader = Reader::new(input);
-        while let Some(field) = reader.next_field().map_err(|reason| malformed(desc, reason))? {
-            match field.number {
-                1 | 2 if field.wire != Wire::Len => return Err(wire_type_error(desc, &field, Wire::Len)),
-                1 => type_url = field.payload,
-                2 => value = field.payload,
-                _ => others = true,
-            }
-        }
-        if !type_url.is_empty() {
-            put_len_field(1, type_url, out);
-        }
-        if !value.is_empty() {
-            let target = std::str::from_utf8(type_url)
-                .ok()
-                .and_then(|url| self.pool.get_message_by_name(descriptors::type_url_message_name(url)))
-                .filter(|target| self.info(target).needs_walk);
-            match target {
-                Some(target) => {
-                    let mark = out.len();
-                    put_tag(2, Wire::Len, out);
-                    put_len_with(out, value.len(), |out| self.message(&target, value, out, depth + 1))?;
-                    if out.len() == mark + 2 {
-                        out.truncate(mark);
-                    }
-                }
-                None => put_len_field(2, value, out),
-            }
-        }
-        if others {
-            // not part of Any as prost knows it; kept in their order after the known fields
-            let mut reader = Reader::new(input);
-            while let Some(field) = reader.next_field().map_err(|reason| malformed(desc, reason))? {
-                if field.number > 2 {
-                    out.extend_from_slice(field.raw);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Every entry of every map field of `desc` in `input`, by field, in wire order.
-fn collect_maps<'a>(desc: &MessageDescriptor, input: &'a [u8]) -> Result<Vec<MapField<'a>>, Error> {
-    let numbers: Vec<u32> = desc.fields().filter(|f| f.is_map()).map(|f| f.number()).collect();
-    let mut maps: Vec<MapField<'a>> = Vec::new();
-    let mut reader = Reader::new(input);
-    while let Some(field) = reader.next_field().map_err(|reason| malformed(desc, reason))? {
-        if !numbers.contains(&field.number) {
-            continue;
-        }
-        if field.wire != Wire::Len {
-            return Err(wire_type_error(desc, &field, Wire::Len));
-        }
-        match maps.iter_mut().find(|m| m.number == field.number) {
-            Some(map) => map.entries.get_or_insert_with(Vec::new).push(field.payload),
-            None => maps.push(MapField { number: field.number, entries: Some(vec![field.payload]) }),
-        }
-    }
-    Ok(maps)
 }
 
 #[cfg(test)]
@@ -1038,7 +1120,7 @@ mod tests {
 
     #[test]
     fn types_without_maps_or_anys_are_not_walked() {
-        let info = |name: &str| POOL_INFO.get(name).copied().expect("known");
+        let info = |name: &str| &SCHEMA.messages[SCHEMA.index(name).expect("known")];
         assert!(!info("google.protobuf.Duration").needs_walk);
         assert!(!info("envoy.config.core.v3.Address").needs_walk);
         assert!(info("google.protobuf.Value").needs_walk);
@@ -1048,6 +1130,18 @@ mod tests {
         assert!(info(LISTENER).needs_walk);
         assert!(info(CLUSTER).has_map);
         assert!(!info("google.protobuf.Value").has_map);
+    }
+
+    #[test]
+    fn descriptors_from_any_pool_give_the_same_encoding() {
+        let raw = sample_listener(2).encode_to_vec();
+        let expected = canonical(LISTENER, &raw);
+        let ours = descriptors::pool().get_message_by_name(LISTENER).expect("known");
+        assert_eq!(canonicalize_message(&ours, &raw).as_ref(), Ok(&expected));
+        let other =
+            DescriptorPool::decode(include_bytes!("../proto/envoy-types-0.7.7.bin").as_slice()).expect("decodes");
+        let theirs = other.get_message_by_name(LISTENER).expect("known");
+        assert_eq!(canonicalize_message(&theirs, &raw).as_ref(), Ok(&expected));
     }
 
     #[test]

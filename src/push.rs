@@ -292,20 +292,24 @@ impl Pusher {
         self.generation
     }
 
-    /// Runs the loop until every source and command sender is gone. `initial_syncs` is the number of
-    /// source events that make up the first full state (one per cluster); the first publish after
-    /// them marks the server ready.
+    /// Runs the loop until every command sender is gone. The events queued before it starts are the
+    /// first full state: they are pushed at once, and that push marks the server ready.
     pub async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<SourceEvent>,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
+        // The first full state: everything the sources queued before the loop started.
+        let mut initial = RegistryChange::default();
+        while let Ok(ev) = events.try_recv() {
+            initial.merge(self.apply(ev));
+        }
+        self.push(initial, true);
+
         let mut pending = RegistryChange::default();
         let mut first_change: Option<Instant> = None;
         let mut last_change = Instant::now();
         let mut events_open = true;
-        // The first full state is pushed without waiting for the debounce.
-        let mut initial = true;
         loop {
             let deadline = first_change.map(|first| {
                 let quiet = last_change + self.debounce.quiet;
@@ -330,15 +334,11 @@ impl Pusher {
                     }
                     last_change = Instant::now();
                     first_change.get_or_insert(last_change);
-                    if initial {
-                        first_change = Some(Instant::now() - self.debounce.max);
-                    }
                 }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     let change = std::mem::take(&mut pending);
                     first_change = None;
-                    self.push(change, initial);
-                    initial = false;
+                    self.push(change, false);
                 }
             }
         }

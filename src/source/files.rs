@@ -396,6 +396,15 @@ impl Source {
             pending.full.extend(0..self.clusters.len());
             return;
         }
+        // Opening and closing a file without writing it (including our own reads) changes nothing.
+        if matches!(
+            event.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Open(_) | notify::event::AccessKind::Read)
+                | notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Read))
+                | notify::EventKind::Access(notify::event::AccessKind::Any)
+        ) {
+            return;
+        }
         for path in &event.paths {
             for (i, c) in self.clusters.iter().enumerate() {
                 let Ok(rel) = path.strip_prefix(&c.dir) else { continue };

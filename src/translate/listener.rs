@@ -168,7 +168,168 @@ pub fn listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> 
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use prost::Message;
+
     use super::*;
+    use crate::mesh_config::MeshConfig;
+    use crate::model::ClusterId;
+    use crate::proxy::InterceptionMode;
+    use crate::source::SourceEvent;
+    use crate::topology::{ServiceInfo, ServicePortInfo, TopologyObject};
+
+    fn ctx() -> Context {
+        Context {
+            domain_suffix: "cluster.local".into(),
+            send_unhealthy_endpoints: false,
+            default_outlier_detection: None,
+        }
+    }
+
+    /// (port name, port, appProtocol)
+    type PortSpec<'a> = (&'a str, u16, Option<&'a str>);
+
+    /// A registry with `services`: (namespace, name, ports).
+    fn registry(services: &[(&str, &str, &[PortSpec])]) -> Registry {
+        let mesh = MeshConfig::parse("clusters:\n  - id: c1\n    network: n1\n    manifests: c1\n", Path::new("/x"))
+            .expect("valid mesh config");
+        let mut r = Registry::new(&mesh);
+        for (ns, name, ports) in services {
+            let info = ServiceInfo {
+                namespace: (*ns).into(),
+                name: (*name).into(),
+                ports: ports
+                    .iter()
+                    .map(|(n, p, app)| ServicePortInfo {
+                        name: (*n).into(),
+                        port: *p,
+                        // a port named `udp` is a UDP port
+                        protocol: if *n == "udp" { "UDP" } else { "TCP" }.into(),
+                        app_protocol: app.map(Into::into),
+                        node_port: None,
+                    })
+                    .collect(),
+                network: None,
+                gateway_port: None,
+                service_type: "ClusterIP".into(),
+                external_ips: vec![],
+                load_balancer_ingress: vec![],
+            };
+            r.apply(SourceEvent::Upsert { cluster: ClusterId::new("c1"), object: TopologyObject::Service(info) });
+        }
+        r
+    }
+
+    fn scope(kind: ProxyKind, bind: Option<&str>) -> ListenerScope {
+        ListenerScope {
+            kind,
+            interception: if bind.is_some() { InterceptionMode::None } else { InterceptionMode::Redirect },
+            bind: bind.map(|b| b.parse().expect("valid IP")),
+        }
+    }
+
+    fn wildcard_names(ls: &[Named<Listener>]) -> Vec<&str> {
+        ls.iter().filter(|l| l.wildcard).map(|l| l.name.as_str()).collect()
+    }
+
+    fn first_filter(l: &Listener) -> (&str, &envoy_types::pb::google::protobuf::Any) {
+        let f = &l.filter_chains[0].filters[0];
+        let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!("typed config") };
+        (&f.name, any)
+    }
+
+    fn tcp_cluster(l: &Listener) -> String {
+        let (name, any) = first_filter(l);
+        assert_eq!(name, "envoy.filters.network.tcp_proxy");
+        let tp = TcpProxy::decode(any.value.as_slice()).expect("a TcpProxy");
+        let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tp.cluster_specifier else { panic!("a cluster") };
+        c
+    }
+
+    fn rds_name(l: &Listener) -> String {
+        let (name, any) = first_filter(l);
+        assert_eq!(name, "envoy.filters.network.http_connection_manager");
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("an HCM");
+        let Some(RouteSpecifier::Rds(rds)) = hcm.route_specifier else { panic!("RDS") };
+        rds.route_config_name
+    }
+
+    #[test]
+    fn tcp_port_of_one_service_forwards_to_it() {
+        let r = registry(&[("db", "postgres", &[("tcp-pg", 5432, None)]), ("shop", "web", &[("http", 80, None)])]);
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, Some("127.0.0.7")), &r);
+        assert_eq!(wildcard_names(&ls), ["127.0.0.7_80", "127.0.0.7_5432"]);
+        assert_eq!(tcp_cluster(&ls[1].resource), "outbound|5432||postgres.db.svc.cluster.local");
+        assert_eq!(rds_name(&ls[0].resource), "80");
+        assert_eq!(ls[1].resource.traffic_direction, TrafficDirection::Outbound as i32);
+    }
+
+    #[test]
+    fn tcp_port_shared_by_two_services_gets_no_listener() {
+        let r = registry(&[("db", "postgres", &[("tcp", 5432, None)]), ("db", "replica", &[("tls", 5432, None)])]);
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, Some("127.0.0.7")), &r);
+        assert!(wildcard_names(&ls).is_empty(), "{:?}", wildcard_names(&ls));
+        // REDIRECT: the catch-all passthrough still carries that traffic.
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, None), &r);
+        assert_eq!(wildcard_names(&ls), [VIRTUAL_OUTBOUND]);
+    }
+
+    #[test]
+    fn http_wins_a_port_shared_with_tcp() {
+        let r = registry(&[
+            ("shop", "reviews", &[("http", 9080, None)]),
+            ("shop", "legacy", &[("tcp", 9080, None)]),
+            ("shop", "ratings", &[("grpc", 9091, Some("grpc")), ("udp", 9092, None)]),
+        ]);
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, None), &r);
+        assert_eq!(wildcard_names(&ls), ["0.0.0.0_9080", "0.0.0.0_9091", VIRTUAL_OUTBOUND]);
+        assert_eq!(rds_name(&ls[0].resource), "9080");
+        assert_eq!(rds_name(&ls[1].resource), "9091");
+        assert_eq!(ls[0].resource.bind_to_port.map(|b| b.value), Some(false));
+        assert_eq!(ls[2].resource.use_original_dst.map(|b| b.value), Some(true));
+        assert_eq!(tcp_cluster(&ls[2].resource), PASSTHROUGH_CLUSTER);
+    }
+
+    #[test]
+    fn api_listeners_for_every_port_never_wildcard() {
+        let r = registry(&[("shop", "ratings", &[("http", 9080, None), ("grpc", 9091, Some("grpc"))])]);
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, Some("127.0.0.7")), &r);
+        let api: Vec<&Named<Listener>> = ls.iter().filter(|l| !l.wildcard).collect();
+        let names: Vec<&str> = api.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["ratings.shop.svc.cluster.local:9080", "ratings.shop.svc.cluster.local:9091"]);
+        for l in api {
+            let any = l.resource.api_listener.as_ref().and_then(|a| a.api_listener.as_ref()).expect("api_listener");
+            let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("an HCM");
+            let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier else { panic!("RDS") };
+            assert_eq!(rds.route_config_name, l.name);
+            assert!(l.resource.address.is_none() && l.resource.filter_chains.is_empty());
+        }
+    }
+
+    #[test]
+    fn empty_registry_and_routers() {
+        let r = registry(&[]);
+        assert!(listeners(&ctx(), &scope(ProxyKind::Sidecar, Some("127.0.0.7")), &r).is_empty());
+        let names: Vec<String> =
+            listeners(&ctx(), &scope(ProxyKind::Sidecar, None), &r).into_iter().map(|l| l.name).collect();
+        assert_eq!(names, [VIRTUAL_OUTBOUND]);
+        let r = registry(&[("shop", "reviews", &[("http", 9080, None)])]);
+        assert!(listeners(&ctx(), &scope(ProxyKind::Router, None), &r).is_empty());
+    }
+
+    #[test]
+    fn ipv6_bind_address() {
+        let r = registry(&[("shop", "reviews", &[("http", 9080, None)])]);
+        let ls = listeners(&ctx(), &scope(ProxyKind::Sidecar, Some("::1")), &r);
+        assert_eq!(wildcard_names(&ls), ["::1_9080"]);
+        let Some(address::Address::SocketAddress(sa)) =
+            ls[0].resource.address.as_ref().and_then(|a| a.address.as_ref())
+        else {
+            panic!("a socket address")
+        };
+        assert_eq!((sa.address.as_str(), sa.port_specifier.clone()), ("::1", Some(PortSpecifier::PortValue(9080))));
+    }
 
     #[test]
     fn hcm_uses_rds_and_router_last() {

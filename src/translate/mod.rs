@@ -19,6 +19,8 @@ pub mod cluster;
 pub mod endpoint;
 pub mod listener;
 pub mod route;
+#[cfg(test)]
+mod tests;
 mod util;
 
 /// Mesh-wide settings translation reads.

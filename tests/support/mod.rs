@@ -1,0 +1,754 @@
+//! Shared support for the integration tests that run meshfed and real Envoys as child processes.
+//!
+//! Use it with `mod support;` from a test file. Everything here is bounded: every wait has a timeout,
+//! every child process is killed (and reaped) when its guard is dropped, also when a test panics, and
+//! the logs of the children are printed when a test fails. All traffic stays on loopback.
+//!
+//! - [`start_meshfed`]: `meshfed serve` on free loopback ports, once `/ready` answers 200.
+//! - [`bootstrap`] + [`start_envoy`]: an Envoy configured by `meshfed bootstrap`, once its admin
+//!   `/ready` says LIVE. The Envoy binary is `$MESHFED_ENVOY`, else `<crate>/.venv/bin/envoy`; a
+//!   missing binary fails the test (the README's setup installs it), it never skips.
+//! - [`Backend`]: an in-process HTTP/1.1 server answering 200 with its own address as the body.
+//! - [`http_get`]: a tiny HTTP/1.1 client (one request per connection).
+//! - [`wait_until`] / [`poll_until`]: polling with a cap.
+//!
+//! Set `MESHFED_TEST_LOG` to change meshfed's `RUST_LOG` (default `info`), and
+//! `MESHFED_ENVOY_LOG_LEVEL` / `MESHFED_ENVOY_COMPONENT_LOG_LEVEL` to change Envoy's logging (default
+//! `info`; e.g. `upstream:debug,config:debug`).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Cap of the start of a child process (until it is ready).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cap of one HTTP exchange (connect, request, whole response).
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Cap of a short-lived command (`meshfed bootstrap`).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Interval between two attempts of [`wait_until`] / [`poll_until`].
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// At most this much of each log file is printed when a test fails.
+const LOG_TAIL_BYTES: usize = 64 * 1024;
+
+// ---- binaries and ports ----
+
+/// The meshfed binary built by Cargo for this test.
+pub fn meshfed_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshfed"))
+}
+
+/// The Envoy binary: `$MESHFED_ENVOY`, else `<crate>/.venv/bin/envoy`. Panics (fails the test) if it is
+/// missing: the tests never skip silently.
+pub fn envoy_path() -> PathBuf {
+    let (path, origin) = match std::env::var_os("MESHFED_ENVOY") {
+        Some(p) => (PathBuf::from(p), "$MESHFED_ENVOY"),
+        None => (PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"), "the default location"),
+    };
+    assert!(
+        path.is_file(),
+        "Envoy not found at {} ({origin}): run the setup in README.md (it installs Envoy 1.40 into .venv), \
+         or set MESHFED_ENVOY to an Envoy binary",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it; it is released at once, so
+/// a process started next can bind it). Callers that can retry on a bind error should do so.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// `127.<a>.<b>.<c>`
+pub fn ip4(a: u8, b: u8, c: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, a, b, c))
+}
+
+/// `127.<a>.<b>.<c>:<port>`
+pub fn addr4(a: u8, b: u8, c: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(ip4(a, b, c), port)
+}
+
+// ---- child processes ----
+
+/// A child process whose stdout and stderr go to files in a temporary directory of its own. Dropping
+/// the guard kills and reaps the process; if the thread is panicking (a failing test), the logs are
+/// printed first.
+pub struct ChildGuard {
+    name: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd` (stdin closed, stdout/stderr to log files) in a new temporary directory.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<ChildGuard> {
+        let dir = tempfile::Builder::new().prefix(&format!("meshfed-test-{name}-")).tempdir()?;
+        ChildGuard::spawn_in(dir, name, cmd)
+    }
+
+    /// Spawns `cmd` with its logs in `dir` (which the guard keeps until it is dropped).
+    pub fn spawn_in(dir: tempfile::TempDir, name: &str, cmd: &mut Command) -> Result<ChildGuard> {
+        let stdout = dir.path().join(format!("{name}.stdout.log"));
+        let stderr = dir.path().join(format!("{name}.stderr.log"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(ChildGuard { name: name.to_string(), child: Some(child), dir, stdout, stderr })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id (None once killed).
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The directory holding the logs (and whatever else the caller put there).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The exit status if the process has exited (it is reaped then).
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Everything written to stdout so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stdout).unwrap_or_default()).into_owned()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned()
+    }
+
+    /// The last [`LOG_TAIL_BYTES`] of stdout and of stderr, labelled, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for (what, path) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            if bytes.is_empty() {
+                continue;
+            }
+            let start = bytes.len().saturating_sub(LOG_TAIL_BYTES);
+            let cut = if start > 0 { format!(" (last {LOG_TAIL_BYTES} bytes)") } else { String::new() };
+            let _ = writeln!(out, "----- {} {what}{cut} ({}) -----", self.name, path.display());
+            out.push_str(&String::from_utf8_lossy(&bytes[start..]));
+            if !out.ends_with('\n') {
+                out.push('\n');
+            }
+        }
+        if out.is_empty() {
+            let _ = writeln!(out, "----- {}: no output -----", self.name);
+        }
+        out
+    }
+
+    /// Prints [`Self::log_tail`] to stderr (which the test harness shows for failing tests).
+    pub fn dump_logs(&self) {
+        eprintln!("{}", self.log_tail());
+    }
+
+    /// Kills and reaps the process (SIGKILL: bounded).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (polling, bounded by `timeout`) for the process to exit on its own; kills it on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exited() {
+                self.child = None;
+                return Ok(status);
+            }
+            if self.child.is_none() {
+                bail!("{} was already killed", self.name);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                bail!("{} did not exit within {timeout:?}; killed it\n{}", self.name, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        self.kill();
+    }
+}
+
+/// Runs a short-lived command to completion (bounded by [`COMMAND_TIMEOUT`]) and returns its stdout;
+/// fails with its logs if it does not exit successfully.
+pub fn run_command(name: &str, cmd: &mut Command) -> Result<String> {
+    let mut guard = ChildGuard::spawn(name, cmd)?;
+    let status = guard.wait_exit(COMMAND_TIMEOUT)?;
+    if !status.success() {
+        bail!("{name} failed ({status})\n{}", guard.log_tail());
+    }
+    Ok(guard.stdout())
+}
+
+// ---- meshfed ----
+
+/// A running `meshfed serve`.
+pub struct Meshfed {
+    pub xds_port: u16,
+    pub debug_port: u16,
+    pub guard: ChildGuard,
+}
+
+impl Meshfed {
+    pub fn xds_address(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.xds_port))
+    }
+
+    pub fn debug_address(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.debug_port))
+    }
+
+    /// GET on the debug server: (status, body).
+    pub async fn debug_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.debug_address(), "127.0.0.1", path).await
+    }
+
+    /// GET on the debug server, parsed as JSON; fails on a status other than 200.
+    pub async fn debug_json(&self, path: &str) -> Result<serde_json::Value> {
+        let (status, body) = self.debug_get(path).await?;
+        if status != 200 {
+            bail!("meshfed {path}: status {status}: {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("meshfed {path}: not JSON: {body}"))
+    }
+
+    /// The `/debug/adsz` entry of the connection of proxy `node_id`, if it is connected.
+    pub async fn ads_connection(&self, node_id: &str) -> Result<Option<serde_json::Value>> {
+        let adsz = self.debug_json("/debug/adsz").await?;
+        let conns = adsz["connections"].as_array().ok_or_else(|| anyhow!("/debug/adsz: no connections: {adsz}"))?;
+        Ok(conns.iter().find(|c| c["proxy"].as_str() == Some(node_id)).cloned())
+    }
+}
+
+/// Starts `meshfed serve --mesh-config <mesh_path>` with its xDS and debug servers on free ports of
+/// 127.0.0.1 and waits (bounded) until `/ready` answers 200 and the xDS port accepts connections. A
+/// port taken in between is retried with other ports.
+pub async fn start_meshfed(mesh_path: &Path) -> Result<Meshfed> {
+    let mut last_error = None;
+    for _attempt in 0..3 {
+        let (xds_port, debug_port) = (free_port(), free_port());
+        if xds_port == debug_port {
+            continue;
+        }
+        let log = std::env::var("MESHFED_TEST_LOG").unwrap_or_else(|_| "info".to_string());
+        let mut cmd = Command::new(meshfed_path());
+        cmd.arg("serve")
+            .arg("--mesh-config")
+            .arg(mesh_path)
+            .arg("--xds-address")
+            .arg(format!("127.0.0.1:{xds_port}"))
+            .arg("--debug-address")
+            .arg(format!("127.0.0.1:{debug_port}"))
+            .env("RUST_LOG", log)
+            .env("NO_COLOR", "1");
+        let guard = ChildGuard::spawn("meshfed", &mut cmd)?;
+        let mut meshfed = Meshfed { xds_port, debug_port, guard };
+        let deadline = Instant::now() + START_TIMEOUT;
+        let outcome: Result<()> = loop {
+            if let Some(status) = meshfed.guard.try_exited() {
+                break Err(anyhow!("meshfed exited ({status}) before it was ready\n{}", meshfed.guard.log_tail()));
+            }
+            let ready = matches!(meshfed.debug_get("/ready").await, Ok((200, _)));
+            if ready
+                && let Ok(Ok(_)) = tokio::time::timeout(HTTP_TIMEOUT, TcpStream::connect(meshfed.xds_address())).await
+            {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                break Err(anyhow!("meshfed not ready within {START_TIMEOUT:?}\n{}", meshfed.guard.log_tail()));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        };
+        match outcome {
+            Ok(()) => return Ok(meshfed),
+            Err(e) => {
+                let port_taken = meshfed.guard.stderr().contains("binding the");
+                meshfed.guard.kill();
+                if !port_taken {
+                    return Err(e);
+                }
+                last_error = Some(e);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow!("no free ports for meshfed")))
+}
+
+// ---- Envoy ----
+
+/// Runs `meshfed bootstrap` and returns the bootstrap YAML. `admin_port` 0 lets Envoy pick its admin
+/// port ([`start_envoy`] finds it). `locality` is `REGION/ZONE[/SUBZONE]`.
+pub fn bootstrap(
+    node_id: &str,
+    xds_port: u16,
+    delta: bool,
+    admin_port: u16,
+    cluster_id: &str,
+    network: &str,
+    locality: &str,
+) -> String {
+    let mut cmd = Command::new(meshfed_path());
+    cmd.arg("bootstrap")
+        .args(["--node-id", node_id])
+        .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
+        .args(["--admin-port", &admin_port.to_string()])
+        .args(["--cluster-id", cluster_id])
+        .args(["--network", network])
+        .args(["--locality", locality]);
+    if delta {
+        cmd.arg("--delta");
+    }
+    run_command("meshfed-bootstrap", &mut cmd).expect("meshfed bootstrap")
+}
+
+/// A running Envoy.
+pub struct Envoy {
+    pub admin_port: u16,
+    pub guard: ChildGuard,
+}
+
+/// One upstream host of a cluster as Envoy's admin `/clusters` shows it: `key -> value` of its
+/// `<cluster>::<host>::<key>::<value>` lines (`health_flags`, `priority`, `zone`, `rq_total`...).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostStatus(pub BTreeMap<String, String>);
+
+impl HostStatus {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    pub fn priority(&self) -> Option<u32> {
+        self.get("priority")?.parse().ok()
+    }
+
+    pub fn health_flags(&self) -> &str {
+        self.get("health_flags").unwrap_or("")
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.health_flags() == "healthy"
+    }
+}
+
+impl Envoy {
+    pub fn admin_address(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.admin_port))
+    }
+
+    /// GET on the admin server; fails on a status other than 200.
+    pub async fn admin_get(&self, path: &str) -> Result<String> {
+        admin_get(self.admin_port, path).await
+    }
+
+    /// The hosts of `cluster` (from `/clusters`); empty if Envoy does not know the cluster.
+    pub async fn cluster_hosts(&self, cluster: &str) -> Result<BTreeMap<SocketAddr, HostStatus>> {
+        Ok(parse_cluster_hosts(&self.admin_get("/clusters").await?, cluster))
+    }
+
+    /// Every `*update_rejected` stat: (name, value).
+    pub async fn update_rejected_stats(&self) -> Result<Vec<(String, u64)>> {
+        let body = self.admin_get("/stats?filter=update_rejected").await?;
+        let mut out = Vec::new();
+        for line in body.lines().filter(|l| l.contains("update_rejected")) {
+            let (name, value) = line.rsplit_once(": ").ok_or_else(|| anyhow!("bad stat line {line:?}"))?;
+            let value = value.trim().parse().with_context(|| format!("bad stat line {line:?}"))?;
+            out.push((name.to_string(), value));
+        }
+        Ok(out)
+    }
+
+    /// Envoy's log lines at level warning or above (a rejected xDS resource, a closed ADS stream, a
+    /// deprecated field... are all logged as warnings).
+    pub fn log_complaints(&self) -> Vec<String> {
+        self.guard
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("[warning]") || l.contains("[error]") || l.contains("[critical]"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Fails unless Envoy has `update_rejected` stats and all of them are 0.
+    pub async fn assert_no_rejected_updates(&self) -> Result<()> {
+        let stats = self.update_rejected_stats().await?;
+        if stats.is_empty() {
+            bail!("Envoy has no update_rejected stats at all");
+        }
+        let rejected: Vec<_> = stats.iter().filter(|(_, v)| *v != 0).collect();
+        if !rejected.is_empty() {
+            bail!("Envoy rejected xDS updates: {rejected:?}\n{}", self.guard.log_tail());
+        }
+        Ok(())
+    }
+}
+
+/// Parses Envoy's text `/clusters` output: the hosts of `cluster`.
+pub fn parse_cluster_hosts(text: &str, cluster: &str) -> BTreeMap<SocketAddr, HostStatus> {
+    let prefix = format!("{cluster}::");
+    let mut hosts: BTreeMap<SocketAddr, HostStatus> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else { continue };
+        let mut parts = rest.splitn(3, "::");
+        let (Some(host), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let Ok(host) = host.parse::<SocketAddr>() else { continue };
+        hosts.entry(host).or_default().0.insert(key.to_string(), value.to_string());
+    }
+    hosts
+}
+
+/// Starts Envoy with `bootstrap_yaml` (`--use-dynamic-base-id`, so several can run at once) and waits
+/// (bounded) until its admin `/ready` says LIVE, i.e. its initial xDS configuration is applied. The
+/// admin port is read from `--admin-address-path`, so the bootstrap may use admin port 0.
+pub async fn start_envoy(bootstrap_yaml: &str) -> Result<Envoy> {
+    let envoy = envoy_path();
+    let dir = tempfile::Builder::new().prefix("meshfed-test-envoy-").tempdir()?;
+    // Envoy picks the parser from the extension.
+    let config = dir.path().join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap_yaml)?;
+    let admin_file = dir.path().join("admin-address");
+    let level = std::env::var("MESHFED_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "info".to_string());
+    let mut cmd = Command::new(&envoy);
+    cmd.arg("-c")
+        .arg(&config)
+        .arg("--use-dynamic-base-id")
+        .args(["--concurrency", "2"])
+        .args(["--log-level", &level])
+        .arg("--admin-address-path")
+        .arg(&admin_file);
+    if let Ok(components) = std::env::var("MESHFED_ENVOY_COMPONENT_LOG_LEVEL") {
+        cmd.args(["--component-log-level", &components]);
+    }
+    let guard = ChildGuard::spawn_in(dir, "envoy", &mut cmd)?;
+    let mut envoy = Envoy { admin_port: 0, guard };
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last = String::from("no admin address yet");
+    loop {
+        if let Some(status) = envoy.guard.try_exited() {
+            bail!(
+                "Envoy exited ({status}) before it was LIVE\n{}\nbootstrap:\n{bootstrap_yaml}",
+                envoy.guard.log_tail()
+            );
+        }
+        if envoy.admin_port == 0
+            && let Ok(text) = std::fs::read_to_string(&admin_file)
+            && let Ok(addr) = text.trim().parse::<SocketAddr>()
+        {
+            envoy.admin_port = addr.port();
+        }
+        if envoy.admin_port != 0 {
+            match http_get(envoy.admin_address(), "127.0.0.1", "/ready").await {
+                Ok((200, body)) if body.trim() == "LIVE" => return Ok(envoy),
+                Ok((status, body)) => last = format!("/ready: {status} {}", body.trim()),
+                Err(e) => last = format!("/ready: {e:#}"),
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("Envoy not LIVE within {START_TIMEOUT:?} (last: {last})\n{}", envoy.guard.log_tail());
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// GET on an Envoy admin server at 127.0.0.1:`admin_port`; fails on a status other than 200.
+pub async fn admin_get(admin_port: u16, path: &str) -> Result<String> {
+    let (status, body) = http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port)), "127.0.0.1", path).await?;
+    if status != 200 {
+        bail!("Envoy admin {path}: status {status}: {body}");
+    }
+    Ok(body)
+}
+
+// ---- HTTP ----
+
+/// One HTTP/1.1 GET (`Connection: close`) to `addr` with the given Host header, bounded by
+/// [`HTTP_TIMEOUT`]: (status, body).
+pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    tokio::time::timeout(HTTP_TIMEOUT, http_get_unbounded(addr, host, path))
+        .await
+        .map_err(|_| anyhow!("GET http://{addr}{path} (Host {host}): no complete response within {HTTP_TIMEOUT:?}"))?
+        .with_context(|| format!("GET http://{addr}{path} (Host {host})"))
+}
+
+async fn http_get_unbounded(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshfed-test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    parse_response(&raw)
+}
+
+/// Parses a complete HTTP/1.1 response (Content-Length, chunked, or until the end).
+fn parse_response(raw: &[u8]) -> Result<(u16, String)> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("incomplete response ({} bytes): {:?}", raw.len(), String::from_utf8_lossy(raw)))?;
+    let head = std::str::from_utf8(&raw[..end])?;
+    let body = &raw[end + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line {status_line:?}"))?;
+    let mut content_length = None;
+    let mut chunked = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        if name == "content-length" {
+            content_length = Some(value.parse::<usize>()?);
+        } else if name == "transfer-encoding" && value.to_ascii_lowercase().contains("chunked") {
+            chunked = true;
+        }
+    }
+    let body = if chunked {
+        decode_chunked(body)?
+    } else if let Some(n) = content_length {
+        if body.len() < n {
+            bail!("truncated body: {} of {n} bytes", body.len());
+        }
+        body[..n].to_vec()
+    } else {
+        body.to_vec()
+    };
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| anyhow!("bad chunked body"))?;
+        let size_text = std::str::from_utf8(&data[..eol])?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// An in-process HTTP/1.1 server bound on one address: it answers every request with 200 and its own
+/// address (e.g. `127.61.1.21:9080`) as the body, on keep-alive connections. Dropping it stops it
+/// (listener and open connections).
+pub struct Backend {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    /// Binds `addr` and serves on the current Tokio runtime.
+    pub async fn start(addr: SocketAddr) -> Result<Backend> {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("backend: binding {addr}"))?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let body: Arc<str> = addr.to_string().into();
+        let counter = hits.clone();
+        let task = tokio::spawn(async move {
+            // The connections live in this set: aborting the accept task drops (closes) them too.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else {
+                            // e.g. out of file descriptors: do not spin
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        };
+                        connections.spawn(serve_connection(stream, body.clone(), counter.clone()));
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        Ok(Backend { addr, hits, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests answered so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a [`Backend`] on each address.
+pub async fn start_backends(addrs: impl IntoIterator<Item = SocketAddr>) -> Result<Vec<Backend>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        out.push(Backend::start(addr).await?);
+    }
+    Ok(out)
+}
+
+async fn serve_connection(stream: TcpStream, body: Arc<str>, hits: Arc<AtomicU64>) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        // request head
+        let mut head_bytes = 0usize;
+        let mut content_length = 0usize;
+        let mut close = false;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head_bytes += n,
+            }
+            if head_bytes > 64 * 1024 {
+                return;
+            }
+            let line = line.trim_end();
+            if first {
+                first = false;
+                close = line.ends_with("HTTP/1.0");
+                continue;
+            }
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+                match name.as_str() {
+                    "content-length" => content_length = value.parse().unwrap_or(0),
+                    "connection" if value.contains("close") => close = true,
+                    // not needed by the tests: answer, then close
+                    "transfer-encoding" => close = true,
+                    _ => {}
+                }
+            }
+        }
+        // request body (skipped)
+        if content_length > 0 {
+            let mut rest = (&mut reader).take(content_length as u64);
+            if tokio::io::copy(&mut rest, &mut tokio::io::sink()).await.is_err() {
+                return;
+            }
+        }
+        hits.fetch_add(1, Ordering::Relaxed);
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-backend: {body}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
+        if write.write_all(response.as_bytes()).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+// ---- polling ----
+
+/// Calls `check` every [`POLL_INTERVAL`] until it returns true (-> true) or `timeout` has passed
+/// (-> false). Each call is itself cut off at the remaining time.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    poll_until(timeout, || {
+        let fut = check();
+        async move { if fut.await { Ok(()) } else { Err(anyhow!("condition not met")) } }
+    })
+    .await
+    .is_ok()
+}
+
+/// Calls `check` every [`POLL_INTERVAL`] until it returns `Ok` (-> that value) or `timeout` has passed
+/// (-> the last error, with the time waited). Each call is itself cut off at the remaining time (at
+/// least one second).
+pub async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let budget = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let error = match tokio::time::timeout(budget, check()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+            Err(_) => anyhow!("attempt cut off after {budget:?}"),
+        };
+        if Instant::now() >= deadline {
+            return Err(error.context(format!("still failing after {:?} ({attempts} attempts)", start.elapsed())));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+// ---- files ----
+
+/// Replaces `path` atomically (a hidden temporary file in the same directory, then a rename), so a
+/// file watcher never reads a partial file.
+pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let dir = path.parent().ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
+    let name = path.file_name().ok_or_else(|| anyhow!("{} has no file name", path.display()))?;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
