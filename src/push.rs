@@ -27,6 +27,8 @@ pub enum Command {
     Attach { view: View, reply: oneshot::Sender<u64> },
     /// A proxy with this view disconnected.
     Detach { view: View },
+    /// The gateway resolver's latest answers for gateway hostnames.
+    ResolvedGateways(std::collections::BTreeMap<String, Vec<std::net::IpAddr>>),
 }
 
 /// A handle to the push loop for xDS streams and the debug surface.
@@ -35,15 +37,26 @@ pub struct PushHandle {
     commands: mpsc::UnboundedSender<Command>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     ready: Arc<AtomicBool>,
+    push_log: crate::debug::PushLog,
 }
 
 impl PushHandle {
+    /// The most recent pushes (for the debug surface).
+    pub fn push_log(&self) -> &crate::debug::PushLog {
+        &self.push_log
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.clone()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshots.borrow().clone()
+    }
+
+    /// Hands the gateway resolver's answers to the push loop (it re-pushes EDS if they changed).
+    pub fn set_resolved_gateways(&self, resolved: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>) {
+        let _ = self.commands.send(Command::ResolvedGateways(resolved));
     }
 
     /// True once the first full state from every source has been translated and published.
@@ -123,11 +136,26 @@ pub struct Pusher {
     endpoints: ScopeTable<EndpointScope>,
     listeners: ScopeTable<ListenerScope>,
     routes: ScopeTable<RouteScope>,
-    /// the EDS names each service produced (to remove them when its ports change or it goes away)
-    eds_names: HashMap<ServiceKey, Vec<Arc<str>>>,
+    /// each service's hostname and ports at the last translation (to remove the assignments of ports
+    /// that went away)
+    eds_ports: HashMap<ServiceKey, (Arc<str>, Vec<u16>)>,
+    /// each service's endpoint addresses at the last translation
+    service_ips: HashMap<ServiceKey, Vec<std::net::IpAddr>>,
+    /// the translation context changed outside the registry (gateway DNS, demotions): retranslate all
+    context_changed: bool,
+    warnings: Arc<Vec<translate::diagnostics::Warning>>,
+    priority_label_keys: Arc<BTreeSet<String>>,
     generation: u64,
     publisher: watch::Sender<Arc<Snapshot>>,
     ready: Arc<AtomicBool>,
+    /// recent pushes, for the debug surface
+    push_log: crate::debug::PushLog,
+    /// when the change being debounced was first seen
+    change_seen: Option<Instant>,
+    /// source events applied since the last push
+    events_in_push: u64,
+    /// the mesh config's `unreachableGracePeriod`: a cluster unreachable this long is demoted
+    unreachable_grace: std::time::Duration,
 }
 
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
@@ -145,10 +173,18 @@ impl Pusher {
             endpoints: ScopeTable::new(),
             listeners: ScopeTable::new(),
             routes: ScopeTable::new(),
-            eds_names: HashMap::new(),
+            eds_ports: HashMap::new(),
+            service_ips: HashMap::new(),
+            context_changed: false,
+            warnings: Arc::default(),
+            priority_label_keys: Arc::default(),
             generation: 0,
             publisher,
             ready: Arc::new(AtomicBool::new(false)),
+            push_log: crate::debug::PushLog::default(),
+            change_seen: None,
+            events_in_push: 0,
+            unreachable_grace: mesh.unreachable_grace_period,
         };
         (pusher, rx)
     }
@@ -159,6 +195,7 @@ impl Pusher {
 
     /// Applies a source event to the registry (translation happens at the next push).
     pub fn apply(&mut self, event: SourceEvent) -> RegistryChange {
+        self.events_in_push += 1;
         self.registry.apply(event)
     }
 
@@ -179,6 +216,7 @@ impl Pusher {
 
     /// Attaches a view; returns true if any of its scopes was new (a publish is needed).
     pub fn attach(&mut self, view: &View) -> bool {
+        self.sync_context();
         let mut new = false;
         if self.clusters.attach(&view.clusters) {
             let r = encode_all(translate::cluster::clusters(&self.ctx, &view.clusters, &self.registry));
@@ -210,63 +248,173 @@ impl Pusher {
         self.routes.detach(&view.routes);
     }
 
+    /// Brings the translation context up to date with the registry (rules, gateways).
+    fn sync_context(&mut self) {
+        self.ctx.update_from(&self.registry);
+    }
+
     /// Translates what `change` touched for every attached scope. Returns the changed names per type.
     pub fn translate(&mut self, change: &RegistryChange) -> Changes {
         let mut changes = Changes::default();
-        if change.is_empty() {
+        self.sync_context();
+        if change.is_empty() && !self.context_changed {
             return changes;
         }
-        if change.has_shape_change() {
-            let ctx = &self.ctx;
-            let reg = &self.registry;
-            for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
+        let ctx = &self.ctx;
+        let reg = &self.registry;
+        // Addresses of the changed services' endpoints, before and after: a sidecar whose own address is
+        // among them may serve a different set of inbound ports now.
+        let mut touched_ips: std::collections::BTreeSet<std::net::IpAddr> = Default::default();
+        for key in change.services.keys() {
+            if let Some(old) = self.service_ips.remove(key) {
+                touched_ips.extend(old);
+            }
+            if let Some(s) = reg.service(key) {
+                let ips: Vec<std::net::IpAddr> = s.endpoints.iter().map(|e| e.address).collect();
+                touched_ips.extend(ips.iter().copied());
+                self.service_ips.insert(key.clone(), ips);
+            }
+        }
+        let full = change.has_shape_change() || self.context_changed;
+        let inbound_touched = |ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| touched_ips.contains(&ip));
+        for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
+            if full || inbound_touched(scope.inbound.as_ref().map(|i| i.ip)) {
                 let new = encode_all(translate::cluster::clusters(ctx, scope, reg));
                 changes.add(ResourceType::Cluster, cache::replace_all(res, new));
             }
-            for (scope, (res, _)) in self.listeners.scopes.iter_mut() {
+        }
+        for (scope, (res, _)) in self.listeners.scopes.iter_mut() {
+            if full || inbound_touched(scope.inbound.as_ref().map(|i| i.ip)) {
                 let new = encode_all(translate::listener::listeners(ctx, scope, reg));
                 changes.add(ResourceType::Listener, cache::replace_all(res, new));
             }
+        }
+        if full {
             for (scope, (res, _)) in self.routes.scopes.iter_mut() {
                 let new = encode_all(translate::route::routes(ctx, scope, reg));
                 changes.add(ResourceType::Route, cache::replace_all(res, new));
             }
         }
-        // EDS: only the assignments of the services that changed.
-        let keys: Vec<&ServiceKey> = change.services.keys().collect();
-        let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
-        let mut removals_by_service: Vec<Arc<str>> = Vec::new();
-        let mut new_names: HashMap<ServiceKey, Vec<Arc<str>>> = HashMap::new();
-        for key in &keys {
-            let names: Vec<Arc<str>> = match self.registry.service(key) {
-                Some(s) => s
-                    .ports
-                    .iter()
-                    .map(|p| Arc::from(translate::outbound_cluster_name(p.port, "", &s.hostname)))
-                    .collect(),
-                None => Vec::new(),
-            };
-            if let Some(old) = self.eds_names.get(*key) {
-                removals_by_service.extend(old.iter().filter(|n| !names.contains(n)).cloned());
+        // EDS: every assignment when policies, gateways or the context changed (priorities and gateway
+        // endpoints depend on them); otherwise only the assignments of the services that changed.
+        if change.policies || change.gateways || self.context_changed {
+            let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
+            for scope in scopes {
+                let new = self.translate_scope_eds(&scope);
+                let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
+                changes.add(ResourceType::Endpoint, cache::replace_all(res, new));
             }
-            new_names.insert((*key).clone(), names);
-        }
-        for scope in scopes {
-            let mut upserts = Vec::new();
-            for key in &keys {
-                upserts.extend(self.eds_for_service(&scope, key));
-            }
-            let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
-            changes.add(ResourceType::Endpoint, cache::update(res, upserts, &removals_by_service));
-        }
-        for (k, v) in new_names {
-            if v.is_empty() {
-                self.eds_names.remove(&k);
-            } else {
-                self.eds_names.insert(k, v);
+        } else {
+            let keys: Vec<&ServiceKey> = change.services.keys().collect();
+            let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
+            for scope in scopes {
+                let mut upserts = Vec::new();
+                let mut removals: Vec<Arc<str>> = Vec::new();
+                for key in &keys {
+                    let new = self.eds_for_service(&scope, key);
+                    if let Some((host, ports)) = self.eds_ports.get(*key) {
+                        removals.extend(
+                            ports
+                                .iter()
+                                .map(|p| Arc::from(translate::cluster_name(scope.kind, *p, host)))
+                                .filter(|n: &Arc<str>| !new.iter().any(|r| r.name == *n)),
+                        );
+                    }
+                    upserts.extend(new);
+                }
+                let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
+                changes.add(ResourceType::Endpoint, cache::update(res, upserts, &removals));
             }
         }
+        for key in change.services.keys() {
+            match self.registry.service(key) {
+                Some(s) => {
+                    self.eds_ports.insert(key.clone(), (s.hostname.clone(), s.ports.iter().map(|p| p.port).collect()));
+                }
+                None => {
+                    self.eds_ports.remove(key);
+                }
+            }
+        }
+        self.context_changed = false;
         changes
+    }
+
+    /// Recomputes the mesh-wide warnings (logging new ones) and the failoverPriority label keys.
+    fn refresh_diagnostics(&mut self) {
+        let warnings = translate::diagnostics::warnings(&self.ctx, &self.registry);
+        for w in warnings.iter().filter(|w| !self.warnings.contains(w)) {
+            tracing::warn!(kind = w.kind, subject = %w.subject, "{}", w.message);
+        }
+        if *self.warnings != warnings {
+            self.warnings = Arc::new(warnings);
+        }
+        let keys = self.ctx.priority_label_keys();
+        if *self.priority_label_keys != keys {
+            self.priority_label_keys = Arc::new(keys);
+        }
+    }
+
+    /// New gateway hostname resolutions (from the gateway resolver).
+    pub fn set_resolved_gateways(&mut self, resolved: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>) {
+        if *self.ctx.resolved != resolved {
+            self.ctx.resolved = Arc::new(resolved);
+            self.context_changed = true;
+        }
+    }
+
+    /// Clusters whose endpoints go below every reachable cluster's (unreachable past the grace period).
+    pub fn set_demoted_clusters(&mut self, demoted: std::collections::BTreeSet<crate::model::ClusterId>) {
+        if *self.ctx.demoted_clusters != demoted {
+            self.ctx.demoted_clusters = Arc::new(demoted);
+            self.context_changed = true;
+        }
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Demotes the clusters unreachable for at least the grace period at `now` (and restores those that
+    /// are reachable again): updates `ctx.demoted_clusters` and returns the services with endpoints in a
+    /// cluster whose demotion changed, as endpoint changes.
+    pub fn refresh_demoted(&mut self, now: std::time::SystemTime) -> RegistryChange {
+        // a little slack, so that a timer firing on the deadline does not find it a hair early
+        let now = now + std::time::Duration::from_millis(5);
+        let desired: BTreeSet<crate::model::ClusterId> = self
+            .registry
+            .unreachable_clusters()
+            .into_iter()
+            .filter(|(_, since)| *since + self.unreachable_grace <= now)
+            .map(|(id, _)| id)
+            .collect();
+        let mut change = RegistryChange::default();
+        if *self.ctx.demoted_clusters == desired {
+            return change;
+        }
+        let flipped: BTreeSet<_> = desired.symmetric_difference(&self.ctx.demoted_clusters).cloned().collect();
+        for s in self.registry.services().values() {
+            if s.endpoints.iter().any(|e| flipped.contains(&e.cluster)) {
+                change.services.insert(s.key.clone(), ChangeKind::Endpoints);
+            }
+        }
+        info!(demoted = ?desired, "clusters demoted for being unreachable longer than the grace period changed");
+        self.set_demoted_clusters(desired);
+        change
+    }
+
+    /// When the next unreachable cluster's grace period ends (None: no cluster is waiting for demotion).
+    pub fn next_demotion(&self) -> Option<tokio::time::Instant> {
+        let now = std::time::SystemTime::now();
+        self.registry
+            .unreachable_clusters()
+            .into_iter()
+            .filter(|(id, _)| !self.ctx.demoted_clusters.contains(id))
+            .map(|(_, since)| {
+                let wait = (since + self.unreachable_grace).duration_since(now).unwrap_or_default();
+                tokio::time::Instant::now() + wait
+            })
+            .min()
     }
 
     /// Publishes the current scopes as the next snapshot.
@@ -287,6 +435,8 @@ impl Pusher {
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
+            warnings: self.warnings.clone(),
+            priority_label_keys: self.priority_label_keys.clone(),
         };
         self.publisher.send_replace(Arc::new(snapshot));
         self.generation
@@ -316,6 +466,7 @@ impl Pusher {
                 let max = first + self.debounce.max;
                 tokio::time::Instant::from_std(quiet.min(max))
             });
+            let demotion = self.next_demotion();
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
@@ -332,12 +483,22 @@ impl Pusher {
                     while let Ok(ev) = events.try_recv() {
                         pending.merge(self.apply(ev));
                     }
+                    // a cluster reachable again leaves the demoted set at once
+                    pending.merge(self.refresh_demoted(std::time::SystemTime::now()));
                     last_change = Instant::now();
                     first_change.get_or_insert(last_change);
                 }
+                _ = async { tokio::time::sleep_until(demotion.expect("guarded")).await }, if demotion.is_some() => {
+                    let change = self.refresh_demoted(std::time::SystemTime::now());
+                    if !change.is_empty() || self.context_changed {
+                        pending.merge(change);
+                        last_change = Instant::now();
+                        first_change.get_or_insert(last_change);
+                    }
+                }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     let change = std::mem::take(&mut pending);
-                    first_change = None;
+                    self.change_seen = first_change.take();
                     self.push(change, false);
                 }
             }
@@ -355,19 +516,32 @@ impl Pusher {
                 let _ = reply.send(generation);
             }
             Command::Detach { view } => self.detach(&view),
+            Command::ResolvedGateways(resolved) => {
+                self.set_resolved_gateways(resolved);
+                if self.context_changed {
+                    self.push(RegistryChange::default(), false);
+                }
+            }
         }
     }
 
     fn push(&mut self, change: RegistryChange, initial: bool) {
         let started = Instant::now();
         let mut changes = self.translate(&change);
+        self.refresh_diagnostics();
         changes.trigger = describe(&change);
+        changes.seen = Some(self.change_seen.take().unwrap_or(started));
+        let trigger = changes.trigger.clone();
+        let counts = crate::debug::PushLog::counts(&changes);
         let types: BTreeSet<&str> = ResourceType::ALL
             .iter()
             .filter(|t| changes.get(**t).is_some_and(|c| !c.0.is_empty()))
             .map(|t| t.short())
             .collect();
         let generation = self.publish(changes);
+        let merged = std::mem::take(&mut self.events_in_push).saturating_sub(1);
+        crate::metrics::global().record_push(&counts, started.elapsed(), merged);
+        self.push_log.record(generation, trigger, counts, started.elapsed());
         if initial {
             self.ready.store(true, Ordering::Release);
             info!(generation, services = self.registry.services().len(), "first full state built; ready");
@@ -377,7 +551,12 @@ impl Pusher {
 
     /// Creates the handle streams use. Call before `run`.
     pub fn handle_for(&self, commands: mpsc::UnboundedSender<Command>) -> PushHandle {
-        PushHandle { commands, snapshots: self.publisher.subscribe(), ready: self.ready.clone() }
+        PushHandle {
+            commands,
+            snapshots: self.publisher.subscribe(),
+            ready: self.ready.clone(),
+            push_log: self.push_log.clone(),
+        }
     }
 }
 

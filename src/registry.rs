@@ -16,9 +16,11 @@ use crate::model::{
     ClusterId, Endpoint, Gateway, Health, Locality, NetworkId, Protocol, Service, ServiceKey, ServicePort, TlsMode,
     Workload,
 };
+use crate::policy::DestinationRule;
 use crate::source::SourceEvent;
 use crate::topology::{
-    self, Kind, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, ServiceInfo, SliceInfo, TopologyObject,
+    self, DestinationRuleInfo, Kind, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, ServiceInfo, SliceInfo,
+    TopologyObject,
 };
 
 /// Istio's default east-west gateway port (mTLS auto-passthrough).
@@ -42,11 +44,13 @@ pub struct RegistryChange {
     pub services: BTreeMap<ServiceKey, ChangeKind>,
     /// the set of east-west gateways changed
     pub gateways: bool,
+    /// DestinationRules changed (every service's policy may have changed)
+    pub policies: bool,
 }
 
 impl RegistryChange {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && !self.gateways
+        self.services.is_empty() && !self.gateways && !self.policies
     }
 
     pub fn merge(&mut self, other: RegistryChange) {
@@ -55,11 +59,12 @@ impl RegistryChange {
             *e = (*e).max(v);
         }
         self.gateways |= other.gateways;
+        self.policies |= other.policies;
     }
 
     /// true when anything beyond endpoints changed (clusters, listeners or routes must be rebuilt)
     pub fn has_shape_change(&self) -> bool {
-        self.gateways || self.services.values().any(|k| *k == ChangeKind::Shape)
+        self.gateways || self.policies || self.services.values().any(|k| *k == ChangeKind::Shape)
     }
 }
 
@@ -76,6 +81,9 @@ struct ClusterState {
     slices: BTreeMap<(Arc<str>, Arc<str>), SliceInfo>,
     nodes: BTreeMap<Arc<str>, NodeInfo>,
     pods: BTreeMap<(Arc<str>, Arc<str>), PodInfo>,
+    /// the cluster's API server has been unreachable since then (None: reachable)
+    unreachable_since: Option<std::time::SystemTime>,
+    destination_rules: BTreeMap<NsName, DestinationRuleInfo>,
     /// (namespace, service) -> slice names
     slices_by_service: BTreeMap<NsName, BTreeSet<Arc<str>>>,
     /// node name -> services with endpoints on it (with a reference count)
@@ -100,6 +108,7 @@ impl ClusterState {
             Kind::EndpointSlice => self.slices.get(&nk).cloned().map(TopologyObject::EndpointSlice),
             Kind::Node => self.nodes.get(&key.name).cloned().map(TopologyObject::Node),
             Kind::Pod => self.pods.get(&nk).cloned().map(TopologyObject::Pod),
+            Kind::DestinationRule => self.destination_rules.get(&nk).cloned().map(TopologyObject::DestinationRule),
         }
     }
 
@@ -116,6 +125,7 @@ impl ClusterState {
         out.extend(self.services.keys().map(|k| nk(Kind::Service, k)));
         out.extend(self.slices.keys().map(|k| nk(Kind::EndpointSlice, k)));
         out.extend(self.pods.keys().map(|k| nk(Kind::Pod, k)));
+        out.extend(self.destination_rules.keys().map(|k| nk(Kind::DestinationRule, k)));
         out
     }
 
@@ -214,6 +224,19 @@ impl ClusterState {
                     touched.gateways = true; // gateway addresses may come from nodes (NodePort)
                 }
             }
+            (Kind::DestinationRule, obj) => {
+                let new = obj.and_then(|o| if let TopologyObject::DestinationRule(d) = o { Some(d) } else { None });
+                match new {
+                    Some(d) => {
+                        if let Err(e) = &d.rule {
+                            tracing::warn!("{e}; the rule is ignored");
+                        }
+                        self.destination_rules.insert(nk, d)
+                    }
+                    None => self.destination_rules.remove(&nk),
+                };
+                touched.policies = true;
+            }
             (Kind::Pod, obj) => {
                 let new = obj.and_then(|o| if let TopologyObject::Pod(p) = o { Some(p) } else { None });
                 match new {
@@ -233,6 +256,7 @@ struct Touched {
     services: BTreeSet<ServiceKey>,
     all_in_cluster: bool,
     gateways: bool,
+    policies: bool,
 }
 
 /// A summary of one cluster for the debug surface.
@@ -254,6 +278,7 @@ pub struct Registry {
     clusters: BTreeMap<ClusterId, ClusterState>,
     services: imbl::OrdMap<ServiceKey, Arc<Service>>,
     gateways: Arc<Vec<Gateway>>,
+    destination_rules: Arc<Vec<Arc<DestinationRule>>>,
 }
 
 impl Registry {
@@ -263,6 +288,7 @@ impl Registry {
             clusters: BTreeMap::new(),
             services: imbl::OrdMap::new(),
             gateways: Arc::new(Vec::new()),
+            destination_rules: Arc::new(Vec::new()),
         };
         for c in &mesh.clusters {
             r.add_cluster(c.id.clone(), c.network.clone());
@@ -273,6 +299,12 @@ impl Registry {
     /// Declares a cluster and its configured network (a cluster first seen in an event gets no network).
     pub fn add_cluster(&mut self, id: ClusterId, network: NetworkId) {
         self.clusters.entry(id).or_default().configured_network = network;
+    }
+
+    /// The clusters whose API server is unreachable, with the time it became so
+    /// ([`SourceEvent::ClusterReachability`]).
+    pub fn unreachable_clusters(&self) -> BTreeMap<ClusterId, std::time::SystemTime> {
+        self.clusters.iter().filter_map(|(id, c)| Some((id.clone(), c.unreachable_since?))).collect()
     }
 
     pub fn domain_suffix(&self) -> &str {
@@ -291,6 +323,40 @@ impl Registry {
     /// East-west gateways of every network, sorted.
     pub fn gateways(&self) -> &Arc<Vec<Gateway>> {
         &self.gateways
+    }
+
+    /// The valid DestinationRules of every cluster, in a deterministic order (cluster, namespace, name); a
+    /// rule with the same namespace/name in several clusters (replicated config) counts once.
+    pub fn destination_rules(&self) -> &Arc<Vec<Arc<DestinationRule>>> {
+        &self.destination_rules
+    }
+
+    /// DestinationRules that are ignored because they are invalid, with the reason.
+    pub fn policy_errors(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (cid, c) in &self.clusters {
+            for d in c.destination_rules.values() {
+                if let Err(e) = &d.rule {
+                    out.push(format!("cluster {cid}: {e}"));
+                }
+            }
+        }
+        out
+    }
+
+    fn build_destination_rules(&self) -> Vec<Arc<DestinationRule>> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for c in self.clusters.values() {
+            for (k, d) in &c.destination_rules {
+                if let Ok(rule) = &d.rule
+                    && seen.insert(k.clone())
+                {
+                    out.push(rule.clone());
+                }
+            }
+        }
+        out
     }
 
     /// A cluster's default network, if the cluster is known.
@@ -330,6 +396,10 @@ impl Registry {
                     state.apply(&key, None, &mut touched);
                 }
             }
+            // Recorded only: the push loop decides when an unreachable cluster is demoted (no clock here).
+            SourceEvent::ClusterReachability { reachable, since, .. } => {
+                state.unreachable_since = (!reachable).then_some(since);
+            }
             SourceEvent::Sync { objects, .. } => {
                 let mut incoming: BTreeMap<ObjectKey, TopologyObject> = BTreeMap::new();
                 for o in objects {
@@ -358,6 +428,13 @@ impl Registry {
         for key in keys {
             if let Some(kind) = self.rebuild_service(&key) {
                 change.services.insert(key, kind);
+            }
+        }
+        if touched.policies {
+            let rules = self.build_destination_rules();
+            if rules != *self.destination_rules {
+                self.destination_rules = Arc::new(rules);
+                change.policies = true;
             }
         }
         if touched.gateways {
@@ -955,7 +1032,11 @@ mod tests {
         let change = r.apply(upsert(A, TopologyObject::EndpointSlice(s.clone())));
         assert_eq!(
             change,
-            RegistryChange { services: changed(&[("reviews", ChangeKind::Endpoints)]), gateways: false }
+            RegistryChange {
+                services: changed(&[("reviews", ChangeKind::Endpoints)]),
+                gateways: false,
+                policies: false
+            }
         );
         assert!(!change.has_shape_change());
         assert_eq!(endpoints(&r, "reviews")[0].health, Health::Draining);
@@ -1000,7 +1081,10 @@ mod tests {
             node_port: None,
         });
         let change = r.apply(upsert(B, TopologyObject::Service(s.clone())));
-        assert_eq!(change, RegistryChange { services: changed(&[("reviews", ChangeKind::Shape)]), gateways: false });
+        assert_eq!(
+            change,
+            RegistryChange { services: changed(&[("reviews", ChangeKind::Shape)]), gateways: false, policies: false }
+        );
         assert!(change.has_shape_change());
         assert_eq!(r.service(&key("reviews")).unwrap().ports.iter().map(|p| p.port).collect::<Vec<_>>(), [9080, 9091]);
 
@@ -1061,7 +1145,11 @@ mod tests {
         let change = r.apply(upsert(A, node("ip-10-0-9-10.ec2.internal", "us-east-1/us-east-1d")));
         assert_eq!(
             change,
-            RegistryChange { services: changed(&[("details", ChangeKind::Endpoints)]), gateways: false }
+            RegistryChange {
+                services: changed(&[("details", ChangeKind::Endpoints)]),
+                gateways: false,
+                policies: false
+            }
         );
         assert_eq!(endpoints(&r, "details")[0].locality, Locality::new("us-east-1", "us-east-1d", ""));
 
@@ -1127,7 +1215,11 @@ mod tests {
         let change = r.apply(upsert(A, TopologyObject::Pod(p.clone())));
         assert_eq!(
             change,
-            RegistryChange { services: changed(&[("reviews", ChangeKind::Endpoints)]), gateways: false }
+            RegistryChange {
+                services: changed(&[("reviews", ChangeKind::Endpoints)]),
+                gateways: false,
+                policies: false
+            }
         );
         let eps = endpoints(&r, "reviews");
         let e = eps.iter().find(|e| e.address.to_string() == "127.0.1.21").unwrap();
@@ -1186,6 +1278,7 @@ mod tests {
                     ("reviews", ChangeKind::Endpoints),
                 ]),
                 gateways: false,
+                policies: false,
             }
         );
         assert_eq!(r.service(&key("frontend")).unwrap().clusters, vec![ClusterId::new(B)]);
@@ -1438,15 +1531,16 @@ mod tests {
                 ("c", ChangeKind::Endpoints),
             ]),
             gateways: false,
+            policies: false,
         });
         assert_eq!(
             c.services,
             changed(&[("a", ChangeKind::Shape), ("b", ChangeKind::Endpoints), ("c", ChangeKind::Endpoints)])
         );
         assert!(c.has_shape_change() && !c.gateways);
-        c.merge(RegistryChange { services: BTreeMap::new(), gateways: true });
+        c.merge(RegistryChange { services: BTreeMap::new(), gateways: true, policies: false });
         assert!(c.gateways);
-        let only_gw = RegistryChange { services: BTreeMap::new(), gateways: true };
+        let only_gw = RegistryChange { services: BTreeMap::new(), gateways: true, policies: false };
         assert!(!only_gw.is_empty() && only_gw.has_shape_change());
         assert!(RegistryChange::default().is_empty());
     }

@@ -54,7 +54,9 @@ impl TestServer {
         let mesh = MeshConfig::load(mesh_path).expect("valid mesh config");
         let mut initial = Vec::new();
         for c in &mesh.clusters {
-            let crate::mesh_config::ClusterSource::Manifests(dir) = &c.source;
+            let crate::mesh_config::ClusterSource::Manifests(dir) = &c.source else {
+                panic!("start_with_files: cluster {} is not a manifests directory", c.id);
+            };
             let (objects, errors) = crate::source::files::load_cluster_dir(dir);
             assert!(errors.is_empty(), "demo files must parse: {errors:?}");
             initial.push(SourceEvent::Sync { cluster: c.id.clone(), objects });
@@ -86,6 +88,17 @@ pub fn copy_demo(dir: &Path, octet: u8) -> std::path::PathBuf {
         let p = dir.join(path);
         std::fs::create_dir_all(p.parent().expect("has parent")).expect("create demo dir");
         std::fs::write(&p, remap_loopback(text, octet)).expect("write demo file");
+    }
+    dir.join("mesh.yaml")
+}
+
+/// Like [`copy_demo`], but with both clouds on one network (`aws-net`): every endpoint is reachable
+/// directly, without east-west gateways or mesh mTLS (tests that run plain backends use this).
+pub fn copy_demo_single_network(dir: &Path, octet: u8) -> std::path::PathBuf {
+    for (path, text) in crate::demo::DEMO_FILES {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("has parent")).expect("create demo dir");
+        std::fs::write(&p, remap_loopback(text, octet).replace("azure-net", "aws-net")).expect("write demo file");
     }
     dir.join("mesh.yaml")
 }

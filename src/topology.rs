@@ -33,6 +33,7 @@ pub enum Kind {
     EndpointSlice,
     Node,
     Pod,
+    DestinationRule,
 }
 
 /// Identifies an object within one cluster. `namespace` is empty for cluster-scoped kinds.
@@ -50,6 +51,49 @@ pub enum TopologyObject {
     EndpointSlice(SliceInfo),
     Node(NodeInfo),
     Pod(PodInfo),
+    DestinationRule(DestinationRuleInfo),
+}
+
+/// An Istio DestinationRule: valid, or the reason it is ignored (reported, never fatal for its file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DestinationRuleInfo {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    #[serde(serialize_with = "serialize_rule")]
+    pub rule: Result<Arc<crate::policy::DestinationRule>, crate::policy::Error>,
+}
+
+fn serialize_rule<S: serde::Serializer>(
+    rule: &Result<Arc<crate::policy::DestinationRule>, crate::policy::Error>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match rule {
+        Ok(r) => r.serialize(s),
+        Err(e) => s.serialize_str(&e.to_string()),
+    }
+}
+
+impl DestinationRuleInfo {
+    /// Converts a DestinationRule object (YAML or JSON value). Only a missing name is an error: an invalid
+    /// rule is kept as an error so it can be reported while everything else keeps working.
+    pub fn from_value(value: serde_yaml::Value) -> Result<DestinationRuleInfo, String> {
+        let meta = value.get("metadata");
+        let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(serde_yaml::Value::as_str).unwrap_or("");
+        let name = get("name");
+        if name.is_empty() {
+            return Err("DestinationRule: metadata.name is missing".into());
+        }
+        let namespace = match get("namespace") {
+            "" => "default",
+            ns => ns,
+        };
+        let (namespace, name): (Arc<str>, Arc<str>) = (namespace.into(), name.into());
+        let rule = crate::policy::DestinationRule::from_value(value).map(Arc::new).map_err(|mut e| {
+            e.object = format!("{namespace}/{name}");
+            e
+        });
+        Ok(DestinationRuleInfo { namespace, name, rule })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -136,6 +180,7 @@ impl TopologyObject {
             TopologyObject::EndpointSlice(s) => (Kind::EndpointSlice, &s.namespace, &s.name),
             TopologyObject::Node(n) => (Kind::Node, &*EMPTY, &n.name),
             TopologyObject::Pod(p) => (Kind::Pod, &p.namespace, &p.name),
+            TopologyObject::DestinationRule(d) => (Kind::DestinationRule, &d.namespace, &d.name),
         };
         ObjectKey { kind, namespace: namespace.clone(), name: name.clone() }
     }
@@ -497,6 +542,7 @@ enum KnownKind {
     EndpointSlice,
     Node,
     Pod,
+    DestinationRule,
 }
 
 /// Which of the kinds meshfed reads a document is; `Ok(None)` for any other kind.
@@ -511,6 +557,10 @@ fn known_kind(head: &TypeMeta) -> Result<Option<KnownKind>, String> {
         ("discovery.k8s.io/v1", "EndpointSlice") => Some(KnownKind::EndpointSlice),
         ("v1", "Node") => Some(KnownKind::Node),
         ("v1", "Pod") => Some(KnownKind::Pod),
+        (
+            "networking.istio.io/v1" | "networking.istio.io/v1beta1" | "networking.istio.io/v1alpha3",
+            "DestinationRule",
+        ) => Some(KnownKind::DestinationRule),
         _ => None,
     })
 }
@@ -527,6 +577,10 @@ fn convert_text(kind: KnownKind, text: &str) -> Result<Result<Option<TopologyObj
         KnownKind::EndpointSlice => go::<EndpointSlice>(text),
         KnownKind::Node => go::<Node>(text),
         KnownKind::Pod => go::<Pod>(text),
+        KnownKind::DestinationRule => {
+            let value: serde_yaml::Value = serde_yaml::from_str(text)?;
+            Ok(destination_rule(value))
+        }
         // handled by the caller
         KnownKind::List => Ok(Ok(None)),
     }
@@ -560,6 +614,7 @@ fn convert_list(items: Vec<serde_yaml::Value>, out: &mut Vec<TopologyObject>, pa
             KnownKind::EndpointSlice => convert_value::<EndpointSlice>(&item),
             KnownKind::Node => convert_value::<Node>(&item),
             KnownKind::Pod => convert_value::<Pod>(&item),
+            KnownKind::DestinationRule => Ok(destination_rule(item.clone())),
         };
         match converted {
             Err(e) => return Err(format!("{}: {e}", described())),
@@ -568,6 +623,12 @@ fn convert_list(items: Vec<serde_yaml::Value>, out: &mut Vec<TopologyObject>, pa
         }
     }
     Ok(())
+}
+
+fn destination_rule(value: serde_yaml::Value) -> Result<Option<TopologyObject>, Error> {
+    DestinationRuleInfo::from_value(value).map(|d| Some(TopologyObject::DestinationRule(d))).map_err(|reason| {
+        Error::Invalid { kind: "DestinationRule", object: String::new(), field: "metadata.name".into(), reason }
+    })
 }
 
 fn convert_value<K: KubeObject>(
@@ -1058,7 +1119,7 @@ status:
     #[test]
     fn unknown_kinds_and_empty_documents_are_skipped() {
         let text = format!(
-            "---\n# only a comment\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: reviews-v1\nspec:\n  replicas: 2\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: b\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: r\n---\n{POD}...\n"
+            "---\n# only a comment\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: reviews-v1\nspec:\n  replicas: 2\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: b\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n---\n{POD}...\n"
         );
         let objs = parse(&text);
         assert_eq!(objs.len(), 1);
@@ -1095,5 +1156,19 @@ status:
             ObjectKey { kind: Kind::Pod, namespace: "shop".into(), name: "reviews-v1-5f7d8-a1".into() }
         );
         assert_eq!(Some(obj), from_pod(&pod).ok());
+    }
+
+    #[test]
+    fn destination_rules_are_parsed_and_invalid_ones_kept_as_errors() {
+        let text = "apiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata:\n  name: ok\n  namespace: shop\nspec:\n  host: reviews\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: bad\n  namespace: shop\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection:\n      interval: soon\n";
+        let objs = parse_manifests(text, Path::new("dr.yaml")).expect("an invalid rule does not fail the file");
+        assert_eq!(objs.len(), 2);
+        let TopologyObject::DestinationRule(ok) = &objs[0] else { panic!("a rule") };
+        assert!(ok.rule.is_ok());
+        let TopologyObject::DestinationRule(bad) = &objs[1] else { panic!("a rule") };
+        let err = bad.rule.as_ref().unwrap_err();
+        assert_eq!(err.object, "shop/bad");
+        assert_eq!(err.field, "spec.trafficPolicy.outlierDetection.interval");
+        assert_eq!(objs[1].key().kind, Kind::DestinationRule);
     }
 }

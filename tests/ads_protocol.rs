@@ -89,7 +89,7 @@ impl Demo {
         let mesh = MeshConfig::load(&mesh_path).expect("demo mesh config");
         let mut objects = BTreeMap::new();
         for c in &mesh.clusters {
-            let ClusterSource::Manifests(path) = &c.source;
+            let ClusterSource::Manifests(path) = &c.source else { panic!("the demo's clusters are manifests") };
             let (objs, errors) = meshfed::source::files::load_cluster_dir(path);
             assert!(errors.is_empty(), "demo files must parse: {errors:?}");
             objects.insert(c.id.to_string(), objs);

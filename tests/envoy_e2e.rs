@@ -196,7 +196,7 @@ async fn expect_ads_connection(meshfed: &Meshfed, node_id: &str, delta: bool) ->
 async fn locality_failover_follows_endpoint_slices(delta: bool, octet: u8) {
     support::envoy_path(); // fail fast, before starting anything, if Envoy is missing
     let dir = tempfile::Builder::new().prefix("meshfed-envoy-e2e-").tempdir().expect("temp dir");
-    let mesh = meshfed::testing::copy_demo(dir.path(), octet);
+    let mesh = meshfed::testing::copy_demo_single_network(dir.path(), octet);
     let slices = dir.path().join("aws-use1/endpointslices.yaml");
     let original = std::fs::read_to_string(&slices).expect("demo EndpointSlices");
     let demo = Demo { octet, slices, original };

@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::mesh_config::{ClusterSource, MeshConfig};
 use crate::model::ClusterId;
-use crate::source::SourceEvent;
+use crate::source::{ClusterHealth, SourceEvent, SyncState};
 use crate::topology::{self, ObjectKey, TopologyObject};
 
 /// Re-read after this long without a new file event.
@@ -117,13 +117,27 @@ enum Msg {
 /// A cluster whose directory is missing is synced empty and reported in [`FileSourceHandle::errors`]; it is
 /// not an error here. Errors: the watcher cannot be created, or `tx` is closed.
 pub async fn run(config: &MeshConfig, tx: UnboundedSender<SourceEvent>) -> Result<FileSourceHandle, Error> {
+    run_with_health(config, tx, ClusterHealth::default()).await
+}
+
+/// [`run`], reporting each cluster's status (synced, last event, a missing directory) in `health`.
+/// Clusters of `config` with another source are left to their own source.
+pub async fn run_with_health(
+    config: &MeshConfig,
+    tx: UnboundedSender<SourceEvent>,
+    health: ClusterHealth,
+) -> Result<FileSourceHandle, Error> {
     let clusters: Vec<(ClusterId, PathBuf)> = config
         .clusters
         .iter()
-        .map(|c| match &c.source {
-            ClusterSource::Manifests(dir) => (c.id.clone(), dir.clone()),
+        .filter_map(|c| match &c.source {
+            ClusterSource::Manifests(dir) => Some((c.id.clone(), dir.clone())),
+            _ => None,
         })
         .collect();
+    for (id, dir) in &clusters {
+        health.register(id, format!("manifests:{}", dir.display()), None);
+    }
     let (control, control_rx) = mpsc::channel();
     let (errors_tx, errors_rx) = watch::channel(Vec::new());
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -135,7 +149,7 @@ pub async fn run(config: &MeshConfig, tx: UnboundedSender<SourceEvent>) -> Resul
                 let _ = events.send(Msg::Fs(res));
             };
             let mut source = match notify::recommended_watcher(handler) {
-                Ok(watcher) => Source::new(clusters, watcher, tx, errors_tx),
+                Ok(watcher) => Source::new(clusters, watcher, tx, errors_tx, health),
                 Err(source) => {
                     let _ = ready_tx.send(Err(Error::Watch { path: None, source }));
                     return;
@@ -275,6 +289,7 @@ struct Source {
     watcher: RecommendedWatcher,
     tx: UnboundedSender<SourceEvent>,
     errors: watch::Sender<Vec<SourceError>>,
+    health: ClusterHealth,
 }
 
 impl Source {
@@ -283,6 +298,7 @@ impl Source {
         watcher: RecommendedWatcher,
         tx: UnboundedSender<SourceEvent>,
         errors: watch::Sender<Vec<SourceError>>,
+        health: ClusterHealth,
     ) -> Self {
         let clusters = clusters
             .into_iter()
@@ -298,7 +314,7 @@ impl Source {
                 sent: None,
             })
             .collect();
-        Self { clusters, watcher, tx, errors }
+        Self { clusters, watcher, tx, errors, health }
     }
 
     /// Watches every directory, then reads and syncs every cluster. Watching first: an edit made while
@@ -496,7 +512,16 @@ impl Source {
         }
         c.duplicates = duplicates;
         let objects: Vec<TopologyObject> = merged.into_values().map(|(o, _)| o).collect();
-        if c.sent.as_ref() == Some(&objects) {
+        let dir_error = c.dir_error.as_ref().map(ToString::to_string);
+        let changed = c.sent.as_ref() != Some(&objects);
+        self.health.update(&c.id, |s| {
+            s.sync = SyncState::Synced;
+            s.last_error = dir_error;
+            if changed {
+                s.last_event = Some(SystemTime::now());
+            }
+        });
+        if !changed {
             debug!(cluster = %c.id, "manifests re-read, no change");
             return Ok(());
         }
@@ -816,14 +841,15 @@ mod tests {
         let ids: Vec<(&str, &str)> = cfg.clusters.iter().map(|c| (c.id.as_str(), c.network.as_str())).collect();
         assert_eq!(ids, vec![("aws-use1", "aws-net"), ("azure-weu", "azure-net")]);
         for c in &cfg.clusters {
-            let ClusterSource::Manifests(dir) = &c.source;
+            let ClusterSource::Manifests(dir) = &c.source else { panic!("the demo's clusters are manifests") };
             assert_eq!(dir, &example().join(c.id.as_str()));
             assert!(dir.is_dir(), "{}", dir.display());
         }
         assert_eq!(cfg.debounce.quiet, Duration::from_millis(100));
         assert_eq!(cfg.debounce.max, Duration::from_secs(1));
-        let od = cfg.default_outlier_detection.expect("outlier detection defaults");
-        assert_eq!((od.consecutive_5xx_errors, od.max_ejection_percent), (5, 100));
+        let od = cfg.defaults.outlier_detection.expect("outlier detection defaults");
+        assert_eq!((od.consecutive_5xx_errors, od.max_ejection_percent), (Some(5), Some(100)));
+        assert_eq!(cfg.defaults.locality_lb.failover.len(), 2);
         assert_eq!(
             (od.interval, od.base_ejection_time),
             (Some(Duration::from_secs(10)), Some(Duration::from_secs(30)))
@@ -874,7 +900,15 @@ mod tests {
                         node_zone.insert(n.name.clone(), n.locality.zone.clone());
                     }
                     TopologyObject::Pod(p) => {
-                        assert!(!p.labels.contains_key(topology::labels::TLS_MODE), "{id}: {}", p.name);
+                        // workloads run Istio sidecars; the east-west gateway pod does not need the label
+                        if !p.name.starts_with("istio-eastwestgateway") {
+                            assert_eq!(
+                                p.labels.get(topology::labels::TLS_MODE).map(String::as_str),
+                                Some("istio"),
+                                "{id}: {}",
+                                p.name
+                            );
+                        }
                         assert!(!p.failed);
                         pods.insert((p.namespace.clone(), p.name.clone()), p.clone());
                     }
@@ -975,7 +1009,8 @@ mod tests {
         for id in ["aws-use1", "azure-weu"] {
             let (cluster, objects) = next_sync(&mut rx).await;
             assert_eq!(cluster, id);
-            assert_eq!(objects.len(), 25);
+            // 25 Kubernetes objects per cluster; the AWS cluster also holds the demo's 2 DestinationRules
+            assert_eq!(objects.len(), if id == "aws-use1" { 27 } else { 25 });
         }
         assert!(handle.errors().is_empty(), "{:?}", handle.errors());
     }

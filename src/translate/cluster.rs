@@ -1,14 +1,21 @@
-//! CDS: one EDS cluster per service port (`outbound|PORT||FQDN`), plus Istio's special clusters.
+//! CDS: one EDS cluster per service port (`outbound|PORT||FQDN` on sidecars, `outbound_.PORT_._.FQDN` on
+//! east-west gateways), shaped by the service's traffic policy and Istio's mTLS; the inbound clusters of
+//! a sidecar's own workload; and Istio's special clusters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection as PbOutlierDetection,
     circuit_breakers::Thresholds,
-    cluster::{ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbPolicy},
+    cluster::{
+        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbPolicy,
+        common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
+    },
 };
 use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, Metadata};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
     http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig},
@@ -17,27 +24,42 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{ListValue, Value, value::Kind};
 
 use super::util::{ads_config_source, any, duration, string_value, struct_of, u32v};
-use super::{BLACKHOLE_CLUSTER, ClusterScope, Context, Named, PASSTHROUGH_CLUSTER, outbound_cluster_name};
-use crate::mesh_config::OutlierDetection;
+use super::{
+    BLACKHOLE_CLUSTER, ClusterScope, Context, Named, PASSTHROUGH_CLUSTER, TlsSupport, inbound_cluster_name, sni_name,
+};
 use crate::model::{Protocol, Service, ServicePort};
+use crate::policy::{EffectivePolicy, OutlierDetection};
+use crate::proxy::ProxyKind;
 use crate::registry::Registry;
 
 /// Istio's default connect timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Istio's outlier detection translation: enforcing_success_rate 0 (success-rate ejection off),
-/// gateway failures counted but not enforced, healthy_panic_threshold = minHealthPercent.
+/// Istio's outlier detection translation: success-rate ejection off (enforcing_success_rate 0),
+/// consecutive 5xx / gateway errors enforced at 100% when set, local-origin errors split when asked,
+/// and healthy_panic_threshold = minHealthPercent (returned separately: it lives in common_lb_config).
 pub fn outlier_detection(od: &OutlierDetection) -> (PbOutlierDetection, Percent) {
-    let pb = PbOutlierDetection {
-        consecutive_5xx: Some(u32v(od.consecutive_5xx_errors)),
-        enforcing_consecutive_5xx: Some(u32v(if od.consecutive_5xx_errors > 0 { 100 } else { 0 })),
-        interval: Some(duration(od.interval.unwrap_or(Duration::from_secs(10)))),
-        base_ejection_time: Some(duration(od.base_ejection_time.unwrap_or(Duration::from_secs(30)))),
-        max_ejection_percent: Some(u32v(od.max_ejection_percent)),
-        enforcing_success_rate: Some(u32v(0)),
-        enforcing_consecutive_gateway_failure: Some(u32v(0)),
-        ..Default::default()
-    };
+    let enforce = |v: u32| u32v(if v > 0 { 100 } else { 0 });
+    let mut pb = PbOutlierDetection { enforcing_success_rate: Some(u32v(0)), ..Default::default() };
+    if let Some(v) = od.consecutive_5xx_errors {
+        pb.consecutive_5xx = Some(u32v(v));
+        pb.enforcing_consecutive_5xx = Some(enforce(v));
+    }
+    if let Some(v) = od.consecutive_gateway_errors {
+        pb.consecutive_gateway_failure = Some(u32v(v));
+        pb.enforcing_consecutive_gateway_failure = Some(enforce(v));
+    }
+    pb.interval = od.interval.map(duration);
+    pb.base_ejection_time = od.base_ejection_time.map(duration);
+    pb.max_ejection_percent = od.max_ejection_percent.map(u32v);
+    if od.split_external_local_origin_errors {
+        pb.split_external_local_origin_errors = true;
+        if let Some(v) = od.consecutive_local_origin_failures.filter(|v| *v > 0) {
+            pb.consecutive_local_origin_failure = Some(u32v(v));
+            pb.enforcing_consecutive_local_origin_failure = Some(u32v(100));
+        }
+        pb.enforcing_local_origin_success_rate = Some(u32v(0));
+    }
     (pb, Percent { value: od.min_health_percent as f64 })
 }
 
@@ -66,8 +88,9 @@ fn http2_options() -> HashMap<String, envoy_types::pb::google::protobuf::Any> {
     HashMap::from([("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(), any(&opts))])
 }
 
-/// `metadata.filter_metadata.istio.services` as istiod writes it (istioctl reads it).
-fn service_metadata(service: &Service) -> Metadata {
+/// `metadata.filter_metadata.istio` as istiod writes it: the services (and the DestinationRule that
+/// shaped the cluster, which istioctl reads from `config`).
+fn istio_metadata(service: &Service, policy: &EffectivePolicy) -> Metadata {
     let svc = struct_of(&[
         ("host", string_value(&service.hostname)),
         ("name", string_value(&service.key.name)),
@@ -75,15 +98,28 @@ fn service_metadata(service: &Service) -> Metadata {
     ]);
     let services =
         Value { kind: Some(Kind::ListValue(ListValue { values: vec![Value { kind: Some(Kind::StructValue(svc)) }] })) };
-    Metadata {
-        filter_metadata: HashMap::from([("istio".to_string(), struct_of(&[("services", services)]))]),
-        ..Default::default()
+    let mut fields = vec![("services", services)];
+    if let Some((_, path)) = &policy.rule {
+        fields.push(("config", string_value(path)));
     }
+    Metadata { filter_metadata: HashMap::from([("istio".to_string(), struct_of(&fields))]), ..Default::default() }
 }
 
-/// The outbound cluster of one service port.
-pub fn outbound_cluster(ctx: &Context, service: &Service, port: &ServicePort) -> Cluster {
-    let name = outbound_cluster_name(port.port, "", &service.hostname);
+/// The SPIFFE identities of a service's workloads (what its mTLS peers must present).
+pub fn service_identities(ctx: &Context, service: &Service) -> Vec<String> {
+    let accounts: BTreeSet<(&str, &str)> = service
+        .endpoints
+        .iter()
+        .filter_map(|e| e.workload.as_ref())
+        .map(|w| (&*w.namespace, &*w.service_account))
+        .collect();
+    accounts.into_iter().map(|(ns, sa)| super::tls::spiffe_id(&ctx.trust_domain, ns, sa)).collect()
+}
+
+/// The outbound cluster of one service port, for proxies in `scope`.
+pub fn outbound_cluster(ctx: &Context, scope: &ClusterScope, service: &Service, port: &ServicePort) -> Cluster {
+    let name = super::cluster_name(scope.kind, port.port, &service.hostname);
+    let policy = ctx.policy(service, port.port);
     let mut cluster = Cluster {
         name: name.clone(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -91,24 +127,50 @@ pub fn outbound_cluster(ctx: &Context, service: &Service, port: &ServicePort) ->
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
         lb_policy: LbPolicy::RoundRobin as i32,
         circuit_breakers: Some(max_thresholds()),
-        metadata: Some(service_metadata(service)),
+        metadata: Some(istio_metadata(service, &policy)),
         ..Default::default()
     };
+    if scope.kind == ProxyKind::Router {
+        // An east-west gateway passes the client's mTLS through: bytes in, bytes out.
+        return cluster;
+    }
     if matches!(port.protocol, Protocol::Http2 | Protocol::Grpc) {
         cluster.typed_extension_protocol_options = http2_options();
     }
-    if let Some(od) = &ctx.default_outlier_detection {
+    let mut common = CommonLbConfig::default();
+    let mut set_common = false;
+    if let Some(od) = &policy.outlier_detection {
         let (pb, panic) = outlier_detection(od);
         cluster.outlier_detection = Some(pb);
-        cluster.common_lb_config = Some(CommonLbConfig { healthy_panic_threshold: Some(panic), ..Default::default() });
+        common.healthy_panic_threshold = Some(panic);
+        set_common = true;
+    }
+    if policy.distribute_active() || (policy.failover_active() && !policy.locality_lb.failover.is_empty()) {
+        common.locality_config_specifier =
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));
+        set_common = true;
+    }
+    if set_common {
+        cluster.common_lb_config = Some(common);
+    }
+    if scope.tls != TlsSupport::None {
+        cluster.transport_socket_matches = super::tls::outbound_socket_matches(
+            scope.tls,
+            &sni_name(port.port, "", &service.hostname),
+            &service_identities(ctx, service),
+        );
     }
     cluster
 }
 
 /// The clusters of every port of a service.
-pub fn service_clusters(ctx: &Context, service: &Service) -> impl Iterator<Item = Named<Cluster>> {
+pub fn service_clusters<'a>(
+    ctx: &'a Context,
+    scope: &'a ClusterScope,
+    service: &'a Service,
+) -> impl Iterator<Item = Named<Cluster>> + 'a {
     service.ports.iter().map(move |p| {
-        let c = outbound_cluster(ctx, service, p);
+        let c = outbound_cluster(ctx, scope, service, p);
         Named::new(c.name.clone(), c)
     })
 }
@@ -132,11 +194,52 @@ pub fn special_clusters() -> Vec<Named<Cluster>> {
     vec![Named::new(BLACKHOLE_CLUSTER, blackhole), Named::new(PASSTHROUGH_CLUSTER, passthrough)]
 }
 
+/// The ports on which the workload at `ip` serves some service: (endpoint port, protocol), sorted.
+pub fn inbound_ports(registry: &Registry, ip: std::net::IpAddr) -> Vec<(u16, Protocol)> {
+    let mut ports = std::collections::BTreeMap::new();
+    for s in registry.services().values() {
+        for ep in s.endpoints.iter().filter(|e| e.address == ip) {
+            for sp in &s.ports {
+                if let Some(p) = ep.port_for(&sp.name) {
+                    ports.entry(p).or_insert(sp.protocol);
+                }
+            }
+        }
+    }
+    ports.into_iter().collect()
+}
+
+/// `inbound|PORT||`: the local workload, where an inbound listener forwards what it decrypted.
+pub fn inbound_cluster(port: u16, app: SocketAddr) -> Cluster {
+    let name = inbound_cluster_name(port);
+    Cluster {
+        name: name.clone(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(duration(CONNECT_TIMEOUT)),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![super::endpoint::static_endpoint(app)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        circuit_breakers: Some(max_thresholds()),
+        ..Default::default()
+    }
+}
+
 /// Every cluster for proxies in `scope`.
-pub fn clusters(ctx: &Context, _scope: &ClusterScope, registry: &Registry) -> Vec<Named<Cluster>> {
+pub fn clusters(ctx: &Context, scope: &ClusterScope, registry: &Registry) -> Vec<Named<Cluster>> {
     let mut out = special_clusters();
     for service in registry.services().values() {
-        out.extend(service_clusters(ctx, service));
+        out.extend(service_clusters(ctx, scope, service));
+    }
+    if let Some(inbound) = &scope.inbound {
+        for (port, _) in inbound_ports(registry, inbound.ip) {
+            let c = inbound_cluster(port, SocketAddr::new(inbound.app, port));
+            out.push(Named::new(c.name.clone(), c));
+        }
     }
     out
 }
@@ -163,17 +266,18 @@ mod tests {
     }
 
     fn ctx() -> Context {
-        Context {
-            domain_suffix: "cluster.local".into(),
-            send_unhealthy_endpoints: false,
-            default_outlier_detection: None,
-        }
+        Context::default()
+    }
+
+    fn sidecar(tls: TlsSupport) -> ClusterScope {
+        ClusterScope { kind: ProxyKind::Sidecar, tls, inbound: None }
     }
 
     #[test]
     fn one_eds_cluster_per_port_with_istio_names() {
         let s = svc(&[("http", 9080, Protocol::Http), ("grpc", 9091, Protocol::Grpc)]);
-        let cs: Vec<_> = service_clusters(&ctx(), &s).collect();
+        let sc = sidecar(TlsSupport::None);
+        let cs: Vec<_> = service_clusters(&ctx(), &sc, &s).collect();
         let names: Vec<_> = cs.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
@@ -190,27 +294,100 @@ mod tests {
                 .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
         );
         assert!(c.outlier_detection.is_none());
+        assert!(c.transport_socket_matches.is_empty(), "no mesh certificates: plaintext");
     }
 
     #[test]
-    fn outlier_detection_as_istio_translates_it() {
+    fn every_outlier_field_as_istio_translates_it() {
         let mut ctx = ctx();
-        ctx.default_outlier_detection = Some(OutlierDetection {
-            consecutive_5xx_errors: 3,
+        ctx.defaults.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx_errors: Some(3),
+            consecutive_gateway_errors: Some(2),
+            consecutive_local_origin_failures: Some(4),
+            split_external_local_origin_errors: true,
             interval: Some(Duration::from_secs(1)),
             base_ejection_time: Some(Duration::from_secs(15)),
-            max_ejection_percent: 100,
-            min_health_percent: 0,
+            max_ejection_percent: Some(100),
+            min_health_percent: 25,
         });
         let s = svc(&[("http", 9080, Protocol::Http)]);
-        let c = outbound_cluster(&ctx, &s, &s.ports[0]);
+        let c = outbound_cluster(&ctx, &sidecar(TlsSupport::None), &s, &s.ports[0]);
         let od = c.outlier_detection.unwrap();
         assert_eq!(od.consecutive_5xx.unwrap().value, 3);
+        assert_eq!(od.enforcing_consecutive_5xx.unwrap().value, 100);
+        assert_eq!(od.consecutive_gateway_failure.unwrap().value, 2);
+        assert_eq!(od.enforcing_consecutive_gateway_failure.unwrap().value, 100);
+        assert!(od.split_external_local_origin_errors);
+        assert_eq!(od.consecutive_local_origin_failure.unwrap().value, 4);
+        assert_eq!(od.enforcing_consecutive_local_origin_failure.unwrap().value, 100);
+        assert_eq!(od.enforcing_local_origin_success_rate.unwrap().value, 0);
         assert_eq!(od.enforcing_success_rate.unwrap().value, 0);
         assert_eq!(od.interval.unwrap().seconds, 1);
         assert_eq!(od.base_ejection_time.unwrap().seconds, 15);
         assert_eq!(od.max_ejection_percent.unwrap().value, 100);
+        assert_eq!(c.common_lb_config.unwrap().healthy_panic_threshold.unwrap().value, 25.0);
+    }
+
+    #[test]
+    fn unset_outlier_fields_keep_envoy_defaults() {
+        let mut ctx = ctx();
+        ctx.defaults.outlier_detection = Some(OutlierDetection::default());
+        let s = svc(&[("http", 9080, Protocol::Http)]);
+        let c = outbound_cluster(&ctx, &sidecar(TlsSupport::None), &s, &s.ports[0]);
+        let od = c.outlier_detection.unwrap();
+        assert!(od.consecutive_5xx.is_none() && od.interval.is_none() && od.max_ejection_percent.is_none());
         assert_eq!(c.common_lb_config.unwrap().healthy_panic_threshold.unwrap().value, 0.0);
+    }
+
+    #[test]
+    fn shaping_rule_is_named_and_locality_weighting_enabled() {
+        let mut ctx = ctx();
+        let rule = crate::policy::DestinationRule::from_yaml(
+            "metadata: {name: ratings, namespace: shop}\nspec:\n  host: ratings\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: \"a/*\", to: {\"a/*\": 100}}]\n",
+        )
+        .unwrap();
+        ctx.rules = std::sync::Arc::new(vec![std::sync::Arc::new(rule)]);
+        let s = svc(&[("http", 9080, Protocol::Http)]);
+        let c = outbound_cluster(&ctx, &sidecar(TlsSupport::None), &s, &s.ports[0]);
+        let istio = &c.metadata.unwrap().filter_metadata["istio"];
+        let Some(Kind::StringValue(config)) = &istio.fields["config"].kind else { panic!("config is a string") };
+        assert_eq!(config, "/apis/networking.istio.io/v1/namespaces/shop/destination-rule/ratings");
+        assert!(matches!(
+            c.common_lb_config.unwrap().locality_config_specifier,
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        ));
+    }
+
+    #[test]
+    fn mesh_mtls_uses_istio_sni_alpn_and_sds_names() {
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+        use prost::Message;
+        for tls in [TlsSupport::Static, TlsSupport::Agent] {
+            let s = svc(&[("http", 9080, Protocol::Http)]);
+            let c = outbound_cluster(&ctx(), &sidecar(tls), &s, &s.ports[0]);
+            assert_eq!(c.transport_socket_matches.len(), 2);
+            let m = &c.transport_socket_matches[0];
+            assert_eq!(m.r#match.as_ref().unwrap().fields.len(), 1, "matches tlsMode: istio");
+            let Some(ConfigType::TypedConfig(any)) = &m.transport_socket.as_ref().unwrap().config_type else {
+                panic!()
+            };
+            let up = UpstreamTlsContext::decode(&any.value[..]).unwrap();
+            assert_eq!(up.sni, "outbound_.9080_._.ratings.shop.svc.cluster.local");
+            let common = up.common_tls_context.unwrap();
+            assert_eq!(common.alpn_protocols, ["istio-peer-exchange", "istio"]);
+            assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
+            assert_eq!(common.tls_certificate_sds_secret_configs[0].sds_config.is_some(), tls == TlsSupport::Agent);
+        }
+    }
+
+    #[test]
+    fn gateway_clusters_are_sni_named_and_pass_tls_through() {
+        let s = svc(&[("http", 9080, Protocol::Http)]);
+        let sc = ClusterScope { kind: ProxyKind::Router, tls: TlsSupport::None, inbound: None };
+        let c = outbound_cluster(&ctx(), &sc, &s, &s.ports[0]);
+        assert_eq!(c.name, "outbound_.9080_._.ratings.shop.svc.cluster.local");
+        assert!(c.transport_socket_matches.is_empty() && c.transport_socket.is_none());
     }
 
     #[test]

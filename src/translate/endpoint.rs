@@ -11,8 +11,11 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 
 use super::util::{string_value, struct_of, u32v};
-use super::{Context, EndpointScope, Named, outbound_cluster_name};
-use crate::model::{Endpoint, Health, Locality, Service, ServicePort, TlsMode};
+use super::{Context, EndpointScope, Named, TlsSupport};
+use crate::model::{ClusterId, Endpoint, Health, Locality, NetworkId, Service, ServicePort, TlsMode};
+use crate::policy::{Distribute, EffectivePolicy, Failover};
+use crate::proxy::ProxyKind;
+use crate::topology::labels;
 
 /// Istio's priority of endpoints in `endpoint` locality for a proxy in `proxy`:
 /// 0 same region/zone/subzone, 1 same region/zone, 2 same region, 3 other region.
@@ -85,57 +88,258 @@ fn endpoint_metadata(ep: &Endpoint) -> Option<Metadata> {
     (!filter_metadata.is_empty()).then(|| Metadata { filter_metadata, ..Default::default() })
 }
 
-/// Whether failover priorities apply to this service (istiod: only with outlier detection).
-fn failover_enabled(ctx: &Context, _service: &Service) -> bool {
-    ctx.default_outlier_detection.is_some()
+/// Does `locality` match a localityLbSetting pattern (`region[/zone[/subzone]]`, `*` matching anything)?
+pub fn locality_matches(locality: &Locality, pattern: &str) -> bool {
+    let parts = [&*locality.region, &*locality.zone, &*locality.subzone];
+    pattern.split('/').zip(parts).all(|(p, l)| p == "*" || p == l)
+}
+
+/// Istio's priority with `failover` rules: an endpoint in another region that is not the failover
+/// target of the proxy's region goes after the target (4 instead of 3).
+pub fn failover_priority(proxy: &Locality, endpoint: &Locality, failover: &[Failover]) -> u32 {
+    let p = lb_priority(proxy, endpoint);
+    if p == 3
+        && let Some(rule) = failover.iter().find(|f| *f.from == *proxy.region)
+        && *rule.to != *endpoint.region
+    {
+        return 4;
+    }
+    p
+}
+
+/// The value of a label for the failoverPriority comparison: topology labels come from where the
+/// proxy or endpoint is, others from its labels.
+fn topology_label<'a>(
+    key: &str,
+    network: &'a NetworkId,
+    locality: &'a Locality,
+    cluster: Option<&'a ClusterId>,
+) -> Option<Option<&'a str>> {
+    Some(match key {
+        labels::NETWORK => Some(network.as_str()),
+        labels::REGION => Some(&*locality.region),
+        labels::ZONE => Some(&*locality.zone),
+        labels::SUBZONE => Some(&*locality.subzone),
+        "topology.istio.io/cluster" => cluster.map(|c| c.as_str()),
+        _ => return None,
+    })
+}
+
+/// istiod's failoverPriority: the number of labels, in order, on which the endpoint does *not* match the
+/// proxy, counting from the first mismatch (0: matches all). An entry `key=value` matches endpoints whose
+/// label has that value, whatever the proxy's.
+pub fn label_priority(priority_labels: &[String], scope: &EndpointScope, ep: &Endpoint) -> u32 {
+    let mut matched = 0;
+    for entry in priority_labels {
+        let (key, fixed) = match entry.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (entry.as_str(), None),
+        };
+        let ep_value = match topology_label(key, &ep.network, &ep.locality, Some(&ep.cluster)) {
+            Some(v) => v,
+            None => ep.workload.as_ref().and_then(|w| w.labels.get(key)).map(String::as_str),
+        };
+        let want = match fixed {
+            Some(v) => Some(v),
+            None => match topology_label(key, &scope.network, &scope.locality, scope.cluster_id.as_ref()) {
+                Some(v) => v,
+                None => scope.labels.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()),
+            },
+        };
+        if want.is_some() && want == ep_value {
+            matched += 1;
+        } else {
+            break;
+        }
+    }
+    (priority_labels.len() - matched) as u32
+}
+
+/// Priority of an endpoint for proxies in `scope` under `policy` (before compaction).
+fn endpoint_priority(ctx: &Context, scope: &EndpointScope, policy: &EffectivePolicy, ep: &Endpoint) -> u32 {
+    let mut p = 0;
+    if policy.failover_active() && !scope.locality.is_empty() {
+        let lb = &policy.locality_lb;
+        p = failover_priority(&scope.locality, &ep.locality, &lb.failover);
+        if !lb.failover_priority.is_empty() {
+            p += 5 * label_priority(&lb.failover_priority, scope, ep);
+        }
+    }
+    // A cluster whose API has been unreachable past the grace period: after every reachable cluster.
+    if ctx.demoted_clusters.contains(&ep.cluster) {
+        p += DEMOTED;
+    }
+    p
+}
+
+/// Priority offset of endpoints in demoted clusters (compacted away afterwards).
+const DEMOTED: u32 = 1 << 16;
+
+/// Is an endpoint on the proxy's network? (An unset network on either side counts as the same.)
+fn same_network(scope: &EndpointScope, ep: &Endpoint) -> bool {
+    scope.network.is_empty() || ep.network.is_empty() || scope.network == ep.network
+}
+
+fn lb_endpoint(
+    address: std::net::IpAddr,
+    port: u16,
+    health: Health,
+    weight: u32,
+    metadata: Option<Metadata>,
+) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
+            address: Some(socket_address(address, port)),
+            ..Default::default()
+        })),
+        health_status: health_status(health) as i32,
+        metadata,
+        load_balancing_weight: Some(u32v(weight)),
+    }
+}
+
+/// A plain endpoint at `addr` (static clusters).
+pub fn static_endpoint(addr: std::net::SocketAddr) -> LbEndpoint {
+    lb_endpoint(addr.ip(), addr.port(), Health::Healthy, 1, None)
+}
+
+fn tls_istio_metadata() -> Metadata {
+    Metadata {
+        filter_metadata: std::collections::HashMap::from([(
+            "envoy.transport_socket_match".to_string(),
+            struct_of(&[("tlsMode", string_value("istio"))]),
+        )]),
+        ..Default::default()
+    }
 }
 
 /// The ClusterLoadAssignment of one service port, for proxies in `scope`.
+///
+/// Endpoints on the proxy's network are sent as they are. Endpoints on another network are reachable
+/// only through that network's east-west gateway, over mTLS: they are replaced by one endpoint per
+/// gateway address, in the same locality and priority, weighted by the number of endpoints it stands
+/// for (split between several gateways); endpoints that cannot do mTLS, and networks without a gateway,
+/// are left out (and reported by [`super::diagnostics`]). Gateways themselves only get their own
+/// network's endpoints.
 pub fn load_assignment(
     ctx: &Context,
     scope: &EndpointScope,
     service: &Service,
     port: &ServicePort,
 ) -> ClusterLoadAssignment {
-    let cluster_name = outbound_cluster_name(port.port, "", &service.hostname);
-    // Group by locality, in a deterministic order.
-    let mut by_locality: BTreeMap<&Locality, Vec<LbEndpoint>> = BTreeMap::new();
+    let cluster_name = super::cluster_name(scope.kind, port.port, &service.hostname);
+    let policy = ctx.policy(service, port.port);
+    // (priority, locality) -> endpoints
+    let mut groups: BTreeMap<(u32, &Locality), Vec<LbEndpoint>> = BTreeMap::new();
+    // (priority, locality, network) -> how many remote endpoints the gateway stands for
+    let mut remote: BTreeMap<(u32, &Locality, &NetworkId), u32> = BTreeMap::new();
+    let reach_other_networks = scope.kind == ProxyKind::Sidecar && scope.tls != TlsSupport::None;
     for ep in &service.endpoints {
         if ep.health != Health::Healthy && !ctx.send_unhealthy_endpoints {
             continue;
         }
         let Some(target_port) = ep.port_for(&port.name) else { continue };
-        by_locality.entry(&ep.locality).or_default().push(LbEndpoint {
-            host_identifier: Some(HostIdentifier::Endpoint(PbEndpoint {
-                address: Some(socket_address(ep.address, target_port)),
-                ..Default::default()
-            })),
-            health_status: health_status(ep.health) as i32,
-            metadata: endpoint_metadata(ep),
-            load_balancing_weight: Some(u32v(1)),
-        });
+        let priority = endpoint_priority(ctx, scope, &policy, ep);
+        if same_network(scope, ep) {
+            groups.entry((priority, &ep.locality)).or_default().push(lb_endpoint(
+                ep.address,
+                target_port,
+                ep.health,
+                1,
+                endpoint_metadata(ep),
+            ));
+        } else if reach_other_networks && ep.tls_mode() == TlsMode::Istio && ep.health == Health::Healthy {
+            *remote.entry((priority, &ep.locality, &ep.network)).or_default() += 1;
+        }
     }
-    let use_priorities = !scope.locality.is_empty() && failover_enabled(ctx, service);
-    let mut priorities: Vec<u32> =
-        by_locality.keys().map(|loc| if use_priorities { lb_priority(&scope.locality, loc) } else { 0 }).collect();
+    for ((priority, locality, network), count) in remote {
+        let addresses: Vec<(std::net::IpAddr, u16)> = ctx
+            .gateways
+            .iter()
+            .filter(|g| g.network == *network)
+            .flat_map(|g| ctx.gateway_addresses(g).into_iter().map(move |a| (a, g.port)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let n = addresses.len() as u32;
+        for (i, (address, gw_port)) in addresses.into_iter().enumerate() {
+            // Split the weight over the gateways; the first `count % n` carry one more.
+            let weight = (count / n + u32::from((i as u32) < count % n)).max(1);
+            groups.entry((priority, locality)).or_default().push(lb_endpoint(
+                address,
+                gw_port,
+                Health::Healthy,
+                weight,
+                Some(tls_istio_metadata()),
+            ));
+        }
+    }
+    let mut localities: Vec<(u32, &Locality, Vec<LbEndpoint>)> =
+        groups.into_iter().map(|((p, l), eps)| (p, l, eps)).collect();
+    let mut priorities: Vec<u32> = localities.iter().map(|(p, _, _)| *p).collect();
     compact_priorities(&mut priorities);
-    let endpoints = by_locality
+    let mut weights: Vec<u32> = localities
+        .iter()
+        .map(|(_, _, eps)| eps.iter().map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value)).sum())
+        .collect();
+    if policy.distribute_active() {
+        distribute(&policy.locality_lb.distribute, &scope.locality, &localities, &mut weights);
+    }
+    localities.iter_mut().zip(&priorities).for_each(|(l, p)| l.0 = *p);
+    let endpoints = localities
         .into_iter()
-        .zip(priorities)
-        .map(|((loc, lb_endpoints), priority)| LocalityLbEndpoints {
+        .zip(weights)
+        // a locality with no weight under `distribute` gets no traffic: Envoy needs weights >= 1
+        .filter(|(_, w)| *w > 0)
+        .map(|((priority, loc, lb_endpoints), weight)| LocalityLbEndpoints {
             locality: Some(PbLocality {
                 region: loc.region.to_string(),
                 zone: loc.zone.to_string(),
                 sub_zone: loc.subzone.to_string(),
             }),
             // Always set: gRPC ignores localities without a weight.
-            load_balancing_weight: Some(u32v(lb_endpoints.len() as u32)),
+            load_balancing_weight: Some(u32v(weight)),
             lb_endpoints,
             priority,
             ..Default::default()
         })
         .collect();
     ClusterLoadAssignment { cluster_name, endpoints, ..Default::default() }
+}
+
+/// istiod's `distribute`: for the first rule whose `from` matches the proxy, each `to` pattern's weight
+/// is shared by the localities it matches (in proportion to their own weight); localities no pattern
+/// matches get 0 (and are dropped).
+fn distribute(
+    rules: &[Distribute],
+    proxy: &Locality,
+    localities: &[(u32, &Locality, Vec<LbEndpoint>)],
+    weights: &mut [u32],
+) {
+    if proxy.is_empty() {
+        return;
+    }
+    let Some(rule) = rules.iter().find(|d| locality_matches(proxy, &d.from)) else { return };
+    let mut unmatched: Vec<bool> = vec![true; localities.len()];
+    let original: Vec<u32> = weights.to_vec();
+    // More specific patterns claim their localities first (fewer wildcards, more parts).
+    let mut patterns: Vec<(&String, &u32)> = rule.to.iter().collect();
+    patterns.sort_by_key(|(p, _)| (p.matches('*').count(), std::cmp::Reverse(p.split('/').count()), p.to_string()));
+    for (pattern, weight) in patterns {
+        let members: Vec<usize> =
+            (0..localities.len()).filter(|i| unmatched[*i] && locality_matches(localities[*i].1, pattern)).collect();
+        let total: u32 = members.iter().map(|i| original[*i]).sum();
+        for i in members {
+            unmatched[i] = false;
+            let w = (original[i] as f64 * *weight as f64 / total.max(1) as f64).ceil() as u32;
+            weights[i] = w;
+        }
+    }
+    for (i, u) in unmatched.iter().enumerate() {
+        if *u {
+            weights[i] = 0;
+        }
+    }
 }
 
 /// The ClusterLoadAssignments of every port of a service.
@@ -218,20 +422,23 @@ mod tests {
 
     fn ctx(outlier: bool) -> Context {
         Context {
-            domain_suffix: "cluster.local".into(),
-            send_unhealthy_endpoints: false,
-            default_outlier_detection: outlier.then_some(crate::mesh_config::OutlierDetection {
-                consecutive_5xx_errors: 5,
-                interval: None,
-                base_ejection_time: None,
-                max_ejection_percent: 10,
-                min_health_percent: 0,
-            }),
+            defaults: crate::policy::MeshDefaults {
+                outlier_detection: outlier.then(crate::policy::OutlierDetection::default),
+                ..Default::default()
+            },
+            ..Context::default()
         }
     }
 
     fn scope(locality: &str) -> EndpointScope {
-        EndpointScope { kind: ProxyKind::Sidecar, network: NetworkId::new("n"), locality: loc(locality) }
+        EndpointScope {
+            kind: ProxyKind::Sidecar,
+            network: NetworkId::new("n"),
+            locality: loc(locality),
+            cluster_id: None,
+            labels: vec![],
+            tls: TlsSupport::Static,
+        }
     }
 
     fn summary(cla: &ClusterLoadAssignment) -> Vec<(String, u32, u32, usize)> {
@@ -274,9 +481,9 @@ mod tests {
         assert_eq!(
             summary(&cla).iter().map(|x| (x.0.clone(), x.1)).collect::<Vec<_>>(),
             vec![
+                ("westeurope/westeurope-1".into(), 0),
                 ("us-east-1/us-east-1a".into(), 1),
-                ("us-east-1/us-east-1b".into(), 1),
-                ("westeurope/westeurope-1".into(), 0)
+                ("us-east-1/us-east-1b".into(), 1)
             ]
         );
     }
@@ -335,5 +542,279 @@ mod tests {
         let s = service(vec![e]);
         let cla = load_assignment(&ctx(true), &scope("r/z"), &s, &s.ports[0]);
         assert!(cla.endpoints.is_empty());
+    }
+
+    // ---- traffic policy ----
+
+    fn with_rule(mut c: Context, yaml: &str) -> Context {
+        let rule = crate::policy::DestinationRule::from_yaml(yaml).expect("valid rule");
+        c.rules = Arc::new(vec![Arc::new(rule)]);
+        c
+    }
+
+    fn four_zones() -> Service {
+        service(vec![
+            ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy),
+            ep("127.0.2.21", "a", "us-east-1/us-east-1b", Health::Healthy),
+            ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy),
+            ep("127.0.5.21", "c", "ap-south-1/ap-south-1a", Health::Healthy),
+        ])
+    }
+
+    fn priorities(cla: &ClusterLoadAssignment) -> Vec<(String, u32)> {
+        summary(cla).into_iter().map(|(l, p, _, _)| (l, p)).collect()
+    }
+
+    #[test]
+    fn failover_rule_orders_other_regions() {
+        let c = with_rule(
+            ctx(false),
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover: [{from: us-east-1, to: westeurope}]\n    outlierDetection: {consecutive5xxErrors: 3}\n",
+        );
+        let s = four_zones();
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let mut p = priorities(&cla);
+        p.sort();
+        assert_eq!(
+            p,
+            vec![
+                ("ap-south-1/ap-south-1a".into(), 3), // no match, not the failover target: 4, compacted
+                ("us-east-1/us-east-1a".into(), 0),
+                ("us-east-1/us-east-1b".into(), 1),
+                ("westeurope/westeurope-1".into(), 2), // the failover target: 3, compacted
+            ]
+        );
+        // A proxy in a region without a rule: other regions are all 3 (compacted to 1).
+        let cla = load_assignment(&c, &scope("ap-south-1/ap-south-1a"), &s, &s.ports[0]);
+        let p: BTreeMap<String, u32> = priorities(&cla).into_iter().collect();
+        assert_eq!(p["ap-south-1/ap-south-1a"], 0);
+        assert_eq!(p["us-east-1/us-east-1a"], 1);
+        assert_eq!(p["westeurope/westeurope-1"], 1);
+    }
+
+    #[test]
+    fn failover_priority_labels_take_precedence() {
+        let c = with_rule(
+            ctx(true),
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failoverPriority: [topology.istio.io/network, topology.kubernetes.io/region]\n    outlierDetection: {}\n",
+        );
+        let mut s = four_zones();
+        // us-east-1b is on another network: the network label mismatches first.
+        s.endpoints[1].network = NetworkId::new("other");
+        let mut sc = scope("us-east-1/us-east-1a");
+        sc.tls = TlsSupport::None; // no gateway substitution in this test
+        let cla = load_assignment(&c, &sc, &s, &s.ports[0]);
+        let p: BTreeMap<String, u32> = priorities(&cla).into_iter().collect();
+        // 1a: labels match (0*5) + same zone (0) = 0; westeurope: network ok, region differs (1*5) + 3 = 8;
+        // ap-south: same as westeurope (8); 1b is dropped (other network, no mTLS).
+        assert_eq!(p.get("us-east-1/us-east-1a"), Some(&0));
+        assert_eq!(p.get("westeurope/westeurope-1"), Some(&1));
+        assert_eq!(p.get("ap-south-1/ap-south-1a"), Some(&1));
+        assert!(!p.contains_key("us-east-1/us-east-1b"));
+    }
+
+    #[test]
+    fn label_priority_counts_from_the_first_mismatch() {
+        let mut sc = scope("r/z");
+        sc.labels = vec![("app".into(), "x".into()), ("version".into(), "v1".into())];
+        let mut e = ep("127.0.0.1", "a", "r/z", Health::Healthy);
+        let labels: BTreeMap<String, String> =
+            [("app".to_string(), "x".to_string()), ("version".to_string(), "v2".to_string())].into();
+        e.workload = Some(Arc::new(crate::model::Workload {
+            name: "p".into(),
+            namespace: "shop".into(),
+            service_account: "sa".into(),
+            labels: Arc::new(labels),
+            tls_mode: TlsMode::Istio,
+        }));
+        assert_eq!(label_priority(&["app".into(), "version".into()], &sc, &e), 1);
+        assert_eq!(label_priority(&["version".into(), "app".into()], &sc, &e), 2);
+        assert_eq!(label_priority(&["app".into()], &sc, &e), 0);
+        assert_eq!(label_priority(&["version=v2".into()], &sc, &e), 0);
+        assert_eq!(label_priority(&["topology.kubernetes.io/region".into()], &sc, &e), 0);
+    }
+
+    #[test]
+    fn distribute_weights_localities_and_drops_unlisted_ones() {
+        let c = with_rule(
+            ctx(true),
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute:\n          - from: us-east-1/*\n            to: {\"us-east-1/*\": 80, \"westeurope/*\": 20}\n",
+        );
+        let s = four_zones();
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let got: Vec<(String, u32, u32)> = summary(&cla).into_iter().map(|(l, p, w, _)| (l, p, w)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("us-east-1/us-east-1a".into(), 0, 40),
+                ("us-east-1/us-east-1b".into(), 0, 40),
+                ("westeurope/westeurope-1".into(), 0, 20),
+            ],
+            "80 split over the two us-east-1 zones, ap-south-1 dropped, no priorities"
+        );
+        // A proxy no `from` matches gets the default behaviour (failover is off under distribute).
+        let cla = load_assignment(&c, &scope("westeurope/westeurope-1"), &s, &s.ports[0]);
+        assert_eq!(cla.endpoints.len(), 4);
+        assert!(cla.endpoints.iter().all(|l| l.priority == 0));
+    }
+
+    #[test]
+    fn locality_patterns() {
+        let l = loc("us-east-1/us-east-1a/rack1");
+        assert!(locality_matches(&l, "us-east-1"));
+        assert!(locality_matches(&l, "us-east-1/*"));
+        assert!(locality_matches(&l, "us-east-1/us-east-1a/*"));
+        assert!(locality_matches(&l, "*"));
+        assert!(!locality_matches(&l, "us-east-1/us-east-1b"));
+        assert!(!locality_matches(&l, "westeurope/*"));
+    }
+
+    #[test]
+    fn demoted_clusters_go_below_reachable_ones() {
+        let mut c = ctx(true);
+        c.demoted_clusters = Arc::new([ClusterId::new("a")].into());
+        let s = four_zones();
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let p: BTreeMap<String, u32> = priorities(&cla).into_iter().collect();
+        let max_reachable = p["westeurope/westeurope-1"].max(p["ap-south-1/ap-south-1a"]);
+        assert!(p["us-east-1/us-east-1a"] > max_reachable, "{p:?}");
+        assert!(p["us-east-1/us-east-1a"] < p["us-east-1/us-east-1b"], "order kept within demoted: {p:?}");
+    }
+
+    // ---- split horizon ----
+
+    fn mtls(mut e: Endpoint, network: &str) -> Endpoint {
+        e.network = NetworkId::new(network);
+        e.workload = Some(Arc::new(crate::model::Workload {
+            name: "p".into(),
+            namespace: "shop".into(),
+            service_account: "reviews".into(),
+            labels: Arc::new(BTreeMap::new()),
+            tls_mode: TlsMode::Istio,
+        }));
+        e
+    }
+
+    fn gateway(network: &str, address: &str) -> crate::model::Gateway {
+        crate::model::Gateway {
+            network: NetworkId::new(network),
+            cluster: ClusterId::new("b"),
+            address: address.into(),
+            port: 15443,
+            service: "istio-system/istio-eastwestgateway".into(),
+        }
+    }
+
+    fn hosts(l: &LocalityLbEndpoints) -> Vec<(String, u32)> {
+        l.lb_endpoints
+            .iter()
+            .map(|e| {
+                let Some(HostIdentifier::Endpoint(pe)) = &e.host_identifier else { panic!() };
+                let Some(address::Address::SocketAddress(sa)) = pe.address.as_ref().and_then(|a| a.address.clone())
+                else {
+                    panic!()
+                };
+                let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else { panic!() };
+                (format!("{}:{}", sa.address, port), e.load_balancing_weight.unwrap().value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn remote_network_endpoints_go_through_its_gateway() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = service(vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.3.22", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.4.21", "b", "westeurope/westeurope-2", Health::Healthy), "azure"),
+        ]);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let by_loc: BTreeMap<String, (u32, Vec<(String, u32)>)> = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                let z = l.locality.as_ref().unwrap();
+                (format!("{}/{}", z.region, z.zone), (l.priority, hosts(l)))
+            })
+            .collect();
+        assert_eq!(by_loc["us-east-1/us-east-1a"], (0, vec![("127.0.1.21:9080".into(), 1)]));
+        // the gateway stands for 2 endpoints in westeurope-1 and 1 in westeurope-2, keeping their localities
+        assert_eq!(by_loc["westeurope/westeurope-1"], (1, vec![("127.0.20.1:15443".into(), 2)]));
+        assert_eq!(by_loc["westeurope/westeurope-2"], (1, vec![("127.0.20.1:15443".into(), 1)]));
+        assert_eq!(cla.endpoints.iter().find(|l| l.priority == 1).unwrap().load_balancing_weight.unwrap().value, 2);
+        let md = cla.endpoints.iter().find(|l| l.priority == 1).unwrap().lb_endpoints[0].metadata.clone().unwrap();
+        assert!(md.filter_metadata.contains_key("envoy.transport_socket_match"), "gateway endpoints use mTLS");
+    }
+
+    #[test]
+    fn several_gateways_share_the_weight() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1"), gateway("azure", "127.0.20.2")]);
+        let s = service(
+            (1..=5)
+                .map(|i| mtls(ep(&format!("127.0.3.{i}"), "b", "westeurope/westeurope-1", Health::Healthy), "azure"))
+                .collect(),
+        );
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(cla.endpoints.len(), 1);
+        assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.20.1:15443".into(), 3), ("127.0.20.2:15443".into(), 2)]);
+        assert_eq!(cla.endpoints[0].load_balancing_weight.unwrap().value, 5);
+    }
+
+    #[test]
+    fn hostname_gateways_use_resolved_addresses() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "elb.example.com")]);
+        let s = service(vec![mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure")]);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert!(cla.endpoints.is_empty(), "unresolved: nothing to send");
+        c.resolved = Arc::new([("elb.example.com".to_string(), vec!["127.0.20.9".parse().unwrap()])].into());
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.20.9:15443".into(), 1)]);
+    }
+
+    #[test]
+    fn no_gateway_or_no_mtls_means_dropped() {
+        let mut c = ctx(true);
+        let s = service(vec![mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"), {
+            let mut e = ep("127.0.3.22", "b", "westeurope/westeurope-1", Health::Healthy);
+            e.network = NetworkId::new("azure");
+            e
+        }]);
+        // no gateway for azure
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert!(cla.endpoints.is_empty());
+        // a gateway: only the mTLS endpoint is counted
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.20.1:15443".into(), 1)]);
+        // a proxy without mesh certificates cannot use the gateway
+        let mut sc = scope("us-east-1/us-east-1a");
+        sc.tls = TlsSupport::None;
+        assert!(load_assignment(&c, &sc, &s, &s.ports[0]).endpoints.is_empty());
+    }
+
+    #[test]
+    fn gateways_get_only_their_own_network_under_sni_names() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = service(vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "aws"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+        ]);
+        let sc = EndpointScope {
+            kind: ProxyKind::Router,
+            network: NetworkId::new("azure"),
+            locality: loc("westeurope/westeurope-1"),
+            cluster_id: None,
+            labels: vec![],
+            tls: TlsSupport::None,
+        };
+        let cla = load_assignment(&c, &sc, &s, &s.ports[0]);
+        assert_eq!(cla.cluster_name, "outbound_.9080_._.reviews.shop.svc.cluster.local");
+        assert_eq!(cla.endpoints.len(), 1);
+        assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.3.21:9080".into(), 1)]);
     }
 }

@@ -12,23 +12,36 @@ use std::net::{IpAddr, Ipv4Addr};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, SocketAddress, TrafficDirection, address, socket_address::PortSpecifier,
 };
-use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager::CodecType,
     http_connection_manager::RouteSpecifier, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 
+use super::cluster::inbound_ports;
 use super::route::{api_name, http_ports};
-use super::util::{ads_config_source, any, boolv};
-use super::{Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, outbound_cluster_name};
+use super::tls::{ISTIO_ALPN, inbound_transport_socket};
+use super::util::{ads_config_source, any, boolv, u32v};
+use super::{
+    Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, TlsSupport, inbound_cluster_name, outbound_cluster_name,
+    sni_name,
+};
 use crate::model::{Protocol, Service};
 use crate::proxy::ProxyKind;
 use crate::registry::Registry;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub const VIRTUAL_OUTBOUND_PORT: u16 = 15001;
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+pub const VIRTUAL_INBOUND_PORT: u16 = 15006;
+/// The east-west gateway's mTLS passthrough port.
+pub const GATEWAY_PORT: u16 = 15443;
 
 fn socket(ip: IpAddr, port: u16) -> Address {
     Address {
@@ -100,17 +113,40 @@ fn outbound_listeners(scope: &ListenerScope, registry: &Registry) -> Vec<Named<L
     let mut ports: Vec<(u16, Option<&Service>)> = http.keys().map(|p| (*p, None)).collect();
     ports.extend(tcp.iter().filter(|(_, s)| s.len() == 1).map(|(p, s)| (*p, Some(s[0]))));
     ports.sort_by_key(|(p, _)| *p);
-    for (port, tcp_service) in ports {
+    // With interception NONE, the workload's own inbound ports share the listener on its address: mTLS
+    // from other sidecars (matched by ALPN) is inbound, plaintext from the application is outbound.
+    let inbound: BTreeMap<u16, Protocol> = match (&scope.inbound, bind) {
+        (Some(i), true) => inbound_ports(registry, i.ip).into_iter().collect(),
+        _ => BTreeMap::new(),
+    };
+    let mut all_ports: Vec<u16> = ports.iter().map(|(p, _)| *p).chain(inbound.keys().copied()).collect();
+    all_ports.sort_unstable();
+    all_ports.dedup();
+    for port in all_ports {
         let name = format!("{ip}_{port}");
         let stat_prefix = format!("outbound_{name}");
-        let filter = match tcp_service {
-            None => hcm_filter(&stat_prefix, &port.to_string()),
-            Some(s) => tcp_proxy_filter(&stat_prefix, outbound_cluster_name(port, "", &s.hostname)),
-        };
+        let mut filter_chains = Vec::new();
+        let mut listener_filters = Vec::new();
+        if inbound.contains_key(&port) {
+            filter_chains.push(inbound_chain(scope.tls, port, None));
+            listener_filters.push(tls_inspector());
+        }
+        if let Some((_, tcp_service)) = ports.iter().find(|(p, _)| *p == port) {
+            let filter = match tcp_service {
+                None => hcm_filter(&stat_prefix, &port.to_string()),
+                Some(s) => tcp_proxy_filter(&stat_prefix, outbound_cluster_name(port, "", &s.hostname)),
+            };
+            filter_chains.push(FilterChain {
+                name: format!("outbound-{port}"),
+                filters: vec![filter],
+                ..Default::default()
+            });
+        }
         let listener = Listener {
             name: name.clone(),
             address: Some(socket(ip, port)),
-            filter_chains: vec![FilterChain { filters: vec![filter], ..Default::default() }],
+            filter_chains,
+            listener_filters,
             traffic_direction: TrafficDirection::Outbound as i32,
             bind_to_port: (!bind).then_some(boolv(false)),
             ..Default::default()
@@ -131,8 +167,84 @@ fn outbound_listeners(scope: &ListenerScope, registry: &Registry) -> Vec<Named<L
             ..Default::default()
         };
         out.push(Named::new(VIRTUAL_OUTBOUND, listener));
+        if let Some(i) = &scope.inbound {
+            out.push(virtual_inbound(scope.tls, &inbound_ports(registry, i.ip)));
+        }
     }
     out
+}
+
+fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(&TlsInspector::default()))),
+        ..Default::default()
+    }
+}
+
+/// A filter chain that terminates Istio mTLS for `port` (ALPN `istio-peer-exchange`/`istio`) and
+/// forwards the bytes to the local workload.
+fn inbound_chain(tls: TlsSupport, port: u16, destination_port: Option<u16>) -> FilterChain {
+    FilterChain {
+        name: format!("inbound-{port}"),
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: destination_port.map(|p| u32v(p as u32)),
+            transport_protocol: "tls".into(),
+            application_protocols: ISTIO_ALPN.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        filters: vec![tcp_proxy_filter(&inbound_cluster_name(port), inbound_cluster_name(port))],
+        transport_socket: Some(inbound_transport_socket(tls)),
+        ..Default::default()
+    }
+}
+
+/// Istio's `virtualInbound` (iptables capture): 15006, original destination, one mTLS chain per port.
+fn virtual_inbound(tls: TlsSupport, ports: &[(u16, Protocol)]) -> Named<Listener> {
+    let listener = Listener {
+        name: VIRTUAL_INBOUND.into(),
+        address: Some(socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED), VIRTUAL_INBOUND_PORT)),
+        listener_filters: vec![
+            ListenerFilter {
+                name: "envoy.filters.listener.original_dst".into(),
+                config_type: Some(listener_filter::ConfigType::TypedConfig(any(&OriginalDst::default()))),
+                ..Default::default()
+            },
+            tls_inspector(),
+        ],
+        filter_chains: ports.iter().map(|(p, _)| inbound_chain(tls, *p, Some(*p))).collect(),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    };
+    Named::new(VIRTUAL_INBOUND, listener)
+}
+
+/// An east-west gateway's listener: TLS passed through by SNI (`outbound_.PORT_._.FQDN`) to the cluster
+/// of that name, whose endpoints are the gateway's own network's (Istio's AUTO_PASSTHROUGH).
+fn gateway_listener(scope: &ListenerScope, registry: &Registry) -> Named<Listener> {
+    let ip = scope.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let name = format!("{ip}_{GATEWAY_PORT}");
+    let mut filter_chains = Vec::new();
+    for s in registry.services().values() {
+        for p in &s.ports {
+            let sni = sni_name(p.port, "", &s.hostname);
+            filter_chains.push(FilterChain {
+                name: sni.clone(),
+                filter_chain_match: Some(FilterChainMatch { server_names: vec![sni.clone()], ..Default::default() }),
+                filters: vec![tcp_proxy_filter(&sni, sni.clone())],
+                ..Default::default()
+            });
+        }
+    }
+    let listener = Listener {
+        name: name.clone(),
+        address: Some(socket(ip, GATEWAY_PORT)),
+        listener_filters: vec![tls_inspector()],
+        filter_chains,
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    };
+    Named::new(name, listener)
 }
 
 /// `FQDN:PORT` api_listeners for proxyless gRPC clients; never part of a wildcard subscription.
@@ -161,8 +273,9 @@ pub fn listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> 
             out.extend(api_listeners(registry));
             out
         }
-        // East-west gateway listeners come with cross-network support.
-        ProxyKind::Router => Vec::new(),
+        // (A listener needs a filter chain: none until there is a service.)
+        ProxyKind::Router if registry.services().is_empty() => Vec::new(),
+        ProxyKind::Router => vec![gateway_listener(scope, registry)],
     }
 }
 
@@ -180,11 +293,7 @@ mod tests {
     use crate::topology::{ServiceInfo, ServicePortInfo, TopologyObject};
 
     fn ctx() -> Context {
-        Context {
-            domain_suffix: "cluster.local".into(),
-            send_unhealthy_endpoints: false,
-            default_outlier_detection: None,
-        }
+        Context::default()
     }
 
     /// (port name, port, appProtocol)
@@ -226,6 +335,8 @@ mod tests {
             kind,
             interception: if bind.is_some() { InterceptionMode::None } else { InterceptionMode::Redirect },
             bind: bind.map(|b| b.parse().expect("valid IP")),
+            tls: TlsSupport::None,
+            inbound: None,
         }
     }
 
@@ -314,8 +425,20 @@ mod tests {
         let names: Vec<String> =
             listeners(&ctx(), &scope(ProxyKind::Sidecar, None), &r).into_iter().map(|l| l.name).collect();
         assert_eq!(names, [VIRTUAL_OUTBOUND]);
+        assert!(listeners(&ctx(), &scope(ProxyKind::Router, None), &r).is_empty(), "no service: no chain");
         let r = registry(&[("shop", "reviews", &[("http", 9080, None)])]);
-        assert!(listeners(&ctx(), &scope(ProxyKind::Router, None), &r).is_empty());
+        let ls = listeners(&ctx(), &scope(ProxyKind::Router, None), &r);
+        assert_eq!(ls.len(), 1);
+        let l = &ls[0].resource;
+        assert_eq!(l.name, "0.0.0.0_15443");
+        assert_eq!(l.listener_filters[0].name, "envoy.filters.listener.tls_inspector");
+        let chain = &l.filter_chains[0];
+        let sni = "outbound_.9080_._.reviews.shop.svc.cluster.local";
+        assert_eq!(chain.filter_chain_match.as_ref().unwrap().server_names, [sni]);
+        assert!(chain.transport_socket.is_none(), "TLS passes through");
+        let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else { panic!() };
+        let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(sni.into())));
     }
 
     #[test]

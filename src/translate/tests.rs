@@ -61,7 +61,7 @@ fn demo_in(order: &[&str]) -> (Context, Registry) {
     for c in order {
         registry.apply(sync(c));
     }
-    (Context::from_mesh(&mesh), registry)
+    (Context::from_mesh(&mesh).with_registry(&registry), registry)
 }
 
 fn demo() -> (Context, Registry) {
@@ -83,6 +83,8 @@ fn proxy(namespace: &str, cluster: &str, locality: &str, interception: Intercept
         interception,
         istio_version: "1.26.1".into(),
         labels: BTreeMap::new(),
+        tls: TlsSupport::Static,
+        inbound_address: "127.0.0.1".parse().expect("valid IP"),
     }
 }
 
@@ -233,18 +235,34 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
     let view = aws_view(&r);
     assert_eq!(view.endpoints.network, NetworkId::new("aws-net"), "network from the proxy's cluster");
     assert_eq!(view.endpoints.locality, Locality::new("us-east-1", "us-east-1a", ""));
+    // Azure is another network: its endpoints are reached through azure-net's east-west gateway, one
+    // gateway endpoint per locality standing for (weighted by) the two endpoints there.
     let expect = zones(&[
         ("us-east-1a", 0, 2, 2),
         ("us-east-1b", 1, 2, 2),
-        ("westeurope-1", 2, 2, 2),
-        ("westeurope-2", 2, 2, 2),
+        ("westeurope-1", 2, 2, 1),
+        ("westeurope-2", 2, 2, 1),
     ]);
     let all = all_load_assignments(&ctx, &view.endpoints, &r);
     for (host, port) in demo_service_ports().into_iter().filter(|(h, _)| h != GATEWAY) {
         let name = outbound_cluster_name(port, "", &host);
         let cla = &all.iter().find(|c| c.name == name).expect("an assignment per cluster").resource;
         assert_eq!(cla.cluster_name, name);
-        assert_eq!(localities(cla), expect, "{name}");
+        if name == format!("outbound|9080||{}", fqdn("ratings")) {
+            // The ratings DestinationRule distributes its HTTP port 80/20 across the clouds: no priorities.
+            assert_eq!(
+                localities(cla),
+                zones(&[
+                    ("us-east-1a", 0, 40, 2),
+                    ("us-east-1b", 0, 40, 2),
+                    ("westeurope-1", 0, 10, 1),
+                    ("westeurope-2", 0, 10, 1)
+                ]),
+                "{name}"
+            );
+        } else {
+            assert_eq!(localities(cla), expect, "{name}");
+        }
     }
     let reviews = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
     assert_eq!(
@@ -254,22 +272,21 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
             "127.0.1.22:9080",
             "127.0.2.21:9080",
             "127.0.2.22:9080",
-            "127.0.3.21:9080",
-            "127.0.3.22:9080",
-            "127.0.4.21:9080",
-            "127.0.4.22:9080"
+            "127.0.20.1:15443",
+            "127.0.20.1:15443"
         ]
     );
     let regions: BTreeSet<&str> =
         reviews.endpoints.iter().map(|l| l.locality.as_ref().unwrap().region.as_str()).collect();
     assert_eq!(regions, BTreeSet::from(["us-east-1", "westeurope"]));
-    // The gRPC port's endpoints use the gRPC target port.
+    // The gRPC port's endpoints use the gRPC target port (the gateway its own).
     let grpc = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9091||{}", fqdn("ratings")));
-    assert!(endpoint_addresses(&grpc).iter().all(|a| a.ends_with(":9091")));
-    assert_eq!(endpoint_addresses(&grpc).len(), 8);
-    // The east-west gateway: one endpoint per cluster, on both ports.
+    let addrs = endpoint_addresses(&grpc);
+    assert!(addrs.iter().all(|a| a.ends_with(":9091") || a == "127.0.20.1:15443"), "{addrs:?}");
+    assert_eq!(addrs.len(), 6);
+    // The east-west gateway Service itself: its Azure pod has no sidecar, so only the local one remains.
     let gw = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|15443||{GATEWAY}"));
-    assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1), ("westeurope-1", 1, 1, 1)]));
+    assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1)]));
 }
 
 #[test]
@@ -286,10 +303,10 @@ fn eds_from_azure_zone_is_the_mirror() {
         assert_eq!(
             localities(&cla),
             zones(&[
-                ("us-east-1a", 2, 2, 2),
-                ("us-east-1b", 2, 2, 2),
                 ("westeurope-1", 0, 2, 2),
-                ("westeurope-2", 1, 2, 2)
+                ("westeurope-2", 1, 2, 2),
+                ("us-east-1a", 2, 2, 1),
+                ("us-east-1b", 2, 2, 1)
             ]),
             "{name}"
         );
@@ -344,7 +361,15 @@ fn listeners_with_redirect_interception() {
     let wildcard: Vec<&str> = ls.iter().filter(|l| l.wildcard).map(|l| l.name.as_str()).collect();
     assert_eq!(
         wildcard,
-        ["0.0.0.0_8080", "0.0.0.0_9080", "0.0.0.0_9091", "0.0.0.0_15021", "0.0.0.0_15443", "virtualOutbound"]
+        [
+            "0.0.0.0_8080",
+            "0.0.0.0_9080",
+            "0.0.0.0_9091",
+            "0.0.0.0_15021",
+            "0.0.0.0_15443",
+            "virtualOutbound",
+            "virtualInbound"
+        ]
     );
     let l = &listener(&ls, "0.0.0.0_9080").resource;
     assert_eq!(socket_of(l), ("0.0.0.0".to_string(), 9080));
@@ -377,11 +402,23 @@ fn api_listeners_are_named_fqdn_port_and_not_wildcard() {
 }
 
 #[test]
-fn routers_get_no_listeners_yet() {
+fn east_west_gateways_pass_every_service_port_through_by_sni() {
     let (ctx, r) = demo();
-    let mut p = proxy("istio-system", AWS, "us-east-1/us-east-1a", InterceptionMode::Redirect);
+    let mut p = proxy("istio-system", AZURE, "westeurope/westeurope-1", InterceptionMode::None);
     p.kind = ProxyKind::Router;
-    assert!(listener::listeners(&ctx, &View::of(&p, &r).listeners, &r).is_empty());
+    p.ip = "127.0.20.1".parse().unwrap();
+    let view = View::of(&p, &r);
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    assert_eq!(names(&ls), ["127.0.20.1_15443"]);
+    let chains: Vec<&str> = ls[0].resource.filter_chains.iter().map(|c| c.name.as_str()).collect();
+    assert!(chains.contains(&"outbound_.9080_._.reviews.shop.svc.cluster.local"), "{chains:?}");
+    assert!(chains.contains(&"outbound_.9091_._.ratings.shop.svc.cluster.local"), "{chains:?}");
+    // its clusters are SNI-named, plaintext (passthrough), with only azure-net's endpoints
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    let c = cs.iter().find(|c| c.name == "outbound_.9080_._.reviews.shop.svc.cluster.local").expect("SNI cluster");
+    assert!(c.resource.transport_socket_matches.is_empty());
+    let cla = load_assignment(&ctx, &view.endpoints, &r, "outbound_.9080_._.reviews.shop.svc.cluster.local");
+    assert_eq!(endpoint_addresses(&cla), ["127.0.3.21:9080", "127.0.3.22:9080", "127.0.4.21:9080", "127.0.4.22:9080"]);
 }
 
 // ---- RDS ----
@@ -516,14 +553,14 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::EndpointSlice(slice.clone()) });
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
     assert!(!endpoint_addresses(&cla).contains(&"127.0.1.21:9080".to_string()));
-    assert_eq!(endpoint_addresses(&cla).len(), 7);
+    assert_eq!(endpoint_addresses(&cla).len(), 5, "3 AWS endpoints, 2 gateway endpoints for Azure");
     assert_eq!(
         localities(&cla),
         zones(&[
             ("us-east-1a", 0, 1, 1),
             ("us-east-1b", 1, 2, 2),
-            ("westeurope-1", 2, 2, 2),
-            ("westeurope-2", 2, 2, 2)
+            ("westeurope-1", 2, 2, 1),
+            ("westeurope-2", 2, 2, 1)
         ])
     );
     let ratings_after = Resource::encode(Named::new(&ratings, load_assignment(&ctx, &view.endpoints, &r, &ratings)));
@@ -535,7 +572,7 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
     assert_eq!(
         localities(&cla),
-        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 2, 2), ("westeurope-2", 1, 2, 2)])
+        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 2, 1), ("westeurope-2", 1, 2, 1)])
     );
     // A draining endpoint is not sent either (istiod's default).
     let azure_slice = demo_objects(AZURE)
@@ -549,7 +586,19 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AZURE), object: TopologyObject::EndpointSlice(slice) });
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
     assert!(!endpoint_addresses(&cla).contains(&format!("{drained}:9080")));
-    assert_eq!(endpoint_addresses(&cla).len(), 5);
+    // Through the gateway: its weight for the drained endpoint's locality drops to the one left.
+    assert_eq!(
+        localities(&cla),
+        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 1, 1), ("westeurope-2", 1, 2, 1)])
+    );
+    // From Azure itself the drained endpoint is simply gone.
+    let azure = View::of(&proxy("shop", AZURE, "westeurope/westeurope-1", InterceptionMode::None), &r);
+    let cla = load_assignment(&ctx, &azure.endpoints, &r, &name);
+    assert!(!endpoint_addresses(&cla).contains(&format!("{drained}:9080")));
+    assert_eq!(
+        endpoint_addresses(&cla).iter().filter(|a| a.starts_with("127.0.3.") || a.starts_with("127.0.4.")).count(),
+        3
+    );
 }
 
 #[test]
@@ -592,5 +641,5 @@ fn removing_a_service_removes_its_clusters_routes_and_listeners() {
     let ls = listener::listeners(&ctx, &view.listeners, &r);
     assert!(ls.iter().any(|l| l.name == "127.0.50.1_8080"));
     let cla = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|8080||{}", fqdn("frontend")));
-    assert_eq!(localities(&cla), zones(&[("westeurope-1", 0, 2, 2), ("westeurope-2", 0, 2, 2)]));
+    assert_eq!(localities(&cla), zones(&[("westeurope-1", 0, 2, 1), ("westeurope-2", 0, 2, 1)]));
 }

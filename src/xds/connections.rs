@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
 use crate::proxy::Proxy;
+use crate::translate::View;
 use crate::type_url::ResourceType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -33,6 +34,8 @@ pub struct TypeStatus {
     pub subscribed: bool,
     pub wildcard: bool,
     pub subscribed_names: usize,
+    /// the names subscribed (besides the wildcard), sorted
+    pub names: Vec<Arc<str>>,
     pub sent_nonce: String,
     pub sent_version: String,
     #[serde(skip)]
@@ -44,6 +47,10 @@ pub struct TypeStatus {
     pub responses_sent: u64,
     pub bytes_sent: u64,
     pub nacks: u64,
+    /// when the push loop first saw the change the latest response carries (for the convergence
+    /// metric; None when the response answered a request rather than a change)
+    #[serde(skip)]
+    pub sent_change_seen: Option<Instant>,
 }
 
 /// One connected stream.
@@ -52,7 +59,11 @@ pub struct Connection {
     pub id: u64,
     pub proxy: Proxy,
     pub flavor: Flavor,
+    /// the scopes of the resources the proxy is served (see [`Connection::view`])
+    view: Mutex<View>,
     pub connected_at: SystemTime,
+    /// `connected_at` on the monotonic clock
+    pub connected: Instant,
     pub status: Mutex<[TypeStatus; 4]>,
 }
 
@@ -66,6 +77,22 @@ impl Connection {
     pub fn status(&self) -> [TypeStatus; 4] {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// The scopes of the resources the proxy is served.
+    pub fn view(&self) -> View {
+        match self.view.lock() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The stream re-attached the proxy with another view.
+    pub fn set_view(&self, view: View) {
+        match self.view.lock() {
+            Ok(mut v) => *v = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+    }
 }
 
 /// Every connected stream, by connection id.
@@ -76,13 +103,15 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn register(self: &Arc<Self>, proxy: Proxy, flavor: Flavor) -> ConnectionGuard {
+    pub fn register(self: &Arc<Self>, proxy: Proxy, flavor: Flavor, view: View) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let conn = Arc::new(Connection {
             id,
             proxy,
             flavor,
+            view: Mutex::new(view),
             connected_at: SystemTime::now(),
+            connected: Instant::now(),
             status: Mutex::new(Default::default()),
         });
         if let Ok(mut m) = self.inner.lock() {

@@ -128,6 +128,10 @@ pub struct Stream {
     snapshot: Arc<Snapshot>,
     types: [Option<TypeState>; 4],
     nonce: u64,
+    /// the proxy's resolved network
+    network: crate::model::NetworkId,
+    /// the failoverPriority label keys the view was built with
+    label_keys: Arc<std::collections::BTreeSet<String>>,
 }
 
 impl Stream {
@@ -154,6 +158,8 @@ impl Stream {
             snapshot,
             types: Default::default(),
             nonce: 0,
+            network: Default::default(),
+            label_keys: Default::default(),
         }
     }
 
@@ -187,11 +193,14 @@ impl Stream {
         } else {
             proxy.network.clone()
         };
-        let view = View::with_network(&proxy, network);
+        let label_keys = self.push.snapshot().priority_label_keys.clone();
+        let view = View::with_network(&proxy, network.clone(), &label_keys);
+        self.network = network;
+        self.label_keys = label_keys;
         let attachment =
             self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
         info!(proxy = %proxy.id, flavor = self.flavor.as_str(), client = ?proxy.client, "proxy connected");
-        self.conn = Some(self.connections.register(proxy.clone(), self.flavor));
+        self.conn = Some(self.connections.register(proxy.clone(), self.flavor, view.clone()));
         self.proxy = Some(proxy);
         self.view = Some(view);
         self._attachment = Some(attachment);
@@ -257,8 +266,12 @@ impl Stream {
             Response::Raw(_) => 0,
         };
         let held = self.types[t.index()].as_ref().map(|s| s.held.len()).unwrap_or(0);
+        crate::metrics::global().record_response(t, count, bytes);
         if let Some(c) = self.conn() {
+            // a change seen after the proxy connected: its ACK ends a convergence (metrics)
+            let seen = self.snapshot.changes.seen.filter(|seen| *seen >= c.connected);
             c.update(t, |s| {
+                s.sent_change_seen = seen;
                 s.sent_nonce = nonce.to_string();
                 s.sent_version = version.to_string();
                 s.sent_at = Some(SystemTime::now());
@@ -274,6 +287,7 @@ impl Stream {
     fn record_ack(&self, t: ResourceType, nonce: &str) {
         if let Some(c) = self.conn() {
             c.update(t, |s| {
+                crate::metrics::global().record_ack(s, nonce);
                 s.acked_nonce = nonce.to_string();
                 s.last_error = None;
             });
@@ -284,6 +298,7 @@ impl Stream {
         if let Some(p) = &self.proxy {
             warn!(proxy = %p.id, type_url = t.short(), nonce, error = message, "NACK");
         }
+        crate::metrics::global().record_nack(t);
         if let Some(c) = self.conn() {
             c.update(t, |s| {
                 s.last_error = Some(message.to_string());
@@ -298,6 +313,8 @@ impl Stream {
                 s.subscribed = true;
                 s.wildcard = ts.wildcard;
                 s.subscribed_names = ts.names.len();
+                s.names = ts.names.iter().cloned().collect();
+                s.names.sort_unstable();
             });
         }
     }
@@ -319,9 +336,21 @@ impl Stream {
             }
             debug!(type_url = %req.type_url, "unknown type URL");
             let nonce = self.next_nonce();
+            // istioctl-style debug types (istio.io/debug/syncz, istio.io/debug/config_dump) get their
+            // answer; any other unknown type an empty one.
+            let resources = crate::config_dump::ads_debug_resources(
+                &req.type_url,
+                &req.resource_names,
+                &self.connections,
+                &self.push,
+            )
+            .into_iter()
+            .map(|(_, any)| any)
+            .collect();
             let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
                 type_url: req.type_url.clone(),
                 nonce,
+                resources,
                 ..Default::default()
             };
             let bytes = prost::Message::encode_to_vec(&raw);
@@ -496,6 +525,34 @@ impl Stream {
     async fn on_delta_request(&mut self, req: DeltaDiscoveryRequest) -> StreamResult {
         self.init(req.node.as_ref()).await?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            // istioctl-style debug types are answered (once per request that is not an ACK)
+            if req.response_nonce.is_empty() && crate::config_dump::is_ads_debug_type(&req.type_url) {
+                let resources = crate::config_dump::ads_debug_resources(
+                    &req.type_url,
+                    &req.resource_names_subscribe,
+                    &self.connections,
+                    &self.push,
+                );
+                let raw = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+                    type_url: req.type_url.clone(),
+                    nonce: self.next_nonce(),
+                    resources: resources
+                        .into_iter()
+                        .map(|(name, any)| envoy_types::pb::envoy::service::discovery::v3::Resource {
+                            name,
+                            resource: Some(any),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                let bytes = prost::Message::encode_to_vec(&raw);
+                return self
+                    .out
+                    .send(Ok(Response::Raw(bytes.into())))
+                    .await
+                    .map_err(|_| Status::cancelled("client went away"));
+            }
             debug!(type_url = %req.type_url, "unknown type URL ignored (delta)");
             return Ok(());
         };
@@ -644,8 +701,34 @@ impl Stream {
 
     async fn on_snapshot(&mut self) -> StreamResult {
         let next = self.snapshots.borrow_and_update().clone();
-        let contiguous = next.generation == self.snapshot.generation + 1;
+        let mut contiguous = next.generation == self.snapshot.generation + 1;
+        // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
+        if *next.priority_label_keys != *self.label_keys
+            && let Some(proxy) = &self.proxy
+        {
+            let view = View::with_network(proxy, self.network.clone(), &next.priority_label_keys);
+            self.label_keys = next.priority_label_keys.clone();
+            if self.view.as_ref() != Some(&view) {
+                let attachment =
+                    self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
+                self._attachment = Some(attachment);
+                if let Some(c) = self.conn() {
+                    c.set_view(view.clone());
+                }
+                self.view = Some(view);
+                contiguous = false;
+                let next = self.snapshots.borrow_and_update().clone();
+                self.snapshot = next;
+                return self.push_all(contiguous).await;
+            }
+        }
         self.snapshot = next;
+        self.push_all(contiguous).await
+    }
+
+    /// Sends what the current snapshot changed (`contiguous`: it follows the previous one, so its change
+    /// list is complete) or, otherwise, whatever differs from what the client holds.
+    async fn push_all(&mut self, contiguous: bool) -> StreamResult {
         let changes = self.snapshot.changes.clone();
         for t in ResourceType::ALL {
             let Some(ts) = self.types[t.index()].as_mut() else { continue };

@@ -8,7 +8,11 @@
 //! - [`bootstrap`] + [`start_envoy`]: an Envoy configured by `meshfed bootstrap`, once its admin
 //!   `/ready` says LIVE. The Envoy binary is `$MESHFED_ENVOY`, else `<crate>/.venv/bin/envoy`; a
 //!   missing binary fails the test (the README's setup installs it), it never skips.
-//! - [`Backend`]: an in-process HTTP/1.1 server answering 200 with its own address as the body.
+//! - [`bootstrap_with`]: `meshfed bootstrap` with every option ([`BootstrapSpec`]: TLS identity,
+//!   inbound address, router node ids...).
+//! - [`TestCa`]: a mesh CA made by the test (rcgen) issuing SPIFFE workload certificates as PEM files.
+//! - [`Backend`]: an in-process HTTP/1.1 server answering 200 with its own address (or a given reply)
+//!   as the body.
 //! - [`http_get`]: a tiny HTTP/1.1 client (one request per connection).
 //! - [`wait_until`] / [`poll_until`]: polling with a cap.
 //!
@@ -262,6 +266,24 @@ impl Meshfed {
     }
 }
 
+impl Meshfed {
+    /// Fails if any connected proxy NACKed anything (`/debug/adsz`: `nacks` or `last_error` of some
+    /// type); returns the number of connections checked.
+    pub async fn assert_no_nacks(&self) -> Result<usize> {
+        let adsz = self.debug_json("/debug/adsz").await?;
+        let conns = adsz["connections"].as_array().ok_or_else(|| anyhow!("/debug/adsz: no connections: {adsz}"))?;
+        for c in conns {
+            let types = c["types"].as_object().ok_or_else(|| anyhow!("/debug/adsz: no types in {c}"))?;
+            for (t, status) in types {
+                if status["nacks"].as_u64().unwrap_or(0) != 0 || !status["last_error"].is_null() {
+                    bail!("{} NACKed {t}: {status}", c["proxy"]);
+                }
+            }
+        }
+        Ok(conns.len())
+    }
+}
+
 /// Starts `meshfed serve --mesh-config <mesh_path>` with its xDS and debug servers on free ports of
 /// 127.0.0.1 and waits (bounded) until `/ready` answers 200 and the xDS port accepts connections. A
 /// port taken in between is retried with other ports.
@@ -329,18 +351,133 @@ pub fn bootstrap(
     network: &str,
     locality: &str,
 ) -> String {
+    bootstrap_with(&BootstrapSpec {
+        delta,
+        admin_port,
+        cluster_id: Some(cluster_id.to_string()),
+        network: Some(network.to_string()),
+        locality: Some(locality.to_string()),
+        ..BootstrapSpec::new(node_id, xds_port)
+    })
+}
+
+/// The options of `meshfed bootstrap` (see its `--help`); [`BootstrapSpec::new`] sets the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct BootstrapSpec {
+    pub node_id: String,
+    /// meshfed's ADS port on 127.0.0.1
+    pub xds_port: u16,
+    pub delta: bool,
+    /// 0: Envoy picks it ([`start_envoy`] finds it)
+    pub admin_port: u16,
+    pub cluster_id: Option<String>,
+    pub network: Option<String>,
+    /// `REGION/ZONE[/SUBZONE]`
+    pub locality: Option<String>,
+    /// the workload's mesh certificates (`--tls-cert/--tls-key/--tls-root-cert`)
+    pub tls: Option<MeshIdentity>,
+    /// `--inbound-address`: where the workload application listens
+    pub inbound_address: Option<IpAddr>,
+    /// `--label K=V`
+    pub labels: Vec<(String, String)>,
+}
+
+impl BootstrapSpec {
+    pub fn new(node_id: &str, xds_port: u16) -> BootstrapSpec {
+        BootstrapSpec { node_id: node_id.to_string(), xds_port, ..BootstrapSpec::default() }
+    }
+}
+
+/// Runs `meshfed bootstrap` with `spec` and returns the bootstrap YAML.
+pub fn bootstrap_with(spec: &BootstrapSpec) -> String {
     let mut cmd = Command::new(meshfed_path());
     cmd.arg("bootstrap")
-        .args(["--node-id", node_id])
-        .args(["--xds-address", &format!("127.0.0.1:{xds_port}")])
-        .args(["--admin-port", &admin_port.to_string()])
-        .args(["--cluster-id", cluster_id])
-        .args(["--network", network])
-        .args(["--locality", locality]);
-    if delta {
+        .args(["--node-id", &spec.node_id])
+        .args(["--xds-address", &format!("127.0.0.1:{}", spec.xds_port)])
+        .args(["--admin-port", &spec.admin_port.to_string()]);
+    for (flag, value) in [("--cluster-id", &spec.cluster_id), ("--network", &spec.network), ("--locality", &spec.locality)]
+    {
+        if let Some(v) = value {
+            cmd.args([flag, v]);
+        }
+    }
+    if spec.delta {
         cmd.arg("--delta");
     }
+    if let Some(id) = &spec.tls {
+        cmd.arg("--tls-cert").arg(&id.cert).arg("--tls-key").arg(&id.key).arg("--tls-root-cert").arg(&id.root);
+    }
+    if let Some(ip) = spec.inbound_address {
+        cmd.args(["--inbound-address", &ip.to_string()]);
+    }
+    for (k, v) in &spec.labels {
+        cmd.args(["--label", &format!("{k}={v}")]);
+    }
     run_command("meshfed-bootstrap", &mut cmd).expect("meshfed bootstrap")
+}
+
+// ---- mesh certificates ----
+
+/// PEM files of one workload's mesh identity: its certificate, its key, and the mesh root.
+#[derive(Clone, Debug)]
+pub struct MeshIdentity {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub root: PathBuf,
+}
+
+/// A mesh CA made by the test (what istiod's CA is in a mesh): a self-signed root that issues workload
+/// certificates with a SPIFFE URI SAN (`spiffe://cluster.local/ns/NS/sa/SA`), usable for both client
+/// and server authentication, as Istio's workload certificates are. Files go to the given directory.
+pub struct TestCa {
+    dir: PathBuf,
+    root: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new root CA; its certificate is written to `<dir>/root-cert.pem`.
+    pub fn new(dir: &Path) -> Result<TestCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        std::fs::create_dir_all(dir)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::OrganizationName, "meshfed test mesh");
+        params.distinguished_name.push(DnType::CommonName, "meshfed test root CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key)?;
+        let root = dir.join("root-cert.pem");
+        std::fs::write(&root, cert.pem())?;
+        Ok(TestCa { dir: dir.to_path_buf(), root, issuer: rcgen::Issuer::new(params, key) })
+    }
+
+    /// The root certificate (PEM file).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Issues a workload certificate whose only SAN is the URI `spiffe_id`; writes
+    /// `<dir>/<name>-cert.pem` and `<dir>/<name>-key.pem`.
+    pub fn issue(&self, name: &str, spiffe_id: &str) -> Result<MeshIdentity> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType};
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::OrganizationName, "meshfed test mesh");
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let identity = MeshIdentity {
+            cert: self.dir.join(format!("{name}-cert.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+            root: self.root.clone(),
+        };
+        std::fs::write(&identity.cert, cert.pem())?;
+        std::fs::write(&identity.key, key.serialize_pem())?;
+        Ok(identity)
+    }
 }
 
 /// A running Envoy.
@@ -410,6 +547,32 @@ impl Envoy {
             .collect()
     }
 
+    /// Every counter and gauge whose name contains `filter` (histograms are left out): name -> value.
+    pub async fn stats(&self, filter: &str) -> Result<BTreeMap<String, u64>> {
+        let body = self.admin_get("/stats").await?;
+        let mut out = BTreeMap::new();
+        for line in body.lines().filter(|l| l.contains(filter)) {
+            let Some((name, value)) = line.rsplit_once(": ") else { continue };
+            if let Ok(v) = value.trim().parse() {
+                out.insert(name.to_string(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The value of the counter or gauge `name` (0 if Envoy does not have it, as it creates some
+    /// stats lazily).
+    pub async fn stat(&self, name: &str) -> Result<u64> {
+        Ok(self.stats(name).await?.get(name).copied().unwrap_or(0))
+    }
+
+    /// The hosts of `cluster` from `/clusters?format=json`, one entry per host (unlike
+    /// [`Self::cluster_hosts`], the same address in two localities gives two entries).
+    pub async fn cluster_host_details(&self, cluster: &str) -> Result<Vec<HostDetail>> {
+        let body = self.admin_get("/clusters?format=json").await?;
+        parse_cluster_host_details(&body, cluster)
+    }
+
     /// Fails unless Envoy has `update_rejected` stats and all of them are 0.
     pub async fn assert_no_rejected_updates(&self) -> Result<()> {
         let stats = self.update_rejected_stats().await?;
@@ -422,6 +585,45 @@ impl Envoy {
         }
         Ok(())
     }
+}
+
+/// One upstream host of a cluster as Envoy's admin `/clusters?format=json` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostDetail {
+    pub address: SocketAddr,
+    pub region: String,
+    pub zone: String,
+    pub priority: u32,
+    pub weight: u32,
+    /// `eds_health_status` (HEALTHY, UNHEALTHY, DRAINING...)
+    pub eds_health: String,
+    /// ejected by outlier detection
+    pub failed_outlier_check: bool,
+}
+
+/// Parses Envoy's `/clusters?format=json`: the hosts of `cluster`.
+pub fn parse_cluster_host_details(json: &str, cluster: &str) -> Result<Vec<HostDetail>> {
+    let v: serde_json::Value = serde_json::from_str(json).context("/clusters?format=json is not JSON")?;
+    let statuses = v["cluster_statuses"].as_array().ok_or_else(|| anyhow!("no cluster_statuses"))?;
+    let Some(c) = statuses.iter().find(|c| c["name"].as_str() == Some(cluster)) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for h in c["host_statuses"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let sa = &h["address"]["socket_address"];
+        let ip: IpAddr =
+            sa["address"].as_str().ok_or_else(|| anyhow!("host without address: {h}"))?.parse().context("host IP")?;
+        let port = sa["port_value"].as_u64().ok_or_else(|| anyhow!("host without port: {h}"))? as u16;
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        out.push(HostDetail {
+            address: SocketAddr::new(ip, port),
+            region: text(&h["locality"]["region"]),
+            zone: text(&h["locality"]["zone"]),
+            priority: h["priority"].as_u64().unwrap_or(0) as u32,
+            weight: h["weight"].as_u64().unwrap_or(0) as u32,
+            eds_health: text(&h["health_status"]["eds_health_status"]),
+            failed_outlier_check: h["health_status"]["failed_outlier_check"].as_bool().unwrap_or(false),
+        });
+    }
+    Ok(out)
 }
 
 /// Parses Envoy's text `/clusters` output: the hosts of `cluster`.
@@ -579,8 +781,8 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// An in-process HTTP/1.1 server bound on one address: it answers every request with 200 and its own
-/// address (e.g. `127.61.1.21:9080`) as the body, on keep-alive connections. Dropping it stops it
-/// (listener and open connections).
+/// address (e.g. `127.61.1.21:9080`), or the reply it was given, as the body, on keep-alive
+/// connections. Dropping it stops it (listener and open connections).
 pub struct Backend {
     addr: SocketAddr,
     hits: Arc<AtomicU64>,
@@ -588,11 +790,17 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Binds `addr` and serves on the current Tokio runtime.
+    /// Binds `addr` and serves on the current Tokio runtime, answering with its address.
     pub async fn start(addr: SocketAddr) -> Result<Backend> {
+        Backend::start_with_reply(addr, &addr.to_string()).await
+    }
+
+    /// Binds `addr` and serves on the current Tokio runtime, answering with `reply` (e.g. the identity
+    /// of the workload it stands for, when a sidecar in front of it owns the workload's address).
+    pub async fn start_with_reply(addr: SocketAddr, reply: &str) -> Result<Backend> {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("backend: binding {addr}"))?;
         let hits = Arc::new(AtomicU64::new(0));
-        let body: Arc<str> = addr.to_string().into();
+        let body: Arc<str> = reply.into();
         let counter = hits.clone();
         let task = tokio::spawn(async move {
             // The connections live in this set: aborting the accept task drops (closes) them too.

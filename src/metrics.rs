@@ -1,0 +1,331 @@
+//! Prometheus metrics (`/metrics` on the debug address), with Istio's names where istiod has the
+//! metric (`pilot_xds`, `pilot_xds_pushes`, `pilot_xds_push_time`, `pilot_proxy_convergence_time`,
+//! `pilot_total_xds_rejects`, `pilot_services`) and `meshfed_` names for the rest. The list, with
+//! meanings and labels, is in README.md ("Metrics").
+//!
+//! One registry per process ([`global`]): the push loop and the xDS streams record into it with
+//! one-line calls; values that are a view of current state (connected proxies, services, cluster
+//! watch state) are set when `/metrics` is scraped ([`Metrics::refresh`]).
+//!
+//! The exposition is the Prometheus text format 0.0.4. istiod exposes its counters without the
+//! `_total` suffix (`pilot_xds_pushes`), so those keep Istio's exact names; meshfed's own counters end
+//! in `_total`.
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::{ClientKind, ProxyKind};
+use crate::source::{ClusterStatus, SyncState};
+use crate::type_url::ResourceType;
+use crate::xds::connections::{Connection, Flavor, TypeStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot encode the metrics: {0}")]
+    Encode(#[from] std::fmt::Error),
+}
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// istiod's buckets for `pilot_xds_push_time` (seconds).
+const PUSH_TIME_BUCKETS: [f64; 8] = [0.01, 0.1, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0];
+/// istiod's buckets for `pilot_proxy_convergence_time` (seconds).
+const CONVERGENCE_BUCKETS: [f64; 8] = [0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0, 30.0];
+
+/// Counters that istiod exposes without the `_total` suffix.
+const ISTIO_COUNTERS: [&str; 2] = ["pilot_xds_pushes", "pilot_total_xds_rejects"];
+
+type TypeLabel = [(&'static str, &'static str); 1];
+type ProxyLabels = [(&'static str, &'static str); 2];
+type ClusterLabel = [(&'static str, String); 1];
+type ClusterStateLabels = [(&'static str, String); 2];
+
+fn new_push_time() -> Histogram {
+    Histogram::new(PUSH_TIME_BUCKETS)
+}
+
+/// Istio's lower-case type label (`cds`, `eds`, `lds`, `rds`).
+pub fn type_label(t: ResourceType) -> &'static str {
+    match t {
+        ResourceType::Cluster => "cds",
+        ResourceType::Endpoint => "eds",
+        ResourceType::Listener => "lds",
+        ResourceType::Route => "rds",
+    }
+}
+
+/// Every metric meshfed exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// `pilot_xds{type=sidecar|router, flavor=sotw|delta}`: connected proxies
+    pub xds_clients: Family<ProxyLabels, Gauge>,
+    /// `pilot_xds_pushes{type}`: xDS responses sent
+    pub xds_pushes: Family<TypeLabel, Counter>,
+    /// `pilot_xds_push_time{type}`: time of a push of the push loop (translation and publication)
+    /// that changed resources of the type
+    pub xds_push_time: Family<TypeLabel, Histogram, fn() -> Histogram>,
+    /// `pilot_proxy_convergence_time`: change seen by the push loop -> the proxy ACKs a response
+    /// carrying it
+    pub proxy_convergence_time: Histogram,
+    /// `pilot_total_xds_rejects{type}`: NACKs
+    pub xds_rejects: Family<TypeLabel, Counter>,
+    /// `meshfed_xds_resources_sent_total{type}`
+    pub resources_sent: Family<TypeLabel, Counter>,
+    /// `meshfed_xds_bytes_sent_total{type}`
+    pub bytes_sent: Family<TypeLabel, Counter>,
+    /// `meshfed_pushes_total`: pushes of the push loop
+    pub pushes: Counter,
+    /// `meshfed_debounce_merged_events_total`: source events merged into a push another event started
+    pub debounce_merged_events: Counter,
+    /// `meshfed_cluster_last_event_age_seconds{cluster}`
+    pub cluster_last_event_age: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// `meshfed_cluster_watch_state{cluster, state}`: 1 for the cluster's current state, 0 otherwise
+    pub cluster_watch_state: Family<ClusterStateLabels, Gauge>,
+    /// `pilot_services`: federated services
+    pub services: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let xds_clients = Family::<ProxyLabels, Gauge>::default();
+        registry.register(
+            "pilot_xds",
+            "Number of endpoints connected to this pilot using XDS, by proxy type and xDS flavour",
+            xds_clients.clone(),
+        );
+        let xds_pushes = Family::<TypeLabel, Counter>::default();
+        registry.register("pilot_xds_pushes", "xDS responses sent, by type (cds, eds, lds, rds)", xds_pushes.clone());
+        let xds_push_time = Family::<TypeLabel, Histogram, fn() -> Histogram>::new_with_constructor(new_push_time);
+        registry.register(
+            "pilot_xds_push_time",
+            "Total time in seconds a push takes (translation and publication), by resource type changed",
+            xds_push_time.clone(),
+        );
+        let proxy_convergence_time = Histogram::new(CONVERGENCE_BUCKETS);
+        registry.register(
+            "pilot_proxy_convergence_time",
+            "Delay in seconds between a change seen by the push loop and a proxy acknowledging it",
+            proxy_convergence_time.clone(),
+        );
+        let xds_rejects = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "pilot_total_xds_rejects",
+            "Total number of xDS responses rejected (NACKed)",
+            xds_rejects.clone(),
+        );
+        let services = Gauge::default();
+        registry.register("pilot_services", "Total services known to pilot", services.clone());
+        let resources_sent = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "meshfed_xds_resources_sent",
+            "Resources sent in xDS responses, by type",
+            resources_sent.clone(),
+        );
+        let bytes_sent = Family::<TypeLabel, Counter>::default();
+        registry.register("meshfed_xds_bytes_sent", "Bytes of xDS responses sent, by type", bytes_sent.clone());
+        let pushes = Counter::default();
+        registry.register("meshfed_pushes", "Pushes of the push loop", pushes.clone());
+        let debounce_merged_events = Counter::default();
+        registry.register(
+            "meshfed_debounce_merged_events",
+            "Source events merged by debouncing into a push that another event started",
+            debounce_merged_events.clone(),
+        );
+        let cluster_last_event_age = Family::<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "meshfed_cluster_last_event_age_seconds",
+            "Seconds since the last event from the cluster's source",
+            cluster_last_event_age.clone(),
+        );
+        let cluster_watch_state = Family::<ClusterStateLabels, Gauge>::default();
+        registry.register(
+            "meshfed_cluster_watch_state",
+            "State of the cluster's watch (synced, syncing, timeout, closed): 1 for the current state",
+            cluster_watch_state.clone(),
+        );
+        Metrics {
+            registry,
+            xds_clients,
+            xds_pushes,
+            xds_push_time,
+            proxy_convergence_time,
+            xds_rejects,
+            resources_sent,
+            bytes_sent,
+            pushes,
+            debounce_merged_events,
+            cluster_last_event_age,
+            cluster_watch_state,
+            services,
+        }
+    }
+
+    /// An xDS response of type `t` carrying `resources` resources in `bytes` bytes was sent.
+    pub fn record_response(&self, t: ResourceType, resources: usize, bytes: u64) {
+        let label = [("type", type_label(t))];
+        self.xds_pushes.get_or_create(&label).inc();
+        self.resources_sent.get_or_create(&label).inc_by(resources as u64);
+        self.bytes_sent.get_or_create(&label).inc_by(bytes);
+    }
+
+    /// A proxy NACKed a response of type `t`.
+    pub fn record_nack(&self, t: ResourceType) {
+        self.xds_rejects.get_or_create(&[("type", type_label(t))]).inc();
+    }
+
+    /// A proxy ACKed `nonce` of the type whose status is `status` (before the ACK is recorded): if it is
+    /// the latest response and carried a change, the change has converged on that proxy.
+    pub fn record_ack(&self, status: &mut TypeStatus, nonce: &str) {
+        if status.sent_nonce == nonce
+            && let Some(seen) = status.sent_change_seen.take()
+        {
+            self.proxy_convergence_time.observe(seen.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The push loop pushed: `changed` resources per type, in `took`; `merged` events were merged into it.
+    pub fn record_push(&self, changed: &[(ResourceType, usize)], took: Duration, merged: u64) {
+        self.pushes.inc();
+        self.debounce_merged_events.inc_by(merged);
+        for (t, _) in changed {
+            self.xds_push_time.get_or_create(&[("type", type_label(*t))]).observe(took.as_secs_f64());
+        }
+    }
+
+    /// Sets the metrics that mirror current state: connected proxies (debug clients such as istioctl
+    /// are not proxies), federated services, and the clusters' watch state.
+    pub fn refresh(&self, connections: &[std::sync::Arc<Connection>], services: usize, clusters: &[ClusterStatus]) {
+        for kind in [ProxyKind::Sidecar, ProxyKind::Router] {
+            for flavor in [Flavor::Sotw, Flavor::Delta] {
+                let n = connections
+                    .iter()
+                    .filter(|c| c.proxy.kind == kind && c.flavor == flavor && c.proxy.client != ClientKind::Debug)
+                    .count();
+                self.xds_clients.get_or_create(&[("type", kind.as_str()), ("flavor", flavor.as_str())]).set(n as i64);
+            }
+        }
+        self.services.set(services as i64);
+        let now = SystemTime::now();
+        for c in clusters {
+            let id = c.id.to_string();
+            if let Some(last) = c.last_event {
+                let age = now.duration_since(last).unwrap_or_default().as_secs_f64();
+                self.cluster_last_event_age.get_or_create(&[("cluster", id.clone())]).set(age);
+            }
+            for state in [SyncState::Syncing, SyncState::Synced, SyncState::Timeout, SyncState::Closed] {
+                let v = i64::from(c.sync == state);
+                self.cluster_watch_state
+                    .get_or_create(&[("cluster", id.clone()), ("state", state.as_str().into())])
+                    .set(v);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn encode(&self) -> Result<String, Error> {
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(istio_counter_names(&text))
+    }
+}
+
+/// Renames `<name>_total` to `<name>` for the counters istiod exposes without the suffix (in HELP and
+/// TYPE lines and samples).
+fn istio_counter_names(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let mut renamed = None;
+        for name in ISTIO_COUNTERS {
+            let total = format!("{name}_total");
+            let (prefix, rest) = if let Some(rest) = line.strip_prefix("# HELP ") {
+                ("# HELP ", rest)
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                ("# TYPE ", rest)
+            } else {
+                ("", line)
+            };
+            if let Some(after) = rest.strip_prefix(&total)
+                && (after.starts_with(' ') || after.starts_with('{'))
+            {
+                renamed = Some(format!("{prefix}{name}{after}"));
+                break;
+            }
+        }
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+    }
+    out
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn global() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_counters_keep_istio_names() {
+        let m = Metrics::new();
+        m.record_response(ResourceType::Cluster, 3, 100);
+        m.record_nack(ResourceType::Endpoint);
+        m.record_push(&[(ResourceType::Endpoint, 2)], Duration::from_millis(3), 4);
+        let text = m.encode().unwrap();
+        assert!(text.contains("# TYPE pilot_xds_pushes counter\n"), "{text}");
+        assert!(text.contains("pilot_xds_pushes{type=\"cds\"} 1\n"), "{text}");
+        assert!(text.contains("pilot_total_xds_rejects{type=\"eds\"} 1\n"), "{text}");
+        assert!(text.contains("meshfed_xds_resources_sent_total{type=\"cds\"} 3\n"), "{text}");
+        assert!(text.contains("meshfed_xds_bytes_sent_total{type=\"cds\"} 100\n"), "{text}");
+        assert!(text.contains("meshfed_debounce_merged_events_total 4\n"), "{text}");
+        assert!(text.contains("pilot_xds_push_time_count{type=\"eds\"} 1\n"), "{text}");
+        assert!(!text.contains("pilot_xds_pushes_total"), "{text}");
+    }
+
+    #[test]
+    fn convergence_is_observed_once_for_the_latest_response() {
+        let m = Metrics::new();
+        let mut st = TypeStatus {
+            sent_nonce: "2".into(),
+            sent_change_seen: Some(std::time::Instant::now()),
+            ..Default::default()
+        };
+        m.record_ack(&mut st, "1");
+        assert!(st.sent_change_seen.is_some(), "an older nonce does not end the convergence");
+        m.record_ack(&mut st, "2");
+        m.record_ack(&mut st, "2");
+        let text = m.encode().unwrap();
+        assert!(text.contains("pilot_proxy_convergence_time_count 1\n"), "{text}");
+    }
+
+    #[test]
+    fn rename_only_touches_whole_names() {
+        let text =
+            "# HELP pilot_xds_pushes_total x.\npilot_xds_pushes_total{type=\"cds\"} 1\npilot_xds_pushes_totalx 2\n";
+        assert_eq!(
+            istio_counter_names(text),
+            "# HELP pilot_xds_pushes x.\npilot_xds_pushes{type=\"cds\"} 1\npilot_xds_pushes_totalx 2\n"
+        );
+    }
+}

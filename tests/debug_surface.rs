@@ -1,0 +1,651 @@
+//! The debug surface as operators and their tools see it, against `meshfed serve` on a copy of the
+//! two-clouds demo:
+//!
+//! - `/debug/config_dump` of a real Envoy sidecar and of an east-west gateway (a scripted ADS client),
+//!   with and without EDS, parsed strictly as `envoy.admin.v3.ConfigDump` by Python protobuf with the
+//!   xds-protos Envoy APIs (`tests/python/parse_config_dump.py`), every Any resolved;
+//! - `/debug/syncz` moving NOT SENT -> SYNCED -> STALE -> ERROR with scripted clients, SYNCED for Envoy,
+//!   and the same over ADS (`istio.io/debug/syncz`, `istio.io/debug/config_dump`);
+//! - `/metrics` parsed by Prometheus' Python client (`tests/python/parse_metrics.py`), with the values
+//!   the test caused;
+//! - the web UI in headless Chromium (`tests/ui/ui_test.mjs`, playwright-core), with screenshots in
+//!   `tests/artifacts/`.
+//!
+//! Needs `.venv` (Envoy, xds-protos, prometheus-client), Node.js with `tests/ui/node_modules`, and
+//! `/usr/bin/chromium`, all installed by `scripts/test-all.sh`; anything missing fails the test (never
+//! skips). Each test uses its own loopback octet (see `meshfed::testing::copy_demo`).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use envoy_types::pb::envoy::admin::v3::{ClustersConfigDump, ConfigDump};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::status::v3::{ClientConfig, ConfigStatus};
+use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use serde_json::Value;
+use support::{ChildGuard, Meshfed, bootstrap, poll_until, start_envoy, start_meshfed};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// Bound on waiting for something that must happen.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on the headless browser test.
+const UI_TIMEOUT: Duration = Duration::from_secs(120);
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+const LDS: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local";
+
+const SECTIONS: [&str; 7] = [
+    "envoy.admin.v3.BootstrapConfigDump",
+    "envoy.admin.v3.ClustersConfigDump",
+    "envoy.admin.v3.ListenersConfigDump",
+    "envoy.admin.v3.ScopedRoutesConfigDump",
+    "envoy.admin.v3.RoutesConfigDump",
+    "envoy.admin.v3.SecretsConfigDump",
+    "envoy.admin.v3.EcdsConfigDump",
+];
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `.venv/bin/python` (with xds-protos and prometheus-client); fails the test if missing.
+fn python() -> PathBuf {
+    let p = crate_dir().join(".venv/bin/python");
+    assert!(p.is_file(), "{} is missing: run scripts/test-all.sh (it sets up .venv)", p.display());
+    p
+}
+
+/// Runs `tests/python/<script> <file>` and parses its stdout as JSON.
+fn run_python(script: &str, file: &Path) -> Result<Value> {
+    let mut cmd = Command::new(python());
+    cmd.arg(crate_dir().join("tests/python").join(script)).arg(file);
+    let out = support::run_command(script, &mut cmd)?;
+    serde_json::from_str(&out).with_context(|| format!("{script}: not JSON: {out}"))
+}
+
+/// A copy of the demo on 127.<octet>.0.0/16 and meshfed serving it.
+struct Setup {
+    dir: tempfile::TempDir,
+    octet: u8,
+    meshfed: Meshfed,
+}
+
+impl Setup {
+    async fn start(octet: u8) -> Setup {
+        let dir = tempfile::Builder::new().prefix("meshfed-debug-surface-").tempdir().expect("temp dir");
+        let mesh = meshfed::testing::copy_demo(dir.path(), octet);
+        let meshfed = start_meshfed(&mesh).await.expect("meshfed starts");
+        Setup { dir, octet, meshfed }
+    }
+
+    /// Adds a ready `reviews` endpoint `127.<octet>.1.<host>` in aws-use1/us-east-1a (a new file).
+    fn add_reviews_endpoint(&self, host: u8) {
+        let yaml = format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: reviews-extra\n  namespace: shop\n  \
+             labels:\n    kubernetes.io/service-name: reviews\naddressType: IPv4\nendpoints:\n- addresses:\n  - 127.{}.1.{host}\n  \
+             conditions:\n    ready: true\n    serving: true\n    terminating: false\n  nodeName: ip-10-0-1-10.ec2.internal\n  \
+             zone: us-east-1a\nports:\n- name: http\n  port: 9080\n  protocol: TCP\n",
+            self.octet
+        );
+        support::write_atomically(&self.dir.path().join("aws-use1/reviews-extra.yaml"), &yaml).expect("write slice");
+    }
+
+    async fn json(&self, path: &str) -> Result<Value> {
+        self.meshfed.debug_json(path).await
+    }
+
+    /// The `/debug/syncz` entry of `key` (POD.NS).
+    async fn syncz(&self, key: &str) -> Result<Value> {
+        let all = self.json("/debug/syncz").await?;
+        all.as_array()
+            .ok_or_else(|| anyhow!("/debug/syncz is not an array: {all}"))?
+            .iter()
+            .find(|e| e["proxy"] == key)
+            .cloned()
+            .ok_or_else(|| anyhow!("{key} not in /debug/syncz: {all}"))
+    }
+
+    /// Waits until `key`'s per-type statuses (CDS, EDS, LDS, RDS) are `want`; returns its entry.
+    async fn wait_status(&self, key: &str, want: [&str; 4]) -> Value {
+        poll_until(TIMEOUT, || async {
+            let e = self.syncz(key).await?;
+            let got: Vec<&str> =
+                ["CDS", "EDS", "LDS", "RDS"].iter().map(|t| e["status"][t].as_str().unwrap_or("")).collect();
+            ensure!(got == want, "{key}: status {got:?}, want {want:?}: {e}");
+            Ok(e)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A scripted ADS client
+// ---------------------------------------------------------------------------------------------
+
+fn string_value(s: &str) -> PbValue {
+    PbValue { kind: Some(Kind::StringValue(s.into())) }
+}
+
+fn node(id: &str, meta: &[(&str, &str)], locality: Option<(&str, &str)>) -> Node {
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields: meta.iter().map(|(k, v)| (k.to_string(), string_value(v))).collect() }),
+        locality: locality.map(|(r, z)| Locality { region: r.into(), zone: z.into(), sub_zone: String::new() }),
+        ..Default::default()
+    }
+}
+
+/// A sidecar in aws-use1, us-east-1a.
+fn sidecar_node(octet: u8, pod: &str) -> Node {
+    node(
+        &format!("sidecar~127.{octet}.50.9~{pod}.shop~shop.svc.cluster.local"),
+        &[
+            ("CLUSTER_ID", "aws-use1"),
+            ("NETWORK", "aws-net"),
+            ("INTERCEPTION_MODE", "NONE"),
+            ("ISTIO_VERSION", "1.27.0"),
+        ],
+        Some(("us-east-1", "us-east-1a")),
+    )
+}
+
+/// aws-use1's east-west gateway.
+fn gateway_node(octet: u8) -> Node {
+    node(
+        &format!("router~127.{octet}.10.2~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
+        &[("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net"), ("REQUESTED_NETWORK_VIEW", "aws-net")],
+        Some(("us-east-1", "us-east-1a")),
+    )
+}
+
+/// istioctl's kind of client (node metadata GENERATOR=event).
+fn debug_node(octet: u8) -> Node {
+    node(
+        &format!("sidecar~127.{octet}.60.1~istioctl-1.istio-system~istio-system.svc.cluster.local"),
+        &[("GENERATOR", "event")],
+        None,
+    )
+}
+
+async fn ads_client(meshfed: &Meshfed) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+    tokio::time::timeout(
+        TIMEOUT,
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", meshfed.xds_address())),
+    )
+    .await
+    .expect("connect within the timeout")
+    .expect("connect to meshfed")
+}
+
+/// A SotW ADS client; the node goes with the first request.
+struct Sotw {
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+    node: Option<Node>,
+}
+
+impl Sotw {
+    async fn connect(meshfed: &Meshfed, node: Node) -> Sotw {
+        let mut client = ads_client(meshfed).await;
+        let (tx, rx) = mpsc::channel(16);
+        let rx = tokio::time::timeout(TIMEOUT, client.stream_aggregated_resources(ReceiverStream::new(rx)))
+            .await
+            .expect("stream opens in time")
+            .expect("stream opens")
+            .into_inner();
+        Sotw { tx, rx, node: Some(node) }
+    }
+
+    async fn send(&mut self, mut req: DiscoveryRequest) {
+        req.node = self.node.take();
+        self.tx.send(req).await.expect("request stream open");
+    }
+
+    async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.send(DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn nack(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str, message: &str) {
+        self.send(DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            error_detail: Some(RpcStatus { code: 3, message: message.into(), details: Vec::new() }),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn recv(&mut self) -> DiscoveryResponse {
+        match tokio::time::timeout(TIMEOUT, self.rx.message()).await {
+            Ok(Ok(Some(r))) => r,
+            other => panic!("no response within {TIMEOUT:?}: {other:?}"),
+        }
+    }
+
+    /// Receives the next response of `type_url` (skipping others).
+    async fn recv_type(&mut self, type_url: &str) -> DiscoveryResponse {
+        loop {
+            let r = self.recv().await;
+            if r.type_url == type_url {
+                return r;
+            }
+        }
+    }
+
+    /// Subscribes to `type_url` (`names`; empty: wildcard) and ACKs the response.
+    async fn subscribe_and_ack(&mut self, type_url: &str, names: &[&str]) -> DiscoveryResponse {
+        self.request(type_url, names, "", "").await;
+        let r = self.recv_type(type_url).await;
+        self.request(type_url, names, &r.version_info, &r.nonce).await;
+        r
+    }
+}
+
+fn cluster_names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources.iter().map(|a| Cluster::decode(&a.value[..]).expect("Cluster").name).collect()
+}
+
+/// An EDS-type cluster's name as its ClusterLoadAssignment is named.
+fn eds_names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| Cluster::decode(&a.value[..]).expect("Cluster"))
+        .filter(|c| c.eds_cluster_config.is_some())
+        .map(|c| {
+            let service_name = c.eds_cluster_config.map(|e| e.service_name).unwrap_or_default();
+            if service_name.is_empty() { c.name } else { service_name }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config dumps
+// ---------------------------------------------------------------------------------------------
+
+/// Fetches a config dump, has Python parse it strictly, and checks its sections; returns the summary.
+async fn checked_dump(setup: &Setup, key: &str, include_eds: bool) -> Value {
+    let path = format!("/debug/config_dump?proxyID={key}{}", if include_eds { "&include_eds=true" } else { "" });
+    let (status, body) = setup.meshfed.debug_get(&path).await.expect("GET config_dump");
+    assert_eq!(status, 200, "{path}: {body}");
+    let file = setup.dir.path().join(format!("dump-{key}-{include_eds}.json"));
+    std::fs::write(&file, &body).expect("write dump");
+    let summary = run_python("parse_config_dump.py", &file).unwrap_or_else(|e| panic!("{path}: {e:#}"));
+    let mut want: Vec<&str> = SECTIONS.to_vec();
+    if include_eds {
+        want.insert(2, "envoy.admin.v3.EndpointsConfigDump");
+    }
+    assert_eq!(summary["sections"], serde_json::json!(want), "{path}: sections in istiod's order");
+    let value: Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        value["configs"][1]["dynamic_active_clusters"].is_array(),
+        "{path}: Envoy's (proto) field names: {}",
+        &body[..body.len().min(400)]
+    );
+    summary
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_dumps_of_a_sidecar_and_a_gateway_parse_strictly() {
+    support::envoy_path();
+    python();
+    let setup = Setup::start(81).await;
+    let xds_port = setup.meshfed.xds_port;
+    let sidecar_id = "sidecar~127.81.50.1~client-0.shop~shop.svc.cluster.local";
+    let yaml = bootstrap(sidecar_id, xds_port, false, 0, "aws-use1", "aws-net", "us-east-1/us-east-1a");
+    let envoy = start_envoy(&yaml).await.expect("Envoy starts");
+
+    // The east-west gateway: a scripted client that subscribes like Envoy and ACKs.
+    let mut gw = Sotw::connect(&setup.meshfed, gateway_node(81)).await;
+    let cds = gw.subscribe_and_ack(CDS, &[]).await;
+    let eds = eds_names(&cds);
+    if !eds.is_empty() {
+        let names: Vec<&str> = eds.iter().map(String::as_str).collect();
+        gw.subscribe_and_ack(EDS, &names).await;
+    }
+    gw.subscribe_and_ack(LDS, &[]).await;
+
+    // A real Envoy is SYNCED on every type.
+    setup.wait_status("client-0.shop", ["SYNCED"; 4]).await;
+
+    // 400 without a proxy, 404 for one that is not connected.
+    assert_eq!(setup.meshfed.debug_get("/debug/config_dump").await.unwrap().0, 400);
+    assert_eq!(setup.meshfed.debug_get("/debug/config_dump?proxyID=nobody.shop").await.unwrap().0, 404);
+
+    let without = checked_dump(&setup, "client-0.shop", false).await;
+    let with = checked_dump(&setup, "client-0.shop", true).await;
+    let clusters = strings(&with["clusters"]);
+    assert!(clusters.contains(REVIEWS), "sidecar dump has {REVIEWS}: {clusters:?}");
+    assert_eq!(strings(&without["clusters"]), clusters);
+    assert!(strings(&without["endpoints"]).is_empty());
+    assert!(strings(&with["endpoints"]).contains(REVIEWS), "EDS in the dump: {with}");
+    assert!(!strings(&with["listeners"]).is_empty(), "sidecar listeners: {with}");
+    assert!(!strings(&with["routes"]).is_empty(), "sidecar routes: {with}");
+    let any_types = strings(&with["any_types"]);
+    assert!(
+        any_types.iter().any(|t| t.ends_with("HttpConnectionManager")),
+        "nested typed_config Anys are dumped with @type and resolved: {any_types:?}"
+    );
+
+    // What meshfed dumps is what the Envoy holds.
+    let envoy_dump: Value = serde_json::from_str(&envoy.admin_get("/config_dump").await.unwrap()).unwrap();
+    let envoy_clusters: BTreeSet<String> = envoy_dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["@type"] == "type.googleapis.com/envoy.admin.v3.ClustersConfigDump")
+        .flat_map(|c| c["dynamic_active_clusters"].as_array().cloned().unwrap_or_default())
+        .filter_map(|c| c["cluster"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(envoy_clusters, clusters, "Envoy's own dynamic clusters");
+
+    // The gateway's dumps parse too, and hold what it was sent.
+    let gw_key = "istio-eastwestgateway-0.istio-system";
+    let gw_with = checked_dump(&setup, gw_key, true).await;
+    checked_dump(&setup, gw_key, false).await;
+    assert_eq!(strings(&gw_with["clusters"]), cluster_names(&cds).into_iter().collect::<BTreeSet<_>>());
+    assert_eq!(strings(&gw_with["endpoints"]), eds.into_iter().collect::<BTreeSet<_>>());
+    assert!(strings(&gw_with["routes"]).is_empty(), "the gateway did not subscribe to RDS");
+    setup.wait_status(gw_key, ["SYNCED", "SYNCED", "SYNCED", "NOT SENT"]).await;
+    drop(envoy);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sync status and metrics
+// ---------------------------------------------------------------------------------------------
+
+/// The value of the sample of `family` whose labels include `labels` (None if there is none).
+fn sample(metrics: &Value, family: &str, suffix: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics[family]["samples"].as_array()?.iter().find_map(|s| {
+        let name = s[0].as_str()?;
+        let ok = name == format!("{family}{suffix}") && labels.iter().all(|(k, v)| s[1][*k].as_str() == Some(*v));
+        if ok { s[2].as_f64() } else { None }
+    })
+}
+
+/// The sum of every sample of `family` named `family + suffix`.
+fn total(metrics: &Value, family: &str, suffix: &str) -> f64 {
+    metrics[family]["samples"]
+        .as_array()
+        .map(|a| {
+            a.iter().filter(|s| s[0].as_str() == Some(&format!("{family}{suffix}"))).filter_map(|s| s[2].as_f64()).sum()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncz_follows_acks_and_nacks_and_metrics_count_them() {
+    python();
+    let setup = Setup::start(82).await;
+
+    // Connected, but nothing sent: a named RDS subscription to a route that does not exist.
+    let mut a = Sotw::connect(&setup.meshfed, sidecar_node(82, "client-a")).await;
+    a.request(RDS, &["no-such-route"], "", "").await;
+    setup.wait_status("client-a.shop", ["NOT SENT"; 4]).await;
+
+    // Sent and ACKed: SYNCED.
+    a.request(EDS, &[REVIEWS], "", "").await;
+    let first = a.recv_type(EDS).await;
+    assert_eq!(first.resources.len(), 1);
+    a.request(EDS, &[REVIEWS], &first.version_info, &first.nonce).await;
+    let e = setup.wait_status("client-a.shop", ["NOT SENT", "SYNCED", "NOT SENT", "NOT SENT"]).await;
+    assert_eq!(e["endpoint_sent"], first.nonce.as_str(), "istiod's nonce fields: {e}");
+    assert_eq!(e["endpoint_acked"], first.nonce.as_str());
+    assert_eq!(e["proxy_type"], "sidecar");
+    assert_eq!(e["cluster_id"], "aws-use1");
+    assert_eq!(e["istio_version"], "1.27.0");
+
+    // A second proxy (the gateway) that ACKs everything.
+    let mut gw = Sotw::connect(&setup.meshfed, gateway_node(82)).await;
+    let cds = gw.subscribe_and_ack(CDS, &[]).await;
+    let gw_eds = eds_names(&cds);
+    let gw_reviews: Vec<&str> = gw_eds.iter().map(String::as_str).filter(|n| n.contains("reviews")).collect();
+    if !gw_reviews.is_empty() {
+        gw.subscribe_and_ack(EDS, &gw_reviews).await;
+    }
+
+    // A change: a new reviews endpoint. The sidecar does not ACK it: STALE.
+    setup.add_reviews_endpoint(29);
+    let update = a.recv_type(EDS).await;
+    assert_ne!(update.nonce, first.nonce);
+    setup.wait_status("client-a.shop", ["NOT SENT", "STALE", "NOT SENT", "NOT SENT"]).await;
+    if !gw_reviews.is_empty() {
+        // the gateway ACKs its update: a convergence
+        let r = gw.recv_type(EDS).await;
+        gw.request(EDS, &gw_reviews, &r.version_info, &r.nonce).await;
+    }
+
+    // The sidecar NACKs it: ERROR, with the message.
+    a.nack(EDS, &[REVIEWS], &first.version_info, &update.nonce, "test rejects this assignment").await;
+    let e = setup.wait_status("client-a.shop", ["NOT SENT", "ERROR", "NOT SENT", "NOT SENT"]).await;
+    assert_eq!(e["resources"][EDS]["lastError"], "test rejects this assignment", "{e}");
+
+    // Over ADS, as istioctl asks: one ClientConfig per proxy (not the asking client itself).
+    let mut dbg = Sotw::connect(&setup.meshfed, debug_node(82)).await;
+    dbg.request("istio.io/debug/syncz", &[], "", "").await;
+    let r = dbg.recv_type("istio.io/debug/syncz").await;
+    let configs: BTreeMap<String, ClientConfig> = r
+        .resources
+        .iter()
+        .map(|a| {
+            assert_eq!(a.type_url, "type.googleapis.com/envoy.service.status.v3.ClientConfig");
+            let c = ClientConfig::decode(&a.value[..]).expect("ClientConfig");
+            (c.node.as_ref().expect("node").id.clone(), c)
+        })
+        .collect();
+    assert_eq!(
+        configs.keys().cloned().collect::<Vec<_>>(),
+        ["client-a.shop", "istio-eastwestgateway-0.istio-system"],
+        "one ClientConfig per proxy"
+    );
+    let status_of = |key: &str, url: &str| {
+        configs[key].generic_xds_configs.iter().find(|g| g.type_url == url).map(|g| g.config_status)
+    };
+    assert_eq!(status_of("client-a.shop", EDS), Some(ConfigStatus::Error as i32));
+    assert_eq!(status_of("client-a.shop", CDS), Some(ConfigStatus::NotSent as i32));
+    assert_eq!(status_of("istio-eastwestgateway-0.istio-system", CDS), Some(ConfigStatus::Synced as i32));
+    let a_node = configs["client-a.shop"].node.clone().unwrap();
+    let meta = a_node.metadata.unwrap().fields;
+    assert_eq!(meta["CLUSTER_ID"].kind, Some(Kind::StringValue("aws-use1".into())));
+    assert_eq!(meta["NAMESPACE"].kind, Some(Kind::StringValue("shop".into())));
+    let eds_state = configs["client-a.shop"].generic_xds_configs.iter().find(|g| g.type_url == EDS).unwrap();
+    assert_eq!(eds_state.error_state.as_ref().map(|e| e.details.as_str()), Some("test rejects this assignment"));
+
+    dbg.request("istio.io/debug/config_dump", &["istio-eastwestgateway-0.istio-system"], "", "").await;
+    let r = dbg.recv_type("istio.io/debug/config_dump").await;
+    assert_eq!(r.resources.len(), 1);
+    assert_eq!(r.resources[0].type_url, "type.googleapis.com/envoy.admin.v3.ConfigDump");
+    let dump = ConfigDump::decode(&r.resources[0].value[..]).expect("ConfigDump");
+    let clusters = ClustersConfigDump::decode(&dump.configs[1].value[..]).expect("ClustersConfigDump");
+    assert_eq!(clusters.dynamic_active_clusters.len(), cds.resources.len());
+
+    // ... and over Delta.
+    let mut client = ads_client(&setup.meshfed).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(debug_node(82)),
+        type_url: "istio.io/debug/syncz".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut delta: Streaming<DeltaDiscoveryResponse> =
+        client.delta_aggregated_resources(ReceiverStream::new(rx)).await.expect("delta stream").into_inner();
+    let r = tokio::time::timeout(TIMEOUT, delta.message()).await.expect("delta answer").unwrap().unwrap();
+    let names: BTreeSet<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["client-a.shop", "istio-eastwestgateway-0.istio-system"]));
+    drop((tx, delta, dbg));
+
+    // The metrics show what happened.
+    let metrics = poll_until(TIMEOUT, || async {
+        let (status, body) = setup.meshfed.debug_get("/metrics").await?;
+        ensure!(status == 200, "/metrics: {status}");
+        let file = setup.dir.path().join("metrics.txt");
+        std::fs::write(&file, &body)?;
+        let m = run_python("parse_metrics.py", &file)?;
+        let clients = total(&m, "pilot_xds", "");
+        ensure!(clients == 2.0, "pilot_xds: {clients} connected, want 2 (debug clients are not proxies)\n{body}");
+        Ok(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(sample(&metrics, "pilot_xds", "", &[("type", "sidecar"), ("flavor", "sotw")]), Some(1.0));
+    assert_eq!(sample(&metrics, "pilot_xds", "", &[("type", "router"), ("flavor", "sotw")]), Some(1.0));
+    assert_eq!(metrics["pilot_xds_pushes"]["type"], "counter");
+    let eds_pushes = sample(&metrics, "pilot_xds_pushes", "_total", &[("type", "eds")]).unwrap_or(0.0);
+    assert!(eds_pushes >= 2.0, "EDS responses sent: {eds_pushes}");
+    let nacks = sample(&metrics, "pilot_total_xds_rejects", "_total", &[("type", "eds")]).unwrap_or(0.0);
+    assert!(nacks >= 1.0, "NACKs: {nacks}");
+    assert!(total(&metrics, "pilot_xds_push_time", "_count") >= 1.0, "push time observed");
+    if !gw_reviews.is_empty() {
+        assert!(total(&metrics, "pilot_proxy_convergence_time", "_count") >= 1.0, "convergence observed");
+    }
+    assert!(total(&metrics, "meshfed_xds_resources_sent", "_total") >= 2.0);
+    assert!(total(&metrics, "meshfed_xds_bytes_sent", "_total") > 0.0);
+    assert!(total(&metrics, "meshfed_pushes", "_total") >= 2.0, "initial push and the change");
+    assert!(total(&metrics, "meshfed_debounce_merged_events", "_total") >= 1.0, "the initial syncs merged");
+    assert!(total(&metrics, "pilot_services", "") >= 3.0);
+    for cluster in ["aws-use1", "azure-weu"] {
+        assert_eq!(
+            sample(&metrics, "meshfed_cluster_watch_state", "", &[("cluster", cluster), ("state", "synced")]),
+            Some(1.0),
+            "{cluster} synced"
+        );
+        let age = sample(&metrics, "meshfed_cluster_last_event_age_seconds", "", &[("cluster", cluster)]);
+        assert!(age.is_some_and(|a| a >= 0.0), "{cluster}: last event age {age:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The web UI in headless Chromium
+// ---------------------------------------------------------------------------------------------
+
+/// The priority of each locality (`REGION/ZONE`) of `cluster` in a config dump with EDS.
+fn eds_priorities(dump: &Value, cluster: &str) -> BTreeMap<String, u64> {
+    let cla = dump["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["@type"] == "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump")
+        .flat_map(|c| c["dynamic_endpoint_configs"].as_array().cloned().unwrap_or_default())
+        .map(|e| e["endpoint_config"].clone())
+        .find(|c| c["cluster_name"] == cluster)
+        .unwrap_or_else(|| panic!("{cluster} in the dump"));
+    cla["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let loc = &l["locality"];
+            let mut name = format!("{}/{}", loc["region"].as_str().unwrap_or("?"), loc["zone"].as_str().unwrap_or("?"));
+            if let Some(s) = loc["sub_zone"].as_str().filter(|s| !s.is_empty()) {
+                name = format!("{name}/{s}");
+            }
+            (name, l["priority"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_chromium() {
+    support::envoy_path();
+    let chromium = PathBuf::from(std::env::var("MESHFED_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()));
+    assert!(chromium.is_file(), "{} is missing: scripts/test-all.sh installs Debian's chromium", chromium.display());
+    let ui_dir = crate_dir().join("tests/ui");
+    assert!(
+        ui_dir.join("node_modules/playwright-core").is_dir(),
+        "tests/ui/node_modules is missing: run `npm ci` in tests/ui (scripts/test-all.sh does)"
+    );
+
+    let setup = Setup::start(83).await;
+    let sidecar_id = "sidecar~127.83.50.1~client-0.shop~shop.svc.cluster.local";
+    let yaml = bootstrap(sidecar_id, setup.meshfed.xds_port, false, 0, "aws-use1", "aws-net", "us-east-1/us-east-1a");
+    let _envoy = start_envoy(&yaml).await.expect("Envoy starts");
+    setup.wait_status("client-0.shop", ["SYNCED"; 4]).await;
+
+    let dump = setup.json("/debug/config_dump?proxyID=client-0.shop&include_eds=true").await.expect("dump");
+    let priorities = eds_priorities(&dump, REVIEWS);
+    assert!(priorities.values().any(|p| *p > 0), "the demo has failover priorities: {priorities:?}");
+    let artifacts = crate_dir().join("tests/artifacts");
+    let new_endpoint = "127.83.1.29";
+    let expected = serde_json::json!({
+        "base": format!("http://{}", setup.meshfed.debug_address()),
+        "proxy": "client-0.shop",
+        "cluster": REVIEWS,
+        "priorities": priorities,
+        "newEndpoint": new_endpoint,
+        "artifacts": artifacts,
+        "chromium": chromium,
+    });
+    let expected_file = setup.dir.path().join("ui-expected.json");
+    std::fs::write(&expected_file, expected.to_string()).unwrap();
+
+    let mut cmd = Command::new("node");
+    cmd.arg(ui_dir.join("ui_test.mjs")).arg(&expected_file).current_dir(&ui_dir);
+    let mut node =
+        ChildGuard::spawn("ui-test", &mut cmd).expect("node runs (Node.js is installed by scripts/test-all.sh)");
+    // Once the overview is up, add an endpoint: the page must show it without a reload.
+    let deadline = Instant::now() + UI_TIMEOUT;
+    loop {
+        if node.stdout().lines().any(|l| l == "READY") {
+            setup.add_reviews_endpoint(29);
+            break;
+        }
+        if let Some(status) = node.try_exited() {
+            panic!("UI test exited early ({status})\n{}", node.log_tail());
+        }
+        assert!(Instant::now() < deadline, "UI test not READY within {UI_TIMEOUT:?}\n{}", node.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = node.wait_exit(deadline.saturating_duration_since(Instant::now())).expect("UI test finishes");
+    assert!(status.success(), "UI test failed ({status})\n{}", node.log_tail());
+    assert!(node.stdout().lines().any(|l| l == "PASS"), "{}", node.log_tail());
+    for shot in ["debug-ui-overview.png", "debug-ui-proxy.png"] {
+        let meta = std::fs::metadata(artifacts.join(shot)).unwrap_or_else(|e| panic!("{shot}: {e}"));
+        assert!(meta.len() > 10_000, "{shot} is {} bytes", meta.len());
+    }
+    // The endpoint the page showed is in the proxy's EDS too.
+    eds_has(&setup, new_endpoint).await.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// The sidecar's EDS (in its config dump) has `endpoint`.
+async fn eds_has(setup: &Setup, endpoint: &str) -> Result<()> {
+    poll_until(TIMEOUT, || async {
+        let (_, body) = setup.meshfed.debug_get("/debug/config_dump?proxyID=client-0.shop&include_eds=true").await?;
+        if !body.contains(endpoint) {
+            bail!("{endpoint} not in the EDS yet");
+        }
+        Ok(())
+    })
+    .await
+}
