@@ -631,6 +631,7 @@ fn ser_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Erro
 const INDEX_HTML: &str = include_str!("debug_ui/index.html");
 const APP_JS: &str = include_str!("debug_ui/app.js");
 const STYLE_CSS: &str = include_str!("debug_ui/style.css");
+const FAVICON_SVG: &str = include_str!("debug_ui/favicon.svg");
 
 /// The debug endpoints: (path, description), for `/debug` and `/debug/list`.
 pub const ENDPOINTS: &[(&str, &str)] = &[
@@ -656,6 +657,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/ui/proxy", get(|| async { Html(INDEX_HTML) }))
         .route("/ui/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], APP_JS) }))
         .route("/ui/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], STYLE_CSS) }))
+        .route("/favicon.ico", get(|| async { ([(header::CONTENT_TYPE, "image/svg+xml")], FAVICON_SVG) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -707,7 +709,7 @@ async fn index() -> Html<String> {
         rows.push_str(&format!("<tr><td><a href=\"{href}\">{}</a></td><td>{what}</td></tr>\n", html_escape(path)));
     }
     Html(format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshfed debug</title><link rel=\"icon\" href=\"data:,\">\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshfed debug</title><link rel=\"icon\" href=\"/favicon.ico\">\
          <link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body class=\"plain\"><h1>meshfed debug</h1>\
          <table class=\"grid\"><thead><tr><th>endpoint</th><th>what</th></tr></thead><tbody>{rows}</tbody></table>\
          <p>JSON endpoints indent their output with <code>?pretty</code>.</p></body></html>"

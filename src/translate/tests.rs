@@ -284,9 +284,9 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
     let addrs = endpoint_addresses(&grpc);
     assert!(addrs.iter().all(|a| a.ends_with(":9091") || a == "127.0.20.1:15443"), "{addrs:?}");
     assert_eq!(addrs.len(), 6);
-    // The east-west gateway Service itself: its Azure pod has no sidecar, so only the local one remains.
+    // The east-west gateway Service itself: the local pod directly, Azure's through Azure's gateway.
     let gw = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|15443||{GATEWAY}"));
-    assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1)]));
+    assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1), ("westeurope-1", 1, 1, 1)]));
 }
 
 #[test]

@@ -395,7 +395,8 @@ pub fn bootstrap_with(spec: &BootstrapSpec) -> String {
         .args(["--node-id", &spec.node_id])
         .args(["--xds-address", &format!("127.0.0.1:{}", spec.xds_port)])
         .args(["--admin-port", &spec.admin_port.to_string()]);
-    for (flag, value) in [("--cluster-id", &spec.cluster_id), ("--network", &spec.network), ("--locality", &spec.locality)]
+    for (flag, value) in
+        [("--cluster-id", &spec.cluster_id), ("--network", &spec.network), ("--locality", &spec.locality)]
     {
         if let Some(v) = value {
             cmd.args([flag, v]);
@@ -445,7 +446,8 @@ impl TestCa {
         params.distinguished_name.push(DnType::OrganizationName, "meshfed test mesh");
         params.distinguished_name.push(DnType::CommonName, "meshfed test root CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key)?;
         let root = dir.join("root-cert.pem");
         std::fs::write(&root, cert.pem())?;
