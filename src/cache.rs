@@ -13,7 +13,7 @@ use bytes::Bytes;
 use prost::{Message, Name};
 
 use crate::registry::ClusterSummary;
-use crate::translate::{ClusterScope, EndpointScope, ListenerScope, Named, RouteScope, View};
+use crate::translate::{ClusterScope, EndpointScope, InboundScope, ListenerScope, Named, RouteScope, View};
 use crate::type_url::ResourceType;
 
 /// One resource, encoded once (as a canonical `google.protobuf.Any`) with a content-derived version.
@@ -75,6 +75,8 @@ impl Changes {
 pub struct Snapshot {
     pub generation: u64,
     pub clusters: HashMap<ClusterScope, Resources>,
+    /// per sidecar workload: its inbound clusters (merged into its CDS)
+    pub inbound_clusters: HashMap<InboundScope, Resources>,
     pub endpoints: HashMap<EndpointScope, Resources>,
     pub listeners: HashMap<ListenerScope, Resources>,
     pub routes: HashMap<RouteScope, Resources>,
@@ -93,12 +95,20 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// The resources of one type a proxy with `view` should have (None if its scope is not attached).
-    pub fn resources(&self, view: &View, t: ResourceType) -> Option<&Resources> {
+    /// Cheap: resource maps are persistent; a sidecar's few inbound clusters are merged into the shared
+    /// outbound ones.
+    pub fn resources(&self, view: &View, t: ResourceType) -> Option<Resources> {
         match t {
-            ResourceType::Cluster => self.clusters.get(&view.clusters),
-            ResourceType::Endpoint => self.endpoints.get(&view.endpoints),
-            ResourceType::Listener => self.listeners.get(&view.listeners),
-            ResourceType::Route => self.routes.get(&view.routes),
+            ResourceType::Cluster => {
+                let outbound = self.clusters.get(&view.clusters)?;
+                match view.inbound.as_ref().and_then(|i| self.inbound_clusters.get(i)) {
+                    Some(inbound) if !inbound.is_empty() => Some(inbound.clone().union(outbound.clone())),
+                    _ => Some(outbound.clone()),
+                }
+            }
+            ResourceType::Endpoint => self.endpoints.get(&view.endpoints).cloned(),
+            ResourceType::Listener => self.listeners.get(&view.listeners).cloned(),
+            ResourceType::Route => self.routes.get(&view.routes).cloned(),
         }
     }
 }

@@ -894,8 +894,8 @@ async fn push_status(State(s): State<DebugState>, Query(q): Params) -> Response 
     json_out(&q, &json!({ "generation": snap.generation, "ready": s.push.is_ready(), "pushes": pushes }))
 }
 
-async fn source_errors(State(s): State<DebugState>) -> impl IntoResponse {
-    axum::Json((s.source_errors)())
+async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Response {
+    json_out(&q, &(s.source_errors)())
 }
 
 /// Serves the debug surface on `listener` until `shutdown` resolves.

@@ -23,6 +23,7 @@ pub mod push;
 pub mod registry;
 pub mod source;
 pub mod testing;
+pub mod tls;
 pub mod topology;
 pub mod translate;
 pub mod type_url;

@@ -16,7 +16,7 @@ use crate::mesh_config::{Debounce, MeshConfig};
 use crate::model::ServiceKey;
 use crate::registry::{ChangeKind, Registry, RegistryChange};
 use crate::source::SourceEvent;
-use crate::translate::{self, ClusterScope, Context, EndpointScope, ListenerScope, RouteScope, View};
+use crate::translate::{self, ClusterScope, Context, EndpointScope, InboundScope, ListenerScope, RouteScope, View};
 use crate::type_url::ResourceType;
 
 /// Requests from xDS streams to the push loop.
@@ -133,6 +133,7 @@ pub struct Pusher {
     registry: Registry,
     debounce: Debounce,
     clusters: ScopeTable<ClusterScope>,
+    inbound: ScopeTable<InboundScope>,
     endpoints: ScopeTable<EndpointScope>,
     listeners: ScopeTable<ListenerScope>,
     routes: ScopeTable<RouteScope>,
@@ -170,6 +171,7 @@ impl Pusher {
             registry: Registry::new(mesh),
             debounce: mesh.debounce,
             clusters: ScopeTable::new(),
+            inbound: ScopeTable::new(),
             endpoints: ScopeTable::new(),
             listeners: ScopeTable::new(),
             routes: ScopeTable::new(),
@@ -223,6 +225,13 @@ impl Pusher {
             cache::replace_all(&mut self.clusters.scopes.get_mut(&view.clusters).expect("attached").0, r);
             new = true;
         }
+        if let Some(i) = &view.inbound
+            && self.inbound.attach(i)
+        {
+            let r = encode_all(translate::cluster::inbound_clusters(i, &self.registry));
+            cache::replace_all(&mut self.inbound.scopes.get_mut(i).expect("attached").0, r);
+            new = true;
+        }
         if self.endpoints.attach(&view.endpoints) {
             let r = self.translate_scope_eds(&view.endpoints);
             cache::replace_all(&mut self.endpoints.scopes.get_mut(&view.endpoints).expect("attached").0, r);
@@ -243,6 +252,9 @@ impl Pusher {
 
     pub fn detach(&mut self, view: &View) {
         self.clusters.detach(&view.clusters);
+        if let Some(i) = &view.inbound {
+            self.inbound.detach(i);
+        }
         self.endpoints.detach(&view.endpoints);
         self.listeners.detach(&view.listeners);
         self.routes.detach(&view.routes);
@@ -277,9 +289,15 @@ impl Pusher {
         }
         let full = change.has_shape_change() || self.context_changed;
         let inbound_touched = |ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| touched_ips.contains(&ip));
-        for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
-            if full || inbound_touched(scope.inbound.as_ref().map(|i| i.ip)) {
+        if full {
+            for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
                 let new = encode_all(translate::cluster::clusters(ctx, scope, reg));
+                changes.add(ResourceType::Cluster, cache::replace_all(res, new));
+            }
+        }
+        for (scope, (res, _)) in self.inbound.scopes.iter_mut() {
+            if full || inbound_touched(Some(scope.ip)) {
+                let new = encode_all(translate::cluster::inbound_clusters(scope, reg));
                 changes.add(ResourceType::Cluster, cache::replace_all(res, new));
             }
         }
@@ -428,6 +446,7 @@ impl Pusher {
         let snapshot = Snapshot {
             generation: self.generation,
             clusters: self.clusters.published(),
+            inbound_clusters: self.inbound.published(),
             endpoints: self.endpoints.published(),
             listeners: self.listeners.published(),
             routes: self.routes.published(),

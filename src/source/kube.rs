@@ -240,6 +240,8 @@ pub async fn build_client(spec: &ClientSpec, allow_exec: bool) -> Result<kube::C
         }
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
+    // retries are ours (capped, jittered backoff; see the module doc), not the client's per request
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(Error::Client)
 }
 

@@ -97,6 +97,9 @@ pub struct ClusterStatus {
     pub last_event: Option<SystemTime>,
     /// the last problem the source met (cleared when it recovers)
     pub last_error: Option<String>,
+    /// the cluster's configuration (its remote secret's kubeconfig) changed to something unusable; the
+    /// previous one stays in use until it is fixed
+    pub config_error: Option<String>,
     /// objects that could not be used, one line each (`Service shop/x: field: reason`); their last good
     /// version, if any, is kept until they are fixed or deleted
     pub object_errors: Vec<String>,
@@ -112,6 +115,7 @@ impl ClusterStatus {
             unreachable_since: None,
             last_event: None,
             last_error: None,
+            config_error: None,
             object_errors: Vec::new(),
         }
     }
@@ -223,7 +227,7 @@ impl ClusterHealth {
         self.read(|m| {
             let mut out = Vec::new();
             for s in m.values().filter(|s| pred(s)) {
-                if let Some(e) = &s.last_error {
+                for e in s.last_error.iter().chain(&s.config_error) {
                     out.push(format!("cluster {}: {e}", s.id));
                 }
                 out.extend(s.object_errors.iter().map(|e| format!("cluster {}: {e}", s.id)));

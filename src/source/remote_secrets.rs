@@ -230,6 +230,7 @@ impl Secrets {
                     s.sync = SyncState::Closed;
                     s.unreachable_since = None;
                     s.last_error = None;
+                    s.config_error = None;
                     s.object_errors.clear();
                     s.last_event = Some(now);
                 });
@@ -268,12 +269,13 @@ impl Secrets {
                         Some(r) => {
                             r.kubeconfig = kubeconfig;
                             r.secret = secret;
-                            self.health.update(&id, |s| s.last_error = Some(message));
+                            self.health.update(&id, |s| s.config_error = Some(message));
                         }
                         None => {
                             self.health.register(&id, format!("remote secret {secret_ref}"), Some(secret_ref));
                             self.health.update(&id, |s| {
                                 s.sync = SyncState::Closed;
+                                s.config_error = Some(message.clone());
                                 s.last_error = Some(message);
                             });
                             self.running.insert(id, Running { secret, kubeconfig, watch: None });

@@ -25,7 +25,8 @@ use envoy_types::pb::google::protobuf::{ListValue, Value, value::Kind};
 
 use super::util::{ads_config_source, any, duration, string_value, struct_of, u32v};
 use super::{
-    BLACKHOLE_CLUSTER, ClusterScope, Context, Named, PASSTHROUGH_CLUSTER, TlsSupport, inbound_cluster_name, sni_name,
+    BLACKHOLE_CLUSTER, ClusterScope, Context, InboundScope, Named, PASSTHROUGH_CLUSTER, TlsSupport,
+    inbound_cluster_name, sni_name,
 };
 use crate::model::{Protocol, Service, ServicePort};
 use crate::policy::{EffectivePolicy, OutlierDetection};
@@ -229,19 +230,24 @@ pub fn inbound_cluster(port: u16, app: SocketAddr) -> Cluster {
     }
 }
 
-/// Every cluster for proxies in `scope`.
+/// Every outbound (and special) cluster for proxies in `scope`.
 pub fn clusters(ctx: &Context, scope: &ClusterScope, registry: &Registry) -> Vec<Named<Cluster>> {
     let mut out = special_clusters();
     for service in registry.services().values() {
         out.extend(service_clusters(ctx, scope, service));
     }
-    if let Some(inbound) = &scope.inbound {
-        for (port, _) in inbound_ports(registry, inbound.ip) {
-            let c = inbound_cluster(port, SocketAddr::new(inbound.app, port));
-            out.push(Named::new(c.name.clone(), c));
-        }
-    }
     out
+}
+
+/// The inbound clusters of the workload at `scope.ip`: one per port it serves.
+pub fn inbound_clusters(scope: &InboundScope, registry: &Registry) -> Vec<Named<Cluster>> {
+    inbound_ports(registry, scope.ip)
+        .into_iter()
+        .map(|(port, _)| {
+            let c = inbound_cluster(port, SocketAddr::new(scope.app, port));
+            Named::new(c.name.clone(), c)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -270,7 +276,7 @@ mod tests {
     }
 
     fn sidecar(tls: TlsSupport) -> ClusterScope {
-        ClusterScope { kind: ProxyKind::Sidecar, tls, inbound: None }
+        ClusterScope { kind: ProxyKind::Sidecar, tls }
     }
 
     #[test]
@@ -384,7 +390,7 @@ mod tests {
     #[test]
     fn gateway_clusters_are_sni_named_and_pass_tls_through() {
         let s = svc(&[("http", 9080, Protocol::Http)]);
-        let sc = ClusterScope { kind: ProxyKind::Router, tls: TlsSupport::None, inbound: None };
+        let sc = ClusterScope { kind: ProxyKind::Router, tls: TlsSupport::None };
         let c = outbound_cluster(&ctx(), &sc, &s, &s.ports[0]);
         assert_eq!(c.name, "outbound_.9080_._.ratings.shop.svc.cluster.local");
         assert!(c.transport_socket_matches.is_empty() && c.transport_socket.is_none());

@@ -120,7 +120,7 @@ fn topology_label<'a>(
         labels::REGION => Some(&*locality.region),
         labels::ZONE => Some(&*locality.zone),
         labels::SUBZONE => Some(&*locality.subzone),
-        "topology.istio.io/cluster" => cluster.map(|c| c.as_str()),
+        super::CLUSTER_LABEL => cluster.map(|c| c.as_str()),
         _ => return None,
     })
 }

@@ -156,8 +156,6 @@ pub struct InboundScope {
 pub struct ClusterScope {
     pub kind: ProxyKind,
     pub tls: TlsSupport,
-    /// sidecars with mesh certificates: the inbound side they terminate
-    pub inbound: Option<InboundScope>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -192,6 +190,9 @@ pub struct RouteScope {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct View {
     pub clusters: ClusterScope,
+    /// sidecars with mesh certificates: their own inbound clusters (`inbound|PORT||`), kept apart from
+    /// the outbound clusters so that those stay shared by every proxy of the same kind
+    pub inbound: Option<InboundScope>,
     pub endpoints: EndpointScope,
     pub listeners: ListenerScope,
     pub routes: RouteScope,
@@ -222,12 +223,14 @@ impl View {
         let labels =
             proxy.labels.iter().filter(|(k, _)| label_keys.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         View {
-            clusters: ClusterScope { kind: proxy.kind, tls, inbound: inbound.clone() },
+            clusters: ClusterScope { kind: proxy.kind, tls },
+            inbound: inbound.clone(),
             endpoints: EndpointScope {
                 kind: proxy.kind,
                 network,
                 locality: proxy.locality.clone(),
-                cluster_id: proxy.cluster_id.clone(),
+                // only a failoverPriority on the cluster label needs it (it would split scopes otherwise)
+                cluster_id: proxy.cluster_id.clone().filter(|_| label_keys.contains(CLUSTER_LABEL)),
                 labels,
                 tls,
             },
@@ -294,6 +297,9 @@ pub fn parse_outbound_cluster_name(name: &str) -> Option<(u16, &str, &str)> {
     let fqdn = it.next()?;
     Some((port, subset, fqdn))
 }
+
+/// The topology label of a workload's cluster (usable in failoverPriority).
+pub const CLUSTER_LABEL: &str = "topology.istio.io/cluster";
 
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";

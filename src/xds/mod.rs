@@ -18,6 +18,7 @@ use crate::push::PushHandle;
 
 pub mod codec;
 pub mod connections;
+pub mod server;
 pub mod stream;
 
 use codec::{Response, XdsCodec};
@@ -35,6 +36,8 @@ const STREAM_QUEUE: usize = 2;
 pub enum Error {
     #[error("cannot serve xDS on {addr}: {source}")]
     Serve { addr: SocketAddr, source: tonic::transport::Error },
+    #[error(transparent)]
+    Listener(#[from] server::Error),
 }
 
 /// The ADS gRPC service.
@@ -42,11 +45,33 @@ pub enum Error {
 pub struct AdsService {
     push: PushHandle,
     connections: Arc<Connections>,
+    /// largest request accepted (see [`server::Limits`])
+    max_message_size: usize,
+    /// becomes true when the listener drains: every stream ends with UNAVAILABLE
+    drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AdsService {
     pub fn new(push: PushHandle, connections: Arc<Connections>) -> AdsService {
-        AdsService { push, connections }
+        AdsService { push, connections, max_message_size: server::DEFAULT_MAX_MESSAGE_SIZE, drain: None }
+    }
+
+    /// The service as a listener runs it: its message size limit and drain signal.
+    pub fn with_listener(mut self, max_message_size: usize, drain: tokio::sync::watch::Receiver<bool>) -> AdsService {
+        if max_message_size > 0 {
+            self.max_message_size = max_message_size;
+        }
+        self.drain = Some(drain);
+        self
+    }
+
+    /// Per stream: the connection's info (identity, limits; refused over the connection limit) and the
+    /// drain signal.
+    fn stream_context(&self, conn: Option<&server::ConnInfo>) -> Result<stream::StreamContext, Status> {
+        if let Some(c) = conn {
+            c.0.admit()?;
+        }
+        Ok(stream::StreamContext { conn: conn.cloned(), drain: self.drain.clone() })
     }
 
     pub fn connections(&self) -> &Arc<Connections> {
@@ -70,9 +95,11 @@ impl StreamingService<DiscoveryRequest> for Sotw {
     fn call(&mut self, request: tonic::Request<tonic::Streaming<DiscoveryRequest>>) -> Self::Future {
         let svc = self.0.clone();
         Box::pin(async move {
+            let context = svc.stream_context(request.extensions().get::<server::ConnInfo>())?;
             let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
             let ua = user_agent(&request);
-            let stream = stream::Stream::new(Flavor::Sotw, svc.push.clone(), svc.connections.clone(), tx, ua);
+            let stream = stream::Stream::new(Flavor::Sotw, svc.push.clone(), svc.connections.clone(), tx, ua)
+                .with_context(context);
             tokio::spawn(stream.run_sotw(request.into_inner()));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
@@ -89,9 +116,11 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
     fn call(&mut self, request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
         let svc = self.0.clone();
         Box::pin(async move {
+            let context = svc.stream_context(request.extensions().get::<server::ConnInfo>())?;
             let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
             let ua = user_agent(&request);
-            let stream = stream::Stream::new(Flavor::Delta, svc.push.clone(), svc.connections.clone(), tx, ua);
+            let stream = stream::Stream::new(Flavor::Delta, svc.push.clone(), svc.connections.clone(), tx, ua)
+                .with_context(context);
             tokio::spawn(stream.run_delta(request.into_inner()));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
@@ -115,11 +144,13 @@ where
         let svc = self.clone();
         match req.uri().path() {
             SOTW_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(XdsCodec::<DiscoveryRequest>::default());
+                let mut grpc =
+                    Grpc::new(XdsCodec::<DiscoveryRequest>::default()).max_decoding_message_size(svc.max_message_size);
                 Ok(grpc.streaming(Sotw(svc), req).await)
             }),
             DELTA_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(XdsCodec::<DeltaDiscoveryRequest>::default());
+                let mut grpc = Grpc::new(XdsCodec::<DeltaDiscoveryRequest>::default())
+                    .max_decoding_message_size(svc.max_message_size);
                 Ok(grpc.streaming(Delta(svc), req).await)
             }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
@@ -131,18 +162,14 @@ impl NamedService for AdsService {
     const NAME: &'static str = SERVICE_NAME;
 }
 
-/// Serves ADS on `listener` until `shutdown` resolves.
+/// Serves ADS in plaintext on `listener` until `shutdown` resolves, then drains; without connection,
+/// stream or rate limits ([`server::Limits::unlimited`]: tests and benchmarks). `meshfed serve` uses
+/// [`server::serve`] with its limits and TLS.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: AdsService,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(service)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|source| Error::Serve { addr, source })
+    let options = server::ServeOptions { limits: server::Limits::unlimited(), ..Default::default() };
+    Ok(server::serve(listener, service, options, shutdown).await?)
 }

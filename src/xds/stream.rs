@@ -17,9 +17,11 @@ use tracing::{debug, info, warn};
 
 use super::codec::{DeltaResponse, Response, SotwResponse};
 use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
+use super::server::ConnInfo;
 use crate::cache::{Resource, Resources, Snapshot};
 use crate::proxy::Proxy;
 use crate::push::{Attachment, PushHandle};
+use crate::tls::PeerAuth;
 use crate::translate::View;
 use crate::type_url::ResourceType;
 
@@ -132,6 +134,84 @@ pub struct Stream {
     network: crate::model::NetworkId,
     /// the failoverPriority label keys the view was built with
     label_keys: Arc<std::collections::BTreeSet<String>>,
+    /// the connection (identity, limits) and the listener's drain signal
+    context: StreamContext,
+}
+
+/// What a stream knows of its connection and listener.
+#[derive(Clone, Debug, Default)]
+pub struct StreamContext {
+    /// None outside a listener (in-process use)
+    pub conn: Option<ConnInfo>,
+    /// becomes true when the listener drains
+    pub drain: Option<watch::Receiver<bool>>,
+}
+
+impl StreamContext {
+    fn peer(&self) -> &PeerAuth {
+        self.conn.as_ref().map(|c| &c.0.peer).unwrap_or(&PeerAuth::Anonymous)
+    }
+
+    /// With mTLS, a proxy may only ask for the config of its own namespace: the namespace of its node
+    /// id must be the one of its certificate's SPIFFE identity.
+    fn check_identity(&self, proxy: &Proxy) -> StreamResult {
+        match self.peer() {
+            PeerAuth::Anonymous => Ok(()),
+            PeerAuth::Unusable(reason) => Err(Status::permission_denied(format!("meshfed: {reason}"))),
+            PeerAuth::Workload(id) if id.namespace == *proxy.namespace => Ok(()),
+            PeerAuth::Workload(id) => Err(Status::permission_denied(format!(
+                "meshfed: identity {id} may not ask for the config of namespace {:?} (node id {})",
+                &*proxy.namespace, proxy.id
+            ))),
+        }
+    }
+
+    /// With a workload identity outside the system namespace, the istioctl debug types only show the
+    /// proxies of the identity's namespace.
+    fn debug_scope(&self) -> Option<&str> {
+        match self.peer() {
+            PeerAuth::Workload(id) if id.namespace != crate::registry::SYSTEM_NAMESPACE => Some(&id.namespace),
+            _ => None,
+        }
+    }
+
+    /// Takes a request token from the connection's rate limit.
+    fn admit_request(&self) -> StreamResult {
+        match &self.conn {
+            Some(c) => c.0.take_request_token(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The namespace of a proxy named `POD.NS` or by its full node id.
+fn proxy_namespace(name: &str) -> Option<String> {
+    if name.contains('~') {
+        crate::bootstrap::parse_node_id(name).ok().map(|p| p.namespace)
+    } else {
+        name.rsplit_once('.').map(|(_, ns)| ns.to_string())
+    }
+}
+
+/// How a stream whose requests fail to arrive ends: a request over the size limit is refused with
+/// RESOURCE_EXHAUSTED; anything else is the client going away.
+fn request_error(status: Status) -> StreamResult {
+    if status.code() == tonic::Code::OutOfRange {
+        warn!(%status, "request over the message size limit");
+        return Err(Status::resource_exhausted(format!("meshfed: {}", status.message())));
+    }
+    debug!(%status, "stream ended by client error");
+    Ok(())
+}
+
+/// Resolves when the listener drains (never without a drain signal).
+async fn drained(drain: &mut Option<watch::Receiver<bool>>) {
+    match drain {
+        Some(rx) => {
+            let _ = rx.wait_for(|d| *d).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl Stream {
@@ -160,7 +240,14 @@ impl Stream {
             nonce: 0,
             network: Default::default(),
             label_keys: Default::default(),
+            context: StreamContext::default(),
         }
+    }
+
+    /// Sets the connection and listener the stream runs on.
+    pub fn with_context(mut self, context: StreamContext) -> Stream {
+        self.context = context;
+        self
     }
 
     fn conn(&self) -> Option<&Arc<Connection>> {
@@ -180,6 +267,9 @@ impl Stream {
         let proxy = Proxy::from_node(node, self.user_agent.as_deref()).map_err(|e| {
             warn!(error = %e, "refusing xDS stream");
             Status::invalid_argument(e.to_string())
+        })?;
+        self.context.check_identity(&proxy).inspect_err(|status| {
+            warn!(proxy = %proxy.id, reason = status.message(), "refusing xDS stream: identity");
         })?;
         // The proxy's network: node metadata NETWORK, else its cluster's network.
         let network = if proxy.network.is_empty() {
@@ -210,14 +300,18 @@ impl Stream {
 
     /// Runs the stream until the client goes away or an error ends it.
     pub async fn run_sotw(mut self, mut requests: tonic::Streaming<DiscoveryRequest>) {
+        let mut drain = self.context.drain.take();
         let result = async {
             loop {
                 tokio::select! {
                     req = requests.message() => match req {
-                        Ok(Some(req)) => self.on_sotw_request(req).await?,
+                        Ok(Some(req)) => self.handle_sotw(req).await?,
                         Ok(None) => return Ok(()),
-                        Err(status) => { debug!(%status, "stream ended by client error"); return Ok(()) }
+                        Err(status) => return request_error(status),
                     },
+                    _ = drained(&mut drain) => {
+                        return Err(Status::unavailable("meshfed is shutting down: reconnect"));
+                    }
                     changed = self.snapshots.changed(), if self.view.is_some() => {
                         if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
                         self.on_snapshot().await?;
@@ -230,14 +324,18 @@ impl Stream {
     }
 
     pub async fn run_delta(mut self, mut requests: tonic::Streaming<DeltaDiscoveryRequest>) {
+        let mut drain = self.context.drain.take();
         let result = async {
             loop {
                 tokio::select! {
                     req = requests.message() => match req {
-                        Ok(Some(req)) => self.on_delta_request(req).await?,
+                        Ok(Some(req)) => self.handle_delta(req).await?,
                         Ok(None) => return Ok(()),
-                        Err(status) => { debug!(%status, "stream ended by client error"); return Ok(()) }
+                        Err(status) => return request_error(status),
                     },
+                    _ = drained(&mut drain) => {
+                        return Err(Status::unavailable("meshfed is shutting down: reconnect"));
+                    }
                     changed = self.snapshots.changed(), if self.view.is_some() => {
                         if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
                         self.on_snapshot().await?;
@@ -247,6 +345,27 @@ impl Stream {
         }
         .await;
         self.finish(result).await;
+    }
+
+    /// Handles one SotW request as the stream loop does (rate limit, then the protocol). Public for
+    /// in-process drivers such as the fuzz targets ([`crate::fuzz`]).
+    pub async fn handle_sotw(&mut self, req: DiscoveryRequest) -> StreamResult {
+        self.context.admit_request()?;
+        self.on_sotw_request(req).await
+    }
+
+    /// Handles one Delta request as the stream loop does.
+    pub async fn handle_delta(&mut self, req: DeltaDiscoveryRequest) -> StreamResult {
+        self.context.admit_request()?;
+        self.on_delta_request(req).await
+    }
+
+    /// Takes the newest snapshot and pushes what changed, as the stream loop does on a new snapshot.
+    pub async fn handle_snapshot(&mut self) -> StreamResult {
+        if self.view.is_none() {
+            return Ok(());
+        }
+        self.on_snapshot().await
     }
 
     async fn finish(self, result: StreamResult) {
@@ -319,8 +438,25 @@ impl Stream {
         }
     }
 
+    /// The answer to an istioctl debug type, limited to the proxies the client may see
+    /// ([`StreamContext::debug_scope`]).
+    fn debug_resources(
+        &self,
+        type_url: &str,
+        names: &[String],
+    ) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
+        let scope = self.context.debug_scope();
+        let allowed = |name: &str| scope.is_none_or(|ns| proxy_namespace(name).as_deref() == Some(ns));
+        let names: Vec<String> = names.iter().filter(|n| allowed(n)).cloned().collect();
+        let mut out = crate::config_dump::ads_debug_resources(type_url, &names, &self.connections, &self.push);
+        if type_url == crate::config_dump::TYPE_DEBUG_SYNCZ {
+            out.retain(|(name, _)| allowed(name));
+        }
+        out
+    }
+
     fn current(&self, t: ResourceType) -> Resources {
-        self.view.as_ref().and_then(|v| self.snapshot.resources(v, t)).cloned().unwrap_or_default()
+        self.view.as_ref().and_then(|v| self.snapshot.resources(v, t)).unwrap_or_default()
     }
 
     // ---------------- SotW ----------------
@@ -338,15 +474,8 @@ impl Stream {
             let nonce = self.next_nonce();
             // istioctl-style debug types (istio.io/debug/syncz, istio.io/debug/config_dump) get their
             // answer; any other unknown type an empty one.
-            let resources = crate::config_dump::ads_debug_resources(
-                &req.type_url,
-                &req.resource_names,
-                &self.connections,
-                &self.push,
-            )
-            .into_iter()
-            .map(|(_, any)| any)
-            .collect();
+            let resources =
+                self.debug_resources(&req.type_url, &req.resource_names).into_iter().map(|(_, any)| any).collect();
             let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
                 type_url: req.type_url.clone(),
                 nonce,
@@ -527,12 +656,7 @@ impl Stream {
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
             // istioctl-style debug types are answered (once per request that is not an ACK)
             if req.response_nonce.is_empty() && crate::config_dump::is_ads_debug_type(&req.type_url) {
-                let resources = crate::config_dump::ads_debug_resources(
-                    &req.type_url,
-                    &req.resource_names_subscribe,
-                    &self.connections,
-                    &self.push,
-                );
+                let resources = self.debug_resources(&req.type_url, &req.resource_names_subscribe);
                 let raw = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
                     type_url: req.type_url.clone(),
                     nonce: self.next_nonce(),

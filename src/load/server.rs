@@ -1,0 +1,122 @@
+//! The servers the load generator measures, each meant to run in a process of its own (so that /proc
+//! shows the server's memory and CPU alone):
+//!
+//! - [`serve_meshfed`]: meshfed's real pipeline (push loop, cache, ADS server — [`crate::testing::TestServer`])
+//!   on a generated topology; changes arrive over a loopback control socket and enter the registry as
+//!   source events, as the file or Kubernetes sources would send them.
+//! - [`super::floor::serve_floor`]: the floor, a minimal ADS server writing pre-encoded responses.
+//!
+//! Both print one line `READY xds=ADDR control=ADDR` on stdout once they serve, then answer one line per
+//! control command: a [`Change`] (`flap 3 0 1`, ...) -> `ok`; `stats` -> a JSON object.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::topo::{Change, Size, Topology};
+use crate::mesh_config::MeshConfig;
+
+/// What a server does with control commands.
+pub trait ControlHandler: Send {
+    /// Applies a change; returns when its events are handed to the server.
+    fn change(&mut self, change: &Change);
+    /// A JSON object with whatever the server can say about itself.
+    fn stats(&mut self) -> serde_json::Value;
+}
+
+/// Serves the control protocol on `listener` (one client at a time) until the process ends.
+pub async fn serve_control(listener: TcpListener, mut handler: impl ControlHandler) -> Result<()> {
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let _ = sock.set_nodelay(true);
+        let (r, mut w) = sock.into_split();
+        let mut lines = BufReader::new(r).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let reply = match line.trim() {
+                "stats" => handler.stats().to_string(),
+                "ping" => "pong".to_string(),
+                l => match Change::parse(l) {
+                    Some(c) => {
+                        handler.change(&c);
+                        "ok".to_string()
+                    }
+                    None => format!("error: unknown command {l:?}"),
+                },
+            };
+            if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// The client side of the control protocol.
+pub struct ControlClient {
+    lines: tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl ControlClient {
+    pub async fn connect(addr: SocketAddr) -> Result<ControlClient> {
+        let sock = TcpStream::connect(addr).await.with_context(|| format!("control connect {addr}"))?;
+        let _ = sock.set_nodelay(true);
+        let (r, w) = sock.into_split();
+        Ok(ControlClient { lines: BufReader::new(r).lines(), w })
+    }
+
+    /// Sends one command and returns the reply line.
+    pub async fn call(&mut self, line: &str) -> Result<String> {
+        self.w.write_all(format!("{line}\n").as_bytes()).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line())
+            .await
+            .context("control reply timed out")??
+            .context("control connection closed")?;
+        if let Some(e) = reply.strip_prefix("error: ") {
+            anyhow::bail!("control: {e}");
+        }
+        Ok(reply)
+    }
+}
+
+/// The mesh config of a generated topology served without files (`manifests` directories are never read).
+pub fn mesh_config(topology: &Topology, quiet: &str, max: &str) -> Result<MeshConfig> {
+    let yaml = topology.mesh_config_yaml(Some(Path::new("/nonexistent-meshfed-load")), quiet, max);
+    Ok(MeshConfig::parse(&yaml, Path::new("/"))?)
+}
+
+struct MeshfedControl {
+    topology: Topology,
+    server: crate::testing::TestServer,
+}
+
+impl ControlHandler for MeshfedControl {
+    fn change(&mut self, change: &Change) {
+        for e in self.topology.apply(change) {
+            let _ = self.server.events.send(e);
+        }
+    }
+
+    fn stats(&mut self) -> serde_json::Value {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        serde_json::json!({
+            "connections": self.server.connections.len(),
+            "tasks": metrics.num_alive_tasks(),
+            "generation": self.server.push.snapshot().generation,
+        })
+    }
+}
+
+/// Runs meshfed's pipeline on a generated topology of `size` with the given debounce, serving ADS on an
+/// ephemeral loopback port; prints `READY ...` and serves control commands until killed.
+pub async fn serve_meshfed(size: Size, quiet: &str, max: &str) -> Result<()> {
+    let topology = Topology::new(size);
+    let mesh = mesh_config(&topology, quiet, max)?;
+    let server = crate::testing::TestServer::start(&mesh, topology.initial_events()).await;
+    let control = TcpListener::bind("127.0.0.1:0").await?;
+    println!("READY xds={} control={}", server.xds_addr, control.local_addr()?);
+    serve_control(control, MeshfedControl { topology, server }).await
+}

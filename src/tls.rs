@@ -1,0 +1,451 @@
+//! TLS for meshfed's servers (rustls, ring provider): server certificates read from PEM files and
+//! reloaded when the files change, optional client-certificate verification (mTLS) against a CA bundle,
+//! and the SPIFFE identity (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`) of a verified client.
+//!
+//! The certificate and key are served through [`ReloadingCert`], a rustls [`ResolvesServerCert`] that
+//! holds the current [`CertifiedKey`] in an [`ArcSwap`]: [`ReloadingCert::reload`] (run every
+//! [`DEFAULT_RELOAD_INTERVAL`] by [`watch_files`]) swaps in a new pair when the files change, so new
+//! handshakes use the new certificate while established connections keep theirs. A pair that does not
+//! parse, or whose key does not match the certificate (e.g. a rotation caught between the two writes),
+//! is reported and skipped: the last good pair keeps being served. The client CA bundle is read at
+//! start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use tracing::{info, warn};
+
+/// How often [`watch_files`] checks the certificate and key files by default.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Cap of a TLS handshake: a client that has not completed it by then is disconnected.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {}: {source}", .path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: no PEM certificate found", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: {reason}", .path.display())]
+    Pem { path: PathBuf, reason: String },
+    #[error("{}: unusable private key: {reason}", .path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("the private key {} does not match the certificate {}", .key.display(), .cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("client CA bundle {}: {reason}", .path.display())]
+    ClientCa { path: PathBuf, reason: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The crypto provider meshfed uses everywhere (ring, as kube-rs in this build).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })
+}
+
+/// Every certificate of a PEM file (a chain: leaf first).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    parse_certs(&read(path)?, path)
+}
+
+fn parse_certs(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Pem { path: path.to_path_buf(), reason: e.to_string() })?;
+    if certs.is_empty() {
+        return Err(Error::NoCertificate { path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    parse_key(&read(path)?, path)
+}
+
+fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| Error::Pem { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// A certificate chain and its key, read from PEM files, checked to belong together.
+pub fn load_certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, Error> {
+    certified_key_from_pem(&read(cert)?, cert, &read(key)?, key, provider)
+}
+
+fn certified_key_from_pem(
+    cert_pem: &[u8],
+    cert: &Path,
+    key_pem: &[u8],
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, Error> {
+    let chain = parse_certs(cert_pem, cert)?;
+    let der = parse_key(key_pem, key)?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| Error::Key { path: key.to_path_buf(), reason: e.to_string() })?;
+    let ck = CertifiedKey::new(chain, signing);
+    match ck.keys_match() {
+        Ok(()) => Ok(ck),
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            Err(Error::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
+        }
+        // the key type cannot tell (no SubjectPublicKeyInfo): accept, the handshake will tell
+        Err(_) => Ok(ck),
+    }
+}
+
+/// A server certificate read from files and swapped atomically when they change.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: ArcSwap<CertifiedKey>,
+    /// the file contents the current pair was built from
+    loaded: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ReloadingCert {
+    /// Reads the pair; fails if it is unusable (at start, a bad pair is fatal).
+    pub fn load(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<ReloadingCert, Error> {
+        let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+        let ck = certified_key_from_pem(&cert_pem, cert, &key_pem, key, &provider)?;
+        Ok(ReloadingCert {
+            cert_path: cert.to_path_buf(),
+            key_path: key.to_path_buf(),
+            provider,
+            current: ArcSwap::from_pointee(ck),
+            loaded: std::sync::Mutex::new((cert_pem, key_pem)),
+        })
+    }
+
+    /// Re-reads the files: `Ok(true)` if a new pair is now served, `Ok(false)` if they did not change,
+    /// an error (the previous pair stays) if they cannot be used.
+    pub fn reload(&self) -> Result<bool, Error> {
+        let (cert_pem, key_pem) = (read(&self.cert_path)?, read(&self.key_path)?);
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if loaded.0 == cert_pem && loaded.1 == key_pem {
+            return Ok(false);
+        }
+        let ck = certified_key_from_pem(&cert_pem, &self.cert_path, &key_pem, &self.key_path, &self.provider)?;
+        self.current.store(Arc::new(ck));
+        *loaded = (cert_pem, key_pem);
+        Ok(true)
+    }
+
+    /// The pair new handshakes get.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// Checks `cert` every `interval` until the returned task is aborted; logs each reload and each error
+/// (the previous certificate stays in use).
+pub fn watch_files(cert: Arc<ReloadingCert>, interval: Duration, what: &'static str) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        let mut last_error: Option<String> = None;
+        loop {
+            tick.tick().await;
+            match cert.reload() {
+                Ok(true) => {
+                    info!(server = what, cert = %cert.cert_path().display(), "TLS certificate reloaded");
+                    last_error = None;
+                }
+                Ok(false) => last_error = None,
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        warn!(server = what, error = %msg, "TLS certificate not reloaded; the previous one stays in use");
+                    }
+                    last_error = Some(msg);
+                }
+            }
+        }
+    })
+}
+
+/// The TLS settings of one server.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: Arc<ReloadingCert>,
+    /// with a client CA: mTLS, every client must present a certificate it issued
+    pub client_ca: Option<PathBuf>,
+    /// ALPN protocols offered (e.g. `h2` for gRPC)
+    pub alpn: Vec<Vec<u8>>,
+}
+
+impl ServerTls {
+    /// Builds the rustls configuration (the certificate is resolved per handshake, so reloads apply).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, Error> {
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                let mut roots = RootCertStore::empty();
+                let certs = load_certs(path).map_err(|e| match e {
+                    Error::Read { .. } => e,
+                    other => Error::ClientCa { path: path.clone(), reason: other.to_string() },
+                })?;
+                for c in certs {
+                    roots.add(c).map_err(|e| Error::ClientCa { path: path.clone(), reason: e.to_string() })?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| Error::ClientCa { path: path.clone(), reason: e.to_string() })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(self.cert.clone());
+        config.alpn_protocols = self.alpn.clone();
+        Ok(Arc::new(config))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer identities
+// ---------------------------------------------------------------------------------------------
+
+/// A workload identity: `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl std::fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+    }
+}
+
+impl SpiffeId {
+    /// Parses an Istio workload SPIFFE id; None for anything else.
+    pub fn parse(uri: &str) -> Option<SpiffeId> {
+        let rest = uri.strip_prefix("spiffe://")?;
+        let (td, path) = rest.split_once('/')?;
+        let parts: Vec<&str> = path.split('/').collect();
+        match parts.as_slice() {
+            ["ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty() => Some(SpiffeId {
+                trust_domain: td.to_string(),
+                namespace: ns.to_string(),
+                service_account: sa.to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What a connection proved about its client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerAuth {
+    /// no client certificate (plaintext, or TLS without client authentication)
+    Anonymous,
+    /// a client certificate from the CA, with this workload identity in the mesh's trust domain
+    Workload(SpiffeId),
+    /// a client certificate from the CA that does not name a workload of this mesh (the reason)
+    Unusable(String),
+}
+
+/// The URI subject alternative names of a DER certificate.
+pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("cannot parse certificate: {e}"))?;
+    let san = cert.subject_alternative_name().map_err(|e| format!("bad subjectAltName: {e}"))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The identity a verified client certificate (`leaf`, DER) proves in `trust_domain`.
+pub fn peer_auth(leaf: &[u8], trust_domain: &str) -> PeerAuth {
+    let uris = match uri_sans(leaf) {
+        Ok(u) => u,
+        Err(e) => return PeerAuth::Unusable(e),
+    };
+    let ids: Vec<SpiffeId> = uris.iter().filter_map(|u| SpiffeId::parse(u)).collect();
+    match ids.as_slice() {
+        [] => PeerAuth::Unusable(format!(
+            "the client certificate has no spiffe://{trust_domain}/ns/NS/sa/SA URI SAN (URI SANs: {uris:?})"
+        )),
+        [id] if id.trust_domain == trust_domain => PeerAuth::Workload(id.clone()),
+        [id] => PeerAuth::Unusable(format!(
+            "the client certificate's identity {id} is not in the mesh's trust domain {trust_domain:?}"
+        )),
+        _ => PeerAuth::Unusable(format!("the client certificate has several SPIFFE ids: {uris:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side (tests, tools): a rustls client configuration and a gRPC channel over it
+// ---------------------------------------------------------------------------------------------
+
+/// A client configuration trusting `ca` (PEM file), presenting `identity` (cert, key PEM files) if
+/// given, offering ALPN `h2`.
+pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| Error::ClientCa { path: ca.to_path_buf(), reason: e.to_string() })?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A gRPC channel to `addr` over TLS (`server_name`: the name or IP checked against the server's
+/// certificate). Connects lazily, on first use, as tonic channels do.
+pub fn grpc_channel(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, Error> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|e| Error::Config(rustls::Error::General(format!("server name {server_name:?}: {e}"))))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::Config(rustls::Error::General(e.to_string())))?;
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_spiffe_ids() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap();
+        assert_eq!(
+            (id.trust_domain.as_str(), id.namespace.as_str(), id.service_account.as_str()),
+            ("cluster.local", "shop", "reviews")
+        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/reviews");
+        for bad in [
+            "",
+            "spiffe://",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/ns/shop",
+            "spiffe://cluster.local/ns//sa/x",
+            "spiffe:///ns/a/sa/b",
+            "spiffe://td/ns/a/sa/b/extra",
+            "https://td/ns/a/sa/b",
+            "spiffe://td/sa/b/ns/a",
+        ] {
+            assert_eq!(SpiffeId::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn self_signed(sans: Vec<rcgen::SanType>) -> (String, String) {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn reloads_only_good_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = self_signed(vec![rcgen::SanType::DnsName("a.example".try_into().unwrap())]);
+        let (c2, k2) = self_signed(vec![rcgen::SanType::DnsName("b.example".try_into().unwrap())]);
+        let cert = write(dir.path(), "tls.crt", &c1);
+        let key = write(dir.path(), "tls.key", &k1);
+        let r = ReloadingCert::load(&cert, &key, provider()).unwrap();
+        let first = r.current();
+        assert!(!r.reload().unwrap(), "unchanged files are not reloaded");
+        // half a rotation: the new certificate with the old key is refused, the old pair stays
+        std::fs::write(&cert, &c2).unwrap();
+        assert!(matches!(r.reload(), Err(Error::KeyMismatch { .. })));
+        assert!(Arc::ptr_eq(&first, &r.current()));
+        // a truncated file is refused too
+        std::fs::write(&key, &k2[..k2.len() / 2]).unwrap();
+        assert!(r.reload().is_err());
+        assert!(Arc::ptr_eq(&first, &r.current()));
+        std::fs::write(&key, &k2).unwrap();
+        assert!(r.reload().unwrap());
+        assert_ne!(first.cert[0], r.current().cert[0]);
+        assert_eq!(r.current().cert[0].as_ref(), parse_certs(c2.as_bytes(), &cert).unwrap()[0].as_ref());
+    }
+
+    #[test]
+    fn refuses_bad_files_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c1, k1) = self_signed(vec![]);
+        let cert = write(dir.path(), "tls.crt", &c1);
+        let key = write(dir.path(), "tls.key", &k1);
+        let empty = write(dir.path(), "empty.pem", "");
+        assert!(matches!(ReloadingCert::load(&empty, &key, provider()), Err(Error::NoCertificate { .. })));
+        assert!(ReloadingCert::load(&cert, &empty, provider()).is_err());
+        assert!(matches!(ReloadingCert::load(&dir.path().join("missing"), &key, provider()), Err(Error::Read { .. })));
+    }
+
+    #[test]
+    fn peer_identity_from_certificate() {
+        let (pem, _) =
+            self_signed(vec![rcgen::SanType::URI("spiffe://cluster.local/ns/shop/sa/default".try_into().unwrap())]);
+        let der = parse_certs(pem.as_bytes(), Path::new("x")).unwrap().remove(0);
+        assert_eq!(
+            peer_auth(&der, "cluster.local"),
+            PeerAuth::Workload(SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/default").unwrap())
+        );
+        assert!(matches!(peer_auth(&der, "other.domain"), PeerAuth::Unusable(r) if r.contains("trust domain")));
+        let (pem, _) = self_signed(vec![rcgen::SanType::DnsName("istioctl".try_into().unwrap())]);
+        let der = parse_certs(pem.as_bytes(), Path::new("x")).unwrap().remove(0);
+        assert!(matches!(peer_auth(&der, "cluster.local"), PeerAuth::Unusable(r) if r.contains("no spiffe")));
+        assert!(matches!(peer_auth(b"not a certificate", "cluster.local"), PeerAuth::Unusable(_)));
+    }
+}

@@ -1,0 +1,543 @@
+//! The xDS listeners: accept loop, TLS termination, limits and graceful drain.
+//!
+//! meshfed terminates TLS itself (tokio-rustls) and hands tonic the connections through
+//! `serve_with_incoming_shutdown`: each connection carries a [`ConnInfo`] (tonic puts it into every
+//! request's extensions, see [`tonic::transport::server::Connected`]) with the client's verified
+//! identity ([`PeerAuth`]), its admission under the connection limit and its request-rate bucket.
+//!
+//! Limits ([`Limits`], every one with a flag and a default in `meshfed serve`):
+//! - **message size**: requests larger than `max_message_size` end their stream with RESOURCE_EXHAUSTED
+//!   (tonic refuses them from the length prefix, before buffering them);
+//! - **streams per connection**: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`; clients queue beyond it, and a
+//!   stream opened over it is refused by HTTP/2 (REFUSED_STREAM);
+//! - **connections**: a connection is admitted when it opens its first stream, while fewer than
+//!   `max_connections` are; otherwise that stream (and every later one, until a slot frees) gets
+//!   RESOURCE_EXHAUSTED. Sockets beyond `max_connections + PENDING_CONNECTIONS` are closed at accept, and a
+//!   connection that opens no admitted stream within [`ADMISSION_TIMEOUT`] is closed;
+//! - **request rate**: a token bucket per connection (`request_rate` per second, `request_burst`); a
+//!   request over it ends its stream with RESOURCE_EXHAUSTED. Other connections are unaffected.
+//!
+//! Graceful shutdown ([`serve`]): when `shutdown` resolves the listener is closed (no new connections),
+//! every connection is sent an HTTP/2 GOAWAY (hyper's graceful shutdown, through tonic), every ADS stream
+//! is ended with UNAVAILABLE so its proxy reconnects — to another replica, as this one no longer accepts —
+//! and the connections get `drain_timeout` to close; whatever is left then is closed.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::StreamExt as _;
+use tracing::{debug, info, warn};
+
+use super::AdsService;
+use crate::tls::PeerAuth;
+
+/// Sockets accepted beyond `max_connections` (TLS handshakes, connections not yet admitted).
+pub const PENDING_CONNECTIONS: usize = 256;
+/// A connection that has not opened an admitted stream this long after it was accepted is closed.
+pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Defaults of [`Limits`] (and of `meshfed serve`'s flags).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+pub const DEFAULT_REQUEST_RATE: u32 = 100;
+pub const DEFAULT_REQUEST_BURST: u32 = 1_000;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot serve xDS on {addr}: {source}")]
+    Serve { addr: SocketAddr, source: tonic::transport::Error },
+    #[error("xDS TLS: {0}")]
+    Tls(#[from] crate::tls::Error),
+}
+
+/// The limits of an xDS listener. `0` disables a limit (for the message size: tonic's 4 MiB default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// largest request message accepted, bytes
+    pub max_message_size: usize,
+    /// admitted connections (those with an ADS stream)
+    pub max_connections: usize,
+    /// HTTP/2 concurrent streams per connection
+    pub max_streams_per_connection: u32,
+    /// sustained requests per second per connection
+    pub request_rate: u32,
+    /// requests a connection may send at once above the sustained rate
+    pub request_burst: u32,
+    /// how long a shutdown waits for connections to close
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            request_rate: DEFAULT_REQUEST_RATE,
+            request_burst: DEFAULT_REQUEST_BURST,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+impl Limits {
+    /// No connection, stream or rate limit (tests and benchmarks that open many streams per connection);
+    /// the message size stays at its default.
+    pub fn unlimited() -> Limits {
+        Limits {
+            max_connections: 0,
+            max_streams_per_connection: 0,
+            request_rate: 0,
+            request_burst: 0,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Counters of one listener (for tests and the debug surface).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// open sockets (handshaking, pending or admitted)
+    pub sockets: AtomicUsize,
+    /// admitted connections
+    pub admitted: AtomicUsize,
+    /// sockets closed at accept because of the connection limit
+    pub refused_sockets: AtomicU64,
+    /// streams refused because of the connection limit
+    pub refused_streams: AtomicU64,
+    /// streams ended because their connection exceeded its request rate
+    pub rate_limited: AtomicU64,
+    /// TLS handshakes that failed or timed out
+    pub failed_handshakes: AtomicU64,
+}
+
+/// What meshfed knows about a connection; in every request's extensions.
+#[derive(Clone, Debug)]
+pub struct ConnInfo(pub Arc<ConnState>);
+
+#[derive(Debug)]
+pub struct ConnState {
+    pub remote: Option<SocketAddr>,
+    pub peer: PeerAuth,
+    pub tls: bool,
+    admitted: AtomicBool,
+    bucket: Option<Mutex<TokenBucket>>,
+    limits: Arc<Limits>,
+    stats: Arc<ServerStats>,
+    /// set to close this connection
+    closer: watch::Sender<bool>,
+}
+
+impl ConnState {
+    fn new(
+        remote: Option<SocketAddr>,
+        peer: PeerAuth,
+        tls: bool,
+        limits: Arc<Limits>,
+        stats: Arc<ServerStats>,
+    ) -> Self {
+        let bucket = (limits.request_rate > 0)
+            .then(|| Mutex::new(TokenBucket::new(limits.request_rate, limits.request_burst.max(1))));
+        let closer = watch::Sender::new(false);
+        ConnState { remote, peer, tls, admitted: AtomicBool::new(false), bucket, limits, stats, closer }
+    }
+
+    /// Closes the connection: its reads and writes fail from now on.
+    pub fn close(&self) {
+        self.closer.send_replace(true);
+    }
+
+    /// A connection outside any listener (in-process use): anonymous, unlimited.
+    pub fn unlimited() -> ConnInfo {
+        ConnInfo(Arc::new(ConnState::new(
+            None,
+            PeerAuth::Anonymous,
+            false,
+            Arc::new(Limits::unlimited()),
+            Arc::default(),
+        )))
+    }
+
+    /// Admits the connection under the connection limit (once; later calls are free).
+    pub fn admit(&self) -> Result<(), tonic::Status> {
+        if self.admitted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let max = self.limits.max_connections;
+        let ok = self
+            .stats
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .is_ok();
+        if !ok {
+            self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+            return Err(tonic::Status::resource_exhausted(format!(
+                "meshfed: connection limit reached ({max} connections); retry later or use another replica"
+            )));
+        }
+        if self.admitted.swap(true, Ordering::AcqRel) {
+            // admitted concurrently by another stream: give the extra slot back
+            self.stats.admitted.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    pub fn is_admitted(&self) -> bool {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    /// Takes a token for one request: RESOURCE_EXHAUSTED when the connection is over its rate.
+    pub fn take_request_token(&self) -> Result<(), tonic::Status> {
+        let Some(bucket) = &self.bucket else { return Ok(()) };
+        let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
+        if b.take(Instant::now()) {
+            return Ok(());
+        }
+        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        Err(tonic::Status::resource_exhausted(format!(
+            "meshfed: request rate limit exceeded on this connection ({} requests/s, burst {})",
+            self.limits.request_rate,
+            self.limits.request_burst.max(1)
+        )))
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        if *self.admitted.get_mut() {
+            self.stats.admitted.fetch_sub(1, Ordering::AcqRel);
+        }
+        if self.remote.is_some() {
+            self.stats.sockets.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket { rate: f64::from(rate), burst: f64::from(burst), tokens: f64::from(burst), last: Instant::now() }
+    }
+
+    /// Takes one token at time `now`, if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------------------------
+
+/// A client connection, plaintext or TLS, that can be closed from outside (drain deadline, admission
+/// timeout): once `kill` fires, reads and writes fail.
+pub struct ServerIo {
+    inner: Inner,
+    info: ConnInfo,
+    kill: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    killed: bool,
+}
+
+enum Inner {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ServerIo {
+    /// `kill` closes every connection of the listener; [`ConnState::close`] this one.
+    fn new(inner: Inner, info: ConnInfo, mut kill: watch::Receiver<bool>) -> ServerIo {
+        let mut own = info.0.closer.subscribe();
+        let kill = Box::pin(async move {
+            tokio::select! {
+                _ = kill.wait_for(|k| *k) => {}
+                _ = own.wait_for(|k| *k) => {}
+            }
+        });
+        ServerIo { inner, info, kill, killed: false }
+    }
+
+    fn check_killed(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        if !self.killed && self.kill.as_mut().poll(cx).is_ready() {
+            self.killed = true;
+        }
+        if self.killed {
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by meshfed"));
+        }
+        Ok(())
+    }
+}
+
+impl tonic::transport::server::Connected for ServerIo {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if let Err(e) = this.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Err(e) = this.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if let Err(e) = this.check_killed(cx) {
+            return Poll::Ready(Err(e));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.inner {
+            Inner::Plain(s) => s.is_write_vectored(),
+            Inner::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+// ---------------------------------------------------------------------------------------------
+
+/// How one xDS listener serves.
+#[derive(Clone, Debug, Default)]
+pub struct ServeOptions {
+    pub limits: Limits,
+    /// TLS (None: plaintext)
+    pub tls: Option<TlsOptions>,
+    /// counters (shared with whoever wants to read them)
+    pub stats: Arc<ServerStats>,
+}
+
+/// TLS on an xDS listener.
+#[derive(Clone, Debug)]
+pub struct TlsOptions {
+    pub config: Arc<rustls::ServerConfig>,
+    /// the mesh's trust domain: client identities outside it are refused (mTLS)
+    pub trust_domain: Arc<str>,
+}
+
+/// Serves ADS on `listener` with `options` until `shutdown` resolves, then drains (see the module docs).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: AdsService,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let limits = Arc::new(options.limits.clone());
+    let stats = options.stats.clone();
+    let (kill_tx, kill_rx) = watch::channel(false);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let service = service.with_listener(limits.max_message_size, drain_rx);
+
+    // Accepted (and, with TLS, handshaken) connections flow to tonic through this channel; the accept
+    // loop never waits for a handshake.
+    let (conn_tx, conn_rx) = mpsc::channel::<ServerIo>(64);
+    let (stop_accept_tx, mut stop_accept_rx) = watch::channel(false);
+    let acceptor = options.tls.as_ref().map(|t| (TlsAcceptor::from(t.config.clone()), t.trust_domain.clone()));
+    let accept_task = tokio::spawn({
+        let (limits, stats, kill_rx) = (limits.clone(), stats.clone(), kill_rx.clone());
+        async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop_accept_rx.wait_for(|s| *s) => break,
+                };
+                let (tcp, remote) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // e.g. out of file descriptors: do not spin
+                        debug!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let cap = if limits.max_connections == 0 {
+                    usize::MAX
+                } else {
+                    limits.max_connections.saturating_add(PENDING_CONNECTIONS)
+                };
+                if stats.sockets.load(Ordering::Acquire) >= cap {
+                    stats.refused_sockets.fetch_add(1, Ordering::Relaxed);
+                    debug!(%remote, "connection refused: too many open connections");
+                    drop(tcp);
+                    continue;
+                }
+                stats.sockets.fetch_add(1, Ordering::AcqRel);
+                let _ = tcp.set_nodelay(true);
+                let (conn_tx, limits, stats, kill_rx) =
+                    (conn_tx.clone(), limits.clone(), stats.clone(), kill_rx.clone());
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let io = match acceptor {
+                        None => {
+                            let state = ConnState::new(Some(remote), PeerAuth::Anonymous, false, limits, stats);
+                            ServerIo::new(Inner::Plain(tcp), ConnInfo(Arc::new(state)), kill_rx)
+                        }
+                        Some((acceptor, trust_domain)) => {
+                            match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                                Ok(Ok(tls)) => {
+                                    let peer = match tls.get_ref().1.peer_certificates() {
+                                        Some([leaf, ..]) => crate::tls::peer_auth(leaf, &trust_domain),
+                                        _ => PeerAuth::Anonymous,
+                                    };
+                                    let state = ConnState::new(Some(remote), peer, true, limits, stats);
+                                    ServerIo::new(Inner::Tls(Box::new(tls)), ConnInfo(Arc::new(state)), kill_rx)
+                                }
+                                Ok(Err(e)) => {
+                                    stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+                                    stats.sockets.fetch_sub(1, Ordering::AcqRel);
+                                    debug!(%remote, error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+                                    stats.sockets.fetch_sub(1, Ordering::AcqRel);
+                                    debug!(%remote, "TLS handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    let info = io.info.0.clone();
+                    if conn_tx.send(io).await.is_err() {
+                        return;
+                    }
+                    // A connection that never gets admitted (no stream, or refused over the limit) is
+                    // closed after a while, so idle sockets cannot hold the pending slots.
+                    let weak = Arc::downgrade(&info);
+                    drop(info);
+                    tokio::time::sleep(ADMISSION_TIMEOUT).await;
+                    if let Some(info) = weak.upgrade()
+                        && !info.is_admitted()
+                    {
+                        debug!(%remote, "closing a connection that opened no admitted stream");
+                        close_one(&weak);
+                    }
+                });
+            }
+        }
+    });
+
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if limits.max_streams_per_connection > 0 {
+        builder = builder.max_concurrent_streams(Some(limits.max_streams_per_connection));
+    }
+    let (graceful_tx, mut graceful_rx) = watch::channel(false);
+    let server = builder.add_service(service).serve_with_incoming_shutdown(incoming, async move {
+        let _ = graceful_rx.wait_for(|v| *v).await;
+    });
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown => None,
+    };
+    if let Some(r) = result {
+        accept_task.abort();
+        return r.map_err(|source| Error::Serve { addr, source });
+    }
+    // Drain: stop accepting, GOAWAY on every connection, end the streams, wait, then close the rest.
+    info!(%addr, open = stats.sockets.load(Ordering::Relaxed), "xDS server draining");
+    let _ = stop_accept_tx.send(true);
+    let _ = accept_task.await;
+    let _ = graceful_tx.send(true);
+    // Let hyper send its GOAWAYs before the streams end, so clients reconnect on a new connection.
+    tokio::task::yield_now().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = drain_tx.send(true);
+    let outcome = tokio::time::timeout(limits.drain_timeout, &mut server).await;
+    let _ = kill_tx.send(true);
+    match outcome {
+        Ok(r) => {
+            info!(%addr, "xDS server drained");
+            r.map_err(|source| Error::Serve { addr, source })
+        }
+        Err(_) => {
+            warn!(%addr, open = stats.sockets.load(Ordering::Relaxed), timeout = ?limits.drain_timeout,
+                "drain timeout: closing the remaining connections");
+            // the connections see their sockets fail and end; give them a moment
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
+            Ok(())
+        }
+    }
+}
+
+/// Closes one connection (its admission timed out).
+fn close_one(state: &std::sync::Weak<ConnState>) {
+    if let Some(s) = state.upgrade() {
+        s.close();
+    }
+}
