@@ -40,6 +40,8 @@ pub enum Error {
     Metadata { what: &'static str, reason: String },
     #[error("cannot serialize the bootstrap: {0}")]
     Serialize(#[from] serde_yaml::Error),
+    #[error("xDS TLS: {0}")]
+    XdsTls(String),
 }
 
 /// How inbound/outbound traffic reaches the proxy (node metadata `INTERCEPTION_MODE`).
@@ -110,6 +112,20 @@ pub struct BootstrapOptions {
     pub tls: Option<TlsFiles>,
     /// where the workload listens for inbound traffic (node metadata `MESHFED_INBOUND_ADDRESS`)
     pub inbound_address: Option<IpAddr>,
+    /// TLS to meshfed's xDS server (None: plaintext)
+    pub xds_tls: Option<XdsTls>,
+}
+
+/// TLS from Envoy to meshfed's xDS server: an `UpstreamTlsContext` on the `xds-grpc` cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsTls {
+    /// PEM CA bundle that issued meshfed's server certificate
+    pub ca: std::path::PathBuf,
+    /// PEM certificate chain and key Envoy presents (mTLS), when meshfed requires client certificates
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// SNI, and the DNS name meshfed's certificate must carry; default: the xDS address's host name
+    /// (for an IP address: no SNI, and the certificate must carry the IP)
+    pub sni: Option<String>,
 }
 
 /// PEM files of a workload's mesh identity.
@@ -135,6 +151,7 @@ impl BootstrapOptions {
             labels: BTreeMap::new(),
             tls: None,
             inbound_address: None,
+            xds_tls: None,
         }
     }
 }
@@ -393,6 +410,9 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
         // only the first family that resolves: a name like `localhost` must not become two endpoints
         xds_cluster["dns_lookup_family"] = json!("V4_PREFERRED");
     }
+    if let Some(tls) = &opts.xds_tls {
+        xds_cluster["transport_socket"] = xds_transport_socket(tls, &xds)?;
+    }
 
     let mut static_resources = json!({ "clusters": [xds_cluster] });
     if let Some(tls) = &opts.tls {
@@ -438,6 +458,40 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
             }]
         }
     }))
+}
+
+const UPSTREAM_TLS_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+
+/// The `xds-grpc` cluster's TLS: trust `ca`, present the client certificate if any, send SNI, and
+/// check that meshfed's certificate names the server (its DNS name, else its IP address): Envoy checks
+/// only the chain unless told which names to expect.
+fn xds_transport_socket(tls: &XdsTls, xds: &XdsAddress) -> Result<Value, Error> {
+    let file = |p: &std::path::Path| json!({ "filename": p.to_string_lossy() });
+    let sni = match &tls.sni {
+        Some(s) if !is_dns_name(s) => {
+            return Err(Error::XdsTls(format!("--xds-sni {s:?} is not a DNS name")));
+        }
+        Some(s) => Some(s.clone()),
+        None if xds.ip.is_none() => Some(xds.host.trim_end_matches('.').to_string()),
+        None => None,
+    };
+    let san = match (&sni, xds.ip) {
+        (Some(name), _) => json!({ "san_type": "DNS", "matcher": { "exact": name } }),
+        (None, Some(ip)) => json!({ "san_type": "IP_ADDRESS", "matcher": { "exact": ip.to_string() } }),
+        (None, None) => return Err(Error::XdsTls("no name to check meshfed's certificate against".into())),
+    };
+    let mut common = json!({
+        "alpn_protocols": ["h2"],
+        "validation_context": { "trusted_ca": file(&tls.ca), "match_typed_subject_alt_names": [san] }
+    });
+    if let Some((cert, key)) = &tls.client_cert {
+        common["tls_certificates"] = json!([{ "certificate_chain": file(cert), "private_key": file(key) }]);
+    }
+    let mut context = json!({ "@type": UPSTREAM_TLS_TYPE, "common_tls_context": common });
+    if let Some(sni) = sni {
+        context["sni"] = json!(sni);
+    }
+    Ok(json!({ "name": "envoy.transport_sockets.tls", "typed_config": context }))
 }
 
 const DOWNSTREAM_CONNECTIONS_TYPE: &str =
@@ -792,5 +846,50 @@ mod tests {
         opts.cluster_id = None;
         opts.labels.insert(String::new(), "v".into());
         assert!(matches!(render(&opts), Err(Error::Metadata { what: "LABELS", .. })));
+    }
+
+    #[test]
+    fn renders_xds_tls() {
+        let mut opts = BootstrapOptions::new(ID);
+        let y = rendered(&opts);
+        assert!(y["static_resources"]["clusters"][0].get("transport_socket").is_none(), "plaintext by default");
+
+        opts.xds_address = "meshfed.istio-system.svc:15012".into();
+        opts.xds_tls = Some(XdsTls {
+            ca: "/etc/certs/root.pem".into(),
+            client_cert: Some(("/etc/certs/cert.pem".into(), "/etc/certs/key.pem".into())),
+            sni: None,
+        });
+        let y = rendered(&opts);
+        let ts = &y["static_resources"]["clusters"][0]["transport_socket"];
+        assert_eq!(s(ts, &["name"]), "envoy.transport_sockets.tls");
+        let ctx = &ts["typed_config"];
+        assert_eq!(s(ctx, &["@type"]), UPSTREAM_TLS_TYPE);
+        assert_eq!(s(ctx, &["sni"]), "meshfed.istio-system.svc");
+        let common = &ctx["common_tls_context"];
+        assert_eq!(s(&common["alpn_protocols"][0], &[]), "h2");
+        assert_eq!(s(common, &["validation_context", "trusted_ca", "filename"]), "/etc/certs/root.pem");
+        let san = &common["validation_context"]["match_typed_subject_alt_names"][0];
+        assert_eq!((s(san, &["san_type"]), s(san, &["matcher", "exact"])), ("DNS", "meshfed.istio-system.svc"));
+        let cert = &common["tls_certificates"][0];
+        assert_eq!(s(cert, &["certificate_chain", "filename"]), "/etc/certs/cert.pem");
+        assert_eq!(s(cert, &["private_key", "filename"]), "/etc/certs/key.pem");
+
+        // an IP address: no SNI, the certificate must carry the IP; --xds-sni overrides
+        opts.xds_address = "127.0.0.1:15012".into();
+        opts.xds_tls = Some(XdsTls { ca: "/ca.pem".into(), client_cert: None, sni: None });
+        let y = rendered(&opts);
+        let ctx = &y["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+        assert!(ctx.get("sni").is_none());
+        assert!(ctx["common_tls_context"].get("tls_certificates").is_none());
+        let san = &ctx["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"][0];
+        assert_eq!((s(san, &["san_type"]), s(san, &["matcher", "exact"])), ("IP_ADDRESS", "127.0.0.1"));
+        opts.xds_tls =
+            Some(XdsTls { ca: "/ca.pem".into(), client_cert: None, sni: Some("istiod.istio-system.svc".into()) });
+        let y = rendered(&opts);
+        let ctx = &y["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+        assert_eq!(s(ctx, &["sni"]), "istiod.istio-system.svc");
+        opts.xds_tls = Some(XdsTls { ca: "/ca.pem".into(), client_cert: None, sni: Some("bad name".into()) });
+        assert!(matches!(render(&opts), Err(Error::XdsTls(_))));
     }
 }

@@ -645,6 +645,10 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/debug/adsz", "ADS connections and their subscriptions"),
     ("/debug/push_status", "recent pushes and what triggered them"),
     ("/debug/source_errors", "current errors of the cluster sources"),
+    (
+        "/debug/warnings",
+        "what translation works around (failover without outlier detection, networks without a gateway, ...)",
+    ),
     ("/debug/list", "this list, as JSON"),
     ("/metrics", "Prometheus metrics"),
     ("/ready", "readiness"),
@@ -673,6 +677,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/adsz", get(adsz))
         .route("/debug/push_status", get(push_status))
         .route("/debug/source_errors", get(source_errors))
+        .route("/debug/warnings", get(warnings))
         .with_state(state)
 }
 
@@ -898,6 +903,12 @@ async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Respons
     json_out(&q, &(s.source_errors)())
 }
 
+/// Problems translation works around (failover without outlier detection, networks without a gateway,
+/// endpoints without mTLS, unresolved gateway hostnames, invalid DestinationRules).
+async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
+    json_out(&q, &*s.push.snapshot().warnings)
+}
+
 /// Serves the debug surface on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -905,6 +916,69 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// How the debug server is protected when it is exposed beyond loopback (`meshfed serve` requires one
+/// of the two there).
+#[derive(Clone, Debug, Default)]
+pub struct DebugAccess {
+    /// every request but `/healthz` and `/ready` must carry `Authorization: Bearer <token>`
+    pub token: Option<Arc<str>>,
+    /// serve HTTPS with this configuration
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// [`serve`] with a bearer token and/or TLS.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: DebugState,
+    access: DebugAccess,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut app = router(state);
+    if let Some(token) = access.token {
+        app = require_bearer_token(app, token);
+    }
+    match access.tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(config) => {
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
+    }
+}
+
+/// Requires `Authorization: Bearer <token>` on every path but the probes (`/healthz`, `/ready`); 401
+/// otherwise. The comparison takes the same time wherever the tokens differ.
+pub fn require_bearer_token(router: Router, token: Arc<str>) -> Router {
+    router.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        let token = token.clone();
+        async move {
+            let path = req.uri().path();
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let ok = matches!(path, "/healthz" | "/ready")
+                || presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+            if ok {
+                next.run(req).await
+            } else {
+                (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], "a bearer token is required\n")
+                    .into_response()
+            }
+        }
+    }))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
 }
 
 #[cfg(test)]

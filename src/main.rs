@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -33,15 +34,65 @@ struct ServeArgs {
     /// Mesh config file (YAML). Default: the built-in demo, examples/two-clouds/mesh.yaml.
     #[arg(long, env = "MESHFED_MESH_CONFIG")]
     mesh_config: Option<PathBuf>,
-    /// Address of the ADS gRPC server.
+    /// Address of the plaintext ADS gRPC server (no authentication; see --no-plaintext-xds).
     #[arg(long, default_value = "0.0.0.0:15010")]
     xds_address: SocketAddr,
+    /// Do not serve plaintext ADS on --xds-address (only TLS, on --xds-tls-address).
+    #[arg(long)]
+    no_plaintext_xds: bool,
+    /// Address of the TLS ADS gRPC server, served when --xds-tls-cert/--xds-tls-key are given.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    xds_tls_address: SocketAddr,
+    /// PEM certificate chain of the TLS ADS server (reloaded when the file changes).
+    #[arg(long, requires = "xds_tls_key")]
+    xds_tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS ADS server (reloaded when the file changes).
+    #[arg(long, requires = "xds_tls_cert")]
+    xds_tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates it issued (mTLS). A client's SPIFFE identity
+    /// (spiffe://TRUST_DOMAIN/ns/NS/sa/SA) must then match the namespace of its node id.
+    #[arg(long, requires = "xds_tls_cert")]
+    xds_client_ca: Option<PathBuf>,
+    /// How often the TLS certificate and key files are checked for changes.
+    #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
+    tls_reload_interval: Duration,
+    /// Largest xDS request accepted, in bytes; larger ones end their stream with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_MESSAGE_SIZE)]
+    max_message_size: usize,
+    /// xDS connections served at once (per listener); streams of further connections get
+    /// RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Concurrent streams per xDS connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    max_streams_per_connection: u32,
+    /// Sustained xDS requests per second per connection; a request over it (and --max-request-burst)
+    /// ends its stream with RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_RATE)]
+    max_request_rate: u32,
+    /// Requests a connection may send at once above --max-request-rate.
+    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_BURST)]
+    max_request_burst: u32,
+    /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    drain_timeout: Duration,
     /// Address of the debug HTTP server (/healthz, /ready, /debug/...).
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_address: SocketAddr,
-    /// Allow the debug server on a non-loopback address (it has no authentication).
+    /// Allow the debug server on a non-loopback address; it then needs --debug-tls-cert/--debug-tls-key
+    /// or --debug-token-file (or both).
     #[arg(long)]
     debug_expose: bool,
+    /// PEM certificate chain: serve the debug server over HTTPS (reloaded when the file changes).
+    #[arg(long, requires = "debug_tls_key")]
+    debug_tls_cert: Option<PathBuf>,
+    /// PEM private key of the debug server.
+    #[arg(long, requires = "debug_tls_cert")]
+    debug_tls_key: Option<PathBuf>,
+    /// File holding a bearer token every debug request (but /healthz and /ready) must present
+    /// (`Authorization: Bearer TOKEN`).
+    #[arg(long)]
+    debug_token_file: Option<PathBuf>,
     /// Accept kubeconfigs (files and remote secrets) whose users run a command (`exec`, e.g. `aws eks
     /// get-token`, `kubelogin`) or an `auth-provider` plugin; refused by default, as in Istio. Same as
     /// `allowExecAuth: true` in the mesh config.
@@ -91,6 +142,58 @@ struct BootstrapArgs {
     /// Where the workload listens for inbound mTLS traffic the sidecar terminates (default 127.0.0.1)
     #[arg(long)]
     inbound_address: Option<std::net::IpAddr>,
+    /// PEM CA bundle that issued meshfed's xDS server certificate: connect to meshfed over TLS
+    #[arg(long)]
+    xds_tls_ca: Option<PathBuf>,
+    /// PEM certificate chain Envoy presents to meshfed (mTLS; with --xds-tls-client-key)
+    #[arg(long, requires_all = ["xds_tls_ca", "xds_tls_client_key"])]
+    xds_tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --xds-tls-client-cert
+    #[arg(long, requires_all = ["xds_tls_ca", "xds_tls_client_cert"])]
+    xds_tls_client_key: Option<PathBuf>,
+    /// SNI sent to meshfed, and the DNS name its certificate must carry (default: the --xds-address
+    /// host name; for an IP address, no SNI and the certificate must carry that IP)
+    #[arg(long, requires = "xds_tls_ca")]
+    xds_sni: Option<String>,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    meshfed::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
+}
+
+/// The debug server's protection when it is exposed (a token and/or TLS), checked before anything starts.
+fn debug_access(args: &ServeArgs) -> Result<meshfed::debug::DebugAccess> {
+    let mut access = meshfed::debug::DebugAccess::default();
+    if let Some(path) = &args.debug_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the debug token file {}", path.display()))?;
+        let token = token.trim();
+        if token.len() < 16 {
+            bail!("the debug token in {} is shorter than 16 characters", path.display());
+        }
+        access.token = Some(token.into());
+    }
+    if let (Some(cert), Some(key)) = (&args.debug_tls_cert, &args.debug_tls_key) {
+        let cert = Arc::new(meshfed::tls::ReloadingCert::load(cert, key, meshfed::tls::provider())?);
+        meshfed::tls::watch_files(cert.clone(), args.tls_reload_interval, "debug");
+        let tls = meshfed::tls::ServerTls { cert, client_ca: None, alpn: vec![b"http/1.1".to_vec()] };
+        access.tls = Some(tls.server_config()?);
+    }
+    if !args.debug_address.ip().is_loopback() {
+        if !args.debug_expose {
+            bail!(
+                "--debug-address {} is not a loopback address; pass --debug-expose (with --debug-tls-cert/--debug-tls-key or --debug-token-file) to bind it",
+                args.debug_address
+            );
+        }
+        if access.token.is_none() && access.tls.is_none() {
+            bail!(
+                "--debug-expose: the debug server on {} needs TLS (--debug-tls-cert/--debug-tls-key) or a bearer token (--debug-token-file)",
+                args.debug_address
+            );
+        }
+    }
+    Ok(access)
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -98,12 +201,30 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    if !args.debug_address.ip().is_loopback() && !args.debug_expose {
-        bail!(
-            "--debug-address {} is not a loopback address; the debug server has no authentication, pass --debug-expose to bind it anyway",
-            args.debug_address
-        );
+    if args.no_plaintext_xds && args.xds_tls_cert.is_none() {
+        bail!("--no-plaintext-xds needs --xds-tls-cert and --xds-tls-key: there would be no xDS listener");
     }
+    let access = debug_access(&args)?;
+    // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start
+    let xds_tls_config = match (&args.xds_tls_cert, &args.xds_tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert = Arc::new(meshfed::tls::ReloadingCert::load(cert, key, meshfed::tls::provider())?);
+            meshfed::tls::watch_files(cert.clone(), args.tls_reload_interval, "xds");
+            let tls =
+                meshfed::tls::ServerTls { cert, client_ca: args.xds_client_ca.clone(), alpn: vec![b"h2".to_vec()] };
+            Some(tls.server_config()?)
+        }
+        _ => None,
+    };
+    let limits = meshfed::xds::server::Limits {
+        max_message_size: args.max_message_size,
+        max_connections: args.max_connections,
+        max_streams_per_connection: args.max_streams_per_connection,
+        request_rate: args.max_request_rate,
+        request_burst: args.max_request_burst,
+        drain_timeout: args.drain_timeout,
+        ..Default::default()
+    };
     let path = match args.mesh_config {
         Some(p) => p,
         None => meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?,
@@ -156,25 +277,57 @@ async fn serve(args: ServeArgs) -> Result<()> {
         clusters: cluster_health.clone(),
     };
     info!(address = %args.debug_address, "debug server listening");
-    let debug_task = tokio::spawn(meshfed::debug::serve(debug_listener, debug_state, shutdown(shutdown_rx.clone())));
+    let debug_task =
+        tokio::spawn(meshfed::debug::serve_with(debug_listener, debug_state, access, shutdown(shutdown_rx.clone())));
 
     // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
     let mut ready = push.subscribe();
     let _ = ready.wait_for(|s| s.generation > 0).await;
-    let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
-        .await
-        .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
-    info!(address = %args.xds_address, "ADS server listening");
     let ads = meshfed::xds::AdsService::new(push.clone(), connections.clone());
-    let xds_task = tokio::spawn(meshfed::xds::serve(xds_listener, ads, shutdown(shutdown_rx.clone())));
+    let mut xds_tasks = Vec::new();
+    if !args.no_plaintext_xds {
+        let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
+            .await
+            .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
+        info!(address = %args.xds_address, "ADS server listening (plaintext)");
+        let options = meshfed::xds::server::ServeOptions { limits: limits.clone(), ..Default::default() };
+        xds_tasks.push(tokio::spawn(meshfed::xds::server::serve(
+            xds_listener,
+            ads.clone(),
+            options,
+            shutdown(shutdown_rx.clone()),
+        )));
+    }
+    if let Some(config) = xds_tls_config {
+        let tls = meshfed::xds::server::TlsOptions { config, trust_domain: mesh.trust_domain.as_str().into() };
+        let listener = tokio::net::TcpListener::bind(args.xds_tls_address)
+            .await
+            .with_context(|| format!("binding the xDS TLS address {}", args.xds_tls_address))?;
+        info!(address = %args.xds_tls_address, mtls = args.xds_client_ca.is_some(), "ADS server listening (TLS)");
+        let options =
+            meshfed::xds::server::ServeOptions { limits: limits.clone(), tls: Some(tls), ..Default::default() };
+        xds_tasks.push(tokio::spawn(meshfed::xds::server::serve(
+            listener,
+            ads,
+            options,
+            shutdown(shutdown_rx.clone()),
+        )));
+    }
 
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted, shutting down"),
         _ = terminate() => info!("terminated, shutting down"),
     }
+    // The xDS servers stop accepting, send GOAWAY, end their streams and wait up to --drain-timeout for
+    // the connections to close (each server bounds its own drain).
     let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        let _ = xds_task.await;
+    let _ = tokio::time::timeout(args.drain_timeout + Duration::from_secs(2), async {
+        for t in xds_tasks {
+            match t.await {
+                Ok(Err(e)) => error!("{e}"),
+                Ok(Ok(())) | Err(_) => {}
+            }
+        }
         let _ = debug_task.await;
     })
     .await;
@@ -213,6 +366,11 @@ fn bootstrap_cmd(args: BootstrapArgs) -> Result<()> {
             _ => None,
         },
         inbound_address: args.inbound_address,
+        xds_tls: args.xds_tls_ca.map(|ca| bootstrap::XdsTls {
+            ca,
+            client_cert: args.xds_tls_client_cert.zip(args.xds_tls_client_key),
+            sni: args.xds_sni,
+        }),
     };
     print!("{}", bootstrap::render(&opts)?);
     Ok(())

@@ -56,10 +56,13 @@ const GATEWAY_PORT: u16 = 15443;
 /// Cap of each step (file watcher + debounce + push + Envoy applying EDS; or outlier ejection).
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 /// Cap of the recovery step: the ejections of the dead hosts must expire first (baseEjectionTime 3s
-/// times the number of times each host was ejected).
+/// times the number of times each host was ejected, checked every interval of 1s).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(40);
-/// Requests of a probe while waiting for a step to take effect.
-const PROBE_REQUESTS: usize = 8;
+/// Requests of a probe while waiting for a step to take effect: enough that a priority level still
+/// partly unavailable (e.g. 70/30 between two levels) is never mistaken for the final state. (Envoy
+/// applies host health changes, such as the end of an ejection, to its load balancers in batches of up
+/// to `update_merge_window`, 1s by default, after the admin API already shows them.)
+const PROBE_REQUESTS: usize = 24;
 /// Requests checked once a step has taken effect.
 const REQUESTS: usize = 40;
 
@@ -212,13 +215,14 @@ struct AzureWorkload {
 }
 
 /// meshfed, the Azure east-west gateway, the Azure workloads of one service and the client sidecar.
+/// (Fields drop in order: the Envoys go before meshfed, so they never see their ADS server vanish.)
 struct Mesh {
-    octet: u8,
-    dir: tempfile::TempDir,
-    meshfed: Meshfed,
-    gateway: Envoy,
-    azure: Vec<AzureWorkload>,
     client: Envoy,
+    azure: Vec<AzureWorkload>,
+    gateway: Envoy,
+    meshfed: Meshfed,
+    dir: tempfile::TempDir,
+    octet: u8,
 }
 
 impl Mesh {
@@ -306,10 +310,13 @@ impl Mesh {
         out
     }
 
-    /// Every Envoy rejected no update, and meshfed recorded no NACK from any of them.
+    /// Every Envoy rejected no update and logged no warning, and meshfed recorded no NACK from any of
+    /// them.
     async fn assert_clean(&self) -> Result<()> {
         for (what, envoy) in self.envoys() {
             envoy.assert_no_rejected_updates().await.with_context(|| format!("{what} (admin {})", envoy.admin_port))?;
+            let complaints = envoy.log_complaints();
+            ensure!(complaints.is_empty(), "{what} logged warnings or errors:\n{}", complaints.join("\n"));
         }
         let n = self.meshfed.assert_no_nacks().await?;
         ensure!(n == self.envoys().len(), "/debug/adsz lists {n} connections, expected {}", self.envoys().len());
@@ -412,42 +419,49 @@ fn describe(hosts: &[HostDetail]) -> String {
         .join("; ")
 }
 
-/// Split horizon, as the client sidecar holds it: `aws` endpoints as they are, and for each Azure
-/// locality exactly one host, the Azure gateway's address (weight 1: one Azure endpoint per zone).
-/// `priorities` gives the expected priority per zone (third octet); None: don't check.
+/// Split horizon, as the client sidecar holds it: `aws` endpoints as they are, and for Azure only the
+/// Azure gateway's address, standing for (weighted by) Azure's two endpoints. (Envoy keeps one host per
+/// address and priority, so Azure's two zones, in one priority, are one locality for the client.)
+/// `priorities` gives the expected priority per zone (third octet of the address; the gateway counts as
+/// westeurope-1).
 async fn expect_split_horizon(
     mesh: &Mesh,
     fqdn: &str,
     aws: &BTreeSet<SocketAddr>,
-    priorities: Option<&BTreeMap<u8, u32>>,
+    priorities: &BTreeMap<u8, u32>,
 ) -> Result<Vec<HostDetail>> {
     let cluster = outbound_cluster(fqdn);
     let gateway = mesh.gateway_address();
-    poll_until(STEP_TIMEOUT, || async {
+    let result = poll_until(STEP_TIMEOUT, || async {
         let hosts = mesh.client.cluster_host_details(&cluster).await?;
         let check = || -> Result<()> {
             let direct: BTreeSet<SocketAddr> =
                 hosts.iter().filter(|h| h.region == "us-east-1").map(|h| h.address).collect();
             ensure!(&direct == aws, "us-east-1 hosts {direct:?}, expected {aws:?}");
             let azure: Vec<&HostDetail> = hosts.iter().filter(|h| h.region == "westeurope").collect();
-            ensure!(!azure.is_empty(), "no Azure host");
-            ensure!(azure.iter().all(|h| h.address == gateway), "Azure hosts must all be the gateway {gateway}");
-            ensure!(hosts.len() == aws.len() + azure.len(), "unexpected hosts");
+            let azure_endpoints = mesh.azure.len() as u32;
+            ensure!(
+                azure.len() == 1 && azure[0].address == gateway && azure[0].weight == azure_endpoints,
+                "expected for Azure only the gateway {gateway}, weight {azure_endpoints}"
+            );
+            ensure!(hosts.len() == aws.len() + 1, "unexpected hosts");
             ensure!(hosts.iter().all(|h| h.eds_health == "HEALTHY"), "every host must be HEALTHY");
-            if let Some(priorities) = priorities {
-                for h in &hosts {
-                    let IpAddr::V4(ip) = h.address.ip() else { bail!("not IPv4: {}", h.address) };
-                    let zone = if h.address == gateway { WESTEUROPE_1 } else { ip.octets()[2] };
-                    let want = priorities.get(&zone).copied();
-                    ensure!(want == Some(h.priority), "{}: priority {}, expected {want:?}", h.address, h.priority);
-                }
+            for h in &hosts {
+                let IpAddr::V4(ip) = h.address.ip() else { bail!("not IPv4: {}", h.address) };
+                let zone = if h.address == gateway { WESTEUROPE_1 } else { ip.octets()[2] };
+                let want = priorities.get(&zone).copied();
+                ensure!(want == Some(h.priority), "{}: priority {}, expected {want:?}", h.address, h.priority);
             }
             Ok(())
         };
-        let dump = mesh.client.admin_get("/config_dump?include_eds&resource=dynamic_endpoint_configs").await?;
-        check().map(|()| hosts.clone()).map_err(|e| anyhow!("{cluster}: {e:#}: {}\n{dump}", describe(&hosts)))
+        check().map(|()| hosts.clone()).map_err(|e| anyhow!("{cluster}: {e:#}: {}", describe(&hosts)))
     })
-    .await
+    .await;
+    if result.is_err() {
+        let eds = mesh.client.admin_get("/config_dump?include_eds&resource=dynamic_endpoint_configs").await;
+        return result.map_err(|e| anyhow!("{e:#}\nthe client's EDS: {eds:#?}"));
+    }
+    result
 }
 
 /// The gateway's SNI-named cluster for `fqdn` holds exactly the Azure endpoints (its own network's).
@@ -521,7 +535,7 @@ async fn reviews_fail_over_across_clouds_through_the_east_west_gateway() {
     // Split horizon: the client holds the AWS endpoints and, for Azure, only the gateway, with istiod's
     // priorities (0 same zone, 1 same region, 2 the failover region); the gateway holds Azure's own.
     let priorities = BTreeMap::from([(US_EAST_1A, 0), (US_EAST_1B, 1), (WESTEUROPE_1, 2), (WESTEUROPE_2, 2)]);
-    expect_split_horizon(&mesh, REVIEWS, &aws, Some(&priorities)).await.unwrap_or_else(step("split horizon"));
+    expect_split_horizon(&mesh, REVIEWS, &aws, &priorities).await.unwrap_or_else(step("split horizon"));
     expect_gateway_cluster(&mesh, REVIEWS).await.unwrap_or_else(step("gateway cluster"));
 
     // (a) all requests to us-east-1a while it is healthy.
@@ -576,7 +590,15 @@ async fn reviews_fail_over_across_clouds_through_the_east_west_gateway() {
     for addr in &zone_a {
         backends.insert(*addr, Backend::start(*addr).await.unwrap_or_else(|e| panic!("backend: {e:#}")));
     }
-    expect_traffic(&mesh, REVIEWS, &zone_a, true, RECOVERY_TIMEOUT).await.unwrap_or_else(step("(d) recovery"));
+    poll_until(RECOVERY_TIMEOUT, || async {
+        let hosts = mesh.client.cluster_host_details(&cluster).await?;
+        let back = hosts.iter().filter(|h| zone_a.contains(&h.address) && !h.failed_outlier_check).count();
+        ensure!(back == zone_a.len(), "us-east-1a still ejected: {}", describe(&hosts));
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(step("(d) ejections expire"));
+    expect_traffic(&mesh, REVIEWS, &zone_a, true, STEP_TIMEOUT).await.unwrap_or_else(step("(d) recovery"));
 
     mesh.assert_clean().await.unwrap_or_else(|e| panic!("{e:#}"));
 }
@@ -595,9 +617,7 @@ async fn ratings_distribute_80_20_across_clouds() {
 
     // distribute: no failover priorities, every locality at priority 0.
     let priorities = BTreeMap::from([(US_EAST_1A, 0), (US_EAST_1B, 0), (WESTEUROPE_1, 0), (WESTEUROPE_2, 0)]);
-    expect_split_horizon(&mesh, RATINGS, &aws, Some(&priorities))
-        .await
-        .unwrap_or_else(|e| panic!("split horizon: {e:#}"));
+    expect_split_horizon(&mesh, RATINGS, &aws, &priorities).await.unwrap_or_else(|e| panic!("split horizon: {e:#}"));
     expect_gateway_cluster(&mesh, RATINGS).await.unwrap_or_else(|e| panic!("gateway cluster: {e:#}"));
     // Every locality answers before counting (Azure through the gateway and a sidecar).
     let all: BTreeSet<_> = aws.union(&azure).copied().collect();

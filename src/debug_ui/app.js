@@ -230,6 +230,14 @@
       })));
   }
 
+  function renderWarnings(warnings) {
+    if (!warnings.length) return h("p", { class: "muted", text: "No warnings: every configured behaviour takes effect." });
+    return h("ul", { class: "warnings" }, warnings.map(function (w) {
+      return h("li", { "data-kind": w.kind }, badge(w.kind, "warn"), " ", h("b", { text: w.subject }), " ",
+        h("span", { text: w.message }));
+    }));
+  }
+
   function section(id, title, sub) {
     return h("section", { id: id }, h("h2", null, title, sub ? h("span", { class: "muted small", text: " " + sub }) : null),
       h("div", { class: "body" }));
@@ -239,6 +247,7 @@
     var app = document.getElementById("app");
     replace(app, [
       section("clusters", "Kubernetes clusters", "by cloud"),
+      section("warnings", "Warnings", "what meshfed had to work around"),
       section("services", "Federated services", "endpoints by cluster, region and zone"),
       section("proxies", "Connected proxies", "sync status per xDS type (istioctl proxy-status)"),
       section("pushes", "Recent pushes", "newest first")
@@ -249,12 +258,14 @@
         getJSON("/debug/clusterz"),
         getJSON("/debug/endpointz"),
         getJSON("/debug/syncz"),
-        getJSON("/debug/push_status")
+        getJSON("/debug/push_status"),
+        getJSON("/debug/warnings")
       ]).then(function (r) {
         replace(body("clusters"), renderClusters(r[0]));
         replace(body("services"), renderServices(r[1]));
         replace(body("proxies"), renderProxies(r[2]));
         replace(body("pushes"), renderPushes(r[3]));
+        replace(body("warnings"), renderWarnings(r[4]));
         setLive(true, "live · generation " + r[3].generation + " · " + new Date().toLocaleTimeString());
         document.body.setAttribute("data-loaded", "1");
       }, function (e) {

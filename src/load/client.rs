@@ -230,7 +230,9 @@ pub fn intern(names: impl IntoIterator<Item = Bytes>) -> Arc<NameList> {
     let key = h.digest();
     let mut lists = NAME_LISTS.lock().expect("name lists");
     let bucket = lists.entry(key).or_default();
-    if let Some(l) = bucket.iter().find(|l| l.names.len() == set.len() && l.names.iter().zip(&set).all(|(a, b)| a.as_bytes() == &b[..]))
+    if let Some(l) = bucket
+        .iter()
+        .find(|l| l.names.len() == set.len() && l.names.iter().zip(&set).all(|(a, b)| a.as_bytes() == &b[..]))
     {
         return l.clone();
     }
@@ -313,7 +315,12 @@ impl Proxy {
     }
 
     /// SotW request for `t`: the current version and nonce, `names` (None: wildcard), optionally a NACK.
-    fn sotw_request(&mut self, t: ResourceType, names: Option<Arc<NameList>>, error: Option<String>) -> Result<(), String> {
+    fn sotw_request(
+        &mut self,
+        t: ResourceType,
+        names: Option<Arc<NameList>>,
+        error: Option<String>,
+    ) -> Result<(), String> {
         let ts = &self.types[t.index()];
         let req = DiscoveryRequest {
             version_info: ts.version.clone(),
@@ -442,7 +449,8 @@ impl Proxy {
                     items.push(it);
                 }
                 2 => {
-                    let name = wire::fields(any_value(&f.bytes)).find(|g| g.number == 1).map(|g| g.bytes).unwrap_or_default();
+                    let name =
+                        wire::fields(any_value(&f.bytes)).find(|g| g.number == 1).map(|g| g.bytes).unwrap_or_default();
                     items.push(Item { name, any: f.bytes });
                 }
                 4 => type_url = f.bytes,
@@ -464,7 +472,13 @@ impl Proxy {
         }
     }
 
-    fn on_clusters(&mut self, items: Vec<Item>, removed: Vec<Bytes>, version: String, nonce: String) -> Result<(), String> {
+    fn on_clusters(
+        &mut self,
+        items: Vec<Item>,
+        removed: Vec<Bytes>,
+        version: String,
+        nonce: String,
+    ) -> Result<(), String> {
         let mut eds: Vec<Bytes> = Vec::new();
         if !self.delta {
             self.cds_eds.clear();
@@ -557,7 +571,13 @@ impl Proxy {
         Ok(())
     }
 
-    fn on_listeners(&mut self, items: Vec<Item>, removed: Vec<Bytes>, version: String, nonce: String) -> Result<(), String> {
+    fn on_listeners(
+        &mut self,
+        items: Vec<Item>,
+        removed: Vec<Bytes>,
+        version: String,
+        nonce: String,
+    ) -> Result<(), String> {
         if !self.delta {
             self.listener_routes.clear();
         }
@@ -658,7 +678,7 @@ pub async fn run_proxy(
         }
         let resp = tokio::select! {
             r = resp => r.map_err(|e| format!("response: {e}"))?,
-            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = wait_stop(&mut stop) => return Ok(()),
         };
         drop(permit);
         if let Some(status) = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok())
@@ -672,7 +692,7 @@ pub async fn run_proxy(
         loop {
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = wait_stop(&mut stop) => return Ok(()),
                 chunk = body.data() => match chunk {
                     None => {
                         let trailers = body.trailers().await.ok().flatten();
@@ -703,6 +723,10 @@ pub async fn run_proxy(
     }
 }
 
+async fn wait_stop(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 fn p_ready(rec: &Recorder, index: usize) -> bool {
     rec.stats[index].ready_us.swap(0, Ordering::Relaxed) != 0
 }
@@ -730,9 +754,9 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
     }
 }
 
@@ -765,7 +789,11 @@ pub struct StalledStream {
     _conn: AbortOnDrop,
 }
 
-pub async fn open_stalled_stream(addr: SocketAddr, node: Node, eds_names: &[Arc<str>]) -> Result<StalledStream, String> {
+pub async fn open_stalled_stream(
+    addr: SocketAddr,
+    node: Node,
+    eds_names: &[Arc<str>],
+) -> Result<StalledStream, String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
     let (send_req, conn) = h2::client::Builder::new()
         .initial_window_size(65_535)

@@ -3,7 +3,7 @@
 //! little CPU as possible on its side of the 2 cores.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{decode_varint, encode_key, encode_varint, WireType};
+use prost::encoding::{WireType, decode_varint, encode_key, encode_varint};
 
 /// One field of a message: its number and, for length-delimited fields, the bytes (a cheap slice of the
 /// message); varints carry their value in `varint`.
@@ -146,7 +146,8 @@ mod tests {
         let fs: Vec<Field> = fields(b.clone()).collect();
         assert_eq!(fs.len(), 3);
         assert_eq!(string_field(&b, 5), "3");
-        let mut req = BytesMut::from(&DiscoveryRequest { version_info: "v".into(), ..Default::default() }.encode_to_vec()[..]);
+        let mut req =
+            BytesMut::from(&DiscoveryRequest { version_info: "v".into(), ..Default::default() }.encode_to_vec()[..]);
         req.extend_from_slice(&encode_names(3, ["a", "b"]));
         let d = DiscoveryRequest::decode(&req[..]).unwrap();
         assert_eq!(d.resource_names, ["a", "b"]);

@@ -466,7 +466,7 @@ async fn run_cluster(
 
 /// What the merged streams of one cluster yield.
 enum Msg {
-    Watch(WatchedKind, Result<watcher::Event<DynamicObject>, watcher::Error>),
+    Watch(WatchedKind, Box<Result<watcher::Event<DynamicObject>, watcher::Error>>),
     Probe(Result<(), ProbeError>),
 }
 
@@ -508,7 +508,7 @@ fn kind_stream(client: kube::Client, kind: WatchedKind, wake: watch::Receiver<u6
             Err(_) => st.wait = Some(st.backoff.next_delay()),
             Ok(_) => {}
         }
-        Some((Msg::Watch(kind, item), st))
+        Some((Msg::Watch(kind, Box::new(item)), st))
     })
     .boxed()
 }
@@ -633,7 +633,7 @@ impl ClusterState {
         while !self.closed {
             tokio::select! {
                 msg = merged.next() => match msg {
-                    Some(Msg::Watch(kind, item)) => self.on_watch(kind, item),
+                    Some(Msg::Watch(kind, item)) => self.on_watch(kind, *item),
                     Some(Msg::Probe(result)) => self.on_probe(result),
                     None => break,
                 },
@@ -803,16 +803,18 @@ impl ClusterState {
             warn!(cluster = %self.id, "{message}");
         }
         self.kind_errors.insert(kind, message);
+        // the error first: a reader seeing the cluster unreachable also sees why
+        self.publish_error();
         if unreachable {
             self.unreachable();
         }
-        self.publish_error();
     }
 
     fn on_probe(&mut self, result: Result<(), ProbeError>) {
         match result {
             Ok(()) => {
                 self.probe_error = None;
+                self.publish_error();
                 self.reachable();
             }
             Err(e) => {
@@ -821,12 +823,12 @@ impl ClusterState {
                     debug!(cluster = %self.id, "{message}");
                 }
                 self.probe_error = Some(message);
+                self.publish_error();
                 if e.unreachable {
                     self.unreachable();
                 }
             }
         }
-        self.publish_error();
     }
 
     fn unreachable(&mut self) {

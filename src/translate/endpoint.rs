@@ -234,6 +234,8 @@ pub fn load_assignment(
     // (priority, locality, network) -> how many remote endpoints the gateway stands for
     let mut remote: BTreeMap<(u32, &Locality, &NetworkId), u32> = BTreeMap::new();
     let reach_other_networks = scope.kind == ProxyKind::Sidecar && scope.tls != TlsSupport::None;
+    // the groups holding endpoints of the proxy's own network (the others hold only gateways)
+    let mut has_local: std::collections::BTreeSet<(u32, &Locality)> = std::collections::BTreeSet::new();
     for ep in &service.endpoints {
         if ep.health != Health::Healthy && !ctx.send_unhealthy_endpoints {
             continue;
@@ -241,6 +243,7 @@ pub fn load_assignment(
         let Some(target_port) = ep.port_for(&port.name) else { continue };
         let priority = endpoint_priority(ctx, scope, &policy, ep);
         if same_network(scope, ep) {
+            has_local.insert((priority, &ep.locality));
             groups.entry((priority, &ep.locality)).or_default().push(lb_endpoint(
                 ep.address,
                 target_port,
@@ -276,6 +279,7 @@ pub fn load_assignment(
     }
     let mut localities: Vec<(u32, &Locality, Vec<LbEndpoint>)> =
         groups.into_iter().map(|((p, l), eps)| (p, l, eps)).collect();
+    let gateway_only: Vec<bool> = localities.iter().map(|(p, l, _)| !has_local.contains(&(*p, *l))).collect();
     let mut priorities: Vec<u32> = localities.iter().map(|(p, _, _)| *p).collect();
     compact_priorities(&mut priorities);
     let mut weights: Vec<u32> = localities
@@ -286,25 +290,86 @@ pub fn load_assignment(
         distribute(&policy.locality_lb.distribute, &scope.locality, &localities, &mut weights);
     }
     localities.iter_mut().zip(&priorities).for_each(|(l, p)| l.0 = *p);
-    let endpoints = localities
+    let (endpoints, gateway_only): (Vec<LocalityLbEndpoints>, Vec<bool>) = localities
         .into_iter()
         .zip(weights)
+        .zip(gateway_only)
         // a locality with no weight under `distribute` gets no traffic: Envoy needs weights >= 1
-        .filter(|(_, w)| *w > 0)
-        .map(|((priority, loc, lb_endpoints), weight)| LocalityLbEndpoints {
-            locality: Some(PbLocality {
-                region: loc.region.to_string(),
-                zone: loc.zone.to_string(),
-                sub_zone: loc.subzone.to_string(),
-            }),
-            // Always set: gRPC ignores localities without a weight.
-            load_balancing_weight: Some(u32v(weight)),
-            lb_endpoints,
-            priority,
-            ..Default::default()
+        .filter(|((_, w), _)| *w > 0)
+        .map(|(((priority, loc, lb_endpoints), weight), gateway_only)| {
+            let l = LocalityLbEndpoints {
+                locality: Some(PbLocality {
+                    region: loc.region.to_string(),
+                    zone: loc.zone.to_string(),
+                    sub_zone: loc.subzone.to_string(),
+                }),
+                // Always set: gRPC ignores localities without a weight.
+                load_balancing_weight: Some(u32v(weight)),
+                lb_endpoints,
+                priority,
+                ..Default::default()
+            };
+            (l, gateway_only)
         })
-        .collect();
+        .unzip();
+    let endpoints = merge_gateway_localities(endpoints, &gateway_only);
     ClusterLoadAssignment { cluster_name, endpoints, ..Default::default() }
+}
+
+/// `ip:port` of an LbEndpoint (empty for other kinds of addresses).
+fn endpoint_key(e: &LbEndpoint) -> String {
+    let Some(HostIdentifier::Endpoint(pe)) = &e.host_identifier else { return String::new() };
+    match pe.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => match sa.port_specifier {
+            Some(PortSpecifier::PortValue(port)) => format!("{}:{port}", sa.address),
+            _ => sa.address.clone(),
+        },
+        _ => String::new(),
+    }
+}
+
+/// Envoy's EDS keeps only the first host of an address within a priority and drops the others, so a
+/// gateway standing for remote endpoints in several localities of one priority would carry only the
+/// first locality's share (and `distribute` weights would be wrong). Localities of one priority that
+/// hold only the same gateway endpoints are therefore merged into one: under the locality they have in
+/// common (their region when their zones differ), with the sum of their weights and of their
+/// gateway endpoints' weights.
+fn merge_gateway_localities(localities: Vec<LocalityLbEndpoints>, gateway_only: &[bool]) -> Vec<LocalityLbEndpoints> {
+    let weight = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>| w.as_ref().map_or(1, |w| w.value);
+    let mut out: Vec<LocalityLbEndpoints> = Vec::with_capacity(localities.len());
+    // (priority, gateway addresses) -> index in `out`
+    let mut merged_into: BTreeMap<(u32, Vec<String>), usize> = BTreeMap::new();
+    for (l, gateway_only) in localities.into_iter().zip(gateway_only) {
+        if !gateway_only {
+            out.push(l);
+            continue;
+        }
+        let key = (l.priority, l.lb_endpoints.iter().map(endpoint_key).collect::<Vec<_>>());
+        let Some(&i) = merged_into.get(&key) else {
+            merged_into.insert(key, out.len());
+            out.push(l);
+            continue;
+        };
+        let m = &mut out[i];
+        m.load_balancing_weight =
+            Some(u32v(weight(&m.load_balancing_weight).saturating_add(weight(&l.load_balancing_weight))));
+        for (a, b) in m.lb_endpoints.iter_mut().zip(&l.lb_endpoints) {
+            a.load_balancing_weight =
+                Some(u32v(weight(&a.load_balancing_weight).saturating_add(weight(&b.load_balancing_weight))));
+        }
+        if let (Some(a), Some(b)) = (m.locality.as_mut(), l.locality.as_ref()) {
+            if a.region != b.region {
+                a.region.clear();
+            }
+            if a.region.is_empty() || a.zone != b.zone {
+                a.zone.clear();
+            }
+            if a.zone.is_empty() || a.sub_zone != b.sub_zone {
+                a.sub_zone.clear();
+            }
+        }
+    }
+    out
 }
 
 /// istiod's `distribute`: for the first rule whose `from` matches the proxy, each `to` pattern's weight
@@ -740,12 +805,82 @@ mod tests {
             })
             .collect();
         assert_eq!(by_loc["us-east-1/us-east-1a"], (0, vec![("127.0.1.21:9080".into(), 1)]));
-        // the gateway stands for 2 endpoints in westeurope-1 and 1 in westeurope-2, keeping their localities
-        assert_eq!(by_loc["westeurope/westeurope-1"], (1, vec![("127.0.20.1:15443".into(), 2)]));
-        assert_eq!(by_loc["westeurope/westeurope-2"], (1, vec![("127.0.20.1:15443".into(), 1)]));
-        assert_eq!(cla.endpoints.iter().find(|l| l.priority == 1).unwrap().load_balancing_weight.unwrap().value, 2);
+        // the gateway stands for 2 endpoints in westeurope-1 and 1 in westeurope-2, in their priority; Envoy
+        // keeps one host per address and priority, so the two zones are one locality, their region
+        assert_eq!(by_loc["westeurope/"], (1, vec![("127.0.20.1:15443".into(), 3)]));
+        assert_eq!(by_loc.len(), 2);
+        assert_eq!(cla.endpoints.iter().find(|l| l.priority == 1).unwrap().load_balancing_weight.unwrap().value, 3);
         let md = cla.endpoints.iter().find(|l| l.priority == 1).unwrap().lb_endpoints[0].metadata.clone().unwrap();
         assert!(md.filter_metadata.contains_key("envoy.transport_socket_match"), "gateway endpoints use mTLS");
+    }
+
+    /// (region/zone, priority, locality weight, hosts)
+    type LocalityShape = (String, u32, u32, Vec<(String, u32)>);
+
+    /// The shape of every locality of an assignment.
+    fn shape(cla: &ClusterLoadAssignment) -> Vec<LocalityShape> {
+        cla.endpoints
+            .iter()
+            .map(|l| {
+                let z = l.locality.as_ref().unwrap();
+                (format!("{}/{}", z.region, z.zone), l.priority, l.load_balancing_weight.unwrap().value, hosts(l))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_gateway_host_per_priority_with_the_weight_of_the_localities_it_stands_for() {
+        let gw = || vec![("127.0.20.1:15443".to_string(), 2)];
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let mut eps = vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.2.21", "a", "us-east-1/us-east-1b", Health::Healthy), "n"),
+        ];
+        for (addr, zone) in [("3.21", "1"), ("3.22", "1"), ("4.21", "2"), ("4.22", "2")] {
+            eps.push(mtls(
+                ep(&format!("127.0.{addr}"), "b", &format!("westeurope/westeurope-{zone}"), Health::Healthy),
+                "azure",
+            ));
+        }
+        let s = service(eps);
+        // distribute 80/20: each Azure zone gets 10; through the one gateway host, 20 together
+        let d = with_rule(
+            c.clone(),
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute:\n          - from: us-east-1/*\n            to: {\"us-east-1/*\": 80, \"westeurope/*\": 20}\n",
+        );
+        let cla = load_assignment(&d, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let hosts_of = |a: &str| vec![(a.to_string(), 1)];
+        assert_eq!(
+            shape(&cla),
+            vec![
+                ("us-east-1/us-east-1a".into(), 0, 40, hosts_of("127.0.1.21:9080")),
+                ("us-east-1/us-east-1b".into(), 0, 40, hosts_of("127.0.2.21:9080")),
+                ("westeurope/".into(), 0, 20, vec![("127.0.20.1:15443".into(), 4)]),
+            ]
+        );
+        // failover: merged within a priority only; a zone of its own region stays a locality of its own
+        let mut s = s;
+        s.endpoints.push(mtls(ep("127.0.5.21", "b", "ap-south-1/ap-south-1a", Health::Healthy), "azure"));
+        s.endpoints.retain(|e| e.address.to_string() != "127.0.4.22");
+        let c = with_rule(
+            c,
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover:\n          - from: us-east-1\n            to: westeurope\n    outlierDetection: {consecutive5xxErrors: 3}\n",
+        );
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(
+            shape(&cla),
+            vec![
+                ("us-east-1/us-east-1a".into(), 0, 1, hosts_of("127.0.1.21:9080")),
+                ("us-east-1/us-east-1b".into(), 1, 1, hosts_of("127.0.2.21:9080")),
+                ("westeurope/".into(), 2, 3, vec![("127.0.20.1:15443".into(), 3)]),
+                ("ap-south-1/ap-south-1a".into(), 3, 1, vec![("127.0.20.1:15443".into(), 1)]),
+            ]
+        );
+        // one remote zone: its locality as it is
+        s.endpoints.retain(|e| !e.address.to_string().starts_with("127.0.4.") && e.address.to_string() != "127.0.5.21");
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(shape(&cla)[2], ("westeurope/westeurope-1".into(), 2, 2, gw()));
     }
 
     #[test]

@@ -235,14 +235,10 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
     let view = aws_view(&r);
     assert_eq!(view.endpoints.network, NetworkId::new("aws-net"), "network from the proxy's cluster");
     assert_eq!(view.endpoints.locality, Locality::new("us-east-1", "us-east-1a", ""));
-    // Azure is another network: its endpoints are reached through azure-net's east-west gateway, one
-    // gateway endpoint per locality standing for (weighted by) the two endpoints there.
-    let expect = zones(&[
-        ("us-east-1a", 0, 2, 2),
-        ("us-east-1b", 1, 2, 2),
-        ("westeurope-1", 2, 2, 1),
-        ("westeurope-2", 2, 2, 1),
-    ]);
+    // Azure is another network: its endpoints are reached through azure-net's east-west gateway, in
+    // their priority, weighted by the endpoints it stands for. Envoy keeps one host per address and
+    // priority, so Azure's two zones are one locality (their region) with one gateway endpoint.
+    let expect = zones(&[("us-east-1a", 0, 2, 2), ("us-east-1b", 1, 2, 2), ("", 2, 4, 1)]);
     let all = all_load_assignments(&ctx, &view.endpoints, &r);
     for (host, port) in demo_service_ports().into_iter().filter(|(h, _)| h != GATEWAY) {
         let name = outbound_cluster_name(port, "", &host);
@@ -252,12 +248,7 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
             // The ratings DestinationRule distributes its HTTP port 80/20 across the clouds: no priorities.
             assert_eq!(
                 localities(cla),
-                zones(&[
-                    ("us-east-1a", 0, 40, 2),
-                    ("us-east-1b", 0, 40, 2),
-                    ("westeurope-1", 0, 10, 1),
-                    ("westeurope-2", 0, 10, 1)
-                ]),
+                zones(&[("us-east-1a", 0, 40, 2), ("us-east-1b", 0, 40, 2), ("", 0, 20, 1)]),
                 "{name}"
             );
         } else {
@@ -267,14 +258,7 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
     let reviews = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
     assert_eq!(
         endpoint_addresses(&reviews),
-        [
-            "127.0.1.21:9080",
-            "127.0.1.22:9080",
-            "127.0.2.21:9080",
-            "127.0.2.22:9080",
-            "127.0.20.1:15443",
-            "127.0.20.1:15443"
-        ]
+        ["127.0.1.21:9080", "127.0.1.22:9080", "127.0.2.21:9080", "127.0.2.22:9080", "127.0.20.1:15443"]
     );
     let regions: BTreeSet<&str> =
         reviews.endpoints.iter().map(|l| l.locality.as_ref().unwrap().region.as_str()).collect();
@@ -283,7 +267,7 @@ fn eds_from_aws_zone_prefers_its_zone_then_its_region() {
     let grpc = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9091||{}", fqdn("ratings")));
     let addrs = endpoint_addresses(&grpc);
     assert!(addrs.iter().all(|a| a.ends_with(":9091") || a == "127.0.20.1:15443"), "{addrs:?}");
-    assert_eq!(addrs.len(), 6);
+    assert_eq!(addrs.len(), 5);
     // The east-west gateway Service itself: the local pod directly, Azure's through Azure's gateway.
     let gw = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|15443||{GATEWAY}"));
     assert_eq!(localities(&gw), zones(&[("us-east-1a", 0, 1, 1), ("westeurope-1", 1, 1, 1)]));
@@ -300,14 +284,10 @@ fn eds_from_azure_zone_is_the_mirror() {
         format!("outbound|9091||{}", fqdn("ratings")),
     ] {
         let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+        // AWS's two zones, both through aws-net's gateway in one priority: one locality, their region
         assert_eq!(
             localities(&cla),
-            zones(&[
-                ("westeurope-1", 0, 2, 2),
-                ("westeurope-2", 1, 2, 2),
-                ("us-east-1a", 2, 2, 1),
-                ("us-east-1b", 2, 2, 1)
-            ]),
+            zones(&[("westeurope-1", 0, 2, 2), ("westeurope-2", 1, 2, 2), ("", 2, 4, 1)]),
             "{name}"
         );
     }
@@ -322,7 +302,8 @@ fn eds_without_proxy_locality_has_one_priority() {
         assert!(c.resource.endpoints.iter().all(|l| l.load_balancing_weight.is_some()), "{}", c.name);
     }
     let cla = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
-    assert_eq!(cla.endpoints.len(), 4);
+    // AWS's two zones, and Azure's two through its gateway (one host per address and priority)
+    assert_eq!(localities(&cla), zones(&[("us-east-1a", 0, 2, 2), ("us-east-1b", 0, 2, 2), ("", 0, 4, 1)]));
 }
 
 // ---- LDS ----
@@ -553,16 +534,8 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::EndpointSlice(slice.clone()) });
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
     assert!(!endpoint_addresses(&cla).contains(&"127.0.1.21:9080".to_string()));
-    assert_eq!(endpoint_addresses(&cla).len(), 5, "3 AWS endpoints, 2 gateway endpoints for Azure");
-    assert_eq!(
-        localities(&cla),
-        zones(&[
-            ("us-east-1a", 0, 1, 1),
-            ("us-east-1b", 1, 2, 2),
-            ("westeurope-1", 2, 2, 1),
-            ("westeurope-2", 2, 2, 1)
-        ])
-    );
+    assert_eq!(endpoint_addresses(&cla).len(), 4, "3 AWS endpoints, 1 gateway endpoint for Azure");
+    assert_eq!(localities(&cla), zones(&[("us-east-1a", 0, 1, 1), ("us-east-1b", 1, 2, 2), ("", 2, 4, 1)]));
     let ratings_after = Resource::encode(Named::new(&ratings, load_assignment(&ctx, &view.endpoints, &r, &ratings)));
     assert_eq!(ratings_before, ratings_after, "other services' assignments are unchanged");
 
@@ -570,10 +543,7 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     slice.endpoints.retain(|e| e.zone.as_deref() != Some("us-east-1a"));
     r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::EndpointSlice(slice) });
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
-    assert_eq!(
-        localities(&cla),
-        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 2, 1), ("westeurope-2", 1, 2, 1)])
-    );
+    assert_eq!(localities(&cla), zones(&[("us-east-1b", 0, 2, 2), ("", 1, 4, 1)]));
     // A draining endpoint is not sent either (istiod's default).
     let azure_slice = demo_objects(AZURE)
         .into_iter()
@@ -586,11 +556,8 @@ fn removing_an_endpoint_removes_it_from_the_assignment() {
     r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AZURE), object: TopologyObject::EndpointSlice(slice) });
     let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
     assert!(!endpoint_addresses(&cla).contains(&format!("{drained}:9080")));
-    // Through the gateway: its weight for the drained endpoint's locality drops to the one left.
-    assert_eq!(
-        localities(&cla),
-        zones(&[("us-east-1b", 0, 2, 2), ("westeurope-1", 1, 1, 1), ("westeurope-2", 1, 2, 1)])
-    );
+    // Through the gateway: its weight drops by the drained endpoint.
+    assert_eq!(localities(&cla), zones(&[("us-east-1b", 0, 2, 2), ("", 1, 3, 1)]));
     // From Azure itself the drained endpoint is simply gone.
     let azure = View::of(&proxy("shop", AZURE, "westeurope/westeurope-1", InterceptionMode::None), &r);
     let cla = load_assignment(&ctx, &azure.endpoints, &r, &name);
@@ -641,5 +608,82 @@ fn removing_a_service_removes_its_clusters_routes_and_listeners() {
     let ls = listener::listeners(&ctx, &view.listeners, &r);
     assert!(ls.iter().any(|l| l.name == "127.0.50.1_8080"));
     let cla = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|8080||{}", fqdn("frontend")));
-    assert_eq!(localities(&cla), zones(&[("westeurope-1", 0, 2, 1), ("westeurope-2", 0, 2, 1)]));
+    assert_eq!(localities(&cla), zones(&[("", 0, 4, 1)]), "Azure's two zones through its gateway");
+}
+
+// ---- inbound mTLS and diagnostics ----
+
+#[test]
+fn a_tls_sidecar_terminates_mtls_for_the_ports_its_workload_serves() {
+    let (ctx, r) = demo();
+    let mut p = proxy("shop", AZURE, "westeurope/westeurope-1", InterceptionMode::None);
+    p.ip = "127.0.3.21".parse().unwrap(); // a reviews pod
+    p.inbound_address = "127.0.103.21".parse().unwrap();
+    let view = View::of(&p, &r);
+    let inbound = view.inbound.clone().expect("a TLS sidecar has an inbound side");
+    let cs = cluster::inbound_clusters(&inbound, &r);
+    assert_eq!(names(&cs), ["inbound|9080||"]);
+    let la = cs[0].resource.load_assignment.as_ref().expect("static");
+    assert_eq!(endpoint_addresses(la), ["127.0.103.21:9080"]);
+    // outbound clusters stay shared: the inbound ones are not part of the cluster scope
+    assert!(cluster::clusters(&ctx, &view.clusters, &r).iter().all(|c| !c.name.starts_with("inbound|")));
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    let l = &listener(&ls, "127.0.3.21_9080").resource;
+    assert_eq!(l.listener_filters[0].name, "envoy.filters.listener.tls_inspector");
+    let chains: Vec<&str> = l.filter_chains.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(chains, ["inbound-9080", "outbound-9080"]);
+    let m = l.filter_chains[0].filter_chain_match.as_ref().unwrap();
+    assert_eq!(m.transport_protocol, "tls");
+    assert_eq!(m.application_protocols, ["istio-peer-exchange", "istio"]);
+    assert!(l.filter_chains[0].transport_socket.is_some(), "mTLS terminated here");
+    assert!(l.filter_chains[1].filter_chain_match.is_none(), "plaintext from the app: outbound");
+    // a proxy that serves nothing has no inbound clusters; one without certificates no inbound side
+    let mut client = proxy("shop", AWS, "us-east-1/us-east-1a", InterceptionMode::None);
+    assert!(cluster::inbound_clusters(View::of(&client, &r).inbound.as_ref().unwrap(), &r).is_empty());
+    client.tls = TlsSupport::None;
+    assert!(View::of(&client, &r).inbound.is_none());
+}
+
+#[test]
+fn diagnostics_name_what_translation_works_around() {
+    let (ctx, r) = demo();
+    let w = diagnostics::warnings(&ctx, &r);
+    assert!(w.is_empty(), "the demo is clean: {w:?}");
+
+    // Azure's gateway goes away: azure-net cannot be reached from aws-net.
+    let mut r2 = r.clone();
+    let gw = demo_object(AZURE, Kind::Service, "istio-eastwestgateway");
+    r2.apply(SourceEvent::Delete { cluster: ClusterId::new(AZURE), key: gw.key() });
+    let ctx2 = ctx.clone().with_registry(&r2);
+    let w = diagnostics::warnings(&ctx2, &r2);
+    assert!(w.iter().any(|w| w.kind == "network-without-gateway" && w.subject == "network azure-net"), "{w:?}");
+
+    // A DestinationRule with failover and no outlier detection; and an invalid one.
+    let rules = [
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: frontend, namespace: shop}\nspec:\n  host: frontend\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover: [{from: us-east-1, to: westeurope}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: broken, namespace: shop}\nspec:\n  host: ratings\n  trafficPolicy:\n    outlierDetection: {interval: soon}\n",
+    ];
+    let mut r3 = r.clone();
+    for text in rules {
+        let objs = crate::topology::parse_manifests(text, std::path::Path::new("dr.yaml")).unwrap();
+        r3.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: objs[0].clone() });
+    }
+    // (without the mesh-wide default outlier detection, which would otherwise fill the rule's gap)
+    let mut mesh = demo_mesh();
+    mesh.defaults.outlier_detection = None;
+    let ctx3 = Context::from_mesh(&mesh).with_registry(&r3);
+    let w = diagnostics::warnings(&ctx3, &r3);
+    assert!(
+        w.iter()
+            .any(|w| w.kind == "failover-without-outlier-detection" && w.subject == "DestinationRule shop/frontend"),
+        "{w:?}"
+    );
+    assert!(w.iter().any(|w| w.kind == "invalid-destination-rule" && w.message.contains("shop/broken")), "{w:?}");
+    // ... and the invalid rule is ignored: ratings keeps the demo's rule.
+    let ratings = r3.service(&ServiceKey::new("shop", "ratings")).unwrap();
+    assert_eq!(ctx3.policy(ratings, 9080).rule.map(|r| r.0.to_string()), Some("shop/ratings".into()));
+    // The frontend rule has no outlier detection: no priorities for it (failover would not work).
+    let view = aws_view(&r3);
+    let cla = load_assignment(&ctx3, &view.endpoints, &r3, &format!("outbound|8080||{}", fqdn("frontend")));
+    assert!(cla.endpoints.iter().all(|l| l.priority == 0));
 }

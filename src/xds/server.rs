@@ -13,7 +13,7 @@
 //! - **connections**: a connection is admitted when it opens its first stream, while fewer than
 //!   `max_connections` are; otherwise that stream (and every later one, until a slot frees) gets
 //!   RESOURCE_EXHAUSTED. Sockets beyond `max_connections + PENDING_CONNECTIONS` are closed at accept, and a
-//!   connection that opens no admitted stream within [`ADMISSION_TIMEOUT`] is closed;
+//!   connection that opens no admitted stream within `admission_timeout` (30 s) is closed;
 //! - **request rate**: a token bucket per connection (`request_rate` per second, `request_burst`); a
 //!   request over it ends its stream with RESOURCE_EXHAUSTED. Other connections are unaffected.
 //!
@@ -41,8 +41,8 @@ use crate::tls::PeerAuth;
 
 /// Sockets accepted beyond `max_connections` (TLS handshakes, connections not yet admitted).
 pub const PENDING_CONNECTIONS: usize = 256;
-/// A connection that has not opened an admitted stream this long after it was accepted is closed.
-pub const ADMISSION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`Limits::admission_timeout`].
+pub const DEFAULT_ADMISSION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Defaults of [`Limits`] (and of `meshfed serve`'s flags).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -75,6 +75,8 @@ pub struct Limits {
     pub request_burst: u32,
     /// how long a shutdown waits for connections to close
     pub drain_timeout: Duration,
+    /// a connection that has not opened an admitted stream this long after it was accepted is closed
+    pub admission_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -86,6 +88,7 @@ impl Default for Limits {
             request_rate: DEFAULT_REQUEST_RATE,
             request_burst: DEFAULT_REQUEST_BURST,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            admission_timeout: DEFAULT_ADMISSION_TIMEOUT,
         }
     }
 }
@@ -166,6 +169,11 @@ impl ConnState {
             Arc::new(Limits::unlimited()),
             Arc::default(),
         )))
+    }
+
+    /// A connection outside any listener with this peer and these limits (tests, fuzzing).
+    pub fn for_peer(peer: PeerAuth, limits: Limits) -> ConnInfo {
+        ConnInfo(Arc::new(ConnState::new(None, peer, true, Arc::new(limits), Arc::default())))
     }
 
     /// Admits the connection under the connection limit (once; later calls are free).
@@ -475,8 +483,9 @@ pub async fn serve(
                     // A connection that never gets admitted (no stream, or refused over the limit) is
                     // closed after a while, so idle sockets cannot hold the pending slots.
                     let weak = Arc::downgrade(&info);
+                    let timeout = info.limits.admission_timeout;
                     drop(info);
-                    tokio::time::sleep(ADMISSION_TIMEOUT).await;
+                    tokio::time::sleep(timeout).await;
                     if let Some(info) = weak.upgrade()
                         && !info.is_admitted()
                     {

@@ -46,6 +46,12 @@ impl Held {
     }
 }
 
+/// An order-independent fingerprint of a list of resource names (duplicates count once per
+/// occurrence; a repeated list in another order gives the same value).
+fn names_fingerprint(names: &[String]) -> u64 {
+    names.iter().fold(names.len() as u64, |acc, n| acc.wrapping_add(xxhash_rust::xxh3::xxh3_64(n.as_bytes())))
+}
+
 fn entry_hash(name: &str, version: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
 }
@@ -68,6 +74,8 @@ struct TypeState {
     pending: VecDeque<(String, Inflight)>,
     /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
     last_nonce: Option<String>,
+    /// SotW: fingerprint of the last requested name list (see [`names_fingerprint`])
+    names_fingerprint: u64,
 }
 
 impl TypeState {
@@ -81,6 +89,7 @@ impl TypeState {
             dirty: HashSet::new(),
             pending: VecDeque::new(),
             last_nonce: None,
+            names_fingerprint: 0,
         }
     }
 
@@ -520,8 +529,15 @@ impl Stream {
         } else {
             star || (ts.wildcard && req.resource_names.is_empty())
         };
+        // Most requests repeat the subscription (every SotW ACK lists all names again): compare an
+        // order-independent fingerprint before building a set.
+        let fingerprint = names_fingerprint(&req.resource_names);
+        if !first && wildcard == ts.wildcard && fingerprint == ts.names_fingerprint {
+            return Ok(());
+        }
         let names: HashSet<Arc<str>> =
             req.resource_names.iter().filter(|n| *n != "*").map(|n| Arc::from(n.as_str())).collect();
+        ts.names_fingerprint = fingerprint;
         let changed = first || wildcard != ts.wildcard || names != ts.names;
         if !changed {
             return Ok(());

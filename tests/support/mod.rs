@@ -22,6 +22,9 @@
 
 #![allow(dead_code)]
 
+/// Scripted in-process ADS clients (SotW and Delta).
+pub mod ads;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -288,21 +291,51 @@ impl Meshfed {
 /// 127.0.0.1 and waits (bounded) until `/ready` answers 200 and the xDS port accepts connections. A
 /// port taken in between is retried with other ports.
 pub async fn start_meshfed(mesh_path: &Path) -> Result<Meshfed> {
+    start_meshfed_with(mesh_path, &MeshfedOptions::default()).await
+}
+
+/// How [`start_meshfed_with`] starts meshfed.
+#[derive(Clone, Debug, Default)]
+pub struct MeshfedOptions {
+    /// fixed (xDS, debug) ports, e.g. to restart meshfed on the ports it had; default: free ports
+    pub ports: Option<(u16, u16)>,
+    /// serve xDS over TLS only, on the xDS port: certificate, key, and the client CA (mTLS) if any
+    pub xds_tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
+    /// more arguments for `meshfed serve`
+    pub args: Vec<String>,
+}
+
+/// [`start_meshfed`] with options (fixed ports, TLS, more flags).
+pub async fn start_meshfed_with(mesh_path: &Path, options: &MeshfedOptions) -> Result<Meshfed> {
     let mut last_error = None;
     for _attempt in 0..3 {
-        let (xds_port, debug_port) = (free_port(), free_port());
+        let (xds_port, debug_port) = options.ports.unwrap_or_else(|| (free_port(), free_port()));
         if xds_port == debug_port {
             continue;
         }
         let log = std::env::var("MESHFED_TEST_LOG").unwrap_or_else(|_| "info".to_string());
         let mut cmd = Command::new(meshfed_path());
-        cmd.arg("serve")
-            .arg("--mesh-config")
-            .arg(mesh_path)
-            .arg("--xds-address")
-            .arg(format!("127.0.0.1:{xds_port}"))
-            .arg("--debug-address")
+        cmd.arg("serve").arg("--mesh-config").arg(mesh_path);
+        match &options.xds_tls {
+            None => {
+                cmd.arg("--xds-address").arg(format!("127.0.0.1:{xds_port}"));
+            }
+            Some((cert, key, ca)) => {
+                cmd.arg("--no-plaintext-xds")
+                    .arg("--xds-tls-address")
+                    .arg(format!("127.0.0.1:{xds_port}"))
+                    .arg("--xds-tls-cert")
+                    .arg(cert)
+                    .arg("--xds-tls-key")
+                    .arg(key);
+                if let Some(ca) = ca {
+                    cmd.arg("--xds-client-ca").arg(ca);
+                }
+            }
+        }
+        cmd.arg("--debug-address")
             .arg(format!("127.0.0.1:{debug_port}"))
+            .args(&options.args)
             .env("RUST_LOG", log)
             .env("NO_COLOR", "1");
         let guard = ChildGuard::spawn("meshfed", &mut cmd)?;
@@ -380,6 +413,17 @@ pub struct BootstrapSpec {
     pub inbound_address: Option<IpAddr>,
     /// `--label K=V`
     pub labels: Vec<(String, String)>,
+    /// TLS to meshfed's xDS port (`--xds-tls-ca`, `--xds-tls-client-cert/-key` from the identity)
+    pub xds_tls: Option<XdsTlsSpec>,
+}
+
+/// How Envoy connects to meshfed over TLS.
+#[derive(Clone, Debug)]
+pub struct XdsTlsSpec {
+    /// the CA that issued meshfed's server certificate
+    pub ca: PathBuf,
+    /// the client certificate Envoy presents (mTLS)
+    pub client: Option<MeshIdentity>,
 }
 
 impl BootstrapSpec {
@@ -413,6 +457,12 @@ pub fn bootstrap_with(spec: &BootstrapSpec) -> String {
     }
     for (k, v) in &spec.labels {
         cmd.args(["--label", &format!("{k}={v}")]);
+    }
+    if let Some(tls) = &spec.xds_tls {
+        cmd.arg("--xds-tls-ca").arg(&tls.ca);
+        if let Some(id) = &tls.client {
+            cmd.arg("--xds-tls-client-cert").arg(&id.cert).arg("--xds-tls-client-key").arg(&id.key);
+        }
     }
     run_command("meshfed-bootstrap", &mut cmd).expect("meshfed bootstrap")
 }
@@ -469,6 +519,29 @@ impl TestCa {
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let identity = MeshIdentity {
+            cert: self.dir.join(format!("{name}-cert.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+            root: self.root.clone(),
+        };
+        std::fs::write(&identity.cert, cert.pem())?;
+        std::fs::write(&identity.key, key.serialize_pem())?;
+        Ok(identity)
+    }
+
+    /// Issues a server certificate for the given DNS names and IP addresses (meshfed's xDS or debug
+    /// server); writes `<dir>/<name>-cert.pem` and `<dir>/<name>-key.pem`.
+    pub fn issue_server(&self, name: &str, dns: &[&str], ips: &[IpAddr]) -> Result<MeshIdentity> {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose, SanType};
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names = dns.iter().map(|d| Ok(SanType::DnsName((*d).try_into()?))).collect::<Result<_>>()?;
+        params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
         let identity = MeshIdentity {

@@ -1,0 +1,76 @@
+//! `meshfed-load`: the load generator and benchmark harness. See BENCHMARKS.md and `meshfed::load`.
+//!
+//! - `meshfed-load bench ...`: runs a scenario against a server it starts as a child process and prints
+//!   `RESULT {json}` lines.
+//! - `meshfed-load serve|floor ...`: the server processes `bench` starts (meshfed's pipeline, the floor).
+//! - `meshfed-load gen --size S DIR`: writes a generated topology as a mesh config and manifests.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use meshfed::load::bench::{self, BenchArgs};
+use meshfed::load::topo::{Size, Topology};
+
+#[derive(Parser)]
+#[command(name = "meshfed-load", about = "load generator and benchmarks for meshfed")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run benchmark steps against a server started for the run.
+    Bench(BenchArgs),
+    /// meshfed's pipeline on a generated topology, changes over a control socket (started by `bench`).
+    Serve {
+        #[arg(long, default_value = "S", value_parser = parse_size)]
+        size: Size,
+        #[arg(long, default_value = "0ms")]
+        debounce_quiet: String,
+        #[arg(long, default_value = "0ms")]
+        debounce_max: String,
+    },
+    /// The floor server (started by `bench`).
+    Floor {
+        #[arg(long, default_value = "S", value_parser = parse_size)]
+        size: Size,
+    },
+    /// Write a generated topology (mesh.yaml and manifests) to DIR.
+    Gen {
+        #[arg(long, default_value = "S", value_parser = parse_size)]
+        size: Size,
+        #[arg(long, default_value = "100ms")]
+        debounce_quiet: String,
+        #[arg(long, default_value = "1s")]
+        debounce_max: String,
+        dir: std::path::PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    Size::parse(s).ok_or_else(|| format!("{s:?}: expected S, L or SERVICESxENDPOINTS"))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        Command::Bench(args) => {
+            eprintln!("meshfed-load: {}", bench::environment());
+            rt.block_on(bench::run(args))?;
+        }
+        Command::Serve { size, debounce_quiet, debounce_max } => {
+            rt.block_on(meshfed::load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
+        }
+        Command::Floor { size } => rt.block_on(meshfed::load::floor::serve_floor(size))?,
+        Command::Gen { size, debounce_quiet, debounce_max, dir } => {
+            let mesh = Topology::new(size).write_files(&dir, &debounce_quiet, &debounce_max)?;
+            println!("{}", mesh.display());
+        }
+    }
+    Ok(())
+}

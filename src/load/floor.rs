@@ -1,0 +1,285 @@
+//! The floor: a minimal ADS server that only writes pre-encoded responses, to measure what the transport
+//! (tonic/h2, the same response codec, the same client) costs on its own.
+//!
+//! It translates the generated topology once, for one representative proxy, with meshfed's own
+//! translation and encodes every resource once. Every stream gets the same bytes: the first request of
+//! each type is answered with every resource of that type; every later request (ACKs, NACKs, new
+//! subscriptions) is ignored. A change re-translates the one assignment it touches, once, and every stream
+//! that asked for EDS is sent just that assignment. No per-stream subscription state, no versions, no
+//! push loop: this is the least any ADS server on this stack can do for the same client.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Result;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, http};
+use tonic::server::{Grpc, NamedService, StreamingService};
+
+use super::server::{ControlHandler, mesh_config, serve_control};
+use super::topo::{Change, ProxyIdentity, Size, Topology, proxy_node};
+use crate::cache::Resource;
+use crate::registry::Registry;
+use crate::translate::{self, Context as TContext, View};
+use crate::type_url::ResourceType;
+use crate::xds::codec::{DeltaResponse, Response, SotwResponse, XdsCodec};
+
+/// What the floor serves at one generation.
+#[derive(Debug, Default)]
+pub struct FloorState {
+    pub generation: u64,
+    /// every resource per type (wildcard ones only for CDS/LDS)
+    pub all: [Vec<Arc<Resource>>; 4],
+    /// the assignments the latest change touched
+    pub changed: Vec<Arc<Resource>>,
+}
+
+/// Builds the floor's resources for `registry`, for the view of load proxy 0.
+pub fn resources(ctx: &TContext, registry: &Registry, view: &View) -> [Vec<Arc<Resource>>; 4] {
+    let cds = translate::cluster::clusters(ctx, &view.clusters, registry).into_iter().map(Resource::encode);
+    let eds = registry
+        .services()
+        .values()
+        .flat_map(|s| translate::endpoint::service_load_assignments(ctx, &view.endpoints, s))
+        .map(Resource::encode);
+    let lds = translate::listener::listeners(ctx, &view.listeners, registry).into_iter().map(Resource::encode);
+    let rds = translate::route::routes(ctx, &view.routes, registry).into_iter().map(Resource::encode);
+    [cds.filter(|r| r.wildcard).collect(), eds.collect(), lds.filter(|r| r.wildcard).collect(), rds.collect()]
+}
+
+struct FloorControl {
+    topology: Topology,
+    registry: Registry,
+    ctx: TContext,
+    view: View,
+    state: watch::Sender<Arc<FloorState>>,
+}
+
+impl ControlHandler for FloorControl {
+    fn change(&mut self, change: &Change) {
+        let mut keys = Vec::new();
+        for e in self.topology.apply(change) {
+            let c = self.registry.apply(e);
+            keys.extend(c.services.into_keys());
+        }
+        let mut changed = Vec::new();
+        for k in keys {
+            if let Some(s) = self.registry.service(&k) {
+                changed.extend(
+                    translate::endpoint::service_load_assignments(&self.ctx, &self.view.endpoints, s)
+                        .into_iter()
+                        .map(Resource::encode),
+                );
+            }
+        }
+        let prev = self.state.borrow().clone();
+        let mut all = prev.all.clone();
+        for r in &changed {
+            if let Some(slot) = all[1].iter_mut().find(|x| x.name == r.name) {
+                *slot = r.clone();
+            }
+        }
+        self.state.send_replace(Arc::new(FloorState { generation: prev.generation + 1, all, changed }));
+    }
+
+    fn stats(&mut self) -> serde_json::Value {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        serde_json::json!({
+            "connections": self.state.receiver_count().saturating_sub(1),
+            "tasks": metrics.num_alive_tasks(),
+            "generation": self.state.borrow().generation,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct FloorService {
+    state: watch::Receiver<Arc<FloorState>>,
+}
+
+type ResponseStream = ReceiverStream<Result<Response, Status>>;
+
+fn response(delta: bool, t: ResourceType, nonce: u64, resources: Vec<Arc<Resource>>) -> Response {
+    if delta {
+        Response::Delta(DeltaResponse {
+            system_version_info: String::new(),
+            type_url: t.type_url(),
+            nonce: nonce.to_string(),
+            resources,
+            removed_resources: Vec::new(),
+        })
+    } else {
+        Response::Sotw(SotwResponse {
+            version_info: nonce.to_string(),
+            type_url: t.type_url(),
+            nonce: nonce.to_string(),
+            resources,
+        })
+    }
+}
+
+/// One floor stream: `requests` yields (type URL, is-initial) per request.
+async fn run_stream<S, R>(
+    mut requests: S,
+    mut state: watch::Receiver<Arc<FloorState>>,
+    delta: bool,
+    out: mpsc::Sender<Result<Response, Status>>,
+) where
+    S: futures::Stream<Item = Result<R, Status>> + Unpin,
+    R: FloorRequest,
+{
+    use futures::StreamExt;
+    let mut answered = [false; 4];
+    let mut nonce = 0u64;
+    state.borrow_and_update();
+    loop {
+        tokio::select! {
+            req = requests.next() => {
+                let Some(Ok(req)) = req else { return };
+                let Some(t) = ResourceType::from_type_url(req.type_url()) else { continue };
+                if !req.is_initial() || answered[t.index()] {
+                    continue;
+                }
+                answered[t.index()] = true;
+                nonce += 1;
+                let all = state.borrow().all[t.index()].clone();
+                if out.send(Ok(response(delta, t, nonce, all))).await.is_err() {
+                    return;
+                }
+            }
+            changed = state.changed() => {
+                if changed.is_err() { return }
+                let s = state.borrow_and_update().clone();
+                if answered[1] && !s.changed.is_empty() {
+                    nonce += 1;
+                    if out.send(Ok(response(delta, ResourceType::Endpoint, nonce, s.changed.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+trait FloorRequest {
+    fn type_url(&self) -> &str;
+    /// a request that is not an ACK/NACK (no response nonce)
+    fn is_initial(&self) -> bool;
+}
+
+impl FloorRequest for DiscoveryRequest {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn is_initial(&self) -> bool {
+        self.response_nonce.is_empty()
+    }
+}
+
+impl FloorRequest for DeltaDiscoveryRequest {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn is_initial(&self) -> bool {
+        self.response_nonce.is_empty()
+    }
+}
+
+struct Sotw(FloorService);
+struct Delta(FloorService);
+
+impl StreamingService<DiscoveryRequest> for Sotw {
+    type Response = Response;
+    type ResponseStream = ResponseStream;
+    type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<DiscoveryRequest>>) -> Self::Future {
+        let state = self.0.state.clone();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(2);
+            tokio::spawn(run_stream(request.into_inner(), state, false, tx));
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        })
+    }
+}
+
+impl StreamingService<DeltaDiscoveryRequest> for Delta {
+    type Response = Response;
+    type ResponseStream = ResponseStream;
+    type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
+
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
+        let state = self.0.state.clone();
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(2);
+            tokio::spawn(run_stream(request.into_inner(), state, true, tx));
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for FloorService
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let svc = self.clone();
+        match req.uri().path() {
+            super::client::SOTW_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(XdsCodec::<DiscoveryRequest>::default());
+                Ok(grpc.streaming(Sotw(svc), req).await)
+            }),
+            super::client::DELTA_PATH => Box::pin(async move {
+                let mut grpc = Grpc::new(XdsCodec::<DeltaDiscoveryRequest>::default());
+                Ok(grpc.streaming(Delta(svc), req).await)
+            }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
+        }
+    }
+}
+
+impl NamedService for FloorService {
+    const NAME: &'static str = crate::xds::SERVICE_NAME;
+}
+
+/// Runs the floor on a generated topology of `size`; prints `READY ...` and serves until killed.
+pub async fn serve_floor(size: Size) -> Result<()> {
+    let topology = Topology::new(size);
+    let mesh = mesh_config(&topology, "0ms", "0ms")?;
+    let mut registry = Registry::new(&mesh);
+    for e in topology.initial_events() {
+        registry.apply(e);
+    }
+    let ctx = TContext::from_mesh(&mesh).with_registry(&registry);
+    let proxy = crate::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())), None)?;
+    let view = View::of(&proxy, &registry);
+    let all = resources(&ctx, &registry, &view);
+    let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let xds = listener.local_addr()?;
+    let svc = FloorService { state: state_rx };
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let control = TcpListener::bind("127.0.0.1:0").await?;
+    println!("READY xds={xds} control={}", control.local_addr()?);
+    serve_control(control, FloorControl { topology, registry, ctx, view, state: state_tx }).await
+}

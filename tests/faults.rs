@@ -1,0 +1,354 @@
+//! Faults, with the real meshfed binary and real Envoys (see tests/support):
+//!
+//! - a reconnect storm: 8 Envoys, each restarted several times in quick succession (some killed before
+//!   their first config is applied), all converge with no rejected update, and meshfed holds exactly their
+//!   8 connections afterwards;
+//! - meshfed killed (SIGKILL) under churn and restarted on the same ports: the Envoys keep their config
+//!   while it is down and reconnect; a Delta client reconnecting with `initial_resource_versions` gets
+//!   nothing, as nothing it holds changed;
+//! - two replicas on the same input serve byte-identical resources and versions, so a Delta client moving
+//!   from one to the other gets nothing;
+//! - a half-written manifest file: reported, and the last good state keeps being served until the file is
+//!   complete.
+//!
+//! Each test has its own loopback octet (`127.<octet>.0.0/16`). Every wait is bounded by [`TIMEOUT`];
+//! [`QUIET`] only bounds looking for something that must not arrive.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use meshfed::type_url;
+use support::ads::{
+    QUIET, TIMEOUT, TYPES, Versions, client, client_node, delta_reconnect, delta_versions, sotw_all, type_static,
+};
+use support::{BootstrapSpec, Envoy, Meshfed, MeshfedOptions, bootstrap_with, poll_until, start_envoy, start_meshfed};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local";
+
+/// The two tests that run several Envoys take turns: on a 2-core machine, 11 Envoys starting at once would
+/// mostly measure the machine.
+static ENVOY_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(TIMEOUT, fut).await.map_err(|_| anyhow!("timed out after {TIMEOUT:?}: {what}"))
+}
+
+fn demo(octet: u8) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mesh = meshfed::testing::copy_demo(dir.path(), octet);
+    (dir, mesh)
+}
+
+fn sidecar_spec(octet: u8, i: u8, xds_port: u16, delta: bool) -> BootstrapSpec {
+    let (cluster, network, locality) = if i % 2 == 0 {
+        ("aws-use1", "aws-net", "us-east-1/us-east-1a")
+    } else {
+        ("azure-weu", "azure-net", "westeurope/westeurope-1")
+    };
+    BootstrapSpec {
+        delta,
+        cluster_id: Some(cluster.into()),
+        network: Some(network.into()),
+        locality: Some(locality.into()),
+        ..BootstrapSpec::new(&format!("sidecar~127.{octet}.50.{i}~client-{i}.shop~shop.svc.cluster.local"), xds_port)
+    }
+}
+
+/// Envoy has `REVIEWS` with hosts, and never rejected an update.
+async fn envoy_converged(envoy: &Envoy) -> Result<()> {
+    let hosts = envoy.cluster_hosts(REVIEWS).await?;
+    ensure!(!hosts.is_empty(), "Envoy has no hosts for {REVIEWS}");
+    for (name, value) in envoy.update_rejected_stats().await? {
+        ensure!(value == 0, "{name} = {value}");
+    }
+    Ok(())
+}
+
+/// The proxies meshfed has connections for, from `/debug/adsz` (node ids, with repetitions).
+async fn connected(meshfed: &Meshfed) -> Result<Vec<String>> {
+    let adsz = meshfed.debug_json("/debug/adsz").await?;
+    let conns = adsz["connections"].as_array().ok_or_else(|| anyhow!("no connections in {adsz}"))?;
+    Ok(conns.iter().filter_map(|c| c["proxy"].as_str().map(str::to_string)).collect())
+}
+
+fn assert_nothing_resent(responses: &[DeltaDiscoveryResponse], versions: &Versions) {
+    assert_eq!(responses.len(), TYPES.len(), "one (empty) answer per type, nothing more: {responses:#?}");
+    for r in responses {
+        let held = versions.get(type_static(&r.type_url)).map(BTreeMap::len).unwrap_or(0);
+        assert!(held > 0 || r.type_url == type_url::ROUTE, "the client held no {}", r.type_url);
+        assert!(
+            r.resources.is_empty() && r.removed_resources.is_empty(),
+            "{}: {} resources re-sent, {} removed, though the client holds them at the current versions: {:?}",
+            r.type_url,
+            r.resources.len(),
+            r.removed_resources.len(),
+            r.resources.iter().map(|x| &x.name).collect::<Vec<_>>()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_of_envoys_converges() {
+    const OCTET: u8 = 111;
+    const ENVOYS: u8 = 8;
+    const RESTARTS: u64 = 3;
+    let _turn = ENVOY_HEAVY.lock().await;
+    let (_dir, mesh) = demo(OCTET);
+    let meshfed = start_meshfed(&mesh).await.expect("meshfed");
+    let xds = meshfed.xds_port;
+    let storm = (0..ENVOYS).map(|i| async move {
+        let yaml = bootstrap_with(&sidecar_spec(OCTET, i, xds, i % 2 == 1));
+        for r in 0..RESTARTS {
+            // some die before their first config is applied, others just after
+            let cut = Duration::from_millis(150 + (u64::from(i) * 97 + r * 211) % 900);
+            match tokio::time::timeout(cut, start_envoy(&yaml)).await {
+                Ok(Ok(envoy)) => drop(envoy),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {} // killed while starting
+            }
+        }
+        start_envoy(&yaml).await
+    });
+    let envoys: Vec<Envoy> = futures::future::join_all(storm)
+        .await
+        .into_iter()
+        .collect::<Result<_>>()
+        .unwrap_or_else(|e| panic!("an Envoy did not start: {e:#}"));
+    for envoy in &envoys {
+        poll_until(TIMEOUT, || envoy_converged(envoy)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    // the connections of the killed Envoys are gone: one per live Envoy
+    poll_until(TIMEOUT, || async {
+        let mut proxies = connected(&meshfed).await?;
+        proxies.sort();
+        ensure!(proxies.len() == usize::from(ENVOYS), "{} connections: {proxies:?}", proxies.len());
+        proxies.dedup();
+        ensure!(proxies.len() == usize::from(ENVOYS), "duplicate connections");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    meshfed.assert_no_nacks().await.unwrap();
+}
+
+/// Rewrites aws-use1's EndpointSlices with the first `ratings` endpoint ready or not.
+fn set_ratings_ready(slices: &Path, original: &str, ready: bool) -> Result<()> {
+    let mut docs: Vec<serde_yaml::Value> = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(original) {
+        docs.push(serde::Deserialize::deserialize(doc)?);
+    }
+    let slice = docs
+        .iter_mut()
+        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some("ratings"))
+        .ok_or_else(|| anyhow!("no ratings slice"))?;
+    slice["endpoints"][0]["conditions"]["ready"] = ready.into();
+    slice["endpoints"][0]["conditions"]["serving"] = ready.into();
+    let text = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
+    support::write_atomically(slices, &text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshfed_killed_under_churn_and_restarted() {
+    const OCTET: u8 = 112;
+    let _turn = ENVOY_HEAVY.lock().await;
+    let (dir, mesh) = demo(OCTET);
+    let slices = dir.path().join("aws-use1/endpointslices.yaml");
+    let original = std::fs::read_to_string(&slices).unwrap();
+    let mut meshfed = start_meshfed(&mesh).await.expect("meshfed");
+    let ports = (meshfed.xds_port, meshfed.debug_port);
+    let mut envoys = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        let spec = sidecar_spec(OCTET, i, ports.0, i == 2);
+        ids.push(spec.node_id.clone());
+        envoys.push(start_envoy(&bootstrap_with(&spec)).await.expect("Envoy"));
+    }
+    for e in &envoys {
+        poll_until(TIMEOUT, || envoy_converged(e)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let script = format!("sidecar~127.{OCTET}.60.1~script-0.shop~shop.svc.cluster.local");
+    let versions = delta_versions(meshfed.xds_address(), &script).await.unwrap();
+    assert!(versions.get(type_url::ENDPOINT).is_some_and(|v| v.contains_key(REVIEWS)));
+
+    // churn: ratings' endpoint flaps (reviews, the clusters, listeners and routes stay as they are)
+    let churning = Arc::new(AtomicBool::new(true));
+    let churn = tokio::spawn({
+        let (churning, slices, original) = (churning.clone(), slices.clone(), original.clone());
+        async move {
+            let mut ready = false;
+            for _ in 0..2_000 {
+                if !churning.load(Ordering::Relaxed) {
+                    break;
+                }
+                set_ratings_ready(&slices, &original, ready).expect("rewrite the slices");
+                ready = !ready;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    meshfed.guard.kill();
+
+    // while meshfed is down, every Envoy keeps serving its config
+    for e in &envoys {
+        let hosts = e.cluster_hosts(REVIEWS).await.unwrap();
+        assert!(!hosts.is_empty(), "an Envoy lost {REVIEWS} while meshfed was down");
+    }
+    // restart on the same ports, still under churn; the Envoys reconnect on their own
+    let options = MeshfedOptions { ports: Some(ports), ..Default::default() };
+    let meshfed = start_meshfed_with_retry(&mesh, &options).await;
+    poll_until(TIMEOUT, || async {
+        let proxies = connected(&meshfed).await?;
+        for id in &ids {
+            ensure!(proxies.contains(id), "{id} has not reconnected: {proxies:?}");
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    churning.store(false, Ordering::Relaxed);
+    churn.await.unwrap();
+    for e in &envoys {
+        poll_until(TIMEOUT, || envoy_converged(e)).await.unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    meshfed.assert_no_nacks().await.unwrap();
+
+    // a Delta client reconnecting with what it held gets nothing: none of it changed
+    let responses = delta_reconnect(meshfed.xds_address(), &script, &versions).await.unwrap();
+    assert_nothing_resent(&responses, &versions);
+}
+
+/// Restarts meshfed on fixed ports; the old process's port can take a moment to be free again.
+async fn start_meshfed_with_retry(mesh: &Path, options: &MeshfedOptions) -> Meshfed {
+    let mut last = None;
+    for _ in 0..20 {
+        match support::start_meshfed_with(mesh, options).await {
+            Ok(m) => return m,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("meshfed did not restart: {:#}", last.unwrap_or_else(|| anyhow!("no attempt")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_identical_resources_so_moving_between_them_pushes_nothing() {
+    const OCTET: u8 = 113;
+    let (_dir, mesh) = demo(OCTET);
+    let a = start_meshfed(&mesh).await.expect("replica A");
+    let b = start_meshfed(&mesh).await.expect("replica B");
+    for node in [
+        format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"),
+        format!("router~127.{OCTET}.10.2~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
+    ] {
+        let from_a = sotw_all(a.xds_address(), &node).await.unwrap();
+        let from_b = sotw_all(b.xds_address(), &node).await.unwrap();
+        for t in TYPES {
+            let (va, ra) = &from_a[t];
+            let (vb, rb) = &from_b[t];
+            assert_eq!(ra.keys().collect::<Vec<_>>(), rb.keys().collect::<Vec<_>>(), "{node}: {t} names differ");
+            for (name, bytes) in ra {
+                assert!(bytes == &rb[name], "{node}: {t} {name} differs between the replicas");
+            }
+            assert_eq!(va, vb, "{node}: {t} version_info differs");
+        }
+        // Delta: the versions of each resource are the same, so a proxy moving from A to B gets nothing
+        let versions = delta_versions(a.xds_address(), &node).await.unwrap();
+        let responses = delta_reconnect(b.xds_address(), &node, &versions).await.unwrap();
+        assert_nothing_resent(&responses, &versions);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_manifest_keeps_the_last_good_state() {
+    const OCTET: u8 = 114;
+    let (dir, mesh) = demo(OCTET);
+    let slices = dir.path().join("aws-use1/endpointslices.yaml");
+    let original = std::fs::read_to_string(&slices).unwrap();
+    let meshfed = start_meshfed(&mesh).await.expect("meshfed");
+    let node = format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local");
+
+    // a Delta client watching reviews' endpoints
+    let mut client = client(meshfed.xds_address()).await.unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(client_node(&node)),
+        type_url: type_url::ENDPOINT.into(),
+        resource_names_subscribe: vec![REVIEWS.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let first = bounded("reviews' endpoints", responses.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.resources.len(), 1);
+    let version = first.resources[0].version.clone();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: first.type_url.clone(),
+        response_nonce: first.nonce,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let endpoints_before = meshfed.debug_json("/debug/endpointz").await.unwrap();
+
+    // the file written halfway (not atomically): cut inside a mapping, so it does not parse
+    let middle = original.len() / 2;
+    let cut = middle + original[middle..].find("conditions:").expect("a conditions key") + "condi".len();
+    support::write_atomically(&slices, &original[..cut]).unwrap();
+    poll_until(TIMEOUT, || async {
+        let errors = meshfed.debug_json("/debug/source_errors").await?;
+        let text = errors.to_string();
+        ensure!(text.contains("endpointslices.yaml"), "no error reported yet: {text}");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // the last good state is still served: nothing new for reviews, the registry unchanged
+    if let Ok(Ok(Some(r))) = tokio::time::timeout(QUIET, responses.message()).await {
+        panic!("reviews' endpoints were pushed from a half-written file: {r:?}");
+    }
+    assert_eq!(meshfed.debug_json("/debug/endpointz").await.unwrap(), endpoints_before);
+
+    // the file completed, with one reviews endpoint no longer ready: error cleared, the change pushed
+    let changed = mark_first_reviews_endpoint_not_ready(&original).unwrap();
+    support::write_atomically(&slices, &changed).unwrap();
+    let r = bounded("the completed file's change", responses.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(r.resources.len(), 1);
+    assert_ne!(r.resources[0].version, version);
+    poll_until(TIMEOUT, || async {
+        let errors = meshfed.debug_json("/debug/source_errors").await?;
+        ensure!(!errors.to_string().contains("endpointslices.yaml"), "still reported: {errors}");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn mark_first_reviews_endpoint_not_ready(text: &str) -> Result<String> {
+    let mut docs: Vec<serde_yaml::Value> = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        docs.push(serde::Deserialize::deserialize(doc)?);
+    }
+    let slice = docs
+        .iter_mut()
+        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some("reviews"))
+        .context("no reviews slice")?;
+    slice["endpoints"][0]["conditions"]["ready"] = false.into();
+    slice["endpoints"][0]["conditions"]["serving"] = false.into();
+    Ok(docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n"))
+}
