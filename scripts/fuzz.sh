@@ -3,7 +3,7 @@
 #
 #   bash scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
-# Builds fuzz/ (libfuzzer-sys) in release with SanitizerCoverage instrumentation (the stable codegen
+# Builds fuzz/ (libfuzzer-sys; release, or $MESHFED_FUZZ_PROFILE) with SanitizerCoverage instrumentation (the stable codegen
 # options cargo-fuzz passes, minus -Zsanitizer=address, which needs nightly; meshfed has no unsafe code),
 # seeds each corpus from meshfed::fuzz::seeds, then runs every target for SECONDS_PER_TARGET (default:
 # $MESHFED_FUZZ_SECS, else 60). Corpora grow in fuzz/corpus/TARGET, crashes land in
@@ -22,10 +22,14 @@ fi
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
-# an explicit --target keeps the instrumentation off build scripts and proc macros (as cargo-fuzz does)
+# an explicit --target keeps the instrumentation off build scripts and proc macros (as cargo-fuzz does);
+# MESHFED_FUZZ_PROFILE=ci builds unoptimised, for short runs (CI)
 host="$(rustc -vV | sed -n 's/^host: //p')"
-cargo build --release --manifest-path fuzz/Cargo.toml --bins --target "$host"
+profile="${MESHFED_FUZZ_PROFILE:-release}"
+cargo build --profile "$profile" --manifest-path fuzz/Cargo.toml --bins --target "$host"
 unset RUSTFLAGS
+bin_dir="fuzz/target/$host/$profile"
+[ "$profile" = dev ] && bin_dir="fuzz/target/$host/debug"
 
 # seeds (idempotent: libFuzzer keeps whatever the corpus already holds)
 MESHFED_FUZZ_SEEDS_DIR="$PWD/fuzz/corpus" cargo test -q --test fuzz_smoke write_seeds_if_asked >/dev/null
@@ -34,7 +38,13 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
   echo "== fuzzing $t for ${secs}s"
   # -rss_limit_mb: the xDS targets run meshfed's push loop; -timeout: one input (a whole stream) per 10 s
-  "fuzz/target/$host/release/$t" "fuzz/corpus/$t" \
+  "$bin_dir/$t" "fuzz/corpus/$t" \
     -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
-    -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 2>&1 | tail -n 12
+    -artifact_prefix="fuzz/artifacts/$t/" -print_final_stats=1 >"fuzz/artifacts/$t/last-run.log" 2>&1 || {
+    tail -n 60 "fuzz/artifacts/$t/last-run.log"
+    echo "error: fuzz target $t failed; the input is in fuzz/artifacts/$t/" >&2
+    exit 1
+  }
+  grep -E '^(Done|stat::new_units_added|stat::average_exec_per_sec)' "fuzz/artifacts/$t/last-run.log" | tr '\n' ' '
+  echo
 done

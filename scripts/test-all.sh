@@ -41,3 +41,14 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # Integration tests start real processes; two test threads per binary keep a 2-core machine responsive.
 cargo test --all-targets -- --test-threads="${MESHFED_TEST_THREADS:-4}"
+# (that includes the hardening suites in smoke modes: tests/fuzz_smoke.rs, tests/translate_props.rs,
+# tests/faults.rs, and tests/soak.rs for MESHFED_SOAK_SECS, default 60 s; see SECURITY.md)
+
+# Coverage-guided fuzzing smoke (libFuzzer on stable Rust, unoptimised build): every target briefly.
+echo "== fuzzing smoke (scripts/fuzz.sh ${MESHFED_FUZZ_SECS:-10})"
+MESHFED_FUZZ_PROFILE=ci bash scripts/fuzz.sh "${MESHFED_FUZZ_SECS:-10}"
+
+# Benchmark harness smoke (BENCHMARKS.md): tiny sizes, < ~60 s; proves meshfed-load and every scenario
+# step still produce their numbers. Asserts nothing about time.
+echo "== benchmark harness smoke (scripts/bench.sh --smoke)"
+bash scripts/bench.sh --smoke

@@ -181,7 +181,10 @@ pub fn structured_node(input: &mut Input<'_>) -> Node {
                 Value { kind: Some(ValueKind::StructValue(Struct { fields: labels.into_iter().collect() })) }
             }
             4 => crate::proxy::string_value(&input.string(16)),
-            _ => crate::proxy::string_value(*input.pick(METADATA_VALUES)),
+            _ => {
+                let value: &&str = input.pick(METADATA_VALUES);
+                crate::proxy::string_value(value)
+            }
         };
         fields.insert(key, value);
     }
@@ -575,8 +578,8 @@ impl XdsHarness {
         }
         // a change that changes nothing publishes nothing: bound the wait
         let mut snaps = self.push.subscribe();
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), snaps.wait_for(|s| s.generation > before))
-            .await;
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(50), snaps.wait_for(|s| s.generation > before)).await;
     }
 }
 

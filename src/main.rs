@@ -323,9 +323,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(args.drain_timeout + Duration::from_secs(2), async {
         for t in xds_tasks {
-            match t.await {
-                Ok(Err(e)) => error!("{e}"),
-                Ok(Ok(())) | Err(_) => {}
+            if let Ok(Err(e)) = t.await {
+                error!("{e}");
             }
         }
         let _ = debug_task.await;

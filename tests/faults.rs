@@ -9,7 +9,10 @@
 //! - two replicas on the same input serve byte-identical resources and versions, so a Delta client moving
 //!   from one to the other gets nothing;
 //! - a half-written manifest file: reported, and the last good state keeps being served until the file is
-//!   complete.
+//!   complete;
+//! - a Kubernetes API server (`meshfed::kube_standin`) that fails every request, answers slowly, and goes
+//!   away mid-watch: the last known state is served throughout, and changes made meanwhile arrive once it
+//!   answers again.
 //!
 //! Each test has its own loopback octet (`127.<octet>.0.0/16`). Every wait is bounded by [`TIMEOUT`];
 //! [`QUIET`] only bounds looking for something that must not arrive.
@@ -19,7 +22,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
@@ -50,7 +53,7 @@ fn demo(octet: u8) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn sidecar_spec(octet: u8, i: u8, xds_port: u16, delta: bool) -> BootstrapSpec {
-    let (cluster, network, locality) = if i % 2 == 0 {
+    let (cluster, network, locality) = if i.is_multiple_of(2) {
         ("aws-use1", "aws-net", "us-east-1/us-east-1a")
     } else {
         ("azure-weu", "azure-net", "westeurope/westeurope-1")
@@ -110,24 +113,38 @@ async fn a_reconnect_storm_of_envoys_converges() {
     let (_dir, mesh) = demo(OCTET);
     let meshfed = start_meshfed(&mesh).await.expect("meshfed");
     let xds = meshfed.xds_port;
-    let storm = (0..ENVOYS).map(|i| async move {
-        let yaml = bootstrap_with(&sidecar_spec(OCTET, i, xds, i % 2 == 1));
-        for r in 0..RESTARTS {
-            // some die before their first config is applied, others just after
-            let cut = Duration::from_millis(150 + (u64::from(i) * 97 + r * 211) % 900);
-            match tokio::time::timeout(cut, start_envoy(&yaml)).await {
-                Ok(Ok(envoy)) => drop(envoy),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {} // killed while starting
+    let (live_kills, early_kills) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let storm = (0..ENVOYS).map(|i| {
+        let (live_kills, early_kills) = (live_kills.clone(), early_kills.clone());
+        async move {
+            let yaml = bootstrap_with(&sidecar_spec(OCTET, i, xds, i % 2 == 1));
+            for r in 0..RESTARTS {
+                // the first start is killed before its config is applied, the others once LIVE
+                let cut = if r == 0 { Duration::from_millis(150 + u64::from(i) * 40) } else { TIMEOUT };
+                match tokio::time::timeout(cut, start_envoy(&yaml)).await {
+                    Ok(Ok(envoy)) => {
+                        live_kills.fetch_add(1, Ordering::Relaxed);
+                        drop(envoy)
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        early_kills.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
+            start_envoy(&yaml).await
         }
-        start_envoy(&yaml).await
     });
     let envoys: Vec<Envoy> = futures::future::join_all(storm)
         .await
         .into_iter()
         .collect::<Result<_>>()
         .unwrap_or_else(|e| panic!("an Envoy did not start: {e:#}"));
+    eprintln!(
+        "storm: {} Envoys killed once LIVE, {} killed while starting, then {ENVOYS} started for good",
+        live_kills.load(Ordering::Relaxed),
+        early_kills.load(Ordering::Relaxed)
+    );
     for envoy in &envoys {
         poll_until(TIMEOUT, || envoy_converged(envoy)).await.unwrap_or_else(|e| panic!("{e:#}"));
     }
@@ -181,8 +198,12 @@ async fn meshfed_killed_under_churn_and_restarted() {
         poll_until(TIMEOUT, || envoy_converged(e)).await.unwrap_or_else(|e| panic!("{e:#}"));
     }
     let script = format!("sidecar~127.{OCTET}.60.1~script-0.shop~shop.svc.cluster.local");
-    let versions = delta_versions(meshfed.xds_address(), &script).await.unwrap();
+    let mut versions = delta_versions(meshfed.xds_address(), &script).await.unwrap();
     assert!(versions.get(type_url::ENDPOINT).is_some_and(|v| v.contains_key(REVIEWS)));
+    // ratings' endpoints are about to churn: the client does not follow them
+    if let Some(eds) = versions.get_mut(type_url::ENDPOINT) {
+        eds.retain(|name, _| !name.contains("ratings"));
+    }
 
     // churn: ratings' endpoint flaps (reviews, the clusters, listeners and routes stay as they are)
     let churning = Arc::new(AtomicBool::new(true));
@@ -351,4 +372,150 @@ fn mark_first_reviews_endpoint_not_ready(text: &str) -> Result<String> {
     slice["endpoints"][0]["conditions"]["ready"] = false.into();
     slice["endpoints"][0]["conditions"]["serving"] = false.into();
     Ok(docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Kubernetes API server that fails, slows down and cuts its watches
+// ---------------------------------------------------------------------------------------------
+
+/// A Delta client following reviews' endpoints: the endpoint addresses of each assignment it receives.
+struct EdsFollower {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl EdsFollower {
+    async fn start(addr: std::net::SocketAddr, node: envoy_types::pb::envoy::config::core::v3::Node) -> Result<Self> {
+        let mut client = client(addr).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node),
+            type_url: type_url::ENDPOINT.into(),
+            resource_names_subscribe: vec![REVIEWS.into()],
+            ..Default::default()
+        })
+        .await?;
+        Ok(EdsFollower { tx, rx })
+    }
+
+    /// The addresses of the next assignment of reviews (ACKed).
+    async fn next(&mut self, within: Duration) -> Result<Option<std::collections::BTreeSet<String>>> {
+        use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint::HostIdentifier};
+        use prost::Message as _;
+        let r = match tokio::time::timeout(within, self.rx.message()).await {
+            Err(_) => return Ok(None),
+            Ok(r) => r?.ok_or_else(|| anyhow!("the server ended the stream"))?,
+        };
+        self.tx
+            .send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await?;
+        let mut out = std::collections::BTreeSet::new();
+        for res in &r.resources {
+            let cla =
+                ClusterLoadAssignment::decode(res.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default())?;
+            for e in cla.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
+                if let Some(HostIdentifier::Endpoint(pe)) = &e.host_identifier
+                    && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+                        pe.address.as_ref().and_then(|a| a.address.as_ref())
+                {
+                    out.insert(sa.address.clone());
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Reads assignments until one has exactly `expected` (bounded by [`TIMEOUT`]).
+    async fn until(&mut self, what: &str, expected: &[&str]) -> Result<()> {
+        let expected: std::collections::BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            match self.next(deadline - tokio::time::Instant::now()).await? {
+                Some(got) if got == expected => return Ok(()),
+                Some(got) => last = Some(got),
+                None => break,
+            }
+        }
+        anyhow::bail!("{what}: reviews never became {expected:?} (last: {last:?})")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
+    use meshfed::kube_standin::{KubeStandin, objects};
+    const OCTET: u8 = 116;
+    let ip = |h: u8| format!("127.{OCTET}.1.{h}");
+    let (a1, a2, a3) = (ip(1), ip(2), ip(3));
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeStandin::start().await.expect("the API stand-in");
+    let kubeconfig = dir.path().join("kc.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig("kc", None)).unwrap();
+    let slice = |addrs: &[&str]| {
+        let eps: Vec<(&str, &str)> = addrs.iter().map(|a| (*a, "kc-node-1")).collect();
+        objects::endpoint_slice("shop", "reviews-kc", "reviews", ("http", 9080), &eps)
+    };
+    api.apply(objects::namespace("shop", None)).unwrap();
+    api.apply(objects::node("kc-node-1", "us-east-1", "us-east-1a")).unwrap();
+    api.apply(objects::service("shop", "reviews", &[("http", 9080)])).unwrap();
+    api.apply(slice(&[&a1, &a2])).unwrap();
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!(
+            "clusters:\n  - id: kc\n    network: net\n    kubeconfig: {}\nreadyTimeout: 20s\n",
+            kubeconfig.display()
+        ),
+    )
+    .unwrap();
+    let meshfed = start_meshfed(&mesh).await.expect("meshfed");
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"),
+        metadata: Some(envoy_types::pb::google::protobuf::Struct {
+            fields: [("CLUSTER_ID", "kc"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), meshfed::proxy::string_value(v)))
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    let mut eds = EdsFollower::start(meshfed.xds_address(), node).await.unwrap();
+    eds.until("the initial state", &[&a1, &a2]).await.unwrap();
+
+    // 1. errors: every request fails (500), and the watches are cut so meshfed must relist; meanwhile a
+    //    third endpoint appears. The last known state keeps being served (nothing is withdrawn)...
+    api.set_failure(Some(500));
+    api.expire_watches();
+    api.apply(slice(&[&a1, &a2, &a3])).unwrap();
+    if let Some(got) = eds.next(QUIET * 4).await.unwrap() {
+        panic!("an assignment was pushed while the API failed every request: {got:?}");
+    }
+    // ... and once the API answers again, the change arrives
+    api.set_failure(None);
+    eds.until("recovery from errors", &[&a1, &a2, &a3]).await.unwrap();
+
+    // 2. slow answers: every response of the API takes 2 s; changes still arrive
+    api.set_delay(Duration::from_secs(2));
+    api.expire_watches();
+    api.apply(slice(&[&a2, &a3])).unwrap();
+    eds.until("a slow API", &[&a2, &a3]).await.unwrap();
+    api.set_delay(Duration::ZERO);
+
+    // 3. cut watch streams: the API goes away mid-watch (every connection closed), changes are made
+    //    meanwhile, and it comes back on the same port; meshfed reconciles exactly
+    api.stop().await;
+    api.apply(slice(&[&a1])).unwrap();
+    if let Some(got) = eds.next(QUIET * 2).await.unwrap() {
+        panic!("an assignment was pushed while the API was down: {got:?}");
+    }
+    api.restart().await.unwrap();
+    eds.until("reconnection after cut watches", &[&a1]).await.unwrap();
+    assert!(meshfed.guard.id().is_some());
+    let clusterz = meshfed.debug_json("/debug/clusterz").await.unwrap();
+    assert!(clusterz.to_string().contains("synced"), "{clusterz}");
 }

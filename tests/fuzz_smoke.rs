@@ -138,7 +138,8 @@ fn failure_dir() -> PathBuf {
 }
 
 fn smoke(target: &str) {
-    let seed = std::env::var("MESHFED_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x6d65_7368_6665_64u64);
+    let seed =
+        std::env::var("MESHFED_FUZZ_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x006d_6573_6866_6564_u64);
     let mut rng = Rng(seed ^ target.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
     let seeds = seeds(target);
     assert!(!seeds.is_empty(), "{target}: no seeds");

@@ -79,7 +79,7 @@ struct Tally {
     errors: AtomicU64,
 }
 
-/// Runs churn and client sessions until `until`. Every session connects, follows pushes for 0.3-2.5 s,
+/// Runs churn and client sessions until `until`. Every session connects, follows pushes for 1-3 s,
 /// and leaves.
 async fn load(meshfed: &Meshfed, slices: &Path, original: &str, until: Instant, tally: Arc<Tally>) {
     let addr = meshfed.xds_address();
@@ -90,7 +90,7 @@ async fn load(meshfed: &Meshfed, slices: &Path, original: &str, until: Instant, 
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let service = ["reviews", "ratings", "frontend"][n % 3];
-                if let Err(e) = flap(&slices, &original, service, n / 3, n % 2 == 0) {
+                if let Err(e) = flap(&slices, &original, service, n / 3, n.is_multiple_of(2)) {
                     eprintln!("churn: {e:#}");
                 }
                 n += 1;
@@ -106,7 +106,7 @@ async fn load(meshfed: &Meshfed, slices: &Path, original: &str, until: Instant, 
         clients.push(tokio::spawn(async move {
             let mut round = 0u64;
             while Instant::now() < until {
-                let hold = Duration::from_millis(300 + (c as u64 * 131 + round * 557) % 2200);
+                let hold = Duration::from_millis(1000 + (c as u64 * 131 + round * 557) % 2000);
                 let end = (Instant::now() + hold).min(until);
                 let delta = (c + round as usize) % 2 == 1;
                 let pod = format!("soak-{c}-{round}");

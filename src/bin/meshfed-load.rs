@@ -34,6 +34,9 @@ enum Command {
     Floor {
         #[arg(long, default_value = "S", value_parser = parse_size)]
         size: Size,
+        /// write responses as chunks referencing the shared resource bytes (not through tonic's encoder)
+        #[arg(long)]
+        zero_copy: bool,
     },
     /// Write a generated topology (mesh.yaml and manifests) to DIR.
     Gen {
@@ -66,7 +69,7 @@ fn main() -> Result<()> {
         Command::Serve { size, debounce_quiet, debounce_max } => {
             rt.block_on(meshfed::load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
         }
-        Command::Floor { size } => rt.block_on(meshfed::load::floor::serve_floor(size))?,
+        Command::Floor { size, zero_copy } => rt.block_on(meshfed::load::floor::serve_floor(size, zero_copy))?,
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {
             let mesh = Topology::new(size).write_files(&dir, &debounce_quiet, &debounce_max)?;
             println!("{}", mesh.display());

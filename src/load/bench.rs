@@ -28,6 +28,8 @@ pub enum ServerKind {
     Floor,
     /// `meshfed serve` on a generated file topology; a change rewrites one EndpointSlice file
     Files,
+    /// the floor writing responses as chunks of the shared resource bytes (no per-stream encode buffer)
+    FloorZeroCopy,
 }
 
 /// Options of a `bench` run.
@@ -73,6 +75,15 @@ pub struct BenchArgs {
     /// storm: proxies that connect at once
     #[arg(long, default_value_t = 5000)]
     pub storm_proxies: usize,
+    /// nack: pause after the NACKed change before the next one (0: none, so a NACK may race the next push)
+    #[arg(long, default_value_t = 0)]
+    pub nack_settle_ms: u64,
+    /// envoy: real Envoys to connect (half SotW, half Delta)
+    #[arg(long, default_value_t = 3)]
+    pub envoys: usize,
+    /// envoy: the Envoy binary (default $MESHFED_ENVOY, else .venv/bin/envoy)
+    #[arg(long)]
+    pub envoy_bin: Option<std::path::PathBuf>,
     /// a label for the results (the row id, e.g. b1)
     #[arg(long, default_value = "")]
     pub label: String,
@@ -100,15 +111,18 @@ impl ServerProc {
     pub async fn start(args: &BenchArgs) -> Result<ServerProc> {
         let exe = std::env::current_exe()?;
         match args.server {
-            ServerKind::Meshfed | ServerKind::Floor => {
+            ServerKind::Meshfed | ServerKind::Floor | ServerKind::FloorZeroCopy => {
                 let mut cmd = tokio::process::Command::new(&exe);
                 if args.server == ServerKind::Meshfed {
                     cmd.args(["serve", "--size", &args.size.name(), "--debounce-quiet", &args.debounce_quiet]);
                     cmd.args(["--debounce-max", &args.debounce_max]);
                 } else {
                     cmd.args(["floor", "--size", &args.size.name()]);
+                    if args.server == ServerKind::FloorZeroCopy {
+                        cmd.arg("--zero-copy");
+                    }
                 }
-                cmd.env("RUST_LOG", std::env::var("MESHFED_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()));
+                cmd.env("RUST_LOG", std::env::var("MESHFED_LOAD_SERVER_LOG").unwrap_or_else(|_| "error".into()));
                 cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
                 let mut child = cmd.spawn().context("spawning the server")?;
                 let pid = child.id().context("server pid")?;
@@ -140,7 +154,7 @@ impl ServerProc {
                 cmd.arg("serve").arg("--mesh-config").arg(&mesh);
                 cmd.args(["--xds-address", &format!("127.0.0.1:{xds_port}")]);
                 cmd.args(["--debug-address", &format!("127.0.0.1:{debug_port}")]);
-                cmd.env("RUST_LOG", std::env::var("MESHFED_LOAD_SERVER_LOG").unwrap_or_else(|_| "warn".into()));
+                cmd.env("RUST_LOG", std::env::var("MESHFED_LOAD_SERVER_LOG").unwrap_or_else(|_| "error".into()));
                 cmd.stdin(Stdio::null()).stdout(Stdio::null()).kill_on_drop(true);
                 let child = cmd.spawn().with_context(|| format!("spawning {}", meshfed.display()))?;
                 let pid = child.id().context("server pid")?;
@@ -390,6 +404,7 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
             "storm" => run.storm().await?,
             "hold" => run.hold().await?,
             "cold" => run.cold().await?,
+            "envoy" => run.envoy().await?,
             other => bail!("unknown step {other:?}"),
         };
         emit(&v);
@@ -581,6 +596,7 @@ impl Run<'_> {
         let nacks0 = self.fleet.rec.sum(|s| &s.nacks_sent);
         let (lat, miss) = self.one_flap(target, 0, n, Duration::from_secs(10)).await?;
         let nacked = self.fleet.rec.sum(|s| &s.nacks_sent) - nacks0;
+        tokio::time::sleep(Duration::from_millis(self.args.nack_settle_ms)).await;
         for i in 0..10 {
             self.one_flap(1 + i * 3, i % 2, n, Duration::from_secs(10)).await?;
         }
@@ -611,6 +627,7 @@ impl Run<'_> {
         Ok(json!({
             "step": "nack",
             "base": self.base,
+            "nack_settle_ms": self.args.nack_settle_ms,
             "nacks_sent": nacked,
             "nack_flap_acks": lat.len(),
             "nack_flap_missing": miss,
@@ -642,7 +659,7 @@ impl Run<'_> {
             self.topology.apply(&c);
             self.server.change(&c).await?;
             changes += 1;
-            if round % 10 == 0 {
+            if round.is_multiple_of(10) {
                 let svc = self.next_service;
                 self.next_service += 1;
                 for c in [Change::AddService { svc }, Change::RemoveService { svc }] {
@@ -803,6 +820,107 @@ impl Run<'_> {
         }))
     }
 
+    /// Real Envoys (`meshfed bootstrap`) connect; endpoint flaps are timed from the change until each
+    /// Envoy's admin reports the new membership of the cluster (`/stats`, `membership_total`).
+    async fn envoy(&mut self) -> Result<Value> {
+        let exe = std::env::current_exe()?;
+        let meshfed = exe.with_file_name("meshfed");
+        let envoy_bin = self
+            .args
+            .envoy_bin
+            .clone()
+            .or_else(|| std::env::var_os("MESHFED_ENVOY").map(Into::into))
+            .unwrap_or_else(|| ".venv/bin/envoy".into());
+        let dir = tempfile::Builder::new().prefix("meshfed-load-envoy-").tempdir()?;
+        let mut envoys = Vec::new();
+        for k in 0..self.args.envoys {
+            let (c, z) = topo::proxy_placement(k);
+            let (cluster, region, zones) = topo::CLUSTERS[c];
+            let admin = free_port()?;
+            let mut cmd = tokio::process::Command::new(&meshfed);
+            cmd.arg("bootstrap")
+                .args(["--node-id", &format!("sidecar~127.0.77.{}~envoy-{k}.shop~shop.svc.cluster.local", k + 1)])
+                .args(["--xds-address", &self.server.xds.to_string()])
+                .args(["--admin-port", &admin.to_string()])
+                .args(["--cluster-id", cluster, "--network", topo::NETWORK])
+                .args(["--locality", &format!("{region}/{}", zones[z])]);
+            if k % 2 == 1 {
+                cmd.arg("--delta");
+            }
+            let out = cmd.output().await.context("meshfed bootstrap")?;
+            if !out.status.success() {
+                bail!("meshfed bootstrap failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let cfg = dir.path().join(format!("envoy-{k}.yaml"));
+            std::fs::write(&cfg, &out.stdout)?;
+            let log = std::fs::File::create(dir.path().join(format!("envoy-{k}.log")))?;
+            let child = tokio::process::Command::new(&envoy_bin)
+                .arg("-c")
+                .arg(&cfg)
+                .args(["--concurrency", "1", "--disable-hot-restart", "-l", "warning"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("spawning {}", envoy_bin.display()))?;
+            envoys.push((child, admin));
+        }
+        let probe = 1usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for (_, admin) in &envoys {
+            while envoy_members(*admin, probe).await.is_none() {
+                if Instant::now() > deadline {
+                    bail!("Envoy (admin {admin}) did not get its config in 120 s (logs in {})", dir.path().display());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let mut per_envoy = Vec::new();
+        let mut last = Vec::new();
+        let mut timeouts = 0;
+        for i in 0..self.args.iterations.min(50) {
+            let svc = (i * 7919 + 3) % self.args.size.services;
+            let mut before = Vec::new();
+            for (_, admin) in &envoys {
+                before.push(envoy_members(*admin, svc).await);
+            }
+            let change = Change::Flap { svc, cluster: i % 2, ep: 0 };
+            self.topology.apply(&change);
+            let t0 = Instant::now();
+            self.server.change(&change).await?;
+            let mut done: Vec<Option<f64>> = vec![None; envoys.len()];
+            while done.iter().any(Option::is_none) && t0.elapsed() < Duration::from_secs(10) {
+                for (j, (_, admin)) in envoys.iter().enumerate() {
+                    if done[j].is_none() && envoy_members(*admin, svc).await != before[j] {
+                        done[j] = Some(ms(t0.elapsed()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            timeouts += done.iter().filter(|d| d.is_none()).count();
+            let got: Vec<f64> = done.into_iter().flatten().collect();
+            if let Some(m) = got.iter().cloned().reduce(f64::max) {
+                last.push(m);
+            }
+            per_envoy.extend(got);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (mut c, _) in envoys {
+            let _ = c.kill().await;
+        }
+        Ok(json!({
+            "step": "envoy",
+            "base": self.base,
+            "envoys": self.args.envoys,
+            "changes": last.len(),
+            "change_to_envoy_admin_ms_per_envoy": percentiles(&per_envoy),
+            "change_to_last_envoy_ms_per_change": percentiles(&last),
+            "timeouts": timeouts,
+            "note": "admin polled every ~1 ms per Envoy; includes the admin round trip",
+        }))
+    }
+
     /// One more proxy connects, gets its full config, disconnects; `iterations` times (each connect is a
     /// new stream; the first one's scopes may still be translated by other connected proxies).
     async fn cold(&mut self) -> Result<Value> {
@@ -829,6 +947,24 @@ impl Run<'_> {
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
         }))
     }
+}
+
+/// GET `path` from `127.0.0.1:port` (HTTP/1.1, one request per connection); the body.
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Envoy's `membership_total` of the cluster of service `svc` (None: not there yet).
+async fn envoy_members(admin: u16, svc: usize) -> Option<u64> {
+    let filter = format!("{}.{}.svc.cluster.local.membership_total", topo::service_name(svc), topo::NAMESPACE);
+    let body = http_get(admin, &format!("/stats?filter={filter}")).await.ok()?;
+    body.lines().find_map(|l| l.rsplit_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
 }
 
 /// A short machine description and where the binaries are, for reports.

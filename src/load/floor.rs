@@ -101,6 +101,152 @@ impl ControlHandler for FloorControl {
 #[derive(Clone)]
 struct FloorService {
     state: watch::Receiver<Arc<FloorState>>,
+    /// write responses as chunks that reference the shared resource bytes, instead of through tonic's
+    /// encoder (which copies every response into a per-stream buffer that keeps its largest size)
+    zero_copy: bool,
+}
+
+/// A response body that writes [`Response`]s as gRPC messages made of shared chunks: small pieces
+/// (envelope fields, small resources) are gathered into chunks of up to [`CHUNK`] bytes, resources of
+/// [`SHARE_MIN`] bytes or more are passed by reference. Nothing is kept per stream between responses.
+struct ChunkBody {
+    rx: mpsc::Receiver<Result<Response, Status>>,
+    pending: std::collections::VecDeque<bytes::Bytes>,
+    done: bool,
+}
+
+const CHUNK: usize = 16 * 1024;
+const SHARE_MIN: usize = 2 * 1024;
+
+fn chunks(r: &Response) -> Vec<bytes::Bytes> {
+    use bytes::BufMut;
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut out = Vec::new();
+    let mut cur = bytes::BytesMut::with_capacity(CHUNK);
+    let len = r.encoded_len();
+    cur.put_u8(0);
+    cur.put_u32(len as u32);
+    let flush = |cur: &mut bytes::BytesMut, out: &mut Vec<bytes::Bytes>| {
+        if !cur.is_empty() {
+            out.push(cur.split().freeze());
+        }
+    };
+    let put_str = |cur: &mut bytes::BytesMut, tag: u32, s: &str| {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, cur);
+            encode_varint(s.len() as u64, cur);
+            cur.put_slice(s.as_bytes());
+        }
+    };
+    let put_body = |cur: &mut bytes::BytesMut, out: &mut Vec<bytes::Bytes>, body: &bytes::Bytes| {
+        if body.len() >= SHARE_MIN {
+            flush(cur, out);
+            out.push(body.clone());
+        } else {
+            if cur.len() + body.len() > CHUNK {
+                flush(cur, out);
+            }
+            cur.put_slice(body);
+        }
+    };
+    match r {
+        Response::Sotw(s) => {
+            put_str(&mut cur, 1, &s.version_info);
+            for x in &s.resources {
+                encode_key(2, WireType::LengthDelimited, &mut cur);
+                encode_varint(x.body.len() as u64, &mut cur);
+                put_body(&mut cur, &mut out, &x.body);
+            }
+            put_str(&mut cur, 4, s.type_url);
+            put_str(&mut cur, 5, &s.nonce);
+        }
+        Response::Delta(d) => {
+            put_str(&mut cur, 1, &d.system_version_info);
+            for x in &d.resources {
+                let vlen = if x.version.is_empty() {
+                    0
+                } else {
+                    1 + prost::encoding::encoded_len_varint(x.version.len() as u64) + x.version.len()
+                };
+                let blen = 1 + prost::encoding::encoded_len_varint(x.body.len() as u64) + x.body.len();
+                let nlen = if x.name.is_empty() {
+                    0
+                } else {
+                    1 + prost::encoding::encoded_len_varint(x.name.len() as u64) + x.name.len()
+                };
+                encode_key(2, WireType::LengthDelimited, &mut cur);
+                encode_varint((vlen + blen + nlen) as u64, &mut cur);
+                put_str(&mut cur, 1, &x.version);
+                encode_key(2, WireType::LengthDelimited, &mut cur);
+                encode_varint(x.body.len() as u64, &mut cur);
+                put_body(&mut cur, &mut out, &x.body);
+                put_str(&mut cur, 3, &x.name);
+            }
+            put_str(&mut cur, 4, d.type_url);
+            put_str(&mut cur, 5, &d.nonce);
+            for n in &d.removed_resources {
+                put_str(&mut cur, 6, n);
+            }
+        }
+        Response::Raw(b) => put_body(&mut cur, &mut out, b),
+    }
+    flush(&mut cur, &mut out);
+    out
+}
+
+impl http_body::Body for ChunkBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        loop {
+            if let Some(c) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(c))));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(r))) => {
+                    let c = chunks(&r);
+                    self.pending.extend(c);
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", (status.code() as i32).into());
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
+                }
+            }
+        }
+    }
+}
+
+fn zero_copy_call<Req, B>(svc: FloorService, req: http::Request<B>, delta: bool) -> http::Response<Body>
+where
+    Req: prost::Message + Default + FloorRequest + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    use tonic::codec::Codec;
+    let body = req.into_body();
+    let requests = tonic::codec::Streaming::<Req>::new_request(XdsCodec::<Req>::default().decoder(), body, None, None);
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(run_stream(requests, svc.state.clone(), delta, tx));
+    let body = ChunkBody { rx, pending: Default::default(), done: false };
+    let mut resp = http::Response::new(Body::new(body));
+    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+    resp
 }
 
 type ResponseStream = ReceiverStream<Result<Response, Status>>;
@@ -167,7 +313,7 @@ async fn run_stream<S, R>(
     }
 }
 
-trait FloorRequest {
+pub trait FloorRequest {
     fn type_url(&self) -> &str;
     /// a request that is not an ACK/NACK (no response nonce)
     fn is_initial(&self) -> bool;
@@ -239,6 +385,16 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.clone();
+        if svc.zero_copy {
+            let path = req.uri().path().to_string();
+            return Box::pin(async move {
+                Ok(match path.as_str() {
+                    super::client::SOTW_PATH => zero_copy_call::<DiscoveryRequest, B>(svc, req, false),
+                    super::client::DELTA_PATH => zero_copy_call::<DeltaDiscoveryRequest, B>(svc, req, true),
+                    _ => Status::unimplemented("unknown method").into_http(),
+                })
+            });
+        }
         match req.uri().path() {
             super::client::SOTW_PATH => Box::pin(async move {
                 let mut grpc = Grpc::new(XdsCodec::<DiscoveryRequest>::default());
@@ -258,7 +414,7 @@ impl NamedService for FloorService {
 }
 
 /// Runs the floor on a generated topology of `size`; prints `READY ...` and serves until killed.
-pub async fn serve_floor(size: Size) -> Result<()> {
+pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let topology = Topology::new(size);
     let mesh = mesh_config(&topology, "0ms", "0ms")?;
     let mut registry = Registry::new(&mesh);
@@ -272,11 +428,20 @@ pub async fn serve_floor(size: Size) -> Result<()> {
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let xds = listener.local_addr()?;
-    let svc = FloorService { state: state_rx };
+    let svc = FloorService { state: state_rx, zero_copy };
+    // the same transport settings as meshfed's ADS server (TCP_NODELAY, HTTP/2 keepalive)
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(incoming)
             .await;
     });
     let control = TcpListener::bind("127.0.0.1:0").await?;

@@ -341,8 +341,8 @@ impl Topology {
         std::fs::create_dir_all(dir)?;
         let mesh = dir.join("mesh.yaml");
         std::fs::write(&mesh, self.mesh_config_yaml(None, quiet, max))?;
-        for c in 0..2 {
-            let cdir = dir.join(CLUSTERS[c].0);
+        for (c, (id, _, _)) in CLUSTERS.iter().enumerate() {
+            let cdir = dir.join(id);
             std::fs::create_dir_all(cdir.join("slices"))?;
             std::fs::write(cdir.join("base.yaml"), self.render_base(c))?;
             for g in 0..self.services.len().div_ceil(FILE_GROUP) {
@@ -497,8 +497,8 @@ mod tests {
         let mut t = Topology::new(Size { services: 12, endpoints: 4 });
         t.write_files(dir.path(), "0ms", "0ms").unwrap();
         t.apply_to_files(dir.path(), &Change::Flap { svc: 11, cluster: 0, ep: 1 }).unwrap();
-        for c in 0..2 {
-            let (mut objects, errors) = crate::source::files::load_cluster_dir(&dir.path().join(CLUSTERS[c].0));
+        for (c, (id, _, _)) in CLUSTERS.iter().enumerate() {
+            let (mut objects, errors) = crate::source::files::load_cluster_dir(&dir.path().join(id));
             assert!(errors.is_empty(), "{errors:?}");
             let mut expected = t.objects(c);
             objects.sort_by_key(|o| o.key());

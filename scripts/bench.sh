@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Runs meshfed's benchmarks (rows a1..e3 of BENCHMARKS.md) with meshfed-load, each bounded in time.
+#
+#   bash scripts/bench.sh            every scenario, release build (~40 min on 2 cores); results in
+#                                    target/bench/results.jsonl, logs in target/bench/*.log
+#   bash scripts/bench.sh --smoke    tiny sizes, debug build, < ~60 s: proves the harness works and every
+#                                    step produces its numbers; asserts nothing about time (CI runs this)
+#   bash scripts/bench.sh --only b1  one scenario of the full run (ids as in the table below)
+#
+# All traffic stays on loopback. The load client shares the 2 cores with the server: the results report
+# the server's CPU and memory (from /proc of the server process) and the client's CPU separately.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=full
+only=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) mode=smoke ;;
+    --only) only="$2"; shift ;;
+    *) echo "usage: $0 [--smoke] [--only ID]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+out=target/bench
+[ "$mode" = smoke ] && out=target/bench-smoke
+mkdir -p "$out"
+results="$out/results.jsonl"
+: > "$results"
+
+tdir="${CARGO_TARGET_DIR:-target}"
+if [ "$mode" = smoke ]; then
+  cargo build -q --bins
+  bin="$tdir/debug/meshfed-load"
+else
+  cargo build -q --release --bins
+  bin="$tdir/release/meshfed-load"
+fi
+# 10,000 streams need 10,000 descriptors in each process
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+# run ID TIMEOUT_S ARGS...: one meshfed-load bench invocation; its RESULT lines go to $results
+run() {
+  local id="$1" limit="$2"; shift 2
+  if [ -n "$only" ] && [ "$only" != "$id" ]; then return 0; fi
+  echo "== $id: meshfed-load bench $*" >&2
+  local start=$SECONDS
+  if ! timeout --kill-after=10 "$limit" "$bin" bench --label "$id" "$@" > "$out/$id.log" 2>&1; then
+    echo "!! $id failed or timed out after $((SECONDS - start)) s; see $out/$id.log" >&2
+    tail -5 "$out/$id.log" >&2
+    echo "{\"label\":\"$id\",\"step\":\"failed\"}" >> "$results"
+    return 0
+  fi
+  grep '^RESULT ' "$out/$id.log" | sed 's/^RESULT //' >> "$results"
+  echo "   done in $((SECONDS - start)) s" >&2
+}
+
+if [ "$mode" = smoke ]; then
+  small=(--size 40x4 --proxies 20 --iterations 5 --duration 2 --rollout-pods 20 --flood-endpoints 100 --storm-proxies 20 --ready-timeout 60)
+  run smoke-meshfed 120 "${small[@]}" --steps flaps,rollout,nack,churn,flood,storm,cold,hold
+  run smoke-floor 60 "${small[@]}" --server floor --steps flaps,cold
+  run smoke-files 60 "${small[@]}" --server files --debounce-quiet 0ms --steps flaps
+  if [ -x .venv/bin/envoy ] || [ -n "${MESHFED_ENVOY:-}" ]; then
+    run smoke-envoy 90 "${small[@]}" --proxies 0 --envoys 2 --steps envoy
+  fi
+  # every step produced its numbers, without client errors
+  python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+want = {
+    "smoke-meshfed": ["connect", "flaps", "rollout", "nack", "churn", "flood", "storm", "cold", "hold"],
+    "smoke-floor": ["connect", "flaps", "cold"],
+    "smoke-files": ["connect", "flaps"],
+}
+if any(r.get("label") == "smoke-envoy" or r.get("base", {}).get("label") == "smoke-envoy" for r in rows):
+    want["smoke-envoy"] = ["connect", "envoy"]
+bad = []
+for label, steps in want.items():
+    got = [r for r in rows if r.get("base", {}).get("label") == label]
+    for s in steps:
+        r = next((r for r in got if r.get("step") == s), None)
+        if r is None:
+            bad.append(f"{label}: no {s} result")
+        elif r.get("errors", 0) != 0:
+            bad.append(f"{label}/{s}: {r['errors']} client errors")
+    flaps = next((r for r in got if r.get("step") == "flaps"), None)
+    if flaps and (flaps.get("change_to_ack_ms_per_proxy") is None or flaps.get("missing_acks") != 0):
+        bad.append(f"{label}/flaps: changes not measured at every proxy")
+if bad:
+    print("bench smoke: FAILED\n  " + "\n  ".join(bad))
+    sys.exit(1)
+print(f"bench smoke: ok ({len(rows)} results, every step measured; no timing checked)")
+PY
+  exit 0
+fi
+
+# ---- the full run (ids as in BENCHMARKS.md) ----
+S=(--size S --proxies 1000)
+# a1 b1 b5 c1(S) e1 d1(mix): 1,000 proxies, half SotW half Delta, no debounce
+run S1000 900 "${S[@]}" --steps flaps,nack,cold,hold --iterations 100 --duration 10
+run S1000-floor 900 "${S[@]}" --server floor --steps flaps,cold --iterations 100
+# d1 per flavor, meshfed and floor
+run d1-sotw 900 "${S[@]}" --delta 0 --steps flaps --iterations 100
+run d1-delta 900 "${S[@]}" --delta 1 --steps flaps --iterations 100
+run d1-sotw-floor 900 "${S[@]}" --delta 0 --server floor --steps flaps --iterations 100
+run d1-delta-floor 900 "${S[@]}" --delta 1 --server floor --steps flaps --iterations 100
+# e1 without the NACK racing the next push
+run e1-settled 900 "${S[@]}" --steps nack --nack-settle-ms 500
+# b3: 5,000 proxies
+run b3 1500 --size S --proxies 5000 --steps flaps --iterations 50
+run b3-floor 1500 --size S --proxies 5000 --server floor --steps flaps --iterations 50
+# a3: 10,000 streams held
+run a3 1800 --size S --proxies 10000 --connect-parallel 512 --steps hold,flaps --duration 30 --iterations 20
+# c2: 5,000 connect at once while 1,000 are connected
+run c2 1800 "${S[@]}" --steps storm --storm-proxies 5000
+# e2: churn soak
+run e2 900 "${S[@]}" --steps churn --duration 60
+# e3: one cluster floods 10k endpoints in 60 s
+run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
+# L: a2 memory per proxy, b2, c1(L), b4 rollout (100 proxies: see BENCHMARKS.md for why)
+run L 2400 --size L --proxies 100 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
+# files: meshfed serve on a file topology (the file source's own delay included)
+run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50
+# real Envoys
+run envoy 600 --size S --proxies 0 --envoys 3 --steps envoy --iterations 30
+
+python3 - "$results" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    label = r.get("base", {}).get("label", r.get("label"))
+    keys = [k for k in ("change_to_last_ack_ms_per_change", "change_to_ack_ms_per_proxy", "server_kb_per_proxy",
+            "server_cpu_us_per_update", "full_config_acked_ms", "final_ack_after_last_event_ms", "rejected_version_resent",
+            "all_ready_s", "rss_after_vs_baseline", "during_flood_last_ack_ms", "change_to_envoy_admin_ms_per_envoy", "errors") if k in r]
+    print(label, r.get("step"), {k: r[k] for k in keys})
+PY
