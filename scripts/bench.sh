@@ -29,12 +29,13 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 : > "$results"
 
+# MESHFED_BENCH_NO_BUILD=1: use the binaries already built (e.g. while others edit the sources)
 tdir="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
-  cargo build -q --bins
+  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --bins
   bin="$tdir/debug/meshfed-load"
 else
-  cargo build -q --release --bins
+  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --release --bins
   bin="$tdir/release/meshfed-load"
 fi
 # 10,000 streams need 10,000 descriptors in each process
@@ -62,7 +63,7 @@ if [ "$mode" = smoke ]; then
   run smoke-floor 60 "${small[@]}" --server floor --steps flaps,cold
   run smoke-files 60 "${small[@]}" --server files --debounce-quiet 0ms --steps flaps
   if [ -x .venv/bin/envoy ] || [ -n "${MESHFED_ENVOY:-}" ]; then
-    run smoke-envoy 90 "${small[@]}" --proxies 0 --envoys 2 --steps envoy
+    run smoke-envoy 90 --size 40x4 --proxies 0 --iterations 3 --envoys 2 --steps envoy
   fi
   # every step produced its numbers, without client errors
   python3 - "$results" <<'PY'
@@ -100,11 +101,14 @@ S=(--size S --proxies 1000)
 # a1 b1 b5 c1(S) e1 d1(mix): 1,000 proxies, half SotW half Delta, no debounce
 run S1000 900 "${S[@]}" --steps flaps,nack,cold,hold --iterations 100 --duration 10
 run S1000-floor 900 "${S[@]}" --server floor --steps flaps,cold --iterations 100
+run S1000-floor-zc 900 "${S[@]}" --server floor-zero-copy --steps flaps,cold --iterations 100
 # d1 per flavor, meshfed and floor
 run d1-sotw 900 "${S[@]}" --delta 0 --steps flaps --iterations 100
 run d1-delta 900 "${S[@]}" --delta 1 --steps flaps --iterations 100
 run d1-sotw-floor 900 "${S[@]}" --delta 0 --server floor --steps flaps --iterations 100
 run d1-delta-floor 900 "${S[@]}" --delta 1 --server floor --steps flaps --iterations 100
+run d1-sotw-floor-zc 900 "${S[@]}" --delta 0 --server floor-zero-copy --steps flaps --iterations 100
+run d1-delta-floor-zc 900 "${S[@]}" --delta 1 --server floor-zero-copy --steps flaps --iterations 100
 # e1 without the NACK racing the next push
 run e1-settled 900 "${S[@]}" --steps nack --nack-settle-ms 500
 # b3: 5,000 proxies
@@ -118,8 +122,8 @@ run c2 1800 "${S[@]}" --steps storm --storm-proxies 5000
 run e2 900 "${S[@]}" --steps churn --duration 60
 # e3: one cluster floods 10k endpoints in 60 s
 run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
-# L: a2 memory per proxy, b2, c1(L), b4 rollout (100 proxies: see BENCHMARKS.md for why)
-run L 2400 --size L --proxies 100 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
+# L: a2 memory per proxy, b2, c1(L), b4 rollout (200 proxies: see BENCHMARKS.md for why)
+run L 2400 --size L --proxies 200 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
 # files: meshfed serve on a file topology (the file source's own delay included)
 run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50
 # real Envoys

@@ -490,7 +490,16 @@ async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
     // 1. errors: every request fails (500), and the watches are cut so meshfed must relist; meanwhile a
     //    third endpoint appears. The last known state keeps being served (nothing is withdrawn)...
     api.set_failure(Some(500));
+    let before = api.requests().len();
     api.expire_watches();
+    // once meshfed has asked again (and been refused), its old watch is gone: only then the change
+    poll_until(TIMEOUT, || async {
+        let asked = api.requests().iter().skip(before).any(|r| r.contains("endpointslices"));
+        ensure!(asked, "meshfed has not asked for the EndpointSlices again yet");
+        Ok(())
+    })
+    .await
+    .unwrap();
     api.apply(slice(&[&a1, &a2, &a3])).unwrap();
     if let Some(got) = eds.next(QUIET * 4).await.unwrap() {
         panic!("an assignment was pushed while the API failed every request: {got:?}");

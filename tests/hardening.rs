@@ -724,3 +724,25 @@ async fn a_real_envoy_gets_its_config_over_mtls_only() {
     };
     assert!(refused, "a plaintext client was served on the mTLS port");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_binary_and_exits() {
+    const OCTET: u8 = 117;
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = meshfed::testing::copy_demo(dir.path(), OCTET);
+    let options = support::MeshfedOptions { args: vec!["--drain-timeout".into(), "3s".into()], ..Default::default() };
+    let mut meshfed = support::start_meshfed_with(&mesh, &options).await.expect("meshfed");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", meshfed.xds_address())).unwrap();
+    let mut stream = Sotw::open(channel.connect_lazy()).await.unwrap();
+    stream.send(cds_request(Some(&format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local")))).await;
+    stream.next().await.unwrap();
+    let pid = meshfed.guard.id().expect("running");
+    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    // the stream is ended so that the proxy reconnects elsewhere, and meshfed exits cleanly
+    let err = stream.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let exit = meshfed.guard.wait_exit(TIMEOUT).unwrap();
+    assert!(exit.success(), "meshfed exited with {exit}");
+    assert!(meshfed.guard.stderr().contains("drained"), "{}", meshfed.guard.stderr());
+}

@@ -379,6 +379,8 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         "server_stats_before": stats0.clone(),
         "server_stats_after": server.stats().await,
         "errors": fleet.rec.errors.load(Ordering::Relaxed),
+        "retries": fleet.rec.retries.load(Ordering::Relaxed),
+        "last_error": fleet.rec.last_error(),
         "totals": type_table([[0; 3]; 4], fleet.rec.totals()),
     });
     emit(&connect);
@@ -505,6 +507,8 @@ impl Run<'_> {
             "non_eds_bytes": (after[0][0] - before[0][0]) + (after[2][0] - before[2][0]) + (after[3][0] - before[3][0]),
             "server_rss_kb": self.server.rss_kb(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -581,6 +585,8 @@ impl Run<'_> {
             "server_cpu_s": cpu,
             "server_rss_kb": self.server.rss_kb(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -634,6 +640,8 @@ impl Run<'_> {
             "rejected_version_resent": resent,
             "new_version_accepted_by": accepted,
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -681,8 +689,22 @@ impl Run<'_> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             stats = self.server.stats().await;
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let stats = self.server.stats().await;
+        // tasks wind down (e.g. per-connection timers): wait until the count is back near the baseline,
+        // at most 60 s, and report how long that took
+        let base_tasks = self.stats0.get("tasks").and_then(Value::as_u64).unwrap_or(0);
+        let settle = Instant::now();
+        let mut stats = self.server.stats().await;
+        let end_rss_3s = {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            self.server.rss_kb()
+        };
+        while stats.get("tasks").and_then(Value::as_u64).unwrap_or(0) > base_tasks + 10
+            && settle.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stats = self.server.stats().await;
+        }
+        let tasks_settled_s = settle.elapsed().as_secs_f64();
         let end_rss = self.server.rss_kb();
         // reconnect everyone so later steps have a fleet
         self.fleet.start(0..n, true);
@@ -697,11 +719,15 @@ impl Run<'_> {
             "server_rss_kb_baseline": base_rss,
             "server_rss_kb_peak": peak,
             "server_rss_kb_with_all": with_all,
+            "server_rss_kb_3s_after_all_disconnected": end_rss_3s,
             "server_rss_kb_after_all_disconnected": end_rss,
+            "tasks_settled_after_s": tasks_settled_s,
             "rss_after_vs_baseline": end_rss as f64 / base_rss.max(1) as f64,
             "server_stats_baseline": self.stats0,
             "server_stats_after_all_disconnected": stats,
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -754,6 +780,8 @@ impl Run<'_> {
             "server_rss_kb_peak": peak,
             "server_alive": procfs::rss_kb(self.server.pid) > 0,
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -798,6 +826,8 @@ impl Run<'_> {
             "server_cpu_s": cpu,
             "server_rss_kb": self.server.rss_kb(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         });
         self.fleet.stop(n..n + m).await;
         Ok(v)
@@ -817,6 +847,8 @@ impl Run<'_> {
             "server_cpu_pct_idle": (self.server.cpu_ns() - cpu0) as f64 / 1e7 / self.args.duration.max(1) as f64,
             "server_rss_kb": self.server.rss_kb(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 
@@ -879,12 +911,16 @@ impl Run<'_> {
         let mut per_envoy = Vec::new();
         let mut last = Vec::new();
         let mut timeouts = 0;
+        // one admin /stats query's round trip: the resolution of the measurement
+        let mut admin_rtt = Vec::new();
         for i in 0..self.args.iterations.min(50) {
             let svc = (i * 7919 + 3) % self.args.size.services;
             let mut before = Vec::new();
+            let t_admin = Instant::now();
             for (_, admin) in &envoys {
                 before.push(envoy_members(*admin, svc).await);
             }
+            admin_rtt.push(ms(t_admin.elapsed()) / envoys.len().max(1) as f64);
             let change = Change::Flap { svc, cluster: i % 2, ep: 0 };
             self.topology.apply(&change);
             let t0 = Instant::now();
@@ -917,7 +953,8 @@ impl Run<'_> {
             "change_to_envoy_admin_ms_per_envoy": percentiles(&per_envoy),
             "change_to_last_envoy_ms_per_change": percentiles(&last),
             "timeouts": timeouts,
-            "note": "admin polled every ~1 ms per Envoy; includes the admin round trip",
+            "admin_stats_query_ms": percentiles(&admin_rtt),
+            "note": "each Envoy's admin is polled in turn (1 ms apart): a figure includes up to one round of admin queries",
         }))
     }
 
@@ -945,6 +982,8 @@ impl Run<'_> {
             "full_config_acked_ms": percentiles(&times),
             "first_ms": times.first(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
+            "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
         }))
     }
 }

@@ -103,6 +103,8 @@ pub struct Recorder {
     /// streams currently open
     pub open: AtomicUsize,
     pub errors: AtomicU64,
+    /// reconnections after a failed or ended stream
+    pub retries: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -119,6 +121,7 @@ impl Recorder {
             ready_notify: Notify::new(),
             open: AtomicUsize::new(0),
             errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             last_error: Mutex::new(None),
         })
     }
@@ -723,6 +726,34 @@ pub async fn run_proxy(
     }
 }
 
+/// [`run_proxy`], reconnecting after a failed or ended stream as Envoy does (after 0.5-1 s, at most
+/// `retries` times); every failure is still counted in [`Recorder::errors`].
+#[allow(clippy::too_many_arguments)]
+pub async fn run_proxy_retrying(
+    opts: Arc<ClientOptions>,
+    rec: Arc<Recorder>,
+    index: usize,
+    node: Node,
+    delta: bool,
+    stop: watch::Receiver<bool>,
+    connect_permit: Option<Arc<Semaphore>>,
+    retries: usize,
+) {
+    for attempt in 0..=retries {
+        run_proxy(opts.clone(), rec.clone(), index, node.clone(), delta, stop.clone(), connect_permit.clone()).await;
+        if *stop.borrow() || attempt == retries {
+            return;
+        }
+        rec.retries.fetch_add(1, Ordering::Relaxed);
+        let jitter = xxhash_rust::xxh3::xxh3_64(&((index as u64) << 8 | attempt as u64).to_le_bytes()) % 500;
+        let mut stop = stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500 + jitter)) => {}
+            _ = wait_stop(&mut stop) => return,
+        }
+    }
+}
+
 async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -776,7 +807,8 @@ pub fn spawn_proxy(
     connect_permit: Option<Arc<Semaphore>>,
 ) -> ProxyHandle {
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(run_proxy(opts.clone(), rec.clone(), index, node, delta, stop_rx, connect_permit));
+    let task =
+        tokio::spawn(run_proxy_retrying(opts.clone(), rec.clone(), index, node, delta, stop_rx, connect_permit, 20));
     ProxyHandle { stop, task }
 }
 

@@ -7,6 +7,11 @@
 //! subscriptions) is ignored. A change re-translates the one assignment it touches, once, and every stream
 //! that asked for EDS is sent just that assignment. No per-stream subscription state, no versions, no
 //! push loop: this is the least any ADS server on this stack can do for the same client.
+//!
+//! With `--zero-copy` (server kind `floor-zero-copy`) it also bypasses tonic's response encoder — each
+//! response is written as chunks that reference the shared resource bytes, so no per-stream buffer keeps
+//! the largest response — and reads SotW requests without their resource names ([`SotwHead`]): the two
+//! changes BENCHMARKS.md proposes for meshfed, measured on the floor.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -313,6 +318,25 @@ async fn run_stream<S, R>(
     }
 }
 
+/// A SotW request read without its resource names (the zero-copy floor never needs them): what not
+/// decoding the names of an unchanged SotW ACK would save.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SotwHead {
+    #[prost(string, tag = "4")]
+    pub type_url: String,
+    #[prost(string, tag = "5")]
+    pub response_nonce: String,
+}
+
+impl FloorRequest for SotwHead {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn is_initial(&self) -> bool {
+        self.response_nonce.is_empty()
+    }
+}
+
 pub trait FloorRequest {
     fn type_url(&self) -> &str;
     /// a request that is not an ACK/NACK (no response nonce)
@@ -389,7 +413,7 @@ where
             let path = req.uri().path().to_string();
             return Box::pin(async move {
                 Ok(match path.as_str() {
-                    super::client::SOTW_PATH => zero_copy_call::<DiscoveryRequest, B>(svc, req, false),
+                    super::client::SOTW_PATH => zero_copy_call::<SotwHead, B>(svc, req, false),
                     super::client::DELTA_PATH => zero_copy_call::<DeltaDiscoveryRequest, B>(svc, req, true),
                     _ => Status::unimplemented("unknown method").into_http(),
                 })

@@ -111,6 +111,10 @@ impl GrpcReader {
     /// The next complete message, if there is one. Err: a compressed message (never requested).
     pub fn next_message(&mut self) -> Result<Option<Bytes>, &'static str> {
         if self.buf.len() < 5 {
+            // do not keep a large buffer per stream between (rare) large messages
+            if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+                self.buf = BytesMut::new();
+            }
             return Ok(None);
         }
         if self.buf[0] != 0 {
