@@ -8,10 +8,10 @@
 //! that asked for EDS is sent just that assignment. No per-stream subscription state, no versions, no
 //! push loop: this is the least any ADS server on this stack can do for the same client.
 //!
-//! With `--zero-copy` (server kind `floor-zero-copy`) it also bypasses tonic's response encoder — each
-//! response is written as chunks that reference the shared resource bytes, so no per-stream buffer keeps
-//! the largest response — and reads SotW requests without their resource names ([`SotwHead`]): the two
-//! changes BENCHMARKS.md proposes for meshfed, measured on the floor.
+//! By default it writes responses through tonic's stock encoder and decodes requests with prost (what a
+//! plain tonic server does). With `--zero-copy` (server kind `floor-zero-copy`) it uses meshfed's own wire
+//! code instead ([`crate::xds::codec`]: responses written as chunks that share the resources' bytes, SotW
+//! names fingerprinted without decoding): the floor for meshfed as it is built.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,7 +33,9 @@ use crate::cache::Resource;
 use crate::registry::Registry;
 use crate::translate::{self, Context as TContext, View};
 use crate::type_url::ResourceType;
-use crate::xds::codec::{DeltaResponse, Response, SotwResponse, XdsCodec};
+use crate::xds::codec::{
+    DeltaResponse, RequestDecoder, Response, ResponseBody, SotwDecoder, SotwRequest, SotwResponse, XdsCodec,
+};
 
 /// What the floor serves at one generation.
 #[derive(Debug, Default)]
@@ -111,147 +113,18 @@ struct FloorService {
     zero_copy: bool,
 }
 
-/// A response body that writes [`Response`]s as gRPC messages made of shared chunks: small pieces
-/// (envelope fields, small resources) are gathered into chunks of up to [`CHUNK`] bytes, resources of
-/// [`SHARE_MIN`] bytes or more are passed by reference. Nothing is kept per stream between responses.
-struct ChunkBody {
-    rx: mpsc::Receiver<Result<Response, Status>>,
-    pending: std::collections::VecDeque<bytes::Bytes>,
-    done: bool,
-}
-
-const CHUNK: usize = 16 * 1024;
-const SHARE_MIN: usize = 2 * 1024;
-
-fn chunks(r: &Response) -> Vec<bytes::Bytes> {
-    use bytes::BufMut;
-    use prost::encoding::{WireType, encode_key, encode_varint};
-    let mut out = Vec::new();
-    let mut cur = bytes::BytesMut::with_capacity(CHUNK);
-    let len = r.encoded_len();
-    cur.put_u8(0);
-    cur.put_u32(len as u32);
-    let flush = |cur: &mut bytes::BytesMut, out: &mut Vec<bytes::Bytes>| {
-        if !cur.is_empty() {
-            out.push(cur.split().freeze());
-        }
-    };
-    let put_str = |cur: &mut bytes::BytesMut, tag: u32, s: &str| {
-        if !s.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, cur);
-            encode_varint(s.len() as u64, cur);
-            cur.put_slice(s.as_bytes());
-        }
-    };
-    let put_body = |cur: &mut bytes::BytesMut, out: &mut Vec<bytes::Bytes>, body: &bytes::Bytes| {
-        if body.len() >= SHARE_MIN {
-            flush(cur, out);
-            out.push(body.clone());
-        } else {
-            if cur.len() + body.len() > CHUNK {
-                flush(cur, out);
-            }
-            cur.put_slice(body);
-        }
-    };
-    match r {
-        Response::Sotw(s) => {
-            put_str(&mut cur, 1, &s.version_info);
-            for x in &s.resources {
-                encode_key(2, WireType::LengthDelimited, &mut cur);
-                encode_varint(x.body.len() as u64, &mut cur);
-                put_body(&mut cur, &mut out, &x.body);
-            }
-            put_str(&mut cur, 4, s.type_url);
-            put_str(&mut cur, 5, &s.nonce);
-        }
-        Response::Delta(d) => {
-            put_str(&mut cur, 1, &d.system_version_info);
-            for x in &d.resources {
-                let vlen = if x.version.is_empty() {
-                    0
-                } else {
-                    1 + prost::encoding::encoded_len_varint(x.version.len() as u64) + x.version.len()
-                };
-                let blen = 1 + prost::encoding::encoded_len_varint(x.body.len() as u64) + x.body.len();
-                let nlen = if x.name.is_empty() {
-                    0
-                } else {
-                    1 + prost::encoding::encoded_len_varint(x.name.len() as u64) + x.name.len()
-                };
-                encode_key(2, WireType::LengthDelimited, &mut cur);
-                encode_varint((vlen + blen + nlen) as u64, &mut cur);
-                put_str(&mut cur, 1, &x.version);
-                encode_key(2, WireType::LengthDelimited, &mut cur);
-                encode_varint(x.body.len() as u64, &mut cur);
-                put_body(&mut cur, &mut out, &x.body);
-                put_str(&mut cur, 3, &x.name);
-            }
-            put_str(&mut cur, 4, d.type_url);
-            put_str(&mut cur, 5, &d.nonce);
-            for n in &d.removed_resources {
-                put_str(&mut cur, 6, n);
-            }
-        }
-        Response::Raw(b) => put_body(&mut cur, &mut out, b),
-    }
-    flush(&mut cur, &mut out);
-    out
-}
-
-impl http_body::Body for ChunkBody {
-    type Data = bytes::Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
-        loop {
-            if let Some(c) = self.pending.pop_front() {
-                return Poll::Ready(Some(Ok(http_body::Frame::data(c))));
-            }
-            if self.done {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(r))) => {
-                    let c = chunks(&r);
-                    self.pending.extend(c);
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    self.done = true;
-                    let mut t = http::HeaderMap::new();
-                    t.insert("grpc-status", (status.code() as i32).into());
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    let mut t = http::HeaderMap::new();
-                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(t))));
-                }
-            }
-        }
-    }
-}
-
-fn zero_copy_call<Req, B>(svc: FloorService, req: http::Request<B>, delta: bool) -> http::Response<Body>
+fn zero_copy_call<Req, D, B>(svc: FloorService, req: http::Request<B>, decoder: D, delta: bool) -> http::Response<Body>
 where
-    Req: prost::Message + Default + FloorRequest + Send + 'static,
+    Req: FloorRequest + Send + 'static,
+    D: tonic::codec::Decoder<Item = Req, Error = Status> + Send + 'static,
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    use tonic::codec::Codec;
     let body = req.into_body();
-    let requests = tonic::codec::Streaming::<Req>::new_request(XdsCodec::<Req>::default().decoder(), body, None, None);
+    let requests = tonic::codec::Streaming::<Req>::new_request(decoder, body, None, None);
     let (tx, rx) = mpsc::channel(2);
     tokio::spawn(run_stream(requests, svc.state.clone(), delta, tx));
-    let body = ChunkBody { rx, pending: Default::default(), done: false };
-    let mut resp = http::Response::new(Body::new(body));
-    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
-    resp
+    ResponseBody::new(rx).into_http()
 }
 
 type ResponseStream = ReceiverStream<Result<Response, Status>>;
@@ -318,22 +191,12 @@ async fn run_stream<S, R>(
     }
 }
 
-/// A SotW request read without its resource names (the zero-copy floor never needs them): what not
-/// decoding the names of an unchanged SotW ACK would save.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct SotwHead {
-    #[prost(string, tag = "4")]
-    pub type_url: String,
-    #[prost(string, tag = "5")]
-    pub response_nonce: String,
-}
-
-impl FloorRequest for SotwHead {
+impl FloorRequest for SotwRequest {
     fn type_url(&self) -> &str {
-        &self.type_url
+        &self.head.type_url
     }
     fn is_initial(&self) -> bool {
-        self.response_nonce.is_empty()
+        self.head.response_nonce.is_empty()
     }
 }
 
@@ -413,8 +276,10 @@ where
             let path = req.uri().path().to_string();
             return Box::pin(async move {
                 Ok(match path.as_str() {
-                    super::client::SOTW_PATH => zero_copy_call::<SotwHead, B>(svc, req, false),
-                    super::client::DELTA_PATH => zero_copy_call::<DeltaDiscoveryRequest, B>(svc, req, true),
+                    super::client::SOTW_PATH => zero_copy_call(svc, req, SotwDecoder, false),
+                    super::client::DELTA_PATH => {
+                        zero_copy_call(svc, req, RequestDecoder::<DeltaDiscoveryRequest>::default(), true)
+                    }
                     _ => Status::unimplemented("unknown method").into_http(),
                 })
             });

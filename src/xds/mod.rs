@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
-use tokio_stream::wrappers::ReceiverStream;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 use tonic::body::Body;
+use tonic::codec::Streaming;
 use tonic::codegen::{BoxFuture, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::server::NamedService;
 
 use crate::push::PushHandle;
 
@@ -21,7 +21,7 @@ pub mod connections;
 pub mod server;
 pub mod stream;
 
-use codec::{Response, XdsCodec};
+use codec::{RequestDecoder, ResponseBody, SotwDecoder};
 use connections::{Connections, Flavor};
 
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
@@ -79,51 +79,41 @@ impl AdsService {
     }
 }
 
-type ResponseStream = ReceiverStream<Result<Response, Status>>;
-
-fn user_agent<T>(req: &tonic::Request<T>) -> Option<String> {
-    req.metadata().get("user-agent").and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
-struct Sotw(AdsService);
-
-impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = Response;
-    type ResponseStream = ResponseStream;
-    type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<DiscoveryRequest>>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move {
-            let context = svc.stream_context(request.extensions().get::<server::ConnInfo>())?;
-            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
-            let ua = user_agent(&request);
-            let stream = stream::Stream::new(Flavor::Sotw, svc.push.clone(), svc.connections.clone(), tx, ua)
-                .with_context(context);
-            tokio::spawn(stream.run_sotw(request.into_inner()));
-            Ok(tonic::Response::new(ReceiverStream::new(rx)))
-        })
-    }
-}
-
-struct Delta(AdsService);
-
-impl StreamingService<DeltaDiscoveryRequest> for Delta {
-    type Response = Response;
-    type ResponseStream = ResponseStream;
-    type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let svc = self.0.clone();
-        Box::pin(async move {
-            let context = svc.stream_context(request.extensions().get::<server::ConnInfo>())?;
-            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
-            let ua = user_agent(&request);
-            let stream = stream::Stream::new(Flavor::Delta, svc.push.clone(), svc.connections.clone(), tx, ua)
-                .with_context(context);
-            tokio::spawn(stream.run_delta(request.into_inner()));
-            Ok(tonic::Response::new(ReceiverStream::new(rx)))
-        })
+impl AdsService {
+    /// Opens one ADS stream of `flavor`: refused (as a trailers-only gRPC response) when the connection
+    /// is over its stream limit or asks for a compression meshfed does not speak; otherwise the requests
+    /// are read by a [`stream::Stream`] task and its responses written by a [`ResponseBody`].
+    fn open<B>(&self, req: http::Request<B>, flavor: Flavor) -> http::Response<Body>
+    where
+        B: http_body::Body + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+    {
+        if let Some(enc) = req.headers().get("grpc-encoding")
+            && enc != "identity"
+        {
+            let enc = String::from_utf8_lossy(enc.as_bytes());
+            return Status::unimplemented(format!("request compression {enc:?} is not supported")).into_http();
+        }
+        let context = match self.stream_context(req.extensions().get::<server::ConnInfo>()) {
+            Ok(c) => c,
+            Err(status) => return status.into_http(),
+        };
+        let ua = req.headers().get("user-agent").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE);
+        let stream =
+            stream::Stream::new(flavor, self.push.clone(), self.connections.clone(), tx, ua).with_context(context);
+        let body = req.into_body();
+        let max = Some(self.max_message_size);
+        match flavor {
+            Flavor::Sotw => {
+                tokio::spawn(stream.run_sotw(Streaming::new_request(SotwDecoder, body, None, max)));
+            }
+            Flavor::Delta => {
+                let decoder = RequestDecoder::<DeltaDiscoveryRequest>::default();
+                tokio::spawn(stream.run_delta(Streaming::new_request(decoder, body, None, max)));
+            }
+        }
+        ResponseBody::new(rx).into_http()
     }
 }
 
@@ -143,16 +133,8 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.clone();
         match req.uri().path() {
-            SOTW_PATH => Box::pin(async move {
-                let mut grpc =
-                    Grpc::new(XdsCodec::<DiscoveryRequest>::default()).max_decoding_message_size(svc.max_message_size);
-                Ok(grpc.streaming(Sotw(svc), req).await)
-            }),
-            DELTA_PATH => Box::pin(async move {
-                let mut grpc = Grpc::new(XdsCodec::<DeltaDiscoveryRequest>::default())
-                    .max_decoding_message_size(svc.max_message_size);
-                Ok(grpc.streaming(Delta(svc), req).await)
-            }),
+            SOTW_PATH => Box::pin(async move { Ok(svc.open(req, Flavor::Sotw)) }),
+            DELTA_PATH => Box::pin(async move { Ok(svc.open(req, Flavor::Delta)) }),
             _ => Box::pin(async move { Ok(Status::unimplemented("unknown method").into_http()) }),
         }
     }

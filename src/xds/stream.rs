@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use super::codec::{DeltaResponse, Response, SotwResponse};
+use super::codec::{DeltaResponse, Response, SotwRequest, SotwResponse};
 use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
 use super::server::ConnInfo;
 use crate::cache::{Resource, Resources, Snapshot};
@@ -46,12 +46,6 @@ impl Held {
     }
 }
 
-/// An order-independent fingerprint of a list of resource names (duplicates count once per
-/// occurrence; a repeated list in another order gives the same value).
-fn names_fingerprint(names: &[String]) -> u64 {
-    names.iter().fold(names.len() as u64, |acc, n| acc.wrapping_add(xxhash_rust::xxh3::xxh3_64(n.as_bytes())))
-}
-
 fn entry_hash(name: &str, version: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
 }
@@ -74,7 +68,7 @@ struct TypeState {
     pending: VecDeque<(String, Inflight)>,
     /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
     last_nonce: Option<String>,
-    /// SotW: fingerprint of the last requested name list (see [`names_fingerprint`])
+    /// SotW: fingerprint of the last requested name list (see [`super::codec::names_fingerprint`])
     names_fingerprint: u64,
 }
 
@@ -308,13 +302,13 @@ impl Stream {
     }
 
     /// Runs the stream until the client goes away or an error ends it.
-    pub async fn run_sotw(mut self, mut requests: tonic::Streaming<DiscoveryRequest>) {
+    pub async fn run_sotw(mut self, mut requests: tonic::Streaming<SotwRequest>) {
         let mut drain = self.context.drain.take();
         let result = async {
             loop {
                 tokio::select! {
                     req = requests.message() => match req {
-                        Ok(Some(req)) => self.handle_sotw(req).await?,
+                        Ok(Some(req)) => self.handle_sotw_request(req).await?,
                         Ok(None) => return Ok(()),
                         Err(status) => return request_error(status),
                     },
@@ -359,6 +353,10 @@ impl Stream {
     /// Handles one SotW request as the stream loop does (rate limit, then the protocol). Public for
     /// in-process drivers such as the fuzz targets ([`crate::fuzz`]).
     pub async fn handle_sotw(&mut self, req: DiscoveryRequest) -> StreamResult {
+        self.handle_sotw_request(req.into()).await
+    }
+
+    async fn handle_sotw_request(&mut self, req: SotwRequest) -> StreamResult {
         self.context.admit_request()?;
         self.on_sotw_request(req).await
     }
@@ -470,7 +468,8 @@ impl Stream {
 
     // ---------------- SotW ----------------
 
-    async fn on_sotw_request(&mut self, req: DiscoveryRequest) -> StreamResult {
+    async fn on_sotw_request(&mut self, request: SotwRequest) -> StreamResult {
+        let req = &request.head;
         self.init(req.node.as_ref()).await?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
             // Unknown types get an empty response, so the client is not left waiting. Only the initial
@@ -483,8 +482,8 @@ impl Stream {
             let nonce = self.next_nonce();
             // istioctl-style debug types (istio.io/debug/syncz, istio.io/debug/config_dump) get their
             // answer; any other unknown type an empty one.
-            let resources =
-                self.debug_resources(&req.type_url, &req.resource_names).into_iter().map(|(_, any)| any).collect();
+            let names = request.names().map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
+            let resources = self.debug_resources(&req.type_url, &names).into_iter().map(|(_, any)| any).collect();
             let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
                 type_url: req.type_url.clone(),
                 nonce,
@@ -523,20 +522,24 @@ impl Stream {
         let ts = self.types[t.index()].as_mut().expect("inserted");
         // Subscription: the first request's empty list (or "*") means wildcard; afterwards an empty
         // list unsubscribes everything named, unless the stream is wildcard.
-        let star = req.resource_names.iter().any(|n| n == "*");
-        let wildcard = if first {
-            req.resource_names.is_empty() || star
-        } else {
-            star || (ts.wildcard && req.resource_names.is_empty())
-        };
-        // Most requests repeat the subscription (every SotW ACK lists all names again): compare an
-        // order-independent fingerprint before building a set.
-        let fingerprint = names_fingerprint(&req.resource_names);
+        let star = request.has_star;
+        let no_names = request.name_count == 0;
+        let wildcard = if first { no_names || star } else { star || (ts.wildcard && no_names) };
+        // Most requests repeat the subscription (every SotW ACK lists all names again): the decoder
+        // fingerprinted the names without decoding them; they become strings only when it differs.
+        let fingerprint = request.names_fingerprint;
         if !first && wildcard == ts.wildcard && fingerprint == ts.names_fingerprint {
             return Ok(());
         }
-        let names: HashSet<Arc<str>> =
-            req.resource_names.iter().filter(|n| *n != "*").map(|n| Arc::from(n.as_str())).collect();
+        let requested = request.names().map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
+        // names the snapshot has share its strings (one copy per server, not per stream)
+        let current = self.current(t);
+        let names: HashSet<Arc<str>> = requested
+            .iter()
+            .filter(|n| *n != "*")
+            .map(|n| current.get_key_value(n.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(n.as_str())))
+            .collect();
+        let ts = self.types[t.index()].as_mut().expect("inserted");
         ts.names_fingerprint = fingerprint;
         let changed = first || wildcard != ts.wildcard || names != ts.names;
         if !changed {
@@ -545,8 +548,6 @@ impl Stream {
         ts.wildcard = wildcard;
         ts.names = names;
         // Forget what is no longer subscribed.
-        let current = self.current(t);
-        let ts = self.types[t.index()].as_mut().expect("inserted");
         let dropped: Vec<Arc<str>> =
             ts.held.keys().filter(|n| !ts.wants(n, current.get(*n).map(|r| &**r))).cloned().collect();
         for n in dropped {
