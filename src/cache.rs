@@ -5,7 +5,7 @@
 //! gets to it (it can never block the publisher). Resource maps are persistent (`imbl`), so a new
 //! snapshot that changes one ClusterLoadAssignment shares everything else with the previous one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -74,20 +74,18 @@ impl Changes {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    pub clusters: HashMap<ClusterScope, Resources>,
+    pub clusters: imbl::HashMap<ClusterScope, Resources>,
     /// per sidecar workload: its inbound clusters (merged into its CDS)
-    pub inbound_clusters: HashMap<InboundScope, Resources>,
-    pub endpoints: HashMap<EndpointScope, Resources>,
-    pub listeners: HashMap<ListenerScope, Resources>,
-    pub routes: HashMap<RouteScope, Resources>,
+    pub inbound_clusters: imbl::HashMap<InboundScope, Resources>,
+    pub endpoints: imbl::HashMap<EndpointScope, Resources>,
+    pub listeners: imbl::HashMap<ListenerScope, Resources>,
+    pub routes: imbl::HashMap<RouteScope, Resources>,
     /// what changed from `generation - 1`
     pub changes: Arc<Changes>,
     /// the federated services this snapshot was built from (O(1) to clone)
     pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
     pub gateways: Arc<Vec<crate::model::Gateway>>,
     pub clusters_summary: Arc<Vec<ClusterSummary>>,
-    /// mesh-wide problems translation worked around (see `translate::diagnostics`)
-    pub warnings: Arc<Vec<crate::translate::diagnostics::Warning>>,
     /// the labels failoverPriority rules use: a proxy's view carries its values of these, so a proxy
     /// re-attaches when this set changes
     pub priority_label_keys: Arc<std::collections::BTreeSet<String>>,

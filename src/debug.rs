@@ -906,7 +906,7 @@ async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Respons
 /// Problems translation works around (failover without outlier detection, networks without a gateway,
 /// endpoints without mTLS, unresolved gateway hostnames, invalid DestinationRules).
 async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
-    json_out(&q, &*s.push.snapshot().warnings)
+    json_out(&q, &*s.push.warnings())
 }
 
 /// Serves the debug surface on `listener` until `shutdown` resolves.

@@ -22,9 +22,9 @@ use crate::type_url::ResourceType;
 /// Requests from xDS streams to the push loop.
 #[derive(Debug)]
 pub enum Command {
-    /// A proxy with this view connected: make sure its scopes are translated. Replies with the first
-    /// generation whose snapshot holds them.
-    Attach { view: View, reply: oneshot::Sender<u64> },
+    /// A proxy with this view connected: make sure its scopes are translated. Replies with a snapshot
+    /// of the current generation that holds them.
+    Attach { view: View, reply: oneshot::Sender<Arc<Snapshot>> },
     /// A proxy with this view disconnected.
     Detach { view: View },
     /// The gateway resolver's latest answers for gateway hostnames.
@@ -36,6 +36,9 @@ pub enum Command {
 pub struct PushHandle {
     commands: mpsc::UnboundedSender<Command>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// the published snapshot plus the scopes attached since (never awaited: attaching wakes no stream)
+    latest: watch::Receiver<Arc<Snapshot>>,
+    warnings: watch::Receiver<Arc<Vec<translate::diagnostics::Warning>>>,
     ready: Arc<AtomicBool>,
     push_log: crate::debug::PushLog,
 }
@@ -50,8 +53,9 @@ impl PushHandle {
         self.snapshots.clone()
     }
 
+    /// The newest snapshot, with every attached proxy's scopes (the debug surface's view).
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshots.borrow().clone()
+        self.latest.borrow().clone()
     }
 
     /// Hands the gateway resolver's answers to the push loop (it re-pushes EDS if they changed).
@@ -59,20 +63,25 @@ impl PushHandle {
         let _ = self.commands.send(Command::ResolvedGateways(resolved));
     }
 
+    /// The mesh-wide configuration warnings ([`translate::diagnostics`]), as of the last push (at most
+    /// [`WARNINGS_DELAY`] later for endpoint-only changes).
+    pub fn warnings(&self) -> Arc<Vec<translate::diagnostics::Warning>> {
+        self.warnings.borrow().clone()
+    }
+
     /// True once the first full state from every source has been translated and published.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Attaches a view and waits until a snapshot holding its scopes is published.
-    /// Returns a guard that detaches the view when dropped.
-    pub async fn attach(&self, view: View) -> Option<Attachment> {
+    /// Attaches a view: its scopes are translated if no other proxy has them. Returns a guard that
+    /// detaches the view when dropped, and a snapshot of the current generation holding its scopes.
+    /// Other streams are not woken: an attach changes nothing they hold.
+    pub async fn attach(&self, view: View) -> Option<(Attachment, Arc<Snapshot>)> {
         let (reply, rx) = oneshot::channel();
         self.commands.send(Command::Attach { view: view.clone(), reply }).ok()?;
-        let generation = rx.await.ok()?;
-        let mut snapshots = self.snapshots.clone();
-        snapshots.wait_for(|s| s.generation >= generation).await.ok()?;
-        Some(Attachment { view, commands: self.commands.clone() })
+        let snapshot = rx.await.ok()?;
+        Some((Attachment { view, commands: self.commands.clone() }, snapshot))
     }
 }
 
@@ -89,43 +98,49 @@ impl Drop for Attachment {
     }
 }
 
-/// Scopes of one resource type that proxies are attached to, with their resources.
-struct ScopeTable<S> {
-    scopes: HashMap<S, (Resources, usize)>,
+/// Scopes of one resource type that proxies are attached to, with their resources. The map is
+/// persistent: a snapshot takes it in O(1), and a push copies only what it changes.
+struct ScopeTable<S: Clone + Eq + Hash> {
+    scopes: imbl::HashMap<S, Resources>,
+    refs: HashMap<S, usize>,
 }
 
 impl<S: Clone + Eq + Hash> ScopeTable<S> {
     fn new() -> Self {
-        Self { scopes: HashMap::new() }
+        Self { scopes: imbl::HashMap::new(), refs: HashMap::new() }
     }
 
     /// Adds a reference; returns true if the scope is new and must be translated.
     fn attach(&mut self, scope: &S) -> bool {
-        match self.scopes.get_mut(scope) {
-            Some((_, n)) => {
-                *n += 1;
-                false
-            }
-            None => {
-                self.scopes.insert(scope.clone(), (Resources::new(), 1));
-                true
-            }
+        let n = self.refs.entry(scope.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.scopes.insert(scope.clone(), Resources::new());
         }
+        *n == 1
     }
 
     fn detach(&mut self, scope: &S) {
-        if let Some((_, n)) = self.scopes.get_mut(scope) {
+        if let Some(n) = self.refs.get_mut(scope) {
             *n -= 1;
             if *n == 0 {
+                self.refs.remove(scope);
                 self.scopes.remove(scope);
             }
         }
     }
 
-    fn published(&self) -> HashMap<S, Resources> {
-        self.scopes.iter().map(|(s, (r, _))| (s.clone(), r.clone())).collect()
+    fn resources(&mut self, scope: &S) -> &mut Resources {
+        self.scopes.get_mut(scope).expect("attached")
+    }
+
+    fn published(&self) -> imbl::HashMap<S, Resources> {
+        self.scopes.clone()
     }
 }
+
+/// How long after an endpoint-only push the warnings are recomputed (see [`Pusher::refresh_warnings`]).
+pub const WARNINGS_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The push loop's state.
 pub struct Pusher {
@@ -144,10 +159,15 @@ pub struct Pusher {
     service_ips: HashMap<ServiceKey, Vec<std::net::IpAddr>>,
     /// the translation context changed outside the registry (gateway DNS, demotions): retranslate all
     context_changed: bool,
-    warnings: Arc<Vec<translate::diagnostics::Warning>>,
+    warnings: watch::Sender<Arc<Vec<translate::diagnostics::Warning>>>,
+    /// endpoint-only pushes recompute the warnings (a walk of the whole registry) at most once per
+    /// [`WARNINGS_DELAY`], off the push path; structural changes at once
+    warnings_due: Option<Instant>,
     priority_label_keys: Arc<BTreeSet<String>>,
     generation: u64,
     publisher: watch::Sender<Arc<Snapshot>>,
+    /// `publisher`'s snapshot plus the scopes attached since ([`PushHandle::snapshot`])
+    latest: watch::Sender<Arc<Snapshot>>,
     ready: Arc<AtomicBool>,
     /// recent pushes, for the debug surface
     push_log: crate::debug::PushLog,
@@ -178,10 +198,12 @@ impl Pusher {
             eds_ports: HashMap::new(),
             service_ips: HashMap::new(),
             context_changed: false,
-            warnings: Arc::default(),
+            warnings: watch::channel(Arc::default()).0,
+            warnings_due: None,
             priority_label_keys: Arc::default(),
             generation: 0,
             publisher,
+            latest: watch::channel(Arc::new(Snapshot::default())).0,
             ready: Arc::new(AtomicBool::new(false)),
             push_log: crate::debug::PushLog::default(),
             change_seen: None,
@@ -222,29 +244,29 @@ impl Pusher {
         let mut new = false;
         if self.clusters.attach(&view.clusters) {
             let r = encode_all(translate::cluster::clusters(&self.ctx, &view.clusters, &self.registry));
-            cache::replace_all(&mut self.clusters.scopes.get_mut(&view.clusters).expect("attached").0, r);
+            cache::replace_all(self.clusters.resources(&view.clusters), r);
             new = true;
         }
         if let Some(i) = &view.inbound
             && self.inbound.attach(i)
         {
             let r = encode_all(translate::cluster::inbound_clusters(i, &self.registry));
-            cache::replace_all(&mut self.inbound.scopes.get_mut(i).expect("attached").0, r);
+            cache::replace_all(self.inbound.resources(i), r);
             new = true;
         }
         if self.endpoints.attach(&view.endpoints) {
             let r = self.translate_scope_eds(&view.endpoints);
-            cache::replace_all(&mut self.endpoints.scopes.get_mut(&view.endpoints).expect("attached").0, r);
+            cache::replace_all(self.endpoints.resources(&view.endpoints), r);
             new = true;
         }
         if self.listeners.attach(&view.listeners) {
             let r = encode_all(translate::listener::listeners(&self.ctx, &view.listeners, &self.registry));
-            cache::replace_all(&mut self.listeners.scopes.get_mut(&view.listeners).expect("attached").0, r);
+            cache::replace_all(self.listeners.resources(&view.listeners), r);
             new = true;
         }
         if self.routes.attach(&view.routes) {
             let r = encode_all(translate::route::routes(&self.ctx, &view.routes, &self.registry));
-            cache::replace_all(&mut self.routes.scopes.get_mut(&view.routes).expect("attached").0, r);
+            cache::replace_all(self.routes.resources(&view.routes), r);
             new = true;
         }
         new
@@ -290,25 +312,25 @@ impl Pusher {
         let full = change.has_shape_change() || self.context_changed;
         let inbound_touched = |ip: Option<std::net::IpAddr>| ip.is_some_and(|ip| touched_ips.contains(&ip));
         if full {
-            for (scope, (res, _)) in self.clusters.scopes.iter_mut() {
+            for (scope, res) in self.clusters.scopes.iter_mut() {
                 let new = encode_all(translate::cluster::clusters(ctx, scope, reg));
                 changes.add(ResourceType::Cluster, cache::replace_all(res, new));
             }
         }
-        for (scope, (res, _)) in self.inbound.scopes.iter_mut() {
+        for (scope, res) in self.inbound.scopes.iter_mut() {
             if full || inbound_touched(Some(scope.ip)) {
                 let new = encode_all(translate::cluster::inbound_clusters(scope, reg));
                 changes.add(ResourceType::Cluster, cache::replace_all(res, new));
             }
         }
-        for (scope, (res, _)) in self.listeners.scopes.iter_mut() {
+        for (scope, res) in self.listeners.scopes.iter_mut() {
             if full || inbound_touched(scope.inbound.as_ref().map(|i| i.ip)) {
                 let new = encode_all(translate::listener::listeners(ctx, scope, reg));
                 changes.add(ResourceType::Listener, cache::replace_all(res, new));
             }
         }
         if full {
-            for (scope, (res, _)) in self.routes.scopes.iter_mut() {
+            for (scope, res) in self.routes.scopes.iter_mut() {
                 let new = encode_all(translate::route::routes(ctx, scope, reg));
                 changes.add(ResourceType::Route, cache::replace_all(res, new));
             }
@@ -319,8 +341,7 @@ impl Pusher {
             let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
             for scope in scopes {
                 let new = self.translate_scope_eds(&scope);
-                let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
-                changes.add(ResourceType::Endpoint, cache::replace_all(res, new));
+                changes.add(ResourceType::Endpoint, cache::replace_all(self.endpoints.resources(&scope), new));
             }
         } else {
             let keys: Vec<&ServiceKey> = change.services.keys().collect();
@@ -340,8 +361,8 @@ impl Pusher {
                     }
                     upserts.extend(new);
                 }
-                let res = &mut self.endpoints.scopes.get_mut(&scope).expect("listed").0;
-                changes.add(ResourceType::Endpoint, cache::update(res, upserts, &removals));
+                changes
+                    .add(ResourceType::Endpoint, cache::update(self.endpoints.resources(&scope), upserts, &removals));
             }
         }
         for key in change.services.keys() {
@@ -358,15 +379,21 @@ impl Pusher {
         changes
     }
 
-    /// Recomputes the mesh-wide warnings (logging new ones) and the failoverPriority label keys.
-    fn refresh_diagnostics(&mut self) {
+    /// Recomputes the mesh-wide warnings, logging new ones.
+    fn refresh_warnings(&mut self) {
+        self.warnings_due = None;
         let warnings = translate::diagnostics::warnings(&self.ctx, &self.registry);
-        for w in warnings.iter().filter(|w| !self.warnings.contains(w)) {
+        let old = self.warnings.borrow().clone();
+        for w in warnings.iter().filter(|w| !old.contains(w)) {
             tracing::warn!(kind = w.kind, subject = %w.subject, "{}", w.message);
         }
-        if *self.warnings != warnings {
-            self.warnings = Arc::new(warnings);
+        if *old != warnings {
+            self.warnings.send_replace(Arc::new(warnings));
         }
+    }
+
+    /// Recomputes the failoverPriority label keys (which views depend on).
+    fn refresh_label_keys(&mut self) {
         let keys = self.ctx.priority_label_keys();
         if *self.priority_label_keys != keys {
             self.priority_label_keys = Arc::new(keys);
@@ -443,22 +470,36 @@ impl Pusher {
                 *c = None;
             }
         }
-        let snapshot = Snapshot {
+        let snapshot = Arc::new(self.build_snapshot(Arc::new(changes)));
+        self.latest.send_replace(snapshot.clone());
+        self.publisher.send_replace(snapshot);
+        self.generation
+    }
+
+    /// The current generation's snapshot, with `changes`.
+    fn build_snapshot(&self, changes: Arc<Changes>) -> Snapshot {
+        Snapshot {
             generation: self.generation,
             clusters: self.clusters.published(),
             inbound_clusters: self.inbound.published(),
             endpoints: self.endpoints.published(),
             listeners: self.listeners.published(),
             routes: self.routes.published(),
-            changes: Arc::new(changes),
+            changes,
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
-            warnings: self.warnings.clone(),
             priority_label_keys: self.priority_label_keys.clone(),
-        };
-        self.publisher.send_replace(Arc::new(snapshot));
-        self.generation
+        }
+    }
+
+    /// After an attach: the current generation with every attached scope, for the attaching stream and
+    /// the debug surface. Not published to the streams, which hold nothing it changes.
+    fn refresh_latest(&mut self) -> Arc<Snapshot> {
+        let changes = self.publisher.borrow().changes.clone();
+        let snapshot = Arc::new(self.build_snapshot(changes));
+        self.latest.send_replace(snapshot.clone());
+        snapshot
     }
 
     /// Runs the loop until every command sender is gone. The events queued before it starts are the
@@ -486,6 +527,7 @@ impl Pusher {
                 tokio::time::Instant::from_std(quiet.min(max))
             });
             let demotion = self.next_demotion();
+            let warnings_due = self.warnings_due;
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
@@ -515,6 +557,9 @@ impl Pusher {
                         first_change.get_or_insert(last_change);
                     }
                 }
+                _ = async { tokio::time::sleep_until(tokio::time::Instant::from_std(warnings_due.expect("guarded"))).await }, if warnings_due.is_some() => {
+                    self.refresh_warnings();
+                }
                 _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
                     let change = std::mem::take(&mut pending);
                     self.change_seen = first_change.take();
@@ -527,12 +572,8 @@ impl Pusher {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Attach { view, reply } => {
-                let generation = if self.attach(&view) {
-                    self.publish(Changes { trigger: "proxy attached".into(), ..Default::default() })
-                } else {
-                    self.generation
-                };
-                let _ = reply.send(generation);
+                let snapshot = if self.attach(&view) { self.refresh_latest() } else { self.latest.borrow().clone() };
+                let _ = reply.send(snapshot);
             }
             Command::Detach { view } => self.detach(&view),
             Command::ResolvedGateways(resolved) => {
@@ -546,8 +587,15 @@ impl Pusher {
 
     fn push(&mut self, change: RegistryChange, initial: bool) {
         let started = Instant::now();
+        let structural =
+            initial || change.has_shape_change() || change.policies || change.gateways || self.context_changed;
         let mut changes = self.translate(&change);
-        self.refresh_diagnostics();
+        self.refresh_label_keys();
+        if structural {
+            self.refresh_warnings();
+        } else if self.warnings_due.is_none() {
+            self.warnings_due = Some(Instant::now() + WARNINGS_DELAY);
+        }
         changes.trigger = describe(&change);
         changes.seen = Some(self.change_seen.take().unwrap_or(started));
         let trigger = changes.trigger.clone();
@@ -573,6 +621,8 @@ impl Pusher {
         PushHandle {
             commands,
             snapshots: self.publisher.subscribe(),
+            latest: self.latest.subscribe(),
+            warnings: self.warnings.subscribe(),
             ready: self.ready.clone(),
             push_log: self.push_log.clone(),
         }

@@ -700,6 +700,44 @@ async fn sotw_nack_of_a_superseded_response_keeps_the_newer_state() {
     c.expect_silence("after the ACK").await;
 }
 
+/// A NACK that arrives after the server already sent a newer response (a push racing the client) still
+/// counts: the rejection is recorded, and the client is known to hold what it had before.
+#[tokio::test]
+async fn sotw_nack_racing_a_newer_push_is_recorded() {
+    let mut demo = Demo::load();
+    let original = demo.objects.clone();
+    let server = demo.start().await;
+    let mut c = SotwClient::connect(&server, node(1)).await;
+    c.subscribe_and_ack(type_url::CLUSTER, &[]).await;
+    let names = [REVIEWS, FRONTEND];
+    c.subscribe_and_ack(type_url::ENDPOINT, &names).await;
+
+    demo.drop_endpoint(AWS, "reviews");
+    demo.publish(&server, &[AWS]).await;
+    let n1 = c.recv_type(type_url::ENDPOINT).await;
+    assert_eq!(sotw_names(&n1), set([REVIEWS]));
+    demo.drop_endpoint(AWS, "frontend");
+    demo.publish(&server, &[AWS]).await;
+    let n2 = c.recv_type(type_url::ENDPOINT).await;
+    assert_eq!(sotw_names(&n2), set([FRONTEND]));
+    // the client answers n1 only now: a NACK carrying the older nonce
+    c.nack(&n1, &names, "", "test rejects the reviews update").await;
+    c.ack(&n2, &names).await;
+    let s = eventually("the NACK of the older response and the ACK of the newer", || {
+        status(&server, 1, ResourceType::Endpoint).filter(|s| s.acked_nonce == n2.nonce && s.nacks == 1)
+    })
+    .await;
+    assert_eq!(s.nacks, 1);
+
+    // reviews back to the content the client kept: nothing to send (the client never took the update)
+    demo.objects = original;
+    demo.publish(&server, &[AWS]).await;
+    let back = c.recv_type(type_url::ENDPOINT).await;
+    assert_eq!(sotw_names(&back), set([FRONTEND]), "only frontend differs from what the client holds");
+    c.ack(&back, &names).await;
+    c.expect_silence("after the ACK").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Stale nonce
 // ---------------------------------------------------------------------------------------------

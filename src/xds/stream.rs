@@ -27,6 +27,9 @@ use crate::type_url::ResourceType;
 
 /// At most this many Delta responses are tracked awaiting ACK per type; older ones count as ACKed.
 const MAX_PENDING: usize = 16;
+/// SotW responses kept until answered: a NACK that races newer pushes is still recorded. Fewer than
+/// Delta keeps, since every full-state SotW response holds the type's whole state.
+const MAX_PENDING_SOTW: usize = 4;
 
 /// What the client holds of one resource.
 #[derive(Clone, Debug)]
@@ -63,8 +66,8 @@ struct TypeState {
     rejected: HashMap<Arc<str>, Arc<str>>,
     /// names whose resources must be re-evaluated at the next push even if unchanged
     dirty: HashSet<Arc<str>>,
-    /// SotW: the last nonce sent and what it carried, until ACKed or NACKed; Delta: every unacknowledged
-    /// response
+    /// every unanswered response (nonce, what it carried), oldest first (at most [`MAX_PENDING_SOTW`] /
+    /// [`MAX_PENDING`])
     pending: VecDeque<(String, Inflight)>,
     /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
     last_nonce: Option<String>,
@@ -290,15 +293,22 @@ impl Stream {
         let view = View::with_network(&proxy, network.clone(), &label_keys);
         self.network = network;
         self.label_keys = label_keys;
-        let attachment =
+        let (attachment, attached) =
             self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
         info!(proxy = %proxy.id, flavor = self.flavor.as_str(), client = ?proxy.client, "proxy connected");
         self.conn = Some(self.connections.register(proxy.clone(), self.flavor, view.clone()));
         self.proxy = Some(proxy);
         self.view = Some(view);
         self._attachment = Some(attachment);
-        self.snapshot = self.snapshots.borrow_and_update().clone();
+        self.take_snapshot(attached);
         Ok(())
+    }
+
+    /// Takes the snapshot an attach returned, or the published one if that is newer (it was built after
+    /// the attach, so it holds this stream's scopes too).
+    fn take_snapshot(&mut self, attached: Arc<Snapshot>) {
+        let published = self.snapshots.borrow_and_update().clone();
+        self.snapshot = if published.generation > attached.generation { published } else { attached };
     }
 
     /// Runs the stream until the client goes away or an error ends it.
@@ -503,20 +513,27 @@ impl Stream {
         // an initial one. Otherwise only a request answering the latest response counts; every request
         // after that response carries its nonce, also after its ACK.
         if !first && !req.response_nonce.is_empty() {
-            if ts.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                debug!(type_url = t.short(), nonce = %req.response_nonce, "stale nonce ignored");
-                return Ok(());
-            }
-            if let Some((nonce, inflight)) = ts.pending.pop_back() {
-                ts.pending.clear();
+            // The answer to a response still in flight: an ACK or NACK of an older response arrives after
+            // a newer one was sent when a push races the client. The client applied (or rejected) that
+            // response, and every older one before it; a rejection is recorded even then.
+            if let Some(i) = ts.pending.iter().position(|(n, _)| *n == req.response_nonce) {
+                let (nonce, inflight) = ts.pending.remove(i).expect("found");
+                ts.pending.drain(..i);
                 match &req.error_detail {
                     Some(err) => {
+                        let inflight = hand_over_superseded(ts, 0, inflight);
                         rollback(ts, inflight);
                         let msg = err.message.clone();
                         self.record_nack(t, &nonce, &msg);
                     }
                     None => self.record_ack(t, &nonce),
                 }
+            }
+            // Only a request answering the latest response can change the subscription.
+            let ts = self.types[t.index()].as_mut().expect("inserted");
+            if ts.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                debug!(type_url = t.short(), nonce = %req.response_nonce, "stale nonce: subscription ignored");
+                return Ok(());
             }
         }
         let ts = self.types[t.index()].as_mut().expect("inserted");
@@ -638,8 +655,10 @@ impl Stream {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let ts = self.types[t.index()].as_mut().expect("present");
-        ts.pending.clear();
         ts.pending.push_back((nonce.clone(), inflight));
+        while ts.pending.len() > MAX_PENDING_SOTW {
+            ts.pending.pop_front();
+        }
         ts.last_nonce = Some(nonce.clone());
         if t == ResourceType::Cluster {
             self.mark_endpoints_dirty(&changed_names);
@@ -842,7 +861,7 @@ impl Stream {
 
     async fn on_snapshot(&mut self) -> StreamResult {
         let next = self.snapshots.borrow_and_update().clone();
-        let mut contiguous = next.generation == self.snapshot.generation + 1;
+        let contiguous = next.generation == self.snapshot.generation + 1;
         // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
         if *next.priority_label_keys != *self.label_keys
             && let Some(proxy) = &self.proxy
@@ -850,17 +869,15 @@ impl Stream {
             let view = View::with_network(proxy, self.network.clone(), &next.priority_label_keys);
             self.label_keys = next.priority_label_keys.clone();
             if self.view.as_ref() != Some(&view) {
-                let attachment =
+                let (attachment, attached) =
                     self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
                 self._attachment = Some(attachment);
                 if let Some(c) = self.conn() {
                     c.set_view(view.clone());
                 }
                 self.view = Some(view);
-                contiguous = false;
-                let next = self.snapshots.borrow_and_update().clone();
-                self.snapshot = next;
-                return self.push_all(contiguous).await;
+                self.take_snapshot(attached);
+                return self.push_all(false).await;
             }
         }
         self.snapshot = next;
@@ -895,7 +912,7 @@ impl Stream {
     }
 }
 
-/// Delta: of a NACKed response (`inflight`, formerly at `pending[i]`), the names that a newer response
+/// Of a NACKed response (`inflight`, formerly at `pending[i]`), the names that a newer response
 /// still in flight carries again. The client's state for those follows the newer response, so they
 /// must not be rolled back (that would overwrite what the newer response recorded); instead the newer
 /// response takes over what the client kept, in case it is NACKed too. Returns the other names.
