@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub endpoints: imbl::HashMap<EndpointScope, Resources>,
     pub listeners: imbl::HashMap<ListenerScope, Resources>,
     pub routes: imbl::HashMap<RouteScope, Resources>,
+    /// sidecars' gRPC api_listeners, the same for every listener scope (merged into a sidecar's LDS)
+    pub api_listeners: Resources,
     /// what changed from `generation - 1`
     pub changes: Arc<Changes>,
     /// the federated services this snapshot was built from (O(1) to clone)
@@ -105,7 +107,15 @@ impl Snapshot {
                 }
             }
             ResourceType::Endpoint => self.endpoints.get(&view.endpoints).cloned(),
-            ResourceType::Listener => self.listeners.get(&view.listeners).cloned(),
+            ResourceType::Listener => {
+                let own = self.listeners.get(&view.listeners)?;
+                match view.listeners.kind {
+                    crate::proxy::ProxyKind::Sidecar if !self.api_listeners.is_empty() => {
+                        Some(own.clone().union(self.api_listeners.clone()))
+                    }
+                    _ => Some(own.clone()),
+                }
+            }
             ResourceType::Route => self.routes.get(&view.routes).cloned(),
         }
     }

@@ -14,6 +14,11 @@ use meshfed::xds::connections::Connections;
 use tokio::sync::watch;
 use tracing::{error, info};
 
+/// jemalloc returns memory freed after connection bursts to the system (see `meshfed::heap`).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "meshfed", version, about = "xDS control plane for Istio meshes spanning clouds")]
 struct Cli {
@@ -286,8 +291,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let ads = meshfed::xds::AdsService::new(push.clone(), connections.clone());
     let mut xds_tasks = Vec::new();
     if !args.no_plaintext_xds {
-        let xds_listener = tokio::net::TcpListener::bind(args.xds_address)
-            .await
+        let xds_listener = meshfed::xds::bind_listener(args.xds_address)
             .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
         info!(address = %args.xds_address, "ADS server listening (plaintext)");
         let options = meshfed::xds::server::ServeOptions { limits: limits.clone(), ..Default::default() };
@@ -300,8 +304,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(config) = xds_tls_config {
         let tls = meshfed::xds::server::TlsOptions { config, trust_domain: mesh.trust_domain.as_str().into() };
-        let listener = tokio::net::TcpListener::bind(args.xds_tls_address)
-            .await
+        let listener = meshfed::xds::bind_listener(args.xds_tls_address)
             .with_context(|| format!("binding the xDS TLS address {}", args.xds_tls_address))?;
         info!(address = %args.xds_tls_address, mtls = args.xds_client_ca.is_some(), "ADS server listening (TLS)");
         let options =

@@ -152,6 +152,8 @@ pub struct Pusher {
     endpoints: ScopeTable<EndpointScope>,
     listeners: ScopeTable<ListenerScope>,
     routes: ScopeTable<RouteScope>,
+    /// every sidecar's gRPC api_listeners (one set for all scopes)
+    api_listeners: Resources,
     /// each service's hostname and ports at the last translation (to remove the assignments of ports
     /// that went away)
     eds_ports: HashMap<ServiceKey, (Arc<str>, Vec<u16>)>,
@@ -195,6 +197,7 @@ impl Pusher {
             endpoints: ScopeTable::new(),
             listeners: ScopeTable::new(),
             routes: ScopeTable::new(),
+            api_listeners: Resources::new(),
             eds_ports: HashMap::new(),
             service_ips: HashMap::new(),
             context_changed: false,
@@ -260,7 +263,7 @@ impl Pusher {
             new = true;
         }
         if self.listeners.attach(&view.listeners) {
-            let r = encode_all(translate::listener::listeners(&self.ctx, &view.listeners, &self.registry));
+            let r = encode_all(translate::listener::scope_listeners(&self.ctx, &view.listeners, &self.registry));
             cache::replace_all(self.listeners.resources(&view.listeners), r);
             new = true;
         }
@@ -325,11 +328,13 @@ impl Pusher {
         }
         for (scope, res) in self.listeners.scopes.iter_mut() {
             if full || inbound_touched(scope.inbound.as_ref().map(|i| i.ip)) {
-                let new = encode_all(translate::listener::listeners(ctx, scope, reg));
+                let new = encode_all(translate::listener::scope_listeners(ctx, scope, reg));
                 changes.add(ResourceType::Listener, cache::replace_all(res, new));
             }
         }
         if full {
+            let new = encode_all(translate::listener::api_listeners(reg));
+            changes.add(ResourceType::Listener, cache::replace_all(&mut self.api_listeners, new));
             for (scope, res) in self.routes.scopes.iter_mut() {
                 let new = encode_all(translate::route::routes(ctx, scope, reg));
                 changes.add(ResourceType::Route, cache::replace_all(res, new));
@@ -485,6 +490,7 @@ impl Pusher {
             endpoints: self.endpoints.published(),
             listeners: self.listeners.published(),
             routes: self.routes.published(),
+            api_listeners: self.api_listeners.clone(),
             changes,
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
@@ -656,4 +662,80 @@ pub fn start(
     let handle = pusher.handle_for(commands_tx);
     let task = tokio::spawn(pusher.run(events, commands_rx));
     (handle, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::Proxy;
+
+    fn demo_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = MeshConfig::load(&crate::testing::copy_demo(dir.path(), 0)).unwrap();
+        let (mut pusher, rx) = Pusher::new(&mesh);
+        let mut change = RegistryChange::default();
+        for c in &mesh.clusters {
+            let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
+            let (objects, errors) = crate::source::files::load_cluster_dir(d);
+            assert!(errors.is_empty(), "{errors:?}");
+            change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
+        }
+        pusher.push(change, true);
+        (pusher, rx, dir)
+    }
+
+    /// A sidecar with interception NONE on its own address (its own listener scope).
+    fn sidecar(ip: &str) -> View {
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let meta = [("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net"), ("INTERCEPTION_MODE", "NONE")];
+        let node = envoy_types::pb::envoy::config::core::v3::Node {
+            id: format!("sidecar~{ip}~client.shop~shop.svc.cluster.local"),
+            metadata: Some(Struct {
+                fields: meta
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value { kind: Some(Kind::StringValue(v.to_string())) }))
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let proxy = Proxy::from_node(Some(&node), None).unwrap();
+        View::with_network(&proxy, proxy.network.clone(), &Default::default())
+    }
+
+    #[test]
+    fn api_listeners_are_stored_once_and_merged_into_every_sidecars_lds() {
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let (a, b) = (sidecar("127.0.50.1"), sidecar("127.0.50.2"));
+        assert_ne!(a.listeners, b.listeners, "own bind addresses, own scopes");
+        pusher.attach(&a);
+        pusher.attach(&b);
+        let snapshot = pusher.refresh_latest();
+        assert!(!snapshot.api_listeners.is_empty());
+        for view in [&a, &b] {
+            let own = &snapshot.listeners[&view.listeners];
+            assert!(own.values().all(|r| r.wildcard), "the scope holds no api_listener");
+            let lds = snapshot.resources(view, ResourceType::Listener).unwrap();
+            assert_eq!(lds.len(), own.len() + snapshot.api_listeners.len());
+            // the same shared resources, not copies
+            for (name, r) in snapshot.api_listeners.iter() {
+                assert!(Arc::ptr_eq(r, &lds[name]));
+            }
+        }
+    }
+
+    #[test]
+    fn attaching_a_proxy_publishes_nothing_to_connected_streams() {
+        let (mut pusher, mut rx, _dir) = demo_pusher();
+        rx.borrow_and_update();
+        let view = sidecar("127.0.50.3");
+        let (reply, mut replied) = oneshot::channel();
+        pusher.handle(Command::Attach { view: view.clone(), reply });
+        let attached = replied.try_recv().expect("answered at once");
+        assert!(attached.listeners.contains_key(&view.listeners), "the attaching stream gets its scopes");
+        assert_eq!(attached.generation, rx.borrow().generation, "same generation: nothing changed for others");
+        assert!(!rx.has_changed().unwrap(), "connected streams are not woken");
+        // the debug surface sees the new scope
+        let (commands, _) = mpsc::unbounded_channel();
+        assert!(pusher.handle_for(commands).snapshot().listeners.contains_key(&view.listeners));
+    }
 }

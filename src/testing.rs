@@ -35,7 +35,7 @@ impl TestServer {
         let mut snaps = push.subscribe();
         snaps.wait_for(|s| s.generation > 0).await.expect("push loop alive");
         let connections = Arc::new(Connections::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = crate::xds::bind_listener(([127, 0, 0, 1], 0).into()).expect("bind loopback");
         let xds_addr = listener.local_addr().expect("local addr");
         let (shutdown, rx) = watch::channel(false);
         let ads = crate::xds::AdsService::new(push.clone(), connections.clone());

@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand};
 use meshfed::load::bench::{self, BenchArgs};
 use meshfed::load::topo::{Size, Topology};
 
+/// The same allocator as `meshfed serve` (the benchmark server runs in this binary).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "meshfed-load", about = "load generator and benchmarks for meshfed")]
 struct Cli {

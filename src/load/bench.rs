@@ -112,7 +112,15 @@ impl ServerProc {
         let exe = std::env::current_exe()?;
         match args.server {
             ServerKind::Meshfed | ServerKind::Floor | ServerKind::FloorZeroCopy => {
-                let mut cmd = tokio::process::Command::new(&exe);
+                // MESHFED_LOAD_SERVER_WRAPPER: run the server under a profiler (e.g. `heaptrack`)
+                let mut cmd = match std::env::var_os("MESHFED_LOAD_SERVER_WRAPPER") {
+                    Some(w) => {
+                        let mut c = tokio::process::Command::new(w);
+                        c.arg(&exe);
+                        c
+                    }
+                    None => tokio::process::Command::new(&exe),
+                };
                 if args.server == ServerKind::Meshfed {
                     cmd.args(["serve", "--size", &args.size.name(), "--debounce-quiet", &args.debounce_quiet]);
                     cmd.args(["--debounce-max", &args.debounce_max]);
@@ -128,10 +136,19 @@ impl ServerProc {
                 let pid = child.id().context("server pid")?;
                 let stdout = child.stdout.take().context("server stdout")?;
                 let mut lines = BufReader::new(stdout).lines();
-                let line = tokio::time::timeout(Duration::from_secs(600), lines.next_line())
+                // the first line starting with READY (a wrapper may print its own lines first)
+                let ready = async {
+                    loop {
+                        match lines.next_line().await? {
+                            Some(l) if l.starts_with("READY") => return Ok::<_, anyhow::Error>(l),
+                            Some(_) => continue,
+                            None => anyhow::bail!("server exited before it was ready"),
+                        }
+                    }
+                };
+                let line = tokio::time::timeout(Duration::from_secs(600), ready)
                     .await
-                    .context("server did not get ready in 600 s")??
-                    .context("server exited before it was ready")?;
+                    .context("server did not get ready in 600 s")??;
                 tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
                 let field = |k: &str| -> Result<SocketAddr> {
                     line.split_whitespace()

@@ -106,6 +106,8 @@ impl ControlHandler for MeshfedControl {
             "connections": self.server.connections.len(),
             "tasks": metrics.num_alive_tasks(),
             "generation": self.server.push.snapshot().generation,
+            "heap": crate::heap::stats(),
+            "scopes": scope_counts(&self.server.push.snapshot()),
         })
     }
 }
@@ -119,4 +121,18 @@ pub async fn serve_meshfed(size: Size, quiet: &str, max: &str) -> Result<()> {
     let control = TcpListener::bind("127.0.0.1:0").await?;
     println!("READY xds={} control={}", server.xds_addr, control.local_addr()?);
     serve_control(control, MeshfedControl { topology, server }).await
+}
+
+/// Per resource type: the scopes of the latest snapshot and the resources they hold in all.
+fn scope_counts(s: &crate::cache::Snapshot) -> serde_json::Value {
+    fn count<S>(m: &imbl::HashMap<S, crate::cache::Resources>) -> serde_json::Value {
+        serde_json::json!({ "scopes": m.len(), "resources": m.values().map(|r| r.len()).sum::<usize>() })
+    }
+    serde_json::json!({
+        "clusters": count(&s.clusters),
+        "inbound_clusters": count(&s.inbound_clusters),
+        "endpoints": count(&s.endpoints),
+        "listeners": count(&s.listeners),
+        "routes": count(&s.routes),
+    })
 }

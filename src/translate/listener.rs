@@ -248,7 +248,8 @@ fn gateway_listener(scope: &ListenerScope, registry: &Registry) -> Named<Listene
 }
 
 /// `FQDN:PORT` api_listeners for proxyless gRPC clients; never part of a wildcard subscription.
-fn api_listeners(registry: &Registry) -> Vec<Named<Listener>> {
+/// A gRPC api_listener per service port (for proxyless clients, which name them; never wildcard).
+pub fn api_listeners(registry: &Registry) -> Vec<Named<Listener>> {
     let mut out = Vec::new();
     for s in registry.services().values() {
         for p in &s.ports {
@@ -266,13 +267,20 @@ fn api_listeners(registry: &Registry) -> Vec<Named<Listener>> {
 }
 
 /// Every listener for proxies in `scope`.
-pub fn listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
+pub fn listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
+    let mut out = scope_listeners(ctx, scope, registry);
+    if scope.kind == ProxyKind::Sidecar {
+        out.extend(api_listeners(registry));
+    }
+    out
+}
+
+/// The listeners that depend on the scope: a sidecar's outbound (and, with interception NONE, inbound)
+/// listeners, a gateway's SNI listener. A sidecar's gRPC api_listeners ([`api_listeners`]) are the same
+/// for every scope and kept apart, so they are translated and stored once.
+pub fn scope_listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
     match scope.kind {
-        ProxyKind::Sidecar => {
-            let mut out = outbound_listeners(scope, registry);
-            out.extend(api_listeners(registry));
-            out
-        }
+        ProxyKind::Sidecar => outbound_listeners(scope, registry),
         // (A listener needs a filter chain: none until there is a service.)
         ProxyKind::Router if registry.services().is_empty() => Vec::new(),
         ProxyKind::Router => vec![gateway_listener(scope, registry)],

@@ -144,6 +144,19 @@ impl NamedService for AdsService {
     const NAME: &'static str = SERVICE_NAME;
 }
 
+/// Pending connections the xDS listeners queue (the kernel caps it at `net.core.somaxconn`). A fleet
+/// reconnecting at once (a meshfed restart, a failover) would overflow the usual 128, and every refused
+/// proxy waits out its back-off.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds an xDS listener on `addr` with a [`LISTEN_BACKLOG`] deep accept queue.
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves ADS in plaintext on `listener` until `shutdown` resolves, then drains; without connection,
 /// stream or rate limits ([`server::Limits::unlimited`]: tests and benchmarks). `meshfed serve` uses
 /// [`server::serve`] with its limits and TLS.
