@@ -1199,6 +1199,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn watch_requests_and_cuts_are_recognised() {
+        let uri = |s: &str| s.parse::<http::Uri>().unwrap();
+        assert_eq!(
+            watch_resource(&uri("https://k:6443/apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion=7")),
+            Some("endpointslices".into())
+        );
+        assert_eq!(watch_resource(&uri("/api/v1/namespaces/a/pods?timeoutSeconds=290&watch=1")), Some("pods".into()));
+        assert_eq!(watch_resource(&uri("/api/v1/pods?limit=500")), None);
+        assert_eq!(watch_resource(&uri("/api/v1/pods?watch=false")), None);
+
+        let cuts = WatchCuts::new();
+        assert_eq!(cuts.delay("endpointslices"), None, "no cut, no delay");
+        cuts.cut("endpointslices", "error reading a body from connection".into());
+        let first = cuts.delay("endpointslices").unwrap();
+        let second = cuts.delay("endpointslices").unwrap();
+        assert!(first <= WATCH_BACKOFF.initial.mul_f64(1.2) && second > first, "{first:?} then {second:?}");
+        assert_eq!(
+            cuts.errors(),
+            vec![
+                "EndpointSlice watch: the API server cut the watch stream short (error reading a body from connection)"
+            ]
+        );
+        assert_eq!(cuts.delay("pods"), None, "per resource");
+        cuts.delivered("endpointslices");
+        assert!(cuts.errors().is_empty());
+        assert_eq!(cuts.delay("endpointslices"), None);
+        assert_eq!(cuts.take_delivered(), vec![WatchedKind::EndpointSlice]);
+        assert!(cuts.take_delivered().is_empty());
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap_with_bounded_jitter_and_resets() {
         let mut b = Backoff::new(WATCH_BACKOFF);
         let bounds = |base: f64| (base * 0.8 - 1e-9, base * 1.2 + 1e-9);
