@@ -26,10 +26,11 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-co
 # MESHFED_FUZZ_PROFILE=ci builds unoptimised, for short runs (CI)
 host="$(rustc -vV | sed -n 's/^host: //p')"
 profile="${MESHFED_FUZZ_PROFILE:-release}"
-cargo build --profile "$profile" --manifest-path fuzz/Cargo.toml --bins --target "$host"
+cargo build --locked --profile "$profile" --manifest-path fuzz/Cargo.toml --bins --target "$host"
 unset RUSTFLAGS
-bin_dir="fuzz/target/$host/$profile"
-[ "$profile" = dev ] && bin_dir="fuzz/target/$host/debug"
+# cargo honours $CARGO_TARGET_DIR (relative to this directory) over fuzz/target
+bin_dir="${CARGO_TARGET_DIR:-fuzz/target}/$host/$profile"
+[ "$profile" = dev ] && bin_dir="${CARGO_TARGET_DIR:-fuzz/target}/$host/debug"
 
 # seeds (idempotent: libFuzzer keeps whatever the corpus already holds)
 MESHFED_FUZZ_SEEDS_DIR="$PWD/fuzz/corpus" cargo test -q --test fuzz_smoke write_seeds_if_asked >/dev/null

@@ -229,8 +229,18 @@ pub fn destination_rule(data: &[u8]) {
 }
 
 /// A Kubernetes object as the API server would send it: the first byte picks the kind, the rest is
-/// JSON.
+/// JSON. Converted both ways meshfed converts objects: from k8s-openapi types (manifest files) and, as
+/// the Kubernetes source does, from the watch's `DynamicObject`.
 pub fn kube_object(data: &[u8]) {
+    if let (Some(&kind), Some(json)) = (data.first(), data.get(1..))
+        && let Ok(obj) = serde_json::from_slice::<kube::api::DynamicObject>(json)
+    {
+        let watched =
+            crate::source::kube::WatchedKind::ALL[kind as usize % crate::source::kube::WatchedKind::ALL.len()];
+        if let Ok(Some(o)) = watched.convert(&obj) {
+            assert!(!o.key().name.is_empty());
+        }
+    }
     use k8s_openapi::api::core::v1::{Namespace, Node as K8sNode, Pod, Service};
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let Some((&kind, json)) = data.split_first() else { return };

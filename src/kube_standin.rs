@@ -24,7 +24,9 @@
 //! port and every connection (clients see their watches end and connections refused);
 //! [`KubeStandin::restart`] serves the same objects on the same port again, with whatever was changed
 //! meanwhile. Knobs: a bearer token to require, a status every request fails with, a delay before each
-//! answer; [`KubeStandin::requests`] logs what was asked.
+//! answer, watch streams cut short ([`KubeStandin::set_watch_cut`]: mid-way through an event line, or
+//! between lines, the connection dropping without the terminating chunk); [`KubeStandin::requests`] logs
+//! what was asked.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -56,6 +58,20 @@ pub enum Error {
     #[error("the stand-in does not serve {api_version} {kind}")]
     UnknownKind { api_version: String, kind: String },
 }
+
+/// How [`KubeStandin::set_watch_cut`] cuts watch streams. Either way the connection drops without the
+/// chunked body's terminating chunk (the client sees the body fail, not end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchCut {
+    /// the first half of the next event line is sent (a truncated JSON object, no newline), then the
+    /// connection drops
+    MidLine,
+    /// the connection drops before the next event line
+    Abort,
+}
+
+/// What a watch stream carries: event lines, or the error that cuts it.
+type WatchChunk = Result<Bytes, std::io::Error>;
 
 /// A kind the stand-in serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -148,6 +164,8 @@ struct Inner {
     live: broadcast::Sender<Arc<Change>>,
     /// bumped by [`KubeStandin::expire_watches`]
     expire: watch::Sender<u64>,
+    /// [`KubeStandin::set_watch_cut`]
+    cut: watch::Sender<Option<WatchCut>>,
 }
 
 impl Inner {
@@ -173,7 +191,8 @@ impl KubeStandin {
     pub async fn start_on(addr: SocketAddr) -> Result<KubeStandin, Error> {
         let (live, _) = broadcast::channel(LIVE_BUFFER);
         let (expire, _) = watch::channel(0);
-        let inner = Arc::new(Inner { state: Mutex::new(State { rv: 1, ..State::default() }), live, expire });
+        let (cut, _) = watch::channel(None);
+        let inner = Arc::new(Inner { state: Mutex::new(State { rv: 1, ..State::default() }), live, expire, cut });
         let listener = TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
         let addr = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
         let task = tokio::spawn(serve(listener, inner.clone()));
@@ -336,6 +355,14 @@ impl KubeStandin {
     }
 
     /// Waits this long before answering each request.
+    /// Cuts watch streams (`None`: stops cutting): every open watch is cut at once, and while set, every
+    /// new watch is cut before its first event line (lists are answered as usual). With
+    /// [`WatchCut::MidLine`] the client receives half of an event line first (the next change or replayed
+    /// event, or a BOOKMARK).
+    pub fn set_watch_cut(&self, cut: Option<WatchCut>) {
+        self.inner.cut.send_replace(cut);
+    }
+
     pub fn set_delay(&self, delay: Duration) {
         self.inner.lock().delay = delay;
     }
@@ -617,11 +644,25 @@ fn event_line(kind: &str, object: &Value) -> Bytes {
     Bytes::from(line)
 }
 
+/// Sends `line` on a watch, or, if `cut` says so, cuts the watch there (see [`WatchCut`]); false when
+/// the watch is over.
+async fn send_line(tx: &mpsc::Sender<WatchChunk>, line: Bytes, cut: Option<WatchCut>) -> bool {
+    let Some(mode) = cut else { return tx.send(Ok(line)).await.is_ok() };
+    if mode == WatchCut::MidLine {
+        let _ = tx.send(Ok(line.slice(..line.len() / 2))).await;
+        // let hyper write that chunk before the body fails (which drops the connection at once)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ =
+        tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the stand-in cut the watch"))).await;
+    false
+}
+
 fn start_watch(inner: Arc<Inner>, resource: ResourceDef, filter: Filter, query: &Query) -> Response<Body> {
     let from = query.get("resourceVersion").map(|v| v.parse::<u64>());
     let timeout = query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).map(Duration::from_secs);
     let bookmarks = query.flag("allowWatchBookmarks");
-    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, rx) = mpsc::channel::<WatchChunk>(64);
     // Under the lock: what to replay, and a live subscription that misses nothing after it.
     let (replay, ended, live, mut last_rv) = {
         let st = inner.lock();
@@ -659,9 +700,24 @@ fn start_watch(inner: Arc<Inner>, resource: ResourceDef, filter: Filter, query: 
     };
     let mut expire = inner.expire.subscribe();
     expire.borrow_and_update();
+    let mut cut = inner.cut.subscribe();
+    let bookmark_line = move |last_rv: u64| {
+        let obj = json!({
+            "kind": resource.kind, "apiVersion": resource.api_version(),
+            "metadata": {"resourceVersion": last_rv.to_string()},
+        });
+        event_line("BOOKMARK", &obj)
+    };
     tokio::spawn(async move {
+        // cut before anything is sent: half a bookmark line (MidLine), or nothing
+        if cut.borrow_and_update().is_some() && replay.is_empty() {
+            let mode = *cut.borrow();
+            send_line(&tx, bookmark_line(last_rv), mode).await;
+            return;
+        }
         for line in replay {
-            if tx.send(Ok(line)).await.is_err() {
+            let mode = *cut.borrow();
+            if !send_line(&tx, line, mode).await {
                 return;
             }
         }
@@ -683,8 +739,11 @@ fn start_watch(inner: Arc<Inner>, resource: ResourceDef, filter: Filter, query: 
                         if c.resource != resource {
                             continue;
                         }
-                        if let Some(line) = filter.event(&c) && tx.send(Ok(line)).await.is_err() {
-                            return;
+                        if let Some(line) = filter.event(&c) {
+                            let mode = *cut.borrow();
+                            if !send_line(&tx, line, mode).await {
+                                return;
+                            }
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -695,11 +754,18 @@ fn start_watch(inner: Arc<Inner>, resource: ResourceDef, filter: Filter, query: 
                 },
                 _ = bookmark.tick(), if bookmarks => {
                     // the last change this watch has seen: never ahead of an event not sent yet
-                    let obj = json!({
-                        "kind": resource.kind, "apiVersion": resource.api_version(),
-                        "metadata": {"resourceVersion": last_rv.to_string()},
-                    });
-                    if tx.send(Ok(event_line("BOOKMARK", &obj))).await.is_err() {
+                    let mode = *cut.borrow();
+                    if !send_line(&tx, bookmark_line(last_rv), mode).await {
+                        return;
+                    }
+                }
+                changed = cut.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let mode = *cut.borrow_and_update();
+                    if mode.is_some() {
+                        send_line(&tx, bookmark_line(last_rv), mode).await;
                         return;
                     }
                 }

@@ -47,6 +47,37 @@ type TypeLabel = [(&'static str, &'static str); 1];
 type ProxyLabels = [(&'static str, &'static str); 2];
 type ClusterLabel = [(&'static str, String); 1];
 type ClusterStateLabels = [(&'static str, String); 2];
+type ReasonLabel = [(&'static str, &'static str); 1];
+
+/// Why an xDS listener refused a client (the `reason` label of `meshfed_xds_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// a stream of a connection over `--max-connections` (RESOURCE_EXHAUSTED)
+    Connections,
+    /// a socket closed at accept: `--max-connections` + the pending allowance are open
+    Sockets,
+    /// a request over `--max-message-size` (RESOURCE_EXHAUSTED)
+    MessageSize,
+    /// a request over the connection's `--max-request-rate` / `--max-request-burst` (RESOURCE_EXHAUSTED)
+    RequestRate,
+    /// a connection closed because it opened no admitted stream in time
+    AdmissionTimeout,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] =
+        [Refusal::Connections, Refusal::Sockets, Refusal::MessageSize, Refusal::RequestRate, Refusal::AdmissionTimeout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Connections => "connections",
+            Refusal::Sockets => "sockets",
+            Refusal::MessageSize => "message_size",
+            Refusal::RequestRate => "request_rate",
+            Refusal::AdmissionTimeout => "admission_timeout",
+        }
+    }
+}
 
 fn new_push_time() -> Histogram {
     Histogram::new(PUSH_TIME_BUCKETS)
@@ -92,6 +123,10 @@ pub struct Metrics {
     pub cluster_watch_state: Family<ClusterStateLabels, Gauge>,
     /// `pilot_services`: federated services
     pub services: Gauge,
+    /// `meshfed_xds_refused_total{reason}`: clients refused by a limit of an xDS listener
+    pub xds_refused: Family<ReasonLabel, Counter>,
+    /// `meshfed_tasks`: tasks alive on the runtime (set when scraped)
+    pub tasks: Gauge,
 }
 
 impl Default for Metrics {
@@ -159,6 +194,19 @@ impl Metrics {
             "State of the cluster's watch (synced, syncing, timeout, closed): 1 for the current state",
             cluster_watch_state.clone(),
         );
+        let xds_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "meshfed_xds_refused",
+            "Clients refused by a limit of an xDS listener, by reason (connections, sockets, message_size, \
+             request_rate, admission_timeout)",
+            xds_refused.clone(),
+        );
+        // every reason is exported from the start (at 0), so a rate() over it is defined
+        for r in Refusal::ALL {
+            let _ = xds_refused.get_or_create(&[("reason", r.as_str())]);
+        }
+        let tasks = Gauge::default();
+        registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         Metrics {
             registry,
             xds_clients,
@@ -173,7 +221,14 @@ impl Metrics {
             cluster_last_event_age,
             cluster_watch_state,
             services,
+            xds_refused,
+            tasks,
         }
+    }
+
+    /// An xDS listener refused a client because of a limit.
+    pub fn record_refusal(&self, reason: Refusal) {
+        self.xds_refused.get_or_create(&[("reason", reason.as_str())]).inc();
     }
 
     /// An xDS response of type `t` carrying `resources` resources in `bytes` bytes was sent.
@@ -221,6 +276,9 @@ impl Metrics {
             }
         }
         self.services.set(services as i64);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(rt.metrics().num_alive_tasks() as i64);
+        }
         let now = SystemTime::now();
         for c in clusters {
             let id = c.id.to_string();

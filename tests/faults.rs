@@ -10,9 +10,11 @@
 //!   from one to the other gets nothing;
 //! - a half-written manifest file: reported, and the last good state keeps being served until the file is
 //!   complete;
-//! - a Kubernetes API server (`meshfed::kube_standin`) that fails every request, answers slowly, and goes
-//!   away mid-watch: the last known state is served throughout, and changes made meanwhile arrive once it
-//!   answers again.
+//! - a Kubernetes API server (`meshfed::kube_standin`) that fails every request, answers slowly, goes
+//!   away mid-watch, and cuts its watch streams short (mid-way through an event line, or between lines,
+//!   without the chunked body's end): the last known state is served throughout (nothing withdrawn), the
+//!   cluster's watch error is reported in `/debug/clusterz`, and changes made meanwhile arrive once it
+//!   answers whole again.
 //!
 //! Each test has its own loopback octet (`127.<octet>.0.0/16`). Every wait is bounded by [`TIMEOUT`];
 //! [`QUIET`] only bounds looking for something that must not arrive.
@@ -448,7 +450,7 @@ impl EdsFollower {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
-    use meshfed::kube_standin::{KubeStandin, objects};
+    use meshfed::kube_standin::{KubeStandin, WatchCut, objects};
     const OCTET: u8 = 116;
     let ip = |h: u8| format!("127.{OCTET}.1.{h}");
     let (a1, a2, a3) = (ip(1), ip(2), ip(3));
@@ -527,4 +529,66 @@ async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
     assert!(meshfed.guard.id().is_some());
     let clusterz = meshfed.debug_json("/debug/clusterz").await.unwrap();
     assert!(clusterz.to_string().contains("synced"), "{clusterz}");
+
+    // 4. truncated watch streams, the API otherwise answering: every watch is cut, first mid-way through
+    //    an event line, then between lines, the connection dropping without the chunked body's
+    //    terminating chunk; a change made meanwhile does not arrive whole, so meshfed must not act on it:
+    //    it keeps serving the last good state (nothing withdrawn), reports the cluster's watch error, and
+    //    picks the change up once the watches are whole again.
+    for cut in [WatchCut::MidLine, WatchCut::Abort] {
+        let expected: &[&str] = if cut == WatchCut::MidLine { &[&a1] } else { &[&a1, &a2] };
+        let change: &[&str] = if cut == WatchCut::MidLine { &[&a1, &a2] } else { &[&a1] };
+        let watches = |from: usize| {
+            api.requests()
+                .iter()
+                .skip(from)
+                .filter(|r| r.contains("endpointslices") && r.contains("watch=true"))
+                .count()
+        };
+        let before = api.requests().len();
+        api.set_watch_cut(Some(cut));
+        api.apply(slice(change)).unwrap();
+        // meshfed's watch of EndpointSlices was cut (it carried the change) and it has watched again (and
+        // been cut again): it rides the cuts out by retrying
+        poll_until(TIMEOUT, || async {
+            let n = watches(before);
+            ensure!(n >= 2, "{cut:?}: {n} EndpointSlice watches since the cut began");
+            Ok(())
+        })
+        .await
+        .unwrap();
+        if let Some(got) = eds.next(QUIET * 2).await.unwrap() {
+            panic!("{cut:?}: an assignment was pushed while every watch was cut: {got:?} (serving {expected:?})");
+        }
+        // the cluster's health says what is wrong, and the cluster stays in the mesh
+        let health = poll_until(TIMEOUT, || async {
+            let clusterz = meshfed.debug_json("/debug/clusterz").await?;
+            let text = clusterz.to_string();
+            ensure!(text.contains("EndpointSlice watch"), "{cut:?}: no watch error reported: {clusterz}");
+            Ok(clusterz)
+        })
+        .await
+        .unwrap();
+        eprintln!("{cut:?}: /debug/clusterz while watches are cut: {health}");
+        // and meshfed backs off between its watches instead of asking again at once (kube-rs alone
+        // would re-watch immediately after each cut, tens of times a second): at most a handful, however
+        // long this phase took (the backoff doubles from 1 s)
+        let n = watches(before);
+        eprintln!("{cut:?}: {n} EndpointSlice watches while cut");
+        assert!(n <= 20, "{cut:?}: {n} EndpointSlice watches while every watch was cut: no backoff");
+        // whole watches again: the change arrives
+        api.set_watch_cut(None);
+        eds.until(&format!("recovery from {cut:?} watch cuts"), change).await.unwrap();
+        // and the cluster's errors are cleared once its watches deliver again (also the kinds that
+        // did not change: their watches resume without a relist)
+        poll_until(TIMEOUT, || async {
+            let clusterz = meshfed.debug_json("/debug/clusterz").await?;
+            let kc = &clusterz[0];
+            ensure!(kc["lastError"].is_null() && kc["syncStatus"] == "synced", "{cut:?}: not healthy again: {kc}");
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    assert!(meshfed.guard.id().is_some());
 }

@@ -306,9 +306,21 @@ async fn mtls_checks_the_identity_against_the_node_id() {
 // Limits
 // ---------------------------------------------------------------------------------------------
 
+/// `meshfed_xds_refused_total{reason="REASON"}` in the exposition `/metrics` serves (these tests run the
+/// server in process, so its registry is this process's; tests running in parallel only add to it).
+fn refused(reason: &str) -> u64 {
+    let text = meshfed::metrics::global().encode().unwrap();
+    let series = format!("meshfed_xds_refused_total{{reason=\"{reason}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in /metrics:\n{text}"))
+}
+
 #[tokio::test]
 async fn an_oversized_request_gets_resource_exhausted_and_others_are_unaffected() {
     let server = Server::start(Limits { max_message_size: 1024, ..Limits::default() }, None).await;
+    let counted = refused("message_size");
     let mut big = Sotw::open(server.channel()).await.unwrap();
     let mut req = cds_request(Some(SHOP_NODE));
     req.resource_names = (0..100).map(|i| format!("outbound|9080||service-{i}.shop.svc.cluster.local")).collect();
@@ -316,6 +328,7 @@ async fn an_oversized_request_gets_resource_exhausted_and_others_are_unaffected(
     let err = big.next().await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("1024"), "{err:?}");
+    assert!(refused("message_size") > counted, "the refusal is counted in meshfed_xds_refused_total");
     // another client on another connection is served as usual
     assert!(!Sotw::fetch(server.channel(), SHOP_NODE).await.unwrap().resources.is_empty());
 }
@@ -331,11 +344,13 @@ async fn connections_over_the_limit_get_resource_exhausted_until_a_slot_frees() 
     let mut b = Sotw::open(b_channel.clone()).await.unwrap();
     b.send(cds_request(Some(SHOP_NODE))).await;
     b.next().await.unwrap();
-    // a third connection: refused with RESOURCE_EXHAUSTED, the two others keep working
+    // a third connection: refused with RESOURCE_EXHAUSTED (and counted), the two others keep working
+    let counted = refused("connections");
     let third = server.channel();
     let err = Sotw::fetch(third.clone(), SHOP_NODE).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("connection limit"), "{err:?}");
+    assert!(refused("connections") > counted, "the refusal is counted in meshfed_xds_refused_total");
     assert!(Sotw::fetch(b_channel.clone(), SHOP_NODE).await.is_ok(), "an admitted connection opens more streams");
     // the first client leaves: its slot goes to the third connection (retrying on the same connection)
     drop(a);
@@ -380,6 +395,7 @@ async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_u
     calm.send(cds_request(Some(SHOP_NODE))).await;
     let first = calm.next().await.unwrap();
 
+    let counted = refused("request_rate");
     let mut noisy = Sotw::open(server.channel()).await.unwrap();
     noisy.send(cds_request(Some(SHOP_NODE))).await;
     let r = noisy.next().await.unwrap();
@@ -391,6 +407,7 @@ async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_u
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("rate"), "{err:?}");
     assert!(server.stats.rate_limited.load(Ordering::Relaxed) >= 1);
+    assert!(refused("request_rate") > counted, "the refusal is counted in meshfed_xds_refused_total");
     // the calm client's stream is still served: it ACKs and subscribes to endpoints
     calm.send(DiscoveryRequest { response_nonce: first.nonce.clone(), ..cds_request(None) }).await;
     calm.send(DiscoveryRequest {
@@ -421,6 +438,7 @@ fn token_bucket_refills_at_its_rate() {
 async fn an_idle_connection_is_closed_after_the_admission_timeout() {
     let limits = Limits { admission_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start(limits, None).await;
+    let counted = refused("admission_timeout");
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let mut buf = [0u8; 1024];
     // the server's HTTP/2 preface may arrive first; then EOF (or a reset) once the timeout closes it
@@ -434,6 +452,8 @@ async fn an_idle_connection_is_closed_after_the_admission_timeout() {
     })
     .await;
     assert!(closed);
+    // counted as the timer closed it
+    assert!(refused("admission_timeout") > counted, "the closing is counted in meshfed_xds_refused_total");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 //! Property tests of EDS translation (`meshfed::translate::endpoint::load_assignment`) over random
-//! registries: one service whose endpoints are spread over random networks (with 0-2 east-west gateway
+//! registries: one service whose endpoints are spread over random networks (with 0-4 east-west gateway
 //! addresses each), localities, health states and mTLS capability, seen by random proxies (sidecar or
 //! gateway, with or without mesh certificates, anywhere) under random mesh-wide locality policies
 //! (failover, failoverPriority, distribute, disabled, with or without outlier detection).
@@ -8,10 +8,12 @@
 //! - every locality and every endpoint has a weight > 0;
 //! - priorities are contiguous from 0;
 //! - split horizon loses and duplicates nothing: each endpoint of the proxy's network that should be sent
-//!   is there exactly once; for each other network behind one gateway address, the gateway's weights add
-//!   up to the number of healthy mTLS-capable endpoints there; behind several addresses, at least that
-//!   and at most that times the number of addresses (see the comment in `check`); networks the proxy
-//!   cannot reach contribute nothing;
+//!   is there exactly once; for each other network, its gateway addresses' weights add up to exactly the
+//!   number of healthy mTLS-capable endpoints there (however many addresses the gateway has: no network
+//!   gets more share than its endpoints would have had); networks the proxy cannot reach contribute
+//!   nothing; a locality holding only gateway endpoints weighs what they weigh, and holds each address
+//!   once; in a priority, the localities reached through the same networks' gateways are one (Envoy keeps
+//!   one host per address and priority);
 //! - translation is deterministic: the same input translated twice (different hash-map seeds) encodes to
 //!   the same bytes and the same version.
 //!
@@ -133,7 +135,7 @@ fn locality_lb_strategy() -> impl Strategy<Value = LocalityLbSetting> {
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
         prop::collection::vec(ep_strategy(), 0..40),
-        [0..3usize, 0..3usize, 0..3usize],
+        [0..5usize, 0..5usize, 0..5usize],
         prop_oneof![4 => Just(ProxyKind::Sidecar), 1 => Just(ProxyKind::Router)],
         prop_oneof![Just(TlsSupport::None), Just(TlsSupport::Static), Just(TlsSupport::Agent)],
         0..3usize,
@@ -296,22 +298,47 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
             let sent = gateway_weight.get(&n).copied().unwrap_or(0);
             if !reach || gateways == 0 || eligible == 0 {
                 prop_assert_eq!(sent, 0, "network {} is unreachable or empty, yet has gateway weight", name);
-            } else if gateways == 1 {
-                prop_assert_eq!(sent, eligible, "network {}: {} eligible endpoints behind one gateway", name, eligible);
             } else {
-                // Several gateway addresses: each (priority, locality) group's count is split over them with
-                // a weight of at least 1 each (Envoy needs weights >= 1), so groups with fewer endpoints
-                // than addresses weigh more than they hold. Nothing is lost, and at most `gateways` units
-                // stand for one endpoint.
-                prop_assert!(
-                    eligible <= sent && sent <= eligible * gateways,
-                    "network {}: {} eligible endpoints behind {} gateway addresses weigh {}",
+                // exactly the endpoints' share, also when a locality has fewer endpoints than the gateway
+                // has addresses (weight-1 entries on only that many addresses)
+                prop_assert_eq!(
+                    sent,
+                    eligible,
+                    "network {}: {} eligible endpoints behind {} gateway addresses",
                     name,
                     eligible,
-                    gateways,
-                    sent
+                    gateways
                 );
             }
+        }
+
+        // gateway-only localities: a locality weighs what its gateway endpoints weigh; and localities of one
+        // priority reached through the same networks are one (Envoy keeps one host per address and
+        // priority: separate localities would share addresses, or, with fewer endpoints than addresses,
+        // could not use the same ones)
+        let network_of = |ip: IpAddr| (0..3).find(|n| (0..case.gateways[*n]).any(|i| gateway_ip(*n, i) == ip));
+        let mut seen: BTreeSet<(u32, BTreeSet<usize>)> = BTreeSet::new();
+        for l in
+            cla.endpoints.iter().filter(|l| l.lb_endpoints.iter().all(|e| network_of(address_of(e).unwrap()).is_some()))
+        {
+            let mut sum = 0;
+            let mut addresses = BTreeSet::new();
+            let mut networks = BTreeSet::new();
+            for e in &l.lb_endpoints {
+                let ip = address_of(e).unwrap();
+                prop_assert!(addresses.insert(ip), "gateway {} twice in {:?}", ip, l.locality);
+                networks.extend(network_of(ip));
+                sum += e.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            }
+            prop_assert_eq!(l.load_balancing_weight.as_ref().map(|w| w.value), Some(sum), "{:?}", l.locality);
+            let key = (l.priority, networks);
+            prop_assert!(
+                !seen.contains(&key),
+                "two gateway-only localities in priority {} through networks {:?}",
+                key.0,
+                key.1
+            );
+            seen.insert(key);
         }
     }
 

@@ -255,6 +255,13 @@ pub fn load_assignment(
             *remote.entry((priority, &ep.locality, &ep.network)).or_default() += 1;
         }
     }
+    // (priority, network) -> the gateway address the next remote locality's split starts at, so that the
+    // localities of a priority use the addresses in turn (see `gateway_split`)
+    let mut cursor: BTreeMap<(u32, &NetworkId), usize> = BTreeMap::new();
+    // (priority, locality) -> every gateway address its gateway endpoints may use (the key under which
+    // `merge_gateway_localities` merges gateway-only localities)
+    let mut gateway_sets: BTreeMap<(u32, &Locality), std::collections::BTreeSet<(std::net::IpAddr, u16)>> =
+        BTreeMap::new();
     for ((priority, locality, network), count) in remote {
         let addresses: Vec<(std::net::IpAddr, u16)> = ctx
             .gateways
@@ -264,10 +271,17 @@ pub fn load_assignment(
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let n = addresses.len() as u32;
-        for (i, (address, gw_port)) in addresses.into_iter().enumerate() {
-            // Split the weight over the gateways; the first `count % n` carry one more.
-            let weight = (count / n + u32::from((i as u32) < count % n)).max(1);
+        if addresses.is_empty() {
+            continue;
+        }
+        let start = cursor.entry((priority, network)).or_default();
+        let weights = gateway_split(count, addresses.len(), *start);
+        *start = (*start + count as usize) % addresses.len();
+        gateway_sets.entry((priority, locality)).or_default().extend(addresses.iter().copied());
+        for ((address, gw_port), weight) in addresses.into_iter().zip(weights) {
+            if weight == 0 {
+                continue;
+            }
             groups.entry((priority, locality)).or_default().push(lb_endpoint(
                 address,
                 gw_port,
@@ -279,7 +293,16 @@ pub fn load_assignment(
     }
     let mut localities: Vec<(u32, &Locality, Vec<LbEndpoint>)> =
         groups.into_iter().map(|((p, l), eps)| (p, l, eps)).collect();
-    let gateway_only: Vec<bool> = localities.iter().map(|(p, l, _)| !has_local.contains(&(*p, *l))).collect();
+    // gateway-only localities: the gateway addresses they may use (merged by those, see below)
+    let gateway_only: Vec<Option<Vec<String>>> = localities
+        .iter()
+        .map(|(p, l, _)| {
+            (!has_local.contains(&(*p, *l))).then(|| {
+                let set = gateway_sets.get(&(*p, *l)).into_iter().flatten();
+                set.map(|(a, port)| format!("{a}:{port}")).collect()
+            })
+        })
+        .collect();
     let mut priorities: Vec<u32> = localities.iter().map(|(p, _, _)| *p).collect();
     compact_priorities(&mut priorities);
     let mut weights: Vec<u32> = localities
@@ -290,7 +313,7 @@ pub fn load_assignment(
         distribute(&policy.locality_lb.distribute, &scope.locality, &localities, &mut weights);
     }
     localities.iter_mut().zip(&priorities).for_each(|(l, p)| l.0 = *p);
-    let (endpoints, gateway_only): (Vec<LocalityLbEndpoints>, Vec<bool>) = localities
+    let (endpoints, gateway_only): (Vec<LocalityLbEndpoints>, Vec<Option<Vec<String>>>) = localities
         .into_iter()
         .zip(weights)
         .zip(gateway_only)
@@ -328,23 +351,40 @@ fn endpoint_key(e: &LbEndpoint) -> String {
     }
 }
 
+/// How `count` remote endpoints are split over `n` gateway addresses (in address order), starting at
+/// address `start`: `count / n` each, and one more for the `count % n` addresses from `start` on
+/// (wrapping). The weights sum to exactly `count`, so a network's gateway carries the share its endpoints
+/// would have had; with fewer endpoints than addresses, only `count` addresses get an entry (weight 1)
+/// and the others get 0 (no entry: Envoy needs weights >= 1).
+pub fn gateway_split(count: u32, n: usize, start: usize) -> Vec<u32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let (each, extra) = (count / n as u32, (count % n as u32) as usize);
+    (0..n).map(|i| each + u32::from((i + n - start % n) % n < extra)).collect()
+}
+
 /// Envoy's EDS keeps only the first host of an address within a priority and drops the others, so a
 /// gateway standing for remote endpoints in several localities of one priority would carry only the
 /// first locality's share (and `distribute` weights would be wrong). Localities of one priority that
-/// hold only the same gateway endpoints are therefore merged into one: under the locality they have in
-/// common (their region when their zones differ), with the sum of their weights and of their
-/// gateway endpoints' weights.
-fn merge_gateway_localities(localities: Vec<LocalityLbEndpoints>, gateway_only: &[bool]) -> Vec<LocalityLbEndpoints> {
+/// hold only gateway endpoints of the same gateway addresses (`gateway_only`: the addresses they may
+/// use; `None` for localities with endpoints of the proxy's own network) are therefore merged into one:
+/// under the locality they have in common (their region when their zones differ), with the sum of their
+/// weights and, per gateway address, of their gateway endpoints' weights.
+fn merge_gateway_localities(
+    localities: Vec<LocalityLbEndpoints>,
+    gateway_only: &[Option<Vec<String>>],
+) -> Vec<LocalityLbEndpoints> {
     let weight = |w: &Option<envoy_types::pb::google::protobuf::UInt32Value>| w.as_ref().map_or(1, |w| w.value);
     let mut out: Vec<LocalityLbEndpoints> = Vec::with_capacity(localities.len());
     // (priority, gateway addresses) -> index in `out`
-    let mut merged_into: BTreeMap<(u32, Vec<String>), usize> = BTreeMap::new();
+    let mut merged_into: BTreeMap<(u32, &[String]), usize> = BTreeMap::new();
     for (l, gateway_only) in localities.into_iter().zip(gateway_only) {
-        if !gateway_only {
+        let Some(addresses) = gateway_only else {
             out.push(l);
             continue;
-        }
-        let key = (l.priority, l.lb_endpoints.iter().map(endpoint_key).collect::<Vec<_>>());
+        };
+        let key = (l.priority, addresses.as_slice());
         let Some(&i) = merged_into.get(&key) else {
             merged_into.insert(key, out.len());
             out.push(l);
@@ -353,10 +393,17 @@ fn merge_gateway_localities(localities: Vec<LocalityLbEndpoints>, gateway_only: 
         let m = &mut out[i];
         m.load_balancing_weight =
             Some(u32v(weight(&m.load_balancing_weight).saturating_add(weight(&l.load_balancing_weight))));
-        for (a, b) in m.lb_endpoints.iter_mut().zip(&l.lb_endpoints) {
-            a.load_balancing_weight =
-                Some(u32v(weight(&a.load_balancing_weight).saturating_add(weight(&b.load_balancing_weight))));
+        for b in l.lb_endpoints.iter() {
+            match m.lb_endpoints.iter_mut().find(|a| endpoint_key(a) == endpoint_key(b)) {
+                Some(a) => {
+                    a.load_balancing_weight =
+                        Some(u32v(weight(&a.load_balancing_weight).saturating_add(weight(&b.load_balancing_weight))))
+                }
+                None => m.lb_endpoints.push(b.clone()),
+            }
         }
+        // in the order of the gateway addresses
+        m.lb_endpoints.sort_by_key(|e| addresses.iter().position(|a| *a == endpoint_key(e)));
         if let (Some(a), Some(b)) = (m.locality.as_mut(), l.locality.as_ref()) {
             if a.region != b.region {
                 a.region.clear();
@@ -896,6 +943,74 @@ mod tests {
         assert_eq!(cla.endpoints.len(), 1);
         assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.20.1:15443".into(), 3), ("127.0.20.2:15443".into(), 2)]);
         assert_eq!(cla.endpoints[0].load_balancing_weight.unwrap().value, 5);
+    }
+
+    #[test]
+    fn gateway_split_sums_to_the_count_and_rotates() {
+        assert_eq!(gateway_split(5, 2, 0), vec![3, 2]);
+        assert_eq!(gateway_split(5, 2, 1), vec![2, 3]);
+        assert_eq!(gateway_split(1, 3, 0), vec![1, 0, 0]);
+        assert_eq!(gateway_split(1, 3, 2), vec![0, 0, 1]);
+        assert_eq!(gateway_split(2, 3, 2), vec![1, 0, 1]);
+        assert_eq!(gateway_split(0, 3, 1), vec![0, 0, 0]);
+        assert!(gateway_split(4, 0, 0).is_empty());
+        for count in 0..12 {
+            for n in 1..6 {
+                for start in 0..n {
+                    let w = gateway_split(count, n, start);
+                    assert_eq!(w.iter().sum::<u32>(), count, "{count} over {n} from {start}");
+                    assert!(w.iter().max().unwrap() - w.iter().min().unwrap() <= 1, "{w:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fewer_remote_endpoints_than_gateway_addresses_keep_their_share() {
+        let mut c = ctx(false);
+        c.gateways = Arc::new(vec![
+            gateway("azure", "127.0.20.1"),
+            gateway("azure", "127.0.20.2"),
+            gateway("azure", "127.0.20.3"),
+        ]);
+        // one local endpoint, one remote endpoint behind a gateway of 3 addresses: 1:1, not 1:3
+        let mut eps = vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+        ];
+        let s = service(eps.clone());
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(
+            shape(&cla),
+            vec![
+                ("us-east-1/us-east-1a".into(), 0, 1, vec![("127.0.1.21:9080".into(), 1)]),
+                ("westeurope/westeurope-1".into(), 0, 1, vec![("127.0.20.1:15443".into(), 1)]),
+            ]
+        );
+        // two remote zones of one endpoint each, in one priority: merged, using two of the addresses
+        // (one host per address and priority), weight 2 in all
+        eps.push(mtls(ep("127.0.4.21", "b", "westeurope/westeurope-2", Health::Healthy), "azure"));
+        let s = service(eps.clone());
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(
+            shape(&cla),
+            vec![
+                ("us-east-1/us-east-1a".into(), 0, 1, vec![("127.0.1.21:9080".into(), 1)]),
+                ("westeurope/".into(), 0, 2, vec![("127.0.20.1:15443".into(), 1), ("127.0.20.2:15443".into(), 1)]),
+            ]
+        );
+        // four remote endpoints over three addresses (1 in westeurope-1 on the first; 3 in westeurope-2, one
+        // on each): 2 + 1 + 1, still 4 in all
+        eps.push(mtls(ep("127.0.4.22", "b", "westeurope/westeurope-2", Health::Healthy), "azure"));
+        eps.push(mtls(ep("127.0.4.23", "b", "westeurope/westeurope-2", Health::Healthy), "azure"));
+        let s = service(eps);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let gw = &shape(&cla)[1];
+        assert_eq!((gw.1, gw.2), (0, 4));
+        assert_eq!(
+            gw.3,
+            vec![("127.0.20.1:15443".into(), 2), ("127.0.20.2:15443".into(), 1), ("127.0.20.3:15443".into(), 1)]
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use tokio_stream::StreamExt as _;
 use tracing::{debug, info, warn};
 
 use super::AdsService;
+use crate::metrics::Refusal;
 use crate::tls::PeerAuth;
 
 /// Sockets accepted beyond `max_connections` (TLS handshakes, connections not yet admitted).
@@ -189,6 +190,7 @@ impl ConnState {
             .is_ok();
         if !ok {
             self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().record_refusal(Refusal::Connections);
             return Err(tonic::Status::resource_exhausted(format!(
                 "meshfed: connection limit reached ({max} connections); retry later or use another replica"
             )));
@@ -212,6 +214,7 @@ impl ConnState {
             return Ok(());
         }
         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().record_refusal(Refusal::RequestRate);
         Err(tonic::Status::resource_exhausted(format!(
             "meshfed: request rate limit exceeded on this connection ({} requests/s, burst {})",
             self.limits.request_rate,
@@ -436,6 +439,7 @@ pub async fn serve(
                 };
                 if stats.sockets.load(Ordering::Acquire) >= cap {
                     stats.refused_sockets.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::global().record_refusal(Refusal::Sockets);
                     debug!(%remote, "connection refused: too many open connections");
                     drop(tcp);
                     continue;
@@ -490,6 +494,7 @@ pub async fn serve(
                         && !info.is_admitted()
                     {
                         debug!(%remote, "closing a connection that opened no admitted stream");
+                        crate::metrics::global().record_refusal(Refusal::AdmissionTimeout);
                         close_one(&weak);
                     }
                 });
@@ -505,6 +510,8 @@ pub async fn serve(
         builder = builder.max_concurrent_streams(Some(limits.max_streams_per_connection));
     }
     let (graceful_tx, mut graceful_rx) = watch::channel(false);
+    let max_message_size = if limits.max_message_size > 0 { limits.max_message_size } else { DEFAULT_MAX_MESSAGE_SIZE };
+    let mut builder = builder.layer(CountOversize { max: max_message_size });
     let server = builder.add_service(service).serve_with_incoming_shutdown(incoming, async move {
         let _ = graceful_rx.wait_for(|v| *v).await;
     });
@@ -548,5 +555,119 @@ pub async fn serve(
 fn close_one(state: &std::sync::Weak<ConnState>) {
     if let Some(s) = state.upgrade() {
         s.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counting requests over the message size limit (tonic refuses them; this only counts them)
+// ---------------------------------------------------------------------------------------------
+
+/// A layer that wraps every request body in an [`OversizeCounter`].
+#[derive(Clone, Copy, Debug)]
+struct CountOversize {
+    max: usize,
+}
+
+impl<S> tower::Layer<S> for CountOversize {
+    type Service = CountOversizeService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountOversizeService { inner, max: self.max }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CountOversizeService<S> {
+    inner: S,
+    max: usize,
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CountOversizeService<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let max = self.max;
+        self.inner.call(req.map(|body| tonic::body::Body::new(OversizeCounter::new(body, max))))
+    }
+}
+
+/// A request body that follows the gRPC length prefixes (a flag byte, then the length as 4 bytes big
+/// endian) of the messages passing through it and counts the first message longer than `max`
+/// (`meshfed_xds_refused_total{reason="message_size"}`): tonic's decoder refuses that one and the stream
+/// ends. The bytes pass unchanged.
+struct OversizeCounter {
+    inner: tonic::body::Body,
+    max: usize,
+    header: [u8; 5],
+    have: usize,
+    /// payload bytes of the current message still to pass
+    skip: usize,
+    done: bool,
+}
+
+impl OversizeCounter {
+    fn new(inner: tonic::body::Body, max: usize) -> Self {
+        OversizeCounter { inner, max, header: [0; 5], have: 0, skip: 0, done: false }
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.done {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                self.have = 0;
+                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as usize;
+                if len > self.max {
+                    self.done = true;
+                    crate::metrics::global().record_refusal(Refusal::MessageSize);
+                } else {
+                    self.skip = len;
+                }
+            }
+        }
+    }
+}
+
+impl http_body::Body for OversizeCounter {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(data) = f.data_ref()
+        {
+            this.scan(data);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -5,7 +5,8 @@
 //! - [`sotw_all`]: one SotW fetch of everything, per type: version_info and name -> resource bytes;
 //! - [`delta_versions`] / [`delta_reconnect`]: a Delta client's versions, and a reconnect that reports
 //!   them as `initial_resource_versions`;
-//! - [`hold_subscription`]: a SotW or Delta client that keeps following pushes until a deadline.
+//! - [`hold_subscription`]: a SotW or Delta client that gets its first response (bounded by [`TIMEOUT`])
+//!   and then keeps following pushes for a while.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -238,18 +239,32 @@ pub async fn delta_reconnect(
     Ok(out)
 }
 
-/// Follows pushes as `node_id` (SotW or Delta) until `until`, ACKing every response; returns the number of
-/// responses. Fails on an error status from the server or a response that does not decode.
-pub async fn hold_subscription(
-    addr: SocketAddr,
-    node_id: &str,
-    delta: bool,
-    until: tokio::time::Instant,
-) -> Result<u64> {
+/// What [`hold_subscription`] saw.
+#[derive(Clone, Copy, Debug)]
+pub struct Session {
+    /// responses received (and ACKed)
+    pub responses: u64,
+    /// from the start of the session (before connecting) to its first response
+    pub first_response: Duration,
+}
+
+/// Connects as `node_id` (SotW or Delta), waits for the first response (bounded by [`TIMEOUT`]: a loaded
+/// machine may take a while to translate for a new proxy), then follows pushes for `hold`, ACKing every
+/// response. Fails on an error status from the server, a stream the server ends, a response that does
+/// not decode, or no response within [`TIMEOUT`].
+pub async fn hold_subscription(addr: SocketAddr, node_id: &str, delta: bool, hold: Duration) -> Result<Session> {
+    let start = tokio::time::Instant::now();
+    let mut until = start + TIMEOUT;
+    let mut first_response = None;
     let mut client = client(addr).await?;
     let mut held: BTreeMap<&'static str, BTreeMap<String, Vec<u8>>> = BTreeMap::new();
     let mut subscribed: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut count = 0u64;
+    // the session once it ends at its deadline: no response at all is an error
+    let ended = |count: u64, first: Option<Duration>| match first {
+        Some(first_response) => Ok(Session { responses: count, first_response }),
+        None => Err(anyhow!("no response within {TIMEOUT:?}")),
+    };
     if delta {
         let (tx, rx) = mpsc::channel(64);
         let mut responses =
@@ -260,10 +275,14 @@ pub async fn hold_subscription(
         }
         loop {
             let r: DeltaDiscoveryResponse = match tokio::time::timeout_at(until, responses.message()).await {
-                Err(_) => return Ok(count),
+                Err(_) => return ended(count, first_response),
                 Ok(r) => r?.ok_or_else(|| anyhow!("the server ended the stream"))?,
             };
             count += 1;
+            if first_response.is_none() {
+                first_response = Some(start.elapsed());
+                until = tokio::time::Instant::now() + hold;
+            }
             let t = type_static(&r.type_url);
             let h = held.entry(t).or_default();
             for res in &r.resources {
@@ -307,10 +326,14 @@ pub async fn hold_subscription(
         let mut last: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
         loop {
             let r: DiscoveryResponse = match tokio::time::timeout_at(until, responses.message()).await {
-                Err(_) => return Ok(count),
+                Err(_) => return ended(count, first_response),
                 Ok(r) => r?.ok_or_else(|| anyhow!("the server ended the stream"))?,
             };
             count += 1;
+            if first_response.is_none() {
+                first_response = Some(start.elapsed());
+                until = tokio::time::Instant::now() + hold;
+            }
             let t = type_static(&r.type_url);
             let full_state = t == type_url::CLUSTER || t == type_url::LISTENER;
             let h = held.entry(t).or_default();
