@@ -521,7 +521,7 @@ impl XdsHarness {
         } else {
             Limits::unlimited()
         };
-        let context = StreamContext { conn: Some(ConnState::for_peer(peer, limits)), drain: None };
+        let context = StreamContext { conn: Some(ConnState::for_peer(peer, limits)), slot: None, drain: None };
         let (tx, mut rx) = mpsc::channel(256);
         let ua = input.bool().then(|| "grpc-python/1.70".to_string());
         let mut stream = Stream::new(flavor, self.push.clone(), self.connections.clone(), tx, ua).with_context(context);

@@ -56,6 +56,8 @@ pub enum Refusal {
     Connections,
     /// a socket closed at accept: `--max-connections` + the pending allowance are open
     Sockets,
+    /// a stream over the connection's `--max-streams-per-connection` (RESOURCE_EXHAUSTED)
+    Streams,
     /// a request over `--max-message-size` (RESOURCE_EXHAUSTED)
     MessageSize,
     /// a request over the connection's `--max-request-rate` / `--max-request-burst` (RESOURCE_EXHAUSTED)
@@ -65,13 +67,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 5] =
-        [Refusal::Connections, Refusal::Sockets, Refusal::MessageSize, Refusal::RequestRate, Refusal::AdmissionTimeout];
+    pub const ALL: [Refusal; 6] = [
+        Refusal::Connections,
+        Refusal::Sockets,
+        Refusal::Streams,
+        Refusal::MessageSize,
+        Refusal::RequestRate,
+        Refusal::AdmissionTimeout,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::Connections => "connections",
             Refusal::Sockets => "sockets",
+            Refusal::Streams => "streams",
             Refusal::MessageSize => "message_size",
             Refusal::RequestRate => "request_rate",
             Refusal::AdmissionTimeout => "admission_timeout",

@@ -371,19 +371,31 @@ async fn connections_over_the_limit_get_resource_exhausted_until_a_slot_frees() 
 }
 
 #[tokio::test]
-async fn streams_per_connection_are_capped_by_http2() {
+async fn a_stream_over_the_connection_limit_gets_resource_exhausted_and_others_are_unaffected() {
     let server = Server::start(Limits { max_streams_per_connection: 2, ..Limits::default() }, None).await;
     let channel = server.channel();
     let mut s1 = Sotw::open(channel.clone()).await.unwrap();
-    let _s2 = Sotw::open(channel.clone()).await.unwrap();
+    let mut s2 = Sotw::open(channel.clone()).await.unwrap();
     s1.send(cds_request(Some(SHOP_NODE))).await;
     s1.next().await.unwrap();
-    // the client queues a third stream on this connection until one of the two ends
-    let third = tokio::spawn(Sotw::fetch(channel.clone(), SHOP_NODE));
-    tokio::time::sleep(QUIET).await;
-    assert!(!third.is_finished(), "a third concurrent stream was served on a connection limited to 2");
+    // a third concurrent stream on this connection is refused, and counted
+    let counted = refused("streams");
+    let err =
+        bounded("the third stream", tokio::spawn(Sotw::fetch(channel.clone(), SHOP_NODE))).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("stream limit"), "{err:?}");
+    assert!(refused("streams") > counted, "the refusal is counted in meshfed_xds_refused_total");
+    // the two open streams are unaffected
+    s2.send(cds_request(Some(SHOP_NODE))).await;
+    assert!(!s2.next().await.unwrap().resources.is_empty());
+    // a slot frees when a stream ends
     drop(s1);
-    let r = bounded("the queued stream", third).await.unwrap().unwrap();
+    let r = support::poll_until(TIMEOUT, || {
+        let channel = channel.clone();
+        async move { Sotw::fetch(channel, SHOP_NODE).await.map_err(|e| anyhow::anyhow!("{e:?}")) }
+    })
+    .await
+    .unwrap();
     assert!(!r.resources.is_empty());
 }
 

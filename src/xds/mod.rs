@@ -68,10 +68,14 @@ impl AdsService {
     /// Per stream: the connection's info (identity, limits; refused over the connection limit) and the
     /// drain signal.
     fn stream_context(&self, conn: Option<&server::ConnInfo>) -> Result<stream::StreamContext, Status> {
-        if let Some(c) = conn {
-            c.0.admit()?;
-        }
-        Ok(stream::StreamContext { conn: conn.cloned(), drain: self.drain.clone() })
+        let slot = match conn {
+            Some(c) => {
+                c.0.admit()?;
+                Some(Arc::new(c.0.open_stream()?))
+            }
+            None => None,
+        };
+        Ok(stream::StreamContext { conn: conn.cloned(), slot, drain: self.drain.clone() })
     }
 
     pub fn connections(&self) -> &Arc<Connections> {

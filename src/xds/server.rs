@@ -24,7 +24,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -129,12 +129,24 @@ pub struct ServerStats {
 #[derive(Clone, Debug)]
 pub struct ConnInfo(pub Arc<ConnState>);
 
+/// One open stream of a connection (see [`ConnState::open_stream`]).
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicU32>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug)]
 pub struct ConnState {
     pub remote: Option<SocketAddr>,
     pub peer: PeerAuth,
     pub tls: bool,
     admitted: AtomicBool,
+    /// ADS streams open on this connection
+    streams: Arc<AtomicU32>,
     bucket: Option<Mutex<TokenBucket>>,
     limits: Arc<Limits>,
     stats: Arc<ServerStats>,
@@ -153,7 +165,17 @@ impl ConnState {
         let bucket = (limits.request_rate > 0)
             .then(|| Mutex::new(TokenBucket::new(limits.request_rate, limits.request_burst.max(1))));
         let closer = watch::Sender::new(false);
-        ConnState { remote, peer, tls, admitted: AtomicBool::new(false), bucket, limits, stats, closer }
+        ConnState {
+            remote,
+            peer,
+            tls,
+            admitted: AtomicBool::new(false),
+            streams: Arc::default(),
+            bucket,
+            limits,
+            stats,
+            closer,
+        }
     }
 
     /// Closes the connection: its reads and writes fail from now on.
@@ -175,6 +197,23 @@ impl ConnState {
     /// A connection outside any listener with this peer and these limits (tests, fuzzing).
     pub fn for_peer(peer: PeerAuth, limits: Limits) -> ConnInfo {
         ConnInfo(Arc::new(ConnState::new(None, peer, true, Arc::new(limits), Arc::default())))
+    }
+
+    /// Opens a stream under the connection's stream limit; the slot is freed when the guard drops.
+    pub fn open_stream(&self) -> Result<StreamSlot, tonic::Status> {
+        let max = self.limits.max_streams_per_connection;
+        let ok = self
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .is_ok();
+        if !ok {
+            self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().record_refusal(Refusal::Streams);
+            return Err(tonic::Status::resource_exhausted(format!(
+                "meshfed: stream limit reached on this connection ({max} streams); one ADS stream per proxy is enough"
+            )));
+        }
+        Ok(StreamSlot(self.streams.clone()))
     }
 
     /// Admits the connection under the connection limit (once; later calls are free).
@@ -488,8 +527,13 @@ pub async fn serve(
                     // closed after a while, so idle sockets cannot hold the pending slots.
                     let weak = Arc::downgrade(&info);
                     let timeout = info.limits.admission_timeout;
+                    let mut gone = info.closer.subscribe();
                     drop(info);
-                    tokio::time::sleep(timeout).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(timeout) => {}
+                        // the connection's state is dropped when it closes: nothing to watch
+                        _ = gone.wait_for(|_| false) => return,
+                    }
                     if let Some(info) = weak.upgrade()
                         && !info.is_admitted()
                     {
@@ -507,11 +551,11 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if limits.max_streams_per_connection > 0 {
-        builder = builder.max_concurrent_streams(Some(limits.max_streams_per_connection));
+        // meshfed refuses streams over the limit with RESOURCE_EXHAUSTED (ConnState::open_stream); HTTP/2
+        // refuses (REFUSED_STREAM) only a client that opens many more at once
+        builder = builder.max_concurrent_streams(Some(limits.max_streams_per_connection.saturating_mul(2).max(8)));
     }
     let (graceful_tx, mut graceful_rx) = watch::channel(false);
-    let max_message_size = if limits.max_message_size > 0 { limits.max_message_size } else { DEFAULT_MAX_MESSAGE_SIZE };
-    let mut builder = builder.layer(CountOversize { max: max_message_size });
     let server = builder.add_service(service).serve_with_incoming_shutdown(incoming, async move {
         let _ = graceful_rx.wait_for(|v| *v).await;
     });
@@ -555,119 +599,5 @@ pub async fn serve(
 fn close_one(state: &std::sync::Weak<ConnState>) {
     if let Some(s) = state.upgrade() {
         s.close();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Counting requests over the message size limit (tonic refuses them; this only counts them)
-// ---------------------------------------------------------------------------------------------
-
-/// A layer that wraps every request body in an [`OversizeCounter`].
-#[derive(Clone, Copy, Debug)]
-struct CountOversize {
-    max: usize,
-}
-
-impl<S> tower::Layer<S> for CountOversize {
-    type Service = CountOversizeService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        CountOversizeService { inner, max: self.max }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct CountOversizeService<S> {
-    inner: S,
-    max: usize,
-}
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for CountOversizeService<S>
-where
-    S: tower::Service<http::Request<tonic::body::Body>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let max = self.max;
-        self.inner.call(req.map(|body| tonic::body::Body::new(OversizeCounter::new(body, max))))
-    }
-}
-
-/// A request body that follows the gRPC length prefixes (a flag byte, then the length as 4 bytes big
-/// endian) of the messages passing through it and counts the first message longer than `max`
-/// (`meshfed_xds_refused_total{reason="message_size"}`): tonic's decoder refuses that one and the stream
-/// ends. The bytes pass unchanged.
-struct OversizeCounter {
-    inner: tonic::body::Body,
-    max: usize,
-    header: [u8; 5],
-    have: usize,
-    /// payload bytes of the current message still to pass
-    skip: usize,
-    done: bool,
-}
-
-impl OversizeCounter {
-    fn new(inner: tonic::body::Body, max: usize) -> Self {
-        OversizeCounter { inner, max, header: [0; 5], have: 0, skip: 0, done: false }
-    }
-
-    fn scan(&mut self, mut data: &[u8]) {
-        while !data.is_empty() && !self.done {
-            if self.skip > 0 {
-                let n = self.skip.min(data.len());
-                self.skip -= n;
-                data = &data[n..];
-                continue;
-            }
-            let n = (5 - self.have).min(data.len());
-            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
-            self.have += n;
-            data = &data[n..];
-            if self.have == 5 {
-                self.have = 0;
-                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as usize;
-                if len > self.max {
-                    self.done = true;
-                    crate::metrics::global().record_refusal(Refusal::MessageSize);
-                } else {
-                    self.skip = len;
-                }
-            }
-        }
-    }
-}
-
-impl http_body::Body for OversizeCounter {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(data) = f.data_ref()
-        {
-            this.scan(data);
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }

@@ -149,6 +149,8 @@ pub struct Stream {
 pub struct StreamContext {
     /// None outside a listener (in-process use)
     pub conn: Option<ConnInfo>,
+    /// this stream's place under the connection's stream limit
+    pub slot: Option<std::sync::Arc<super::server::StreamSlot>>,
     /// becomes true when the listener drains
     pub drain: Option<watch::Receiver<bool>>,
 }
@@ -204,6 +206,7 @@ fn proxy_namespace(name: &str) -> Option<String> {
 fn request_error(status: Status) -> StreamResult {
     if status.code() == tonic::Code::OutOfRange {
         warn!(%status, "request over the message size limit");
+        crate::metrics::global().record_refusal(crate::metrics::Refusal::MessageSize);
         return Err(Status::resource_exhausted(format!("meshfed: {}", status.message())));
     }
     debug!(%status, "stream ended by client error");
