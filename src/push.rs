@@ -120,14 +120,17 @@ impl<S: Clone + Eq + Hash> ScopeTable<S> {
         *n == 1
     }
 
-    fn detach(&mut self, scope: &S) {
+    /// Drops a reference; returns true if it was the last (the scope is gone).
+    fn detach(&mut self, scope: &S) -> bool {
         if let Some(n) = self.refs.get_mut(scope) {
             *n -= 1;
             if *n == 0 {
                 self.refs.remove(scope);
                 self.scopes.remove(scope);
+                return true;
             }
         }
+        false
     }
 
     fn resources(&mut self, scope: &S) -> &mut Resources {
@@ -275,14 +278,31 @@ impl Pusher {
         new
     }
 
-    pub fn detach(&mut self, view: &View) {
-        self.clusters.detach(&view.clusters);
+    /// Detaches a view; returns true if one of its scopes is no longer attached (and was dropped).
+    pub fn detach(&mut self, view: &View) -> bool {
+        let mut gone = self.clusters.detach(&view.clusters);
         if let Some(i) = &view.inbound {
-            self.inbound.detach(i);
+            gone |= self.inbound.detach(i);
         }
-        self.endpoints.detach(&view.endpoints);
-        self.listeners.detach(&view.listeners);
-        self.routes.detach(&view.routes);
+        gone |= self.endpoints.detach(&view.endpoints);
+        gone |= self.listeners.detach(&view.listeners);
+        gone |= self.routes.detach(&view.routes);
+        gone
+    }
+
+    /// After a detach: the current snapshots without the scopes no proxy uses any more, so their
+    /// resources are freed. The same generation with the same changes, swapped in without waking any
+    /// stream (none of them uses those scopes).
+    fn drop_detached_scopes(&mut self) {
+        let changes = self.publisher.borrow().changes.clone();
+        let snapshot = Arc::new(self.build_snapshot(changes));
+        self.latest.send_replace(snapshot.clone());
+        self.publisher.send_if_modified(|current| {
+            if current.generation == snapshot.generation {
+                *current = snapshot;
+            }
+            false
+        });
     }
 
     /// Brings the translation context up to date with the registry (rules, gateways).
@@ -581,7 +601,11 @@ impl Pusher {
                 let snapshot = if self.attach(&view) { self.refresh_latest() } else { self.latest.borrow().clone() };
                 let _ = reply.send(snapshot);
             }
-            Command::Detach { view } => self.detach(&view),
+            Command::Detach { view } => {
+                if self.detach(&view) {
+                    self.drop_detached_scopes();
+                }
+            }
             Command::ResolvedGateways(resolved) => {
                 self.set_resolved_gateways(resolved);
                 if self.context_changed {
@@ -736,6 +760,12 @@ mod tests {
         assert!(!rx.has_changed().unwrap(), "connected streams are not woken");
         // the debug surface sees the new scope
         let (commands, _) = mpsc::unbounded_channel();
-        assert!(pusher.handle_for(commands).snapshot().listeners.contains_key(&view.listeners));
+        let handle = pusher.handle_for(commands);
+        assert!(handle.snapshot().listeners.contains_key(&view.listeners));
+        // the last proxy of a scope goes: the scope is dropped from the snapshots, still without a wake-up
+        pusher.handle(Command::Detach { view: view.clone() });
+        assert!(!handle.snapshot().listeners.contains_key(&view.listeners));
+        assert!(!rx.borrow().listeners.contains_key(&view.listeners));
+        assert!(!rx.has_changed().unwrap(), "connected streams are not woken");
     }
 }

@@ -722,6 +722,13 @@ impl Run<'_> {
             stats = self.server.stats().await;
         }
         let tasks_settled_s = settle.elapsed().as_secs_f64();
+        // the allocator returns freed memory over seconds (jemalloc's decay): wait up to 30 s for RSS to
+        // come back within 10 % of the baseline, and report how long it took
+        let rss_wait = Instant::now();
+        while self.server.rss_kb() as f64 > base_rss as f64 * 1.1 && rss_wait.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let rss_settled_s = rss_wait.elapsed().as_secs_f64();
         let end_rss = self.server.rss_kb();
         // reconnect everyone so later steps have a fleet
         self.fleet.start(0..n, true);
@@ -739,6 +746,7 @@ impl Run<'_> {
             "server_rss_kb_3s_after_all_disconnected": end_rss_3s,
             "server_rss_kb_after_all_disconnected": end_rss,
             "tasks_settled_after_s": tasks_settled_s,
+            "rss_settled_after_s": rss_settled_s,
             "rss_after_vs_baseline": end_rss as f64 / base_rss.max(1) as f64,
             "server_stats_baseline": self.stats0,
             "server_stats_after_all_disconnected": stats,
