@@ -184,8 +184,10 @@ impl Response {
                 }
                 sink.put_str(4, r.type_url);
                 sink.put_str(5, &r.nonce);
+                // every removed name is written, an empty one too (a repeated field keeps empty entries)
                 for n in &r.removed_resources {
-                    sink.put_str(6, n);
+                    sink.put_header(6, n.len());
+                    sink.put(n.as_bytes());
                 }
             }
             Response::Raw(b) => sink.put_shared(b),
@@ -558,7 +560,7 @@ mod tests {
             type_url: crate::type_url::ENDPOINT,
             nonce: "4".into(),
             resources: vec![large.clone(), res("c")],
-            removed_resources: vec!["gone".into()],
+            removed_resources: vec!["gone".into(), "".into()],
         });
         for r in [sotw, delta, Response::Raw(Bytes::from_static(b"raw"))] {
             let bytes = wire(&r);
