@@ -161,7 +161,7 @@ async fn run_stream<S, R>(
     use futures::StreamExt;
     let mut answered = [false; 4];
     let mut nonce = 0u64;
-    state.borrow_and_update();
+    let mut generation = state.borrow_and_update().generation;
     loop {
         tokio::select! {
             req = requests.next() => {
@@ -180,9 +180,12 @@ async fn run_stream<S, R>(
             changed = state.changed() => {
                 if changed.is_err() { return }
                 let s = state.borrow_and_update().clone();
-                if answered[1] && !s.changed.is_empty() {
+                // a stream that missed a generation (the watch keeps only the latest) gets every assignment
+                let resources = if s.generation == generation + 1 { s.changed.clone() } else { s.all[1].clone() };
+                generation = s.generation;
+                if answered[1] && !resources.is_empty() {
                     nonce += 1;
-                    if out.send(Ok(response(delta, ResourceType::Endpoint, nonce, s.changed.clone()))).await.is_err() {
+                    if out.send(Ok(response(delta, ResourceType::Endpoint, nonce, resources))).await.is_err() {
                         return;
                     }
                 }
