@@ -5,7 +5,8 @@
 #                                    target/bench/results.jsonl, logs in target/bench/*.log
 #   bash scripts/bench.sh --smoke    tiny sizes, debug build, < ~60 s: proves the harness works and every
 #                                    step produces its numbers; asserts nothing about time (CI runs this)
-#   bash scripts/bench.sh --only b1  one scenario of the full run (ids as in the table below)
+#   bash scripts/bench.sh --only b1  one scenario of the full run (ids as in the table below; `soak`: the
+#                                    10-minute soak)
 #
 # All traffic stays on loopback. The load client shares the 2 cores with the server: the results report
 # the server's CPU and memory (from /proc of the server process) and the client's CPU separately.
@@ -120,6 +121,12 @@ run a3 1800 --size S --proxies 10000 --connect-parallel 512 --steps hold,flaps -
 run c2 1800 "${S[@]}" --steps storm --storm-proxies 5000
 # e2: churn soak
 run e2 900 "${S[@]}" --steps churn --duration 60
+# the 10-minute soak (issue 8): churn and reconnects against the meshfed binary; memory, tasks, descriptors
+# back at their baseline, no errors (tests/soak.rs; CI runs it for 60 s)
+if [ -z "$only" ] || [ "$only" = soak ]; then
+  echo "== soak: scripts/soak.sh 600" >&2
+  if bash scripts/soak.sh 600 > "$out/soak.log" 2>&1; then echo "   soak passed" >&2; else echo "!! soak failed; see $out/soak.log" >&2; fi
+fi
 # e3: one cluster floods 10k endpoints in 60 s
 run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
 # L: a2 memory per proxy, b2, c1(L), b4 rollout (200 proxies: see BENCHMARKS.md for why)
