@@ -294,9 +294,7 @@ impl Pusher {
     /// resources are freed. The same generation with the same changes, swapped in without waking any
     /// stream (none of them uses those scopes).
     fn drop_detached_scopes(&mut self) {
-        let changes = self.publisher.borrow().changes.clone();
-        let snapshot = Arc::new(self.build_snapshot(changes));
-        self.latest.send_replace(snapshot.clone());
+        let snapshot = self.refresh_latest();
         self.publisher.send_if_modified(|current| {
             if current.generation == snapshot.generation {
                 *current = snapshot;
