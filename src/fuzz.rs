@@ -524,7 +524,14 @@ impl XdsHarness {
         let context = StreamContext { conn: Some(ConnState::for_peer(peer, limits)), slot: None, drain: None };
         let (tx, mut rx) = mpsc::channel(256);
         let ua = input.bool().then(|| "grpc-python/1.70".to_string());
-        let mut stream = Stream::new(flavor, self.push.clone(), self.connections.clone(), tx, ua).with_context(context);
+        let mut stream = Stream::new(
+            flavor,
+            self.push.clone(),
+            self.connections.clone(),
+            crate::xds::stream::Outbox::Channel(tx),
+            ua,
+        )
+        .with_context(context);
         let mut seen = Seen::default();
         let mut first = true;
         for _ in 0..MAX_STEPS {

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod descriptors;
 pub mod fuzz;
 pub mod gateway_dns;
+pub mod grpc;
 pub mod heap;
 pub mod kube_standin;
 pub mod load;

@@ -1,15 +1,16 @@
 //! The xDS listeners: accept loop, TLS termination, limits and graceful drain.
 //!
-//! meshfed terminates TLS itself (tokio-rustls) and hands tonic the connections through
-//! `serve_with_incoming_shutdown`: each connection carries a [`ConnInfo`] (tonic puts it into every
-//! request's extensions, see [`tonic::transport::server::Connected`]) with the client's verified
-//! identity ([`PeerAuth`]), its admission under the connection limit and its request-rate bucket.
+//! meshfed terminates TLS itself (tokio-rustls) and serves each connection with its own gRPC transport
+//! ([`crate::grpc`]), one task per connection. Each connection carries a [`ConnInfo`] with the client's
+//! verified identity ([`PeerAuth`]), its admission under the connection limit and its request-rate
+//! bucket; the ADS service sees it when it opens a stream.
 //!
 //! Limits ([`Limits`], every one with a flag and a default in `meshfed serve`):
 //! - **message size**: requests larger than `max_message_size` end their stream with RESOURCE_EXHAUSTED
-//!   (tonic refuses them from the length prefix, before buffering them);
-//! - **streams per connection**: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`; clients queue beyond it, and a
-//!   stream opened over it is refused by HTTP/2 (REFUSED_STREAM);
+//!   (refused from the gRPC length prefix, before they are buffered);
+//! - **streams per connection**: a stream over the limit gets RESOURCE_EXHAUSTED; HTTP/2
+//!   `SETTINGS_MAX_CONCURRENT_STREAMS` (twice the limit, at least 8) refuses (REFUSED_STREAM) only a
+//!   client opening far more at once;
 //! - **connections**: a connection is admitted when it opens its first stream, while fewer than
 //!   `max_connections` are; otherwise that stream (and every later one, until a slot frees) gets
 //!   RESOURCE_EXHAUSTED. Sockets beyond `max_connections + PENDING_CONNECTIONS` are closed at accept, and a
@@ -18,22 +19,17 @@
 //!   request over it ends its stream with RESOURCE_EXHAUSTED. Other connections are unaffected.
 //!
 //! Graceful shutdown ([`serve`]): when `shutdown` resolves the listener is closed (no new connections),
-//! every connection is sent an HTTP/2 GOAWAY (hyper's graceful shutdown, through tonic), every ADS stream
-//! is ended with UNAVAILABLE so its proxy reconnects — to another replica, as this one no longer accepts —
-//! and the connections get `drain_timeout` to close; whatever is left then is closed.
+//! every connection is sent an HTTP/2 GOAWAY, every ADS stream is ended with UNAVAILABLE so its proxy
+//! reconnects — to another replica, as this one no longer accepts — and the connections get
+//! `drain_timeout` to close; whatever is left then is closed.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::StreamExt as _;
 use tracing::{debug, info, warn};
 
 use super::AdsService;
@@ -55,13 +51,11 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot serve xDS on {addr}: {source}")]
-    Serve { addr: SocketAddr, source: tonic::transport::Error },
     #[error("xDS TLS: {0}")]
     Tls(#[from] crate::tls::Error),
 }
 
-/// The limits of an xDS listener. `0` disables a limit (for the message size: tonic's 4 MiB default).
+/// The limits of an xDS listener. `0` disables a limit (for the message size: the 4 MiB default).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     /// largest request message accepted, bytes
@@ -302,118 +296,6 @@ impl TokenBucket {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Connections
-// ---------------------------------------------------------------------------------------------
-
-/// A client connection, plaintext or TLS, that can be closed from outside (drain deadline, admission
-/// timeout): once `kill` fires, reads and writes fail.
-pub struct ServerIo {
-    inner: Inner,
-    info: ConnInfo,
-    kill: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-    killed: bool,
-}
-
-enum Inner {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl ServerIo {
-    /// `kill` closes every connection of the listener; [`ConnState::close`] this one.
-    fn new(inner: Inner, info: ConnInfo, mut kill: watch::Receiver<bool>) -> ServerIo {
-        let mut own = info.0.closer.subscribe();
-        let kill = Box::pin(async move {
-            tokio::select! {
-                _ = kill.wait_for(|k| *k) => {}
-                _ = own.wait_for(|k| *k) => {}
-            }
-        });
-        ServerIo { inner, info, kill, killed: false }
-    }
-
-    fn check_killed(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
-        if !self.killed && self.kill.as_mut().poll(cx).is_ready() {
-            self.killed = true;
-        }
-        if self.killed {
-            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "closed by meshfed"));
-        }
-        Ok(())
-    }
-}
-
-impl tonic::transport::server::Connected for ServerIo {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for ServerIo {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if let Err(e) = this.check_killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerIo {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        if let Err(e) = this.check_killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        if let Err(e) = this.check_killed(cx) {
-            return Poll::Ready(Err(e));
-        }
-        match &mut this.inner {
-            Inner::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Inner::Plain(s) => s.is_write_vectored(),
-            Inner::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.inner {
-            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match &mut self.inner {
-            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Serving
 // ---------------------------------------------------------------------------------------------
 
@@ -435,6 +317,110 @@ pub struct TlsOptions {
     pub trust_domain: Arc<str>,
 }
 
+/// The HTTP/2 settings of an xDS connection under `limits`.
+fn transport_config(limits: &Limits) -> crate::grpc::Config {
+    let mut c = crate::grpc::Config {
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    if limits.max_message_size > 0 {
+        c.max_message_size = limits.max_message_size;
+    }
+    if limits.max_streams_per_connection > 0 {
+        // meshfed refuses streams over the limit with RESOURCE_EXHAUSTED (ConnState::open_stream); HTTP/2
+        // refuses (REFUSED_STREAM) only a client that opens many more at once
+        c.max_concurrent_streams = limits.max_streams_per_connection.saturating_mul(2).max(8);
+    }
+    c
+}
+
+/// Counts the connections being served; [`Tracker::idle`] resolves when there are none.
+#[derive(Clone, Debug, Default)]
+struct Tracker(Arc<(AtomicUsize, tokio::sync::Notify)>);
+
+struct Tracked(Tracker);
+
+impl Tracker {
+    fn track(&self) -> Tracked {
+        self.0.0.fetch_add(1, Ordering::AcqRel);
+        Tracked(self.clone())
+    }
+
+    async fn idle(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            if self.0.0.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.0.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
+}
+
+/// What every connection of a listener shares.
+struct Shared {
+    service: AdsService,
+    config: Arc<crate::grpc::Config>,
+    /// GOAWAY: no new streams
+    graceful: watch::Receiver<bool>,
+    /// close now
+    kill: watch::Receiver<bool>,
+    tracker: Tracker,
+}
+
+/// Serves one accepted (and, with TLS, handshaken) connection until it ends, the listener kills it, or
+/// it opens no admitted stream within the admission timeout.
+async fn serve_connection<IO>(io: IO, info: ConnInfo, shared: Arc<Shared>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _tracked = shared.tracker.track();
+    let state = info.0.clone();
+    let remote = state.remote;
+    let mut graceful = shared.graceful.clone();
+    let handler = shared.service.for_connection(Some(info));
+    let conn = crate::grpc::serve(io, handler, shared.config.clone(), async move {
+        let _ = graceful.wait_for(|g| *g).await;
+    });
+    let mut kill = shared.kill.clone();
+    let mut own = state.closer.subscribe();
+    let admission = tokio::time::sleep(state.limits.admission_timeout);
+    tokio::pin!(conn, admission);
+    let mut admission_pending = true;
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut conn => {
+                if let Err(e) = result {
+                    debug!(remote = ?remote, error = %e, "xDS connection ended");
+                }
+                return;
+            }
+            _ = kill.wait_for(|k| *k) => return,
+            _ = own.wait_for(|k| *k) => return,
+            _ = &mut admission, if admission_pending => {
+                admission_pending = false;
+                // A connection that never gets admitted (no stream, or refused over the limit) is
+                // closed, so idle sockets cannot hold the pending slots.
+                if !state.is_admitted() {
+                    debug!(remote = ?remote, "closing a connection that opened no admitted stream");
+                    crate::metrics::global().record_refusal(Refusal::AdmissionTimeout);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Serves ADS on `listener` with `options` until `shutdown` resolves, then drains (see the module docs).
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -447,15 +433,22 @@ pub async fn serve(
     let stats = options.stats.clone();
     let (kill_tx, kill_rx) = watch::channel(false);
     let (drain_tx, drain_rx) = watch::channel(false);
-    let service = service.with_listener(limits.max_message_size, drain_rx);
+    let (graceful_tx, graceful_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        service: service.with_drain(drain_rx),
+        config: Arc::new(transport_config(&limits)),
+        graceful: graceful_rx,
+        kill: kill_rx,
+        tracker: Tracker::default(),
+    });
+    let tracker = shared.tracker.clone();
 
-    // Accepted (and, with TLS, handshaken) connections flow to tonic through this channel; the accept
-    // loop never waits for a handshake.
-    let (conn_tx, conn_rx) = mpsc::channel::<ServerIo>(64);
+    // The accept loop never waits for a handshake: each connection is handshaken and served by its
+    // own task.
     let (stop_accept_tx, mut stop_accept_rx) = watch::channel(false);
     let acceptor = options.tls.as_ref().map(|t| (TlsAcceptor::from(t.config.clone()), t.trust_domain.clone()));
     let accept_task = tokio::spawn({
-        let (limits, stats, kill_rx) = (limits.clone(), stats.clone(), kill_rx.clone());
+        let (limits, stats, shared) = (limits.clone(), stats.clone(), shared.clone());
         async move {
             loop {
                 let accepted = tokio::select! {
@@ -485,16 +478,16 @@ pub async fn serve(
                 }
                 stats.sockets.fetch_add(1, Ordering::AcqRel);
                 let _ = tcp.set_nodelay(true);
-                let (conn_tx, limits, stats, kill_rx) =
-                    (conn_tx.clone(), limits.clone(), stats.clone(), kill_rx.clone());
+                let (limits, stats, shared) = (limits.clone(), stats.clone(), shared.clone());
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let io = match acceptor {
+                    match acceptor {
                         None => {
                             let state = ConnState::new(Some(remote), PeerAuth::Anonymous, false, limits, stats);
-                            ServerIo::new(Inner::Plain(tcp), ConnInfo(Arc::new(state)), kill_rx)
+                            serve_connection(tcp, ConnInfo(Arc::new(state)), shared).await;
                         }
                         Some((acceptor, trust_domain)) => {
+                            let _tracked = shared.tracker.track();
                             match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                                 Ok(Ok(tls)) => {
                                     let peer = match tls.get_ref().1.peer_certificates() {
@@ -502,102 +495,46 @@ pub async fn serve(
                                         _ => PeerAuth::Anonymous,
                                     };
                                     let state = ConnState::new(Some(remote), peer, true, limits, stats);
-                                    ServerIo::new(Inner::Tls(Box::new(tls)), ConnInfo(Arc::new(state)), kill_rx)
+                                    serve_connection(tls, ConnInfo(Arc::new(state)), shared).await;
                                 }
                                 Ok(Err(e)) => {
                                     stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
                                     stats.sockets.fetch_sub(1, Ordering::AcqRel);
                                     debug!(%remote, error = %e, "TLS handshake failed");
-                                    return;
                                 }
                                 Err(_) => {
                                     stats.failed_handshakes.fetch_add(1, Ordering::Relaxed);
                                     stats.sockets.fetch_sub(1, Ordering::AcqRel);
                                     debug!(%remote, "TLS handshake timed out");
-                                    return;
                                 }
                             }
                         }
-                    };
-                    let info = io.info.0.clone();
-                    if conn_tx.send(io).await.is_err() {
-                        return;
-                    }
-                    // A connection that never gets admitted (no stream, or refused over the limit) is
-                    // closed after a while, so idle sockets cannot hold the pending slots.
-                    let weak = Arc::downgrade(&info);
-                    let timeout = info.limits.admission_timeout;
-                    let mut gone = info.closer.subscribe();
-                    drop(info);
-                    tokio::select! {
-                        _ = tokio::time::sleep(timeout) => {}
-                        // the connection's state is dropped when it closes: nothing to watch
-                        _ = gone.wait_for(|_| false) => return,
-                    }
-                    if let Some(info) = weak.upgrade()
-                        && !info.is_admitted()
-                    {
-                        debug!(%remote, "closing a connection that opened no admitted stream");
-                        crate::metrics::global().record_refusal(Refusal::AdmissionTimeout);
-                        close_one(&weak);
                     }
                 });
             }
         }
     });
 
-    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    if limits.max_streams_per_connection > 0 {
-        // meshfed refuses streams over the limit with RESOURCE_EXHAUSTED (ConnState::open_stream); HTTP/2
-        // refuses (REFUSED_STREAM) only a client that opens many more at once
-        builder = builder.max_concurrent_streams(Some(limits.max_streams_per_connection.saturating_mul(2).max(8)));
-    }
-    let (graceful_tx, mut graceful_rx) = watch::channel(false);
-    let server = builder.add_service(service).serve_with_incoming_shutdown(incoming, async move {
-        let _ = graceful_rx.wait_for(|v| *v).await;
-    });
-    tokio::pin!(server);
-
-    let result = tokio::select! {
-        r = &mut server => Some(r),
-        _ = shutdown => None,
-    };
-    if let Some(r) = result {
-        accept_task.abort();
-        return r.map_err(|source| Error::Serve { addr, source });
-    }
+    shutdown.await;
     // Drain: stop accepting, GOAWAY on every connection, end the streams, wait, then close the rest.
     info!(%addr, open = stats.sockets.load(Ordering::Relaxed), "xDS server draining");
     let _ = stop_accept_tx.send(true);
     let _ = accept_task.await;
     let _ = graceful_tx.send(true);
-    // Let hyper send its GOAWAYs before the streams end, so clients reconnect on a new connection.
+    // Let the GOAWAYs go out before the streams end, so clients reconnect on a new connection.
     tokio::task::yield_now().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = drain_tx.send(true);
-    let outcome = tokio::time::timeout(limits.drain_timeout, &mut server).await;
+    let outcome = tokio::time::timeout(limits.drain_timeout, tracker.idle()).await;
     let _ = kill_tx.send(true);
     match outcome {
-        Ok(r) => {
-            info!(%addr, "xDS server drained");
-            r.map_err(|source| Error::Serve { addr, source })
-        }
+        Ok(()) => info!(%addr, "xDS server drained"),
         Err(_) => {
             warn!(%addr, open = stats.sockets.load(Ordering::Relaxed), timeout = ?limits.drain_timeout,
                 "drain timeout: closing the remaining connections");
-            // the connections see their sockets fail and end; give them a moment
-            let _ = tokio::time::timeout(Duration::from_secs(1), &mut server).await;
-            Ok(())
+            // the connections see the kill signal and end; give them a moment
+            let _ = tokio::time::timeout(Duration::from_secs(1), tracker.idle()).await;
         }
     }
-}
-
-/// Closes one connection (its admission timed out).
-fn close_one(state: &std::sync::Weak<ConnState>) {
-    if let Some(s) = state.upgrade() {
-        s.close();
-    }
+    Ok(())
 }

@@ -19,6 +19,7 @@ use super::codec::{DeltaResponse, Response, SotwRequest, SotwResponse};
 use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
 use super::server::ConnInfo;
 use crate::cache::{Resource, Resources, Snapshot};
+use crate::grpc;
 use crate::proxy::Proxy;
 use crate::push::{Attachment, PushHandle};
 use crate::tls::PeerAuth;
@@ -126,7 +127,7 @@ pub struct Stream {
     flavor: Flavor,
     push: PushHandle,
     connections: Arc<Connections>,
-    out: mpsc::Sender<Result<Response, Status>>,
+    out: Outbox,
     user_agent: Option<String>,
     proxy: Option<Proxy>,
     view: Option<View>,
@@ -202,15 +203,55 @@ fn proxy_namespace(name: &str) -> Option<String> {
 }
 
 /// How a stream whose requests fail to arrive ends: a request over the size limit is refused with
-/// RESOURCE_EXHAUSTED; anything else is the client going away.
-fn request_error(status: Status) -> StreamResult {
-    if status.code() == tonic::Code::OutOfRange {
-        warn!(%status, "request over the message size limit");
-        crate::metrics::global().record_refusal(crate::metrics::Refusal::MessageSize);
-        return Err(Status::resource_exhausted(format!("meshfed: {}", status.message())));
+/// RESOURCE_EXHAUSTED, a compressed one with INTERNAL (compression was not negotiated); anything else is
+/// the client going away.
+fn request_error(e: grpc::RecvError) -> StreamResult {
+    match e {
+        grpc::RecvError::TooLarge { .. } => {
+            warn!(error = %e, "request over the message size limit");
+            crate::metrics::global().record_refusal(crate::metrics::Refusal::MessageSize);
+            Err(Status::resource_exhausted(format!("meshfed: {e}")))
+        }
+        grpc::RecvError::Compressed => Err(Status::internal(format!("meshfed: {e}"))),
+        _ => {
+            debug!(error = %e, "stream ended by the client");
+            Ok(())
+        }
     }
-    debug!(%status, "stream ended by client error");
-    Ok(())
+}
+
+/// Where a stream's responses go: the gRPC stream, or (in-process drivers such as the fuzz targets) a
+/// channel.
+#[derive(Debug)]
+pub enum Outbox {
+    Grpc(grpc::Responses),
+    Channel(mpsc::Sender<Result<Response, Status>>),
+}
+
+impl Outbox {
+    async fn send(&mut self, response: Response) -> StreamResult {
+        let gone = || Status::cancelled("client went away");
+        match self {
+            Outbox::Grpc(r) => {
+                let mut chunks = std::collections::VecDeque::new();
+                response.grpc_chunks(&mut chunks);
+                r.send(chunks).await.map_err(|_| gone())
+            }
+            Outbox::Channel(tx) => tx.send(Ok(response)).await.map_err(|_| gone()),
+        }
+    }
+
+    /// Ends the stream with `status`.
+    async fn finish(&mut self, status: Status) {
+        match self {
+            Outbox::Grpc(r) => r.finish(status.code() as i32, status.message()),
+            Outbox::Channel(tx) => {
+                if status.code() != tonic::Code::Ok {
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+        }
+    }
 }
 
 /// Resolves when the listener drains (never without a drain signal).
@@ -228,7 +269,7 @@ impl Stream {
         flavor: Flavor,
         push: PushHandle,
         connections: Arc<Connections>,
-        out: mpsc::Sender<Result<Response, Status>>,
+        out: Outbox,
         user_agent: Option<String>,
     ) -> Stream {
         let snapshots = push.subscribe();
@@ -315,15 +356,15 @@ impl Stream {
     }
 
     /// Runs the stream until the client goes away or an error ends it.
-    pub async fn run_sotw(mut self, mut requests: tonic::Streaming<SotwRequest>) {
+    pub async fn run(mut self, mut requests: grpc::Messages) {
         let mut drain = self.context.drain.take();
         let result = async {
             loop {
                 tokio::select! {
                     req = requests.message() => match req {
-                        Ok(Some(req)) => self.handle_sotw_request(req).await?,
+                        Ok(Some(raw)) => self.handle_raw(raw).await?,
                         Ok(None) => return Ok(()),
-                        Err(status) => return request_error(status),
+                        Err(e) => return request_error(e),
                     },
                     _ = drained(&mut drain) => {
                         return Err(Status::unavailable("meshfed is shutting down: reconnect"));
@@ -339,28 +380,19 @@ impl Stream {
         self.finish(result).await;
     }
 
-    pub async fn run_delta(mut self, mut requests: tonic::Streaming<DeltaDiscoveryRequest>) {
-        let mut drain = self.context.drain.take();
-        let result = async {
-            loop {
-                tokio::select! {
-                    req = requests.message() => match req {
-                        Ok(Some(req)) => self.handle_delta(req).await?,
-                        Ok(None) => return Ok(()),
-                        Err(status) => return request_error(status),
-                    },
-                    _ = drained(&mut drain) => {
-                        return Err(Status::unavailable("meshfed is shutting down: reconnect"));
-                    }
-                    changed = self.snapshots.changed(), if self.view.is_some() => {
-                        if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
-                        self.on_snapshot().await?;
-                    }
-                }
+    /// Decodes and handles one request message.
+    async fn handle_raw(&mut self, raw: bytes::Bytes) -> StreamResult {
+        let malformed = |e: &dyn std::fmt::Display| Status::invalid_argument(format!("malformed xDS request: {e}"));
+        match self.flavor {
+            Flavor::Sotw => {
+                let req = SotwRequest::decode(raw).map_err(|e| malformed(&e))?;
+                self.handle_sotw_request(req).await
+            }
+            Flavor::Delta => {
+                let req = <DeltaDiscoveryRequest as prost::Message>::decode(raw).map_err(|e| malformed(&e))?;
+                self.handle_delta(req).await
             }
         }
-        .await;
-        self.finish(result).await;
     }
 
     /// Handles one SotW request as the stream loop does (rate limit, then the protocol). Public for
@@ -388,13 +420,12 @@ impl Stream {
         self.on_snapshot().await
     }
 
-    async fn finish(self, result: StreamResult) {
+    async fn finish(mut self, result: StreamResult) {
         if let Some(p) = &self.proxy {
             info!(proxy = %p.id, flavor = self.flavor.as_str(), "proxy disconnected");
         }
-        if let Err(status) = result {
-            let _ = self.out.send(Err(status)).await;
-        }
+        let status = result.err().unwrap_or_else(|| Status::ok(""));
+        self.out.finish(status).await;
     }
 
     async fn send(&mut self, t: ResourceType, response: Response, nonce: &str, version: &str) -> StreamResult {
@@ -420,7 +451,7 @@ impl Stream {
             });
         }
         debug!(type_url = t.short(), nonce, count, bytes, "sending");
-        self.out.send(Ok(response)).await.map_err(|_| Status::cancelled("client went away"))
+        self.out.send(response).await
     }
 
     fn record_ack(&self, t: ResourceType, nonce: &str) {
@@ -504,11 +535,7 @@ impl Stream {
                 ..Default::default()
             };
             let bytes = prost::Message::encode_to_vec(&raw);
-            return self
-                .out
-                .send(Ok(Response::Raw(bytes.into())))
-                .await
-                .map_err(|_| Status::cancelled("client went away"));
+            return self.out.send(Response::Raw(bytes.into())).await;
         };
         let first = self.types[t.index()].is_none();
         let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
@@ -710,11 +737,7 @@ impl Stream {
                     ..Default::default()
                 };
                 let bytes = prost::Message::encode_to_vec(&raw);
-                return self
-                    .out
-                    .send(Ok(Response::Raw(bytes.into())))
-                    .await
-                    .map_err(|_| Status::cancelled("client went away"));
+                return self.out.send(Response::Raw(bytes.into())).await;
             }
             debug!(type_url = %req.type_url, "unknown type URL ignored (delta)");
             return Ok(());
