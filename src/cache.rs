@@ -34,6 +34,12 @@ impl Resource {
         let version = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body));
         Arc::new(Resource { name: named.name.into(), version: version.into(), body, wildcard: named.wildcard })
     }
+
+    /// A stand-in for a resource a client reports it holds (Delta `initial_resource_versions`): only its
+    /// name and version are known.
+    pub fn reported(name: &str, version: &str) -> Arc<Resource> {
+        Arc::new(Resource { name: name.into(), version: version.into(), body: Bytes::new(), wildcard: false })
+    }
 }
 
 /// The resources of one type for one scope, by name (ordered, so iteration is deterministic).

@@ -70,11 +70,7 @@ pub fn served(conn: &Connection, snapshot: &Snapshot, t: ResourceType) -> Vec<Ar
         return Vec::new();
     }
     let Some(resources) = snapshot.resources(&conn.view(), t) else { return Vec::new() };
-    resources
-        .values()
-        .filter(|r| (st.wildcard && r.wildcard) || st.names.binary_search(&r.name).is_ok())
-        .cloned()
-        .collect()
+    resources.values().filter(|r| (st.wildcard && r.wildcard) || st.names.contains(&r.name)).cloned().collect()
 }
 
 fn timestamp(t: SystemTime) -> Timestamp {
@@ -373,7 +369,9 @@ mod tests {
         // named subscriptions only
         guard.conn.update(ResourceType::Endpoint, |s| {
             s.wildcard = false;
-            s.names = vec!["outbound|9080||reviews.shop.svc.cluster.local".into()];
+            s.names = crate::xds::subscription::intern(
+                ["outbound|9080||reviews.shop.svc.cluster.local".into()].into_iter().collect(),
+            );
         });
         assert_eq!(served(&guard.conn, &snapshot, ResourceType::Endpoint).len(), 1);
         guard.conn.update(ResourceType::Route, |s| s.subscribed = false);

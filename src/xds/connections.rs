@@ -34,8 +34,8 @@ pub struct TypeStatus {
     pub subscribed: bool,
     pub wildcard: bool,
     pub subscribed_names: usize,
-    /// the names subscribed (besides the wildcard), sorted
-    pub names: Vec<Arc<str>>,
+    /// the names subscribed (besides the wildcard), shared with the stream
+    pub names: Arc<super::subscription::NameSet>,
     pub sent_nonce: String,
     pub sent_version: String,
     #[serde(skip)]

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod connections;
 pub mod server;
 pub mod stream;
+pub mod subscription;
 
 use connections::{Connections, Flavor};
 

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use super::codec::{DeltaResponse, Response, SotwRequest, SotwResponse};
 use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
 use super::server::ConnInfo;
+use super::subscription::{self, NameSet};
 use crate::cache::{Resource, Resources, Snapshot};
 use crate::grpc;
 use crate::proxy::Proxy;
@@ -32,23 +33,9 @@ const MAX_PENDING: usize = 16;
 /// Delta keeps, since every full-state SotW response holds the type's whole state.
 const MAX_PENDING_SOTW: usize = 4;
 
-/// What the client holds of one resource.
-#[derive(Clone, Debug)]
-enum Held {
-    /// sent by this stream
-    Sent(Arc<Resource>),
-    /// reported by the client on a Delta reconnect (`initial_resource_versions`)
-    Reported(Arc<str>),
-}
-
-impl Held {
-    fn version(&self) -> &str {
-        match self {
-            Held::Sent(r) => &r.version,
-            Held::Reported(v) => v,
-        }
-    }
-}
+/// What the client holds of one resource: the resource sent, or (for a version a Delta client reported
+/// on reconnect, `initial_resource_versions`) a stand-in with that version ([`Resource::reported`]).
+type Held = Arc<Resource>;
 
 fn entry_hash(name: &str, version: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
@@ -60,12 +47,17 @@ type Inflight = Vec<(Arc<str>, Option<Held>)>;
 #[derive(Debug)]
 struct TypeState {
     wildcard: bool,
-    names: HashSet<Arc<str>>,
-    held: HashMap<Arc<str>, Held>,
+    /// the names subscribed, shared with every stream subscribed to the same names
+    names: Arc<NameSet>,
+    /// what the client holds, by name. A persistent map: while the client holds exactly what its scope
+    /// has, this is the snapshot's own map (`synced`), shared by every such stream.
+    held: Resources,
     /// xor of entry hashes of `held`: an order-independent, content-derived SotW version
     held_hash: u64,
+    /// `held` equals (is) the scope's map of this snapshot generation
+    synced: Option<u64>,
     rejected: HashMap<Arc<str>, Arc<str>>,
-    /// names whose resources must be re-evaluated at the next push even if unchanged
+    /// names to send again at the next push even if unchanged (EDS after its cluster changed)
     dirty: HashSet<Arc<str>>,
     /// every unanswered response (nonce, what it carried), oldest first (at most [`MAX_PENDING_SOTW`] /
     /// [`MAX_PENDING`])
@@ -80,9 +72,10 @@ impl TypeState {
     fn new() -> Self {
         TypeState {
             wildcard: false,
-            names: HashSet::new(),
-            held: HashMap::new(),
+            names: subscription::empty(),
+            held: Resources::new(),
             held_hash: 0,
+            synced: None,
             rejected: HashMap::new(),
             dirty: HashSet::new(),
             pending: VecDeque::new(),
@@ -96,15 +89,16 @@ impl TypeState {
     }
 
     fn set_held(&mut self, name: Arc<str>, held: Option<Held>) -> Option<Held> {
+        self.synced = None;
         let old = match held {
             Some(h) => {
-                self.held_hash ^= entry_hash(&name, h.version());
+                self.held_hash ^= entry_hash(&name, &h.version);
                 self.held.insert(name.clone(), h)
             }
             None => self.held.remove(&name),
         };
         if let Some(o) = &old {
-            self.held_hash ^= entry_hash(&name, o.version());
+            self.held_hash ^= entry_hash(&name, &o.version);
         }
         old
     }
@@ -113,10 +107,103 @@ impl TypeState {
         format!("{:016x}", self.held_hash)
     }
 
-    /// Is `r` something to send: wanted, different from what the client holds, and not a version it rejected?
+    /// Is `r` something to send: different from what the client holds (or to be sent again), and not a
+    /// version it rejected?
     fn needs(&self, r: &Resource) -> bool {
-        self.held.get(&r.name).is_none_or(|h| h.version() != &*r.version)
+        (self.dirty.contains(&r.name) || self.held.get(&r.name).is_none_or(|h| h.version != r.version))
             && self.rejected.get(&r.name).is_none_or(|v| *v != r.version)
+    }
+
+    /// Records that the client will hold `sent` and no longer `removed`; returns what each held before
+    /// (to roll back on NACK). `current` is the scope's map at `generation`; `considered` the names the
+    /// update looked at (None: all of them). When the client then holds exactly `current`, `held` becomes
+    /// `current` itself: O(1), and shared with the snapshot instead of a copy per stream.
+    fn record(
+        &mut self,
+        sent: &[Arc<Resource>],
+        removed: &[Arc<str>],
+        current: &Resources,
+        considered: Option<&HashSet<Arc<str>>>,
+        generation: u64,
+    ) -> Inflight {
+        let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
+        inflight.extend(sent.iter().map(|r| (r.name.clone(), self.held.get(&r.name).cloned())));
+        inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
+        self.dirty.clear();
+        // A contiguous update of a client that held the previous snapshot's map: only the considered
+        // names can differ, so checking them says whether it holds the new one.
+        if let Some(c) = considered
+            && self.synced == Some(generation.wrapping_sub(1))
+        {
+            let by_name: HashMap<&str, &str> = sent.iter().map(|r| (&*r.name, &*r.version)).collect();
+            let after = |n: &Arc<str>| -> Option<&str> {
+                if let Some(v) = by_name.get(&**n) {
+                    return Some(v);
+                }
+                if removed.contains(n) {
+                    return None;
+                }
+                self.held.get(n).map(|r| &*r.version)
+            };
+            if c.iter().all(|n| after(n) == current.get(n).map(|r| &*r.version)) {
+                for (name, prev) in &inflight {
+                    if let Some(p) = prev {
+                        self.held_hash ^= entry_hash(name, &p.version);
+                    }
+                }
+                for r in sent {
+                    self.held_hash ^= entry_hash(&r.name, &r.version);
+                }
+                self.held = current.clone();
+                self.synced = Some(generation);
+                return inflight;
+            }
+        }
+        for r in sent {
+            self.set_held(r.name.clone(), Some(r.clone()));
+        }
+        for n in removed {
+            self.set_held(n.clone(), None);
+        }
+        if considered.is_none() {
+            self.resync(current, generation);
+        }
+        inflight
+    }
+
+    /// Shares `current` as `held` if the client holds exactly what it has (O(n): after full evaluations
+    /// and subscription changes only).
+    fn resync(&mut self, current: &Resources, generation: u64) {
+        if self.held.len() == current.len()
+            && current.iter().all(|(n, r)| self.held.get(n).is_some_and(|h| h.version == r.version))
+        {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        } else {
+            self.synced = None;
+        }
+    }
+
+    /// An update that sent nothing: whether the client holds exactly `current` now (the considered
+    /// names checked, or all of them).
+    fn unchanged(&mut self, current: &Resources, considered: Option<&HashSet<Arc<str>>>, generation: u64) {
+        self.dirty.clear();
+        let Some(c) = considered else { return self.resync(current, generation) };
+        let same = |n: &Arc<str>| self.held.get(n).map(|r| &r.version) == current.get(n).map(|r| &r.version);
+        if self.synced == Some(generation.wrapping_sub(1)) && c.iter().all(same) {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        } else {
+            self.synced = None;
+        }
+    }
+
+    /// A contiguous snapshot changed nothing of this type: a synced client holds its scope's new map.
+    fn advance(&mut self, current: &Resources, generation: u64) {
+        if self.synced == Some(generation.wrapping_sub(1)) {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        }
     }
 }
 
@@ -483,8 +570,7 @@ impl Stream {
                 s.subscribed = true;
                 s.wildcard = ts.wildcard;
                 s.subscribed_names = ts.names.len();
-                s.names = ts.names.iter().cloned().collect();
-                s.names.sort_unstable();
+                s.names = ts.names.clone();
             });
         }
     }
@@ -586,9 +672,10 @@ impl Stream {
             .filter(|n| *n != "*")
             .map(|n| current.get_key_value(n.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(n.as_str())))
             .collect();
+        let names = subscription::intern(names);
         let ts = self.types[t.index()].as_mut().expect("inserted");
         ts.names_fingerprint = fingerprint;
-        let changed = first || wildcard != ts.wildcard || names != ts.names;
+        let changed = first || wildcard != ts.wildcard || !Arc::ptr_eq(&names, &ts.names);
         if !changed {
             return Ok(());
         }
@@ -613,6 +700,7 @@ impl Stream {
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
+        let generation = self.snapshot.generation;
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
         let full_state = t.sotw_full_state();
         let mut changed = requested;
@@ -636,6 +724,7 @@ impl Stream {
                 };
             }
             if !changed {
+                ts.unchanged(&current, candidates, generation);
                 return Ok(());
             }
             for (name, r) in current.iter() {
@@ -660,27 +749,23 @@ impl Stream {
                 None => current.values().for_each(&mut consider),
             }
             if to_send.is_empty() {
+                ts.unchanged(&current, candidates, generation);
                 return Ok(());
             }
         }
         // Record what the client will hold.
-        let mut inflight: Inflight = Vec::with_capacity(to_send.len());
-        if full_state {
+        let removed: Vec<Arc<str>> = if full_state {
             let sent: HashSet<&Arc<str>> = to_send.iter().map(|r| &r.name).collect();
-            let removed: Vec<Arc<str>> = ts.held.keys().filter(|n| !sent.contains(n)).cloned().collect();
-            for n in removed {
-                ts.set_held(n, None);
-            }
-        }
-        let mut changed_names = Vec::new();
-        for r in &to_send {
-            let prev = ts.held.get(&r.name).cloned();
-            if prev.as_ref().is_none_or(|p| p.version() != &*r.version) {
-                changed_names.push(r.name.clone());
-            }
-            ts.set_held(r.name.clone(), Some(Held::Sent(r.clone())));
-            inflight.push((r.name.clone(), prev));
-        }
+            ts.held.keys().filter(|n| !sent.contains(n)).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let changed_names: Vec<Arc<str>> = to_send
+            .iter()
+            .filter(|r| ts.held.get(&r.name).is_none_or(|p| p.version != r.version))
+            .map(|r| r.name.clone())
+            .collect();
+        let inflight = ts.record(&to_send, &removed, &current, candidates, generation);
         let version = ts.sotw_version();
         self.nonce += 1;
         let nonce = self.nonce.to_string();
@@ -708,7 +793,6 @@ impl Stream {
         if let Some(eds) = self.types[ResourceType::Endpoint.index()].as_mut() {
             for c in clusters {
                 if eds.held.contains_key(c) {
-                    eds.set_held(c.clone(), None);
                     eds.dirty.insert(c.clone());
                 }
             }
@@ -770,27 +854,29 @@ impl Stream {
                 ts.wildcard = true;
             }
             for (name, version) in &req.initial_resource_versions {
-                ts.set_held(Arc::from(name.as_str()), Some(Held::Reported(Arc::from(version.as_str()))));
+                ts.set_held(Arc::from(name.as_str()), Some(Resource::reported(name, version)));
             }
         }
-        for n in &req.resource_names_subscribe {
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
             sub_changed = true;
-            if n == "*" {
-                ts.wildcard = true;
-            } else {
-                let n: Arc<str> = Arc::from(n.as_str());
-                if ts.names.insert(n.clone()) {
+            let mut names = ts.names.to_set();
+            for n in &req.resource_names_subscribe {
+                if n == "*" {
+                    ts.wildcard = true;
+                } else if !names.contains(n.as_str()) {
+                    let n: Arc<str> = Arc::from(n.as_str());
+                    names.insert(n.clone());
                     newly.insert(n);
                 }
             }
-        }
-        for n in &req.resource_names_unsubscribe {
-            sub_changed = true;
-            if n == "*" {
-                ts.wildcard = false;
-            } else {
-                ts.names.remove(n.as_str());
+            for n in &req.resource_names_unsubscribe {
+                if n == "*" {
+                    ts.wildcard = false;
+                } else {
+                    names.remove(n.as_str());
+                }
             }
+            ts.names = subscription::intern(names);
         }
         if !sub_changed {
             return Ok(());
@@ -810,13 +896,21 @@ impl Stream {
             ts.set_held(n, None);
         }
         self.update_subscription_status(t);
-        if first {
+        let result = if first {
             self.delta_respond(t, None, true).await
         } else if !newly.is_empty() {
             self.delta_respond(t, Some(&newly), true).await
         } else {
             Ok(())
+        };
+        // the subscription changed: does the client now hold exactly its scope's resources?
+        let generation = self.snapshot.generation;
+        if let Some(ts) = self.types[t.index()].as_mut()
+            && ts.synced != Some(generation)
+        {
+            ts.resync(&current, generation);
         }
+        result
     }
 
     async fn delta_respond(
@@ -826,6 +920,7 @@ impl Stream {
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
+        let generation = self.snapshot.generation;
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
         let mut to_send: Vec<Arc<Resource>> = Vec::new();
         let mut removed: Vec<Arc<str>> = Vec::new();
@@ -850,19 +945,11 @@ impl Stream {
         }
         // An empty answer is sent only to a stream's first request, so that its initial fetch completes.
         if to_send.is_empty() && removed.is_empty() && !(requested && candidates.is_none()) {
+            ts.unchanged(&current, candidates, generation);
             return Ok(());
         }
-        let mut inflight: Inflight = Vec::with_capacity(to_send.len() + removed.len());
-        let mut changed_names = Vec::new();
-        for r in &to_send {
-            let prev = ts.set_held(r.name.clone(), Some(Held::Sent(r.clone())));
-            changed_names.push(r.name.clone());
-            inflight.push((r.name.clone(), prev));
-        }
-        for n in &removed {
-            let prev = ts.set_held(n.clone(), None);
-            inflight.push((n.clone(), prev));
-        }
+        let changed_names: Vec<Arc<str>> = to_send.iter().map(|r| r.name.clone()).collect();
+        let inflight = ts.record(&to_send, &removed, &current, candidates, generation);
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let ts = self.types[t.index()].as_mut().expect("present");
@@ -914,15 +1001,22 @@ impl Stream {
     /// list is complete) or, otherwise, whatever differs from what the client holds.
     async fn push_all(&mut self, contiguous: bool) -> StreamResult {
         let changes = self.snapshot.changes.clone();
+        let generation = self.snapshot.generation;
         for t in ResourceType::ALL {
-            let Some(ts) = self.types[t.index()].as_mut() else { continue };
-            let dirty = std::mem::take(&mut ts.dirty);
+            let Some(ts) = self.types[t.index()].as_ref() else { continue };
             let candidates: Option<HashSet<Arc<str>>> = if contiguous {
-                let mut c: HashSet<Arc<str>> = dirty;
+                let mut c: HashSet<Arc<str>> = ts.dirty.clone();
                 if let Some(ch) = changes.get(t) {
                     c.extend(ch.0.iter().cloned());
                 }
                 if c.is_empty() {
+                    // nothing of this type changed: a synced client still holds its scope's map
+                    if ts.synced == Some(generation.wrapping_sub(1)) {
+                        let current = self.current(t);
+                        if let Some(ts) = self.types[t.index()].as_mut() {
+                            ts.advance(&current, generation);
+                        }
+                    }
                     continue;
                 }
                 Some(c)
@@ -950,9 +1044,9 @@ fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Inflight) -> Inf
             Some((_, newer_prev)) => {
                 // The newer response's predecessor is what the NACKed one sent: the rejected version.
                 if let Some(sent) = newer_prev.as_ref()
-                    && prev.as_ref().is_none_or(|p| p.version() != sent.version())
+                    && prev.as_ref().is_none_or(|p| p.version != sent.version)
                 {
-                    ts.rejected.insert(name.clone(), Arc::from(sent.version()));
+                    ts.rejected.insert(name.clone(), sent.version.clone());
                 }
                 *newer_prev = prev;
             }
@@ -966,10 +1060,134 @@ fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Inflight) -> Inf
 fn rollback(ts: &mut TypeState, inflight: Inflight) {
     for (name, prev) in inflight.into_iter().rev() {
         if let Some(sent) = ts.held.get(&name).cloned()
-            && prev.as_ref().is_none_or(|p| p.version() != sent.version())
+            && prev.as_ref().is_none_or(|p| p.version != sent.version)
         {
-            ts.rejected.insert(name.clone(), Arc::from(sent.version()));
+            ts.rejected.insert(name.clone(), sent.version.clone());
         }
         ts.set_held(name, prev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    use super::*;
+    use crate::translate::Named;
+
+    fn cla(name: &str, n: usize) -> Arc<Resource> {
+        let c = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![Default::default(); n],
+            ..Default::default()
+        };
+        Resource::encode(Named::new(name, c))
+    }
+
+    fn scope(entries: &[Arc<Resource>]) -> Resources {
+        entries.iter().map(|r| (r.name.clone(), r.clone())).collect()
+    }
+
+    fn subscribed(names: &[&str]) -> TypeState {
+        let mut ts = TypeState::new();
+        ts.names = subscription::intern(names.iter().map(|n| Arc::from(*n)).collect());
+        ts
+    }
+
+    fn hash_of(held: &Resources) -> u64 {
+        held.iter().fold(0, |h, (n, r)| h ^ entry_hash(n, &r.version))
+    }
+
+    fn set(names: &[&str]) -> HashSet<Arc<str>> {
+        names.iter().map(|n| Arc::from(*n)).collect()
+    }
+
+    #[test]
+    fn a_client_holding_its_scope_shares_the_snapshot_map() {
+        let (a, b, c) = (cla("a", 1), cla("b", 1), cla("c", 1));
+        let g1 = scope(&[a.clone(), b.clone(), c.clone()]);
+        let mut ts = subscribed(&["a", "b", "c"]);
+        // the initial full answer
+        let inflight = ts.record(&[a.clone(), b.clone(), c.clone()], &[], &g1, None, 1);
+        assert_eq!(inflight.len(), 3);
+        assert_eq!(ts.synced, Some(1));
+        assert!(ts.held.ptr_eq(&g1), "held is the snapshot's map itself");
+        assert_eq!(ts.held_hash, hash_of(&g1));
+        // one assignment changes in the next snapshot: sent, and still shared
+        let b2 = cla("b", 2);
+        let mut g2 = g1.clone();
+        g2.insert(b2.name.clone(), b2.clone());
+        let inflight = ts.record(std::slice::from_ref(&b2), &[], &g2, Some(&set(&["b"])), 2);
+        assert_eq!(inflight[0].1.as_ref().map(|r| r.version.clone()), Some(b.version.clone()));
+        assert_eq!(ts.synced, Some(2));
+        assert!(ts.held.ptr_eq(&g2));
+        assert_eq!(ts.held_hash, hash_of(&g2));
+        // a removal
+        let mut g3 = g2.clone();
+        g3.remove("c");
+        ts.record(&[], &["c".into()], &g3, Some(&set(&["c"])), 3);
+        assert!(ts.held.ptr_eq(&g3));
+        assert_eq!(ts.held_hash, hash_of(&g3));
+        // a snapshot that changes nothing of the type
+        let g4 = g3.clone();
+        ts.advance(&g4, 4);
+        assert_eq!(ts.synced, Some(4));
+    }
+
+    #[test]
+    fn a_client_holding_something_else_keeps_its_own_state() {
+        let (a, b) = (cla("a", 1), cla("b", 1));
+        let g1 = scope(&[a.clone(), b.clone()]);
+        // subscribed to `a` only: it never holds the whole scope
+        let mut ts = subscribed(&["a"]);
+        ts.record(std::slice::from_ref(&a), &[], &g1, None, 1);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.len(), 1);
+        // a rejected version is not held: not synced, and the held version stays the old one
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
+        assert_eq!(ts.synced, Some(1));
+        let a2 = cla("a", 2);
+        let mut g2 = g1.clone();
+        g2.insert(a2.name.clone(), a2.clone());
+        ts.rejected.insert(a2.name.clone(), a2.version.clone());
+        ts.unchanged(&g2, Some(&set(&["a"])), 2);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a.version);
+        assert_eq!(ts.held_hash, hash_of(&ts.held));
+        // an update that skipped a generation cannot be trusted to be complete
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
+        ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 5);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a2.version);
+        // a full evaluation finds it in sync again
+        ts.resync(&g2, 5);
+        assert!(ts.held.ptr_eq(&g2));
+    }
+
+    #[test]
+    fn a_nack_rolls_back_out_of_sync_and_reported_versions_resync() {
+        let (a, b) = (cla("a", 1), cla("b", 1));
+        let g1 = scope(&[a.clone(), b.clone()]);
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
+        let a2 = cla("a", 2);
+        let mut g2 = g1.clone();
+        g2.insert(a2.name.clone(), a2.clone());
+        let inflight = ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 2);
+        assert!(ts.held.ptr_eq(&g2));
+        rollback(&mut ts, inflight);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a.version);
+        assert_eq!(ts.rejected.get("a"), Some(&a2.version));
+        assert_eq!(ts.held_hash, hash_of(&ts.held));
+        // a Delta client reporting exactly the scope's versions is in sync without being sent anything
+        let mut ts = subscribed(&["a", "b"]);
+        ts.set_held("a".into(), Some(Resource::reported("a", &a.version)));
+        ts.set_held("b".into(), Some(Resource::reported("b", &b.version)));
+        ts.unchanged(&g1, None, 1);
+        assert_eq!(ts.synced, Some(1));
+        assert!(ts.held.ptr_eq(&g1));
     }
 }
