@@ -102,6 +102,14 @@ pub fn type_label(t: ResourceType) -> &'static str {
     }
 }
 
+/// The counters one xDS response moves.
+#[derive(Debug)]
+struct SentCounters {
+    pushes: Counter,
+    resources: Counter,
+    bytes: Counter,
+}
+
 /// Every metric meshfed exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -122,6 +130,8 @@ pub struct Metrics {
     pub resources_sent: Family<TypeLabel, Counter>,
     /// `meshfed_xds_bytes_sent_total{type}`
     pub bytes_sent: Family<TypeLabel, Counter>,
+    /// the per-type counters of the response path, looked up once (a family lookup locks and hashes)
+    sent_by_type: [SentCounters; 4],
     /// `meshfed_pushes_total`: pushes of the push loop
     pub pushes: Counter,
     /// `meshfed_debounce_merged_events_total`: source events merged into a push another event started
@@ -216,7 +226,16 @@ impl Metrics {
         }
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
+        let sent_by_type = ResourceType::ALL.map(|t| {
+            let label = [("type", type_label(t))];
+            SentCounters {
+                pushes: xds_pushes.get_or_create(&label).clone(),
+                resources: resources_sent.get_or_create(&label).clone(),
+                bytes: bytes_sent.get_or_create(&label).clone(),
+            }
+        });
         Metrics {
+            sent_by_type,
             registry,
             xds_clients,
             xds_pushes,
@@ -242,10 +261,10 @@ impl Metrics {
 
     /// An xDS response of type `t` carrying `resources` resources in `bytes` bytes was sent.
     pub fn record_response(&self, t: ResourceType, resources: usize, bytes: u64) {
-        let label = [("type", type_label(t))];
-        self.xds_pushes.get_or_create(&label).inc();
-        self.resources_sent.get_or_create(&label).inc_by(resources as u64);
-        self.bytes_sent.get_or_create(&label).inc_by(bytes);
+        let c = &self.sent_by_type[t.index()];
+        c.pushes.inc();
+        c.resources.inc_by(resources as u64);
+        c.bytes.inc_by(bytes);
     }
 
     /// A proxy NACKed a response of type `t`.

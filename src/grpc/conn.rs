@@ -23,7 +23,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
@@ -33,8 +32,9 @@ use super::stream::{Messages, RecvError, Responses, Shared, SharedRef, lock};
 
 /// Output queued beyond this stops reading and framing until the socket takes it.
 pub const WRITE_HIGH: usize = 256 * 1024;
-/// Bytes read at a time (the read buffer's size while data arrives).
-const READ_SIZE: usize = 32 * 1024;
+/// The read buffer's size while data arrives: small enough for the allocator's fast (thread-cached)
+/// size classes; a larger frame gets a buffer of its size.
+const READ_SIZE: usize = 8 * 1024;
 /// Pieces of output smaller than this are copied together; larger ones are written as they are.
 const COPY_MAX: usize = 1024;
 /// IoSlices per vectored write.
@@ -123,23 +123,12 @@ where
     std::future::poll_fn(|cx| conn.poll(cx)).await
 }
 
-/// A stream's future, tagged with its id.
-struct Tagged {
-    id: u32,
-    fut: StreamFuture,
-}
-
-impl Future for Tagged {
-    type Output = u32;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
-        let id = self.id;
-        self.fut.as_mut().poll(cx).map(|()| id)
-    }
-}
-
 /// The connection's side of one stream.
 struct StreamState {
     id: u32,
+    /// the stream's work, until it completes (polled with the connection's context: its wake-ups wake
+    /// the connection's task)
+    fut: Option<StreamFuture>,
     shared: SharedRef,
     send_window: i64,
     recv_window: i64,
@@ -226,7 +215,6 @@ struct Conn<IO, H> {
     /// a header block continued in CONTINUATION frames: (stream, end_stream, block so far)
     continuation: Option<(u32, bool, BytesMut)>,
     streams: Vec<StreamState>,
-    futures: FuturesUnordered<Tagged>,
     last_stream: u32,
     send_window: i64,
     recv_window: i64,
@@ -271,7 +259,6 @@ where
             got_settings: false,
             continuation: None,
             streams: Vec::new(),
-            futures: FuturesUnordered::new(),
             last_stream: 0,
             send_window: i64::from(frame::DEFAULT_WINDOW),
             recv_window: i64::from(config.connection_window.max(frame::DEFAULT_WINDOW)),
@@ -317,6 +304,9 @@ where
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        // the streams' futures are polled when the task was woken (by one of them, or by the socket) and
+        // after requests were handed to them
+        let mut poll_streams = true;
         loop {
             let mut progress = false;
             if let Some(s) = self.shutdown.as_mut()
@@ -338,6 +328,7 @@ where
                         self.last_read = Instant::now();
                         self.process_frames();
                         progress = true;
+                        poll_streams = true;
                     }
                     Poll::Ready(Err(e)) => {
                         self.read_closed = true;
@@ -353,11 +344,16 @@ where
                     }
                 }
             }
-            while let Poll::Ready(Some(id)) = self.futures.poll_next_unpin(cx) {
-                if let Some(s) = self.streams.iter_mut().find(|s| s.id == id) {
-                    s.app_done = true;
+            if std::mem::take(&mut poll_streams) {
+                for s in &mut self.streams {
+                    if let Some(f) = s.fut.as_mut()
+                        && f.as_mut().poll(cx).is_ready()
+                    {
+                        s.fut = None;
+                        s.app_done = true;
+                        progress = true;
+                    }
                 }
-                progress = true;
             }
             self.collect();
             match self.poll_write(cx) {
@@ -382,7 +378,7 @@ where
 
     /// Whether the connection is finished: Some(result) once it is (the socket shut down).
     fn poll_done(&mut self, cx: &mut Context<'_>) -> Option<Poll<Result<(), ConnError>>> {
-        let idle = self.streams.is_empty() && self.futures.is_empty();
+        let idle = self.streams.is_empty();
         let flushed = self.out.pending() == 0 || self.write_failed;
         let finished = match &self.ending {
             Some(_) => {
@@ -482,13 +478,14 @@ where
     // ---------------- reading ----------------
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 4 {
-            // room for the rest of the frame being read, and more
-            let want = Head::parse(&self.rbuf)
-                .map(|h| frame::HEADER_LEN + h.len as usize)
-                .unwrap_or(0)
-                .saturating_sub(self.rbuf.len());
-            self.rbuf.reserve(want.max(READ_SIZE));
+        // room for the rest of the frame being read, or a buffer's worth
+        let want = Head::parse(&self.rbuf)
+            .map(|h| frame::HEADER_LEN + h.len as usize)
+            .unwrap_or(0)
+            .saturating_sub(self.rbuf.len())
+            .max(READ_SIZE / 8);
+        if self.rbuf.capacity() - self.rbuf.len() < want {
+            self.rbuf.reserve(want.max(READ_SIZE - self.rbuf.len()));
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }
@@ -803,6 +800,7 @@ where
                 }
                 self.streams.push(StreamState {
                     id: stream,
+                    fut: Some(fut),
                     shared,
                     send_window: self.peer_initial_window,
                     recv_window: i64::from(self.config.stream_window),
@@ -818,7 +816,6 @@ where
                     local_closed: false,
                     app_done: false,
                 });
-                self.futures.push(Tagged { id: stream, fut });
             }
         }
     }

@@ -554,14 +554,15 @@ impl Proxy {
         {
             let at = Instant::now();
             let stats = &self.rec.stats[self.index as usize];
-            if stats.hit_epoch.swap(w.epoch, Ordering::SeqCst) != w.epoch {
-                self.rec.epoch_hits.fetch_add(1, Ordering::SeqCst);
-            }
             let mut hits = self.rec.hits.lock().expect("hits lock");
             for (name, hash) in watched {
                 hits.push(Hit { proxy: self.index, epoch: w.epoch, at, name, hash });
             }
             drop(hits);
+            // counted after the hit is recorded: a waiter that sees the count finds the hit
+            if stats.hit_epoch.swap(w.epoch, Ordering::SeqCst) != w.epoch {
+                self.rec.epoch_hits.fetch_add(1, Ordering::SeqCst);
+            }
             self.rec.hit_notify.notify_waiters();
         }
         if !self.types[ResourceType::Listener.index()].requested {

@@ -8,9 +8,10 @@
 //! that asked for EDS is sent just that assignment. No per-stream subscription state, no versions, no
 //! push loop: this is the least any ADS server on this stack can do for the same client.
 //!
-//! By default it writes responses through tonic's stock encoder and decodes requests with prost (what a
-//! plain tonic server does). With `--zero-copy` (server kind `floor-zero-copy`) it uses meshfed's own wire
-//! code instead ([`crate::xds::codec`]: responses written as chunks that share the resources' bytes, SotW
+//! By default it serves through tonic (hyper/h2), writing responses with tonic's stock encoder and
+//! decoding requests with prost: what a plain tonic server does. With `--zero-copy` (server kind
+//! `floor-zero-copy`) it uses meshfed's own transport and wire code instead ([`crate::grpc`]: one task per
+//! connection, responses written as chunks that share the resources' bytes; [`crate::xds::codec`]: SotW
 //! names fingerprinted without decoding): the floor for meshfed as it is built.
 
 use std::convert::Infallible;
@@ -33,9 +34,7 @@ use crate::cache::Resource;
 use crate::registry::Registry;
 use crate::translate::{self, Context as TContext, View};
 use crate::type_url::ResourceType;
-use crate::xds::codec::{
-    DeltaResponse, RequestDecoder, Response, ResponseBody, SotwDecoder, SotwRequest, SotwResponse, XdsCodec,
-};
+use crate::xds::codec::{DeltaResponse, Response, SotwRequest, SotwResponse, XdsCodec};
 
 /// What the floor serves at one generation.
 #[derive(Debug, Default)]
@@ -105,26 +104,10 @@ impl ControlHandler for FloorControl {
     }
 }
 
+/// The stock floor: tonic's server and encoder.
 #[derive(Clone)]
 struct FloorService {
     state: watch::Receiver<Arc<FloorState>>,
-    /// write responses as chunks that reference the shared resource bytes, instead of through tonic's
-    /// encoder (which copies every response into a per-stream buffer that keeps its largest size)
-    zero_copy: bool,
-}
-
-fn zero_copy_call<Req, D, B>(svc: FloorService, req: http::Request<B>, decoder: D, delta: bool) -> http::Response<Body>
-where
-    Req: FloorRequest + Send + 'static,
-    D: tonic::codec::Decoder<Item = Req, Error = Status> + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    let body = req.into_body();
-    let requests = tonic::codec::Streaming::<Req>::new_request(decoder, body, None, None);
-    let (tx, rx) = mpsc::channel(2);
-    tokio::spawn(run_stream(requests, svc.state.clone(), delta, tx));
-    ResponseBody::new(rx).into_http()
 }
 
 type ResponseStream = ReceiverStream<Result<Response, Status>>;
@@ -148,32 +131,80 @@ fn response(delta: bool, t: ResourceType, nonce: u64, resources: Vec<Arc<Resourc
     }
 }
 
-/// One floor stream: `requests` yields (type URL, is-initial) per request.
-async fn run_stream<S, R>(
-    mut requests: S,
-    mut state: watch::Receiver<Arc<FloorState>>,
-    delta: bool,
+/// How a floor stream reads its requests and writes its responses.
+trait FloorIo {
+    /// The next request's type and whether it is an initial one; None when the stream ends.
+    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)>;
+    /// Whether the response could be written.
+    async fn send(&mut self, r: Response) -> bool;
+}
+
+/// A tonic stream (the stock floor).
+struct TonicIo<S> {
+    requests: S,
     out: mpsc::Sender<Result<Response, Status>>,
-) where
-    S: futures::Stream<Item = Result<R, Status>> + Unpin,
+}
+
+impl<S, R> FloorIo for TonicIo<S>
+where
+    S: futures::Stream<Item = Result<R, Status>> + Unpin + Send,
     R: FloorRequest,
 {
-    use futures::StreamExt;
+    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)> {
+        use futures::StreamExt;
+        let Some(Ok(req)) = self.requests.next().await else { return None };
+        Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+    }
+
+    async fn send(&mut self, r: Response) -> bool {
+        self.out.send(Ok(r)).await.is_ok()
+    }
+}
+
+/// A stream of meshfed's transport (the zero-copy floor).
+struct GrpcIo {
+    messages: crate::grpc::Messages,
+    responses: crate::grpc::Responses,
+    delta: bool,
+}
+
+impl FloorIo for GrpcIo {
+    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)> {
+        let raw = self.messages.message().await.ok()??;
+        if self.delta {
+            let req = <DeltaDiscoveryRequest as prost::Message>::decode(raw).ok()?;
+            Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+        } else {
+            let req = SotwRequest::decode(raw).ok()?;
+            Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+        }
+    }
+
+    async fn send(&mut self, r: Response) -> bool {
+        let mut chunks = std::collections::VecDeque::new();
+        r.grpc_chunks(&mut chunks);
+        self.responses.send(chunks).await.is_ok()
+    }
+}
+
+/// One floor stream: the first request of each type gets every resource of the type; after that, every
+/// change gets the assignments it touched.
+async fn run_stream(mut io: impl FloorIo, mut state: watch::Receiver<Arc<FloorState>>, delta: bool) {
     let mut answered = [false; 4];
     let mut nonce = 0u64;
     let mut generation = state.borrow_and_update().generation;
     loop {
         tokio::select! {
-            req = requests.next() => {
-                let Some(Ok(req)) = req else { return };
-                let Some(t) = ResourceType::from_type_url(req.type_url()) else { continue };
-                if !req.is_initial() || answered[t.index()] {
+            req = io.next() => {
+                let Some((t, initial)) = req else { return };
+                let Some(t) = t else { continue };
+                if !initial || answered[t.index()] {
                     continue;
                 }
                 answered[t.index()] = true;
                 nonce += 1;
                 let all = state.borrow().all[t.index()].clone();
-                if out.send(Ok(response(delta, t, nonce, all))).await.is_err() {
+                if !io.send(response(delta, t, nonce, all)).await {
                     return;
                 }
             }
@@ -185,12 +216,31 @@ async fn run_stream<S, R>(
                 generation = s.generation;
                 if answered[1] && !resources.is_empty() {
                     nonce += 1;
-                    if out.send(Ok(response(delta, ResourceType::Endpoint, nonce, resources))).await.is_err() {
+                    if !io.send(response(delta, ResourceType::Endpoint, nonce, resources)).await {
                         return;
                     }
                 }
             }
         }
+    }
+}
+
+/// The zero-copy floor's streams on one connection.
+struct FloorConnection(watch::Receiver<Arc<FloorState>>);
+
+impl crate::grpc::Handler for FloorConnection {
+    fn open(
+        &mut self,
+        head: crate::grpc::RequestHead,
+        messages: crate::grpc::Messages,
+        responses: crate::grpc::Responses,
+    ) -> Result<crate::grpc::StreamFuture, Status> {
+        let delta = match head.path.as_str() {
+            super::client::SOTW_PATH => false,
+            super::client::DELTA_PATH => true,
+            _ => return Err(Status::unimplemented("unknown method")),
+        };
+        Ok(Box::pin(run_stream(GrpcIo { messages, responses, delta }, self.0.clone(), delta)))
     }
 }
 
@@ -239,7 +289,7 @@ impl StreamingService<DiscoveryRequest> for Sotw {
         let state = self.0.state.clone();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(2);
-            tokio::spawn(run_stream(request.into_inner(), state, false, tx));
+            tokio::spawn(run_stream(TonicIo { requests: request.into_inner(), out: tx }, state, false));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -254,7 +304,7 @@ impl StreamingService<DeltaDiscoveryRequest> for Delta {
         let state = self.0.state.clone();
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(2);
-            tokio::spawn(run_stream(request.into_inner(), state, true, tx));
+            tokio::spawn(run_stream(TonicIo { requests: request.into_inner(), out: tx }, state, true));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
     }
@@ -275,18 +325,6 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let svc = self.clone();
-        if svc.zero_copy {
-            let path = req.uri().path().to_string();
-            return Box::pin(async move {
-                Ok(match path.as_str() {
-                    super::client::SOTW_PATH => zero_copy_call(svc, req, SotwDecoder, false),
-                    super::client::DELTA_PATH => {
-                        zero_copy_call(svc, req, RequestDecoder::<DeltaDiscoveryRequest>::default(), true)
-                    }
-                    _ => Status::unimplemented("unknown method").into_http(),
-                })
-            });
-        }
         match req.uri().path() {
             super::client::SOTW_PATH => Box::pin(async move {
                 let mut grpc = Grpc::new(XdsCodec::<DiscoveryRequest>::default());
@@ -320,8 +358,22 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let xds = listener.local_addr()?;
-    let svc = FloorService { state: state_rx, zero_copy };
-    // the same transport settings as meshfed's ADS server (TCP_NODELAY, HTTP/2 keepalive)
+    if zero_copy {
+        // meshfed's transport, with the settings of its ADS listeners
+        let config = Arc::new(crate::grpc::Config::default());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let handler = FloorConnection(state_rx.clone());
+                tokio::spawn(crate::grpc::serve(tcp, handler, config.clone(), std::future::pending()));
+            }
+        });
+        let control = TcpListener::bind("127.0.0.1:0").await?;
+        println!("READY xds={xds} control={}", control.local_addr()?);
+        return serve_control(control, FloorControl { topology, registry, ctx, view, state: state_tx }).await;
+    }
+    let svc = FloorService { state: state_rx };
+    // the same transport settings as meshfed's ADS server had on tonic (TCP_NODELAY, HTTP/2 keepalive)
     let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
         if let Ok(s) = &s {
             let _ = s.set_nodelay(true);

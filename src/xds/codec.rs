@@ -2,7 +2,7 @@
 //! resource names.
 //!
 //! Each resource is encoded once (as `google.protobuf.Any` bytes in the cache) and shared by every
-//! stream. A response is written as a gRPC message made of chunks ([`ResponseBody`]): the few envelope
+//! stream. A response is written as a gRPC message made of chunks ([`Response::grpc_chunks`]): the few envelope
 //! fields are gathered into small buffers and every resource of [`SHARE_MIN`] bytes or more is passed as
 //! its shared bytes, so no stream re-encodes a resource or keeps a buffer as large as the largest
 //! response it sent (tonic's stock encoder copies each response into a per-stream buffer that keeps its
@@ -15,9 +15,7 @@
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -25,10 +23,8 @@ use prost::Message;
 use prost::encoding::{
     DecodeContext, WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint,
 };
-use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::http;
 
 use crate::cache::Resource;
 
@@ -127,7 +123,8 @@ impl Sink for Chunks<'_> {
             self.flush();
         }
         if self.cur.capacity() - self.cur.len() < b.len() {
-            self.cur.reserve(CHUNK.max(b.len()));
+            // (a fresh chunk: the previous one was flushed, or it was sized for a small response)
+            self.cur.reserve((CHUNK / 4).max(b.len()));
         }
         self.cur.put_slice(b);
     }
@@ -206,9 +203,11 @@ impl Response {
 
     /// The response as one gRPC message (uncompressed), in chunks that share the resources' bytes.
     pub fn grpc_chunks(&self, out: &mut VecDeque<Bytes>) {
-        let mut c = Chunks { cur: BytesMut::new(), out };
+        let len = self.encoded_len();
+        // a small response is one chunk of its size; a large one is gathered in chunks of at most CHUNK
+        let mut c = Chunks { cur: BytesMut::with_capacity((len + 5).min(CHUNK)), out };
         let mut prefix = [0u8; 5];
-        prefix[1..].copy_from_slice(&(self.encoded_len() as u32).to_be_bytes());
+        prefix[1..].copy_from_slice(&(len as u32).to_be_bytes());
         c.put(&prefix);
         self.write(&mut c);
         c.flush();
@@ -219,82 +218,14 @@ fn delta_resource_len(r: &Resource) -> usize {
     str_len(1, &r.version) + len_field(2, r.body.len()) + str_len(3, &r.name)
 }
 
-/// The response body of one ADS stream: the responses the stream sends, as gRPC messages written in
-/// shared chunks ([`Response::grpc_chunks`]), then the `grpc-status` trailers. Nothing but the chunks of
-/// the response being written is kept; h2 polls it only as fast as the client's flow control allows.
-pub struct ResponseBody {
-    rx: mpsc::Receiver<Result<Response, Status>>,
-    pending: VecDeque<Bytes>,
-    done: bool,
-}
-
-impl ResponseBody {
-    pub fn new(rx: mpsc::Receiver<Result<Response, Status>>) -> ResponseBody {
-        ResponseBody { rx, pending: VecDeque::new(), done: false }
-    }
-
-    /// `http::Response` for a gRPC stream with this body.
-    pub fn into_http(self) -> http::Response<tonic::body::Body> {
-        let mut resp = http::Response::new(tonic::body::Body::new(self));
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-        resp
-    }
-}
-
-fn trailers(status: &Status) -> http::HeaderMap {
-    let mut t = http::HeaderMap::new();
-    if status.add_header(&mut t).is_err() {
-        t.insert("grpc-status", (status.code() as i32).into());
-    }
-    t
-}
-
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        loop {
-            if let Some(c) = this.pending.pop_front() {
-                if this.pending.is_empty() && this.pending.capacity() > 64 {
-                    this.pending = VecDeque::new();
-                }
-                return Poll::Ready(Some(Ok(http_body::Frame::data(c))));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            match this.rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(r))) => r.grpc_chunks(&mut this.pending),
-                Poll::Ready(Some(Err(status))) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&status)))));
-                }
-                Poll::Ready(None) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers(&Status::ok(""))))));
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty()
-    }
-}
-
 /// A SotW `DiscoveryRequest` whose resource names are fingerprinted in place and decoded only on demand.
 #[derive(Clone, Debug, Default)]
 pub struct SotwRequest {
     /// every field but `resource_names`
     pub head: DiscoveryRequest,
     names: Names,
-    /// [`names_fingerprint`] of the names
+    /// a hash of the names as encoded, in order ([`encoded_names_fingerprint`]): equal for a request that
+    /// repeats the same list
     pub names_fingerprint: u64,
     pub name_count: usize,
     /// one of the names is `*`
@@ -320,6 +251,36 @@ pub fn names_fingerprint<S: AsRef<[u8]>>(names: impl IntoIterator<Item = S>) -> 
 }
 
 const NAMES_TAG: u32 = 3;
+/// The key of a `resource_names` entry: field 3, length-delimited.
+const NAMES_KEY: u8 = (NAMES_TAG as u8) << 3 | 2;
+
+/// Walks the run of `resource_names` entries at the start of `b`: (bytes they take, how many, whether
+/// one is `*`).
+fn walk_names(b: &[u8]) -> Result<(usize, usize, bool), Error> {
+    let (mut at, mut count, mut star) = (0usize, 0usize, false);
+    while b.get(at) == Some(&NAMES_KEY) {
+        at += 1;
+        let mut len = 0usize;
+        let mut shift = 0;
+        loop {
+            let byte = *b.get(at).ok_or(Error::Truncated)?;
+            at += 1;
+            if shift > 28 {
+                return Err(Error::Truncated);
+            }
+            len |= usize::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                break;
+            }
+            shift += 7;
+        }
+        let name = b.get(at..at + len).ok_or(Error::Truncated)?;
+        star |= name == b"*";
+        at += len;
+        count += 1;
+    }
+    Ok((at, count, star))
+}
 
 /// Why a request could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -333,29 +294,41 @@ pub enum Error {
 }
 
 impl SotwRequest {
-    /// Reads an encoded `DiscoveryRequest`.
+    /// Reads an encoded `DiscoveryRequest`. The names are only walked: the runs of their encoded entries
+    /// are hashed as they are (one pass over the bytes, no allocation).
     pub fn decode(raw: Bytes) -> Result<SotwRequest, Error> {
         let mut head = DiscoveryRequest::default();
         let mut buf = raw.clone();
-        let (mut count, mut sum, mut has_star) = (0usize, 0u64, false);
+        let (mut count, mut has_star) = (0usize, false);
+        // the runs of name entries, as offsets in `raw`
+        let mut runs: Vec<(usize, usize)> = Vec::new();
         while buf.has_remaining() {
-            let (tag, wire_type) = decode_key(&mut buf)?;
-            if tag == NAMES_TAG && wire_type == WireType::LengthDelimited {
-                let len = decode_varint(&mut buf)?;
-                if len > buf.remaining() as u64 {
-                    return Err(Error::Truncated);
-                }
-                let name = &buf.chunk()[..len as usize];
-                count += 1;
-                sum = sum.wrapping_add(xxhash_rust::xxh3::xxh3_64(name));
-                has_star |= name == b"*";
-                buf.advance(len as usize);
-            } else {
-                head.merge_field(tag, wire_type, &mut buf, DecodeContext::default())?;
+            let at = raw.len() - buf.remaining();
+            if buf.chunk()[0] == NAMES_KEY {
+                // a run of names: walked in place (key, one- or multi-byte length, bytes)
+                let (end, n, star) = walk_names(&raw[at..])?;
+                count += n;
+                has_star |= star;
+                runs.push((at, at + end));
+                buf.advance(end);
+                continue;
             }
+            let (tag, wire_type) = decode_key(&mut buf)?;
+            head.merge_field(tag, wire_type, &mut buf, DecodeContext::default())?;
         }
+        let fingerprint = match runs.as_slice() {
+            [] => xxhash_rust::xxh3::xxh3_64(&[]),
+            [(a, b)] => xxhash_rust::xxh3::xxh3_64(&raw[*a..*b]),
+            more => {
+                let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+                for (a, b) in more {
+                    hasher.update(&raw[*a..*b]);
+                }
+                hasher.digest()
+            }
+        };
         let names = if count == 0 { Names::None } else { Names::Raw(raw) };
-        Ok(SotwRequest { head, names, names_fingerprint: sum.wrapping_add(count as u64), name_count: count, has_star })
+        Ok(SotwRequest { head, names, names_fingerprint: fingerprint, name_count: count, has_star })
     }
 
     /// The resource names, decoded now. Err: a name is not UTF-8.
@@ -384,12 +357,23 @@ impl SotwRequest {
     }
 }
 
+/// The fingerprint [`SotwRequest::decode`] computes for these names.
+pub fn encoded_names_fingerprint<S: AsRef<str>>(names: &[S]) -> u64 {
+    let mut encoded = Vec::new();
+    for n in names {
+        encode_key(NAMES_TAG, WireType::LengthDelimited, &mut encoded);
+        encode_varint(n.as_ref().len() as u64, &mut encoded);
+        encoded.extend_from_slice(n.as_ref().as_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&encoded)
+}
+
 impl From<DiscoveryRequest> for SotwRequest {
     fn from(mut req: DiscoveryRequest) -> SotwRequest {
         let names = std::mem::take(&mut req.resource_names);
         SotwRequest {
             head: req,
-            names_fingerprint: names_fingerprint(&names),
+            names_fingerprint: encoded_names_fingerprint(&names),
             name_count: names.len(),
             has_star: names.iter().any(|n| n == "*"),
             names: if names.is_empty() { Names::None } else { Names::Decoded(names) },
@@ -397,22 +381,8 @@ impl From<DiscoveryRequest> for SotwRequest {
     }
 }
 
-/// Decodes [`SotwRequest`]s (the request side of the SotW stream).
-#[derive(Debug, Default)]
-pub struct SotwDecoder;
-
-impl Decoder for SotwDecoder {
-    type Item = SotwRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SotwRequest>, Status> {
-        let raw = src.copy_to_bytes(src.remaining());
-        SotwRequest::decode(raw).map(Some).map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))
-    }
-}
-
 /// Encodes [`Response`]s through tonic's encoder (a per-stream buffer), decodes requests of type `Req` with
-/// prost. The server writes [`ResponseBody`] instead; this remains for the benchmark floor's comparison.
+/// prost. The server writes [`Response::grpc_chunks`] instead; this remains for the benchmark floor's comparison.
 #[derive(Debug)]
 pub struct XdsCodec<Req>(PhantomData<fn() -> Req>);
 
@@ -606,14 +576,21 @@ mod tests {
         assert_eq!(got.names().unwrap(), req.resource_names);
         assert_eq!(got.name_count, 3);
         assert!(got.has_star);
-        assert_eq!(got.names_fingerprint, names_fingerprint(&req.resource_names));
-        // order does not matter; content does
-        let mut reordered = req.clone();
-        reordered.resource_names.reverse();
-        assert_eq!(
-            SotwRequest::decode(reordered.encode_to_vec().into()).unwrap().names_fingerprint,
-            got.names_fingerprint
-        );
+        assert_eq!(got.names_fingerprint, encoded_names_fingerprint(&req.resource_names));
+        // the same list repeated: the same fingerprint, however the other fields change
+        let mut ack = req.clone();
+        ack.response_nonce = "13".into();
+        ack.error_detail = None;
+        assert_eq!(SotwRequest::decode(ack.encode_to_vec().into()).unwrap().names_fingerprint, got.names_fingerprint);
+        // names interleaved with other fields hash as one list
+        let mut split = BytesMut::new();
+        for (i, n) in req.resource_names.iter().enumerate() {
+            prost::encoding::string::encode(NAMES_TAG, n, &mut split);
+            if i == 0 {
+                prost::encoding::string::encode(5, &"12".to_string(), &mut split);
+            }
+        }
+        assert_eq!(SotwRequest::decode(split.freeze()).unwrap().names_fingerprint, got.names_fingerprint);
         let mut other = req.clone();
         other.resource_names[2] = "y".into();
         assert_ne!(SotwRequest::decode(other.encode_to_vec().into()).unwrap().names_fingerprint, got.names_fingerprint);

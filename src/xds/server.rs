@@ -144,8 +144,6 @@ pub struct ConnState {
     bucket: Option<Mutex<TokenBucket>>,
     limits: Arc<Limits>,
     stats: Arc<ServerStats>,
-    /// set to close this connection
-    closer: watch::Sender<bool>,
 }
 
 impl ConnState {
@@ -158,7 +156,6 @@ impl ConnState {
     ) -> Self {
         let bucket = (limits.request_rate > 0)
             .then(|| Mutex::new(TokenBucket::new(limits.request_rate, limits.request_burst.max(1))));
-        let closer = watch::Sender::new(false);
         ConnState {
             remote,
             peer,
@@ -168,13 +165,7 @@ impl ConnState {
             bucket,
             limits,
             stats,
-            closer,
         }
-    }
-
-    /// Closes the connection: its reads and writes fail from now on.
-    pub fn close(&self) {
-        self.closer.send_replace(true);
     }
 
     /// A connection outside any listener (in-process use): anonymous, unlimited.
@@ -392,7 +383,6 @@ where
         let _ = graceful.wait_for(|g| *g).await;
     });
     let mut kill = shared.kill.clone();
-    let mut own = state.closer.subscribe();
     let admission = tokio::time::sleep(state.limits.admission_timeout);
     tokio::pin!(conn, admission);
     let mut admission_pending = true;
@@ -406,7 +396,6 @@ where
                 return;
             }
             _ = kill.wait_for(|k| *k) => return,
-            _ = own.wait_for(|k| *k) => return,
             _ = &mut admission, if admission_pending => {
                 admission_pending = false;
                 // A connection that never gets admitted (no stream, or refused over the limit) is

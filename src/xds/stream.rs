@@ -6,7 +6,7 @@
 //! Pushes come from the cache's snapshot channel; a stream that falls behind reads the newest snapshot
 //! and diffs against what its client holds, so it always converges on the latest state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -64,7 +64,7 @@ struct TypeState {
     pending: VecDeque<(String, Inflight)>,
     /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
     last_nonce: Option<String>,
-    /// SotW: fingerprint of the last requested name list (see [`super::codec::names_fingerprint`])
+    /// SotW: fingerprint of the last requested name list (see [`SotwRequest::names_fingerprint`])
     names_fingerprint: u64,
 }
 
@@ -123,7 +123,7 @@ impl TypeState {
         sent: &[Arc<Resource>],
         removed: &[Arc<str>],
         current: &Resources,
-        considered: Option<&HashSet<Arc<str>>>,
+        considered: Option<&BTreeSet<Arc<str>>>,
         generation: u64,
     ) -> Inflight {
         let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
@@ -135,9 +135,15 @@ impl TypeState {
         if let Some(c) = considered
             && self.synced == Some(generation.wrapping_sub(1))
         {
-            let by_name: HashMap<&str, &str> = sent.iter().map(|r| (&*r.name, &*r.version)).collect();
+            // (a push changes a few names: a map only when there are many)
+            let by_name: Option<HashMap<&str, &str>> =
+                (sent.len() > 8).then(|| sent.iter().map(|r| (&*r.name, &*r.version)).collect());
             let after = |n: &Arc<str>| -> Option<&str> {
-                if let Some(v) = by_name.get(&**n) {
+                let found = match &by_name {
+                    Some(m) => m.get(&**n).copied(),
+                    None => sent.iter().find(|r| r.name == *n).map(|r| &*r.version),
+                };
+                if let Some(v) = found {
                     return Some(v);
                 }
                 if removed.contains(n) {
@@ -186,7 +192,7 @@ impl TypeState {
 
     /// An update that sent nothing: whether the client holds exactly `current` now (the considered
     /// names checked, or all of them).
-    fn unchanged(&mut self, current: &Resources, considered: Option<&HashSet<Arc<str>>>, generation: u64) {
+    fn unchanged(&mut self, current: &Resources, considered: Option<&BTreeSet<Arc<str>>>, generation: u64) {
         self.dirty.clear();
         let Some(c) = considered else { return self.resync(current, generation) };
         let same = |n: &Arc<str>| self.held.get(n).map(|r| &r.version) == current.get(n).map(|r| &r.version);
@@ -444,7 +450,12 @@ impl Stream {
 
     /// Runs the stream until the client goes away or an error ends it.
     pub async fn run(mut self, mut requests: grpc::Messages) {
+        use tokio_stream::StreamExt as _;
         let mut drain = self.context.drain.take();
+        // Created once: the stream's loop polls them on every event without registering again.
+        let drained = drained(&mut drain);
+        let mut changes = tokio_stream::wrappers::WatchStream::from_changes(self.snapshots.clone());
+        tokio::pin!(drained);
         let result = async {
             loop {
                 tokio::select! {
@@ -453,11 +464,11 @@ impl Stream {
                         Ok(None) => return Ok(()),
                         Err(e) => return request_error(e),
                     },
-                    _ = drained(&mut drain) => {
+                    _ = &mut drained => {
                         return Err(Status::unavailable("meshfed is shutting down: reconnect"));
                     }
-                    changed = self.snapshots.changed(), if self.view.is_some() => {
-                        if changed.is_err() { return Err(Status::unavailable("server shutting down")) }
+                    changed = changes.next(), if self.view.is_some() => {
+                        if changed.is_none() { return Err(Status::unavailable("server shutting down")) }
                         self.on_snapshot().await?;
                     }
                 }
@@ -696,7 +707,7 @@ impl Stream {
     async fn sotw_respond(
         &mut self,
         t: ResourceType,
-        candidates: Option<&HashSet<Arc<str>>>,
+        candidates: Option<&BTreeSet<Arc<str>>>,
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
@@ -846,7 +857,7 @@ impl Stream {
             }
         }
         let ts = self.types[t.index()].as_mut().expect("inserted");
-        let mut newly: HashSet<Arc<str>> = HashSet::new();
+        let mut newly: BTreeSet<Arc<str>> = BTreeSet::new();
         let mut sub_changed = first;
         if first {
             // An empty first subscribe list (or "*") is a wildcard subscription.
@@ -916,7 +927,7 @@ impl Stream {
     async fn delta_respond(
         &mut self,
         t: ResourceType,
-        candidates: Option<&HashSet<Arc<str>>>,
+        candidates: Option<&BTreeSet<Arc<str>>>,
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
@@ -974,6 +985,10 @@ impl Stream {
 
     async fn on_snapshot(&mut self) -> StreamResult {
         let next = self.snapshots.borrow_and_update().clone();
+        if next.generation <= self.snapshot.generation {
+            // already taken (an attach returns a snapshot newer than the last one published)
+            return Ok(());
+        }
         let contiguous = next.generation == self.snapshot.generation + 1;
         // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
         if *next.priority_label_keys != *self.label_keys
@@ -1004,11 +1019,17 @@ impl Stream {
         let generation = self.snapshot.generation;
         for t in ResourceType::ALL {
             let Some(ts) = self.types[t.index()].as_ref() else { continue };
-            let candidates: Option<HashSet<Arc<str>>> = if contiguous {
-                let mut c: HashSet<Arc<str>> = ts.dirty.clone();
-                if let Some(ch) = changes.get(t) {
-                    c.extend(ch.0.iter().cloned());
-                }
+            // the names this push changed (borrowed from the snapshot), with the ones to send again
+            let candidates: Option<std::borrow::Cow<'_, BTreeSet<Arc<str>>>> = if contiguous {
+                let changed = changes.get(t).map(|ch| &ch.0);
+                let c = match changed {
+                    Some(ch) if ts.dirty.is_empty() => std::borrow::Cow::Borrowed(ch),
+                    _ => {
+                        let mut c: BTreeSet<Arc<str>> = ts.dirty.iter().cloned().collect();
+                        c.extend(changed.into_iter().flatten().cloned());
+                        std::borrow::Cow::Owned(c)
+                    }
+                };
                 if c.is_empty() {
                     // nothing of this type changed: a synced client still holds its scope's map
                     if ts.synced == Some(generation.wrapping_sub(1)) {
@@ -1024,8 +1045,8 @@ impl Stream {
                 None
             };
             match self.flavor {
-                Flavor::Sotw => self.sotw_respond(t, candidates.as_ref(), false).await?,
-                Flavor::Delta => self.delta_respond(t, candidates.as_ref(), false).await?,
+                Flavor::Sotw => self.sotw_respond(t, candidates.as_deref(), false).await?,
+                Flavor::Delta => self.delta_respond(t, candidates.as_deref(), false).await?,
             }
         }
         Ok(())
@@ -1098,7 +1119,7 @@ mod tests {
         held.iter().fold(0, |h, (n, r)| h ^ entry_hash(n, &r.version))
     }
 
-    fn set(names: &[&str]) -> HashSet<Arc<str>> {
+    fn set(names: &[&str]) -> BTreeSet<Arc<str>> {
         names.iter().map(|n| Arc::from(*n)).collect()
     }
 
