@@ -16,7 +16,7 @@ secs="${1:-${MESHFED_FUZZ_SECS:-60}}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(node mesh_config topology destination_rule kube_object xds_sotw xds_delta)
+  targets=(node mesh_config topology destination_rule kube_object xds_sotw xds_delta grpc_connection)
 fi
 
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

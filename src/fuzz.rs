@@ -11,6 +11,7 @@
 //! | [`destination_rule`] | YAML -> [`DestinationRule::from_yaml`] |
 //! | [`kube_object`] | JSON -> k8s-openapi objects -> `topology::from_*` |
 //! | [`XdsHarness::sotw`] / [`XdsHarness::delta`] | a sequence of requests (and pushes) on one ADS stream |
+//! | [`grpc_connection`] | HTTP/2 frames (well-formed and not) and raw bytes into one connection of the gRPC transport |
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -289,7 +290,7 @@ pub fn kube_object(data: &[u8]) {
 
 /// The fuzz targets, by name (as in `fuzz/Cargo.toml`).
 pub const TARGETS: &[&str] =
-    &["node", "mesh_config", "topology", "destination_rule", "kube_object", "xds_sotw", "xds_delta"];
+    &["node", "mesh_config", "topology", "destination_rule", "kube_object", "xds_sotw", "xds_delta", "grpc_connection"];
 
 /// Valid inputs of a target to start from: the demo's files and objects, valid nodes and requests.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
@@ -351,6 +352,19 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             }
             out
         }
+        "grpc_connection" => {
+            // valid preface, then: a stream opened, messages, windows, pings, resets, a second stream
+            let mut out = vec![
+                vec![0, 1, 1, 0, 2, 1, 0, 3, 10, 2, 1, 0, 40, 3, 0, 0, 0, 1, 5, 0, 2, 1, 0, 5, 6, 1, 0, 1, 2, 3, 0, 9],
+                vec![0, 1, 1, 1, 2, 1, 1, 0xff, 10, 10, 10, 3, 1, 0, 0x10, 10, 10, 2, 1, 0, 4, 8, 0, 1],
+                vec![0, 7, 1, 0, 2, 1, 0, 3, 4, 3, 0, 4, 0, 0, 1, 1, 0, 9, 9, 9, 1, 3, 1],
+                vec![1; 40],
+                // a stream, then large DATA frames back to back
+                vec![0, 0, 0, 0, 1, 0, 0, 0, 0, 11, 0, 7, 0, 9, 0, 200, 0, 8, 0, 100, 0],
+            ];
+            out.push((0..=255u8).collect());
+            out
+        }
         "xds_sotw" | "xds_delta" => {
             let mut out = vec![vec![0u8; 64], vec![1u8; 256]];
             out.push((0..=255u8).collect());
@@ -371,6 +385,7 @@ pub fn run_target(name: &str, data: &[u8], harness: &XdsHarness) -> Option<()> {
         "kube_object" => kube_object(data),
         "xds_sotw" => harness.sotw(data),
         "xds_delta" => harness.delta(data),
+        "grpc_connection" => grpc_connection(data),
         _ => return None,
     }
     Some(())
@@ -750,4 +765,208 @@ fn delta_request(input: &mut Input<'_>, seen: &Seen, first: bool) -> DeltaDiscov
         error_detail: pick_error(input),
         ..Default::default()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gRPC transport
+// ---------------------------------------------------------------------------------------------
+
+/// Echoes every request; a request starting with 0xff is answered with a 100 KB response (flow
+/// control), one starting with 0xfe ends the stream with a status.
+struct FuzzEcho;
+
+impl crate::grpc::Handler for FuzzEcho {
+    fn open(
+        &mut self,
+        head: crate::grpc::RequestHead,
+        mut messages: crate::grpc::Messages,
+        mut responses: crate::grpc::Responses,
+    ) -> Result<crate::grpc::StreamFuture, tonic::Status> {
+        if head.path.len().is_multiple_of(3) {
+            return Err(tonic::Status::unimplemented("no such method"));
+        }
+        Ok(Box::pin(async move {
+            while let Ok(Some(m)) = messages.message().await {
+                let body = match m.first() {
+                    Some(0xff) => bytes::Bytes::from(vec![7u8; 100_000]),
+                    Some(0xfe) => {
+                        responses.finish(13, "asked to fail \u{1f4a5}");
+                        return;
+                    }
+                    _ => m,
+                };
+                let mut prefix = bytes::BytesMut::with_capacity(5);
+                bytes::BufMut::put_u8(&mut prefix, 0);
+                bytes::BufMut::put_u32(&mut prefix, body.len() as u32);
+                if responses.send([prefix.freeze(), body].into()).await.is_err() {
+                    return;
+                }
+            }
+            responses.finish(0, "");
+        }))
+    }
+}
+
+static GRPC_RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::LazyLock::new(|| {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime")
+});
+
+/// Builds a client's bytes from `data`: mostly well-formed HTTP/2 frames with fuzzed fields (so that the
+/// connection gets past its preface and into streams, flow control and messages), some raw bytes.
+fn grpc_client_bytes(data: &[u8]) -> Vec<Vec<u8>> {
+    use crate::grpc::frame::{self, Head, flag, kind};
+    let mut input = Input::new(data);
+    let mut out = Vec::new();
+    let mut cur = bytes::BytesMut::new();
+    if input.byte() & 0x0f != 0x0f {
+        cur.extend_from_slice(frame::PREFACE);
+        frame::settings(&mut cur, &[]);
+    }
+    let mut hpack = loona_hpack::Encoder::new();
+    let stream_ids = [1u32, 3, 5, 2, 0, 7];
+    let paths: [&[u8]; 3] = [b"/envoy.service.discovery.v3.AggregatedDiscoveryService/X", b"/test.Echo/Echoes", b"/a"];
+    while !input.is_empty() && out.len() < 64 {
+        let stream = *input.pick(&stream_ids);
+        let flags = input.byte();
+        match input.below(13) {
+            0 => cur.extend_from_slice(input.string(64).as_bytes()),
+            1 | 2 => {
+                let method: &[u8] = if input.below(8) == 0 { b"GET" } else { b"POST" };
+                let ctype: &[u8] = if input.below(8) == 0 { b"text/plain" } else { b"application/grpc" };
+                let path = *input.pick(&paths);
+                let headers: Vec<(&[u8], &[u8])> = vec![
+                    (b":method", method),
+                    (b":scheme", b"http"),
+                    (b":path", path),
+                    (b"content-type", ctype),
+                    (b"te", b"trailers"),
+                ];
+                let block = hpack.encode(headers.iter().copied());
+                let split = input.below(block.len() + 1);
+                let first_flags = (flags & (flag::END_STREAM | flag::PADDED | flag::PRIORITY))
+                    | if split == block.len() { flag::END_HEADERS } else { 0 };
+                let mut payload = Vec::new();
+                if first_flags & flag::PADDED != 0 {
+                    payload.push(2);
+                }
+                if first_flags & flag::PRIORITY != 0 {
+                    payload.extend_from_slice(&[0, 0, 0, 0, 16]);
+                }
+                payload.extend_from_slice(&block[..split]);
+                if first_flags & flag::PADDED != 0 {
+                    payload.extend_from_slice(&[0, 0]);
+                }
+                Head { len: payload.len() as u32, kind: kind::HEADERS, flags: first_flags, stream }.encode(&mut cur);
+                cur.extend_from_slice(&payload);
+                if split < block.len() {
+                    Head {
+                        len: (block.len() - split) as u32,
+                        kind: kind::CONTINUATION,
+                        flags: flag::END_HEADERS,
+                        stream,
+                    }
+                    .encode(&mut cur);
+                    cur.extend_from_slice(&block[split..]);
+                }
+            }
+            3 | 4 => {
+                // DATA: gRPC messages, whole or cut, sometimes with a length that lies
+                let body = if input.below(12) == 0 {
+                    vec![0xff; 9_000 + input.below(56_000)]
+                } else {
+                    input.string(32).into_bytes()
+                };
+                let mut msg = vec![if input.below(16) == 0 { 1 } else { 0 }];
+                let len = if input.below(8) == 0 { input.below(70_000) as u32 } else { body.len() as u32 };
+                msg.extend_from_slice(&len.to_be_bytes());
+                msg.extend_from_slice(&body);
+                let cut = msg.len() - input.below(msg.len().min(8) + 1);
+                let flags = flags & flag::END_STREAM;
+                Head { len: cut as u32, kind: kind::DATA, flags, stream }.encode(&mut cur);
+                cur.extend_from_slice(&msg[..cut]);
+            }
+            5 => frame::window_update(&mut cur, stream % 2, (input.below(70_000) as u32) << input.below(16)),
+            6 => {
+                let params = [
+                    (1u16, 4096u32),
+                    (3, 1),
+                    (4, input.below(1 << 16) as u32),
+                    (5, 16_384 + input.below(9) as u32 * 1000),
+                    (9, 1),
+                ];
+                let n = input.below(params.len() + 1);
+                frame::settings(&mut cur, &params[..n]);
+            }
+            7 => frame::ping(&mut cur, flags & 1 == 1, [flags; 8]),
+            8 => frame::rst_stream(&mut cur, stream, frame::Reason::Cancel),
+            9 => frame::goaway(&mut cur, stream, frame::Reason::NoError, b"fuzz"),
+            10 => {
+                let len = input.below(40);
+                Head { len: len as u32, kind: input.byte() % 12, flags, stream }.encode(&mut cur);
+                cur.extend_from_slice(&vec![flags; len]);
+            }
+            11 => {
+                // large frames back to back: the read buffer holds the end of one and part of the next
+                for _ in 0..2 + input.below(3) {
+                    let len = 8_000 + input.below(57_000);
+                    Head { len: len as u32, kind: kind::DATA, flags: 0, stream }.encode(&mut cur);
+                    cur.extend_from_slice(&vec![0; len]);
+                }
+            }
+            _ => out.push(std::mem::take(&mut cur).to_vec()),
+        }
+    }
+    out.push(cur.to_vec());
+    out
+}
+
+/// Feeds a connection of the gRPC transport a client built from `data`, reading whatever it answers,
+/// then closes the client's side: the connection must never panic and must end in bounded time.
+pub fn grpc_connection(data: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let writes = grpc_client_bytes(data);
+    GRPC_RUNTIME.block_on(async {
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let config = crate::grpc::Config {
+            max_concurrent_streams: 3,
+            max_message_size: 50_000,
+            stream_window: 70_000,
+            connection_window: 100_000,
+            max_frame_size: 65_535,
+            max_header_list_size: 2048,
+            keepalive_interval: Some(std::time::Duration::from_millis(20)),
+            keepalive_timeout: std::time::Duration::from_millis(20),
+        };
+        let conn = tokio::spawn(crate::grpc::serve(server, FuzzEcho, Arc::new(config), std::future::pending()));
+        let (mut rd, mut wr) = tokio::io::split(&mut client);
+        let reader = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let writer = async {
+            for w in writes {
+                if wr.write_all(&w).await.is_err() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            let _ = wr.shutdown().await;
+        };
+        let both = async { tokio::join!(reader, writer) };
+        // the server answers (or closes) and the connection ends once the client's side is closed
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(8), async {
+            both.await;
+            conn.await
+        })
+        .await;
+        match ended {
+            Ok(Ok(_)) => {}
+            Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => panic!("the connection did not end after its client closed"),
+        }
+    });
 }

@@ -130,7 +130,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
 
 fn iterations(target: &str) -> usize {
     let base = std::env::var("MESHFED_FUZZ_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1500usize);
-    if target.starts_with("xds_") { (base / 5).max(1) } else { base }
+    if target.starts_with("xds_") || target == "grpc_connection" { (base / 5).max(1) } else { base }
 }
 
 fn failure_dir() -> PathBuf {
@@ -215,10 +215,25 @@ fn xds_delta() {
 }
 
 #[test]
+fn grpc_connection() {
+    smoke("grpc_connection");
+}
+
+#[test]
 fn every_target_is_run_here() {
     for t in meshfed::fuzz::TARGETS {
         assert!(
-            ["node", "mesh_config", "topology", "destination_rule", "kube_object", "xds_sotw", "xds_delta"].contains(t),
+            [
+                "node",
+                "mesh_config",
+                "topology",
+                "destination_rule",
+                "kube_object",
+                "xds_sotw",
+                "xds_delta",
+                "grpc_connection"
+            ]
+            .contains(t),
             "fuzz target {t} has no smoke test"
         );
     }

@@ -231,11 +231,14 @@ struct Conn<IO, H> {
     ending: Option<Option<ConnError>>,
     /// the socket failed: nothing more is written
     write_failed: bool,
+    /// the last write found the socket full
+    write_blocked: bool,
     close_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     shutting_down: bool,
     shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     keepalive: Option<Pin<Box<tokio::time::Sleep>>>,
-    last_read: Instant,
+    /// when the client last showed it is alive: a frame arrived, or it took written data off the socket
+    last_heard: Instant,
     ping_sent: Option<Instant>,
     resets: (Instant, u32),
 }
@@ -271,11 +274,12 @@ where
             peer_going_away: false,
             ending: None,
             write_failed: false,
+            write_blocked: false,
             close_deadline: None,
             shutting_down: false,
             shutdown: Some(shutdown),
             keepalive,
-            last_read: now,
+            last_heard: now,
             ping_sent: None,
             resets: (now, 0),
             config,
@@ -325,7 +329,7 @@ where
                         progress = true;
                     }
                     Poll::Ready(Ok(_)) => {
-                        self.last_read = Instant::now();
+                        self.last_heard = Instant::now();
                         self.process_frames();
                         progress = true;
                         poll_streams = true;
@@ -357,8 +361,17 @@ where
             }
             self.collect();
             match self.poll_write(cx) {
-                Poll::Ready(Ok(true)) => progress = true,
-                Poll::Ready(Ok(false)) | Poll::Pending => {}
+                Poll::Ready(Ok(true)) => {
+                    // the socket took data after it was full: the client is reading (a client reading
+                    // a long response is alive although it is not heard: the connection does not read
+                    // while its output is over WRITE_HIGH)
+                    if std::mem::take(&mut self.write_blocked) {
+                        self.last_heard = Instant::now();
+                    }
+                    progress = true;
+                }
+                Poll::Pending => self.write_blocked = true,
+                Poll::Ready(Ok(false)) => {}
                 Poll::Ready(Err(e)) => {
                     self.write_failed = true;
                     self.read_closed = true;
@@ -448,7 +461,7 @@ where
             }
             let now = Instant::now();
             let next = match self.ping_sent {
-                Some(at) if self.last_read <= at => {
+                Some(at) if self.last_heard <= at => {
                     if now.duration_since(at) >= timeout {
                         self.keepalive = None;
                         self.out.clear();
@@ -460,12 +473,12 @@ where
                 }
                 _ => {
                     self.ping_sent = None;
-                    if now.duration_since(self.last_read) >= interval {
+                    if now.duration_since(self.last_heard) >= interval {
                         frame::ping(&mut self.out.buf, false, *b"meshfed!");
                         self.ping_sent = Some(now);
                         now + timeout
                     } else {
-                        self.last_read + interval
+                        self.last_heard + interval
                     }
                 }
             };
@@ -485,7 +498,7 @@ where
             .saturating_sub(self.rbuf.len())
             .max(READ_SIZE / 8);
         if self.rbuf.capacity() - self.rbuf.len() < want {
-            self.rbuf.reserve(want.max(READ_SIZE - self.rbuf.len()));
+            self.rbuf.reserve(want.max(READ_SIZE.saturating_sub(self.rbuf.len())));
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
     }

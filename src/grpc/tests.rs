@@ -544,3 +544,45 @@ async fn a_client_that_does_not_read_cannot_grow_the_output() {
     // the buffers of both directions and one read
     assert!(sent < conn::WRITE_HIGH + 4 * 64 * 1024, "sent {sent} bytes of PINGs");
 }
+
+#[tokio::test]
+async fn a_client_slowly_reading_a_long_response_is_not_dropped_by_the_keepalive() {
+    // The connection stops reading while its output is over WRITE_HIGH, so it does not hear from the
+    // client; a client taking data off the socket is alive all the same. This one never answers PINGs:
+    // only its reading keeps it.
+    let config = Config {
+        keepalive_interval: Some(Duration::from_millis(30)),
+        keepalive_timeout: Duration::from_millis(30),
+        ..Config::default()
+    };
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    tokio::spawn(serve(server_io, Echo { events: events_tx }, Arc::new(config), std::future::pending()));
+    let mut raw = Raw { io: client_io, buf: BytesMut::new() };
+    raw.send(frame::PREFACE).await;
+    let mut b = BytesMut::new();
+    frame::settings(&mut b, &[(setting::INITIAL_WINDOW_SIZE, 0x7fff_ffff)]);
+    frame::window_update(&mut b, 0, 0x7fff_ffff - 65_535);
+    raw.send(&b).await;
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &request_block(PATH)).await;
+    raw.frame(kind::DATA, flag::END_STREAM, 1, &message(b"big 3000000")[0]).await;
+    let mut data = 0usize;
+    let mut chunk = [0u8; 4096];
+    let slow = async {
+        loop {
+            let n = raw.io.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            data += n;
+            // about 4 MB/s: the response takes far longer than the keepalive's interval and timeout
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if data >= 3_000_000 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), slow).await.expect("read in time");
+    assert!(data >= 3_000_000, "only {data} bytes arrived: the connection was dropped");
+    assert_eq!(events.recv().await.as_deref(), Some("end"));
+}

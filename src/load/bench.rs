@@ -351,14 +351,31 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss0 = server.rss_kb();
     let stats0 = server.stats().await;
+    // A first tenth of the fleet connects and settles (the shared scopes, one per locality, are
+    // translated for the first proxies of each), then the rest: the memory the rest adds is what a
+    // proxy costs at the margin.
+    let first = if n >= 20 { n / 10 } else { 0 };
     let started = Instant::now();
     let client_cpu0 = procfs::cpu_ns(client_pid);
     let server_cpu0 = server.cpu_ns();
-    fleet.start(0..n, true);
+    let mut paused = Duration::ZERO;
+    let mut at_first: Option<(u64, Value)> = None;
+    if first > 0 {
+        fleet.start(0..first, true);
+        if fleet.rec.wait_ready(first, Duration::from_secs(args.ready_timeout)).await {
+            let pause = Instant::now();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            at_first = Some((server.rss_kb(), server.stats().await));
+            paused = pause.elapsed();
+        }
+    }
+    let server_cpu_paused = server.cpu_ns();
+    fleet.start(first..n, true);
     let ready = fleet.rec.wait_ready(n, Duration::from_secs(args.ready_timeout)).await;
-    let connect_s = started.elapsed().as_secs_f64();
+    let connect_s = (started.elapsed() - paused).as_secs_f64();
     let server_cpu1 = server.cpu_ns();
     let client_cpu1 = procfs::cpu_ns(client_pid);
+    let _ = server_cpu_paused;
     if !ready {
         bail!(
             "only {} of {n} proxies got their full config in {} s (errors {}: {:?})",
@@ -370,6 +387,16 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = server.rss_kb();
+    let stats1 = server.stats().await;
+    let heap = |s: &Value| s["heap"]["allocated"].as_f64();
+    // per proxy at the margin: what the last nine tenths added, by RSS and by the allocator's live heap
+    let (marginal_rss_kb, marginal_heap_kb) = match &at_first {
+        Some((rss, stats)) if n > first => {
+            let k = (n - first) as f64;
+            (Some((rss1 as f64 - *rss as f64) / k), heap(&stats1).zip(heap(stats)).map(|(a, b)| (a - b) / 1024.0 / k))
+        }
+        _ => (None, None),
+    };
     let ready_ms: Vec<f64> = (0..n)
         .map(|k| fleet.rec.stats[k].ready_us.load(Ordering::Relaxed) as f64 / 1000.0)
         .filter(|v| *v > 0.0)
@@ -391,10 +418,12 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         "server_rss_kb_before": rss0,
         "server_rss_kb_after": rss1,
         "server_kb_per_proxy": if n > 0 { (rss1 as f64 - rss0 as f64) / n as f64 } else { 0.0 },
+        "server_kb_per_proxy_marginal": marginal_rss_kb,
+        "server_heap_kb_per_proxy_marginal": marginal_heap_kb,
         "server_cpu_s_connect": (server_cpu1 - server_cpu0) as f64 / 1e9,
         "client_cpu_s_connect": (client_cpu1 - client_cpu0) as f64 / 1e9,
         "server_stats_before": stats0.clone(),
-        "server_stats_after": server.stats().await,
+        "server_stats_after": stats1,
         "errors": fleet.rec.errors.load(Ordering::Relaxed),
         "retries": fleet.rec.retries.load(Ordering::Relaxed),
         "last_error": fleet.rec.last_error(),

@@ -186,6 +186,7 @@ impl TypeState {
             self.held = current.clone();
             self.synced = Some(generation);
         } else {
+            tracing::trace!(held = self.held.len(), scope = current.len(), "client holds other than its scope");
             self.synced = None;
         }
     }
