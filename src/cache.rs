@@ -90,6 +90,9 @@ pub struct Snapshot {
     pub api_listeners: Resources,
     /// what changed from `generation - 1`
     pub changes: Arc<Changes>,
+    /// the changes of the last [`RECENT_CHANGES`] generations, oldest first, this one's last: a stream
+    /// a few generations behind diffs only what they changed
+    pub recent: Arc<Vec<(u64, Arc<Changes>)>>,
     /// the federated services this snapshot was built from (O(1) to clone)
     pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
     pub gateways: Arc<Vec<crate::model::Gateway>>,
@@ -99,7 +102,21 @@ pub struct Snapshot {
     pub priority_label_keys: Arc<std::collections::BTreeSet<String>>,
 }
 
+/// Generations whose changes a snapshot keeps ([`Snapshot::recent`]).
+pub const RECENT_CHANGES: usize = 16;
+
 impl Snapshot {
+    /// The changes from generation `from` to this one, when all of them are kept (None otherwise).
+    pub fn changes_since(&self, from: u64) -> Option<Vec<Arc<Changes>>> {
+        if from >= self.generation {
+            return Some(Vec::new());
+        }
+        let need = (self.generation - from) as usize;
+        let kept: Vec<Arc<Changes>> =
+            self.recent.iter().filter(|(g, _)| *g > from && *g <= self.generation).map(|(_, c)| c.clone()).collect();
+        (kept.len() == need).then_some(kept)
+    }
+
     /// The resources of one type a proxy with `view` should have (None if its scope is not attached).
     /// Cheap: resource maps are persistent; a sidecar's few inbound clusters are merged into the shared
     /// outbound ones.
@@ -202,6 +219,27 @@ mod tests {
         let names: Vec<&str> = changed.iter().map(|s| &**s).collect();
         assert_eq!(names, ["b", "c"]);
         assert!(Arc::ptr_eq(&a, m.get("a").unwrap()), "unchanged resources keep their shared encoding");
+    }
+
+    #[test]
+    fn changes_since_needs_every_generation_kept() {
+        let ch = |n: &str| {
+            let mut c = Changes::default();
+            c.add(ResourceType::Endpoint, [Arc::from(n)]);
+            Arc::new(c)
+        };
+        let snap = Snapshot {
+            generation: 7,
+            recent: Arc::new(vec![(5, ch("a")), (6, ch("b")), (7, ch("c"))]),
+            ..Default::default()
+        };
+        let names = |v: Vec<Arc<Changes>>| -> Vec<String> {
+            v.iter().flat_map(|c| c.get(ResourceType::Endpoint).unwrap().0.iter().map(|n| n.to_string())).collect()
+        };
+        assert_eq!(names(snap.changes_since(6).unwrap()), ["c"]);
+        assert_eq!(names(snap.changes_since(4).unwrap()), ["a", "b", "c"]);
+        assert!(snap.changes_since(3).is_none(), "generation 4's changes are not kept");
+        assert!(snap.changes_since(7).unwrap().is_empty());
     }
 
     #[test]

@@ -370,7 +370,9 @@ mod tests {
         guard.conn.update(ResourceType::Endpoint, |s| {
             s.wildcard = false;
             s.names = crate::xds::subscription::intern(
-                ["outbound|9080||reviews.shop.svc.cluster.local".into()].into_iter().collect(),
+                ["outbound|9080||reviews.shop.svc.cluster.local".into()]
+                    .into_iter()
+                    .collect::<crate::xds::subscription::Names>(),
             );
         });
         assert_eq!(served(&guard.conn, &snapshot, ResourceType::Endpoint).len(), 1);

@@ -170,6 +170,8 @@ pub struct Pusher {
     warnings_due: Option<Instant>,
     priority_label_keys: Arc<BTreeSet<String>>,
     generation: u64,
+    /// the changes of the last generations ([`Snapshot::recent`])
+    recent: Arc<Vec<(u64, Arc<Changes>)>>,
     publisher: watch::Sender<Arc<Snapshot>>,
     /// `publisher`'s snapshot plus the scopes attached since ([`PushHandle::snapshot`])
     latest: watch::Sender<Arc<Snapshot>>,
@@ -208,6 +210,7 @@ impl Pusher {
             warnings_due: None,
             priority_label_keys: Arc::default(),
             generation: 0,
+            recent: Arc::default(),
             publisher,
             latest: watch::channel(Arc::new(Snapshot::default())).0,
             ready: Arc::new(AtomicBool::new(false)),
@@ -493,7 +496,14 @@ impl Pusher {
                 *c = None;
             }
         }
-        let snapshot = Arc::new(self.build_snapshot(Arc::new(changes)));
+        let changes = Arc::new(changes);
+        let mut recent: Vec<(u64, Arc<Changes>)> = self.recent.iter().cloned().collect();
+        recent.push((self.generation, changes.clone()));
+        if recent.len() > crate::cache::RECENT_CHANGES {
+            recent.remove(0);
+        }
+        self.recent = Arc::new(recent);
+        let snapshot = Arc::new(self.build_snapshot(changes));
         self.latest.send_replace(snapshot.clone());
         self.publisher.send_replace(snapshot);
         self.generation
@@ -510,6 +520,7 @@ impl Pusher {
             routes: self.routes.published(),
             api_listeners: self.api_listeners.clone(),
             changes,
+            recent: self.recent.clone(),
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),

@@ -27,6 +27,31 @@ use crate::tls::PeerAuth;
 use crate::translate::View;
 use crate::type_url::ResourceType;
 
+/// Streams that send their initial configuration at once. A proxy's first configuration is its largest
+/// (at S, ~1.5 MB per sidecar); a fleet reconnecting at once (a restart, a failover) would otherwise
+/// queue thousands of them ahead of the pushes to proxies already connected. istiod bounds concurrent
+/// pushes the same way (`PILOT_PUSH_THROTTLE`).
+pub const WARMING_STREAMS: usize = 16;
+/// A stream counts as warming until its client ACKed every type it asked for, or this long.
+const WARM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+static WARMING: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(WARMING_STREAMS)));
+
+/// Where a stream is in sending its first configuration.
+#[derive(Debug, Default)]
+enum Warmth {
+    /// nothing sent yet
+    #[default]
+    Cold,
+    /// sending it, under a [`WARMING`] permit, until the deadline at the latest
+    Warming {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+    },
+    Warm,
+}
+
 /// At most this many Delta responses are tracked awaiting ACK per type; older ones count as ACKed.
 const MAX_PENDING: usize = 16;
 /// SotW responses kept until answered: a NACK that races newer pushes is still recorded. Fewer than
@@ -66,6 +91,8 @@ struct TypeState {
     last_nonce: Option<String>,
     /// SotW: fingerprint of the last requested name list (see [`SotwRequest::names_fingerprint`])
     names_fingerprint: u64,
+    /// the client ACKed a response of this type
+    acked: bool,
 }
 
 impl TypeState {
@@ -81,6 +108,7 @@ impl TypeState {
             pending: VecDeque::new(),
             last_nonce: None,
             names_fingerprint: 0,
+            acked: false,
         }
     }
 
@@ -114,8 +142,8 @@ impl TypeState {
             && self.rejected.get(&r.name).is_none_or(|v| *v != r.version)
     }
 
-    /// Records that the client will hold `sent` and no longer `removed`; returns what each held before
-    /// (to roll back on NACK). `current` is the scope's map at `generation`; `considered` the names the
+    /// Records that the client will hold `sent` (entries of `current`) and no longer `removed`; returns
+    /// what each held before (to roll back on NACK). `current` is the scope's map at `generation`; `considered` the names the
     /// update looked at (None: all of them). When the client then holds exactly `current`, `held` becomes
     /// `current` itself: O(1), and shared with the snapshot instead of a copy per stream.
     fn record(
@@ -124,16 +152,27 @@ impl TypeState {
         removed: &[Arc<str>],
         current: &Resources,
         considered: Option<&BTreeSet<Arc<str>>>,
+        from: u64,
         generation: u64,
     ) -> Inflight {
         let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
         inflight.extend(sent.iter().map(|r| (r.name.clone(), self.held.get(&r.name).cloned())));
         inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
         self.dirty.clear();
-        // A contiguous update of a client that held the previous snapshot's map: only the considered
-        // names can differ, so checking them says whether it holds the new one.
+        // The first answer of a type: the client held nothing and gets all of `current` (the responders
+        // take `sent` from `current`).
+        if considered.is_none() && self.held.is_empty() && removed.is_empty() && sent.len() == current.len() {
+            for r in sent {
+                self.held_hash ^= entry_hash(&r.name, &r.version);
+            }
+            self.held = current.clone();
+            self.synced = Some(generation);
+            return inflight;
+        }
+        // An update of a client that held the map of generation `from`, considering every name changed
+        // since: only those can differ, so checking them says whether it holds the new map.
         if let Some(c) = considered
-            && self.synced == Some(generation.wrapping_sub(1))
+            && self.synced == Some(from)
         {
             // (a push changes a few names: a map only when there are many)
             let by_name: Option<HashMap<&str, &str>> =
@@ -193,11 +232,11 @@ impl TypeState {
 
     /// An update that sent nothing: whether the client holds exactly `current` now (the considered
     /// names checked, or all of them).
-    fn unchanged(&mut self, current: &Resources, considered: Option<&BTreeSet<Arc<str>>>, generation: u64) {
+    fn unchanged(&mut self, current: &Resources, considered: Option<&BTreeSet<Arc<str>>>, from: u64, generation: u64) {
         self.dirty.clear();
         let Some(c) = considered else { return self.resync(current, generation) };
         let same = |n: &Arc<str>| self.held.get(n).map(|r| &r.version) == current.get(n).map(|r| &r.version);
-        if self.synced == Some(generation.wrapping_sub(1)) && c.iter().all(same) {
+        if self.synced == Some(from) && c.iter().all(same) {
             self.held = current.clone();
             self.synced = Some(generation);
         } else {
@@ -205,9 +244,9 @@ impl TypeState {
         }
     }
 
-    /// A contiguous snapshot changed nothing of this type: a synced client holds its scope's new map.
-    fn advance(&mut self, current: &Resources, generation: u64) {
-        if self.synced == Some(generation.wrapping_sub(1)) {
+    /// Nothing of this type changed since generation `from`: a synced client holds its scope's new map.
+    fn advance(&mut self, current: &Resources, from: u64, generation: u64) {
+        if self.synced == Some(from) {
             self.held = current.clone();
             self.synced = Some(generation);
         }
@@ -237,6 +276,9 @@ pub struct Stream {
     label_keys: Arc<std::collections::BTreeSet<String>>,
     /// the connection (identity, limits) and the listener's drain signal
     context: StreamContext,
+    warmth: Warmth,
+    /// the generation the stream held before the push it is making
+    pushed_from: u64,
 }
 
 /// What a stream knows of its connection and listener.
@@ -348,6 +390,14 @@ impl Outbox {
     }
 }
 
+/// Resolves when a warming stream's deadline passes (never for another stream).
+async fn warm_deadline(warmth: &Warmth) {
+    match warmth {
+        Warmth::Warming { deadline, .. } => tokio::time::sleep_until(*deadline).await,
+        _ => std::future::pending().await,
+    }
+}
+
 /// Resolves when the listener drains (never without a drain signal).
 async fn drained(drain: &mut Option<watch::Receiver<bool>>) {
     match drain {
@@ -385,6 +435,8 @@ impl Stream {
             network: Default::default(),
             label_keys: Default::default(),
             context: StreamContext::default(),
+            warmth: Warmth::Cold,
+            pushed_from: 0,
         }
     }
 
@@ -472,6 +524,10 @@ impl Stream {
                         if changed.is_none() { return Err(Status::unavailable("server shutting down")) }
                         self.on_snapshot().await?;
                     }
+                    _ = warm_deadline(&self.warmth) => {
+                        // not all ACKed in time: the next stream may go ahead
+                        self.warmth = Warmth::Warm;
+                    }
                 }
             }
         }
@@ -528,6 +584,12 @@ impl Stream {
     }
 
     async fn send(&mut self, t: ResourceType, response: Response, nonce: &str, version: &str) -> StreamResult {
+        if let Warmth::Cold = self.warmth {
+            // the first configuration waits its turn (see WARMING_STREAMS)
+            if let Ok(permit) = WARMING.clone().acquire_owned().await {
+                self.warmth = Warmth::Warming { _permit: permit, deadline: tokio::time::Instant::now() + WARM_TIMEOUT };
+            }
+        }
         let bytes = response.encoded_len() as u64;
         let count = match &response {
             Response::Sotw(r) => r.resources.len(),
@@ -553,7 +615,13 @@ impl Stream {
         self.out.send(response).await
     }
 
-    fn record_ack(&self, t: ResourceType, nonce: &str) {
+    fn record_ack(&mut self, t: ResourceType, nonce: &str) {
+        if let Some(ts) = self.types[t.index()].as_mut() {
+            ts.acked = true;
+        }
+        if matches!(self.warmth, Warmth::Warming { .. }) && self.types.iter().flatten().all(|ts| ts.acked) {
+            self.warmth = Warmth::Warm;
+        }
         if let Some(c) = self.conn() {
             c.update(t, |s| {
                 crate::metrics::global().record_ack(s, nonce);
@@ -679,7 +747,7 @@ impl Stream {
         let requested = request.names().map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
         // names the snapshot has share its strings (one copy per server, not per stream)
         let current = self.current(t);
-        let names: HashSet<Arc<str>> = requested
+        let names: subscription::Names = requested
             .iter()
             .filter(|n| *n != "*")
             .map(|n| current.get_key_value(n.as_str()).map(|(k, _)| k.clone()).unwrap_or_else(|| Arc::from(n.as_str())))
@@ -712,7 +780,7 @@ impl Stream {
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
-        let generation = self.snapshot.generation;
+        let (from, generation) = (self.pushed_from, self.snapshot.generation);
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
         let full_state = t.sotw_full_state();
         let mut changed = requested;
@@ -736,7 +804,7 @@ impl Stream {
                 };
             }
             if !changed {
-                ts.unchanged(&current, candidates, generation);
+                ts.unchanged(&current, candidates, from, generation);
                 return Ok(());
             }
             for (name, r) in current.iter() {
@@ -761,7 +829,7 @@ impl Stream {
                 None => current.values().for_each(&mut consider),
             }
             if to_send.is_empty() {
-                ts.unchanged(&current, candidates, generation);
+                ts.unchanged(&current, candidates, from, generation);
                 return Ok(());
             }
         }
@@ -777,7 +845,7 @@ impl Stream {
             .filter(|r| ts.held.get(&r.name).is_none_or(|p| p.version != r.version))
             .map(|r| r.name.clone())
             .collect();
-        let inflight = ts.record(&to_send, &removed, &current, candidates, generation);
+        let inflight = ts.record(&to_send, &removed, &current, candidates, from, generation);
         let version = ts.sotw_version();
         self.nonce += 1;
         let nonce = self.nonce.to_string();
@@ -932,7 +1000,7 @@ impl Stream {
         requested: bool,
     ) -> StreamResult {
         let current = self.current(t);
-        let generation = self.snapshot.generation;
+        let (from, generation) = (self.pushed_from, self.snapshot.generation);
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
         let mut to_send: Vec<Arc<Resource>> = Vec::new();
         let mut removed: Vec<Arc<str>> = Vec::new();
@@ -957,11 +1025,11 @@ impl Stream {
         }
         // An empty answer is sent only to a stream's first request, so that its initial fetch completes.
         if to_send.is_empty() && removed.is_empty() && !(requested && candidates.is_none()) {
-            ts.unchanged(&current, candidates, generation);
+            ts.unchanged(&current, candidates, from, generation);
             return Ok(());
         }
         let changed_names: Vec<Arc<str>> = to_send.iter().map(|r| r.name.clone()).collect();
-        let inflight = ts.record(&to_send, &removed, &current, candidates, generation);
+        let inflight = ts.record(&to_send, &removed, &current, candidates, from, generation);
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let ts = self.types[t.index()].as_mut().expect("present");
@@ -990,7 +1058,10 @@ impl Stream {
             // already taken (an attach returns a snapshot newer than the last one published)
             return Ok(());
         }
-        let contiguous = next.generation == self.snapshot.generation + 1;
+        // the changes since the stream's snapshot: a stream that fell a few generations behind diffs
+        // only what they changed
+        let from = self.snapshot.generation;
+        let changes = next.changes_since(from);
         // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
         if *next.priority_label_keys != *self.label_keys
             && let Some(proxy) = &self.proxy
@@ -1006,44 +1077,48 @@ impl Stream {
                 }
                 self.view = Some(view);
                 self.take_snapshot(attached);
-                return self.push_all(false).await;
+                return self.push_all(None, from).await;
             }
         }
         self.snapshot = next;
-        self.push_all(contiguous).await
+        self.push_all(changes, from).await
     }
 
     /// Sends what the current snapshot changed (`contiguous`: it follows the previous one, so its change
     /// list is complete) or, otherwise, whatever differs from what the client holds.
-    async fn push_all(&mut self, contiguous: bool) -> StreamResult {
-        let changes = self.snapshot.changes.clone();
+    async fn push_all(&mut self, changes: Option<Vec<Arc<crate::cache::Changes>>>, from: u64) -> StreamResult {
         let generation = self.snapshot.generation;
+        self.pushed_from = from;
         for t in ResourceType::ALL {
             let Some(ts) = self.types[t.index()].as_ref() else { continue };
-            // the names this push changed (borrowed from the snapshot), with the ones to send again
-            let candidates: Option<std::borrow::Cow<'_, BTreeSet<Arc<str>>>> = if contiguous {
-                let changed = changes.get(t).map(|ch| &ch.0);
-                let c = match changed {
-                    Some(ch) if ts.dirty.is_empty() => std::borrow::Cow::Borrowed(ch),
-                    _ => {
-                        let mut c: BTreeSet<Arc<str>> = ts.dirty.iter().cloned().collect();
-                        c.extend(changed.into_iter().flatten().cloned());
-                        std::borrow::Cow::Owned(c)
-                    }
-                };
-                if c.is_empty() {
-                    // nothing of this type changed: a synced client still holds its scope's map
-                    if ts.synced == Some(generation.wrapping_sub(1)) {
-                        let current = self.current(t);
-                        if let Some(ts) = self.types[t.index()].as_mut() {
-                            ts.advance(&current, generation);
+            // the names changed since generation `from` (borrowed from the snapshot when one generation
+            // changed them), with the ones to send again
+            let candidates: Option<std::borrow::Cow<'_, BTreeSet<Arc<str>>>> = match &changes {
+                Some(changes) => {
+                    let mut changed = changes.iter().filter_map(|c| c.get(t)).map(|ch| &ch.0);
+                    let c = match (changed.clone().count(), changed.next()) {
+                        (1, Some(ch)) if ts.dirty.is_empty() => std::borrow::Cow::Borrowed(ch),
+                        (_, first) => {
+                            let mut c: BTreeSet<Arc<str>> = ts.dirty.iter().cloned().collect();
+                            for ch in first.into_iter().chain(changed) {
+                                c.extend(ch.iter().cloned());
+                            }
+                            std::borrow::Cow::Owned(c)
                         }
+                    };
+                    if c.is_empty() {
+                        // nothing of this type changed: a synced client still holds its scope's map
+                        if ts.synced == Some(from) {
+                            let current = self.current(t);
+                            if let Some(ts) = self.types[t.index()].as_mut() {
+                                ts.advance(&current, from, generation);
+                            }
+                        }
+                        continue;
                     }
-                    continue;
+                    Some(c)
                 }
-                Some(c)
-            } else {
-                None
+                None => None,
             };
             match self.flavor {
                 Flavor::Sotw => self.sotw_respond(t, candidates.as_deref(), false).await?,
@@ -1130,7 +1205,7 @@ mod tests {
         let g1 = scope(&[a.clone(), b.clone(), c.clone()]);
         let mut ts = subscribed(&["a", "b", "c"]);
         // the initial full answer
-        let inflight = ts.record(&[a.clone(), b.clone(), c.clone()], &[], &g1, None, 1);
+        let inflight = ts.record(&[a.clone(), b.clone(), c.clone()], &[], &g1, None, 0, 1);
         assert_eq!(inflight.len(), 3);
         assert_eq!(ts.synced, Some(1));
         assert!(ts.held.ptr_eq(&g1), "held is the snapshot's map itself");
@@ -1139,7 +1214,7 @@ mod tests {
         let b2 = cla("b", 2);
         let mut g2 = g1.clone();
         g2.insert(b2.name.clone(), b2.clone());
-        let inflight = ts.record(std::slice::from_ref(&b2), &[], &g2, Some(&set(&["b"])), 2);
+        let inflight = ts.record(std::slice::from_ref(&b2), &[], &g2, Some(&set(&["b"])), 1, 2);
         assert_eq!(inflight[0].1.as_ref().map(|r| r.version.clone()), Some(b.version.clone()));
         assert_eq!(ts.synced, Some(2));
         assert!(ts.held.ptr_eq(&g2));
@@ -1147,12 +1222,12 @@ mod tests {
         // a removal
         let mut g3 = g2.clone();
         g3.remove("c");
-        ts.record(&[], &["c".into()], &g3, Some(&set(&["c"])), 3);
+        ts.record(&[], &["c".into()], &g3, Some(&set(&["c"])), 2, 3);
         assert!(ts.held.ptr_eq(&g3));
         assert_eq!(ts.held_hash, hash_of(&g3));
         // a snapshot that changes nothing of the type
         let g4 = g3.clone();
-        ts.advance(&g4, 4);
+        ts.advance(&g4, 3, 4);
         assert_eq!(ts.synced, Some(4));
     }
 
@@ -1162,25 +1237,25 @@ mod tests {
         let g1 = scope(&[a.clone(), b.clone()]);
         // subscribed to `a` only: it never holds the whole scope
         let mut ts = subscribed(&["a"]);
-        ts.record(std::slice::from_ref(&a), &[], &g1, None, 1);
+        ts.record(std::slice::from_ref(&a), &[], &g1, None, 0, 1);
         assert_eq!(ts.synced, None);
         assert_eq!(ts.held.len(), 1);
         // a rejected version is not held: not synced, and the held version stays the old one
         let mut ts = subscribed(&["a", "b"]);
-        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
         assert_eq!(ts.synced, Some(1));
         let a2 = cla("a", 2);
         let mut g2 = g1.clone();
         g2.insert(a2.name.clone(), a2.clone());
         ts.rejected.insert(a2.name.clone(), a2.version.clone());
-        ts.unchanged(&g2, Some(&set(&["a"])), 2);
+        ts.unchanged(&g2, Some(&set(&["a"])), 1, 2);
         assert_eq!(ts.synced, None);
         assert_eq!(ts.held.get("a").unwrap().version, a.version);
         assert_eq!(ts.held_hash, hash_of(&ts.held));
         // an update that skipped a generation cannot be trusted to be complete
         let mut ts = subscribed(&["a", "b"]);
-        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
-        ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 5);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
+        ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 4, 5);
         assert_eq!(ts.synced, None);
         assert_eq!(ts.held.get("a").unwrap().version, a2.version);
         // a full evaluation finds it in sync again
@@ -1193,11 +1268,11 @@ mod tests {
         let (a, b) = (cla("a", 1), cla("b", 1));
         let g1 = scope(&[a.clone(), b.clone()]);
         let mut ts = subscribed(&["a", "b"]);
-        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 1);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
         let a2 = cla("a", 2);
         let mut g2 = g1.clone();
         g2.insert(a2.name.clone(), a2.clone());
-        let inflight = ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 2);
+        let inflight = ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 1, 2);
         assert!(ts.held.ptr_eq(&g2));
         rollback(&mut ts, inflight);
         assert_eq!(ts.synced, None);
@@ -1208,7 +1283,7 @@ mod tests {
         let mut ts = subscribed(&["a", "b"]);
         ts.set_held("a".into(), Some(Resource::reported("a", &a.version)));
         ts.set_held("b".into(), Some(Resource::reported("b", &b.version)));
-        ts.unchanged(&g1, None, 1);
+        ts.unchanged(&g1, None, 0, 1);
         assert_eq!(ts.synced, Some(1));
         assert!(ts.held.ptr_eq(&g1));
     }

@@ -6,10 +6,16 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use serde::Serialize;
 
+/// The hash of name lookups: foldhash, seeded per process (the names come from clients).
+pub type NameHasher = foldhash::fast::RandomState;
+
+/// A set of names, as the streams build them.
+pub type Names = HashSet<Arc<str>, NameHasher>;
+
 /// A set of resource names, immutable once interned.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct NameSet {
-    names: HashSet<Arc<str>>,
+    names: Names,
     /// order-independent fingerprint ([`super::codec::names_fingerprint`])
     fingerprint: u64,
 }
@@ -32,7 +38,7 @@ impl NameSet {
     }
 
     /// A copy of the names, to build a changed set from.
-    pub fn to_set(&self) -> HashSet<Arc<str>> {
+    pub fn to_set(&self) -> Names {
         self.names.clone()
     }
 
@@ -69,7 +75,7 @@ pub fn empty() -> Arc<NameSet> {
 }
 
 /// The shared set equal to `names`.
-pub fn intern(names: HashSet<Arc<str>>) -> Arc<NameSet> {
+pub fn intern(names: Names) -> Arc<NameSet> {
     if names.is_empty() {
         return empty();
     }
@@ -112,7 +118,7 @@ pub fn intern(names: HashSet<Arc<str>>) -> Arc<NameSet> {
 mod tests {
     use super::*;
 
-    fn set(names: &[&str]) -> HashSet<Arc<str>> {
+    fn set(names: &[&str]) -> Names {
         names.iter().map(|n| Arc::from(*n)).collect()
     }
 
@@ -124,7 +130,7 @@ mod tests {
         let c = intern(set(&["x", "z"]));
         assert!(!Arc::ptr_eq(&a, &c));
         assert!(c.contains("z") && !c.contains("y"));
-        assert!(Arc::ptr_eq(&intern(HashSet::new()), &empty()));
+        assert!(Arc::ptr_eq(&intern(Names::default()), &empty()));
         assert_eq!(serde_json::to_string(&*a).unwrap(), r#"["x","y"]"#);
     }
 
