@@ -7,6 +7,7 @@
 #                                    step produces its numbers; asserts nothing about time (CI runs this)
 #   bash scripts/bench.sh --only b1  one scenario of the full run (ids as in the table below; `soak`: the
 #                                    10-minute soak)
+#   bash scripts/bench.sh --skip soak,envoy   the full run without these scenarios
 #
 # All traffic stays on loopback. The load client shares the 2 cores with the server: the results report
 # the server's CPU and memory (from /proc of the server process) and the client's CPU separately.
@@ -15,11 +16,13 @@ cd "$(dirname "$0")/.."
 
 mode=full
 only=""
+skip=","
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) mode=smoke ;;
     --only) only="$2"; shift ;;
-    *) echo "usage: $0 [--smoke] [--only ID]" >&2; exit 2 ;;
+    --skip) skip=",$2,"; shift ;;
+    *) echo "usage: $0 [--smoke] [--only ID] [--skip ID,ID...]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -46,6 +49,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 run() {
   local id="$1" limit="$2"; shift 2
   if [ -n "$only" ] && [ "$only" != "$id" ]; then return 0; fi
+  case "$skip" in *",$id,"*) return 0 ;; esac
   echo "== $id: meshfed-load bench $*" >&2
   local start=$SECONDS
   if ! timeout --kill-after=10 "$limit" "$bin" bench --label "$id" "$@" > "$out/$id.log" 2>&1; then
@@ -118,18 +122,24 @@ run b3-floor 1500 --size S --proxies 5000 --server floor --steps flaps --iterati
 # a3: 10,000 streams held
 run a3 1800 --size S --proxies 10000 --connect-parallel 512 --steps hold,flaps --duration 30 --iterations 20
 # c2: 5,000 connect at once while 1,000 are connected
+# (an endpoint flap every second during the storm; c2-b2b: flaps back to back, 100 ms after the last ACK)
 run c2 1800 "${S[@]}" --steps storm --storm-proxies 5000
+run c2-b2b 1800 "${S[@]}" --steps storm --storm-proxies 5000 --storm-flap-interval-ms 0
 # e2: churn soak
 run e2 900 "${S[@]}" --steps churn --duration 60
 # the 10-minute soak (issue 8): churn and reconnects against the meshfed binary; memory, tasks, descriptors
 # back at their baseline, no errors (tests/soak.rs; CI runs it for 60 s)
-if [ -z "$only" ] || [ "$only" = soak ]; then
+if { [ -z "$only" ] || [ "$only" = soak ]; } && [[ "$skip" != *",soak,"* ]]; then
   echo "== soak: scripts/soak.sh 600" >&2
   if bash scripts/soak.sh 600 > "$out/soak.log" 2>&1; then echo "   soak passed" >&2; else echo "!! soak failed; see $out/soak.log" >&2; fi
 fi
 # e3: one cluster floods 10k endpoints in 60 s
 run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
-# L: a2 memory per proxy, b2, c1(L), b4 rollout (200 proxies: see BENCHMARKS.md for why)
+# c1 on a server with no other proxy: every scope of the proxy is translated for it
+run c1-S 300 --size S --proxies 0 --steps cold --iterations 30
+run c1-S-floor 300 --size S --proxies 0 --server floor-zero-copy --steps cold --iterations 30
+# L: a2 memory per proxy, b2, b4 rollout at 1,000 proxies; c1(L) and the same at 200 proxies
+run L1000 2400 --size L --proxies 1000 --steps flaps,rollout --iterations 20 --rollout-pods 500
 run L 2400 --size L --proxies 200 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
 # files: meshfed serve on a file topology (the file source's own delay included)
 run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50

@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// storm: proxies that connect at once
     #[arg(long, default_value_t = 5000)]
     pub storm_proxies: usize,
+    /// storm: an endpoint flap starts this often (ms) while the storm lasts, the previous one ACKed by
+    /// every connected proxy first; 0: back to back (100 ms after the previous one's last ACK)
+    #[arg(long, default_value_t = 1000)]
+    pub storm_flap_interval_ms: u64,
     /// nack: pause after the NACKed change before the next one (0: none, so a NACK may race the next push)
     #[arg(long, default_value_t = 0)]
     pub nack_settle_ms: u64,
@@ -848,6 +852,7 @@ impl Run<'_> {
         let cpu0 = self.server.cpu_ns();
         self.fleet.start(n..n + m, false);
         let mut during = Vec::new();
+        let mut last_per_change = Vec::new();
         let mut missing = 0;
         let mut all_ready = None;
         let mut i = 0usize;
@@ -857,11 +862,16 @@ impl Run<'_> {
                 break;
             }
             i += 1;
+            let flap_start = Instant::now();
             let (lat, miss) =
                 self.one_flap((i * 7919) % self.args.size.services, i % 2, n, Duration::from_secs(10)).await?;
             missing += miss;
+            if let Some(last) = lat.iter().copied().reduce(f64::max) {
+                last_per_change.push(last);
+            }
             during.extend(lat);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let interval = Duration::from_millis(self.args.storm_flap_interval_ms);
+            tokio::time::sleep(interval.saturating_sub(flap_start.elapsed()).max(Duration::from_millis(100))).await;
         }
         let ready_ms: Vec<f64> = (n..n + m)
             .map(|k| self.fleet.rec.stats[k].ready_us.load(Ordering::Relaxed) as f64 / 1000.0)
@@ -875,7 +885,9 @@ impl Run<'_> {
             "all_ready_s": all_ready,
             "storm_ready_ms": percentiles(&ready_ms),
             "flaps_during_storm": i,
+            "flap_interval_ms": self.args.storm_flap_interval_ms,
             "connected_proxies_change_to_ack_ms": percentiles(&during),
+            "connected_proxies_change_to_last_ack_ms_per_change": percentiles(&last_per_change),
             "missing_acks": missing,
             "server_cpu_s": cpu,
             "server_rss_kb": self.server.rss_kb(),
