@@ -139,12 +139,15 @@ run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
 run c1-S 300 --size S --proxies 0 --steps cold --iterations 30
 run c1-S-floor 300 --size S --proxies 0 --server floor-zero-copy --steps cold --iterations 30
 # L: a2 memory per proxy, b2, b4 rollout at 1,000 proxies; c1(L) and the same at 200 proxies
-run L1000 2400 --size L --proxies 1000 --steps flaps,rollout --iterations 20 --rollout-pods 500
+run L1000 2400 --size L --proxies 1000 --steps flaps,rollout --iterations 100 --rollout-pods 500
+run L1000-floor-zc 2400 --size L --proxies 1000 --server floor-zero-copy --steps flaps --iterations 100
+run c1-L 600 --size L --proxies 0 --steps cold --iterations 10
 run L 2400 --size L --proxies 200 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
 # files: meshfed serve on a file topology (the file source's own delay included)
 run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50
 # real Envoys
 run envoy 600 --size S --proxies 0 --envoys 3 --steps envoy --iterations 30
+run envoy-100 600 --size 100x10 --proxies 0 --envoys 3 --steps envoy --iterations 30
 
 python3 - "$results" <<'PY'
 import json, sys
@@ -153,6 +156,6 @@ for l in open(sys.argv[1]):
     label = r.get("base", {}).get("label", r.get("label"))
     keys = [k for k in ("change_to_last_ack_ms_per_change", "change_to_ack_ms_per_proxy", "server_kb_per_proxy",
             "server_cpu_us_per_update", "full_config_acked_ms", "final_ack_after_last_event_ms", "rejected_version_resent",
-            "all_ready_s", "rss_after_vs_baseline", "during_flood_last_ack_ms", "change_to_envoy_admin_ms_per_envoy", "errors") if k in r]
+            "all_ready_s", "connected_proxies_change_to_last_ack_ms_per_change", "server_kernel_cpu_share", "rss_after_vs_baseline", "during_flood_last_ack_ms", "change_to_envoy_admin_ms_per_envoy", "errors") if k in r]
     print(label, r.get("step"), {k: r[k] for k in keys})
 PY

@@ -518,6 +518,7 @@ impl Run<'_> {
         let before = self.fleet.rec.totals();
         let cpu0 = self.server.cpu_ns();
         let ccpu0 = procfs::cpu_ns(client_pid);
+        let (user0, sys0) = procfs::user_sys_ticks(self.server.pid);
         let t_start = Instant::now();
         let mut all = Vec::new();
         let mut last = Vec::new();
@@ -537,6 +538,8 @@ impl Run<'_> {
         let elapsed = t_start.elapsed().as_secs_f64();
         let cpu = (self.server.cpu_ns() - cpu0) as f64 - idle_rate * elapsed;
         let ccpu = (procfs::cpu_ns(client_pid) - ccpu0) as f64;
+        let (user1, sys1) = procfs::user_sys_ticks(self.server.pid);
+        let (user, sys) = (user1.saturating_sub(user0), sys1.saturating_sub(sys0));
         let after = self.fleet.rec.totals();
         let updates = (after[1][1] - before[1][1]).max(1);
         let per_type = type_table(before, after);
@@ -552,6 +555,9 @@ impl Run<'_> {
             "server_cpu_us_per_update": cpu / 1000.0 / updates as f64,
             "client_cpu_us_per_update": ccpu / 1000.0 / updates as f64,
             "server_idle_cpu_pct": idle_rate / 1e7,
+            // the part of the server's CPU spent in the kernel (socket reads and writes), from
+            // /proc/PID/stat's utime and stime
+            "server_kernel_cpu_share": if user + sys > 0 { Some(sys as f64 / (user + sys) as f64) } else { None },
             "bytes_by_type": per_type,
             "eds_resources_per_response": eds_resources_per_response,
             "non_eds_bytes": (after[0][0] - before[0][0]) + (after[2][0] - before[2][0]) + (after[3][0] - before[3][0]),

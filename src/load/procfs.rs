@@ -48,6 +48,15 @@ pub fn cpu_ns(pid: u32) -> u64 {
     stat_cpu_ns(pid)
 }
 
+/// utime and stime of /proc/PID/stat, in clock ticks (10 ms): CPU in user space and in the kernel.
+pub fn user_sys_ticks(pid: u32) -> (u64, u64) {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return (0, 0) };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else { return (0, 0) };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(14), ticks(15))
+}
+
 /// utime + stime of /proc/PID/stat, in nanoseconds (USER_HZ is 100 on Linux).
 pub fn stat_cpu_ns(pid: u32) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
