@@ -135,13 +135,16 @@ if { [ -z "$only" ] || [ "$only" = soak ]; } && [[ "$skip" != *",soak,"* ]]; the
 fi
 # e3: one cluster floods 10k endpoints in 60 s
 run e3 900 "${S[@]}" --steps flood --duration 60 --flood-endpoints 10000
-# c1 on a server with no other proxy: every scope of the proxy is translated for it
+# c1 on a server with no other proxy. c1-S: the proxy reconnects 50 ms after it left (its scopes linger);
+# c1-S-cold: 11 s after (past SCOPE_LINGER), so every scope of the proxy is translated for it
 run c1-S 300 --size S --proxies 0 --steps cold --iterations 30
+run c1-S-cold 600 --size S --proxies 0 --steps cold --iterations 10 --cold-pause-ms 11000
 run c1-S-floor 300 --size S --proxies 0 --server floor-zero-copy --steps cold --iterations 30
 # L: a2 memory per proxy, b2, b4 rollout at 1,000 proxies; c1(L) and the same at 200 proxies
 run L1000 2400 --size L --proxies 1000 --steps flaps,rollout --iterations 100 --rollout-pods 500
 run L1000-floor-zc 2400 --size L --proxies 1000 --server floor-zero-copy --steps flaps --iterations 100
 run c1-L 600 --size L --proxies 0 --steps cold --iterations 10
+run c1-L-cold 600 --size L --proxies 0 --steps cold --iterations 5 --cold-pause-ms 11000
 run L 2400 --size L --proxies 200 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
 # files: meshfed serve on a file topology (the file source's own delay included)
 run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50

@@ -98,39 +98,77 @@ impl Drop for Attachment {
     }
 }
 
+/// How long the scopes no proxy uses any more are kept, and kept up to date, before they are dropped: a
+/// proxy that comes back (an Envoy restart, a connection the load balancer moved, a replica draining)
+/// finds its configuration translated instead of waiting for it, and does not stall the push loop with
+/// that translation. Memory follows the fleet this much later.
+pub const SCOPE_LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+/// Unused scopes kept per resource type at most (the oldest go first).
+pub const MAX_LINGERING: usize = 64;
+
 /// Scopes of one resource type that proxies are attached to, with their resources. The map is
-/// persistent: a snapshot takes it in O(1), and a push copies only what it changes.
+/// persistent: a snapshot takes it in O(1), and a push copies only what it changes. A scope whose last
+/// proxy left lingers for [`SCOPE_LINGER`] (see [`ScopeTable::sweep`]).
 struct ScopeTable<S: Clone + Eq + Hash> {
     scopes: imbl::HashMap<S, Resources>,
     refs: HashMap<S, usize>,
+    /// scopes in `scopes` that no proxy uses, with when their last proxy left (oldest first)
+    lingering: indexmap::IndexMap<S, Instant>,
 }
 
 impl<S: Clone + Eq + Hash> ScopeTable<S> {
     fn new() -> Self {
-        Self { scopes: imbl::HashMap::new(), refs: HashMap::new() }
+        Self { scopes: imbl::HashMap::new(), refs: HashMap::new(), lingering: indexmap::IndexMap::new() }
     }
 
     /// Adds a reference; returns true if the scope is new and must be translated.
     fn attach(&mut self, scope: &S) -> bool {
         let n = self.refs.entry(scope.clone()).or_default();
         *n += 1;
-        if *n == 1 {
-            self.scopes.insert(scope.clone(), Resources::new());
+        if *n > 1 || self.lingering.shift_remove(scope).is_some() {
+            return false;
         }
-        *n == 1
+        self.scopes.insert(scope.clone(), Resources::new());
+        true
     }
 
-    /// Drops a reference; returns true if it was the last (the scope is gone).
-    fn detach(&mut self, scope: &S) -> bool {
-        if let Some(n) = self.refs.get_mut(scope) {
-            *n -= 1;
-            if *n == 0 {
-                self.refs.remove(scope);
-                self.scopes.remove(scope);
-                return true;
+    /// Drops a reference; a scope that loses its last one lingers from `now`. Returns true if that
+    /// pushed an older lingering scope out (it is gone).
+    fn detach(&mut self, scope: &S, now: Instant) -> bool {
+        let Some(n) = self.refs.get_mut(scope) else { return false };
+        *n -= 1;
+        if *n > 0 {
+            return false;
+        }
+        self.refs.remove(scope);
+        self.lingering.insert(scope.clone(), now);
+        let mut gone = false;
+        while self.lingering.len() > MAX_LINGERING {
+            if let Some((old, _)) = self.lingering.shift_remove_index(0) {
+                self.scopes.remove(&old);
+                gone = true;
             }
         }
-        false
+        gone
+    }
+
+    /// Drops the scopes that lingered `linger` by `now`; returns true if any went.
+    fn sweep(&mut self, now: Instant, linger: std::time::Duration) -> bool {
+        let mut gone = false;
+        while let Some((_, since)) = self.lingering.first()
+            && now.saturating_duration_since(*since) >= linger
+        {
+            if let Some((old, _)) = self.lingering.shift_remove_index(0) {
+                self.scopes.remove(&old);
+                gone = true;
+            }
+        }
+        gone
+    }
+
+    /// When the oldest lingering scope is due to go.
+    fn next_sweep(&self, linger: std::time::Duration) -> Option<Instant> {
+        self.lingering.first().map(|(_, since)| *since + linger)
     }
 
     fn resources(&mut self, scope: &S) -> &mut Resources {
@@ -281,20 +319,45 @@ impl Pusher {
         new
     }
 
-    /// Detaches a view; returns true if one of its scopes is no longer attached (and was dropped).
+    /// Detaches a view: its scopes no other proxy uses linger ([`SCOPE_LINGER`]). Returns true if a
+    /// scope was dropped (one lingering longest, over [`MAX_LINGERING`]).
     pub fn detach(&mut self, view: &View) -> bool {
-        let mut gone = self.clusters.detach(&view.clusters);
+        let now = Instant::now();
+        let mut gone = self.clusters.detach(&view.clusters, now);
         if let Some(i) = &view.inbound {
-            gone |= self.inbound.detach(i);
+            gone |= self.inbound.detach(i, now);
         }
-        gone |= self.endpoints.detach(&view.endpoints);
-        gone |= self.listeners.detach(&view.listeners);
-        gone |= self.routes.detach(&view.routes);
+        gone |= self.endpoints.detach(&view.endpoints, now);
+        gone |= self.listeners.detach(&view.listeners, now);
+        gone |= self.routes.detach(&view.routes, now);
         gone
     }
 
-    /// After a detach: the current snapshots without the scopes no proxy uses any more, so their
-    /// resources are freed. The same generation with the same changes, swapped in without waking any
+    /// Drops the scopes that lingered [`SCOPE_LINGER`] by `now`; returns true if any went.
+    fn sweep_lingering(&mut self, now: Instant) -> bool {
+        let mut gone = self.clusters.sweep(now, SCOPE_LINGER);
+        gone |= self.inbound.sweep(now, SCOPE_LINGER);
+        gone |= self.endpoints.sweep(now, SCOPE_LINGER);
+        gone |= self.listeners.sweep(now, SCOPE_LINGER);
+        gone |= self.routes.sweep(now, SCOPE_LINGER);
+        gone
+    }
+
+    /// When the next lingering scope is due to be dropped.
+    fn next_sweep(&self) -> Option<Instant> {
+        [
+            self.clusters.next_sweep(SCOPE_LINGER),
+            self.inbound.next_sweep(SCOPE_LINGER),
+            self.endpoints.next_sweep(SCOPE_LINGER),
+            self.listeners.next_sweep(SCOPE_LINGER),
+            self.routes.next_sweep(SCOPE_LINGER),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// After scopes were dropped: the current snapshots without them, so their resources are freed. The same generation with the same changes, swapped in without waking any
     /// stream (none of them uses those scopes).
     fn drop_detached_scopes(&mut self) {
         let snapshot = self.refresh_latest();
@@ -563,11 +626,17 @@ impl Pusher {
             });
             let demotion = self.next_demotion();
             let warnings_due = self.warnings_due;
+            let sweep = self.next_sweep();
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { break };
                     self.handle(cmd);
+                }
+                _ = async { tokio::time::sleep_until(tokio::time::Instant::from_std(sweep.expect("guarded"))).await }, if sweep.is_some() => {
+                    if self.sweep_lingering(Instant::now()) {
+                        self.drop_detached_scopes();
+                    }
                 }
                 ev = events.recv(), if events_open => {
                     let Some(ev) = ev else { events_open = false; continue };
@@ -771,10 +840,64 @@ mod tests {
         let (commands, _) = mpsc::unbounded_channel();
         let handle = pusher.handle_for(commands);
         assert!(handle.snapshot().listeners.contains_key(&view.listeners));
-        // the last proxy of a scope goes: the scope is dropped from the snapshots, still without a wake-up
+        // the last proxy of a scope goes: the scope lingers, then is dropped from the snapshots, still
+        // without a wake-up
         pusher.handle(Command::Detach { view: view.clone() });
+        assert!(handle.snapshot().listeners.contains_key(&view.listeners), "lingers");
+        let due = pusher.next_sweep().expect("a sweep is due");
+        assert!(!pusher.sweep_lingering(due - std::time::Duration::from_millis(1)), "not before its time");
+        assert!(pusher.sweep_lingering(due));
+        pusher.drop_detached_scopes();
         assert!(!handle.snapshot().listeners.contains_key(&view.listeners));
         assert!(!rx.borrow().listeners.contains_key(&view.listeners));
         assert!(!rx.has_changed().unwrap(), "connected streams are not woken");
+        assert_eq!(pusher.next_sweep(), None);
+    }
+
+    #[test]
+    fn a_proxy_that_comes_back_finds_its_lingering_scopes_translated_and_current() {
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let view = sidecar("127.0.50.4");
+        assert!(pusher.attach(&view), "first attach: scopes translated");
+        pusher.detach(&view);
+        // while no proxy uses them, a change still reaches them: one cluster loses an EndpointSlice
+        let before = pusher.refresh_latest().endpoints[&view.endpoints].clone();
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = MeshConfig::load(&crate::testing::copy_demo(dir.path(), 0)).unwrap();
+        let c = &mesh.clusters[0];
+        let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { panic!("demo clusters are files") };
+        let (mut objects, _) = crate::source::files::load_cluster_dir(d);
+        let slice = objects.iter().position(|o| matches!(o, crate::topology::TopologyObject::EndpointSlice(_)));
+        objects.remove(slice.expect("the demo has EndpointSlices"));
+        let change = pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects });
+        pusher.push(change, false);
+        assert!(!pusher.attach(&view), "back within the linger: nothing to translate");
+        let after = pusher.refresh_latest().endpoints[&view.endpoints].clone();
+        let changed = after.iter().filter(|(n, r)| before.get(*n).is_none_or(|b| b.version != r.version)).count();
+        assert!(changed > 0, "the lingering scope was kept up to date");
+        assert_eq!(pusher.next_sweep(), None, "in use again: nothing lingers");
+    }
+
+    #[test]
+    fn lingering_scopes_are_bounded_and_swept_in_order() {
+        let mut table: ScopeTable<u32> = ScopeTable::new();
+        let t0 = Instant::now();
+        for i in 0..(MAX_LINGERING as u32 + 3) {
+            assert!(table.attach(&i));
+            let gone = table.detach(&i, t0 + std::time::Duration::from_millis(i as u64));
+            // over the bound, the oldest goes at once
+            assert_eq!(gone, i as usize >= MAX_LINGERING, "detach {i}");
+        }
+        assert_eq!(table.scopes.len(), MAX_LINGERING);
+        assert!(!table.scopes.contains_key(&0) && !table.scopes.contains_key(&2) && table.scopes.contains_key(&3));
+        // a second proxy of a scope: it lingers only when both left
+        assert!(table.attach(&1000));
+        assert!(!table.attach(&1000));
+        table.detach(&1000, t0);
+        assert!(!table.lingering.contains_key(&1000));
+        let linger = std::time::Duration::from_secs(10);
+        assert_eq!(table.next_sweep(linger), Some(t0 + std::time::Duration::from_millis(3) + linger));
+        assert!(table.sweep(t0 + std::time::Duration::from_millis(10) + linger, linger));
+        assert_eq!(table.scopes.len(), MAX_LINGERING + 3 - 11 + 1, "those that lingered long enough went");
     }
 }

@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// storm: proxies that connect at once
     #[arg(long, default_value_t = 5000)]
     pub storm_proxies: usize,
+    /// cold: pause between one connect's end and the next (more than meshfed's SCOPE_LINGER, 10 s, and
+    /// each connect finds nothing translated)
+    #[arg(long, default_value_t = 50)]
+    pub cold_pause_ms: u64,
     /// storm: an endpoint flap starts this often (ms) while the storm lasts, the previous one ACKed by
     /// every connected proxy first; 0: back to back (100 ms after the previous one's last ACK)
     #[arg(long, default_value_t = 1000)]
@@ -761,6 +765,19 @@ impl Run<'_> {
             stats = self.server.stats().await;
         }
         let tasks_settled_s = settle.elapsed().as_secs_f64();
+        // the scopes of departed proxies linger (meshfed's SCOPE_LINGER) before they are freed: wait
+        // until none is left, at most 60 s
+        let scopes_left = |stats: &Value| {
+            stats
+                .get("scopes")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.values().filter_map(|v| v.get("scopes").and_then(Value::as_u64)).sum::<u64>())
+        };
+        let scopes_wait = Instant::now();
+        while scopes_left(&self.server.stats().await) > 0 && scopes_wait.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let scopes_dropped_s = scopes_wait.elapsed().as_secs_f64();
         // the allocator returns freed memory over seconds (jemalloc's decay): wait up to 30 s for RSS to
         // come back within 10 % of the baseline, and report how long it took
         let rss_wait = Instant::now();
@@ -769,6 +786,7 @@ impl Run<'_> {
         }
         let rss_settled_s = rss_wait.elapsed().as_secs_f64();
         let end_rss = self.server.rss_kb();
+        let stats = self.server.stats().await;
         // reconnect everyone so later steps have a fleet
         self.fleet.start(0..n, true);
         self.fleet.rec.wait_ready(n, Duration::from_secs(self.args.ready_timeout)).await;
@@ -785,6 +803,7 @@ impl Run<'_> {
             "server_rss_kb_3s_after_all_disconnected": end_rss_3s,
             "server_rss_kb_after_all_disconnected": end_rss,
             "tasks_settled_after_s": tasks_settled_s,
+            "scopes_dropped_after_further_s": scopes_dropped_s,
             "rss_settled_after_s": rss_settled_s,
             "rss_after_vs_baseline": end_rss as f64 / base_rss.max(1) as f64,
             "server_stats_baseline": self.stats0,
@@ -1046,7 +1065,7 @@ impl Run<'_> {
             }
             times.push(self.fleet.rec.stats[k].last_ready_us.load(Ordering::Relaxed) as f64 / 1000.0);
             self.fleet.stop(k..k + 1).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(self.args.cold_pause_ms)).await;
         }
         Ok(json!({
             "step": "cold",
