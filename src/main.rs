@@ -18,6 +18,10 @@ use tracing::{error, info};
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// jemalloc's options ([`meshfed::heap::MALLOC_CONF`]), read by jemalloc at its start.
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8] = meshfed::heap::MALLOC_CONF;
 
 #[derive(Parser)]
 #[command(name = "meshfed", version, about = "xDS control plane for Istio meshes spanning clouds")]

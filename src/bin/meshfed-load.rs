@@ -14,6 +14,10 @@ use meshfed::load::topo::{Size, Topology};
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+/// jemalloc's options ([`meshfed::heap::MALLOC_CONF`]), read by jemalloc at its start.
+#[cfg(feature = "jemalloc")]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: &[u8] = meshfed::heap::MALLOC_CONF;
 
 #[derive(Parser)]
 #[command(name = "meshfed-load", about = "load generator and benchmarks for meshfed")]
