@@ -235,6 +235,16 @@ async fn two_clusters_list_watch_and_reconcile_exactly() -> Result<()> {
     }
     a.api.expire_watches(); // relist now: the pods come through a paged list
     m.wait("pods relisted", |m| counts_match(m, &a)).await?;
+    // the pods may all have arrived by watch events before the expired watch made the source relist:
+    // wait (bounded) for the relist's paged request itself
+    let paged = |requests: &[String]| {
+        requests.iter().any(|r| r.starts_with("/api/v1/pods?") && !r.contains("watch=true") && r.contains("continue="))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !paged(&a.api.requests()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    m.wait("pods relisted after the paged list", |m| counts_match(m, &a)).await?;
     let requests = a.api.requests();
     let pod_lists: Vec<&String> =
         requests.iter().filter(|r| r.starts_with("/api/v1/pods?") && !r.contains("watch=true")).collect();
