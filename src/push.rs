@@ -142,21 +142,20 @@ impl<S: Clone + Eq + Hash> ScopeTable<S> {
         }
         self.refs.remove(scope);
         self.lingering.insert(scope.clone(), now);
-        let mut gone = false;
-        while self.lingering.len() > MAX_LINGERING {
-            if let Some((old, _)) = self.lingering.shift_remove_index(0) {
-                self.scopes.remove(&old);
-                gone = true;
-            }
-        }
-        gone
+        self.drop_oldest_while(|lingering, _| lingering > MAX_LINGERING)
     }
 
     /// Drops the scopes that lingered `linger` by `now`; returns true if any went.
     fn sweep(&mut self, now: Instant, linger: std::time::Duration) -> bool {
+        self.drop_oldest_while(|_, since| now.saturating_duration_since(since) >= linger)
+    }
+
+    /// Drops the longest-lingering scope while `drop(how many linger, since when it lingers)`; returns
+    /// true if any went.
+    fn drop_oldest_while(&mut self, drop: impl Fn(usize, Instant) -> bool) -> bool {
         let mut gone = false;
         while let Some((_, since)) = self.lingering.first()
-            && now.saturating_duration_since(*since) >= linger
+            && drop(self.lingering.len(), *since)
         {
             if let Some((old, _)) = self.lingering.shift_remove_index(0) {
                 self.scopes.remove(&old);

@@ -555,9 +555,7 @@ async fn a_client_slowly_reading_a_long_response_is_not_dropped_by_the_keepalive
         keepalive_timeout: Duration::from_millis(30),
         ..Config::default()
     };
-    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    tokio::spawn(serve(server_io, Echo { events: events_tx }, Arc::new(config), std::future::pending()));
+    let (client_io, mut server) = start(config);
     let mut raw = Raw { io: client_io, buf: BytesMut::new() };
     raw.send(frame::PREFACE).await;
     let mut b = BytesMut::new();
@@ -584,5 +582,5 @@ async fn a_client_slowly_reading_a_long_response_is_not_dropped_by_the_keepalive
     };
     tokio::time::timeout(Duration::from_secs(20), slow).await.expect("read in time");
     assert!(data >= 3_000_000, "only {data} bytes arrived: the connection was dropped");
-    assert_eq!(events.recv().await.as_deref(), Some("end"));
+    assert_eq!(server.events.recv().await.as_deref(), Some("end"));
 }

@@ -377,13 +377,11 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
             paused = pause.elapsed();
         }
     }
-    let server_cpu_paused = server.cpu_ns();
     fleet.start(first..n, true);
     let ready = fleet.rec.wait_ready(n, Duration::from_secs(args.ready_timeout)).await;
     let connect_s = (started.elapsed() - paused).as_secs_f64();
     let server_cpu1 = server.cpu_ns();
     let client_cpu1 = procfs::cpu_ns(client_pid);
-    let _ = server_cpu_paused;
     if !ready {
         bail!(
             "only {} of {n} proxies got their full config in {} s (errors {}: {:?})",

@@ -59,13 +59,8 @@ pub fn user_sys_ticks(pid: u32) -> (u64, u64) {
 
 /// utime + stime of /proc/PID/stat, in nanoseconds (USER_HZ is 100 on Linux).
 pub fn stat_cpu_ns(pid: u32) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0 };
-    // the command name is in parentheses and may contain spaces: fields start after the last ')'
-    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else { return 0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest[0] is field 3 (state); utime is field 14, stime field 15
-    let ticks = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(14) + ticks(15)) * 10_000_000
+    let (user, sys) = user_sys_ticks(pid);
+    (user + sys) * 10_000_000
 }
 
 /// A short description of the machine (CPU model, cores, memory) for reports.

@@ -1096,11 +1096,12 @@ impl Stream {
             let candidates: Option<std::borrow::Cow<'_, BTreeSet<Arc<str>>>> = match &changes {
                 Some(changes) => {
                     let mut changed = changes.iter().filter_map(|c| c.get(t)).map(|ch| &ch.0);
-                    let c = match (changed.clone().count(), changed.next()) {
-                        (1, Some(ch)) if ts.dirty.is_empty() => std::borrow::Cow::Borrowed(ch),
-                        (_, first) => {
+                    let (first, second) = (changed.next(), changed.next());
+                    let c = match (first, second) {
+                        (Some(one), None) if ts.dirty.is_empty() => std::borrow::Cow::Borrowed(one),
+                        _ => {
                             let mut c: BTreeSet<Arc<str>> = ts.dirty.iter().cloned().collect();
-                            for ch in first.into_iter().chain(changed) {
+                            for ch in first.into_iter().chain(second).chain(changed) {
                                 c.extend(ch.iter().cloned());
                             }
                             std::borrow::Cow::Owned(c)
