@@ -36,10 +36,10 @@ results="$out/results.jsonl"
 # MESHFED_BENCH_NO_BUILD=1: use the binaries already built (e.g. while others edit the sources)
 tdir="${CARGO_TARGET_DIR:-target}"
 if [ "$mode" = smoke ]; then
-  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --bins
+  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --workspace --bins
   bin="$tdir/debug/meshfed-load"
 else
-  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --release --bins
+  [ -n "${MESHFED_BENCH_NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
   bin="$tdir/release/meshfed-load"
 fi
 # 10,000 streams need 10,000 descriptors in each process

@@ -5,7 +5,7 @@
 #
 # Builds fuzz/ (libfuzzer-sys; release, or $MESHFED_FUZZ_PROFILE) with SanitizerCoverage instrumentation (the stable codegen
 # options cargo-fuzz passes, minus -Zsanitizer=address, which needs nightly; meshfed has no unsafe code),
-# seeds each corpus from meshfed::fuzz::seeds, then runs every target for SECONDS_PER_TARGET (default:
+# seeds each corpus from meshfed_testkit::fuzz::seeds, then runs every target for SECONDS_PER_TARGET (default:
 # $MESHFED_FUZZ_SECS, else 60). Corpora grow in fuzz/corpus/TARGET, crashes land in
 # fuzz/artifacts/TARGET/. Exits non-zero on the first target that finds a crash.
 # With a nightly toolchain and cargo-fuzz, `cd fuzz && cargo fuzz run TARGET` works on the same crate.

@@ -38,10 +38,10 @@ fi
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
 
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # Integration tests start real processes; two test threads per binary keep a 2-core machine responsive.
 # (criterion benches are not libtest harnesses: they are built by clippy above and run by scripts/bench.sh)
-cargo test --lib --bins --tests -- --test-threads="${MESHFED_TEST_THREADS:-4}"
+cargo test --workspace --lib --bins --tests -- --test-threads="${MESHFED_TEST_THREADS:-4}"
 # (that includes the hardening suites in smoke modes: tests/fuzz_smoke.rs, tests/translate_props.rs,
 # tests/faults.rs, and tests/soak.rs for MESHFED_SOAK_SECS, default 60 s; see SECURITY.md)
 

@@ -295,7 +295,10 @@ mod tests {
 
     fn demo_pusher() -> (crate::push::Pusher, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mesh = MeshConfig::load(&crate::testing::copy_demo(dir.path(), 0)).unwrap();
+        let mesh = {
+            crate::demo::write_to(dir.path()).unwrap();
+            MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap()
+        };
         let (mut pusher, _rx) = crate::push::Pusher::new(&mesh);
         for c in &mesh.clusters {
             let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };

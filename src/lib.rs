@@ -5,6 +5,7 @@
 //! -> cache ([`cache`], encoded once, shared) -> xDS streams ([`xds`]). The push loop ([`push`]) drives
 //! the middle; the debug surface ([`debug`]) reads the same state.
 
+pub mod app;
 pub mod bootstrap;
 pub mod cache;
 pub mod canonical;
@@ -12,12 +13,9 @@ pub mod config_dump;
 pub mod debug;
 pub mod demo;
 pub mod descriptors;
-pub mod fuzz;
 pub mod gateway_dns;
 pub mod grpc;
 pub mod heap;
-pub mod kube_standin;
-pub mod load;
 pub mod mesh_config;
 pub mod metrics;
 pub mod model;
@@ -26,7 +24,6 @@ pub mod proxy;
 pub mod push;
 pub mod registry;
 pub mod source;
-pub mod testing;
 pub mod tls;
 pub mod topology;
 pub mod translate;

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use meshfed::app::{App, DebugListener, Listen, Options, Sources, XdsListener};
 use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
 use meshfed::mesh_config::MeshConfig;
-use meshfed::xds::connections::Connections;
-use tokio::sync::watch;
+use meshfed::xds::server::ServeOptions;
 use tracing::{error, info};
 
 /// jemalloc returns memory freed after connection bursts to the system (see `meshfed::heap`).
@@ -241,105 +241,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mesh = MeshConfig::load(&path)?;
     info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
 
-    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    // The initial state of every file source is queued before the push loop starts, so the first push
-    // is the complete state.
-    // every source reports its clusters' status here (the debug surface and metrics read it)
-    let cluster_health = meshfed::source::ClusterHealth::new(mesh.unreachable_grace_period);
-    let files = meshfed::source::files::run_with_health(&mesh, events_tx.clone(), cluster_health.clone())
-        .await
-        .context("starting the file source")?;
-    // Kubernetes clusters (kubeconfig, in-cluster, remote secrets): their initial lists are queued too, but
-    // an unreachable cluster delays readiness by at most readyTimeout; it joins when it syncs.
-    let mut kube_options = meshfed::source::kube::KubeOptions::from_mesh(&mesh);
-    kube_options.allow_exec_auth |= args.allow_exec_auth;
-    let kube = meshfed::source::kube::start(&mesh, kube_options, events_tx, cluster_health.clone());
-    if !kube.is_empty() {
-        let timed_out = kube.wait_ready(mesh.ready_timeout).await;
-        info!(timed_out = ?timed_out, "Kubernetes clusters' initial lists done");
-    }
-    let (push, push_task) = meshfed::push::start(&mesh, events_rx);
-    let connections = Arc::new(Connections::default());
-    tokio::spawn(meshfed::gateway_dns::run(push.clone(), meshfed::gateway_dns::DEFAULT_INTERVAL));
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let shutdown = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-
-    let debug_listener = tokio::net::TcpListener::bind(args.debug_address)
-        .await
-        .with_context(|| format!("binding the debug address {}", args.debug_address))?;
-    let files_errors = files.subscribe_errors();
-    let debug_state = meshfed::debug::DebugState {
-        push: push.clone(),
-        connections: connections.clone(),
-        source_errors: {
-            let health = cluster_health.clone();
-            Arc::new(move || {
-                let mut errors: Vec<String> = files_errors.borrow().iter().map(|e| e.to_string()).collect();
-                // the Kubernetes sources' problems (the file source's are listed above)
-                errors.extend(health.errors_where(|s| !s.source.starts_with("manifests:")));
-                errors
-            })
-        },
-        clusters: cluster_health.clone(),
-    };
-    info!(address = %args.debug_address, "debug server listening");
-    let debug_task =
-        tokio::spawn(meshfed::debug::serve_with(debug_listener, debug_state, access, shutdown(shutdown_rx.clone())));
-
-    // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
-    let mut ready = push.subscribe();
-    let _ = ready.wait_for(|s| s.generation > 0).await;
-    let ads = meshfed::xds::AdsService::new(push.clone(), connections.clone());
-    let mut xds_tasks = Vec::new();
+    let mut xds = Vec::new();
     if !args.no_plaintext_xds {
-        let xds_listener = meshfed::xds::bind_listener(args.xds_address)
-            .with_context(|| format!("binding the xDS address {}", args.xds_address))?;
-        info!(address = %args.xds_address, "ADS server listening (plaintext)");
-        let options = meshfed::xds::server::ServeOptions { limits: limits.clone(), ..Default::default() };
-        xds_tasks.push(tokio::spawn(meshfed::xds::server::serve(
-            xds_listener,
-            ads.clone(),
-            options,
-            shutdown(shutdown_rx.clone()),
-        )));
+        let options = ServeOptions { limits: limits.clone(), ..Default::default() };
+        xds.push(XdsListener { listen: Listen::Address(args.xds_address), options });
     }
     if let Some(config) = xds_tls_config {
         let tls = meshfed::xds::server::TlsOptions { config, trust_domain: mesh.trust_domain.as_str().into() };
-        let listener = meshfed::xds::bind_listener(args.xds_tls_address)
-            .with_context(|| format!("binding the xDS TLS address {}", args.xds_tls_address))?;
-        info!(address = %args.xds_tls_address, mtls = args.xds_client_ca.is_some(), "ADS server listening (TLS)");
-        let options =
-            meshfed::xds::server::ServeOptions { limits: limits.clone(), tls: Some(tls), ..Default::default() };
-        xds_tasks.push(tokio::spawn(meshfed::xds::server::serve(
-            listener,
-            ads,
-            options,
-            shutdown(shutdown_rx.clone()),
-        )));
+        let options = ServeOptions { limits: limits.clone(), tls: Some(tls), ..Default::default() };
+        xds.push(XdsListener { listen: Listen::Address(args.xds_tls_address), options });
     }
+    let options = Options {
+        mesh,
+        sources: Sources::Mesh { allow_exec_auth: args.allow_exec_auth },
+        xds,
+        debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access }),
+        gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
+    };
+    let app = App::start(options).await?;
 
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("interrupted, shutting down"),
         _ = terminate() => info!("terminated, shutting down"),
     }
     // The xDS servers stop accepting, send GOAWAY, end their streams and wait up to --drain-timeout for
-    // the connections to close (each server bounds its own drain).
-    let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(args.drain_timeout + Duration::from_secs(2), async {
-        for t in xds_tasks {
-            if let Ok(Err(e)) = t.await {
-                error!("{e}");
-            }
-        }
-        let _ = debug_task.await;
-    })
-    .await;
-    drop(files);
-    drop(kube);
-    push_task.abort();
+    // the connections to close.
+    app.shutdown(args.drain_timeout).await;
     Ok(())
 }
 

@@ -772,7 +772,10 @@ mod tests {
 
     fn demo_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let mesh = MeshConfig::load(&crate::testing::copy_demo(dir.path(), 0)).unwrap();
+        let mesh = {
+            crate::demo::write_to(dir.path()).unwrap();
+            MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap()
+        };
         let (mut pusher, rx) = Pusher::new(&mesh);
         let mut change = RegistryChange::default();
         for c in &mesh.clusters {
@@ -862,7 +865,10 @@ mod tests {
         // while no proxy uses them, a change still reaches them: one cluster loses an EndpointSlice
         let before = pusher.refresh_latest().endpoints[&view.endpoints].clone();
         let dir = tempfile::tempdir().unwrap();
-        let mesh = MeshConfig::load(&crate::testing::copy_demo(dir.path(), 0)).unwrap();
+        let mesh = {
+            crate::demo::write_to(dir.path()).unwrap();
+            MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap()
+        };
         let c = &mesh.clusters[0];
         let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { panic!("demo clusters are files") };
         let (mut objects, _) = crate::source::files::load_cluster_dir(d);

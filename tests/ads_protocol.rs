@@ -1,5 +1,5 @@
 //! The ADS protocol as a client sees it: SotW and Delta streams against an in-process meshfed
-//! ([`meshfed::testing::TestServer`]) fed the two-clouds demo, with changes injected as source events.
+//! ([`meshfed_testkit::server::TestServer`]) fed the two-clouds demo, with changes injected as source events.
 //!
 //! Waits are bounded: [`TIMEOUT`] bounds waiting for something that must happen, and [`QUIET`] is how
 //! long a test listens to check that nothing arrives. `QUIET` is only a bound on how long a test looks
@@ -25,9 +25,9 @@ use meshfed::mesh_config::{ClusterSource, MeshConfig};
 use meshfed::model::ClusterId;
 use meshfed::proxy::string_value;
 use meshfed::source::SourceEvent;
-use meshfed::testing::{TestServer, copy_demo};
 use meshfed::topology::{SliceInfo, TopologyObject};
 use meshfed::type_url::{self, ResourceType};
+use meshfed_testkit::server::{TestServer, copy_demo};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -3,7 +3,7 @@
 //! readiness, and by outlier detection when the AWS backends die with no EndpointSlice change), recovery,
 //! and `distribute` 80/20 across the clouds.
 //!
-//! Topology (everything on loopback, `127.<octet>.0.0/16`, see `meshfed::testing::copy_demo`, which
+//! Topology (everything on loopback, `127.<octet>.0.0/16`, see `meshfed_testkit::server::copy_demo`, which
 //! keeps the demo's two networks, aws-net and azure-net):
 //!
 //! ```text
@@ -33,7 +33,7 @@
 //!
 //! Needs Envoy (see `support::envoy_path`); a missing Envoy fails the tests.
 
-mod support;
+use meshfed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -231,7 +231,7 @@ impl Mesh {
     async fn start(octet: u8, svc: Svc) -> Result<Mesh> {
         support::envoy_path(); // fail fast, before starting anything, if Envoy is missing
         let dir = tempfile::Builder::new().prefix("meshfed-cross-cloud-").tempdir()?;
-        let mesh_config = meshfed::testing::copy_demo(dir.path(), octet);
+        let mesh_config = meshfed_testkit::server::copy_demo(dir.path(), octet);
         prepare_demo(dir.path())?;
         let ca = TestCa::new(&dir.path().join("certs"))?;
         let spiffe = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");

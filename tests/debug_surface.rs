@@ -13,9 +13,9 @@
 //!
 //! Needs `.venv` (Envoy, xds-protos, prometheus-client), Node.js with `tests/ui/node_modules`, and
 //! `/usr/bin/chromium`, all installed by `scripts/test-all.sh`; anything missing fails the test (never
-//! skips). Each test uses its own loopback octet (see `meshfed::testing::copy_demo`).
+//! skips). Each test uses its own loopback octet (see `meshfed_testkit::server::copy_demo`).
 
-mod support;
+use meshfed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ struct Setup {
 impl Setup {
     async fn start(octet: u8) -> Setup {
         let dir = tempfile::Builder::new().prefix("meshfed-debug-surface-").tempdir().expect("temp dir");
-        let mesh = meshfed::testing::copy_demo(dir.path(), octet);
+        let mesh = meshfed_testkit::server::copy_demo(dir.path(), octet);
         let meshfed = start_meshfed(&mesh).await.expect("meshfed starts");
         Setup { dir, octet, meshfed }
     }

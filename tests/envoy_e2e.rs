@@ -6,11 +6,11 @@
 //!
 //! The backends are in-process HTTP servers bound on the endpoint addresses; each answers with its own
 //! address, so every response tells which endpoint Envoy picked. Each test has its own loopback octet
-//! (`127.<octet>.0.0/16`, see `meshfed::testing::copy_demo`), so the tests run in parallel.
+//! (`127.<octet>.0.0/16`, see `meshfed_testkit::server::copy_demo`), so the tests run in parallel.
 //!
 //! Needs Envoy (see `support::envoy_path`); a missing Envoy fails the tests.
 
-mod support;
+use meshfed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -196,7 +196,7 @@ async fn expect_ads_connection(meshfed: &Meshfed, node_id: &str, delta: bool) ->
 async fn locality_failover_follows_endpoint_slices(delta: bool, octet: u8) {
     support::envoy_path(); // fail fast, before starting anything, if Envoy is missing
     let dir = tempfile::Builder::new().prefix("meshfed-envoy-e2e-").tempdir().expect("temp dir");
-    let mesh = meshfed::testing::copy_demo_single_network(dir.path(), octet);
+    let mesh = meshfed_testkit::server::copy_demo_single_network(dir.path(), octet);
     let slices = dir.path().join("aws-use1/endpointslices.yaml");
     let original = std::fs::read_to_string(&slices).expect("demo EndpointSlices");
     let demo = Demo { octet, slices, original };

@@ -1,4 +1,4 @@
-//! Faults, with the real meshfed binary and real Envoys (see tests/support):
+//! Faults, with the real meshfed binary and real Envoys (see meshfed-testkit):
 //!
 //! - a reconnect storm: 8 Envoys, each restarted several times in quick succession (some killed before
 //!   their first config is applied), all converge with no rejected update, and meshfed holds exactly their
@@ -10,7 +10,7 @@
 //!   from one to the other gets nothing;
 //! - a half-written manifest file: reported, and the last good state keeps being served until the file is
 //!   complete;
-//! - a Kubernetes API server (`meshfed::kube_standin`) that fails every request, answers slowly, goes
+//! - a Kubernetes API server (`meshfed_testkit::kube_standin`) that fails every request, answers slowly, goes
 //!   away mid-watch, and cuts its watch streams short (mid-way through an event line, or between lines,
 //!   without the chunked body's end): the last known state is served throughout (nothing withdrawn), the
 //!   cluster's watch error is reported in `/debug/clusterz`, and changes made meanwhile arrive once it
@@ -19,7 +19,7 @@
 //! Each test has its own loopback octet (`127.<octet>.0.0/16`). Every wait is bounded by [`TIMEOUT`];
 //! [`QUIET`] only bounds looking for something that must not arrive.
 
-mod support;
+use meshfed_testkit as support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -50,7 +50,7 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> Re
 
 fn demo(octet: u8) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mesh = meshfed::testing::copy_demo(dir.path(), octet);
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), octet);
     (dir, mesh)
 }
 
@@ -450,7 +450,7 @@ impl EdsFollower {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
-    use meshfed::kube_standin::{KubeStandin, WatchCut, objects};
+    use meshfed_testkit::kube_standin::{KubeStandin, WatchCut, objects};
     const OCTET: u8 = 116;
     let ip = |h: u8| format!("127.{OCTET}.1.{h}");
     let (a1, a2, a3) = (ip(1), ip(2), ip(3));

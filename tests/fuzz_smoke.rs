@@ -1,4 +1,4 @@
-//! The fuzz targets of `fuzz/` (meshfed::fuzz) on stable Rust, as CI runs them: each target gets its seed
+//! The fuzz targets of `fuzz/` (meshfed_testkit::fuzz) on stable Rust, as CI runs them: each target gets its seed
 //! inputs and a bounded number of deterministic mutations of them (bit flips, insertions of YAML/JSON
 //! tokens, truncations, splices), from a fixed PRNG seed, so every run checks the same inputs.
 //!
@@ -6,12 +6,12 @@
 //! `MESHFED_FUZZ_ITERS` sets the mutations per target (default 1500; the xDS targets run a fifth as
 //! many, each being a whole stream), `MESHFED_FUZZ_SEED` the PRNG seed. A failing input is written to
 //! `target/fuzz-smoke-failures/TARGET-N` (replay it with `cargo run --release --manifest-path
-//! fuzz/Cargo.toml --bin TARGET -- FILE` or through [`meshfed::fuzz::run_target`]).
+//! fuzz/Cargo.toml --bin TARGET -- FILE` or through [`meshfed_testkit::fuzz::run_target`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
-use meshfed::fuzz::{XdsHarness, run_target, seeds};
+use meshfed_testkit::fuzz::{XdsHarness, run_target, seeds};
 
 /// splitmix64: small, deterministic, good enough to pick mutations.
 struct Rng(u64);
@@ -221,7 +221,7 @@ fn grpc_connection() {
 
 #[test]
 fn every_target_is_run_here() {
-    for t in meshfed::fuzz::TARGETS {
+    for t in meshfed_testkit::fuzz::TARGETS {
         assert!(
             [
                 "node",
@@ -244,7 +244,7 @@ fn every_target_is_run_here() {
 #[test]
 fn write_seeds_if_asked() {
     let Some(dir) = std::env::var_os("MESHFED_FUZZ_SEEDS_DIR") else { return };
-    for target in meshfed::fuzz::TARGETS {
+    for target in meshfed_testkit::fuzz::TARGETS {
         let d = PathBuf::from(&dir).join(target);
         std::fs::create_dir_all(&d).expect("create the corpus directory");
         for (i, seed) in seeds(target).iter().enumerate() {

@@ -358,7 +358,7 @@ fn mark_not_ready(dir: &Path, addrs: &[&str]) {
 fn grpc_client_follows_locality_priorities() {
     python(); // fail first, and clearly, without the Python side
     let dir = tempfile::tempdir().expect("temp dir");
-    let mesh_config = meshfed::testing::copy_demo_single_network(dir.path(), OCTET);
+    let mesh_config = meshfed_testkit::server::copy_demo_single_network(dir.path(), OCTET);
     let mf = Meshfed::start(&mesh_config);
     let mut zone_a = backends(&ZONE_A);
     let mut zone_b = backends(&ZONE_B);

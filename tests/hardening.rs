@@ -22,12 +22,12 @@ use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
 use meshfed::xds::server::{Limits, ServeOptions, ServerStats, TlsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-mod support;
+use meshfed_testkit as support;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
@@ -37,38 +37,32 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
     tokio::time::timeout(TIMEOUT, fut).await.unwrap_or_else(|_| panic!("timed out after {TIMEOUT:?}: {what}"))
 }
 
-/// The demo's push loop and one xDS listener on 127.0.0.1.
+/// The demo's meshfed ([`meshfed::app::App`]) with one xDS listener on 127.0.0.1.
 struct Server {
     addr: SocketAddr,
     stats: Arc<ServerStats>,
     connections: Arc<Connections>,
     push: meshfed::push::PushHandle,
-    shutdown: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<Result<(), meshfed::xds::server::Error>>>,
-    _push_task: tokio::task::JoinHandle<()>,
+    app: Option<meshfed::app::App>,
 }
 
 impl Server {
     async fn start(limits: Limits, tls: Option<TlsOptions>) -> Server {
-        let (mesh, initial) = meshfed::fuzz::demo_events();
-        let (events, events_rx) = mpsc::unbounded_channel();
-        for e in initial {
-            events.send(e).unwrap();
-        }
-        std::mem::forget(events); // the push loop runs as long as the test
-        let (push, push_task) = meshfed::push::start(&mesh, events_rx);
-        push.subscribe().wait_for(|s| s.generation > 0).await.unwrap();
-        let connections = Arc::new(Connections::default());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
         let stats = Arc::new(ServerStats::default());
-        let options = ServeOptions { limits, tls, stats: stats.clone() };
-        let (shutdown, mut rx) = watch::channel(false);
-        let ads = meshfed::xds::AdsService::new(push.clone(), connections.clone());
-        let task = tokio::spawn(meshfed::xds::server::serve(listener, ads, options, async move {
-            let _ = rx.wait_for(|v| *v).await;
-        }));
-        Server { addr, stats, connections, push, shutdown, task: Some(task), _push_task: push_task }
+        let mut options = meshfed::app::Options::in_process(mesh, initial);
+        options.xds.push(meshfed::app::XdsListener {
+            listen: meshfed::app::Listen::loopback(),
+            options: ServeOptions { limits, tls, stats: stats.clone() },
+        });
+        let app = meshfed::app::App::start(options).await.unwrap();
+        Server {
+            addr: app.xds_address(),
+            stats,
+            connections: app.connections.clone(),
+            push: app.push.clone(),
+            app: Some(app),
+        }
     }
 
     fn channel(&self) -> Channel {
@@ -77,20 +71,9 @@ impl Server {
 
     /// Shuts down and waits (bounded) for the listener to finish draining.
     async fn stop(&mut self) {
-        let _ = self.shutdown.send(true);
-        if let Some(t) = self.task.take() {
-            bounded("the server to drain", t).await.unwrap().unwrap();
+        if let Some(app) = self.app.take() {
+            bounded("the server to drain", app.shutdown(Duration::from_secs(10))).await;
         }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-        self._push_task.abort();
     }
 }
 
@@ -177,15 +160,18 @@ impl Pki {
     }
 
     fn channel(&self, addr: SocketAddr, client: Option<&support::MeshIdentity>) -> Channel {
-        let config =
-            meshfed::tls::client_config(self.ca.root(), client.map(|c| (c.cert.as_path(), c.key.as_path()))).unwrap();
-        meshfed::tls::grpc_channel(addr, "127.0.0.1", config).unwrap()
+        let config = meshfed_testkit::tls_client::client_config(
+            self.ca.root(),
+            client.map(|c| (c.cert.as_path(), c.key.as_path())),
+        )
+        .unwrap();
+        meshfed_testkit::tls_client::grpc_channel(addr, "127.0.0.1", config).unwrap()
     }
 }
 
 /// The certificate a fresh TLS handshake with `addr` gets (DER of the leaf).
 async fn served_certificate(addr: SocketAddr, ca: &Path) -> Vec<u8> {
-    let config = meshfed::tls::client_config(ca, None).unwrap();
+    let config = meshfed_testkit::tls_client::client_config(ca, None).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let tls = bounded("a TLS handshake", tokio_rustls::TlsConnector::from(config).connect(name, tcp)).await.unwrap();
@@ -587,30 +573,11 @@ async fn the_drain_deadline_closes_connections_that_linger() {
 // The debug server
 // ---------------------------------------------------------------------------------------------
 
-async fn debug_server(
-    access: meshfed::debug::DebugAccess,
-) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (mesh, initial) = meshfed::fuzz::demo_events();
-    let (events, events_rx) = mpsc::unbounded_channel();
-    for e in initial {
-        events.send(e).unwrap();
-    }
-    std::mem::forget(events);
-    let (push, push_task) = meshfed::push::start(&mesh, events_rx);
-    push.subscribe().wait_for(|s| s.generation > 0).await.unwrap();
-    let state = meshfed::debug::DebugState {
-        push,
-        connections: Arc::new(Connections::default()),
-        source_errors: Arc::new(Vec::new),
-        clusters: meshfed::source::ClusterHealth::new(Duration::from_secs(60)),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut rx) = watch::channel(false);
-    tokio::spawn(meshfed::debug::serve_with(listener, state, access, async move {
-        let _ = rx.wait_for(|v| *v).await;
-    }));
-    (addr, tx, push_task)
+async fn debug_server(access: meshfed::debug::DebugAccess) -> meshfed::app::App {
+    let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
+    let mut options = meshfed::app::Options::in_process(mesh, initial);
+    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access });
+    meshfed::app::App::start(options).await.unwrap()
 }
 
 async fn raw_get(
@@ -632,7 +599,8 @@ async fn raw_get(
 async fn the_debug_server_requires_its_bearer_token() {
     let token = "0123456789abcdef-test-token";
     let access = meshfed::debug::DebugAccess { token: Some(token.into()), tls: None };
-    let (addr, _stop, push_task) = debug_server(access).await;
+    let app = debug_server(access).await;
+    let addr = app.debug_address().unwrap();
     let get = |path: &'static str, token: Option<&'static str>| async move {
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         raw_get(&mut tcp, path, token).await.0
@@ -645,7 +613,6 @@ async fn the_debug_server_requires_its_bearer_token() {
     // the probes stay open
     assert_eq!(get("/healthz", None).await, 200);
     assert_eq!(get("/ready", None).await, 200);
-    push_task.abort();
 }
 
 #[tokio::test]
@@ -656,8 +623,9 @@ async fn the_debug_server_serves_https() {
     let cert = Arc::new(ReloadingCert::load(&id.cert, &id.key, meshfed::tls::provider()).unwrap());
     let tls = ServerTls { cert, client_ca: None, alpn: vec![b"http/1.1".to_vec()] };
     let access = meshfed::debug::DebugAccess { token: None, tls: Some(tls.server_config().unwrap()) };
-    let (addr, _stop, push_task) = debug_server(access).await;
-    let mut config = (*meshfed::tls::client_config(ca.root(), None).unwrap()).clone();
+    let app = debug_server(access).await;
+    let addr = app.debug_address().unwrap();
+    let mut config = (*meshfed_testkit::tls_client::client_config(ca.root(), None).unwrap()).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
@@ -668,7 +636,6 @@ async fn the_debug_server_serves_https() {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (status, _) = raw_get(&mut tcp, "/debug/syncz", None).await;
     assert_ne!(status, 200);
-    push_task.abort();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -724,7 +691,7 @@ fn serve_refuses_an_exposed_debug_server_without_protection() {
 async fn a_real_envoy_gets_its_config_over_mtls_only() {
     const OCTET: u8 = 115;
     let dir = tempfile::tempdir().unwrap();
-    let mesh = meshfed::testing::copy_demo(dir.path(), OCTET);
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), OCTET);
     let pki = Pki::new();
     let options = support::MeshfedOptions {
         xds_tls: Some((pki.server.cert.clone(), pki.server.key.clone(), Some(pki.ca.root().to_path_buf()))),
@@ -761,7 +728,7 @@ async fn a_real_envoy_gets_its_config_over_mtls_only() {
 async fn sigterm_drains_the_binary_and_exits() {
     const OCTET: u8 = 117;
     let dir = tempfile::tempdir().unwrap();
-    let mesh = meshfed::testing::copy_demo(dir.path(), OCTET);
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), OCTET);
     let options = support::MeshfedOptions { args: vec!["--drain-timeout".into(), "3s".into()], ..Default::default() };
     let mut meshfed = support::start_meshfed_with(&mesh, &options).await.expect("meshfed");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", meshfed.xds_address())).unwrap();

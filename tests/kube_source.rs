@@ -1,4 +1,4 @@
-//! The Kubernetes source against the API stand-in (`meshfed::kube_standin`), which speaks the list/watch
+//! The Kubernetes source against the API stand-in (`meshfed_testkit::kube_standin`), which speaks the list/watch
 //! protocol kube-rs uses on loopback ports.
 //!
 //! In-process tests drive `meshfed::source::kube` and apply its events to a registry, as the push loop
@@ -8,7 +8,7 @@
 //! broken kubeconfigs. `envoy_follows_two_clusters_remote_secrets_and_an_outage` runs the meshfed binary
 //! and a real Envoy (see `support`) through the whole story, on 127.85.0.0/16 (octet 85 is this file's).
 
-mod support;
+use meshfed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use meshfed::kube_standin::{KubeStandin, objects};
 use meshfed::mesh_config::MeshConfig;
 use meshfed::model::{ClusterId, ServiceKey};
 use meshfed::registry::Registry;
 use meshfed::source::kube::{KubeOptions, KubeSource};
 use meshfed::source::{ClusterHealth, SourceEvent, SyncState};
+use meshfed_testkit::kube_standin::{KubeStandin, objects};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -394,7 +394,7 @@ async fn an_unreachable_cluster_does_not_hold_readiness() -> Result<()> {
     let dead_kc = dir.path().join("dead.kubeconfig");
     std::fs::write(
         &dead_kc,
-        meshfed::kube_standin::kubeconfig_yaml("dead", &format!("http://127.0.0.1:{dead}"), None),
+        meshfed_testkit::kube_standin::kubeconfig_yaml("dead", &format!("http://127.0.0.1:{dead}"), None),
     )?;
     let text =
         format!("{}  - id: dead\n    network: net\n    kubeconfig: {}\n", mesh_yaml(&[&a], ""), dead_kc.display());

@@ -10,11 +10,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshfed::load::client::{self, ClientOptions, Recorder};
-use meshfed::load::procfs;
-use meshfed::load::server::mesh_config;
-use meshfed::load::topo::{self, Change, ProxyIdentity, Size, Topology};
-use meshfed::testing::TestServer;
+use meshfed_load::client::{self, ClientOptions, Recorder};
+use meshfed_load::procfs;
+use meshfed_load::server::mesh_config;
+use meshfed_load::topo::{self, Change, ProxyIdentity, Size, Topology};
+use meshfed_testkit::server::TestServer;
 
 /// Bound on waiting for something that must happen.
 const TIMEOUT: Duration = Duration::from_secs(30);

@@ -18,7 +18,7 @@
 //! that is slowness, not an error. It is bounded by `support::ads::TIMEOUT` and the slowest is reported.
 //! Everything is bounded: the soak loop by its duration, every wait by [`SETTLE`].
 
-mod support;
+use meshfed_testkit as support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -200,7 +200,7 @@ async fn quiesce(meshfed: &Meshfed, pid: u32) -> Result<AtRest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_and_reconnects_leave_no_residue() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = meshfed::testing::copy_demo(dir.path(), OCTET);
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), OCTET);
     let slices = dir.path().join("aws-use1/endpointslices.yaml");
     let original = std::fs::read_to_string(&slices).unwrap();
     let meshfed = start_meshfed(&mesh).await.expect("meshfed");

@@ -1,4 +1,4 @@
 #![no_main]
-//! meshfed::fuzz::destination_rule (see src/fuzz.rs).
+//! meshfed_testkit::fuzz::destination_rule (see tools/testkit/src/fuzz.rs).
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::destination_rule(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::destination_rule(data));

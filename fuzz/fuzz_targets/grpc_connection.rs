@@ -1,4 +1,4 @@
 #![no_main]
-//! HTTP/2 frames and raw bytes into one connection of the gRPC transport: meshfed::fuzz::grpc_connection.
+//! HTTP/2 frames and raw bytes into one connection of the gRPC transport: meshfed_testkit::fuzz::grpc_connection.
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::grpc_connection(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::grpc_connection(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! meshfed::fuzz::kube_object (see src/fuzz.rs).
+//! meshfed_testkit::fuzz::kube_object (see tools/testkit/src/fuzz.rs).
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::kube_object(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::kube_object(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! meshfed::fuzz::mesh_config (see src/fuzz.rs).
+//! meshfed_testkit::fuzz::mesh_config (see tools/testkit/src/fuzz.rs).
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::mesh_config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::mesh_config(data));

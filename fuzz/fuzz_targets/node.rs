@@ -1,4 +1,4 @@
 #![no_main]
-//! meshfed::fuzz::node (see src/fuzz.rs).
+//! meshfed_testkit::fuzz::node (see tools/testkit/src/fuzz.rs).
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::node(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::node(data));

@@ -1,4 +1,4 @@
 #![no_main]
-//! meshfed::fuzz::topology (see src/fuzz.rs).
+//! meshfed_testkit::fuzz::topology (see tools/testkit/src/fuzz.rs).
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed::fuzz::topology(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| meshfed_testkit::fuzz::topology(data));

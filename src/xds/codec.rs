@@ -14,7 +14,6 @@
 //! when the fingerprint differs from the stream's.
 
 use std::collections::VecDeque;
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -23,8 +22,6 @@ use prost::Message;
 use prost::encoding::{
     DecodeContext, WireType, decode_key, decode_varint, encode_key, encode_varint, encoded_len_varint,
 };
-use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::cache::Resource;
 
@@ -378,71 +375,6 @@ impl From<DiscoveryRequest> for SotwRequest {
             has_star: names.iter().any(|n| n == "*"),
             names: if names.is_empty() { Names::None } else { Names::Decoded(names) },
         }
-    }
-}
-
-/// Encodes [`Response`]s through tonic's encoder (a per-stream buffer), decodes requests of type `Req` with
-/// prost. The server writes [`Response::grpc_chunks`] instead; this remains for the benchmark floor's comparison.
-#[derive(Debug)]
-pub struct XdsCodec<Req>(PhantomData<fn() -> Req>);
-
-impl<Req> Default for XdsCodec<Req> {
-    fn default() -> Self {
-        XdsCodec(PhantomData)
-    }
-}
-
-impl<Req: Message + Default + Send + 'static> Codec for XdsCodec<Req> {
-    type Encode = Response;
-    type Decode = Req;
-    type Encoder = ResponseEncoder;
-    type Decoder = RequestDecoder<Req>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ResponseEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(PhantomData)
-    }
-}
-
-#[derive(Debug)]
-pub struct ResponseEncoder;
-
-impl Encoder for ResponseEncoder {
-    type Item = Response;
-    type Error = Status;
-
-    fn encode(&mut self, item: Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.reserve(item.encoded_len());
-        item.encode(dst);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // Small initial buffer: large responses grow it only while they are written.
-        BufferSettings::new(4 * 1024, 32 * 1024)
-    }
-}
-
-#[derive(Debug)]
-pub struct RequestDecoder<Req>(PhantomData<fn() -> Req>);
-
-impl<Req> Default for RequestDecoder<Req> {
-    fn default() -> Self {
-        RequestDecoder(PhantomData)
-    }
-}
-
-impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
-    type Item = Req;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
-        let msg = Req::decode(src.copy_to_bytes(src.remaining()))
-            .map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
-        Ok(Some(msg))
     }
 }
 

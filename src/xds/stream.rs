@@ -551,7 +551,7 @@ impl Stream {
     }
 
     /// Handles one SotW request as the stream loop does (rate limit, then the protocol). Public for
-    /// in-process drivers such as the fuzz targets ([`crate::fuzz`]).
+    /// in-process drivers such as the fuzz targets (`meshfed-testkit`'s `fuzz`).
     pub async fn handle_sotw(&mut self, req: DiscoveryRequest) -> StreamResult {
         self.handle_sotw_request(req.into()).await
     }

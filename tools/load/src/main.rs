@@ -1,4 +1,4 @@
-//! `meshfed-load`: the load generator and benchmark harness. See BENCHMARKS.md and `meshfed::load`.
+//! `meshfed-load`: the load generator and benchmark harness. See BENCHMARKS.md and the library of this crate.
 //!
 //! - `meshfed-load bench ...`: runs a scenario against a server it starts as a child process and prints
 //!   `RESULT {json}` lines.
@@ -7,8 +7,8 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use meshfed::load::bench::{self, BenchArgs};
-use meshfed::load::topo::{Size, Topology};
+use meshfed_load::bench::{self, BenchArgs};
+use meshfed_load::topo::{Size, Topology};
 
 /// The same allocator as `meshfed serve` (the benchmark server runs in this binary).
 #[cfg(feature = "jemalloc")]
@@ -76,9 +76,9 @@ fn main() -> Result<()> {
             rt.block_on(bench::run(args))?;
         }
         Command::Serve { size, debounce_quiet, debounce_max } => {
-            rt.block_on(meshfed::load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
+            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
         }
-        Command::Floor { size, zero_copy } => rt.block_on(meshfed::load::floor::serve_floor(size, zero_copy))?,
+        Command::Floor { size, zero_copy } => rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy))?,
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {
             let mesh = Topology::new(size).write_files(&dir, &debounce_quiet, &debounce_max)?;
             println!("{}", mesh.display());

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::core::v3::{Locality as PbLocality, Node};
 use envoy_types::pb::google::protobuf::Struct;
 
-use crate::model::{ClusterId, Locality};
-use crate::proxy::string_value;
-use crate::source::SourceEvent;
-use crate::topology::{
+use meshfed::model::{ClusterId, Locality};
+use meshfed::proxy::string_value;
+use meshfed::source::SourceEvent;
+use meshfed::topology::{
     Kind, NamespaceInfo, NodeInfo, ObjectKey, ServiceInfo, ServicePortInfo, SliceEndpoint, SliceInfo, TopologyObject,
 };
 
@@ -498,7 +498,7 @@ mod tests {
         t.write_files(dir.path(), "0ms", "0ms").unwrap();
         t.apply_to_files(dir.path(), &Change::Flap { svc: 11, cluster: 0, ep: 1 }).unwrap();
         for (c, (id, _, _)) in CLUSTERS.iter().enumerate() {
-            let (mut objects, errors) = crate::source::files::load_cluster_dir(&dir.path().join(id));
+            let (mut objects, errors) = meshfed::source::files::load_cluster_dir(&dir.path().join(id));
             assert!(errors.is_empty(), "{errors:?}");
             let mut expected = t.objects(c);
             objects.sort_by_key(|o| o.key());
@@ -511,7 +511,7 @@ mod tests {
                 }
             }
         }
-        let mesh = crate::mesh_config::MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap();
+        let mesh = meshfed::mesh_config::MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap();
         assert_eq!(mesh.clusters.len(), 2);
     }
 
@@ -519,7 +519,7 @@ mod tests {
     fn proxy_nodes_are_valid() {
         for k in [0, 1, 5, 9999] {
             let n = proxy_node(k, &ProxyIdentity::default());
-            let p = crate::proxy::Proxy::from_node(Some(&n), None).unwrap();
+            let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
             assert_eq!(&*p.namespace, NAMESPACE);
         }
     }

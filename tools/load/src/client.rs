@@ -28,7 +28,7 @@ use prost::Message;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use super::wire::{self, GrpcReader};
-use crate::type_url::ResourceType;
+use meshfed::type_url::ResourceType;
 
 pub const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 pub const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
@@ -846,9 +846,9 @@ pub async fn open_stalled_stream(
         .body(())
         .map_err(|e| e.to_string())?;
     let (response, mut tx) = send_req.send_request(req, false).map_err(|e| format!("request: {e}"))?;
-    let cds = DiscoveryRequest { node: Some(node), type_url: crate::type_url::CLUSTER.into(), ..Default::default() };
+    let cds = DiscoveryRequest { node: Some(node), type_url: meshfed::type_url::CLUSTER.into(), ..Default::default() };
     let eds = DiscoveryRequest {
-        type_url: crate::type_url::ENDPOINT.into(),
+        type_url: meshfed::type_url::ENDPOINT.into(),
         resource_names: eds_names.iter().map(|n| n.to_string()).collect(),
         ..Default::default()
     };

@@ -26,18 +26,18 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use tokio::sync::mpsc;
 
-use crate::bootstrap::parse_node_id;
-use crate::mesh_config::{ClusterSource, MeshConfig};
-use crate::policy::DestinationRule;
-use crate::proxy::Proxy;
-use crate::push::PushHandle;
-use crate::source::SourceEvent;
-use crate::tls::{PeerAuth, SpiffeId};
-use crate::topology::{self, TopologyObject};
-use crate::xds::codec::Response;
-use crate::xds::connections::{Connections, Flavor};
-use crate::xds::server::{ConnState, Limits};
-use crate::xds::stream::{Stream, StreamContext};
+use meshfed::bootstrap::parse_node_id;
+use meshfed::mesh_config::{ClusterSource, MeshConfig};
+use meshfed::policy::DestinationRule;
+use meshfed::proxy::Proxy;
+use meshfed::push::PushHandle;
+use meshfed::source::SourceEvent;
+use meshfed::tls::{PeerAuth, SpiffeId};
+use meshfed::topology::{self, TopologyObject};
+use meshfed::xds::codec::Response;
+use meshfed::xds::connections::{Connections, Flavor};
+use meshfed::xds::server::{ConnState, Limits};
+use meshfed::xds::stream::{Stream, StreamContext};
 
 /// Reads structure out of fuzz bytes; past the end every read gives zeros, so any input is complete.
 pub struct Input<'a> {
@@ -111,7 +111,7 @@ pub fn node(data: &[u8]) {
     let id = text(data);
     if let Ok(parts) = parse_node_id(&id) {
         assert!(id.contains(&format!("~{}~{}.svc.{}", parts.pod_dot_namespace(), parts.namespace, parts.domain)));
-        assert!(crate::bootstrap::PROXY_TYPES.contains(&parts.proxy_type.as_str()));
+        assert!(meshfed::bootstrap::PROXY_TYPES.contains(&parts.proxy_type.as_str()));
     }
     // the same bytes as node metadata around a valid id
     let mut input = Input::new(data);
@@ -175,16 +175,16 @@ pub fn structured_node(input: &mut Input<'_>) -> Node {
             2 => Value { kind: None },
             3 => {
                 let mut labels = BTreeMap::new();
-                labels.insert(input.string(8), crate::proxy::string_value(&input.string(8)));
+                labels.insert(input.string(8), meshfed::proxy::string_value(&input.string(8)));
                 if input.bool() {
                     labels.insert("x".into(), Value { kind: Some(ValueKind::NumberValue(2.0)) });
                 }
                 Value { kind: Some(ValueKind::StructValue(Struct { fields: labels.into_iter().collect() })) }
             }
-            4 => crate::proxy::string_value(&input.string(16)),
+            4 => meshfed::proxy::string_value(&input.string(16)),
             _ => {
                 let value: &&str = input.pick(METADATA_VALUES);
-                crate::proxy::string_value(value)
+                meshfed::proxy::string_value(value)
             }
         };
         fields.insert(key, value);
@@ -237,7 +237,7 @@ pub fn kube_object(data: &[u8]) {
         && let Ok(obj) = serde_json::from_slice::<kube::api::DynamicObject>(json)
     {
         let watched =
-            crate::source::kube::WatchedKind::ALL[kind as usize % crate::source::kube::WatchedKind::ALL.len()];
+            meshfed::source::kube::WatchedKind::ALL[kind as usize % meshfed::source::kube::WatchedKind::ALL.len()];
         if let Ok(Some(o)) = watched.convert(&obj) {
             assert!(!o.key().name.is_empty());
         }
@@ -294,7 +294,7 @@ pub const TARGETS: &[&str] =
 
 /// Valid inputs of a target to start from: the demo's files and objects, valid nodes and requests.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
-    let demo = crate::demo::DEMO_FILES;
+    let demo = meshfed::demo::DEMO_FILES;
     let yaml_docs = |kind: &str| -> Vec<String> {
         demo.iter()
             .filter(|(p, _)| p.ends_with(".yaml") && *p != "mesh.yaml")
@@ -311,7 +311,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 let mut input = Input::new(&bytes);
                 let req = DiscoveryRequest {
                     node: pick_node(&mut input, true),
-                    type_url: crate::type_url::CLUSTER.into(),
+                    type_url: meshfed::type_url::CLUSTER.into(),
                     ..Default::default()
                 };
                 out.push(req.encode_to_vec());
@@ -398,7 +398,7 @@ pub fn run_target(name: &str, data: &[u8], harness: &XdsHarness) -> Option<()> {
 /// The demo topology in memory: its mesh config and one `Sync` event per cluster.
 pub fn demo_events() -> (MeshConfig, Vec<SourceEvent>) {
     let base = Path::new("/meshfed-demo");
-    let mesh_text = crate::demo::DEMO_FILES
+    let mesh_text = meshfed::demo::DEMO_FILES
         .iter()
         .find(|(p, _)| *p == "mesh.yaml")
         .map(|(_, t)| *t)
@@ -408,7 +408,7 @@ pub fn demo_events() -> (MeshConfig, Vec<SourceEvent>) {
     for c in &mesh.clusters {
         let ClusterSource::Manifests(dir) = &c.source else { continue };
         let mut objects = BTreeMap::new();
-        for (path, text) in crate::demo::DEMO_FILES {
+        for (path, text) in meshfed::demo::DEMO_FILES {
             let p = base.join(path);
             if p.starts_with(dir) && (path.ends_with(".yaml") || path.ends_with(".yml")) {
                 let objs = topology::parse_manifests(text, &p).expect("the demo's manifests parse");
@@ -428,8 +428,9 @@ pub struct XdsHarness {
     events: mpsc::UnboundedSender<SourceEvent>,
     connections: Arc<Connections>,
     /// the demo's objects, to replay changes from
-    objects: Vec<(crate::model::ClusterId, TopologyObject)>,
-    _push_task: tokio::task::JoinHandle<()>,
+    objects: Vec<(meshfed::model::ClusterId, TopologyObject)>,
+    /// meshfed in process, without listeners (the streams are driven directly)
+    _app: meshfed::app::App,
     /// responses checked, and streams ended by an error status, over every input so far
     pub responses: std::sync::atomic::AtomicU64,
     pub refused: std::sync::atomic::AtomicU64,
@@ -439,12 +440,12 @@ pub struct XdsHarness {
 const MAX_STEPS: usize = 64;
 
 const TYPE_URLS: &[&str] = &[
-    crate::type_url::CLUSTER,
-    crate::type_url::ENDPOINT,
-    crate::type_url::LISTENER,
-    crate::type_url::ROUTE,
-    crate::config_dump::TYPE_DEBUG_SYNCZ,
-    crate::config_dump::TYPE_DEBUG_CONFIG_DUMP,
+    meshfed::type_url::CLUSTER,
+    meshfed::type_url::ENDPOINT,
+    meshfed::type_url::LISTENER,
+    meshfed::type_url::ROUTE,
+    meshfed::config_dump::TYPE_DEBUG_SYNCZ,
+    meshfed::config_dump::TYPE_DEBUG_CONFIG_DUMP,
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
     "",
 ];
@@ -472,8 +473,10 @@ impl XdsHarness {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
         let (mut mesh, initial) = demo_events();
         // no debounce: a change is published as soon as it is translated
-        mesh.debounce =
-            crate::mesh_config::Debounce { quiet: std::time::Duration::ZERO, max: std::time::Duration::from_millis(1) };
+        mesh.debounce = meshfed::mesh_config::Debounce {
+            quiet: std::time::Duration::ZERO,
+            max: std::time::Duration::from_millis(1),
+        };
         let objects = initial
             .iter()
             .flat_map(|e| match e {
@@ -483,23 +486,16 @@ impl XdsHarness {
                 _ => Vec::new(),
             })
             .collect();
-        let (events, events_rx) = mpsc::unbounded_channel();
-        for e in initial {
-            let _ = events.send(e);
-        }
-        let (push, task) = rt.block_on(async {
-            let (push, task) = crate::push::start(&mesh, events_rx);
-            let mut snaps = push.subscribe();
-            let _ = snaps.wait_for(|s| s.generation > 0).await;
-            (push, task)
-        });
+        let app = rt
+            .block_on(meshfed::app::App::start(meshfed::app::Options::in_process(mesh, initial)))
+            .expect("meshfed starts in process");
         XdsHarness {
             rt,
-            push,
-            events,
-            connections: Arc::new(Connections::default()),
+            push: app.push.clone(),
+            events: app.events.clone(),
+            connections: app.connections.clone(),
             objects,
-            _push_task: task,
+            _app: app,
             responses: Default::default(),
             refused: Default::default(),
         }
@@ -543,7 +539,7 @@ impl XdsHarness {
             flavor,
             self.push.clone(),
             self.connections.clone(),
-            crate::xds::stream::Outbox::Channel(tx),
+            meshfed::xds::stream::Outbox::Channel(tx),
             ua,
         )
         .with_context(context);
@@ -633,7 +629,7 @@ impl Seen {
             Flavor::Sotw => {
                 let d = DiscoveryResponse::decode(bytes.as_slice()).expect("a SotW response decodes");
                 let mut names = Vec::new();
-                let known = crate::type_url::ResourceType::from_type_url(&d.type_url).is_some();
+                let known = meshfed::type_url::ResourceType::from_type_url(&d.type_url).is_some();
                 for any in &d.resources {
                     if known {
                         assert_eq!(any.type_url, d.type_url, "a resource of another type in a response");
@@ -675,10 +671,10 @@ fn resource_name(type_url: &str, value: &[u8]) -> Option<String> {
     use envoy_types::pb::envoy::config::{cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment};
     use envoy_types::pb::envoy::config::{listener::v3::Listener, route::v3::RouteConfiguration};
     match type_url {
-        crate::type_url::CLUSTER => Cluster::decode(value).ok().map(|c| c.name),
-        crate::type_url::ENDPOINT => ClusterLoadAssignment::decode(value).ok().map(|c| c.cluster_name),
-        crate::type_url::LISTENER => Listener::decode(value).ok().map(|l| l.name),
-        crate::type_url::ROUTE => RouteConfiguration::decode(value).ok().map(|r| r.name),
+        meshfed::type_url::CLUSTER => Cluster::decode(value).ok().map(|c| c.name),
+        meshfed::type_url::ENDPOINT => ClusterLoadAssignment::decode(value).ok().map(|c| c.cluster_name),
+        meshfed::type_url::LISTENER => Listener::decode(value).ok().map(|l| l.name),
+        meshfed::type_url::ROUTE => RouteConfiguration::decode(value).ok().map(|r| r.name),
         _ => None,
     }
 }
@@ -721,7 +717,7 @@ fn pick_node(input: &mut Input<'_>, first: bool) -> Option<Node> {
     Some(Node {
         id: format!("{kind}~127.0.50.1~client-0.{ns}~{ns}.svc.cluster.local"),
         metadata: Some(Struct {
-            fields: meta.iter().map(|(k, v)| (k.to_string(), crate::proxy::string_value(v))).collect(),
+            fields: meta.iter().map(|(k, v)| (k.to_string(), meshfed::proxy::string_value(v))).collect(),
         }),
         ..Default::default()
     })
@@ -775,13 +771,13 @@ fn delta_request(input: &mut Input<'_>, seen: &Seen, first: bool) -> DeltaDiscov
 /// control), one starting with 0xfe ends the stream with a status.
 struct FuzzEcho;
 
-impl crate::grpc::Handler for FuzzEcho {
+impl meshfed::grpc::Handler for FuzzEcho {
     fn open(
         &mut self,
-        head: crate::grpc::RequestHead,
-        mut messages: crate::grpc::Messages,
-        mut responses: crate::grpc::Responses,
-    ) -> Result<crate::grpc::StreamFuture, tonic::Status> {
+        head: meshfed::grpc::RequestHead,
+        mut messages: meshfed::grpc::Messages,
+        mut responses: meshfed::grpc::Responses,
+    ) -> Result<meshfed::grpc::StreamFuture, tonic::Status> {
         if head.path.len().is_multiple_of(3) {
             return Err(tonic::Status::unimplemented("no such method"));
         }
@@ -814,7 +810,7 @@ static GRPC_RUNTIME: std::sync::LazyLock<tokio::runtime::Runtime> = std::sync::L
 /// Builds a client's bytes from `data`: mostly well-formed HTTP/2 frames with fuzzed fields (so that the
 /// connection gets past its preface and into streams, flow control and messages), some raw bytes.
 fn grpc_client_bytes(data: &[u8]) -> Vec<Vec<u8>> {
-    use crate::grpc::frame::{self, Head, flag, kind};
+    use meshfed::grpc::frame::{self, Head, flag, kind};
     let mut input = Input::new(data);
     let mut out = Vec::new();
     let mut cur = bytes::BytesMut::new();
@@ -927,7 +923,7 @@ pub fn grpc_connection(data: &[u8]) {
     let writes = grpc_client_bytes(data);
     GRPC_RUNTIME.block_on(async {
         let (mut client, server) = tokio::io::duplex(16 * 1024);
-        let config = crate::grpc::Config {
+        let config = meshfed::grpc::Config {
             max_concurrent_streams: 3,
             max_message_size: 50_000,
             stream_window: 70_000,
@@ -937,7 +933,7 @@ pub fn grpc_connection(data: &[u8]) {
             keepalive_interval: Some(std::time::Duration::from_millis(20)),
             keepalive_timeout: std::time::Duration::from_millis(20),
         };
-        let conn = tokio::spawn(crate::grpc::serve(server, FuzzEcho, Arc::new(config), std::future::pending()));
+        let conn = tokio::spawn(meshfed::grpc::serve(server, FuzzEcho, Arc::new(config), std::future::pending()));
         let (mut rd, mut wr) = tokio::io::split(&mut client);
         let reader = async {
             let mut buf = vec![0u8; 64 * 1024];

@@ -1,7 +1,7 @@
 //! The servers the load generator measures, each meant to run in a process of its own (so that /proc
 //! shows the server's memory and CPU alone):
 //!
-//! - [`serve_meshfed`]: meshfed's real pipeline (push loop, cache, ADS server — [`crate::testing::TestServer`])
+//! - [`serve_meshfed`]: meshfed's real pipeline (push loop, cache, ADS server — [`meshfed::app::App`])
 //!   on a generated topology; changes arrive over a loopback control socket and enter the registry as
 //!   source events, as the file or Kubernetes sources would send them.
 //! - [`super::floor::serve_floor`]: the floor, a minimal ADS server writing pre-encoded responses.
@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::topo::{Change, Size, Topology};
-use crate::mesh_config::MeshConfig;
+use meshfed::mesh_config::MeshConfig;
 
 /// What a server does with control commands.
 pub trait ControlHandler: Send {
@@ -90,7 +90,7 @@ pub fn mesh_config(topology: &Topology, quiet: &str, max: &str) -> Result<MeshCo
 
 struct MeshfedControl {
     topology: Topology,
-    server: crate::testing::TestServer,
+    server: meshfed::app::App,
 }
 
 impl ControlHandler for MeshfedControl {
@@ -106,7 +106,7 @@ impl ControlHandler for MeshfedControl {
             "connections": self.server.connections.len(),
             "tasks": metrics.num_alive_tasks(),
             "generation": self.server.push.snapshot().generation,
-            "heap": crate::heap::stats(),
+            "heap": meshfed::heap::stats(),
             "scopes": scope_counts(&self.server.push.snapshot()),
         })
     }
@@ -117,15 +117,17 @@ impl ControlHandler for MeshfedControl {
 pub async fn serve_meshfed(size: Size, quiet: &str, max: &str) -> Result<()> {
     let topology = Topology::new(size);
     let mesh = mesh_config(&topology, quiet, max)?;
-    let server = crate::testing::TestServer::start(&mesh, topology.initial_events()).await;
+    let mut options = meshfed::app::Options::in_process(mesh, topology.initial_events());
+    options.xds.push(meshfed::app::XdsListener::loopback_unlimited());
+    let server = meshfed::app::App::start(options).await?;
     let control = TcpListener::bind("127.0.0.1:0").await?;
-    println!("READY xds={} control={}", server.xds_addr, control.local_addr()?);
+    println!("READY xds={} control={}", server.xds_address(), control.local_addr()?);
     serve_control(control, MeshfedControl { topology, server }).await
 }
 
 /// Per resource type: the scopes of the latest snapshot and the resources they hold in all.
-fn scope_counts(s: &crate::cache::Snapshot) -> serde_json::Value {
-    fn count<S>(m: &imbl::HashMap<S, crate::cache::Resources>) -> serde_json::Value {
+fn scope_counts(s: &meshfed::cache::Snapshot) -> serde_json::Value {
+    fn count<S>(m: &imbl::HashMap<S, meshfed::cache::Resources>) -> serde_json::Value {
         serde_json::json!({ "scopes": m.len(), "resources": m.values().map(|r| r.len()).sum::<usize>() })
     }
     serde_json::json!({

@@ -20,11 +20,6 @@
 //! `MESHFED_ENVOY_LOG_LEVEL` / `MESHFED_ENVOY_COMPONENT_LOG_LEVEL` to change Envoy's logging (default
 //! `info`; e.g. `upstream:debug,config:debug`).
 
-#![allow(dead_code)]
-
-/// Scripted in-process ADS clients (SotW and Delta).
-pub mod ads;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -52,9 +47,23 @@ const LOG_TAIL_BYTES: usize = 64 * 1024;
 
 // ---- binaries and ports ----
 
-/// The meshfed binary built by Cargo for this test.
+/// The meshfed binary Cargo built beside this test binary (`target/<profile>/meshfed`; Cargo builds a
+/// package's binaries before its integration tests), or `$MESHFED_BIN`.
 pub fn meshfed_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshfed"))
+    if let Some(p) = std::env::var_os("MESHFED_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/meshfed
+    let dir = exe.parent().and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) }).expect("a directory");
+    let path = dir.join(format!("meshfed{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.is_file(), "meshfed binary not found at {} (build it: cargo build)", path.display());
+    path
+}
+
+/// The workspace's top directory (where `.venv` and `examples/` are).
+pub fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the workspace directory")
 }
 
 /// The Envoy binary: `$MESHFED_ENVOY`, else `<crate>/.venv/bin/envoy`. Panics (fails the test) if it is
@@ -62,7 +71,7 @@ pub fn meshfed_path() -> PathBuf {
 pub fn envoy_path() -> PathBuf {
     let (path, origin) = match std::env::var_os("MESHFED_ENVOY") {
         Some(p) => (PathBuf::from(p), "$MESHFED_ENVOY"),
-        None => (PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"), "the default location"),
+        None => (workspace_dir().join(".venv/bin/envoy"), "the default location"),
     };
     assert!(
         path.is_file(),

@@ -10,8 +10,8 @@
 //!
 //! By default it serves through tonic (hyper/h2), writing responses with tonic's stock encoder and
 //! decoding requests with prost: what a plain tonic server does. With `--zero-copy` (server kind
-//! `floor-zero-copy`) it uses meshfed's own transport and wire code instead ([`crate::grpc`]: one task per
-//! connection, responses written as chunks that share the resources' bytes; [`crate::xds::codec`]: SotW
+//! `floor-zero-copy`) it uses meshfed's own transport and wire code instead ([`meshfed::grpc`]: one task per
+//! connection, responses written as chunks that share the resources' bytes; [`meshfed::xds::codec`]: SotW
 //! names fingerprinted without decoding): the floor for meshfed as it is built.
 
 use std::convert::Infallible;
@@ -20,21 +20,26 @@ use std::task::{Context, Poll};
 
 use anyhow::Result;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use std::marker::PhantomData;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+
+use bytes::Buf as _;
+use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{BoxFuture, http};
 use tonic::server::{Grpc, NamedService, StreamingService};
 
 use super::server::{ControlHandler, mesh_config, serve_control};
 use super::topo::{Change, ProxyIdentity, Size, Topology, proxy_node};
-use crate::cache::Resource;
-use crate::registry::Registry;
-use crate::translate::{self, Context as TContext, View};
-use crate::type_url::ResourceType;
-use crate::xds::codec::{DeltaResponse, Response, SotwRequest, SotwResponse, XdsCodec};
+use meshfed::cache::Resource;
+use meshfed::registry::Registry;
+use meshfed::translate::{self, Context as TContext, View};
+use meshfed::type_url::ResourceType;
+use meshfed::xds::codec::{DeltaResponse, Response, SotwRequest, SotwResponse};
 
 /// What the floor serves at one generation.
 #[derive(Debug, Default)]
@@ -163,8 +168,8 @@ where
 
 /// A stream of meshfed's transport (the zero-copy floor).
 struct GrpcIo {
-    messages: crate::grpc::Messages,
-    responses: crate::grpc::Responses,
+    messages: meshfed::grpc::Messages,
+    responses: meshfed::grpc::Responses,
     delta: bool,
 }
 
@@ -228,13 +233,13 @@ async fn run_stream(mut io: impl FloorIo, mut state: watch::Receiver<Arc<FloorSt
 /// The zero-copy floor's streams on one connection.
 struct FloorConnection(watch::Receiver<Arc<FloorState>>);
 
-impl crate::grpc::Handler for FloorConnection {
+impl meshfed::grpc::Handler for FloorConnection {
     fn open(
         &mut self,
-        head: crate::grpc::RequestHead,
-        messages: crate::grpc::Messages,
-        responses: crate::grpc::Responses,
-    ) -> Result<crate::grpc::StreamFuture, Status> {
+        head: meshfed::grpc::RequestHead,
+        messages: meshfed::grpc::Messages,
+        responses: meshfed::grpc::Responses,
+    ) -> Result<meshfed::grpc::StreamFuture, Status> {
         let delta = match head.path.as_str() {
             super::client::SOTW_PATH => false,
             super::client::DELTA_PATH => true,
@@ -340,7 +345,7 @@ where
 }
 
 impl NamedService for FloorService {
-    const NAME: &'static str = crate::xds::SERVICE_NAME;
+    const NAME: &'static str = meshfed::xds::SERVICE_NAME;
 }
 
 /// Runs the floor on a generated topology of `size`; prints `READY ...` and serves until killed.
@@ -352,7 +357,7 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
         registry.apply(e);
     }
     let ctx = TContext::from_mesh(&mesh).with_registry(&registry);
-    let proxy = crate::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())), None)?;
+    let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())), None)?;
     let view = View::of(&proxy, &registry);
     let all = resources(&ctx, &registry, &view);
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
@@ -360,12 +365,12 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let xds = listener.local_addr()?;
     if zero_copy {
         // meshfed's transport, with the settings of its ADS listeners
-        let config = Arc::new(crate::grpc::Config::default());
+        let config = Arc::new(meshfed::grpc::Config::default());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
                 let handler = FloorConnection(state_rx.clone());
-                tokio::spawn(crate::grpc::serve(tcp, handler, config.clone(), std::future::pending()));
+                tokio::spawn(meshfed::grpc::serve(tcp, handler, config.clone(), std::future::pending()));
             }
         });
         let control = TcpListener::bind("127.0.0.1:0").await?;
@@ -391,4 +396,73 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let control = TcpListener::bind("127.0.0.1:0").await?;
     println!("READY xds={xds} control={}", control.local_addr()?);
     serve_control(control, FloorControl { topology, registry, ctx, view, state: state_tx }).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// tonic's codec, for the stock floor
+// ---------------------------------------------------------------------------------------------
+
+/// Encodes [`Response`]s through tonic's encoder (a per-stream buffer), decodes requests of type `Req` with
+/// prost: what a plain tonic server does (meshfed writes [`Response::grpc_chunks`] instead).
+#[derive(Debug)]
+pub struct XdsCodec<Req>(PhantomData<fn() -> Req>);
+
+impl<Req> Default for XdsCodec<Req> {
+    fn default() -> Self {
+        XdsCodec(PhantomData)
+    }
+}
+
+impl<Req: Message + Default + Send + 'static> Codec for XdsCodec<Req> {
+    type Encode = Response;
+    type Decode = Req;
+    type Encoder = ResponseEncoder;
+    type Decoder = RequestDecoder<Req>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ResponseEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestDecoder(PhantomData)
+    }
+}
+
+#[derive(Debug)]
+pub struct ResponseEncoder;
+
+impl Encoder for ResponseEncoder {
+    type Item = Response;
+    type Error = Status;
+
+    fn encode(&mut self, item: Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst);
+        Ok(())
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        // Small initial buffer: large responses grow it only while they are written.
+        BufferSettings::new(4 * 1024, 32 * 1024)
+    }
+}
+
+#[derive(Debug)]
+pub struct RequestDecoder<Req>(PhantomData<fn() -> Req>);
+
+impl<Req> Default for RequestDecoder<Req> {
+    fn default() -> Self {
+        RequestDecoder(PhantomData)
+    }
+}
+
+impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
+    type Item = Req;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
+        let msg = Req::decode(src.copy_to_bytes(src.remaining()))
+            .map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
+        Ok(Some(msg))
+    }
 }

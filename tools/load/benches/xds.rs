@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use meshfed::cache::Resource;
-use meshfed::load::server::mesh_config;
-use meshfed::load::topo::{ProxyIdentity, Size, Topology, proxy_node};
 use meshfed::model::ServiceKey;
 use meshfed::registry::Registry;
 use meshfed::translate::{self, Context, Named, View};
 use meshfed::xds::codec::{DeltaResponse, Response, SotwResponse};
+use meshfed_load::server::mesh_config;
+use meshfed_load::topo::{ProxyIdentity, Size, Topology, proxy_node};
 
 struct Fixture {
     registry: Registry,

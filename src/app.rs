@@ -1,0 +1,323 @@
+//! The application, wired once: sources -> federated registry -> push loop (translation, cache) -> xDS
+//! listeners and the debug server, built from [`Options`].
+//!
+//! `meshfed serve`, the tests' in-process servers, the benchmark server and
+//! the fuzz harness all start meshfed with [`App::start`]; nothing else assembles these pieces. The order
+//! is the one a proxy must see: the sources' initial state is queued before the push loop starts (the first
+//! push is the complete state), and the xDS listeners accept only once that first snapshot exists, so a
+//! proxy never sees a partial mesh.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info};
+
+use crate::debug::{DebugAccess, DebugState};
+use crate::mesh_config::MeshConfig;
+use crate::push::PushHandle;
+use crate::source::{ClusterHealth, SourceEvent};
+use crate::xds::connections::Connections;
+use crate::xds::server::ServeOptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("binding the {what} address {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("starting the file source: {0}")]
+    Files(#[from] crate::source::files::Error),
+    #[error("the push loop ended before its first snapshot")]
+    PushLoop,
+}
+
+/// Where the cluster state comes from.
+#[derive(Debug)]
+pub enum Sources {
+    /// The clusters the mesh config names: manifest directories (watched) and Kubernetes API servers
+    /// (kubeconfigs, in-cluster, remote secrets), as `meshfed serve` runs.
+    Mesh {
+        /// accept kubeconfigs whose users run a command (`exec`) or an auth-provider plugin
+        allow_exec_auth: bool,
+    },
+    /// Only these events, then whatever is sent to [`App::events`] (in-process tests, benchmarks, fuzzing).
+    Events(Vec<SourceEvent>),
+}
+
+/// A listening address, or a listener already bound (tests bind port 0 themselves when they must know it
+/// before starting).
+#[derive(Debug)]
+pub enum Listen {
+    Address(SocketAddr),
+    Bound(tokio::net::TcpListener),
+}
+
+impl Listen {
+    /// An ephemeral port on 127.0.0.1.
+    pub fn loopback() -> Listen {
+        Listen::Address(([127, 0, 0, 1], 0).into())
+    }
+
+    fn bind_xds(self) -> std::io::Result<tokio::net::TcpListener> {
+        match self {
+            Listen::Bound(l) => Ok(l),
+            Listen::Address(a) => crate::xds::bind_listener(a),
+        }
+    }
+
+    async fn bind(self) -> std::io::Result<tokio::net::TcpListener> {
+        match self {
+            Listen::Bound(l) => Ok(l),
+            Listen::Address(a) => tokio::net::TcpListener::bind(a).await,
+        }
+    }
+
+    fn address(&self) -> Option<SocketAddr> {
+        match self {
+            Listen::Bound(l) => l.local_addr().ok(),
+            Listen::Address(a) => Some(*a),
+        }
+    }
+}
+
+/// One xDS listener (ADS and the per-type services).
+#[derive(Debug)]
+pub struct XdsListener {
+    pub listen: Listen,
+    /// limits, TLS, counters
+    pub options: ServeOptions,
+}
+
+impl XdsListener {
+    /// Plaintext on an ephemeral loopback port, without connection, stream or rate limits (tests,
+    /// benchmarks).
+    pub fn loopback_unlimited() -> XdsListener {
+        XdsListener {
+            listen: Listen::loopback(),
+            options: ServeOptions { limits: crate::xds::server::Limits::unlimited(), ..Default::default() },
+        }
+    }
+}
+
+/// The debug server.
+#[derive(Debug)]
+pub struct DebugListener {
+    pub listen: Listen,
+    pub access: DebugAccess,
+}
+
+/// Everything [`App::start`] needs.
+#[derive(Debug)]
+pub struct Options {
+    pub mesh: MeshConfig,
+    pub sources: Sources,
+    /// xDS listeners, served in this order once the first snapshot exists (none: in-process use only)
+    pub xds: Vec<XdsListener>,
+    pub debug: Option<DebugListener>,
+    /// how often east-west gateways' host names are resolved again (None: never; tests)
+    pub gateway_dns_interval: Option<Duration>,
+}
+
+impl Options {
+    /// In-process: the given events as the sources, no listeners, no gateway DNS.
+    pub fn in_process(mesh: MeshConfig, initial: Vec<SourceEvent>) -> Options {
+        Options { mesh, sources: Sources::Events(initial), xds: Vec::new(), debug: None, gateway_dns_interval: None }
+    }
+}
+
+/// meshfed running: its state handles and its tasks. Dropping it stops everything at once;
+/// [`App::shutdown`] drains the xDS listeners first.
+pub struct App {
+    pub push: PushHandle,
+    pub connections: Arc<Connections>,
+    /// every cluster's source status
+    pub clusters: ClusterHealth,
+    /// feeds the push loop as a source would (tests, benchmarks)
+    pub events: mpsc::UnboundedSender<SourceEvent>,
+    xds_addresses: Vec<SocketAddr>,
+    debug_address: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    xds_tasks: Vec<JoinHandle<Result<(), crate::xds::server::Error>>>,
+    debug_task: Option<JoinHandle<std::io::Result<()>>>,
+    push_task: JoinHandle<()>,
+    gateway_dns_task: Option<JoinHandle<()>>,
+    /// the sources run as long as these are held
+    _files: Option<crate::source::files::FileSourceHandle>,
+    _kube: Option<crate::source::kube::KubeSource>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("xds", &self.xds_addresses).field("debug", &self.debug_address).finish()
+    }
+}
+
+impl App {
+    /// Starts meshfed: the sources (their initial state queued first), the push loop, the debug server, and
+    /// — once the first snapshot is published — the xDS listeners.
+    pub async fn start(options: Options) -> Result<App, Error> {
+        let Options { mesh, sources, xds, debug, gateway_dns_interval } = options;
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let clusters = ClusterHealth::new(mesh.unreachable_grace_period);
+        let (files, kube) = match sources {
+            Sources::Events(initial) => {
+                for e in initial {
+                    let _ = events.send(e);
+                }
+                (None, None)
+            }
+            Sources::Mesh { allow_exec_auth } => {
+                let files = crate::source::files::run_with_health(&mesh, events.clone(), clusters.clone()).await?;
+                // Kubernetes clusters' initial lists are queued too; an unreachable one delays readiness by
+                // at most readyTimeout and joins when it syncs.
+                let mut kube_options = crate::source::kube::KubeOptions::from_mesh(&mesh);
+                kube_options.allow_exec_auth |= allow_exec_auth;
+                let kube = crate::source::kube::start(&mesh, kube_options, events.clone(), clusters.clone());
+                if !kube.is_empty() {
+                    let timed_out = kube.wait_ready(mesh.ready_timeout).await;
+                    info!(timed_out = ?timed_out, "Kubernetes clusters' initial lists done");
+                }
+                (Some(files), Some(kube))
+            }
+        };
+        let (push, push_task) = crate::push::start(&mesh, events_rx);
+        let connections = Arc::new(Connections::default());
+        let gateway_dns_task =
+            gateway_dns_interval.map(|every| tokio::spawn(crate::gateway_dns::run(push.clone(), every)));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+
+        let mut debug_address = None;
+        let debug_task = match debug {
+            None => None,
+            Some(DebugListener { listen, access }) => {
+                let addr = listen.address().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+                let listener = listen.bind().await.map_err(|source| Error::Bind { what: "debug", addr, source })?;
+                debug_address = listener.local_addr().ok();
+                let state = DebugState {
+                    push: push.clone(),
+                    connections: connections.clone(),
+                    source_errors: source_errors(files.as_ref(), &clusters),
+                    clusters: clusters.clone(),
+                };
+                info!(address = ?debug_address, "debug server listening");
+                Some(tokio::spawn(crate::debug::serve_with(listener, state, access, stopped(shutdown_rx.clone()))))
+            }
+        };
+
+        // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
+        push.subscribe().wait_for(|s| s.generation > 0).await.map_err(|_| Error::PushLoop)?;
+        let ads = crate::xds::AdsService::new(push.clone(), connections.clone());
+        let mut xds_addresses = Vec::new();
+        let mut xds_tasks = Vec::new();
+        for XdsListener { listen, options } in xds {
+            let addr = listen.address().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+            let listener = listen.bind_xds().map_err(|source| Error::Bind { what: "xDS", addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            info!(address = %local, tls = options.tls.is_some(), "xDS server listening");
+            xds_addresses.push(local);
+            xds_tasks.push(tokio::spawn(crate::xds::server::serve(
+                listener,
+                ads.clone(),
+                options,
+                stopped(shutdown_rx.clone()),
+            )));
+        }
+        Ok(App {
+            push,
+            connections,
+            clusters,
+            events,
+            xds_addresses,
+            debug_address,
+            shutdown,
+            xds_tasks,
+            debug_task,
+            push_task,
+            gateway_dns_task,
+            _files: files,
+            _kube: kube,
+        })
+    }
+
+    /// The address of the first xDS listener.
+    ///
+    /// # Panics
+    /// When the app was started without xDS listeners.
+    pub fn xds_address(&self) -> SocketAddr {
+        self.xds_addresses[0]
+    }
+
+    /// Every xDS listener's address, in the order of [`Options::xds`].
+    pub fn xds_addresses(&self) -> &[SocketAddr] {
+        &self.xds_addresses
+    }
+
+    pub fn debug_address(&self) -> Option<SocketAddr> {
+        self.debug_address
+    }
+
+    /// Waits until a snapshot newer than `generation` is published; returns its generation.
+    pub async fn wait_generation_after(&self, generation: u64) -> u64 {
+        let mut rx = self.push.subscribe();
+        match rx.wait_for(|s| s.generation > generation).await {
+            Ok(s) => s.generation,
+            Err(_) => generation,
+        }
+    }
+
+    /// Stops: the xDS listeners stop accepting, send GOAWAY, end their streams with UNAVAILABLE and wait up to
+    /// their drain timeout for the connections to close (bounded here by `drain_timeout` + 2 s); then the
+    /// debug server, the push loop and the sources stop.
+    pub async fn shutdown(mut self, drain_timeout: Duration) {
+        let _ = self.shutdown.send(true);
+        let xds = std::mem::take(&mut self.xds_tasks);
+        let debug = self.debug_task.take();
+        let _ = tokio::time::timeout(drain_timeout + Duration::from_secs(2), async {
+            for t in xds {
+                if let Ok(Err(e)) = t.await {
+                    error!("{e}");
+                }
+            }
+            if let Some(t) = debug {
+                let _ = t.await;
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.xds_tasks {
+            t.abort();
+        }
+        if let Some(t) = &self.debug_task {
+            t.abort();
+        }
+        if let Some(t) = &self.gateway_dns_task {
+            t.abort();
+        }
+        self.push_task.abort();
+    }
+}
+
+/// The sources' current problems for the debug surface: the file source's parse errors, then the
+/// Kubernetes sources' (the file source reports its own clusters' errors above).
+fn source_errors(
+    files: Option<&crate::source::files::FileSourceHandle>,
+    clusters: &ClusterHealth,
+) -> Arc<dyn Fn() -> Vec<String> + Send + Sync> {
+    let files_errors = files.map(|f| f.subscribe_errors());
+    let health = clusters.clone();
+    Arc::new(move || {
+        let mut errors: Vec<String> =
+            files_errors.as_ref().map(|rx| rx.borrow().iter().map(|e| e.to_string()).collect()).unwrap_or_default();
+        errors.extend(health.errors_where(|s| !s.source.starts_with("manifests:")));
+        errors
+    })
+}
