@@ -549,9 +549,16 @@ async fn a_real_client_queues_its_streams_over_the_advertised_limit() {
         let (resp, send) = c.send_request(request(PATH), false).unwrap();
         calls.push((tokio::spawn(resp), send));
     }
+    let opened = |calls: &[(tokio::task::JoinHandle<_>, _)]| calls.iter().filter(|(r, _)| r.is_finished()).count();
+    tokio::time::timeout(TIMEOUT, async {
+        while opened(&calls) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("two streams open");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let opened = calls.iter().filter(|(r, _)| r.is_finished()).count();
-    assert_eq!(opened, 2, "only the advertised number of streams is open");
+    assert_eq!(opened(&calls), 2, "only the advertised number of streams is open");
     // each ends in turn, and the waiting ones take their places: all five are served
     for (i, (resp, mut send)) in calls.into_iter().enumerate() {
         let text = format!("call {i}");
