@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Struct;
+use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
 use meshfed::proxy::string_value;
 use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
@@ -357,32 +359,108 @@ async fn connections_over_the_limit_get_resource_exhausted_until_a_slot_frees() 
 }
 
 #[tokio::test]
-async fn a_stream_over_the_connection_limit_gets_resource_exhausted_and_others_are_unaffected() {
+async fn streams_over_the_connection_limit_wait_for_a_slot_and_a_client_ignoring_the_limit_is_refused() {
     let server = Server::start(Limits { max_streams_per_connection: 2, ..Limits::default() }, None).await;
     let channel = server.channel();
     let mut s1 = Sotw::open(channel.clone()).await.unwrap();
     let mut s2 = Sotw::open(channel.clone()).await.unwrap();
     s1.send(cds_request(Some(SHOP_NODE))).await;
     s1.next().await.unwrap();
-    // a third concurrent stream on this connection is refused, and counted
+    // HTTP/2 advertises the limit: a third concurrent stream waits in the client (tonic/h2), not refused
     let counted = refused("streams");
-    let err =
-        bounded("the third stream", tokio::spawn(Sotw::fetch(channel.clone(), SHOP_NODE))).await.unwrap().unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("stream limit"), "{err:?}");
-    assert!(refused("streams") > counted, "the refusal is counted in meshfed_xds_refused_total");
+    let third = tokio::spawn(Sotw::fetch(channel.clone(), SHOP_NODE));
+    tokio::time::sleep(QUIET).await;
+    assert!(!third.is_finished(), "the third stream waits for a slot");
     // the two open streams are unaffected
     s2.send(cds_request(Some(SHOP_NODE))).await;
     assert!(!s2.next().await.unwrap().resources.is_empty());
-    // a slot frees when a stream ends
+    // a slot frees when a stream ends, and the waiting stream is served
     drop(s1);
-    let r = support::poll_until(TIMEOUT, || {
-        let channel = channel.clone();
-        async move { Sotw::fetch(channel, SHOP_NODE).await.map_err(|e| anyhow::anyhow!("{e:?}")) }
-    })
-    .await
-    .unwrap();
+    let r = bounded("the waiting stream", third).await.unwrap().unwrap();
     assert!(!r.resources.is_empty());
+    assert_eq!(refused("streams"), counted, "a client that waits for a slot is not refused");
+
+    // a client that ignores the advertised limit has its extra stream refused by HTTP/2 (REFUSED_STREAM:
+    // not processed, so it may be retried), and counted
+    let mut raw = RawH2::connect(server.addr).await;
+    let settings = raw.settings().await;
+    assert!(settings.contains(&(setting::MAX_CONCURRENT_STREAMS, 2)), "{settings:?}");
+    for stream in [1, 3, 5] {
+        raw.open_ads_stream(stream).await;
+    }
+    assert_eq!(raw.reset().await, (5, Reason::RefusedStream as u32));
+    assert!(refused("streams") > counted, "the refusal is counted in meshfed_xds_refused_total");
+    assert!(server.stats.refused_streams.load(Ordering::Relaxed) >= 1);
+}
+
+/// A raw HTTP/2 client: what a well-behaved client (tonic, Envoy) never sends.
+struct RawH2 {
+    tcp: tokio::net::TcpStream,
+    buf: BytesMut,
+}
+
+impl RawH2 {
+    async fn connect(addr: SocketAddr) -> RawH2 {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut b = BytesMut::from(&frame::PREFACE[..]);
+        frame::settings(&mut b, &[]);
+        tcp.write_all(&b).await.unwrap();
+        RawH2 { tcp, buf: BytesMut::new() }
+    }
+
+    async fn next(&mut self) -> Frame {
+        loop {
+            if let Some(h) = Head::parse(&self.buf)
+                && self.buf.len() >= frame::HEADER_LEN + h.len as usize
+            {
+                let _ = self.buf.split_to(frame::HEADER_LEN);
+                let payload = self.buf.split_to(h.len as usize).freeze();
+                return frame::parse(h, payload).unwrap();
+            }
+            let n = bounded("a frame", self.tcp.read_buf(&mut self.buf)).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+        }
+    }
+
+    /// The server's SETTINGS.
+    async fn settings(&mut self) -> Vec<(u16, u32)> {
+        loop {
+            if let Frame::Settings { ack: false, params } = self.next().await {
+                return params;
+            }
+        }
+    }
+
+    /// The next RST_STREAM: (stream, code).
+    async fn reset(&mut self) -> (u32, u32) {
+        loop {
+            if let Frame::RstStream { stream, code } = self.next().await {
+                return (stream, code);
+            }
+        }
+    }
+
+    /// Opens an ADS stream (its header block in literals, no HPACK table).
+    async fn open_ads_stream(&mut self, stream: u32) {
+        let fields = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"),
+            (":authority", "meshfed"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ];
+        let mut block = Vec::new();
+        for (name, value) in fields {
+            block.extend_from_slice(&[0, name.len() as u8]);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        let mut b = BytesMut::new();
+        frame::headers(&mut b, stream, &block, false);
+        self.tcp.write_all(&b).await.unwrap();
+    }
 }
 
 #[tokio::test]

@@ -13,6 +13,16 @@
 //! is credited only while the stream's future keeps up); queued output at most [`WRITE_HIGH`] beyond one
 //! frame per stream — above it the connection stops reading, so a client that does not read cannot make
 //! the server queue answers (PING, SETTINGS) without end.
+//!
+//! Strictness (RFC 9113): a malformed request — see [`headers`] for what its header block may not hold,
+//! or DATA that does not add up to its `content-length` — and a stream that depends on itself are stream
+//! errors PROTOCOL_ERROR; DATA or HEADERS on a closed stream is a stream error STREAM_CLOSED (§5.1, §6.1),
+//! except on a stream this server reset lately, whose frames the client may have sent before it saw the
+//! RST_STREAM (they are dropped). A stream error resets that stream only. A stream opened beyond
+//! [`Config::max_concurrent_streams`] is refused (REFUSED_STREAM: not processed, the client may retry it,
+//! §5.1.2, §8.7) and reported to [`Handler::refused`]. Every stream error this server sends counts, with
+//! the client's own resets, toward [`MAX_RESETS`]: a client cannot make the server reset streams without
+//! end either.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -41,14 +51,16 @@ const COPY_MAX: usize = 1024;
 const MAX_IOVECS: usize = 64;
 /// How long the futures of a closing connection get to finish.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// Streams a client may reset within [`RESET_WINDOW`] (CVE-2023-44487, "rapid reset").
-const MAX_RESETS: u32 = 500;
+/// Streams a client may reset, or make the server reset by a stream error, within [`RESET_WINDOW`]
+/// (CVE-2023-44487 "rapid reset", CVE-2025-8671 "MadeYouReset").
+pub const MAX_RESETS: u32 = 500;
 const RESET_WINDOW: Duration = Duration::from_secs(10);
 
 /// How a connection serves.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// SETTINGS_MAX_CONCURRENT_STREAMS (0: not limited)
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, and the streams served at once: a stream opened beyond it is
+    /// refused (0: not limited)
     pub max_concurrent_streams: u32,
     /// largest request message
     pub max_message_size: usize,
@@ -94,6 +106,10 @@ pub trait Handler: Send + 'static {
         messages: Messages,
         responses: Responses,
     ) -> Result<StreamFuture, tonic::Status>;
+
+    /// A stream the client opened beyond [`Config::max_concurrent_streams`] was refused (RST_STREAM
+    /// REFUSED_STREAM) without reaching [`Handler::open`]. Nothing by default.
+    fn refused(&mut self) {}
 }
 
 /// Why a connection ended other than by the client closing it cleanly.
@@ -136,6 +152,8 @@ struct StreamState {
     uncredited: u32,
     /// credited bytes not yet announced in a WINDOW_UPDATE
     credit: u32,
+    /// bytes of DATA still to come, when the request declared a `content-length`
+    content_length: Option<u64>,
     /// the request message being assembled (prefix included) when it spans frames
     partial: BytesMut,
     /// the length of the message being assembled, once its prefix is read
@@ -203,6 +221,35 @@ impl Out {
     }
 }
 
+/// Streams the server most recently reset (they may still see frames the client sent before the reset).
+const RECENT_RESETS: usize = 16;
+
+/// The ids of the last [`RECENT_RESETS`] streams this server reset.
+#[derive(Default)]
+struct RecentResets {
+    ids: [u32; RECENT_RESETS],
+    next: usize,
+}
+
+impl RecentResets {
+    fn add(&mut self, id: u32) {
+        self.ids[self.next] = id;
+        self.next = (self.next + 1) % RECENT_RESETS;
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.ids.contains(&id)
+    }
+}
+
+/// A header block continued in CONTINUATION frames.
+struct PartialBlock {
+    stream: u32,
+    end_stream: bool,
+    depends_on_itself: bool,
+    block: BytesMut,
+}
+
 struct Conn<IO, H> {
     io: IO,
     handler: H,
@@ -212,10 +259,17 @@ struct Conn<IO, H> {
     /// bytes of the client preface still to check
     preface: usize,
     got_settings: bool,
-    /// a header block continued in CONTINUATION frames: (stream, end_stream, block so far)
-    continuation: Option<(u32, bool, BytesMut)>,
+    /// a header block continued in CONTINUATION frames
+    continuation: Option<PartialBlock>,
     streams: Vec<StreamState>,
     last_stream: u32,
+    /// streams this server reset lately
+    reset_by_us: RecentResets,
+    /// a stream closed while its future runs, and the futures have not run since: a new stream waits
+    /// for them (the closed stream's future may hold what the new one needs, e.g. a slot under a limit)
+    closed_unpolled: bool,
+    /// frames left in the read buffer until the futures have run
+    frames_deferred: bool,
     send_window: i64,
     recv_window: i64,
     /// credited connection-level bytes not yet announced
@@ -263,6 +317,9 @@ where
             continuation: None,
             streams: Vec::new(),
             last_stream: 0,
+            reset_by_us: RecentResets::default(),
+            closed_unpolled: false,
+            frames_deferred: false,
             send_window: i64::from(frame::DEFAULT_WINDOW),
             recv_window: i64::from(config.connection_window.max(frame::DEFAULT_WINDOW)),
             credit: 0,
@@ -349,15 +406,13 @@ where
                 }
             }
             if std::mem::take(&mut poll_streams) {
-                for s in &mut self.streams {
-                    if let Some(f) = s.fut.as_mut()
-                        && f.as_mut().poll(cx).is_ready()
-                    {
-                        s.fut = None;
-                        s.app_done = true;
-                        progress = true;
-                    }
-                }
+                progress |= self.poll_streams(cx);
+            }
+            while std::mem::take(&mut self.frames_deferred) {
+                // the frames after a new stream's HEADERS, now that the closed streams' futures ran
+                self.process_frames();
+                self.poll_streams(cx);
+                progress = true;
             }
             self.collect();
             match self.poll_write(cx) {
@@ -387,6 +442,22 @@ where
                 return Poll::Pending;
             }
         }
+    }
+
+    /// Polls the streams' futures; true if one completed.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) -> bool {
+        self.closed_unpolled = false;
+        let mut completed = false;
+        for s in &mut self.streams {
+            if let Some(f) = s.fut.as_mut()
+                && f.as_mut().poll(cx).is_ready()
+            {
+                s.fut = None;
+                s.app_done = true;
+                completed = true;
+            }
+        }
+        completed
     }
 
     /// Whether the connection is finished: Some(result) once it is (the socket shut down).
@@ -526,6 +597,11 @@ where
             if self.rbuf.len() < frame::HEADER_LEN + head.len as usize {
                 return;
             }
+            if self.closed_unpolled && head.kind == kind::HEADERS && head.stream > self.last_stream {
+                // a new stream: after the futures of the streams closed since they last ran
+                self.frames_deferred = true;
+                return;
+            }
             self.rbuf.advance(frame::HEADER_LEN);
             let payload = self.rbuf.split_to(head.len as usize).freeze();
             if !self.got_settings {
@@ -535,8 +611,8 @@ where
                 }
                 self.got_settings = true;
             }
-            if let Some((cont_stream, _, _)) = &self.continuation
-                && (head.kind != kind::CONTINUATION || head.stream != *cont_stream)
+            if let Some(partial) = &self.continuation
+                && (head.kind != kind::CONTINUATION || head.stream != partial.stream)
             {
                 self.fail(Reason::ProtocolError, "a header block was interrupted");
                 return;
@@ -555,30 +631,36 @@ where
     fn on_frame(&mut self, f: Frame) {
         match f {
             Frame::Data { stream, data, end_stream, flow_len } => self.on_data(stream, data, end_stream, flow_len),
-            Frame::Headers { stream, block, end_stream, end_headers } => {
+            Frame::Headers { stream, block, end_stream, end_headers, depends_on_itself } => {
                 if end_headers {
-                    self.on_header_block(stream, &block, end_stream);
+                    self.on_header_block(stream, &block, end_stream, depends_on_itself);
                 } else {
                     let mut b = BytesMut::with_capacity(block.len() * 2);
                     b.extend_from_slice(&block);
-                    self.continuation = Some((stream, end_stream, b));
+                    self.continuation = Some(PartialBlock { stream, end_stream, depends_on_itself, block: b });
                     self.check_block_size();
                 }
             }
-            Frame::Continuation { stream, block, end_headers } => {
-                let Some((s, end_stream, mut b)) = self.continuation.take() else {
+            Frame::Continuation { block, end_headers, .. } => {
+                let Some(mut partial) = self.continuation.take() else {
                     self.fail(Reason::ProtocolError, "CONTINUATION without HEADERS");
                     return;
                 };
-                b.extend_from_slice(&block);
+                partial.block.extend_from_slice(&block);
                 if end_headers {
-                    self.on_header_block(s, &b, end_stream);
+                    self.on_header_block(partial.stream, &partial.block, partial.end_stream, partial.depends_on_itself);
                 } else {
-                    self.continuation = Some((stream, end_stream, b));
+                    self.continuation = Some(partial);
                     self.check_block_size();
                 }
             }
-            Frame::Priority { .. } | Frame::Unknown => {}
+            Frame::Priority { stream, depends_on } => {
+                // RFC 7540 §5.3.1 (the priority scheme RFC 9113 deprecates): a stream error
+                if depends_on == stream {
+                    self.stream_error(stream, Reason::ProtocolError);
+                }
+            }
+            Frame::Unknown => {}
             Frame::RstStream { stream, code } => self.on_reset(stream, code),
             Frame::Settings { ack, params } => {
                 if !ack {
@@ -604,7 +686,7 @@ where
     }
 
     fn check_block_size(&mut self) {
-        if self.continuation.as_ref().is_some_and(|(_, _, b)| b.len() > self.config.max_header_list_size as usize) {
+        if self.continuation.as_ref().is_some_and(|p| p.block.len() > self.config.max_header_list_size as usize) {
             self.fail(Reason::EnhanceYourCalm, "header block too large");
         }
     }
@@ -655,14 +737,15 @@ where
         if stream > self.last_stream {
             return self.fail(Reason::ProtocolError, "WINDOW_UPDATE on an idle stream");
         }
-        let Some(i) = self.stream_index(stream) else { return };
+        // on a closed stream it may come after our END_STREAM or RST_STREAM: ignored
+        let Some(i) = self.stream_index(stream).filter(|&i| !self.streams[i].local_closed) else { return };
         if increment == 0 {
-            return self.reset_stream(i, Reason::ProtocolError);
+            return self.stream_error(stream, Reason::ProtocolError);
         }
         let s = &mut self.streams[i];
         s.send_window += i64::from(increment);
         if s.send_window > frame::MAX_WINDOW {
-            self.reset_stream(i, Reason::FlowControlError);
+            self.stream_error(stream, Reason::FlowControlError);
         }
     }
 
@@ -670,34 +753,68 @@ where
         if stream > self.last_stream {
             return self.fail(Reason::ProtocolError, "RST_STREAM on an idle stream");
         }
+        if !self.count_reset() {
+            return;
+        }
+        if let Some(i) = self.stream_index(stream) {
+            if code != Reason::NoError as u32 || !self.streams[i].remote_closed {
+                debug!(stream, code, "client reset a stream");
+            }
+            self.close_stream(i);
+        }
+    }
+
+    /// Counts a reset, the client's or one it provoked: false (and the connection fails) over
+    /// [`MAX_RESETS`] within [`RESET_WINDOW`].
+    fn count_reset(&mut self) -> bool {
         let now = Instant::now();
         if now.duration_since(self.resets.0) > RESET_WINDOW {
             self.resets = (now, 0);
         }
         self.resets.1 += 1;
         if self.resets.1 > MAX_RESETS {
-            return self.fail(Reason::EnhanceYourCalm, "too many streams reset");
+            self.fail(Reason::EnhanceYourCalm, "too many streams reset");
+            return false;
         }
-        if let Some(i) = self.stream_index(stream) {
-            if code != Reason::NoError as u32 || !self.streams[i].remote_closed {
-                debug!(stream, code, "client reset a stream");
-            }
-            let s = &mut self.streams[i];
-            lock(&s.shared).close(RecvError::Reset);
-            s.local_closed = true;
-            s.remote_closed = true;
-        }
+        true
     }
 
-    /// A stream error: RST_STREAM with `reason`; the stream's future is told.
-    fn reset_stream(&mut self, i: usize, reason: Reason) {
+    /// Closes both sides of a stream at once (a reset); its future is told.
+    fn close_stream(&mut self, i: usize) {
         let s = &mut self.streams[i];
-        if !s.local_closed {
-            frame::rst_stream(&mut self.out.buf, s.id, reason);
-        }
         lock(&s.shared).close(RecvError::Reset);
         s.local_closed = true;
         s.remote_closed = true;
+        s.partial = BytesMut::new();
+        if s.fut.is_some() {
+            self.closed_unpolled = true;
+        }
+    }
+
+    /// Writes RST_STREAM, and remembers that this server reset the stream.
+    fn write_reset(&mut self, stream: u32, reason: Reason) {
+        frame::rst_stream(&mut self.out.buf, stream, reason);
+        self.reset_by_us.add(stream);
+    }
+
+    /// A stream error (RFC 9113 §5.4.2): RST_STREAM with `reason` on this stream only (its future, if it
+    /// has one, is told), counted toward [`MAX_RESETS`].
+    fn stream_error(&mut self, stream: u32, reason: Reason) {
+        debug!(stream, reason = reason.name(), "HTTP/2 stream error");
+        if let Some(i) = self.stream_index(stream) {
+            self.close_stream(i);
+        }
+        self.write_reset(stream, reason);
+        self.count_reset();
+    }
+
+    /// DATA or HEADERS on a closed stream: dropped if this server reset the stream lately (the client
+    /// sent them before it saw the reset), otherwise a stream error STREAM_CLOSED (RFC 9113 §5.1, §6.1).
+    /// Ids below the newest stream that were never opened are closed too (§5.1.1), and treated alike.
+    fn on_closed_stream(&mut self, stream: u32) {
+        if !self.reset_by_us.contains(stream) {
+            self.stream_error(stream, Reason::StreamClosed);
+        }
     }
 
     fn on_data(&mut self, stream: u32, data: Bytes, end_stream: bool, flow_len: u32) {
@@ -705,27 +822,31 @@ where
         if self.recv_window < 0 {
             return self.fail(Reason::FlowControlError, "more data than the connection window");
         }
-        let Some(i) = self.stream_index(stream) else {
-            if stream > self.last_stream {
+        let open = self.stream_index(stream).filter(|&i| !self.streams[i].remote_closed);
+        let Some(i) = open else {
+            if stream > self.last_stream || stream.is_multiple_of(2) {
                 return self.fail(Reason::ProtocolError, "DATA on an idle stream");
             }
-            // a stream that ended: its data is dropped (and credited)
+            // the data of a closed stream is dropped (and credited)
             self.credit += flow_len;
-            return;
+            return self.on_closed_stream(stream);
         };
         let max = self.config.max_message_size;
         let s = &mut self.streams[i];
-        if s.remote_closed {
-            self.credit += flow_len;
-            if !s.local_closed {
-                self.reset_stream(i, Reason::StreamClosed);
-            }
-            return;
-        }
         s.recv_window -= i64::from(flow_len);
         if s.recv_window < 0 {
             self.credit += flow_len;
-            return self.reset_stream(i, Reason::FlowControlError);
+            return self.stream_error(stream, Reason::FlowControlError);
+        }
+        if let Some(left) = s.content_length {
+            // RFC 9113 §8.1.1: the DATA must add up to the content-length
+            match left.checked_sub(data.len() as u64) {
+                Some(rest) if rest == 0 || !end_stream => s.content_length = Some(rest),
+                _ => {
+                    self.credit += flow_len;
+                    return self.stream_error(stream, Reason::ProtocolError);
+                }
+            }
         }
         // padding, and data that is dropped, is credited at once
         let mut credited = flow_len - data.len() as u32;
@@ -747,37 +868,62 @@ where
         }
     }
 
-    fn on_header_block(&mut self, stream: u32, block: &[u8], end_stream: bool) {
+    fn on_header_block(&mut self, stream: u32, block: &[u8], end_stream: bool, depends_on_itself: bool) {
         if let Some(i) = self.stream_index(stream) {
             // trailers of a request
-            if let Err(e) = headers::skip(&mut self.hpack, block) {
+            let checked = headers::decode_trailers(&mut self.hpack, block);
+            if let Err(e @ headers::HeaderError::Hpack(_)) = checked {
                 return self.fail(Reason::CompressionError, e.to_string());
             }
             let s = &mut self.streams[i];
-            if !end_stream || s.remote_closed {
-                return self.reset_stream(i, Reason::ProtocolError);
+            if s.remote_closed {
+                return self.on_closed_stream(stream);
+            }
+            // RFC 9113 §8.1: trailers end the request; their fields are checked as the request's were, and
+            // the DATA before them must add up to the content-length
+            if !end_stream || depends_on_itself || checked.is_err() || s.content_length.is_some_and(|n| n != 0) {
+                if let Err(e) = checked {
+                    debug!(stream, error = %e, "malformed trailers");
+                }
+                return self.stream_error(stream, Reason::ProtocolError);
             }
             s.remote_closed = true;
             let end = if s.partial.is_empty() { Ok(()) } else { Err(RecvError::Truncated) };
             lock(&s.shared).end(end);
             return;
         }
-        if stream.is_multiple_of(2) || stream <= self.last_stream {
-            return self.fail(Reason::ProtocolError, "HEADERS on a closed or server-initiated stream id");
+        if stream.is_multiple_of(2) {
+            return self.fail(Reason::ProtocolError, "HEADERS on a server-initiated stream id");
+        }
+        if stream <= self.last_stream {
+            if let Err(e) = headers::skip(&mut self.hpack, block) {
+                return self.fail(Reason::CompressionError, e.to_string());
+            }
+            return self.on_closed_stream(stream);
         }
         self.last_stream = stream;
         let head = match headers::decode_request(&mut self.hpack, block, self.config.max_header_list_size as usize) {
             Ok(h) => Ok(h),
             Err(headers::HeaderError::TooLarge(n)) => Err(n),
-            Err(e) => return self.fail(Reason::CompressionError, e.to_string()),
+            Err(headers::HeaderError::Malformed(why)) => {
+                debug!(stream, why, "malformed request");
+                return self.stream_error(stream, Reason::ProtocolError);
+            }
+            Err(e @ headers::HeaderError::Hpack(_)) => return self.fail(Reason::CompressionError, e.to_string()),
         };
+        let declared_content = head.as_ref().ok().and_then(|h| h.content_length).is_some_and(|n| n > 0);
+        if depends_on_itself || (end_stream && declared_content) {
+            return self.stream_error(stream, Reason::ProtocolError);
+        }
         if self.going_away || self.ending.is_some() {
-            frame::rst_stream(&mut self.out.buf, stream, Reason::RefusedStream);
-            return;
+            return self.write_reset(stream, Reason::RefusedStream);
         }
         let max = self.config.max_concurrent_streams;
-        if max > 0 && self.streams.len() >= max as usize {
-            frame::rst_stream(&mut self.out.buf, stream, Reason::RefusedStream);
+        if max > 0 && self.streams.iter().filter(|s| !(s.local_closed && s.remote_closed)).count() >= max as usize {
+            // RFC 9113 §5.1.2: over the advertised limit; REFUSED_STREAM says it was not processed, so the
+            // client may retry it (§8.7), as one that has not yet seen the SETTINGS should
+            self.write_reset(stream, Reason::RefusedStream);
+            self.handler.refused();
             return;
         }
         let answer_only = |conn: &mut Self, block: &dyn Fn(&mut BytesMut)| {
@@ -785,7 +931,7 @@ where
             block(&mut b);
             frame::headers(&mut conn.out.buf, stream, &b, true);
             if !end_stream {
-                frame::rst_stream(&mut conn.out.buf, stream, Reason::NoError);
+                conn.write_reset(stream, Reason::NoError);
             }
         };
         let head = match head {
@@ -801,6 +947,7 @@ where
         if !head.is_grpc() {
             return answer_only(self, &|b| headers::http_status(b, 415));
         }
+        let content_length = head.content_length;
         let shared: SharedRef = Arc::new(Mutex::new(Shared::default()));
         match self.handler.open(head, Messages::new(shared.clone()), Responses::new(shared.clone())) {
             Err(status) => {
@@ -819,6 +966,7 @@ where
                     recv_window: i64::from(self.config.stream_window),
                     uncredited: 0,
                     credit: 0,
+                    content_length,
                     partial: BytesMut::new(),
                     expect: None,
                     discard: false,
@@ -896,10 +1044,14 @@ where
                         if !s.remote_closed {
                             // the request side is not needed any more (RFC 9113 §8.1)
                             frame::rst_stream(&mut self.out.buf, s.id, Reason::NoError);
+                            self.reset_by_us.add(s.id);
                             s.remote_closed = true;
                         }
                         s.local_closed = true;
                         shared.closed = true;
+                        if s.fut.is_some() {
+                            self.closed_unpolled = true;
+                        }
                     }
                 }
             }

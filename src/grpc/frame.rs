@@ -139,12 +139,15 @@ pub enum Frame {
         end_stream: bool,
         flow_len: u32,
     },
-    /// the start of a header block (more may follow in CONTINUATION frames unless `end_headers`)
+    /// the start of a header block (more may follow in CONTINUATION frames unless `end_headers`);
+    /// `depends_on_itself`: its priority fields make the stream depend on itself, a stream error
+    /// (RFC 7540 §5.3.1) once the block is decoded
     Headers {
         stream: u32,
         block: Bytes,
         end_stream: bool,
         end_headers: bool,
+        depends_on_itself: bool,
     },
     Continuation {
         stream: u32,
@@ -211,14 +214,13 @@ pub fn parse(head: Head, payload: Bytes) -> Result<Frame, FrameError> {
         kind::HEADERS => {
             need_stream("HEADERS on stream 0")?;
             let mut block = unpad(&head, payload)?;
+            let mut depends_on_itself = false;
             if head.has(flag::PRIORITY) {
                 if block.len() < 5 {
                     return Err(err(Reason::FrameSizeError, "HEADERS priority fields truncated"));
                 }
                 let depends_on = u32::from_be_bytes([block[0], block[1], block[2], block[3]]) & 0x7fff_ffff;
-                if depends_on == stream {
-                    return Err(err(Reason::ProtocolError, "a stream depends on itself"));
-                }
+                depends_on_itself = depends_on == stream;
                 block.advance(5);
             }
             Frame::Headers {
@@ -226,6 +228,7 @@ pub fn parse(head: Head, payload: Bytes) -> Result<Frame, FrameError> {
                 block,
                 end_stream: head.has(flag::END_STREAM),
                 end_headers: head.has(flag::END_HEADERS),
+                depends_on_itself,
             }
         }
         kind::CONTINUATION => {
@@ -374,11 +377,26 @@ mod tests {
         let f = parsed(kind::HEADERS, flag::PADDED | flag::PRIORITY | flag::END_HEADERS, 5, &payload).unwrap();
         assert_eq!(
             f,
-            Frame::Headers { stream: 5, block: Bytes::from_static(b"ab"), end_stream: false, end_headers: true }
+            Frame::Headers {
+                stream: 5,
+                block: Bytes::from_static(b"ab"),
+                end_stream: false,
+                end_headers: true,
+                depends_on_itself: false
+            }
         );
-        // depending on itself
-        let payload = [0, 0, 0, 5, 16, b'a'];
-        assert_eq!(parsed(kind::HEADERS, flag::PRIORITY, 5, &payload).unwrap_err().reason, Reason::ProtocolError);
+        // depending on itself: the block is still read (it must be decoded), the stream is in error
+        let payload = [0x80, 0, 0, 5, 16, b'a'];
+        assert_eq!(
+            parsed(kind::HEADERS, flag::PRIORITY, 5, &payload).unwrap(),
+            Frame::Headers {
+                stream: 5,
+                block: Bytes::from_static(b"a"),
+                end_stream: false,
+                end_headers: false,
+                depends_on_itself: true
+            }
+        );
         assert_eq!(parsed(kind::HEADERS, flag::PRIORITY, 5, &[0, 0]).unwrap_err().reason, Reason::FrameSizeError);
     }
 
@@ -428,7 +446,13 @@ mod tests {
                 Frame::WindowUpdate { stream: 0, increment: 1000 },
                 Frame::RstStream { stream: 3, code: Reason::Cancel as u32 },
                 Frame::GoAway { last_stream: 9, code: 0 },
-                Frame::Headers { stream: 1, block: Bytes::from_static(b"\x88"), end_stream: true, end_headers: true },
+                Frame::Headers {
+                    stream: 1,
+                    block: Bytes::from_static(b"\x88"),
+                    end_stream: true,
+                    end_headers: true,
+                    depends_on_itself: false
+                },
             ]
         );
     }

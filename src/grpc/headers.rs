@@ -1,5 +1,15 @@
-//! gRPC's HTTP/2 headers: the request head read from an HPACK block, and the response headers and
-//! trailers written as HPACK literals (no dynamic table: nothing to keep per connection).
+//! gRPC's HTTP/2 headers: the request head read from an HPACK block and checked as RFC 9113 §8.2–§8.3
+//! requires, and the response headers and trailers written as HPACK literals (no dynamic table: nothing
+//! to keep per connection).
+//!
+//! A request's header block is malformed ([`HeaderError::Malformed`], a stream error PROTOCOL_ERROR) when
+//! a field name is not a lower-case token, a value holds NUL, CR, LF or another control character or
+//! starts or ends with white space, a pseudo-header is unknown, repeated or follows a regular field,
+//! `:method`, `:scheme` or `:path` is missing (CONNECT: `:authority` without `:scheme` and `:path`),
+//! a connection-specific field is present (`connection`, `keep-alive`, `proxy-connection`,
+//! `transfer-encoding`, `upgrade`), `te` is anything but `trailers`, or `content-length` is not one
+//! number. Trailers are held to the same field rules and may carry no pseudo-header at all. The checks
+//! run once per header block, on the bytes HPACK hands out: no allocation.
 
 use bytes::{BufMut, BytesMut};
 
@@ -15,6 +25,8 @@ pub struct RequestHead {
     pub content_type: Option<String>,
     pub grpc_encoding: Option<String>,
     pub user_agent: Option<String>,
+    /// the request's `content-length`: its DATA must add up to it (RFC 9113 §8.1.1)
+    pub content_length: Option<u64>,
 }
 
 impl RequestHead {
@@ -29,14 +41,95 @@ impl RequestHead {
 /// Why a header block cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
+    /// a connection error COMPRESSION_ERROR: the decoder's table is no longer the client's
     #[error("header block does not decode: {0:?}")]
     Hpack(loona_hpack::decoder::DecoderError),
     #[error("header list larger than {0} bytes")]
     TooLarge(usize),
+    /// a malformed request or trailers (RFC 9113 §8.1.1): a stream error PROTOCOL_ERROR
+    #[error("malformed header block: {0}")]
+    Malformed(&'static str),
 }
 
-/// Decodes a request's header block with the connection's HPACK decoder. Every block must be decoded
-/// (even of a refused stream) to keep the decoder's table in step with the client's.
+/// Bytes allowed in a field name: the lower-case `tchar`s of RFC 9110 §5.6.2 (no upper case, no colon,
+/// no control character, space or byte above 0x7e).
+const NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Bytes allowed in a field value (RFC 9110 §5.5: visible characters, obs-text, space and tab).
+const VALUE_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = b == 0x09 || (b >= 0x20 && b != 0x7f);
+        b += 1;
+    }
+    t
+};
+
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.iter().all(|&b| NAME_BYTE[b as usize])
+}
+
+fn valid_value(value: &[u8]) -> bool {
+    let ws = |b: &u8| *b == b' ' || *b == b'\t';
+    !value.first().is_some_and(ws) && !value.last().is_some_and(ws) && value.iter().all(|&b| VALUE_BYTE[b as usize])
+}
+
+/// Fields HTTP/2 forbids: they describe the connection, which is HTTP/2's own (RFC 9113 §8.2.2).
+fn connection_specific(name: &[u8]) -> bool {
+    matches!(name, b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade")
+}
+
+/// The checks that apply to every field of a request or of its trailers.
+fn check_regular(name: &[u8], value: &[u8]) -> Result<(), &'static str> {
+    if !valid_name(name) {
+        return Err("a field name that is not a lower-case token");
+    }
+    if !valid_value(value) {
+        return Err("a field value with a control character or surrounding white space");
+    }
+    if connection_specific(name) {
+        return Err("a connection-specific header field");
+    }
+    if name == b"te" && !value.eq_ignore_ascii_case(b"trailers") {
+        return Err("te other than \"trailers\"");
+    }
+    Ok(())
+}
+
+/// `content-length`: one decimal number.
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() { n.checked_mul(10)?.checked_add(u64::from(b - b'0')) } else { None }
+    })
+}
+
+// the request pseudo-headers (RFC 9113 §8.3.1), as bits of a set
+const METHOD: u8 = 1;
+const SCHEME: u8 = 2;
+const AUTHORITY: u8 = 4;
+const PATH: u8 = 8;
+
+/// Decodes a request's header block with the connection's HPACK decoder and checks it (see the module
+/// docs). Every block must be decoded (even of a refused stream) to keep the decoder's table in step
+/// with the client's; a list over `max_list_size` is [`HeaderError::TooLarge`] whatever else is wrong.
 pub fn decode_request(
     decoder: &mut loona_hpack::Decoder<'static>,
     block: &[u8],
@@ -44,20 +137,57 @@ pub fn decode_request(
 ) -> Result<RequestHead, HeaderError> {
     let mut head = RequestHead::default();
     let mut size = 0usize;
+    let mut seen = 0u8;
+    let mut regular = false;
+    let mut malformed: Option<&'static str> = None;
     decoder
         .decode_with_cb(block, |name, value| {
             // RFC 9113 §6.5.2: a header's size is its name, its value and 32 bytes
             size = size.saturating_add(name.len() + value.len() + 32);
-            if size > max_list_size {
+            if size > max_list_size || malformed.is_some() {
                 return;
             }
             let text = || String::from_utf8_lossy(&value).into_owned();
+            if name.first() == Some(&b':') {
+                let bit = match &*name {
+                    b":method" => METHOD,
+                    b":scheme" => SCHEME,
+                    b":authority" => AUTHORITY,
+                    b":path" => PATH,
+                    _ => {
+                        malformed = Some("an unknown pseudo-header");
+                        return;
+                    }
+                };
+                if regular {
+                    malformed = Some("a pseudo-header after a regular header field");
+                } else if seen & bit != 0 {
+                    malformed = Some("a repeated pseudo-header");
+                } else if !valid_value(&value) {
+                    malformed = Some("a pseudo-header value with a control character or surrounding white space");
+                }
+                seen |= bit;
+                match bit {
+                    METHOD => head.method = text(),
+                    PATH => head.path = text(),
+                    _ => {}
+                }
+                return;
+            }
+            regular = true;
+            if let Err(why) = check_regular(&name, &value) {
+                malformed = Some(why);
+                return;
+            }
             match &*name {
-                b":method" => head.method = text(),
-                b":path" => head.path = text(),
                 b"content-type" => head.content_type = Some(text()),
                 b"grpc-encoding" => head.grpc_encoding = Some(text()),
                 b"user-agent" => head.user_agent = Some(text()),
+                b"content-length" => match (content_length(&value), head.content_length) {
+                    (Some(n), None) => head.content_length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => malformed = Some("content-length is not one number"),
+                },
                 _ => {}
             }
         })
@@ -65,10 +195,49 @@ pub fn decode_request(
     if size > max_list_size {
         return Err(HeaderError::TooLarge(max_list_size));
     }
+    if let Some(why) = malformed {
+        return Err(HeaderError::Malformed(why));
+    }
+    if seen & METHOD == 0 {
+        return Err(HeaderError::Malformed("no :method"));
+    }
+    if head.method == "CONNECT" {
+        // RFC 9113 §8.5: the target is :authority alone
+        if seen & (SCHEME | PATH) != 0 || seen & AUTHORITY == 0 {
+            return Err(HeaderError::Malformed("CONNECT without :authority, or with :scheme or :path"));
+        }
+    } else if seen & (SCHEME | PATH) != SCHEME | PATH {
+        return Err(HeaderError::Malformed("no :scheme or no :path"));
+    } else if head.path.is_empty() {
+        return Err(HeaderError::Malformed("an empty :path"));
+    }
     Ok(head)
 }
 
-/// Decodes a header block whose content is not needed (trailers of a request), keeping the table in step.
+/// Decodes a request's trailers (their content is not needed) and checks them: the field rules of a
+/// request, and no pseudo-header (RFC 9113 §8.1).
+pub fn decode_trailers(decoder: &mut loona_hpack::Decoder<'static>, block: &[u8]) -> Result<(), HeaderError> {
+    let mut malformed: Option<&'static str> = None;
+    decoder
+        .decode_with_cb(block, |name, value| {
+            if malformed.is_some() {
+                return;
+            }
+            if name.first() == Some(&b':') {
+                malformed = Some("a pseudo-header in trailers");
+            } else if let Err(why) = check_regular(&name, &value) {
+                malformed = Some(why);
+            }
+        })
+        .map_err(HeaderError::Hpack)?;
+    match malformed {
+        Some(why) => Err(HeaderError::Malformed(why)),
+        None => Ok(()),
+    }
+}
+
+/// Decodes a header block whose content is not needed (of a stream already closed), keeping the table
+/// in step.
 pub fn skip(decoder: &mut loona_hpack::Decoder<'static>, block: &[u8]) -> Result<(), HeaderError> {
     decoder.decode_with_cb(block, |_, _| {}).map_err(HeaderError::Hpack)
 }
@@ -217,6 +386,103 @@ mod tests {
             decode_request(&mut dec, &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 100),
             Err(HeaderError::Hpack(_))
         ));
+    }
+
+    /// A block of literal fields, as written (upper case included).
+    fn block(fields: &[(&str, &str)]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (n, v) in fields {
+            literal(&mut out, n, v.as_bytes());
+        }
+        out
+    }
+
+    const REQUEST: [(&str, &str); 6] = [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", "/test.Echo/Echo"),
+        (":authority", "xds"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ];
+
+    fn decoded(fields: &[(&str, &str)]) -> Result<RequestHead, HeaderError> {
+        let mut dec = loona_hpack::Decoder::new();
+        decode_request(&mut dec, &block(fields), 16 * 1024)
+    }
+
+    fn with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        REQUEST.iter().chain(extra).copied().collect()
+    }
+
+    #[test]
+    fn malformed_requests_are_told_apart() {
+        assert!(decoded(&REQUEST).is_ok());
+        let ok = with(&[("content-length", "12"), ("te", "Trailers"), ("x-v", "a\tb \u{e9}")]);
+        assert_eq!(decoded(&ok).unwrap().content_length, Some(12));
+        let without = |name: &str| REQUEST.iter().filter(|(n, _)| *n != name).copied().collect::<Vec<_>>();
+        let mut after_regular = REQUEST.to_vec();
+        after_regular.swap(2, 4);
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (with(&[("X-Upper", "1")]), "lower-case token"),
+            (with(&[("bad name", "1")]), "lower-case token"),
+            (with(&[("na:me", "1")]), "lower-case token"),
+            (with(&[("", "1")]), "lower-case token"),
+            (with(&[("x", "a\nb")]), "control character"),
+            (with(&[("x", "a\0b")]), "control character"),
+            (with(&[("x", " a")]), "white space"),
+            (with(&[("x", "a\t")]), "white space"),
+            (with(&[(":protocol", "websocket")]), "unknown pseudo-header"),
+            (with(&[(":status", "200")]), "unknown pseudo-header"),
+            ([&REQUEST[..4], &[(":path", "/b")], &REQUEST[4..]].concat(), "repeated"),
+            (after_regular, "after a regular"),
+            (without(":method"), "no :method"),
+            (without(":scheme"), "no :scheme"),
+            (without(":path"), "no :path"),
+            ([&[(":path", "")], &without(":path")[..]].concat(), "empty :path"),
+            (vec![(":method", "CONNECT"), (":scheme", "https"), (":authority", "x:1")], "CONNECT"),
+            (with(&[("connection", "close")]), "connection-specific"),
+            (with(&[("keep-alive", "5")]), "connection-specific"),
+            (with(&[("proxy-connection", "x")]), "connection-specific"),
+            (with(&[("transfer-encoding", "chunked")]), "connection-specific"),
+            (with(&[("upgrade", "h2c")]), "connection-specific"),
+            (with(&[("te", "gzip")]), "te other than"),
+            (with(&[("content-length", "1x")]), "not one number"),
+            (with(&[("content-length", "")]), "not one number"),
+            (with(&[("content-length", "99999999999999999999999")]), "not one number"),
+            (with(&[("content-length", "1"), ("content-length", "2")]), "not one number"),
+        ];
+        for (fields, why) in cases {
+            match decoded(&fields) {
+                Err(HeaderError::Malformed(m)) => assert!(m.contains(why), "{fields:?}: {m}"),
+                other => panic!("{fields:?}: {other:?}"),
+            }
+        }
+        // CONNECT names its target by :authority alone (then meshfed answers 405)
+        let connect = decoded(&[(":method", "CONNECT"), (":authority", "x:1")]).unwrap();
+        assert_eq!(connect.method, "CONNECT");
+        // repeated identical content-lengths are one
+        assert!(decoded(&with(&[("content-length", "3"), ("content-length", "3")])).is_ok());
+        // too large wins over malformed: the list is not read to its end
+        let mut dec = loona_hpack::Decoder::new();
+        let big = with(&[("X-Upper", "1")]);
+        assert!(matches!(decode_request(&mut dec, &block(&big), 100), Err(HeaderError::TooLarge(100))));
+    }
+
+    #[test]
+    fn trailers_have_no_pseudo_headers() {
+        let mut dec = loona_hpack::Decoder::new();
+        assert!(decode_trailers(&mut dec, &block(&[("grpc-status", "0"), ("x-a", "b")])).is_ok());
+        for (fields, why) in [
+            (vec![("x-a", "b"), (":path", "/x")], "pseudo-header in trailers"),
+            (vec![("X-A", "b")], "lower-case token"),
+            (vec![("connection", "close")], "connection-specific"),
+        ] {
+            match decode_trailers(&mut dec, &block(&fields)) {
+                Err(HeaderError::Malformed(m)) => assert!(m.contains(why), "{fields:?}: {m}"),
+                other => panic!("{fields:?}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The transport against a real HTTP/2 client (the `h2` crate, as tonic uses it) and against raw frames
-//! for what a well-behaved client never sends.
+//! for what a well-behaved client never sends: one raw-frame test per malformed request and per frame on
+//! a closed stream that RFC 9113 makes a stream error, each beside a healthy stream that must go on.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -88,6 +90,10 @@ impl Handler for Echo {
                 }
             }
         }))
+    }
+
+    fn refused(&mut self) {
+        let _ = self.events.send("refused".into());
     }
 }
 
@@ -345,6 +351,23 @@ impl Raw {
         None
     }
 
+    /// Sends `frames` and a PING, and returns the codes of the RST_STREAMs on `stream` the server wrote
+    /// before its answer to the PING (it handles frames in order), or the code of a GOAWAY.
+    async fn resets_before_ping(&mut self, stream: u32, frames: &[u8]) -> Result<Vec<u32>, u32> {
+        let mut b = BytesMut::from(frames);
+        frame::ping(&mut b, false, *b"barrier!");
+        self.send(&b).await;
+        let mut codes = Vec::new();
+        loop {
+            match self.next().await.expect("the connection stays open") {
+                Frame::RstStream { stream: s, code } if s == stream => codes.push(code),
+                Frame::Ping { ack: true, payload } if &payload == b"barrier!" => return Ok(codes),
+                Frame::GoAway { code, .. } => return Err(code),
+                _ => {}
+            }
+        }
+    }
+
     /// The GOAWAY the server ends with, and that the connection then closes.
     async fn goaway(&mut self) -> u32 {
         let Some(Frame::GoAway { code, .. }) = self.until(|f| matches!(f, Frame::GoAway { .. })).await else {
@@ -482,18 +505,392 @@ async fn protocol_errors_end_the_connection_with_goaway() {
 }
 
 #[tokio::test]
-async fn streams_over_the_concurrency_limit_are_refused() {
-    let (io, _server) = start(Config { max_concurrent_streams: 1, ..Config::default() });
+async fn a_client_ignoring_the_concurrency_limit_has_its_extra_streams_refused() {
+    let (io, mut server) = start(Config { max_concurrent_streams: 1, ..Config::default() });
     let mut raw = Raw::connect(io).await;
-    let mut enc = loona_hpack::Encoder::new();
-    let headers: Vec<(&[u8], &[u8])> =
-        vec![(b":method", b"POST"), (b":path", PATH.as_bytes()), (b"content-type", b"application/grpc")];
-    let block1 = enc.encode(headers.iter().copied());
-    let block3 = enc.encode(headers.iter().copied());
-    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &block1).await;
-    raw.frame(kind::HEADERS, flag::END_HEADERS, 3, &block3).await;
+    let Some(Frame::Settings { ack: false, params }) = raw.next().await else { panic!("SETTINGS first") };
+    assert!(params.contains(&(setting::MAX_CONCURRENT_STREAMS, 1)), "the limit is advertised: {params:?}");
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &literal_block(&REQUEST)).await;
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 3, &literal_block(&REQUEST)).await;
     let got = raw.until(|f| matches!(f, Frame::RstStream { .. })).await;
     assert_eq!(got, Some(Frame::RstStream { stream: 3, code: Reason::RefusedStream as u32 }));
+    assert_eq!(server.event().await, "refused", "the handler is told");
+    // its DATA, sent before the client saw the refusal, is dropped without another reset
+    raw.frame(kind::DATA, 0, 3, &message(b"late")[0]).await;
+    assert_eq!(raw.resets_before_ping(3, &[]).await, Ok(vec![]));
+    // once stream 1 ends, a stream takes its place
+    raw.frame(kind::DATA, flag::END_STREAM, 1, &message(b"one")[0]).await;
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, end_stream: true, .. })).await.is_some());
+    assert_eq!(server.event().await, "end");
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 5, &literal_block(&REQUEST)).await;
+    raw.frame(kind::DATA, flag::END_STREAM, 5, &message(b"five")[0]).await;
+    let Some(Frame::Data { data, .. }) = raw.until(|f| matches!(f, Frame::Data { stream: 5, .. })).await else {
+        panic!("stream 5 is not served")
+    };
+    assert_eq!(&data[5..], b"five");
+}
+
+#[tokio::test]
+async fn a_real_client_queues_its_streams_over_the_advertised_limit() {
+    let (io, mut server) = start(Config { max_concurrent_streams: 2, ..Config::default() });
+    let client = h2_client(io, 65_535).await;
+    // the client learns the limit from the server's SETTINGS
+    tokio::time::timeout(TIMEOUT, async {
+        while client.current_max_send_streams() != 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the client takes the advertised limit");
+    // five streams at once: two open, three wait in the client
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let mut c = client.clone().ready().await.unwrap();
+        let (resp, send) = c.send_request(request(PATH), false).unwrap();
+        calls.push((tokio::spawn(resp), send));
+    }
+    let opened = |calls: &[(tokio::task::JoinHandle<_>, _)]| calls.iter().filter(|(r, _)| r.is_finished()).count();
+    tokio::time::timeout(TIMEOUT, async {
+        while opened(&calls) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("two streams open");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(opened(&calls), 2, "only the advertised number of streams is open");
+    // each ends in turn, and the waiting ones take their places: all five are served
+    for (i, (resp, mut send)) in calls.into_iter().enumerate() {
+        let text = format!("call {i}");
+        send.send_data(message(text.as_bytes()).pop_front().unwrap(), true).unwrap();
+        let resp = tokio::time::timeout(TIMEOUT, resp).await.expect("opened in time").unwrap().unwrap();
+        let (msgs, status) = read_all(resp.into_body()).await;
+        assert_eq!(msgs, [text.as_bytes()]);
+        assert_eq!(status.as_deref(), Some("0"));
+        assert_eq!(server.event().await, "end");
+    }
+    assert!(server.events.try_recv().is_err(), "no stream was refused");
+}
+
+/// Serves at most `max` streams at once, as meshfed's ADS service does under its stream limit: a
+/// stream holds its place until its future ends.
+struct Slots {
+    max: usize,
+    live: Arc<AtomicUsize>,
+}
+
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Handler for Slots {
+    fn open(&mut self, _: RequestHead, mut messages: Messages, _: Responses) -> Result<StreamFuture, tonic::Status> {
+        if self.live.fetch_add(1, Ordering::SeqCst) >= self.max {
+            self.live.fetch_sub(1, Ordering::SeqCst);
+            return Err(tonic::Status::resource_exhausted("no slot"));
+        }
+        let slot = Slot(self.live.clone());
+        Ok(Box::pin(async move {
+            let _slot = slot;
+            while let Ok(Some(_)) = messages.message().await {}
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_stream_reset_by_the_client_frees_its_place_for_the_next_at_once() {
+    // The client resets stream 1 and opens stream 3 in one write: the HTTP/2 limit counts stream 1 as
+    // closed, and stream 1's future, which holds the handler's slot, ends before stream 3 opens.
+    let (client, server_io) = tokio::io::duplex(1 << 20);
+    let live = Arc::new(AtomicUsize::new(0));
+    let handler = Slots { max: 1, live: live.clone() };
+    let config = Config { max_concurrent_streams: 1, ..Config::default() };
+    tokio::spawn(serve(server_io, handler, Arc::new(config), std::future::pending()));
+    let mut raw = Raw::connect(client).await;
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &literal_block(&REQUEST)).await;
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, .. })).await.is_some());
+    let mut b = BytesMut::new();
+    frame::rst_stream(&mut b, 1, Reason::Cancel);
+    frame::headers(&mut b, 3, &literal_block(&REQUEST), false);
+    raw.send(&b).await;
+    let got = raw.until(|f| matches!(f, Frame::Headers { stream: 3, .. } | Frame::RstStream { stream: 3, .. })).await;
+    assert!(matches!(got, Some(Frame::Headers { end_stream: false, .. })), "stream 3 is opened, not refused: {got:?}");
+    assert_eq!(live.load(Ordering::SeqCst), 1);
+}
+
+// ---- malformed requests and closed streams: stream errors, one stream at a time ----
+
+/// A gRPC request's fields.
+const REQUEST: [(&str, &str); 6] = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", PATH),
+    (":authority", "test"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+];
+
+/// A header block of literal fields without indexing (no HPACK table: any name, as written).
+fn literal_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        b.push(0);
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    }
+    b
+}
+
+/// The request's fields with `name` left out.
+fn request_without(name: &str) -> Vec<(&'static str, &'static str)> {
+    REQUEST.iter().filter(|(n, _)| *n != name).copied().collect()
+}
+
+/// The request's fields followed by `extra`.
+fn request_with(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+    REQUEST.iter().chain(extra).copied().collect()
+}
+
+/// Opens a healthy stream 1, sends what `write` writes (about stream 3), and checks that the server
+/// resets stream 3 with `reason` — and nothing else — before it answers a PING sent after those frames;
+/// then that stream 1 is still served, on the same connection.
+async fn stream_error_beside_a_healthy_stream(reason: Reason, write: impl FnOnce(&mut BytesMut)) {
+    let (io, _server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &literal_block(&REQUEST)).await;
+    let mut b = BytesMut::new();
+    write(&mut b);
+    assert_eq!(raw.resets_before_ping(3, &b).await, Ok(vec![reason as u32]), "stream 3 is reset with {reason:?}");
+    raw.frame(kind::DATA, flag::END_STREAM, 1, &message(b"healthy")[0]).await;
+    let Some(Frame::Data { data, .. }) = raw.until(|f| matches!(f, Frame::Data { stream: 1, .. })).await else {
+        panic!("the healthy stream is not served")
+    };
+    assert_eq!(&data[5..], b"healthy");
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, end_stream: true, .. })).await.is_some());
+}
+
+/// A request on stream 3 whose header block holds `fields`: malformed, so a stream error PROTOCOL_ERROR.
+async fn malformed_request(fields: &[(&str, &str)]) {
+    let block = literal_block(fields);
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| frame::headers(b, 3, &block, false)).await;
+}
+
+#[tokio::test]
+async fn an_upper_case_header_name_is_malformed() {
+    malformed_request(&request_with(&[("User-Agent", "grpc-test/1")])).await;
+}
+
+#[tokio::test]
+async fn an_unknown_pseudo_header_is_malformed() {
+    let mut fields = REQUEST.to_vec();
+    fields.insert(1, (":protocol", "websocket"));
+    malformed_request(&fields).await;
+}
+
+#[tokio::test]
+async fn a_repeated_pseudo_header_is_malformed() {
+    let mut fields = REQUEST.to_vec();
+    fields.insert(3, (":path", "/test.Echo/Other"));
+    malformed_request(&fields).await;
+}
+
+#[tokio::test]
+async fn a_request_without_method_path_or_scheme_is_malformed() {
+    for name in [":method", ":path", ":scheme"] {
+        malformed_request(&request_without(name)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_pseudo_header_after_a_regular_field_is_malformed() {
+    let mut fields = request_without(":path");
+    fields.push((":path", PATH));
+    malformed_request(&fields).await;
+}
+
+#[tokio::test]
+async fn connection_specific_headers_are_malformed() {
+    for field in [
+        ("connection", "keep-alive"),
+        ("keep-alive", "300"),
+        ("proxy-connection", "close"),
+        ("transfer-encoding", "chunked"),
+        ("upgrade", "h2c"),
+    ] {
+        malformed_request(&request_with(&[field])).await;
+    }
+}
+
+#[tokio::test]
+async fn te_other_than_trailers_is_malformed() {
+    // (every request here carries `te: trailers`, and the healthy stream is served)
+    let mut fields = request_without("te");
+    fields.push(("te", "trailers, deflate"));
+    malformed_request(&fields).await;
+}
+
+#[tokio::test]
+async fn a_pseudo_header_in_trailers_is_malformed() {
+    let (headers, trailers) = (literal_block(&REQUEST), literal_block(&[("x-checksum", "1"), (":path", PATH)]));
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| {
+        frame::headers(b, 3, &headers, false);
+        Head { len: 10, kind: kind::DATA, flags: 0, stream: 3 }.encode(b);
+        b.extend_from_slice(&message(b"trail")[0]);
+        frame::headers(b, 3, &trailers, true);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn more_data_than_the_content_length_is_malformed() {
+    let block = literal_block(&request_with(&[("content-length", "7")]));
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| {
+        frame::headers(b, 3, &block, false);
+        // 5 + 3 bytes, then 5 + 4: the second frame goes past the 7 declared
+        Head { len: 8, kind: kind::DATA, flags: 0, stream: 3 }.encode(b);
+        b.extend_from_slice(&message(b"abc")[0]);
+        Head { len: 9, kind: kind::DATA, flags: 0, stream: 3 }.encode(b);
+        b.extend_from_slice(&message(b"defg")[0]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn less_data_than_the_content_length_is_malformed() {
+    let block = literal_block(&request_with(&[("content-length", "100")]));
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| {
+        frame::headers(b, 3, &block, false);
+        Head { len: 8, kind: kind::DATA, flags: flag::END_STREAM, stream: 3 }.encode(b);
+        b.extend_from_slice(&message(b"abc")[0]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_content_length_that_adds_up_is_served() {
+    let (io, mut server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    // padding does not count: 5 + 2 bytes of data in a padded frame
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 1, &literal_block(&request_with(&[("content-length", "7")]))).await;
+    let mut padded = vec![3];
+    padded.extend_from_slice(&message(b"ok")[0]);
+    padded.extend_from_slice(&[0, 0, 0]);
+    raw.frame(kind::DATA, flag::END_STREAM | flag::PADDED, 1, &padded).await;
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, end_stream: true, .. })).await.is_some());
+    assert_eq!(server.event().await, "end");
+}
+
+#[tokio::test]
+async fn data_on_a_closed_stream_is_stream_closed() {
+    let (io, mut server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    // stream 1 closes both ways: the request ends with its headers, the response with its trailers
+    raw.frame(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 1, &literal_block(&REQUEST)).await;
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, end_stream: true, .. })).await.is_some());
+    assert_eq!(server.event().await, "end");
+    let mut b = BytesMut::new();
+    Head { len: 6, kind: kind::DATA, flags: 0, stream: 1 }.encode(&mut b);
+    b.extend_from_slice(&message(b"x")[0]);
+    assert_eq!(raw.resets_before_ping(1, &b).await, Ok(vec![Reason::StreamClosed as u32]));
+    // a stream the client reset is closed as well
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 3, &literal_block(&REQUEST)).await;
+    raw.frame(kind::RST_STREAM, 0, 3, &(Reason::Cancel as u32).to_be_bytes()).await;
+    let mut b = BytesMut::new();
+    Head { len: 6, kind: kind::DATA, flags: 0, stream: 3 }.encode(&mut b);
+    b.extend_from_slice(&message(b"y")[0]);
+    assert_eq!(raw.resets_before_ping(3, &b).await, Ok(vec![Reason::StreamClosed as u32]));
+    // and the connection serves on
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 5, &literal_block(&REQUEST)).await;
+    raw.frame(kind::DATA, flag::END_STREAM, 5, &message(b"five")[0]).await;
+    assert!(raw.until(|f| matches!(f, Frame::Data { stream: 5, .. })).await.is_some());
+}
+
+#[tokio::test]
+async fn headers_on_a_closed_stream_are_stream_closed() {
+    let (io, mut server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    let trailers = literal_block(&[("x-checksum", "1")]);
+    // closed both ways
+    raw.frame(kind::HEADERS, flag::END_HEADERS | flag::END_STREAM, 1, &literal_block(&REQUEST)).await;
+    assert!(raw.until(|f| matches!(f, Frame::Headers { stream: 1, end_stream: true, .. })).await.is_some());
+    assert_eq!(server.event().await, "end");
+    let mut b = BytesMut::new();
+    frame::headers(&mut b, 1, &trailers, true);
+    assert_eq!(raw.resets_before_ping(1, &b).await, Ok(vec![Reason::StreamClosed as u32]));
+    // half-closed by the client, while the server still answers (its window is full): §5.1 says
+    // STREAM_CLOSED for anything but WINDOW_UPDATE, PRIORITY and RST_STREAM
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 3, &literal_block(&REQUEST)).await;
+    raw.frame(kind::DATA, flag::END_STREAM, 3, &message(b"big 200000")[0]).await;
+    assert!(raw.until(|f| matches!(f, Frame::Data { stream: 3, .. })).await.is_some());
+    let mut b = BytesMut::new();
+    frame::headers(&mut b, 3, &trailers, true);
+    assert_eq!(raw.resets_before_ping(3, &b).await, Ok(vec![Reason::StreamClosed as u32]));
+    // the connection serves on (stream 3 used up the connection's window)
+    let mut b = BytesMut::new();
+    frame::window_update(&mut b, 0, 1 << 20);
+    raw.send(&b).await;
+    raw.frame(kind::HEADERS, flag::END_HEADERS, 5, &literal_block(&REQUEST)).await;
+    raw.frame(kind::DATA, flag::END_STREAM, 5, &message(b"five")[0]).await;
+    assert!(raw.until(|f| matches!(f, Frame::Data { stream: 5, .. })).await.is_some());
+}
+
+#[tokio::test]
+async fn a_priority_frame_on_its_own_stream_is_a_stream_error() {
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| {
+        frame::headers(b, 3, &literal_block(&REQUEST), false);
+        Head { len: 5, kind: kind::PRIORITY, flags: 0, stream: 3 }.encode(b);
+        b.extend_from_slice(&[0, 0, 0, 3, 16]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_headers_frame_depending_on_its_own_stream_is_a_stream_error() {
+    let block = literal_block(&REQUEST);
+    stream_error_beside_a_healthy_stream(Reason::ProtocolError, |b| {
+        Head { len: 5 + block.len() as u32, kind: kind::HEADERS, flags: flag::END_HEADERS | flag::PRIORITY, stream: 3 }
+            .encode(b);
+        b.extend_from_slice(&[0x80, 0, 0, 3, 16]);
+        b.extend_from_slice(&block);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn frames_on_a_stream_the_server_reset_are_dropped_quietly() {
+    let (io, _server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    let mut b = BytesMut::new();
+    frame::headers(&mut b, 1, &literal_block(&request_with(&[("connection", "close")])), false);
+    assert_eq!(raw.resets_before_ping(1, &b).await, Ok(vec![Reason::ProtocolError as u32]));
+    // what the client sent before it saw the reset: no second reset, and the connection goes on
+    let mut b = BytesMut::new();
+    Head { len: 6, kind: kind::DATA, flags: 0, stream: 1 }.encode(&mut b);
+    b.extend_from_slice(&message(b"x")[0]);
+    frame::headers(&mut b, 1, &literal_block(&[("x-checksum", "1")]), true);
+    assert_eq!(raw.resets_before_ping(1, &b).await, Ok(vec![]));
+}
+
+#[tokio::test]
+async fn stream_errors_count_toward_the_reset_limit() {
+    // A client cannot make the server reset streams without end (CVE-2025-8671): past MAX_RESETS the
+    // connection ends with ENHANCE_YOUR_CALM.
+    let (io, _server) = start(Config::default());
+    let mut raw = Raw::connect(io).await;
+    let block = literal_block(&request_without(":scheme"));
+    let mut b = BytesMut::new();
+    for i in 0..=conn::MAX_RESETS {
+        frame::headers(&mut b, 1 + 2 * i, &block, false);
+    }
+    raw.send(&b).await;
+    assert_eq!(raw.goaway().await, Reason::EnhanceYourCalm as u32);
 }
 
 #[tokio::test]

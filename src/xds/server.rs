@@ -8,9 +8,11 @@
 //! Limits ([`Limits`], every one with a flag and a default in `meshfed serve`):
 //! - **message size**: requests larger than `max_message_size` end their stream with RESOURCE_EXHAUSTED
 //!   (refused from the gRPC length prefix, before they are buffered);
-//! - **streams per connection**: a stream over the limit gets RESOURCE_EXHAUSTED; HTTP/2
-//!   `SETTINGS_MAX_CONCURRENT_STREAMS` (twice the limit, at least 8) refuses (REFUSED_STREAM) only a
-//!   client opening far more at once;
+//! - **streams per connection**: HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` is the limit, so a client
+//!   (Envoy, gRPC, tonic) queues its further streams until one ends; a stream opened beyond it anyway is
+//!   refused by the transport (RST_STREAM REFUSED_STREAM, RFC 9113 §5.1.2: not processed, retryable) and
+//!   counted. [`ConnState::open_stream`] keeps the same limit on the ADS streams themselves
+//!   (RESOURCE_EXHAUSTED), for a stream whose HTTP/2 side has closed while its work is still ending;
 //! - **connections**: a connection is admitted when it opens its first stream, while fewer than
 //!   `max_connections` are; otherwise that stream (and every later one, until a slot frees) gets
 //!   RESOURCE_EXHAUSTED. Sockets beyond `max_connections + PENDING_CONNECTIONS` are closed at accept, and a
@@ -192,13 +194,18 @@ impl ConnState {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
             .is_ok();
         if !ok {
-            self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::global().record_refusal(Refusal::Streams);
+            self.count_refused_stream();
             return Err(tonic::Status::resource_exhausted(format!(
                 "meshfed: stream limit reached on this connection ({max} streams); one ADS stream per proxy is enough"
             )));
         }
         Ok(StreamSlot(self.streams.clone()))
+    }
+
+    /// Counts a stream refused over the stream limit (`meshfed_xds_refused_total{reason="streams"}`).
+    fn count_refused_stream(&self) {
+        self.stats.refused_streams.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().record_refusal(Refusal::Streams);
     }
 
     /// Admits the connection under the connection limit (once; later calls are free).
@@ -318,12 +325,31 @@ fn transport_config(limits: &Limits) -> crate::grpc::Config {
     if limits.max_message_size > 0 {
         c.max_message_size = limits.max_message_size;
     }
-    if limits.max_streams_per_connection > 0 {
-        // meshfed refuses streams over the limit with RESOURCE_EXHAUSTED (ConnState::open_stream); HTTP/2
-        // refuses (REFUSED_STREAM) only a client that opens many more at once
-        c.max_concurrent_streams = limits.max_streams_per_connection.saturating_mul(2).max(8);
-    }
+    // advertised as enforced: clients queue their streams over the limit instead of having them fail
+    c.max_concurrent_streams = limits.max_streams_per_connection;
     c
+}
+
+/// The ADS service of one connection, with the streams the transport refuses over the stream limit
+/// counted as [`ConnState::open_stream`]'s refusals are.
+struct CountRefusals {
+    service: super::AdsConnection,
+    state: Arc<ConnState>,
+}
+
+impl crate::grpc::Handler for CountRefusals {
+    fn open(
+        &mut self,
+        head: crate::grpc::RequestHead,
+        messages: crate::grpc::Messages,
+        responses: crate::grpc::Responses,
+    ) -> Result<crate::grpc::StreamFuture, tonic::Status> {
+        crate::grpc::Handler::open(&mut self.service, head, messages, responses)
+    }
+
+    fn refused(&mut self) {
+        self.state.count_refused_stream();
+    }
 }
 
 /// Counts the connections being served; [`Tracker::idle`] resolves when there are none.
@@ -378,7 +404,7 @@ where
     let state = info.0.clone();
     let remote = state.remote;
     let mut graceful = shared.graceful.clone();
-    let handler = shared.service.for_connection(Some(info));
+    let handler = CountRefusals { service: shared.service.for_connection(Some(info)), state: state.clone() };
     let conn = crate::grpc::serve(io, handler, shared.config.clone(), async move {
         let _ = graceful.wait_for(|g| *g).await;
     });
