@@ -16,11 +16,14 @@ fi
 echo "envoy: $(.venv/bin/envoy --version | tr -s ' ' | cut -c1-120)"
 
 # The web UI test (tests/debug_surface.rs): Debian's Chromium, driven by playwright-core (pinned in
-# tests/ui/package-lock.json) from Node.js. Installed only when missing.
+# tests/ui/package-lock.json) from Node.js. The manifests' tests (tests/manifests_validate.rs,
+# tests/packaging.rs): kubectl, for `kubectl kustomize` (Debian's kubernetes-client). Installed only when
+# missing.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium chromium-driver)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "error: missing ${missing[*]}: install them (apt-get install ${missing[*]}) or run this as root" >&2
@@ -36,6 +39,7 @@ if [ ! -d tests/ui/node_modules/playwright-core ]; then
   fi
 fi
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null | head -1)"
+echo "kubectl: $(kubectl version --client 2>/dev/null | head -1)"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
