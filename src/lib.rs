@@ -16,6 +16,7 @@ pub mod fuzz;
 pub mod gateway_dns;
 pub mod grpc;
 pub mod heap;
+pub mod istio;
 pub mod kube_standin;
 pub mod load;
 pub mod mesh_config;
