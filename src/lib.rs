@@ -16,6 +16,7 @@ pub mod descriptors;
 pub mod gateway_dns;
 pub mod grpc;
 pub mod heap;
+pub mod istio;
 pub mod mesh_config;
 pub mod metrics;
 pub mod model;

@@ -36,6 +36,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print an Envoy bootstrap (YAML) that points Envoy at meshfed over ADS.
     Bootstrap(BootstrapArgs),
+    /// Print (or --apply) the Istio objects that wire meshfed's EDS in beside istiod.
+    Istio(meshfed::istio::IstioArgs),
 }
 
 #[derive(clap::Args)]
@@ -309,6 +311,22 @@ fn bootstrap_cmd(args: BootstrapArgs) -> Result<()> {
     Ok(())
 }
 
+fn istio_cmd(args: meshfed::istio::IstioArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    let out = runtime.block_on(meshfed::istio::run(&args))?;
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    for n in &out.notes {
+        eprintln!("note: {n}");
+    }
+    for a in &out.applied {
+        eprintln!("applied {} (resourceVersion {})", a.object, a.resource_version.as_deref().unwrap_or("?"));
+    }
+    print!("{}", out.text);
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
@@ -317,6 +335,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or_else(|| Cli::parse_from(["meshfed", "serve"]).command.expect("serve")) {
         Command::Bootstrap(args) => bootstrap_cmd(args),
+        Command::Istio(args) => istio_cmd(args),
         Command::Serve(args) => {
             tokio::runtime::Runtime::new().context("starting the runtime").and_then(|rt| rt.block_on(serve(args)))
         }

@@ -11,7 +11,7 @@
 //! kubectl is `$MESHFED_KUBECTL`, else `kubectl` on the PATH. A missing tool fails the test (it never
 //! skips).
 
-mod support;
+use meshfed_testkit as support;
 
 mod rendered;
 

@@ -13,7 +13,7 @@
 //! checkov is `$MESHFED_CHECKOV`, else `<crate>/.venv/bin/checkov`; hadolint is `$MESHFED_HADOLINT`, else
 //! `<crate>/.venv/bin/hadolint`. A missing tool fails the test (it never skips).
 
-mod support;
+use meshfed_testkit as support;
 
 mod rendered;
 

@@ -2,7 +2,8 @@
 //! loopback port. Used by the integration tests (`tests/kube_source.rs`) and benchmarks; never by the
 //! server itself.
 //!
-//! What it serves (GET only), for the kinds meshfed reads plus Secrets:
+//! What it serves (GET, and the apply PATCH of `meshfed istio --apply` on ConfigMaps and EnvoyFilters), for
+//! the kinds meshfed reads plus Secrets, ConfigMaps and `networking.istio.io/v1alpha3` EnvoyFilters:
 //!
 //! - `/api/v1/{namespaces,nodes,services,pods,secrets}`, `/api/v1/namespaces/NS/{services,pods,secrets}`,
 //!   `/apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices`,
@@ -17,7 +18,9 @@
 //!   API does), BOOKMARKs (with `kind` and `apiVersion`) every [`BOOKMARK_INTERVAL`], and an ERROR event
 //!   with a `Status` of code 410 when `N` is older than the retained history ([`KubeStandin::compact`]) or
 //!   when [`KubeStandin::expire_watches`] is called;
-//! - `/version`, `/api`, `/apis`.
+//! - `/version`, `/api`, `/apis`;
+//! - **server-side apply**: `PATCH .../namespaces/NS/PLURAL/NAME` with `application/apply-patch+yaml` (see
+//!   `apply_patch`: one field manager, no field merging).
 //!
 //! Objects are plain JSON (`serde_json::Value`, so tests can also store malformed ones); every change gets
 //! the next resource version of one server-wide counter, like etcd's. [`KubeStandin::stop`] closes the
@@ -111,6 +114,15 @@ pub const RESOURCES: &[ResourceDef] = &[
         plural: "destinationrules",
         namespaced: true,
     },
+    // written by `meshfed istio --apply` (see "server-side apply" below)
+    ResourceDef { group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", namespaced: true },
+    ResourceDef {
+        group: "networking.istio.io",
+        version: "v1alpha3",
+        kind: "EnvoyFilter",
+        plural: "envoyfilters",
+        namespaced: true,
+    },
 ];
 
 fn resource_for(api_version: &str, kind: &str) -> Option<ResourceDef> {
@@ -171,6 +183,40 @@ struct Inner {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates or replaces an object ([`KubeStandin::apply`]); returns its new resource version and
+    /// whether it was created.
+    fn store(&self, mut object: Value) -> Result<(u64, bool), Error> {
+        let (resource, key) = identify(&object)?;
+        if resource.namespaced && key.0.is_empty() {
+            object["metadata"]["namespace"] = json!("default");
+        }
+        let key = if resource.namespaced && key.0.is_empty() { ("default".to_string(), key.1) } else { key };
+        let mut st = self.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if object["metadata"].get("uid").is_none() {
+            object["metadata"]["uid"] = json!(format!("uid-{}-{}-{}", resource.plural, key.0, key.1));
+        }
+        let old = st.objects.entry(resource).or_default().insert(key, object.clone());
+        let kind = if old.is_some() { ChangeType::Modified } else { ChangeType::Added };
+        self.record(&mut st, Change { rv, resource, kind, old, new: object });
+        Ok((rv, kind == ChangeType::Added))
+    }
+
+    fn record(&self, st: &mut State, change: Change) {
+        let change = Arc::new(change);
+        st.history.push_back(change.clone());
+        // bounded history, like etcd's compaction
+        while st.history.len() > 100_000 {
+            if let Some(c) = st.history.pop_front() {
+                st.compacted = c.rv;
+            }
+        }
+        // no receiver is fine
+        let _ = self.live.send(change);
     }
 }
 
@@ -239,23 +285,8 @@ impl KubeStandin {
     /// Creates or replaces an object (by apiVersion, kind, namespace, name); returns its new resource
     /// version. Namespaced objects without a namespace go to `default`. Only `apiVersion`, `kind` and
     /// `metadata.name` are required: the rest is stored as given (malformed objects included).
-    pub fn apply(&self, mut object: Value) -> Result<u64, Error> {
-        let (resource, key) = identify(&object)?;
-        if resource.namespaced && key.0.is_empty() {
-            object["metadata"]["namespace"] = json!("default");
-        }
-        let key = if resource.namespaced && key.0.is_empty() { ("default".to_string(), key.1) } else { key };
-        let mut st = self.inner.lock();
-        st.rv += 1;
-        let rv = st.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if object["metadata"].get("uid").is_none() {
-            object["metadata"]["uid"] = json!(format!("uid-{}-{}-{}", resource.plural, key.0, key.1));
-        }
-        let old = st.objects.entry(resource).or_default().insert(key, object.clone());
-        let kind = if old.is_some() { ChangeType::Modified } else { ChangeType::Added };
-        self.record(&mut st, Change { rv, resource, kind, old, new: object });
-        Ok(rv)
+    pub fn apply(&self, object: Value) -> Result<u64, Error> {
+        self.inner.store(object).map(|(rv, _)| rv)
     }
 
     /// Creates or replaces a typed object (k8s-openapi types serialize with apiVersion and kind).
@@ -276,7 +307,7 @@ impl KubeStandin {
         let rv = st.rv;
         let mut new = old.clone();
         new["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(&mut st, Change { rv, resource, kind: ChangeType::Deleted, old: Some(old), new });
+        self.inner.record(&mut st, Change { rv, resource, kind: ChangeType::Deleted, old: Some(old), new });
         Ok(true)
     }
 
@@ -302,19 +333,6 @@ impl KubeStandin {
     /// The current resource version.
     pub fn resource_version(&self) -> u64 {
         self.inner.lock().rv
-    }
-
-    fn record(&self, st: &mut State, change: Change) {
-        let change = Arc::new(change);
-        st.history.push_back(change.clone());
-        // bounded history, like etcd's compaction
-        while st.history.len() > 100_000 {
-            if let Some(c) = st.history.pop_front() {
-                st.compacted = c.rv;
-            }
-        }
-        // no receiver is fine
-        let _ = self.inner.live.send(change);
     }
 
     // ---- knobs ----
@@ -534,8 +552,11 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resul
             return Ok(status_response(401, "Unauthorized", "Unauthorized"));
         }
     }
+    if req.method() == hyper::Method::PATCH {
+        return Ok(apply_patch(&inner, req).await);
+    }
     if req.method() != hyper::Method::GET {
-        return Ok(status_response(405, "MethodNotAllowed", "the stand-in only serves GET"));
+        return Ok(status_response(405, "MethodNotAllowed", "the stand-in only serves GET and apply PATCH"));
     }
     let query = Query::parse(query_text.as_deref());
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -587,6 +608,73 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resul
         Ok(start_watch(inner, resource, filter, &query))
     } else {
         Ok(list(&inner, resource, &filter, &query))
+    }
+}
+
+// ---- server-side apply (PATCH application/apply-patch+yaml), for `meshfed istio --apply` ----
+//
+// `PATCH /api/v1/namespaces/NS/PLURAL/NAME` or `/apis/GROUP/VERSION/namespaces/NS/PLURAL/NAME` with
+// `?fieldManager=M[&force=true]`: the body (YAML or JSON) must name the same apiVersion, kind, namespace
+// and name; the object becomes the applied configuration (one field manager owns everything here: fields
+// set by others are not merged, conflicts are not modelled) with `metadata.managedFields` naming `M`.
+// 201 with the stored object when it was created, 200 when it replaced one.
+
+async fn apply_patch(inner: &Inner, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = Query::parse(req.uri().query());
+    let content_type = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if content_type != "application/apply-patch+yaml" {
+        return status_response(
+            415,
+            "UnsupportedMediaType",
+            &format!("the stand-in only applies (not {content_type:?})"),
+        );
+    }
+    let Some(manager) = query.get("fieldManager").map(str::to_string) else {
+        return status_response(400, "BadRequest", "fieldManager is required for apply requests");
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let target = match segments.as_slice() {
+        ["api", "v1", "namespaces", ns, plural, name] => resource_by_path("", "v1", plural).map(|r| (r, *ns, *name)),
+        ["apis", group, version, "namespaces", ns, plural, name] => {
+            resource_by_path(group, version, plural).map(|r| (r, *ns, *name))
+        }
+        _ => None,
+    };
+    let Some((resource, ns, name)) = target.filter(|(r, _, _)| r.namespaced) else {
+        return status_response(404, "NotFound", &format!("the server could not find the requested resource ({path})"));
+    };
+    let body = match axum::body::to_bytes(Body::new(req.into_body()), 1 << 20).await {
+        Ok(b) => b,
+        Err(e) => return status_response(400, "BadRequest", &format!("reading the body: {e}")),
+    };
+    let mut object: Value = match serde_yaml::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return status_response(400, "BadRequest", &format!("the body is not YAML: {e}")),
+    };
+    let same = object["apiVersion"] == resource.api_version()
+        && object["kind"] == resource.kind
+        && object["metadata"]["name"] == name
+        && object["metadata"]["namespace"].as_str().is_none_or(|n| n == ns);
+    if !same {
+        return status_response(400, "BadRequest", "the applied object does not match the request's path");
+    }
+    object["metadata"]["namespace"] = json!(ns);
+    object["metadata"]["managedFields"] =
+        json!([{ "manager": manager, "operation": "Apply", "apiVersion": resource.api_version() }]);
+    let previous =
+        inner.lock().objects.get(&resource).and_then(|m| m.get(&(ns.to_string(), name.to_string())).cloned());
+    if let Some(uid) = previous.as_ref().and_then(|p| p["metadata"].get("uid")) {
+        object["metadata"]["uid"] = uid.clone();
+    }
+    match inner.store(object) {
+        Ok((_, created)) => {
+            let key = (ns.to_string(), name.to_string());
+            let stored = inner.lock().objects.get(&resource).and_then(|m| m.get(&key).cloned());
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            json_response(status, &stored.unwrap_or(Value::Null))
+        }
+        Err(e) => status_response(422, "Invalid", &e.to_string()),
     }
 }
 
