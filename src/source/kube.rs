@@ -1370,14 +1370,26 @@ mod tests {
         .unwrap();
         let (mut pusher, _rx) = Pusher::new(&mesh);
         let a = ClusterId::new("a");
-        let svc = crate::kube_standin::objects::service("shop", "reviews", &[("http", 9080)]);
-        let slice = crate::kube_standin::objects::endpoint_slice(
-            "shop",
-            "reviews-a",
-            "reviews",
-            ("http", 9080),
-            &[("10.0.0.1", "n1")],
-        );
+        let svc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "reviews", "namespace": "shop", "labels": {"app": "reviews"}},
+            "spec": {
+                "type": "ClusterIP",
+                "ports": [{"name": "http", "port": 9080, "protocol": "TCP", "targetPort": 9080}],
+                "selector": {"app": "reviews"},
+            },
+        });
+        let slice = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "reviews-a", "namespace": "shop", "labels": {"kubernetes.io/service-name": "reviews"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 9080, "protocol": "TCP"}],
+            "endpoints": [{
+                "addresses": ["10.0.0.1"],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "n1",
+            }],
+        });
         let objects = vec![
             WatchedKind::Service.convert(&dynamic(svc)).unwrap().unwrap(),
             WatchedKind::EndpointSlice.convert(&dynamic(slice)).unwrap().unwrap(),
