@@ -39,10 +39,15 @@
 //!   [`build_client`] (with the watch guard).
 //! - `cluster.rs`: the cluster loop: one cluster's watch pipeline and its health reporting
 //!   ([`ClusterWatch`], [`KubeOptions`]).
-//! - this file: [`start`], the Kubernetes sources of a whole mesh config ([`KubeSource`]).
+//! - [`remote_secrets`]: clusters discovered from Istio remote secrets in a config cluster, each
+//!   watched by the cluster loop.
+//! - this file: [`start`], the Kubernetes sources of a whole mesh config ([`KubeSource`]): the
+//!   clusters of the mesh config, and the remote-secret watcher.
 //!
 //! Each part uses only parts listed before it, and none uses this file, which re-exports their public
 //! items: there is no import circle (`scripts/module-graph.py --level folder source/kube` checks it).
+//! In particular the remote-secret watcher starts cluster watches but does not know `start`, which
+//! spawns it: `start` -> `remote_secrets` -> `cluster` -> `client`.
 //!
 //! [`watcher`]: kube::runtime::watcher
 //! [`TopologyObject::from_kube`]: crate::topology::TopologyObject::from_kube
@@ -60,6 +65,7 @@ mod backoff;
 mod client;
 mod cluster;
 mod kinds;
+pub mod remote_secrets;
 mod watch_guard;
 
 pub use backoff::{
@@ -71,11 +77,13 @@ pub use cluster::{ClusterWatch, KubeOptions};
 pub use kinds::WatchedKind;
 pub use watch_guard::WatchCuts;
 
+use remote_secrets::RemoteSecretsWatch;
+
 /// The Kubernetes sources of a mesh config: every cluster with a `kubeconfig` or `inCluster` source,
 /// and the clusters of the remote secrets. Dropping it stops every watch.
 pub struct KubeSource {
     clusters: Vec<ClusterWatch>,
-    secrets: Option<super::remote_secrets::RemoteSecretsWatch>,
+    secrets: Option<RemoteSecretsWatch>,
     health: ClusterHealth,
 }
 
@@ -96,7 +104,7 @@ pub fn start(
         let config = mesh.clusters.iter().find(|c| c.id == rs.config_cluster)?;
         let spec = ClientSpec::from_source(&config.source)?;
         let static_ids = mesh.clusters.iter().map(|c| c.id.clone()).collect();
-        Some(super::remote_secrets::RemoteSecretsWatch::spawn(
+        Some(RemoteSecretsWatch::spawn(
             spec,
             rs.namespace.clone(),
             static_ids,
