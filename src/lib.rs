@@ -21,6 +21,7 @@ pub mod load;
 pub mod mesh_config;
 pub mod metrics;
 pub mod model;
+pub mod node_id;
 pub mod policy;
 pub mod proxy;
 pub mod push;

@@ -117,7 +117,7 @@ impl Proxy {
     /// (`grpc-python/...` for proxyless clients), when known.
     pub fn from_node(node: Option<&Node>, user_agent: Option<&str>) -> Result<Proxy, Error> {
         let node = node.ok_or(Error::MissingNode)?;
-        let nid = crate::bootstrap::parse_node_id(&node.id)
+        let nid = crate::node_id::parse_node_id(&node.id)
             .map_err(|e| Error::InvalidNodeId { id: node.id.clone(), reason: e.to_string() })?;
         let kind = match nid.proxy_type.as_str() {
             "router" => ProxyKind::Router,
