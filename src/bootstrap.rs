@@ -5,18 +5,17 @@
 //! user-supplied string (node id, labels, locality, ...) is quoted correctly whatever it contains.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use serde_json::{Map, Value, json};
 
 use crate::model::Locality;
 use crate::node_id::is_dns1123_subdomain;
 
-// where node-id parsing was before it moved to `crate::node_id` (the fuzz targets and the xDS
-// streams still name it here)
+// at their paths from before node ids moved to `crate::node_id` and the interception mode to
+// `crate::proxy` (the CLI, the fuzz targets and the xDS streams name them here)
 pub use crate::node_id::{NodeIdParts, PROXY_TYPES, parse_node_id};
+pub use crate::proxy::InterceptionMode;
 
 /// The Istio version meshfed reports in node metadata (`ISTIO_VERSION`).
 pub const ISTIO_VERSION: &str = "1.24.0-meshfed";
@@ -35,56 +34,12 @@ pub enum Error {
     XdsAddress { address: String, reason: String },
     #[error("invalid locality {locality:?}: {reason} (expected REGION[/ZONE[/SUBZONE]])")]
     Locality { locality: String, reason: String },
-    #[error("invalid interception mode {0:?} (expected NONE or REDIRECT)")]
-    InterceptionMode(String),
     #[error("invalid {what}: {reason}")]
     Metadata { what: &'static str, reason: String },
     #[error("cannot serialize the bootstrap: {0}")]
     Serialize(#[from] serde_yaml::Error),
     #[error("xDS TLS: {0}")]
     XdsTls(String),
-}
-
-/// How inbound/outbound traffic reaches the proxy (node metadata `INTERCEPTION_MODE`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
-pub enum InterceptionMode {
-    /// No traffic capture: outbound listeners bind on the proxy IP.
-    #[default]
-    #[value(name = "NONE", alias = "none")]
-    None,
-    /// iptables REDIRECT capture.
-    #[value(name = "REDIRECT", alias = "redirect")]
-    Redirect,
-}
-
-impl InterceptionMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InterceptionMode::None => "NONE",
-            InterceptionMode::Redirect => "REDIRECT",
-        }
-    }
-}
-
-impl fmt::Display for InterceptionMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for InterceptionMode {
-    type Err = Error;
-
-    /// Case-insensitive `NONE` / `REDIRECT`.
-    fn from_str(s: &str) -> Result<Self, Error> {
-        if s.eq_ignore_ascii_case("NONE") {
-            Ok(InterceptionMode::None)
-        } else if s.eq_ignore_ascii_case("REDIRECT") {
-            Ok(InterceptionMode::Redirect)
-        } else {
-            Err(Error::InterceptionMode(s.to_string()))
-        }
-    }
 }
 
 /// Everything `meshfed bootstrap` needs to render an Envoy bootstrap.
@@ -466,14 +421,6 @@ mod tests {
         ] {
             assert!(matches!(parse_xds_address(bad), Err(Error::XdsAddress { .. })), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn parses_interception_mode() {
-        assert_eq!("NONE".parse::<InterceptionMode>().unwrap(), InterceptionMode::None);
-        assert_eq!("redirect".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
-        assert!("TPROXY".parse::<InterceptionMode>().is_err());
-        assert_eq!(InterceptionMode::default().to_string(), "NONE");
     }
 
     fn rendered(opts: &BootstrapOptions) -> serde_yaml::Value {
