@@ -1,4 +1,8 @@
-//! A connected proxy as meshfed sees it: identity from the Istio node id, placement from node metadata.
+//! A connected proxy as meshfed sees it: identity from the Istio node id ([`crate::node_id`]),
+//! placement from node metadata, and what its config depends on: how traffic reaches it
+//! ([`InterceptionMode`]) and how it gets mesh certificates ([`TlsSupport`]).
+//!
+//! Translation reads proxies; this module uses neither translation nor the bootstrap renderer.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -11,7 +15,6 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind as ValueKind}
 use serde::Serialize;
 
 use crate::model::{ClusterId, Locality, NetworkId};
-use crate::translate::TlsSupport;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -85,6 +88,17 @@ impl FromStr for InterceptionMode {
             Err(Error::InterceptionMode(s.to_string()))
         }
     }
+}
+
+/// How a proxy gets its mesh certificates (node metadata `MESHFED_TLS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum TlsSupport {
+    /// no mesh certificates: plaintext only; other networks are unreachable (their gateways need mTLS)
+    None,
+    /// secrets `default` and `ROOTCA` are static secrets in the bootstrap (`meshfed bootstrap --tls-*`)
+    Static,
+    /// secrets come over SDS from Istio's agent (cluster `sds-grpc`), as in an Istio sidecar
+    Agent,
 }
 
 /// Which xDS client this is, as far as it matters for the config it gets.
