@@ -12,6 +12,7 @@ pub mod config_dump;
 pub mod debug;
 pub mod demo;
 pub mod descriptors;
+pub mod duration;
 pub mod fuzz;
 pub mod gateway_dns;
 pub mod grpc;
