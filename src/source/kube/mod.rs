@@ -49,7 +49,7 @@
 //! In particular the remote-secret watcher starts cluster watches but does not know `start`, which
 //! spawns it: `start` -> `remote_secrets` -> `cluster` -> `client`.
 //!
-//! [`watcher`]: kube::runtime::watcher
+//! [`watcher`]: kube::runtime::watcher()
 //! [`TopologyObject::from_kube`]: crate::topology::TopologyObject::from_kube
 
 use std::time::Duration;

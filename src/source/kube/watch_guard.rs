@@ -20,7 +20,7 @@ use super::kinds::WatchedKind;
 /// that timed out and watches again at once, without telling its caller, so an API server (or a proxy in
 /// front of it) that keeps cutting watches would be asked again in a tight loop, and nothing would show
 /// that the cluster's changes no longer arrive. Every watch request of the cluster's client passes
-/// through [`WatchGuardLayer`], which records cuts here, per resource (its plural): a watch of a
+/// through the `WatchGuardLayer` below, which records cuts here, per resource (its plural): a watch of a
 /// resource whose last watch was cut waits [`WATCH_BACKOFF`] first, and the cut is reported as the
 /// kind's watch error (in the cluster's `lastError`) until a watch of it delivers a whole line again.
 /// Deliveries are also what clears a kind's earlier watch error (say, from the API server being down)
