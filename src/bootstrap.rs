@@ -1,17 +1,21 @@
-//! `meshfed bootstrap`: renders the Envoy bootstrap that points a proxy at meshfed's ADS server, and
-//! parses / validates Istio node ids (`TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`).
+//! `meshfed bootstrap`: renders the Envoy bootstrap that points a proxy at meshfed's ADS server, after
+//! validating its inputs (the node id with [`crate::node_id`]).
 //!
 //! The bootstrap is built as a [`serde_json::Value`] and serialized with `serde_yaml`, so every
 //! user-supplied string (node id, labels, locality, ...) is quoted correctly whatever it contains.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
 use serde_json::{Map, Value, json};
 
 use crate::model::Locality;
+use crate::node_id::is_dns1123_subdomain;
+
+// at their paths from before node ids moved to `crate::node_id` and the interception mode to
+// `crate::proxy` (the CLI, the fuzz targets and the xDS streams name them here)
+pub use crate::node_id::{NodeIdParts, PROXY_TYPES, parse_node_id};
+pub use crate::proxy::InterceptionMode;
 
 /// The Istio version meshfed reports in node metadata (`ISTIO_VERSION`).
 pub const ISTIO_VERSION: &str = "1.24.0-meshfed";
@@ -21,69 +25,21 @@ pub const DEFAULT_XDS_ADDRESS: &str = "127.0.0.1:15010";
 pub const DEFAULT_ADMIN_PORT: u16 = 15000;
 /// Name of the static cluster that carries ADS.
 pub const XDS_CLUSTER: &str = "xds-grpc";
-/// Proxy types accepted in a node id.
-pub const PROXY_TYPES: &[&str] = &["sidecar", "router"];
-
-const NODE_ID_FORM: &str = "TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid node id {id:?}: {reason} (expected {NODE_ID_FORM})")]
-    NodeId { id: String, reason: String },
+    #[error(transparent)]
+    NodeId(#[from] crate::node_id::Error),
     #[error("invalid xDS address {address:?}: {reason} (expected HOST:PORT)")]
     XdsAddress { address: String, reason: String },
     #[error("invalid locality {locality:?}: {reason} (expected REGION[/ZONE[/SUBZONE]])")]
     Locality { locality: String, reason: String },
-    #[error("invalid interception mode {0:?} (expected NONE or REDIRECT)")]
-    InterceptionMode(String),
     #[error("invalid {what}: {reason}")]
     Metadata { what: &'static str, reason: String },
     #[error("cannot serialize the bootstrap: {0}")]
     Serialize(#[from] serde_yaml::Error),
     #[error("xDS TLS: {0}")]
     XdsTls(String),
-}
-
-/// How inbound/outbound traffic reaches the proxy (node metadata `INTERCEPTION_MODE`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
-pub enum InterceptionMode {
-    /// No traffic capture: outbound listeners bind on the proxy IP.
-    #[default]
-    #[value(name = "NONE", alias = "none")]
-    None,
-    /// iptables REDIRECT capture.
-    #[value(name = "REDIRECT", alias = "redirect")]
-    Redirect,
-}
-
-impl InterceptionMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InterceptionMode::None => "NONE",
-            InterceptionMode::Redirect => "REDIRECT",
-        }
-    }
-}
-
-impl fmt::Display for InterceptionMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for InterceptionMode {
-    type Err = Error;
-
-    /// Case-insensitive `NONE` / `REDIRECT`.
-    fn from_str(s: &str) -> Result<Self, Error> {
-        if s.eq_ignore_ascii_case("NONE") {
-            Ok(InterceptionMode::None)
-        } else if s.eq_ignore_ascii_case("REDIRECT") {
-            Ok(InterceptionMode::Redirect)
-        } else {
-            Err(Error::InterceptionMode(s.to_string()))
-        }
-    }
 }
 
 /// Everything `meshfed bootstrap` needs to render an Envoy bootstrap.
@@ -154,96 +110,6 @@ impl BootstrapOptions {
             xds_tls: None,
         }
     }
-}
-
-/// The parts of a validated Istio node id `TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct NodeIdParts {
-    /// `sidecar` or `router`
-    pub proxy_type: String,
-    pub ip: IpAddr,
-    pub pod: String,
-    pub namespace: String,
-    /// the DNS domain after `NAMESPACE.svc.`, e.g. `cluster.local`
-    pub domain: String,
-}
-
-impl NodeIdParts {
-    /// `POD.NAMESPACE`, the third part of the node id (Envoy's `node.cluster` in the bootstrap).
-    pub fn pod_dot_namespace(&self) -> String {
-        format!("{}.{}", self.pod, self.namespace)
-    }
-}
-
-/// Parses and strictly validates an Istio node id.
-///
-/// Requirements: exactly four `~`-separated, non-empty parts; TYPE one of [`PROXY_TYPES`]; IP a valid
-/// IPv4 or IPv6 address (no brackets, no zone); the third part `POD.NAMESPACE` with POD a DNS-1123
-/// subdomain and NAMESPACE a DNS-1123 label; the fourth part `NAMESPACE.svc.DOMAIN` with the same
-/// NAMESPACE and DOMAIN a DNS-1123 subdomain.
-pub fn parse_node_id(id: &str) -> Result<NodeIdParts, Error> {
-    let err = |reason: String| Error::NodeId { id: id.to_string(), reason };
-
-    let parts: Vec<&str> = id.split('~').collect();
-    if parts.len() != 4 {
-        return Err(err(format!("has {} `~`-separated parts, expected 4", parts.len())));
-    }
-    const NAMES: [&str; 4] = ["proxy type", "IP address", "POD.NAMESPACE", "NAMESPACE.svc.DOMAIN"];
-    for (i, (part, name)) in parts.iter().zip(NAMES).enumerate() {
-        if part.is_empty() {
-            return Err(err(format!("part {} ({name}) is empty", i + 1)));
-        }
-    }
-    let (proxy_type, ip, pod_ns, ns_domain) = (parts[0], parts[1], parts[2], parts[3]);
-
-    if !PROXY_TYPES.contains(&proxy_type) {
-        return Err(err(format!("unknown proxy type {proxy_type:?} (expected one of {})", PROXY_TYPES.join(", "))));
-    }
-
-    let ip: IpAddr = ip.parse().map_err(|_| err(format!("{ip:?} is not a valid IP address")))?;
-
-    // The namespace is a DNS label (no dots) but the pod name may contain dots: split on the last one.
-    let Some((pod, namespace)) = pod_ns.rsplit_once('.') else {
-        return Err(err(format!("third part {pod_ns:?} is not POD.NAMESPACE (no `.`)")));
-    };
-    if pod.is_empty() {
-        return Err(err(format!("third part {pod_ns:?} has an empty pod name")));
-    }
-    if namespace.is_empty() {
-        return Err(err(format!("third part {pod_ns:?} has an empty namespace")));
-    }
-    if !is_dns1123_subdomain(pod) {
-        return Err(err(format!(
-            "pod name {pod:?} is not a valid DNS-1123 subdomain (lowercase letters, digits, `-` and `.`)"
-        )));
-    }
-    if !is_dns1123_label(namespace) {
-        return Err(err(format!(
-            "namespace {namespace:?} is not a valid DNS-1123 label (at most 63 lowercase letters, digits and `-`)"
-        )));
-    }
-
-    let (ns4, rest) = ns_domain.split_once('.').unwrap_or((ns_domain, ""));
-    if ns4 != namespace {
-        return Err(err(format!(
-            "namespace {namespace:?} in the third part does not match namespace {ns4:?} \
-             at the start of the fourth part {ns_domain:?}"
-        )));
-    }
-    let Some(domain) = rest.strip_prefix("svc.") else {
-        return Err(err(format!("fourth part {ns_domain:?} is not {namespace}.svc.DOMAIN")));
-    };
-    if !is_dns1123_subdomain(domain) {
-        return Err(err(format!("DNS domain {domain:?} in the fourth part is not a valid DNS-1123 subdomain")));
-    }
-
-    Ok(NodeIdParts {
-        proxy_type: proxy_type.to_string(),
-        ip,
-        pod: pod.to_string(),
-        namespace: namespace.to_string(),
-        domain: domain.to_string(),
-    })
 }
 
 /// Parses `REGION[/ZONE[/SUBZONE]]`: one to three non-empty parts without whitespace or control
@@ -504,21 +370,6 @@ fn non_empty<'a>(what: &'static str, v: Option<&'a str>) -> Result<Option<&'a st
     }
 }
 
-/// RFC 1123 label as Kubernetes validates it: 1-63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn is_dns1123_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
-
-/// RFC 1123 subdomain as Kubernetes validates it: at most 253 characters, dot-separated labels.
-fn is_dns1123_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_dns1123_label)
-}
-
 /// A DNS host name for the xDS server: like a DNS-1123 subdomain but case-insensitive, and a
 /// trailing dot (fully qualified) is allowed.
 fn is_dns_name(s: &str) -> bool {
@@ -531,113 +382,6 @@ mod tests {
     use super::*;
 
     const ID: &str = "sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local";
-
-    fn node_err(id: &str) -> String {
-        match parse_node_id(id) {
-            Err(e @ Error::NodeId { .. }) => e.to_string(),
-            other => panic!("{id:?}: expected a node id error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn parses_sidecar_node_id() {
-        let p = parse_node_id(ID).unwrap();
-        assert_eq!(
-            p,
-            NodeIdParts {
-                proxy_type: "sidecar".into(),
-                ip: "127.0.50.1".parse().unwrap(),
-                pod: "client-0".into(),
-                namespace: "shop".into(),
-                domain: "cluster.local".into(),
-            }
-        );
-        assert_eq!(p.pod_dot_namespace(), "client-0.shop");
-    }
-
-    #[test]
-    fn parses_router_ipv6_and_dotted_pod() {
-        let p = parse_node_id("router~::1~a.b~b.svc.cluster.local").unwrap();
-        assert_eq!(p.proxy_type, "router");
-        assert_eq!(p.ip, "::1".parse::<IpAddr>().unwrap());
-        assert_eq!((p.pod.as_str(), p.namespace.as_str(), p.domain.as_str()), ("a", "b", "cluster.local"));
-
-        let p = parse_node_id("sidecar~fd00::10:2~web.v1-abc.prod~prod.svc.example.com").unwrap();
-        assert_eq!((p.pod.as_str(), p.namespace.as_str(), p.domain.as_str()), ("web.v1-abc", "prod", "example.com"));
-        assert_eq!(p.ip, "fd00::10:2".parse::<IpAddr>().unwrap());
-
-        let p = parse_node_id("sidecar~::1~a.b~b.svc.cluster.local").unwrap();
-        assert_eq!(p.proxy_type, "sidecar");
-    }
-
-    #[test]
-    fn rejects_wrong_part_counts() {
-        assert!(node_err("").contains("has 1 `~`-separated parts"));
-        assert!(node_err("sidecar~127.0.0.1~a.b").contains("has 3 `~`-separated parts"));
-        assert!(node_err(&format!("{ID}~extra")).contains("has 5 `~`-separated parts"));
-        assert!(node_err("sidecar~~127.0.0.1~a.b~b.svc.cluster.local").contains("has 5"));
-    }
-
-    #[test]
-    fn rejects_empty_parts() {
-        assert!(node_err("~127.0.0.1~a.b~b.svc.cluster.local").contains("part 1 (proxy type) is empty"));
-        assert!(node_err("sidecar~~a.b~b.svc.cluster.local").contains("part 2 (IP address) is empty"));
-        assert!(node_err("sidecar~127.0.0.1~~b.svc.cluster.local").contains("part 3 (POD.NAMESPACE) is empty"));
-        assert!(node_err("sidecar~127.0.0.1~a.b~").contains("part 4 (NAMESPACE.svc.DOMAIN) is empty"));
-        assert!(node_err("~~~").contains("part 1"));
-    }
-
-    #[test]
-    fn rejects_bad_proxy_type() {
-        for t in ["Sidecar", "gateway", "ztunnel", " sidecar"] {
-            let e = node_err(&format!("{t}~127.0.0.1~a.b~b.svc.cluster.local"));
-            assert!(e.contains("unknown proxy type"), "{e}");
-            assert!(e.contains("sidecar, router"), "{e}");
-        }
-    }
-
-    #[test]
-    fn rejects_bad_ips() {
-        for ip in ["127.0.0", "127.0.0.256", "localhost", "[::1]", "fe80::1%eth0", "127.0.0.1 ", "010.0.0.1", ":::1"] {
-            let e = node_err(&format!("sidecar~{ip}~a.b~b.svc.cluster.local"));
-            assert!(e.contains("is not a valid IP address"), "{ip}: {e}");
-        }
-    }
-
-    #[test]
-    fn rejects_bad_pod_namespace() {
-        assert!(node_err("sidecar~127.0.0.1~ab~ab.svc.cluster.local").contains("no `.`"));
-        assert!(node_err("sidecar~127.0.0.1~.b~b.svc.cluster.local").contains("empty pod name"));
-        assert!(node_err("sidecar~127.0.0.1~a.~b.svc.cluster.local").contains("empty namespace"));
-        assert!(node_err("sidecar~127.0.0.1~A.b~b.svc.cluster.local").contains("pod name \"A\""));
-        assert!(node_err("sidecar~127.0.0.1~a..x.b~b.svc.cluster.local").contains("pod name \"a..x\""));
-        assert!(node_err("sidecar~127.0.0.1~a_1.b~b.svc.cluster.local").contains("pod name"));
-        assert!(node_err("sidecar~127.0.0.1~a.B~B.svc.cluster.local").contains("namespace \"B\""));
-        assert!(node_err("sidecar~127.0.0.1~a.-b~-b.svc.cluster.local").contains("DNS-1123 label"));
-        let long = "n".repeat(64);
-        assert!(node_err(&format!("sidecar~127.0.0.1~a.{long}~{long}.svc.cluster.local")).contains("DNS-1123 label"));
-    }
-
-    #[test]
-    fn rejects_mismatched_namespace_and_bad_domain() {
-        let e = node_err("sidecar~127.0.0.1~a.shop~bank.svc.cluster.local");
-        assert!(e.contains("\"shop\" in the third part does not match namespace \"bank\""), "{e}");
-        let e = node_err("sidecar~127.0.0.1~a.shop~shop");
-        assert!(e.contains("does not match namespace") || e.contains("is not shop.svc.DOMAIN"), "{e}");
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc").contains("is not shop.svc.DOMAIN"));
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.cluster.local").contains("is not shop.svc.DOMAIN"));
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.").contains("DNS domain \"\""));
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.Cluster.local").contains("DNS domain"));
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shop.svc.cluster..local").contains("DNS domain"));
-        assert!(node_err("sidecar~127.0.0.1~a.shop~shopx.svc.cluster.local").contains("does not match"));
-    }
-
-    #[test]
-    fn node_id_error_names_the_expected_form() {
-        let e = node_err("sidecar");
-        assert!(e.starts_with("invalid node id \"sidecar\": "), "{e}");
-        assert!(e.ends_with("(expected TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN)"), "{e}");
-    }
 
     #[test]
     fn parses_localities() {
@@ -677,14 +421,6 @@ mod tests {
         ] {
             assert!(matches!(parse_xds_address(bad), Err(Error::XdsAddress { .. })), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn parses_interception_mode() {
-        assert_eq!("NONE".parse::<InterceptionMode>().unwrap(), InterceptionMode::None);
-        assert_eq!("redirect".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
-        assert!("TPROXY".parse::<InterceptionMode>().is_err());
-        assert_eq!(InterceptionMode::default().to_string(), "NONE");
     }
 
     fn rendered(opts: &BootstrapOptions) -> serde_yaml::Value {
@@ -836,7 +572,7 @@ mod tests {
     #[test]
     fn render_validates_inputs() {
         let mut opts = BootstrapOptions::new("sidecar~127.0.0.1~a.b~c.svc.cluster.local");
-        assert!(matches!(render(&opts), Err(Error::NodeId { .. })));
+        assert!(matches!(render(&opts), Err(Error::NodeId(_))));
         opts.node_id = ID.into();
         opts.xds_address = "127.0.0.1".into();
         assert!(matches!(render(&opts), Err(Error::XdsAddress { .. })));

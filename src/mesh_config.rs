@@ -9,6 +9,9 @@ use serde::Deserialize;
 use crate::model::{ClusterId, NetworkId};
 use crate::policy::MeshDefaults;
 
+// at its path from before it moved to `crate::duration` (the CLI names it here)
+pub use crate::duration::parse_duration;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read mesh config {path}: {source}")]
@@ -113,26 +116,6 @@ impl Default for Debounce {
     fn default() -> Self {
         Self { quiet: Duration::from_millis(100), max: Duration::from_secs(1) }
     }
-}
-
-/// Durations in Istio's form (`10s`, `100ms`, `1m`, `1.5s`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    if !(n.is_finite() && n >= 0.0) {
-        return None;
-    }
-    let secs = match unit {
-        "ns" => n / 1e9,
-        "us" | "µs" => n / 1e6,
-        "ms" => n / 1e3,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
 }
 
 // ---- the file format ----

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mesh_config::parse_duration;
+use crate::duration::parse_duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("DestinationRule {object}: {field}: {reason}")]

@@ -1,7 +1,13 @@
-//! A connected proxy as meshfed sees it: identity from the Istio node id, placement from node metadata.
+//! A connected proxy as meshfed sees it: identity from the Istio node id ([`crate::node_id`]),
+//! placement from node metadata, and what its config depends on: how traffic reaches it
+//! ([`InterceptionMode`]) and how it gets mesh certificates ([`TlsSupport`]).
+//!
+//! Translation reads proxies; this module uses neither translation nor the bootstrap renderer.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -9,7 +15,6 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind as ValueKind}
 use serde::Serialize;
 
 use crate::model::{ClusterId, Locality, NetworkId};
-use crate::translate::TlsSupport;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -19,6 +24,9 @@ pub enum Error {
     InvalidNodeId { id: String, reason: String },
     #[error("invalid node metadata {key}: {reason}")]
     InvalidMetadata { key: &'static str, reason: String },
+    /// An interception mode given by name (`meshfed bootstrap --interception-mode`) is not one.
+    #[error("invalid interception mode {0:?} (expected NONE or REDIRECT)")]
+    InterceptionMode(String),
 }
 
 /// Istio proxy types (the first part of the node id).
@@ -40,7 +48,58 @@ impl ProxyKind {
     }
 }
 
-pub use crate::bootstrap::InterceptionMode;
+/// How inbound/outbound traffic reaches the proxy (node metadata `INTERCEPTION_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
+pub enum InterceptionMode {
+    /// No traffic capture: outbound listeners bind on the proxy IP.
+    #[default]
+    #[value(name = "NONE", alias = "none")]
+    None,
+    /// iptables REDIRECT capture.
+    #[value(name = "REDIRECT", alias = "redirect")]
+    Redirect,
+}
+
+impl InterceptionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InterceptionMode::None => "NONE",
+            InterceptionMode::Redirect => "REDIRECT",
+        }
+    }
+}
+
+impl fmt::Display for InterceptionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for InterceptionMode {
+    type Err = Error;
+
+    /// Case-insensitive `NONE` / `REDIRECT`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.eq_ignore_ascii_case("NONE") {
+            Ok(InterceptionMode::None)
+        } else if s.eq_ignore_ascii_case("REDIRECT") {
+            Ok(InterceptionMode::Redirect)
+        } else {
+            Err(Error::InterceptionMode(s.to_string()))
+        }
+    }
+}
+
+/// How a proxy gets its mesh certificates (node metadata `MESHFED_TLS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum TlsSupport {
+    /// no mesh certificates: plaintext only; other networks are unreachable (their gateways need mTLS)
+    None,
+    /// secrets `default` and `ROOTCA` are static secrets in the bootstrap (`meshfed bootstrap --tls-*`)
+    Static,
+    /// secrets come over SDS from Istio's agent (cluster `sds-grpc`), as in an Istio sidecar
+    Agent,
+}
 
 /// Which xDS client this is, as far as it matters for the config it gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -117,7 +176,7 @@ impl Proxy {
     /// (`grpc-python/...` for proxyless clients), when known.
     pub fn from_node(node: Option<&Node>, user_agent: Option<&str>) -> Result<Proxy, Error> {
         let node = node.ok_or(Error::MissingNode)?;
-        let nid = crate::bootstrap::parse_node_id(&node.id)
+        let nid = crate::node_id::parse_node_id(&node.id)
             .map_err(|e| Error::InvalidNodeId { id: node.id.clone(), reason: e.to_string() })?;
         let kind = match nid.proxy_type.as_str() {
             "router" => ProxyKind::Router,
@@ -272,5 +331,16 @@ mod tests {
     fn rejects_bad_metadata() {
         let n = node("sidecar~1.2.3.4~a.b~b.svc.cluster.local", &[("INTERCEPTION_MODE", "MAGIC")]);
         assert!(matches!(Proxy::from_node(Some(&n), None), Err(Error::InvalidMetadata { .. })));
+    }
+
+    #[test]
+    fn parses_interception_mode() {
+        assert_eq!("NONE".parse::<InterceptionMode>().unwrap(), InterceptionMode::None);
+        assert_eq!("redirect".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
+        assert_eq!(
+            "TPROXY".parse::<InterceptionMode>().unwrap_err().to_string(),
+            "invalid interception mode \"TPROXY\" (expected NONE or REDIRECT)"
+        );
+        assert_eq!(InterceptionMode::default().to_string(), "NONE");
     }
 }

@@ -31,9 +31,9 @@ use meshfed::model::{
     Workload,
 };
 use meshfed::policy::{Distribute, Failover, LocalityLbSetting, MeshDefaults, OutlierDetection};
-use meshfed::proxy::ProxyKind;
+use meshfed::proxy::{ProxyKind, TlsSupport};
 use meshfed::translate::endpoint::load_assignment;
-use meshfed::translate::{Context, EndpointScope, Named, TlsSupport};
+use meshfed::translate::{Context, EndpointScope, Named};
 use proptest::prelude::*;
 
 const NETWORKS: [&str; 3] = ["net-a", "net-b", "net-c"];

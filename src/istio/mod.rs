@@ -37,7 +37,8 @@ use crate::mesh_config::MeshConfig;
 use crate::model::{Protocol, Service, ServiceKey, ServicePort};
 use crate::policy::MeshDefaults;
 use crate::proxy::ProxyKind;
-use crate::translate::{self, ClusterScope, TlsSupport};
+use crate::proxy::TlsSupport;
+use crate::translate::{self, ClusterScope};
 
 pub mod apply;
 pub mod envoy_filter;

@@ -2,8 +2,9 @@
 //! federated registry; the registry never knows where an object came from.
 //!
 //! - [`files`]: directories of Kubernetes manifests, watched for edits (the built-in default).
-//! - [`kube`]: Kubernetes API servers (kubeconfig files, in-cluster config), watched with kube-rs.
-//! - [`remote_secrets`]: clusters discovered from Istio remote secrets in a config cluster.
+//! - [`kube`]: Kubernetes API servers (kubeconfig files, in-cluster config), watched with kube-rs,
+//!   and the clusters discovered from Istio remote secrets in a config cluster
+//!   ([`kube::remote_secrets`]).
 //!
 //! Every source also reports how each of its clusters is doing in the shared [`ClusterHealth`]
 //! (sync state, reachability, last event, last error), which the debug surface and metrics read.
@@ -20,7 +21,6 @@ use crate::topology::{ObjectKey, TopologyObject};
 
 pub mod files;
 pub mod kube;
-pub mod remote_secrets;
 
 /// A change to one cluster's objects.
 #[derive(Clone, Debug)]

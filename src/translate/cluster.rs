@@ -25,12 +25,11 @@ use envoy_types::pb::google::protobuf::{ListValue, Value, value::Kind};
 
 use super::util::{ads_config_source, any, duration, string_value, struct_of, u32v};
 use super::{
-    BLACKHOLE_CLUSTER, ClusterScope, Context, InboundScope, Named, PASSTHROUGH_CLUSTER, TlsSupport,
-    inbound_cluster_name, sni_name,
+    BLACKHOLE_CLUSTER, ClusterScope, Context, InboundScope, Named, PASSTHROUGH_CLUSTER, inbound_cluster_name, sni_name,
 };
 use crate::model::{Protocol, Service, ServicePort};
 use crate::policy::{EffectivePolicy, OutlierDetection};
-use crate::proxy::ProxyKind;
+use crate::proxy::{ProxyKind, TlsSupport};
 use crate::registry::Registry;
 
 /// Istio's default connect timeout.

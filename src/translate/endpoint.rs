@@ -11,10 +11,10 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 
 use super::util::{string_value, struct_of, u32v};
-use super::{Context, EndpointScope, Named, TlsSupport};
+use super::{Context, EndpointScope, Named};
 use crate::model::{ClusterId, Endpoint, Health, Locality, NetworkId, Service, ServicePort, TlsMode};
 use crate::policy::{Distribute, EffectivePolicy, Failover};
-use crate::proxy::ProxyKind;
+use crate::proxy::{ProxyKind, TlsSupport};
 use crate::topology::labels;
 
 /// Istio's priority of endpoints in `endpoint` locality for a proxy in `proxy`:

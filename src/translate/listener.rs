@@ -29,11 +29,10 @@ use super::route::{api_name, http_ports};
 use super::tls::{ISTIO_ALPN, inbound_transport_socket};
 use super::util::{ads_config_source, any, boolv, u32v};
 use super::{
-    Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, TlsSupport, inbound_cluster_name, outbound_cluster_name,
-    sni_name,
+    Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, inbound_cluster_name, outbound_cluster_name, sni_name,
 };
 use crate::model::{Protocol, Service};
-use crate::proxy::ProxyKind;
+use crate::proxy::{ProxyKind, TlsSupport};
 use crate::registry::Registry;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";

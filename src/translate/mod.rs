@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::mesh_config::MeshConfig;
 use crate::model::{ClusterId, Gateway, Locality, NetworkId, Service};
 use crate::policy::{DestinationRule, EffectivePolicy, MeshDefaults};
-use crate::proxy::{InterceptionMode, Proxy, ProxyKind};
+use crate::proxy::{InterceptionMode, Proxy, ProxyKind, TlsSupport};
 use crate::registry::Registry;
 
 pub mod cluster;
@@ -130,17 +130,6 @@ impl Context {
             Err(_) => self.resolved.get(&*gateway.address).cloned().unwrap_or_default(),
         }
     }
-}
-
-/// How a proxy gets its mesh certificates (node metadata `MESHFED_TLS`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum TlsSupport {
-    /// no mesh certificates: plaintext only; other networks are unreachable (their gateways need mTLS)
-    None,
-    /// secrets `default` and `ROOTCA` are static secrets in the bootstrap (`meshfed bootstrap --tls-*`)
-    Static,
-    /// secrets come over SDS from Istio's agent (cluster `sds-grpc`), as in an Istio sidecar
-    Agent,
 }
 
 /// Where a sidecar's inbound (mTLS-terminating) listeners are and where they forward.

@@ -16,8 +16,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 
-use super::TlsSupport;
 use super::util::{any, boolv, string_value, struct_of};
+use crate::proxy::TlsSupport;
 
 /// The certificate secret name Istio's agent serves.
 pub const CERT_SECRET: &str = "default";

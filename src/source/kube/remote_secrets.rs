@@ -14,6 +14,12 @@
 //! name local files. Ids of clusters configured statically in the mesh config are ignored (the config
 //! cluster's own secret, as istiod does). When the same id is in two secrets, the first secret by name
 //! wins and the other is reported.
+//!
+//! A part of the Kubernetes source that sits above the cluster loop: it uses the client (to reach the
+//! config cluster, and to check the kubeconfigs of secrets), the retry timing, and the cluster loop (a
+//! [`ClusterWatch`] per cluster); [`super::start`] spawns it when the mesh config has `remoteSecrets`.
+//! Nothing here uses `start`, so the dependency goes one way: `start` -> remote secrets -> cluster
+//! loop -> client.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
@@ -29,7 +35,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::kube::{Backoff, ClientSpec, ClusterWatch, KubeOptions, WATCH_BACKOFF, build_client, check_kubeconfig};
+use super::backoff::{Backoff, WATCH_BACKOFF};
+use super::client::{ClientSpec, build_client, check_kubeconfig};
+use super::cluster::{ClusterWatch, KubeOptions};
 use crate::model::ClusterId;
 use crate::source::{ClusterHealth, SourceEvent, SyncState};
 
