@@ -1,10 +1,9 @@
 //! Validates `meshfed bootstrap` output with a real Envoy (`envoy --mode validate`).
 //!
 //! The Envoy binary is `$MESHFED_ENVOY`, else `<crate>/.venv/bin/envoy` (installed by the README's
-//! setup). A missing Envoy fails the tests: they never skip silently.
+//! setup; see `meshfed_testkit::envoy_path`). A missing Envoy fails the tests: they never skip silently.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,20 +12,6 @@ use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
 
 const NODE_ID: &str = "sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local";
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn envoy_binary() -> PathBuf {
-    let (path, origin) = match std::env::var_os("MESHFED_ENVOY") {
-        Some(p) => (PathBuf::from(p), "$MESHFED_ENVOY"),
-        None => (PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"), "the default location"),
-    };
-    assert!(
-        path.is_file(),
-        "Envoy not found at {} ({origin}): run the setup in README.md (it installs Envoy 1.40 into .venv), \
-         or set MESHFED_ENVOY to an Envoy binary",
-        path.display()
-    );
-    path
-}
 
 struct Outcome {
     success: bool,
@@ -66,7 +51,7 @@ fn wait_bounded(mut child: Child) -> Outcome {
 
 /// Runs `envoy --mode validate` on `yaml`.
 fn envoy_validate(yaml: &str) -> Outcome {
-    let envoy = envoy_binary();
+    let envoy = meshfed_testkit::envoy_path();
     // Envoy picks the parser from the extension.
     let mut file = tempfile::Builder::new().prefix("meshfed-bootstrap-").suffix(".yaml").tempfile().unwrap();
     file.write_all(yaml.as_bytes()).unwrap();

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use serde_yaml::{Mapping, Value};
+use support::slices::SliceDocs;
 use support::{
     Backend, BootstrapSpec, Envoy, HostDetail, MeshIdentity, Meshfed, TestCa, addr4, bootstrap_with, http_get, ip4,
     poll_until, start_envoy, start_meshfed,
@@ -107,20 +107,6 @@ const RATINGS_SVC: Svc =
 
 // ---- the copied demo ----
 
-fn read_docs(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        docs.push(<Value as serde::Deserialize>::deserialize(doc)?);
-    }
-    Ok(docs)
-}
-
-fn write_docs(path: &Path, docs: &[Value]) -> Result<()> {
-    let text = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
-    support::write_atomically(path, &text)
-}
-
 /// Adjusts the copied demo in `dir` for this test (see the module docs).
 fn prepare_demo(dir: &Path) -> Result<()> {
     // The AWS backends are plain HTTP servers: their pods run no sidecar.
@@ -132,9 +118,9 @@ fn prepare_demo(dir: &Path) -> Result<()> {
 
     // One Azure endpoint per zone and service: fewer Envoys to run.
     let slices = dir.join("azure-weu/endpointslices.yaml");
-    let mut docs = read_docs(&slices)?;
+    let mut docs = SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
     let mut removed = 0;
-    for doc in &mut docs {
+    for doc in &mut docs.0 {
         let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
         endpoints.retain(|ep| {
             let second = ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32"));
@@ -143,7 +129,7 @@ fn prepare_demo(dir: &Path) -> Result<()> {
         });
     }
     ensure!(removed == 4, "expected to remove 4 Azure endpoints, removed {removed}");
-    write_docs(&slices, &docs)?;
+    support::write_atomically(&slices, &docs.to_yaml()?)?;
 
     // Ejections of 3s instead of 30s: recovery after outlier ejection fits in a bounded test.
     let rules = dir.join("aws-use1/destinationrules.yaml");
@@ -152,14 +138,6 @@ fn prepare_demo(dir: &Path) -> Result<()> {
     ensure!(short != text, "no baseEjectionTime: 30s in {}", rules.display());
     std::fs::write(&rules, short)?;
     Ok(())
-}
-
-fn conditions(ready: bool) -> Value {
-    let mut c = Mapping::new();
-    c.insert("ready".into(), ready.into());
-    c.insert("serving".into(), ready.into());
-    c.insert("terminating".into(), false.into());
-    Value::Mapping(c)
 }
 
 /// aws-use1's EndpointSlices file and its original content.
@@ -178,25 +156,10 @@ impl AwsSlices {
     /// Rewrites the file from the original with the endpoints of `service` at `not_ready` not ready
     /// (atomically: the watcher never sees a partial file).
     fn set_not_ready(&self, service: &str, not_ready: &BTreeSet<SocketAddr>) -> Result<()> {
-        let mut docs = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(&self.original) {
-            docs.push(<Value as serde::Deserialize>::deserialize(doc)?);
-        }
-        let slice = docs
-            .iter_mut()
-            .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(service))
-            .ok_or_else(|| anyhow!("no {service} EndpointSlice in {}", self.path.display()))?;
-        let endpoints = slice["endpoints"].as_sequence_mut().ok_or_else(|| anyhow!("{service} slice: no endpoints"))?;
-        let mut marked = 0;
-        for ep in endpoints.iter_mut() {
-            let ip: IpAddr = ep["addresses"][0].as_str().ok_or_else(|| anyhow!("endpoint without address"))?.parse()?;
-            if not_ready.contains(&SocketAddr::new(ip, PORT)) {
-                ep["conditions"] = conditions(false);
-                marked += 1;
-            }
-        }
+        let mut docs = SliceDocs::parse(&self.original)?;
+        let marked = docs.set_ready_where(service, false, |ip| not_ready.contains(&SocketAddr::new(ip, PORT)))?;
         ensure!(marked == not_ready.len(), "only {marked} of {not_ready:?} are in the {service} slice");
-        write_docs(&self.path, &docs)
+        support::write_atomically(&self.path, &docs.to_yaml()?)
     }
 
     fn restore(&self) -> Result<()> {

@@ -25,20 +25,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use envoy_types::pb::envoy::admin::v3::{ClustersConfigDump, ConfigDump};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::status::v3::{ClientConfig, ConfigStatus};
-use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
-use envoy_types::pb::google::rpc::Status as RpcStatus;
+use envoy_types::pb::google::protobuf::value::Kind;
 use prost::Message;
 use serde_json::Value;
+use support::ads::{AdsClient, Flavor, Response};
+use support::fixtures::node;
 use support::{ChildGuard, Meshfed, bootstrap, poll_until, start_envoy, start_meshfed};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
 /// Bound on waiting for something that must happen.
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -137,21 +131,8 @@ impl Setup {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A scripted ADS client
+// Scripted ADS clients
 // ---------------------------------------------------------------------------------------------
-
-fn string_value(s: &str) -> PbValue {
-    PbValue { kind: Some(Kind::StringValue(s.into())) }
-}
-
-fn node(id: &str, meta: &[(&str, &str)], locality: Option<(&str, &str)>) -> Node {
-    Node {
-        id: id.into(),
-        metadata: Some(Struct { fields: meta.iter().map(|(k, v)| (k.to_string(), string_value(v))).collect() }),
-        locality: locality.map(|(r, z)| Locality { region: r.into(), zone: z.into(), sub_zone: String::new() }),
-        ..Default::default()
-    }
-}
 
 /// A sidecar in aws-use1, us-east-1a.
 fn sidecar_node(octet: u8, pod: &str) -> Node {
@@ -185,98 +166,32 @@ fn debug_node(octet: u8) -> Node {
     )
 }
 
-async fn ads_client(meshfed: &Meshfed) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
-    tokio::time::timeout(
-        TIMEOUT,
-        AggregatedDiscoveryServiceClient::connect(format!("http://{}", meshfed.xds_address())),
-    )
-    .await
-    .expect("connect within the timeout")
-    .expect("connect to meshfed")
-}
-
-/// A SotW ADS client; the node goes with the first request.
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: Streaming<DiscoveryResponse>,
-    node: Option<Node>,
-}
-
-impl Sotw {
-    async fn connect(meshfed: &Meshfed, node: Node) -> Sotw {
-        let mut client = ads_client(meshfed).await;
-        let (tx, rx) = mpsc::channel(16);
-        let rx = tokio::time::timeout(TIMEOUT, client.stream_aggregated_resources(ReceiverStream::new(rx)))
-            .await
-            .expect("stream opens in time")
-            .expect("stream opens")
-            .into_inner();
-        Sotw { tx, rx, node: Some(node) }
-    }
-
-    async fn send(&mut self, mut req: DiscoveryRequest) {
-        req.node = self.node.take();
-        self.tx.send(req).await.expect("request stream open");
-    }
-
-    async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
-        self.send(DiscoveryRequest {
-            type_url: type_url.into(),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
-            version_info: version.into(),
-            response_nonce: nonce.into(),
-            ..Default::default()
-        })
+/// A client of `flavor` connected to meshfed as `node`, its steps bounded by [`TIMEOUT`].
+async fn connect(meshfed: &Meshfed, flavor: Flavor, node: Node) -> AdsClient {
+    AdsClient::connect(meshfed.xds_address(), flavor, node)
         .await
-    }
-
-    async fn nack(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str, message: &str) {
-        self.send(DiscoveryRequest {
-            type_url: type_url.into(),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
-            version_info: version.into(),
-            response_nonce: nonce.into(),
-            error_detail: Some(RpcStatus { code: 3, message: message.into(), details: Vec::new() }),
-            ..Default::default()
-        })
-        .await
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        match tokio::time::timeout(TIMEOUT, self.rx.message()).await {
-            Ok(Ok(Some(r))) => r,
-            other => panic!("no response within {TIMEOUT:?}: {other:?}"),
-        }
-    }
-
-    /// Receives the next response of `type_url` (skipping others).
-    async fn recv_type(&mut self, type_url: &str) -> DiscoveryResponse {
-        loop {
-            let r = self.recv().await;
-            if r.type_url == type_url {
-                return r;
-            }
-        }
-    }
-
-    /// Subscribes to `type_url` (`names`; empty: wildcard) and ACKs the response.
-    async fn subscribe_and_ack(&mut self, type_url: &str, names: &[&str]) -> DiscoveryResponse {
-        self.request(type_url, names, "", "").await;
-        let r = self.recv_type(type_url).await;
-        self.request(type_url, names, &r.version_info, &r.nonce).await;
-        r
-    }
+        .unwrap_or_else(|e| panic!("connecting to meshfed: {e}"))
+        .with_timeouts(TIMEOUT, support::ads::QUIET)
 }
 
-fn cluster_names(r: &DiscoveryResponse) -> Vec<String> {
-    r.resources.iter().map(|a| Cluster::decode(&a.value[..]).expect("Cluster").name).collect()
+/// Subscribes `client` to `type_url` (`names`; empty: wildcard), skips to the response of that type and
+/// ACKs it.
+async fn subscribe_and_ack(client: &mut AdsClient, type_url: &str, names: &[&str]) -> Response {
+    client.subscribe(type_url, names).await.expect("subscribing");
+    let r = client.skip_to(type_url).await.expect("a response");
+    client.ack(&r).await.expect("ACKing");
+    r
+}
+
+fn cluster_names(r: &Response) -> Vec<String> {
+    r.decode_all::<Cluster>().expect("Clusters").into_iter().map(|c| c.name).collect()
 }
 
 /// An EDS-type cluster's name as its ClusterLoadAssignment is named.
-fn eds_names(r: &DiscoveryResponse) -> Vec<String> {
-    r.resources
-        .iter()
-        .map(|a| Cluster::decode(&a.value[..]).expect("Cluster"))
+fn eds_names(r: &Response) -> Vec<String> {
+    r.decode_all::<Cluster>()
+        .expect("Clusters")
+        .into_iter()
         .filter(|c| c.eds_cluster_config.is_some())
         .map(|c| {
             let service_name = c.eds_cluster_config.map(|e| e.service_name).unwrap_or_default();
@@ -326,14 +241,14 @@ async fn config_dumps_of_a_sidecar_and_a_gateway_parse_strictly() {
     let envoy = start_envoy(&yaml).await.expect("Envoy starts");
 
     // The east-west gateway: a scripted client that subscribes like Envoy and ACKs.
-    let mut gw = Sotw::connect(&setup.meshfed, gateway_node(81)).await;
-    let cds = gw.subscribe_and_ack(CDS, &[]).await;
+    let mut gw = connect(&setup.meshfed, Flavor::Sotw, gateway_node(81)).await;
+    let cds = subscribe_and_ack(&mut gw, CDS, &[]).await;
     let eds = eds_names(&cds);
     if !eds.is_empty() {
         let names: Vec<&str> = eds.iter().map(String::as_str).collect();
-        gw.subscribe_and_ack(EDS, &names).await;
+        subscribe_and_ack(&mut gw, EDS, &names).await;
     }
-    gw.subscribe_and_ack(LDS, &[]).await;
+    subscribe_and_ack(&mut gw, LDS, &[]).await;
 
     // A real Envoy is SYNCED on every type.
     setup.wait_status("client-0.shop", ["SYNCED"; 4]).await;
@@ -410,15 +325,15 @@ async fn syncz_follows_acks_and_nacks_and_metrics_count_them() {
     let setup = Setup::start(82).await;
 
     // Connected, but nothing sent: a named RDS subscription to a route that does not exist.
-    let mut a = Sotw::connect(&setup.meshfed, sidecar_node(82, "client-a")).await;
-    a.request(RDS, &["no-such-route"], "", "").await;
+    let mut a = connect(&setup.meshfed, Flavor::Sotw, sidecar_node(82, "client-a")).await;
+    a.subscribe(RDS, &["no-such-route"]).await.unwrap();
     setup.wait_status("client-a.shop", ["NOT SENT"; 4]).await;
 
     // Sent and ACKed: SYNCED.
-    a.request(EDS, &[REVIEWS], "", "").await;
-    let first = a.recv_type(EDS).await;
+    a.subscribe(EDS, &[REVIEWS]).await.unwrap();
+    let first = a.skip_to(EDS).await.unwrap();
     assert_eq!(first.resources.len(), 1);
-    a.request(EDS, &[REVIEWS], &first.version_info, &first.nonce).await;
+    a.ack(&first).await.unwrap();
     let e = setup.wait_status("client-a.shop", ["NOT SENT", "SYNCED", "NOT SENT", "NOT SENT"]).await;
     assert_eq!(e["endpoint_sent"], first.nonce.as_str(), "istiod's nonce fields: {e}");
     assert_eq!(e["endpoint_acked"], first.nonce.as_str());
@@ -427,37 +342,37 @@ async fn syncz_follows_acks_and_nacks_and_metrics_count_them() {
     assert_eq!(e["istio_version"], "1.27.0");
 
     // A second proxy (the gateway) that ACKs everything.
-    let mut gw = Sotw::connect(&setup.meshfed, gateway_node(82)).await;
-    let cds = gw.subscribe_and_ack(CDS, &[]).await;
+    let mut gw = connect(&setup.meshfed, Flavor::Sotw, gateway_node(82)).await;
+    let cds = subscribe_and_ack(&mut gw, CDS, &[]).await;
     let gw_eds = eds_names(&cds);
     let gw_reviews: Vec<&str> = gw_eds.iter().map(String::as_str).filter(|n| n.contains("reviews")).collect();
     assert!(!gw_reviews.is_empty(), "the east-west gateway gets reviews' clusters: {gw_eds:?}");
-    gw.subscribe_and_ack(EDS, &gw_reviews).await;
+    subscribe_and_ack(&mut gw, EDS, &gw_reviews).await;
 
     // A change: a new reviews endpoint. The sidecar does not ACK it: STALE.
     setup.add_reviews_endpoint(29);
-    let update = a.recv_type(EDS).await;
+    let update = a.skip_to(EDS).await.unwrap();
     assert_ne!(update.nonce, first.nonce);
     setup.wait_status("client-a.shop", ["NOT SENT", "STALE", "NOT SENT", "NOT SENT"]).await;
     // The gateway ACKs its update: a convergence.
-    let r = gw.recv_type(EDS).await;
-    gw.request(EDS, &gw_reviews, &r.version_info, &r.nonce).await;
+    let r = gw.skip_to(EDS).await.unwrap();
+    gw.ack(&r).await.unwrap();
 
-    // The sidecar NACKs it: ERROR, with the message.
-    a.nack(EDS, &[REVIEWS], &first.version_info, &update.nonce, "test rejects this assignment").await;
+    // The sidecar NACKs it (keeping the first version): ERROR, with the message.
+    a.nack(&update, "test rejects this assignment").await.unwrap();
     let e = setup.wait_status("client-a.shop", ["NOT SENT", "ERROR", "NOT SENT", "NOT SENT"]).await;
     assert_eq!(e["resources"][EDS]["lastError"], "test rejects this assignment", "{e}");
 
     // Over ADS, as istioctl asks: one ClientConfig per proxy (not the asking client itself).
-    let mut dbg = Sotw::connect(&setup.meshfed, debug_node(82)).await;
-    dbg.request("istio.io/debug/syncz", &[], "", "").await;
-    let r = dbg.recv_type("istio.io/debug/syncz").await;
+    let mut dbg = connect(&setup.meshfed, Flavor::Sotw, debug_node(82)).await;
+    dbg.subscribe::<&str>("istio.io/debug/syncz", &[]).await.unwrap();
+    let r = dbg.skip_to("istio.io/debug/syncz").await.unwrap();
     let configs: BTreeMap<String, ClientConfig> = r
         .resources
         .iter()
         .map(|a| {
-            assert_eq!(a.type_url, "type.googleapis.com/envoy.service.status.v3.ClientConfig");
-            let c = ClientConfig::decode(&a.value[..]).expect("ClientConfig");
+            assert_eq!(a.body.type_url, "type.googleapis.com/envoy.service.status.v3.ClientConfig");
+            let c = ClientConfig::decode(&a.body.value[..]).expect("ClientConfig");
             (c.node.as_ref().expect("node").id.clone(), c)
         })
         .collect();
@@ -479,30 +394,21 @@ async fn syncz_follows_acks_and_nacks_and_metrics_count_them() {
     let eds_state = configs["client-a.shop"].generic_xds_configs.iter().find(|g| g.type_url == EDS).unwrap();
     assert_eq!(eds_state.error_state.as_ref().map(|e| e.details.as_str()), Some("test rejects this assignment"));
 
-    dbg.request("istio.io/debug/config_dump", &["istio-eastwestgateway-0.istio-system"], "", "").await;
-    let r = dbg.recv_type("istio.io/debug/config_dump").await;
+    dbg.subscribe("istio.io/debug/config_dump", &["istio-eastwestgateway-0.istio-system"]).await.unwrap();
+    let r = dbg.skip_to("istio.io/debug/config_dump").await.unwrap();
     assert_eq!(r.resources.len(), 1);
-    assert_eq!(r.resources[0].type_url, "type.googleapis.com/envoy.admin.v3.ConfigDump");
-    let dump = ConfigDump::decode(&r.resources[0].value[..]).expect("ConfigDump");
+    assert_eq!(r.resources[0].body.type_url, "type.googleapis.com/envoy.admin.v3.ConfigDump");
+    let dump = ConfigDump::decode(&r.resources[0].body.value[..]).expect("ConfigDump");
     let clusters = ClustersConfigDump::decode(&dump.configs[1].value[..]).expect("ClustersConfigDump");
     assert_eq!(clusters.dynamic_active_clusters.len(), cds.resources.len());
 
     // ... and over Delta.
-    let mut client = ads_client(&setup.meshfed).await;
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(debug_node(82)),
-        type_url: "istio.io/debug/syncz".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut delta: Streaming<DeltaDiscoveryResponse> =
-        client.delta_aggregated_resources(ReceiverStream::new(rx)).await.expect("delta stream").into_inner();
-    let r = tokio::time::timeout(TIMEOUT, delta.message()).await.expect("delta answer").unwrap().unwrap();
+    let mut delta = connect(&setup.meshfed, Flavor::Delta, debug_node(82)).await;
+    delta.subscribe::<&str>("istio.io/debug/syncz", &[]).await.unwrap();
+    let r = delta.recv().await.expect("delta answer");
     let names: BTreeSet<&str> = r.resources.iter().map(|x| x.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["client-a.shop", "istio-eastwestgateway-0.istio-system"]));
-    drop((tx, delta, dbg));
+    drop((delta, dbg));
 
     // The metrics show what happened.
     let metrics = poll_until(TIMEOUT, || async {

@@ -13,12 +13,12 @@
 use meshfed_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
-use serde_yaml::{Mapping, Value};
+use support::slices::SliceDocs;
 use support::{
     Envoy, Meshfed, addr4, bootstrap, http_get, ip4, poll_until, start_backends, start_envoy, start_meshfed,
 };
@@ -63,47 +63,19 @@ impl Demo {
     /// Rewrites aws-use1's EndpointSlices from the original: the `reviews` endpoints at `not_ready` get
     /// `ready: false, serving: false`, and a ready endpoint in us-east-1a is added for each of `added`.
     fn write_reviews_slice(&self, not_ready: &BTreeSet<SocketAddr>, added: &[SocketAddr]) -> Result<()> {
-        let mut docs = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(&self.original) {
-            docs.push(<Value as serde::Deserialize>::deserialize(doc)?);
-        }
-        let slice = docs
-            .iter_mut()
-            .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some("reviews"))
-            .ok_or_else(|| anyhow!("no reviews EndpointSlice in {}", self.slices.display()))?;
-        let endpoints = slice["endpoints"].as_sequence_mut().ok_or_else(|| anyhow!("reviews slice: no endpoints"))?;
-        let mut marked = 0;
-        for ep in endpoints.iter_mut() {
-            let ip: IpAddr = ep["addresses"][0].as_str().ok_or_else(|| anyhow!("endpoint without address"))?.parse()?;
-            if not_ready.contains(&SocketAddr::new(ip, REVIEWS_PORT)) {
-                ep["conditions"] = conditions(false);
-                marked += 1;
-            }
-        }
+        let mut docs = SliceDocs::parse(&self.original)?;
+        let marked =
+            docs.set_ready_where("reviews", false, |ip| not_ready.contains(&SocketAddr::new(ip, REVIEWS_PORT)))?;
         ensure!(marked == not_ready.len(), "only {marked} of {not_ready:?} are in the reviews slice");
         for addr in added {
-            let mut ep = Mapping::new();
-            ep.insert("addresses".into(), Value::Sequence(vec![addr.ip().to_string().into()]));
-            ep.insert("conditions".into(), conditions(true));
-            ep.insert("nodeName".into(), ZONE_A_NODE.into());
-            ep.insert("zone".into(), "us-east-1a".into());
-            endpoints.push(Value::Mapping(ep));
+            docs.add_endpoint("reviews", addr.ip(), ZONE_A_NODE, "us-east-1a")?;
         }
-        let text = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
-        support::write_atomically(&self.slices, &text)
+        support::write_atomically(&self.slices, &docs.to_yaml()?)
     }
 
     fn restore(&self) -> Result<()> {
         support::write_atomically(&self.slices, &self.original)
     }
-}
-
-fn conditions(ready: bool) -> Value {
-    let mut c = Mapping::new();
-    c.insert("ready".into(), ready.into());
-    c.insert("serving".into(), ready.into());
-    c.insert("terminating".into(), false.into());
-    Value::Mapping(c)
 }
 
 /// Sends `n` requests to the sidecar's outbound listener, with the three Host forms that route to

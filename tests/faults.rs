@@ -21,32 +21,24 @@
 
 use meshfed_testkit as support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, ensure};
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use anyhow::{Result, anyhow, ensure};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
-use support::ads::{
-    QUIET, TIMEOUT, TYPES, Versions, client, client_node, delta_reconnect, delta_versions, sotw_all, type_static,
-};
+use support::ads::{AdsClient, Flavor, Held, QUIET, Response, TIMEOUT, TYPES, delta_reconnect, fetch_all};
+use support::fixtures::{endpoint_addresses, sidecar_node};
+use support::slices::{SlicesFile, set_ready};
 use support::{BootstrapSpec, Envoy, Meshfed, MeshfedOptions, bootstrap_with, poll_until, start_envoy, start_meshfed};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local";
 
 /// The two tests that run several Envoys take turns: on a 2-core machine, 11 Envoys starting at once would
 /// mostly measure the machine.
 static ENVOY_HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(TIMEOUT, fut).await.map_err(|_| anyhow!("timed out after {TIMEOUT:?}: {what}"))
-}
 
 fn demo(octet: u8) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -86,18 +78,18 @@ async fn connected(meshfed: &Meshfed) -> Result<Vec<String>> {
     Ok(conns.iter().filter_map(|c| c["proxy"].as_str().map(str::to_string)).collect())
 }
 
-fn assert_nothing_resent(responses: &[DeltaDiscoveryResponse], versions: &Versions) {
+fn assert_nothing_resent(responses: &[Response], held: &Held) {
     assert_eq!(responses.len(), TYPES.len(), "one (empty) answer per type, nothing more: {responses:#?}");
     for r in responses {
-        let held = versions.get(type_static(&r.type_url)).map(BTreeMap::len).unwrap_or(0);
+        let held = held.names(&r.type_url).len();
         assert!(held > 0 || r.type_url == type_url::ROUTE, "the client held no {}", r.type_url);
         assert!(
-            r.resources.is_empty() && r.removed_resources.is_empty(),
+            r.resources.is_empty() && r.removed.is_empty(),
             "{}: {} resources re-sent, {} removed, though the client holds them at the current versions: {:?}",
             r.type_url,
             r.resources.len(),
-            r.removed_resources.len(),
-            r.resources.iter().map(|x| &x.name).collect::<Vec<_>>()
+            r.removed.len(),
+            r.names()
         );
     }
 }
@@ -165,19 +157,12 @@ async fn a_reconnect_storm_of_envoys_converges() {
 }
 
 /// Rewrites aws-use1's EndpointSlices with the first `ratings` endpoint ready or not.
-fn set_ratings_ready(slices: &Path, original: &str, ready: bool) -> Result<()> {
-    let mut docs: Vec<serde_yaml::Value> = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(original) {
-        docs.push(serde::Deserialize::deserialize(doc)?);
-    }
-    let slice = docs
-        .iter_mut()
-        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some("ratings"))
-        .ok_or_else(|| anyhow!("no ratings slice"))?;
-    slice["endpoints"][0]["conditions"]["ready"] = ready.into();
-    slice["endpoints"][0]["conditions"]["serving"] = ready.into();
-    let text = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
-    support::write_atomically(slices, &text)
+fn set_ratings_ready(slices: &SlicesFile, ready: bool) -> Result<()> {
+    slices.rewrite(|docs| {
+        let first = docs.endpoints_mut("ratings")?.first_mut().ok_or_else(|| anyhow!("ratings has no endpoints"))?;
+        set_ready(first, ready);
+        Ok(())
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,8 +170,7 @@ async fn meshfed_killed_under_churn_and_restarted() {
     const OCTET: u8 = 112;
     let _turn = ENVOY_HEAVY.lock().await;
     let (dir, mesh) = demo(OCTET);
-    let slices = dir.path().join("aws-use1/endpointslices.yaml");
-    let original = std::fs::read_to_string(&slices).unwrap();
+    let slices = SlicesFile::of_cluster(dir.path(), "aws-use1").unwrap();
     let mut meshfed = start_meshfed(&mesh).await.expect("meshfed");
     let ports = (meshfed.xds_port, meshfed.debug_port);
     let mut envoys = Vec::new();
@@ -200,24 +184,22 @@ async fn meshfed_killed_under_churn_and_restarted() {
         poll_until(TIMEOUT, || envoy_converged(e)).await.unwrap_or_else(|e| panic!("{e:#}"));
     }
     let script = format!("sidecar~127.{OCTET}.60.1~script-0.shop~shop.svc.cluster.local");
-    let mut versions = delta_versions(meshfed.xds_address(), &script).await.unwrap();
-    assert!(versions.get(type_url::ENDPOINT).is_some_and(|v| v.contains_key(REVIEWS)));
+    let mut held = fetch_all(meshfed.xds_address(), Flavor::Delta, &script).await.unwrap();
+    assert!(held.names(type_url::ENDPOINT).contains(REVIEWS));
     // ratings' endpoints are about to churn: the client does not follow them
-    if let Some(eds) = versions.get_mut(type_url::ENDPOINT) {
-        eds.retain(|name, _| !name.contains("ratings"));
-    }
+    held.retain(type_url::ENDPOINT, |name| !name.contains("ratings"));
 
     // churn: ratings' endpoint flaps (reviews, the clusters, listeners and routes stay as they are)
     let churning = Arc::new(AtomicBool::new(true));
     let churn = tokio::spawn({
-        let (churning, slices, original) = (churning.clone(), slices.clone(), original.clone());
+        let (churning, slices) = (churning.clone(), slices.clone());
         async move {
             let mut ready = false;
             for _ in 0..2_000 {
                 if !churning.load(Ordering::Relaxed) {
                     break;
                 }
-                set_ratings_ready(&slices, &original, ready).expect("rewrite the slices");
+                set_ratings_ready(&slices, ready).expect("rewrite the slices");
                 ready = !ready;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -251,8 +233,8 @@ async fn meshfed_killed_under_churn_and_restarted() {
     meshfed.assert_no_nacks().await.unwrap();
 
     // a Delta client reconnecting with what it held gets nothing: none of it changed
-    let responses = delta_reconnect(meshfed.xds_address(), &script, &versions).await.unwrap();
-    assert_nothing_resent(&responses, &versions);
+    let responses = delta_reconnect(meshfed.xds_address(), &script, &held).await.unwrap();
+    assert_nothing_resent(&responses, &held);
 }
 
 /// Restarts meshfed on fixed ports; the old process's port can take a moment to be free again.
@@ -278,21 +260,21 @@ async fn replicas_serve_identical_resources_so_moving_between_them_pushes_nothin
         format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"),
         format!("router~127.{OCTET}.10.2~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
     ] {
-        let from_a = sotw_all(a.xds_address(), &node).await.unwrap();
-        let from_b = sotw_all(b.xds_address(), &node).await.unwrap();
+        let from_a = fetch_all(a.xds_address(), Flavor::Sotw, &node).await.unwrap();
+        let from_b = fetch_all(b.xds_address(), Flavor::Sotw, &node).await.unwrap();
         for t in TYPES {
-            let (va, ra) = &from_a[t];
-            let (vb, rb) = &from_b[t];
+            let (ha, hb) = (from_a.get(t).cloned().unwrap_or_default(), from_b.get(t).cloned().unwrap_or_default());
+            let (ra, rb) = (&ha.resources, &hb.resources);
             assert_eq!(ra.keys().collect::<Vec<_>>(), rb.keys().collect::<Vec<_>>(), "{node}: {t} names differ");
-            for (name, bytes) in ra {
-                assert!(bytes == &rb[name], "{node}: {t} {name} differs between the replicas");
+            for (name, r) in ra {
+                assert!(r.body == rb[name].body, "{node}: {t} {name} differs between the replicas");
             }
-            assert_eq!(va, vb, "{node}: {t} version_info differs");
+            assert_eq!(ha.version, hb.version, "{node}: {t} version_info differs");
         }
         // Delta: the versions of each resource are the same, so a proxy moving from A to B gets nothing
-        let versions = delta_versions(a.xds_address(), &node).await.unwrap();
-        let responses = delta_reconnect(b.xds_address(), &node, &versions).await.unwrap();
-        assert_nothing_resent(&responses, &versions);
+        let held = fetch_all(a.xds_address(), Flavor::Delta, &node).await.unwrap();
+        let responses = delta_reconnect(b.xds_address(), &node, &held).await.unwrap();
+        assert_nothing_resent(&responses, &held);
     }
 }
 
@@ -300,39 +282,22 @@ async fn replicas_serve_identical_resources_so_moving_between_them_pushes_nothin
 async fn a_half_written_manifest_keeps_the_last_good_state() {
     const OCTET: u8 = 114;
     let (dir, mesh) = demo(OCTET);
-    let slices = dir.path().join("aws-use1/endpointslices.yaml");
-    let original = std::fs::read_to_string(&slices).unwrap();
+    let slices = SlicesFile::of_cluster(dir.path(), "aws-use1").unwrap();
+    let original = &slices.original;
     let meshfed = start_meshfed(&mesh).await.expect("meshfed");
     let node = format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local");
 
     // a Delta client watching reviews' endpoints
-    let mut client = client(meshfed.xds_address()).await.unwrap();
-    let (tx, rx) = mpsc::channel(16);
-    let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(client_node(&node)),
-        type_url: type_url::ENDPOINT.into(),
-        resource_names_subscribe: vec![REVIEWS.into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let first = bounded("reviews' endpoints", responses.message()).await.unwrap().unwrap().unwrap();
+    let mut client = AdsClient::connect(meshfed.xds_address(), Flavor::Delta, sidecar_node(&node)).await.unwrap();
+    let first = client.subscribe_and_ack(type_url::ENDPOINT, &[REVIEWS]).await.unwrap();
     assert_eq!(first.resources.len(), 1);
     let version = first.resources[0].version.clone();
-    tx.send(DeltaDiscoveryRequest {
-        type_url: first.type_url.clone(),
-        response_nonce: first.nonce,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
     let endpoints_before = meshfed.debug_json("/debug/endpointz").await.unwrap();
 
     // the file written halfway (not atomically): cut inside a mapping, so it does not parse
     let middle = original.len() / 2;
     let cut = middle + original[middle..].find("conditions:").expect("a conditions key") + "condi".len();
-    support::write_atomically(&slices, &original[..cut]).unwrap();
+    slices.write(&original[..cut]).unwrap();
     poll_until(TIMEOUT, || async {
         let errors = meshfed.debug_json("/debug/source_errors").await?;
         let text = errors.to_string();
@@ -342,15 +307,21 @@ async fn a_half_written_manifest_keeps_the_last_good_state() {
     .await
     .unwrap_or_else(|e| panic!("{e:#}"));
     // the last good state is still served: nothing new for reviews, the registry unchanged
-    if let Ok(Ok(Some(r))) = tokio::time::timeout(QUIET, responses.message()).await {
-        panic!("reviews' endpoints were pushed from a half-written file: {r:?}");
+    if let Ok(Some(r)) = client.recv_within(QUIET).await {
+        panic!("reviews' endpoints were pushed from a half-written file: {}", r.summary());
     }
     assert_eq!(meshfed.debug_json("/debug/endpointz").await.unwrap(), endpoints_before);
 
     // the file completed, with one reviews endpoint no longer ready: error cleared, the change pushed
-    let changed = mark_first_reviews_endpoint_not_ready(&original).unwrap();
-    support::write_atomically(&slices, &changed).unwrap();
-    let r = bounded("the completed file's change", responses.message()).await.unwrap().unwrap().unwrap();
+    slices
+        .rewrite(|docs| {
+            let first =
+                docs.endpoints_mut("reviews")?.first_mut().ok_or_else(|| anyhow!("reviews has no endpoints"))?;
+            set_ready(first, false);
+            Ok(())
+        })
+        .unwrap();
+    let r = client.recv().await.unwrap();
     assert_eq!(r.resources.len(), 1);
     assert_ne!(r.resources[0].version, version);
     poll_until(TIMEOUT, || async {
@@ -362,72 +333,27 @@ async fn a_half_written_manifest_keeps_the_last_good_state() {
     .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-fn mark_first_reviews_endpoint_not_ready(text: &str) -> Result<String> {
-    let mut docs: Vec<serde_yaml::Value> = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        docs.push(serde::Deserialize::deserialize(doc)?);
-    }
-    let slice = docs
-        .iter_mut()
-        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some("reviews"))
-        .context("no reviews slice")?;
-    slice["endpoints"][0]["conditions"]["ready"] = false.into();
-    slice["endpoints"][0]["conditions"]["serving"] = false.into();
-    Ok(docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n"))
-}
-
 // ---------------------------------------------------------------------------------------------
 // A Kubernetes API server that fails, slows down and cuts its watches
 // ---------------------------------------------------------------------------------------------
 
 /// A Delta client following reviews' endpoints: the endpoint addresses of each assignment it receives.
-struct EdsFollower {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: tonic::Streaming<DeltaDiscoveryResponse>,
-}
+struct EdsFollower(AdsClient);
 
 impl EdsFollower {
     async fn start(addr: std::net::SocketAddr, node: envoy_types::pb::envoy::config::core::v3::Node) -> Result<Self> {
-        let mut client = client(addr).await?;
-        let (tx, rx) = mpsc::channel(16);
-        let rx = client.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
-        tx.send(DeltaDiscoveryRequest {
-            node: Some(node),
-            type_url: type_url::ENDPOINT.into(),
-            resource_names_subscribe: vec![REVIEWS.into()],
-            ..Default::default()
-        })
-        .await?;
-        Ok(EdsFollower { tx, rx })
+        let mut client = AdsClient::connect(addr, Flavor::Delta, node).await?;
+        client.subscribe(type_url::ENDPOINT, &[REVIEWS]).await?;
+        Ok(EdsFollower(client))
     }
 
     /// The addresses of the next assignment of reviews (ACKed).
     async fn next(&mut self, within: Duration) -> Result<Option<std::collections::BTreeSet<String>>> {
-        use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint::HostIdentifier};
-        use prost::Message as _;
-        let r = match tokio::time::timeout(within, self.rx.message()).await {
-            Err(_) => return Ok(None),
-            Ok(r) => r?.ok_or_else(|| anyhow!("the server ended the stream"))?,
-        };
-        self.tx
-            .send(DeltaDiscoveryRequest {
-                type_url: r.type_url.clone(),
-                response_nonce: r.nonce.clone(),
-                ..Default::default()
-            })
-            .await?;
+        let Some(r) = self.0.recv_within(within).await? else { return Ok(None) };
+        self.0.ack(&r).await?;
         let mut out = std::collections::BTreeSet::new();
-        for res in &r.resources {
-            let cla =
-                ClusterLoadAssignment::decode(res.resource.as_ref().map(|a| a.value.as_slice()).unwrap_or_default())?;
-            for e in cla.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
-                if let Some(HostIdentifier::Endpoint(pe)) = &e.host_identifier
-                    && let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
-                        pe.address.as_ref().and_then(|a| a.address.as_ref())
-                {
-                    out.insert(sa.address.clone());
-                }
-            }
+        for cla in r.decode_all::<ClusterLoadAssignment>()? {
+            out.extend(endpoint_addresses(&cla));
         }
         Ok(Some(out))
     }
@@ -476,16 +402,11 @@ async fn a_failing_slow_and_cut_kubernetes_api_is_ridden_out() {
     )
     .unwrap();
     let meshfed = start_meshfed(&mesh).await.expect("meshfed");
-    let node = envoy_types::pb::envoy::config::core::v3::Node {
-        id: format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"),
-        metadata: Some(envoy_types::pb::google::protobuf::Struct {
-            fields: [("CLUSTER_ID", "kc"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")]
-                .iter()
-                .map(|(k, v)| (k.to_string(), meshfed::proxy::string_value(v)))
-                .collect(),
-        }),
-        ..Default::default()
-    };
+    let node = support::fixtures::node(
+        &format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"),
+        &[("CLUSTER_ID", "kc"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")],
+        None,
+    );
     let mut eds = EdsFollower::start(meshfed.xds_address(), node).await.unwrap();
     eds.until("the initial state", &[&a1, &a2]).await.unwrap();
 

@@ -337,21 +337,18 @@ fn assert_only(answers: &Answers, expected: &[&str], what: &str) {
     );
 }
 
-/// Marks the ratings endpoints `addrs` of aws-use1 not ready, writing the file atomically.
+/// Marks the ratings endpoints `addrs` of aws-use1 not ready (`ready: false`), writing the file atomically.
 fn mark_not_ready(dir: &Path, addrs: &[&str]) {
-    let path = dir.join("aws-use1/endpointslices.yaml");
-    let mut text = std::fs::read_to_string(&path).expect("read endpointslices.yaml");
-    for addr in addrs {
-        let ip = addr.split(':').next().unwrap();
-        let at = text.find(&format!("\n  - {ip}\n")).unwrap_or_else(|| panic!("{ip} not in {}", path.display()));
-        let ready = at + text[at..].find("ready: true").expect("ready condition after the address");
-        assert!(text[at..ready].contains("conditions:"), "the condition belongs to {ip}");
-        text.replace_range(ready..ready + "ready: true".len(), "ready: false");
-    }
-    // A hidden temporary file: the file source skips it, then sees one complete rename.
-    let tmp = dir.join("aws-use1/.endpointslices.yaml.tmp");
-    std::fs::write(&tmp, text).expect("write temporary file");
-    std::fs::rename(&tmp, &path).expect("rename over endpointslices.yaml");
+    let slices = meshfed_testkit::slices::SlicesFile::of_cluster(dir, "aws-use1").expect("aws-use1's EndpointSlices");
+    slices
+        .edit(|docs| {
+            for addr in addrs {
+                let endpoint = docs.endpoint_at_mut(addr.parse::<SocketAddr>()?.ip())?;
+                endpoint["conditions"]["ready"] = false.into();
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("marking {addrs:?} not ready: {e:#}"));
 }
 
 #[test]

@@ -14,22 +14,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Struct;
 use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
-use meshfed::proxy::string_value;
 use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
 use meshfed::xds::server::{Limits, ServeOptions, ServerStats, TlsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
+use tonic::{Code, Status};
 
 use meshfed_testkit as support;
+use support::ads::{AdsClient, Error, Flavor, Request, Response};
+use support::fixtures::sidecar_node;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
@@ -50,7 +45,7 @@ struct Server {
 
 impl Server {
     async fn start(limits: Limits, tls: Option<TlsOptions>) -> Server {
-        let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
+        let (mesh, initial) = support::demo::demo_events();
         let stats = Arc::new(ServerStats::default());
         let mut options = meshfed::app::Options::in_process(mesh, initial);
         options.xds.push(meshfed::app::XdsListener {
@@ -79,56 +74,31 @@ impl Server {
     }
 }
 
-fn node(id: &str) -> Node {
-    let meta = [("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net"), ("INTERCEPTION_MODE", "NONE")];
-    Node {
-        id: id.into(),
-        metadata: Some(Struct { fields: meta.iter().map(|(k, v)| (k.to_string(), string_value(v))).collect() }),
-        ..Default::default()
-    }
-}
-
 const SHOP_NODE: &str = "sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local";
 const BANK_NODE: &str = "sidecar~127.0.50.2~teller-0.bank~bank.svc.cluster.local";
 
-fn cds_request(node_id: Option<&str>) -> DiscoveryRequest {
-    DiscoveryRequest { node: node_id.map(node), type_url: CLUSTER.into(), ..Default::default() }
+fn cds_request(node_id: Option<&str>) -> Request {
+    Request { node: node_id.map(sidecar_node), ..Request::new(CLUSTER) }
 }
 
-/// A SotW stream: the request sender and the responses.
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: Streaming<DiscoveryResponse>,
+/// A SotW stream on `channel` whose requests carry their own node.
+async fn open(channel: Channel) -> Result<AdsClient, Error> {
+    Ok(AdsClient::open(channel, Flavor::Sotw, None).await?.with_timeouts(TIMEOUT, QUIET))
 }
 
-impl Sotw {
-    async fn open(channel: Channel) -> Result<Sotw, tonic::Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
-        let rx = bounded("the stream to open", client.stream_aggregated_resources(ReceiverStream::new(rx)))
-            .await?
-            .into_inner();
-        Ok(Sotw { tx, rx })
-    }
+/// Opens a stream and fetches the clusters as `node_id`: the first response or the refusal. (A refused
+/// stream may already be closed when the request is sent: its status comes with the response.)
+async fn fetch(channel: Channel, node_id: &str) -> Result<Response, Error> {
+    let mut s = open(channel).await?;
+    let _ = s.send(cds_request(Some(node_id))).await;
+    s.recv().await
+}
 
-    async fn send(&self, req: DiscoveryRequest) {
-        let _ = self.tx.send(req).await;
-    }
-
-    /// The next response, or the status the stream ended with.
-    async fn next(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
-        match bounded("a response", self.rx.message()).await {
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(tonic::Status::ok("stream ended")),
-            Err(s) => Err(s),
-        }
-    }
-
-    /// Opens a stream and fetches the clusters as `node_id`: the first response or the refusal.
-    async fn fetch(channel: Channel, node_id: &str) -> Result<DiscoveryResponse, tonic::Status> {
-        let mut s = Sotw::open(channel).await?;
-        s.send(cds_request(Some(node_id))).await;
-        s.next().await
+/// The status of a refused or failed stream.
+fn refusal(e: Error) -> Status {
+    match e {
+        Error::Status(s) => s,
+        other => panic!("expected a status, got: {other}"),
     }
 }
 
@@ -191,9 +161,9 @@ async fn tls_serves_ads_and_reloads_the_certificate() {
     let server = Server::start(Limits::default(), Some(tls)).await;
     let watcher = meshfed::tls::watch_files(cert.clone(), Duration::from_millis(50), "test");
 
-    let mut old = Sotw::open(pki.channel(server.addr, None)).await.unwrap();
-    old.send(cds_request(Some(SHOP_NODE))).await;
-    let first = old.next().await.unwrap();
+    let mut old = open(pki.channel(server.addr, None)).await.unwrap();
+    old.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    let first = old.recv().await.unwrap();
     assert!(!first.resources.is_empty(), "clusters over TLS");
     assert_eq!(served_certificate(server.addr, pki.ca.root()).await, pem_leaf(&pki.server.cert));
 
@@ -214,8 +184,8 @@ async fn tls_serves_ads_and_reloads_the_certificate() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // the established connection keeps working: a new stream on it gets its clusters
-    old.send(DiscoveryRequest { response_nonce: first.nonce.clone(), ..cds_request(None) }).await;
-    let again = Sotw::fetch(pki.channel(server.addr, None), SHOP_NODE).await.unwrap();
+    let _ = old.send(Request { nonce: first.nonce.clone(), ..cds_request(None) }).await;
+    let again = fetch(pki.channel(server.addr, None), SHOP_NODE).await.unwrap();
     assert_eq!(again.resources.len(), first.resources.len());
     watcher.abort();
 }
@@ -230,53 +200,48 @@ async fn mtls_checks_the_identity_against_the_node_id() {
     let foreign = pki.ca.issue("foreign", "spiffe://other.domain/ns/shop/sa/default").unwrap();
 
     // the right identity for its namespace: served
-    let ok = Sotw::fetch(pki.channel(server.addr, Some(&shop)), SHOP_NODE).await.unwrap();
+    let ok = fetch(pki.channel(server.addr, Some(&shop)), SHOP_NODE).await.unwrap();
     assert!(!ok.resources.is_empty());
     // a shop identity asking for bank's config: PERMISSION_DENIED, naming both
-    let denied = Sotw::fetch(pki.channel(server.addr, Some(&shop)), BANK_NODE).await.unwrap_err();
+    let denied = refusal(fetch(pki.channel(server.addr, Some(&shop)), BANK_NODE).await.unwrap_err());
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     assert!(denied.message().contains("ns/shop") && denied.message().contains("bank"), "{denied:?}");
     // even the system namespace's identity gets only its own namespace's view
-    let denied = Sotw::fetch(pki.channel(server.addr, Some(&system)), SHOP_NODE).await.unwrap_err();
+    let denied = refusal(fetch(pki.channel(server.addr, Some(&system)), SHOP_NODE).await.unwrap_err());
     assert_eq!(denied.code(), Code::PermissionDenied);
     // another trust domain: refused
-    let denied = Sotw::fetch(pki.channel(server.addr, Some(&foreign)), SHOP_NODE).await.unwrap_err();
+    let denied = refusal(fetch(pki.channel(server.addr, Some(&foreign)), SHOP_NODE).await.unwrap_err());
     assert_eq!(denied.code(), Code::PermissionDenied);
     assert!(denied.message().contains("trust domain"), "{denied:?}");
     // no client certificate, or one from another CA: no TLS session, so no stream
-    let err = Sotw::fetch(pki.channel(server.addr, None), SHOP_NODE).await.unwrap_err();
+    let err = refusal(fetch(pki.channel(server.addr, None), SHOP_NODE).await.unwrap_err());
     assert_ne!(err.code(), Code::Ok);
     let other_dir = tempfile::tempdir().unwrap();
     let other_ca = support::TestCa::new(other_dir.path()).unwrap();
     let stranger = other_ca.issue("stranger", "spiffe://cluster.local/ns/shop/sa/default").unwrap();
-    let err = Sotw::fetch(pki.channel(server.addr, Some(&stranger)), SHOP_NODE).await.unwrap_err();
+    let err = refusal(fetch(pki.channel(server.addr, Some(&stranger)), SHOP_NODE).await.unwrap_err());
     assert_ne!(err.code(), Code::Ok);
     assert!(server.stats.failed_handshakes.load(Ordering::Relaxed) >= 2);
 
     // istioctl's debug types over ADS show a workload identity only its own namespace's proxies
-    let mut keep = Sotw::open(pki.channel(server.addr, Some(&shop))).await.unwrap();
-    keep.send(cds_request(Some(SHOP_NODE))).await;
-    keep.next().await.unwrap();
+    let mut keep = open(pki.channel(server.addr, Some(&shop))).await.unwrap();
+    keep.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    keep.recv().await.unwrap();
     let bank = pki.ca.issue("bank", "spiffe://cluster.local/ns/bank/sa/default").unwrap();
-    let mut bank_stream = Sotw::open(pki.channel(server.addr, Some(&bank))).await.unwrap();
-    bank_stream.send(cds_request(Some(BANK_NODE))).await;
-    bank_stream.next().await.unwrap();
-    let syncz = |id: &'static str| DiscoveryRequest {
-        node: Some(Node {
-            id: id.into(),
-            metadata: Some(Struct { fields: [("GENERATOR".to_string(), string_value("event"))].into_iter().collect() }),
-            ..Default::default()
-        }),
-        type_url: meshfed::config_dump::TYPE_DEBUG_SYNCZ.into(),
-        ..Default::default()
+    let mut bank_stream = open(pki.channel(server.addr, Some(&bank))).await.unwrap();
+    bank_stream.send(cds_request(Some(BANK_NODE))).await.unwrap();
+    bank_stream.recv().await.unwrap();
+    let syncz = |id: &'static str| Request {
+        node: Some(support::fixtures::node(id, &[("GENERATOR", "event")], None)),
+        ..Request::new(meshfed::config_dump::TYPE_DEBUG_SYNCZ)
     };
-    let mut debug = Sotw::open(pki.channel(server.addr, Some(&bank))).await.unwrap();
-    debug.send(syncz("sidecar~127.0.50.3~istioctl.bank~bank.svc.cluster.local")).await;
-    let seen = debug.next().await.unwrap();
+    let mut debug = open(pki.channel(server.addr, Some(&bank))).await.unwrap();
+    debug.send(syncz("sidecar~127.0.50.3~istioctl.bank~bank.svc.cluster.local")).await.unwrap();
+    let seen = debug.recv().await.unwrap();
     assert_eq!(seen.resources.len(), 1, "bank's identity sees bank's proxy only");
-    let mut debug = Sotw::open(pki.channel(server.addr, Some(&system))).await.unwrap();
-    debug.send(syncz("sidecar~127.0.50.4~istioctl.istio-system~istio-system.svc.cluster.local")).await;
-    let seen = debug.next().await.unwrap();
+    let mut debug = open(pki.channel(server.addr, Some(&system))).await.unwrap();
+    debug.send(syncz("sidecar~127.0.50.4~istioctl.istio-system~istio-system.svc.cluster.local")).await.unwrap();
+    let seen = debug.recv().await.unwrap();
     assert!(seen.resources.len() >= 2, "the system namespace's identity sees every proxy");
 
     // config dumps carry no secrets: meshfed serves none, and the dump's SecretsConfigDump stays empty
@@ -309,47 +274,50 @@ fn refused(reason: &str) -> u64 {
 async fn an_oversized_request_gets_resource_exhausted_and_others_are_unaffected() {
     let server = Server::start(Limits { max_message_size: 1024, ..Limits::default() }, None).await;
     let counted = refused("message_size");
-    let mut big = Sotw::open(server.channel()).await.unwrap();
+    let mut big = open(server.channel()).await.unwrap();
     let mut req = cds_request(Some(SHOP_NODE));
-    req.resource_names = (0..100).map(|i| format!("outbound|9080||service-{i}.shop.svc.cluster.local")).collect();
-    big.send(req).await;
-    let err = big.next().await.unwrap_err();
+    req.names = (0..100).map(|i| format!("outbound|9080||service-{i}.shop.svc.cluster.local")).collect();
+    let _ = big.send(req).await;
+    let err = refusal(big.recv().await.unwrap_err());
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("1024"), "{err:?}");
     assert!(refused("message_size") > counted, "the refusal is counted in meshfed_xds_refused_total");
     // another client on another connection is served as usual
-    assert!(!Sotw::fetch(server.channel(), SHOP_NODE).await.unwrap().resources.is_empty());
+    assert!(!fetch(server.channel(), SHOP_NODE).await.unwrap().resources.is_empty());
 }
 
 #[tokio::test]
 async fn connections_over_the_limit_get_resource_exhausted_until_a_slot_frees() {
     let limits = Limits { max_connections: 2, ..Limits::default() };
     let server = Server::start(limits, None).await;
-    let mut a = Sotw::open(server.channel()).await.unwrap();
-    a.send(cds_request(Some(SHOP_NODE))).await;
-    a.next().await.unwrap();
+    let mut a = open(server.channel()).await.unwrap();
+    a.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    a.recv().await.unwrap();
     let b_channel = server.channel();
-    let mut b = Sotw::open(b_channel.clone()).await.unwrap();
-    b.send(cds_request(Some(SHOP_NODE))).await;
-    b.next().await.unwrap();
+    let mut b = open(b_channel.clone()).await.unwrap();
+    b.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    b.recv().await.unwrap();
     // a third connection: refused with RESOURCE_EXHAUSTED (and counted), the two others keep working
     let counted = refused("connections");
     let third = server.channel();
-    let err = Sotw::fetch(third.clone(), SHOP_NODE).await.unwrap_err();
+    let err = refusal(fetch(third.clone(), SHOP_NODE).await.unwrap_err());
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("connection limit"), "{err:?}");
     assert!(refused("connections") > counted, "the refusal is counted in meshfed_xds_refused_total");
-    assert!(Sotw::fetch(b_channel.clone(), SHOP_NODE).await.is_ok(), "an admitted connection opens more streams");
+    assert!(fetch(b_channel.clone(), SHOP_NODE).await.is_ok(), "an admitted connection opens more streams");
     // the first client leaves: its slot goes to the third connection (retrying on the same connection)
     drop(a);
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        match Sotw::fetch(third.clone(), SHOP_NODE).await {
+        match fetch(third.clone(), SHOP_NODE).await {
             Ok(r) => {
                 assert!(!r.resources.is_empty());
                 break;
             }
-            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+            Err(e) => {
+                let e = refusal(e);
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            }
         }
         assert!(tokio::time::Instant::now() < deadline, "no slot freed within {TIMEOUT:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -362,18 +330,18 @@ async fn connections_over_the_limit_get_resource_exhausted_until_a_slot_frees() 
 async fn streams_over_the_connection_limit_wait_for_a_slot_and_a_client_ignoring_the_limit_is_refused() {
     let server = Server::start(Limits { max_streams_per_connection: 2, ..Limits::default() }, None).await;
     let channel = server.channel();
-    let mut s1 = Sotw::open(channel.clone()).await.unwrap();
-    let mut s2 = Sotw::open(channel.clone()).await.unwrap();
-    s1.send(cds_request(Some(SHOP_NODE))).await;
-    s1.next().await.unwrap();
+    let mut s1 = open(channel.clone()).await.unwrap();
+    let mut s2 = open(channel.clone()).await.unwrap();
+    s1.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    s1.recv().await.unwrap();
     // HTTP/2 advertises the limit: a third concurrent stream waits in the client (tonic/h2), not refused
     let counted = refused("streams");
-    let third = tokio::spawn(Sotw::fetch(channel.clone(), SHOP_NODE));
+    let third = tokio::spawn(fetch(channel.clone(), SHOP_NODE));
     tokio::time::sleep(QUIET).await;
     assert!(!third.is_finished(), "the third stream waits for a slot");
     // the two open streams are unaffected
-    s2.send(cds_request(Some(SHOP_NODE))).await;
-    assert!(!s2.next().await.unwrap().resources.is_empty());
+    s2.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    assert!(!s2.recv().await.unwrap().resources.is_empty());
     // a slot frees when a stream ends, and the waiting stream is served
     drop(s1);
     let r = bounded("the waiting stream", third).await.unwrap().unwrap();
@@ -467,32 +435,28 @@ impl RawH2 {
 async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_unaffected() {
     let limits = Limits { request_rate: 1, request_burst: 5, ..Limits::default() };
     let server = Server::start(limits, None).await;
-    let mut calm = Sotw::open(server.channel()).await.unwrap();
-    calm.send(cds_request(Some(SHOP_NODE))).await;
-    let first = calm.next().await.unwrap();
+    let mut calm = open(server.channel()).await.unwrap();
+    calm.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    let first = calm.recv().await.unwrap();
 
     let counted = refused("request_rate");
-    let mut noisy = Sotw::open(server.channel()).await.unwrap();
-    noisy.send(cds_request(Some(SHOP_NODE))).await;
-    let r = noisy.next().await.unwrap();
+    let mut noisy = open(server.channel()).await.unwrap();
+    noisy.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    let r = noisy.recv().await.unwrap();
     // 50 requests (ACKs of the same response: each is processed, none answered)
     for _ in 0..50 {
-        noisy.send(DiscoveryRequest { response_nonce: r.nonce.clone(), ..cds_request(None) }).await;
+        let _ = noisy.send(Request { nonce: r.nonce.clone(), ..cds_request(None) }).await;
     }
-    let err = noisy.next().await.unwrap_err();
+    let err = refusal(noisy.recv().await.unwrap_err());
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("rate"), "{err:?}");
     assert!(server.stats.rate_limited.load(Ordering::Relaxed) >= 1);
     assert!(refused("request_rate") > counted, "the refusal is counted in meshfed_xds_refused_total");
     // the calm client's stream is still served: it ACKs and subscribes to endpoints
-    calm.send(DiscoveryRequest { response_nonce: first.nonce.clone(), ..cds_request(None) }).await;
-    calm.send(DiscoveryRequest {
-        type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment".into(),
-        resource_names: vec!["outbound|9080||reviews.shop.svc.cluster.local".into()],
-        ..Default::default()
-    })
-    .await;
-    let eds = calm.next().await.unwrap();
+    calm.send(Request { nonce: first.nonce.clone(), ..cds_request(None) }).await.unwrap();
+    let eds = Request::new(meshfed::type_url::ENDPOINT).names(&["outbound|9080||reviews.shop.svc.cluster.local"]);
+    calm.send(eds).await.unwrap();
+    let eds = calm.recv().await.unwrap();
     assert_eq!(eds.resources.len(), 1);
 }
 
@@ -510,24 +474,28 @@ fn token_bucket_refills_at_its_rate() {
     assert!(!b.take(t0 + Duration::from_secs(60)), "never more than the burst");
 }
 
+/// Reads (and drops) whatever the server sends until it closes the connection (EOF or a reset), bounded
+/// by [`TIMEOUT`].
+async fn closed_by_server(tcp: &mut tokio::net::TcpStream, what: &str) {
+    let mut buf = [0u8; 4096];
+    bounded(what, async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_admission_timeout() {
     let limits = Limits { admission_timeout: Duration::from_millis(300), ..Limits::default() };
     let server = Server::start(limits, None).await;
     let counted = refused("admission_timeout");
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let mut buf = [0u8; 1024];
     // the server's HTTP/2 preface may arrive first; then EOF (or a reset) once the timeout closes it
-    let closed = bounded("the idle connection to be closed", async {
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return true,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed);
+    closed_by_server(&mut tcp, "the idle connection to be closed").await;
     // counted as the timer closed it
     assert!(refused("admission_timeout") > counted, "the closing is counted in meshfed_xds_refused_total");
 }
@@ -583,16 +551,16 @@ async fn raw_h2(addr: SocketAddr) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn shutdown_sends_goaway_ends_streams_and_stops_accepting() {
     let mut server = Server::start(Limits::default(), None).await;
-    let mut stream = Sotw::open(server.channel()).await.unwrap();
-    stream.send(cds_request(Some(SHOP_NODE))).await;
-    stream.next().await.unwrap();
+    let mut stream = open(server.channel()).await.unwrap();
+    stream.send(cds_request(Some(SHOP_NODE))).await.unwrap();
+    stream.recv().await.unwrap();
     let mut raw = raw_h2(server.addr).await;
     let addr = server.addr;
 
     let stop = async { server.stop().await };
     let checks = async {
         assert!(bounded("a GOAWAY", read_until_goaway(&mut raw)).await, "the connection closed without GOAWAY");
-        let err = stream.next().await.unwrap_err();
+        let err = refusal(stream.recv().await.unwrap_err());
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
         assert!(err.message().contains("shutting down"), "{err:?}");
     };
@@ -634,17 +602,7 @@ async fn the_drain_deadline_closes_connections_that_linger() {
     .await;
     // the server drains, the client ignores it: the deadline closes the connection and serve returns
     server.stop().await;
-    let mut buf = [0u8; 4096];
-    let closed = bounded("the lingering connection to be closed", async {
-        loop {
-            match raw.read(&mut buf).await {
-                Ok(0) | Err(_) => return true,
-                Ok(_) => continue,
-            }
-        }
-    })
-    .await;
-    assert!(closed);
+    closed_by_server(&mut raw, "the lingering connection to be closed").await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,7 +610,7 @@ async fn the_drain_deadline_closes_connections_that_linger() {
 // ---------------------------------------------------------------------------------------------
 
 async fn debug_server(access: meshfed::debug::DebugAccess) -> meshfed::app::App {
-    let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
+    let (mesh, initial) = support::demo::demo_events();
     let mut options = meshfed::app::Options::in_process(mesh, initial);
     options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access });
     meshfed::app::App::start(options).await.unwrap()
@@ -796,7 +754,7 @@ async fn a_real_envoy_gets_its_config_over_mtls_only() {
     // the same port refuses a plaintext client: no TLS, no stream
     let plain = tonic::transport::Endpoint::from_shared(format!("http://{}", meshfed.xds_address())).unwrap();
     let refused = match tokio::time::timeout(TIMEOUT, plain.connect()).await {
-        Ok(Ok(channel)) => Sotw::fetch(channel, &node).await.is_err(),
+        Ok(Ok(channel)) => fetch(channel, &node).await.is_err(),
         _ => true,
     };
     assert!(refused, "a plaintext client was served on the mTLS port");
@@ -810,14 +768,17 @@ async fn sigterm_drains_the_binary_and_exits() {
     let options = support::MeshfedOptions { args: vec!["--drain-timeout".into(), "3s".into()], ..Default::default() };
     let mut meshfed = support::start_meshfed_with(&mesh, &options).await.expect("meshfed");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", meshfed.xds_address())).unwrap();
-    let mut stream = Sotw::open(channel.connect_lazy()).await.unwrap();
-    stream.send(cds_request(Some(&format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local")))).await;
-    stream.next().await.unwrap();
+    let mut stream = open(channel.connect_lazy()).await.unwrap();
+    stream
+        .send(cds_request(Some(&format!("sidecar~127.{OCTET}.50.1~client-0.shop~shop.svc.cluster.local"))))
+        .await
+        .unwrap();
+    stream.recv().await.unwrap();
     let pid = meshfed.guard.id().expect("running");
     let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(status.success());
     // the stream is ended so that the proxy reconnects elsewhere, and meshfed exits cleanly
-    let err = stream.next().await.unwrap_err();
+    let err = refusal(stream.recv().await.unwrap_err());
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     let exit = meshfed.guard.wait_exit(TIMEOUT).unwrap();
     assert!(exit.success(), "meshfed exited with {exit}");

@@ -20,13 +20,13 @@
 
 use meshfed_testkit as support;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use support::ads::{Session, hold_subscription};
+use support::ads::{Flavor, Session, hold_subscription};
+use support::slices::SlicesFile;
 use support::{Meshfed, poll_until, start_meshfed};
 use tokio::time::Instant;
 
@@ -92,20 +92,14 @@ fn logged_errors(meshfed: &Meshfed) -> Vec<String> {
 }
 
 /// Rewrites aws-use1's EndpointSlices with endpoint `i` of `service` ready or not.
-fn flap(slices: &Path, original: &str, service: &str, i: usize, ready: bool) -> Result<()> {
-    let mut docs: Vec<serde_yaml::Value> = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(original) {
-        docs.push(serde::Deserialize::deserialize(doc)?);
-    }
-    let slice = docs
-        .iter_mut()
-        .find(|d| d["metadata"]["labels"]["kubernetes.io/service-name"].as_str() == Some(service))
-        .ok_or_else(|| anyhow!("no {service} slice"))?;
-    let n = slice["endpoints"].as_sequence().map(Vec::len).unwrap_or(0);
-    ensure!(n > 0, "{service} has no endpoints");
-    slice["endpoints"][i % n]["conditions"]["ready"] = ready.into();
-    let text = docs.iter().map(serde_yaml::to_string).collect::<Result<Vec<_>, _>>()?.join("---\n");
-    support::write_atomically(slices, &text)
+fn flap(slices: &SlicesFile, service: &str, i: usize, ready: bool) -> Result<()> {
+    slices.rewrite(|docs| {
+        let endpoints = docs.endpoints_mut(service)?;
+        let n = endpoints.len();
+        ensure!(n > 0, "{service} has no endpoints");
+        endpoints[i % n]["conditions"]["ready"] = ready.into();
+        Ok(())
+    })
 }
 
 #[derive(Default)]
@@ -119,23 +113,23 @@ struct Tally {
 
 /// Runs churn and client sessions until `until`. Every session connects, gets its first response,
 /// follows pushes for 1-3 s, and leaves.
-async fn load(meshfed: &Meshfed, slices: &Path, original: &str, until: Instant, tally: Arc<Tally>) {
+async fn load(meshfed: &Meshfed, slices: &SlicesFile, until: Instant, tally: Arc<Tally>) {
     let addr = meshfed.xds_address();
     let stop = Arc::new(AtomicBool::new(false));
     let churn = tokio::spawn({
-        let (slices, original, stop) = (slices.to_path_buf(), original.to_string(), stop.clone());
+        let (slices, stop) = (slices.clone(), stop.clone());
         async move {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let service = ["reviews", "ratings", "frontend"][n % 3];
-                if let Err(e) = flap(&slices, &original, service, n / 3, n.is_multiple_of(2)) {
+                if let Err(e) = flap(&slices, service, n / 3, n.is_multiple_of(2)) {
                     eprintln!("churn: {e:#}");
                 }
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(150)).await;
             }
             // back to the original state
-            let _ = support::write_atomically(&slices, &original);
+            let _ = slices.restore();
         }
     });
     let mut clients = Vec::new();
@@ -145,12 +139,12 @@ async fn load(meshfed: &Meshfed, slices: &Path, original: &str, until: Instant, 
             let mut round = 0u64;
             while Instant::now() < until {
                 let hold = Duration::from_millis(1000 + (c as u64 * 131 + round * 557) % 2000);
-                let delta = (c + round as usize) % 2 == 1;
+                let flavor = if (c + round as usize) % 2 == 1 { Flavor::Delta } else { Flavor::Sotw };
                 let pod = format!("soak-{c}-{round}");
                 let ns = if c % 5 == 0 { "istio-system" } else { "shop" };
                 let kind = if ns == "istio-system" { "router" } else { "sidecar" };
                 let node = format!("{kind}~127.{OCTET}.50.{}~{pod}.{ns}~{ns}.svc.cluster.local", c + 1);
-                match hold_subscription(addr, &node, delta, hold).await {
+                match hold_subscription(addr, &node, flavor, hold).await {
                     Ok(Session { responses, first_response }) => {
                         tally.responses.fetch_add(responses, Ordering::Relaxed);
                         tally.slowest_first_ms.fetch_max(first_response.as_millis() as u64, Ordering::Relaxed);
@@ -201,8 +195,7 @@ async fn quiesce(meshfed: &Meshfed, pid: u32) -> Result<AtRest> {
 async fn churn_and_reconnects_leave_no_residue() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = meshfed_testkit::server::copy_demo(dir.path(), OCTET);
-    let slices = dir.path().join("aws-use1/endpointslices.yaml");
-    let original = std::fs::read_to_string(&slices).unwrap();
+    let slices = SlicesFile::of_cluster(dir.path(), "aws-use1").unwrap();
     let meshfed = start_meshfed(&mesh).await.expect("meshfed");
     let pid = meshfed.guard.id().expect("running");
 
@@ -210,7 +203,7 @@ async fn churn_and_reconnects_leave_no_residue() {
     let start = quiesce(&meshfed, pid).await.expect("meshfed at rest after its start");
     // warm-up: the same load, briefly; then the memory baseline
     let warm = Arc::new(Tally::default());
-    load(&meshfed, &slices, &original, Instant::now() + WARMUP, warm.clone()).await;
+    load(&meshfed, &slices, Instant::now() + WARMUP, warm.clone()).await;
     let base = quiesce(&meshfed, pid).await.expect("meshfed settles after the warm-up");
     eprintln!(
         "baseline: RSS {} KiB, {} fds, {} tasks at start ({} warm-up sessions, {} errors, slowest first response {} ms)",
@@ -228,7 +221,7 @@ async fn churn_and_reconnects_leave_no_residue() {
     let mut peak_tasks = start.tasks;
     {
         let until = Instant::now() + duration;
-        let run = load(&meshfed, &slices, &original, until, tally.clone());
+        let run = load(&meshfed, &slices, until, tally.clone());
         tokio::pin!(run);
         loop {
             tokio::select! {

@@ -27,7 +27,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 use meshfed::bootstrap::parse_node_id;
-use meshfed::mesh_config::{ClusterSource, MeshConfig};
+use meshfed::mesh_config::MeshConfig;
 use meshfed::policy::DestinationRule;
 use meshfed::proxy::Proxy;
 use meshfed::push::PushHandle;
@@ -38,6 +38,10 @@ use meshfed::xds::codec::Response;
 use meshfed::xds::connections::{Connections, Flavor};
 use meshfed::xds::server::{ConnState, Limits};
 use meshfed::xds::stream::{Stream, StreamContext};
+
+use crate::ads::{Request, nack_status};
+use crate::demo::demo_events;
+use crate::fixtures::resource_name;
 
 /// Reads structure out of fuzz bytes; past the end every read gives zeros, so any input is complete.
 pub struct Input<'a> {
@@ -395,31 +399,6 @@ pub fn run_target(name: &str, data: &[u8], harness: &XdsHarness) -> Option<()> {
 // The xDS protocol state machine
 // ---------------------------------------------------------------------------------------------
 
-/// The demo topology in memory: its mesh config and one `Sync` event per cluster.
-pub fn demo_events() -> (MeshConfig, Vec<SourceEvent>) {
-    let base = Path::new("/meshfed-demo");
-    let mesh_text = meshfed::demo::DEMO_FILES
-        .iter()
-        .find(|(p, _)| *p == "mesh.yaml")
-        .map(|(_, t)| *t)
-        .expect("the demo has a mesh.yaml");
-    let mesh = MeshConfig::parse(mesh_text, base).expect("the demo's mesh config parses");
-    let mut events = Vec::new();
-    for c in &mesh.clusters {
-        let ClusterSource::Manifests(dir) = &c.source else { continue };
-        let mut objects = BTreeMap::new();
-        for (path, text) in meshfed::demo::DEMO_FILES {
-            let p = base.join(path);
-            if p.starts_with(dir) && (path.ends_with(".yaml") || path.ends_with(".yml")) {
-                let objs = topology::parse_manifests(text, &p).expect("the demo's manifests parse");
-                objects.extend(objs.into_iter().map(|o| (o.key(), o)));
-            }
-        }
-        events.push(SourceEvent::Sync { cluster: c.id.clone(), objects: objects.into_values().collect() });
-    }
-    (mesh, events)
-}
-
 /// meshfed's push loop on the demo, on a current-thread runtime, driving one in-process ADS stream per
 /// input. Built once per fuzzing process (it takes a few milliseconds per input after that).
 pub struct XdsHarness {
@@ -634,7 +613,7 @@ impl Seen {
                     if known {
                         assert_eq!(any.type_url, d.type_url, "a resource of another type in a response");
                     }
-                    if let Some(name) = resource_name(&any.type_url, &any.value) {
+                    if let Ok(Some(name)) = resource_name(&any.type_url, &any.value) {
                         names.push(name);
                     }
                 }
@@ -664,18 +643,6 @@ impl Seen {
                 self.names.push(name);
             }
         }
-    }
-}
-
-fn resource_name(type_url: &str, value: &[u8]) -> Option<String> {
-    use envoy_types::pb::envoy::config::{cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment};
-    use envoy_types::pb::envoy::config::{listener::v3::Listener, route::v3::RouteConfiguration};
-    match type_url {
-        meshfed::type_url::CLUSTER => Cluster::decode(value).ok().map(|c| c.name),
-        meshfed::type_url::ENDPOINT => ClusterLoadAssignment::decode(value).ok().map(|c| c.cluster_name),
-        meshfed::type_url::LISTENER => Listener::decode(value).ok().map(|l| l.name),
-        meshfed::type_url::ROUTE => RouteConfiguration::decode(value).ok().map(|r| r.name),
-        _ => None,
     }
 }
 
@@ -714,53 +681,49 @@ fn pick_node(input: &mut Input<'_>, first: bool) -> Option<Node> {
         1 => &[("CLUSTER_ID", "azure-weu"), ("GENERATOR", "grpc")],
         _ => &[("GENERATOR", "event")],
     };
-    Some(Node {
-        id: format!("{kind}~127.0.50.1~client-0.{ns}~{ns}.svc.cluster.local"),
-        metadata: Some(Struct {
-            fields: meta.iter().map(|(k, v)| (k.to_string(), meshfed::proxy::string_value(v))).collect(),
-        }),
-        ..Default::default()
-    })
+    Some(crate::fixtures::node(&format!("{kind}~127.0.50.1~client-0.{ns}~{ns}.svc.cluster.local"), meta, None))
 }
 
 fn pick_error(input: &mut Input<'_>) -> Option<RpcStatus> {
-    (input.below(5) == 0).then(|| RpcStatus { code: 3, message: input.string(16), details: Vec::new() })
+    (input.below(5) == 0).then(|| nack_status(input.string(16)))
 }
 
 fn sotw_request(input: &mut Input<'_>, seen: &Seen, first: bool) -> DiscoveryRequest {
     let n = input.below(4);
-    DiscoveryRequest {
+    Request {
         node: pick_node(input, first),
         type_url: input.pick(TYPE_URLS).to_string(),
-        version_info: if input.bool() { String::new() } else { input.string(16) },
-        resource_names: (0..n).map(|_| pick_name(input, seen)).collect(),
-        response_nonce: pick_nonce(input, seen),
-        error_detail: pick_error(input),
-        ..Default::default()
+        version: if input.bool() { String::new() } else { input.string(16) },
+        names: (0..n).map(|_| pick_name(input, seen)).collect(),
+        nonce: pick_nonce(input, seen),
+        error: pick_error(input),
+        ..Request::default()
     }
+    .sotw()
 }
 
 fn delta_request(input: &mut Input<'_>, seen: &Seen, first: bool) -> DeltaDiscoveryRequest {
     let (subs, unsubs, initial) = (input.below(4), input.below(3), input.below(4));
-    let mut initial_resource_versions = std::collections::HashMap::new();
+    let mut initial_versions = std::collections::HashMap::new();
     for _ in 0..initial {
         let name = pick_name(input, seen);
         let version = match seen.versions.get(&name) {
             Some(v) if input.bool() => v.clone(),
             _ => input.string(8),
         };
-        initial_resource_versions.insert(name, version);
+        initial_versions.insert(name, version);
     }
-    DeltaDiscoveryRequest {
+    Request {
         node: pick_node(input, first),
         type_url: input.pick(TYPE_URLS).to_string(),
-        resource_names_subscribe: (0..subs).map(|_| pick_name(input, seen)).collect(),
-        resource_names_unsubscribe: (0..unsubs).map(|_| pick_name(input, seen)).collect(),
-        initial_resource_versions,
-        response_nonce: pick_nonce(input, seen),
-        error_detail: pick_error(input),
-        ..Default::default()
+        names: (0..subs).map(|_| pick_name(input, seen)).collect(),
+        unsubscribe: (0..unsubs).map(|_| pick_name(input, seen)).collect(),
+        initial_versions,
+        nonce: pick_nonce(input, seen),
+        error: pick_error(input),
+        ..Request::default()
     }
+    .delta()
 }
 
 // ---------------------------------------------------------------------------------------------

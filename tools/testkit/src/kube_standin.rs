@@ -441,26 +441,16 @@ fn identify(object: &Value) -> Result<(ResourceDef, ObjKey), Error> {
 // ---- serving ----
 
 async fn serve(listener: TcpListener, inner: Arc<Inner>) {
-    // The connections live in this set: aborting the accept task drops (closes) them all.
-    let mut connections = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let inner = inner.clone();
-                connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(inner.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+    crate::http::accept_loop(listener, move |stream| {
+        let inner = inner.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| handle(inner.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
         }
-    }
+    })
+    .await
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {

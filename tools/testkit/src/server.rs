@@ -1,5 +1,5 @@
-//! An in-process meshfed (the application of [`meshfed::app`] serving ADS on a loopback port) and copies of
-//! the demo that tests can edit.
+//! An in-process meshfed: [`TestServer`], the application of [`meshfed::app`] serving ADS on a loopback port,
+//! fed source events by the test. (The demo's copies, also re-exported here, are in [`crate::demo`].)
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +11,8 @@ use meshfed::push::PushHandle;
 use meshfed::source::SourceEvent;
 use meshfed::xds::connections::Connections;
 use tokio::sync::mpsc;
+
+pub use crate::demo::{copy_demo, copy_demo_single_network, files_events, remap_loopback};
 
 /// meshfed's pipeline running in this process ([`meshfed::app::App`]), serving ADS on
 /// 127.0.0.1:<ephemeral> without limits.
@@ -44,7 +46,8 @@ impl TestServer {
         }
     }
 
-    /// Starts with the demo topology read from `dir` (see [`copy_demo`]).
+    /// Starts with the topology of the manifests directories of the mesh config at `mesh_path` (e.g. a
+    /// demo copied by [`copy_demo`]).
     pub async fn start_with_files(mesh_path: &Path) -> TestServer {
         let mesh = MeshConfig::load(mesh_path).expect("valid mesh config");
         TestServer::start(&mesh, files_events(&mesh)).await
@@ -54,49 +57,4 @@ impl TestServer {
     pub async fn wait_generation_after(&self, generation: u64) -> u64 {
         self.app.wait_generation_after(generation).await
     }
-}
-
-/// The initial state of every manifests directory of `mesh`, as the file source would send it.
-///
-/// # Panics
-/// When a cluster is not a manifests directory or a file does not parse.
-pub fn files_events(mesh: &MeshConfig) -> Vec<SourceEvent> {
-    let mut initial = Vec::new();
-    for c in &mesh.clusters {
-        let meshfed::mesh_config::ClusterSource::Manifests(dir) = &c.source else {
-            panic!("cluster {} is not a manifests directory", c.id);
-        };
-        let (objects, errors) = meshfed::source::files::load_cluster_dir(dir);
-        assert!(errors.is_empty(), "demo files must parse: {errors:?}");
-        initial.push(SourceEvent::Sync { cluster: c.id.clone(), objects });
-    }
-    initial
-}
-
-/// Copies the built-in demo into `dir`, replacing every loopback address `127.0.X.Y` by
-/// `127.<octet>.X.Y`, so that tests running at the same time use disjoint addresses. Returns the
-/// path of the copied mesh config.
-pub fn copy_demo(dir: &Path, octet: u8) -> std::path::PathBuf {
-    for (path, text) in meshfed::demo::DEMO_FILES {
-        let p = dir.join(path);
-        std::fs::create_dir_all(p.parent().expect("has parent")).expect("create demo dir");
-        std::fs::write(&p, remap_loopback(text, octet)).expect("write demo file");
-    }
-    dir.join("mesh.yaml")
-}
-
-/// Like [`copy_demo`], but with both clouds on one network (`aws-net`): every endpoint is reachable
-/// directly, without east-west gateways or mesh mTLS (tests that run plain backends use this).
-pub fn copy_demo_single_network(dir: &Path, octet: u8) -> std::path::PathBuf {
-    for (path, text) in meshfed::demo::DEMO_FILES {
-        let p = dir.join(path);
-        std::fs::create_dir_all(p.parent().expect("has parent")).expect("create demo dir");
-        std::fs::write(&p, remap_loopback(text, octet).replace("azure-net", "aws-net")).expect("write demo file");
-    }
-    dir.join("mesh.yaml")
-}
-
-/// Replaces `127.0.` by `127.<octet>.` in addresses.
-pub fn remap_loopback(text: &str, octet: u8) -> String {
-    text.replace("127.0.", &format!("127.{octet}."))
 }
