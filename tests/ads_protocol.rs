@@ -321,8 +321,8 @@ async fn sotw_request_with_stale_nonce_is_ignored() -> Result<()> {
     c.subscribe(type_url::ENDPOINT, &[REVIEWS]).await?;
     let first = c.recv_type(type_url::ENDPOINT).await?;
     assert_eq!(first.names(), set([REVIEWS]));
-    // Answer (with its nonce) while adding a name: a newer response follows.
-    c.subscribe(type_url::ENDPOINT, &[FRONTEND]).await?;
+    // ACK while adding a name: a newer response follows.
+    c.ack_subscribing(&first, &[FRONTEND]).await?;
     let second = c.recv_type(type_url::ENDPOINT).await?;
     assert!(second.names().contains(FRONTEND), "{:?}", second.names());
     assert_ne!(second.nonce, first.nonce);
@@ -336,7 +336,7 @@ async fn sotw_request_with_stale_nonce_is_ignored() -> Result<()> {
 
     // The same change with the latest nonce is answered, which also shows that the stale request did
     // not change the subscription (an unchanged list would draw no response).
-    c.subscribe(type_url::ENDPOINT, &[RATINGS_HTTP]).await?;
+    c.ack_subscribing(&second, &[RATINGS_HTTP]).await?;
     assert_eq!(c.subscribed(type_url::ENDPOINT), all);
     let third = c.recv_type(type_url::ENDPOINT).await?;
     assert!(third.names().contains(RATINGS_HTTP), "{:?}", third.names());

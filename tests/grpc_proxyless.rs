@@ -344,6 +344,7 @@ fn mark_not_ready(dir: &Path, addrs: &[&str]) {
         .edit(|docs| {
             for addr in addrs {
                 let endpoint = docs.endpoint_at_mut(addr.parse::<SocketAddr>()?.ip())?;
+                anyhow::ensure!(endpoint["conditions"]["ready"].as_bool() == Some(true), "{addr} is ready before");
                 endpoint["conditions"]["ready"] = false.into();
             }
             Ok(())

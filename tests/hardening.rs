@@ -87,11 +87,19 @@ async fn open(channel: Channel) -> Result<AdsClient, Error> {
 }
 
 /// Opens a stream and fetches the clusters as `node_id`: the first response or the refusal. (A refused
-/// stream may already be closed when the request is sent: its status comes with the response.)
+/// stream may already be closed when the request is sent: its status comes with the response.) Fails
+/// the test if either takes longer than [`TIMEOUT`]: a hanging server is neither a response nor a refusal.
 async fn fetch(channel: Channel, node_id: &str) -> Result<Response, Error> {
-    let mut s = open(channel).await?;
-    let _ = s.send(cds_request(Some(node_id))).await;
-    s.recv().await
+    let fetched = async {
+        let mut s = open(channel).await?;
+        let _ = s.send(cds_request(Some(node_id))).await;
+        s.recv().await
+    }
+    .await;
+    if let Err(e @ Error::Timeout { .. }) = &fetched {
+        panic!("fetching the clusters as {node_id}: {e}");
+    }
+    fetched
 }
 
 /// The status of a refused or failed stream.

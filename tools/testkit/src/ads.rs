@@ -656,7 +656,20 @@ impl AdsClient {
 
     /// ACKs `response`: what it carries is now held. SotW repeats the type's subscription.
     pub async fn ack(&mut self, response: &Response) -> Result<(), Error> {
+        self.ack_subscribing::<&str>(response, &[]).await
+    }
+
+    /// ACKs `response` and, in the same request, subscribes its type to `names` as well (as Envoy answers
+    /// a response while the subscription changes): SotW sends the whole list with the response's version
+    /// and nonce; Delta the ACK's nonce with `names` as `resource_names_subscribe`.
+    pub async fn ack_subscribing<S: AsRef<str>>(&mut self, response: &Response, names: &[S]) -> Result<(), Error> {
+        let names: Vec<String> = names.iter().map(|n| n.as_ref().to_string()).collect();
         let sub = self.subscriptions.entry(response.type_url.clone()).or_default();
+        for n in &names {
+            if !sub.names.contains(n) {
+                sub.names.push(n.clone());
+            }
+        }
         sub.accepted = response.version.clone();
         let request = match self.flavor {
             Flavor::Sotw => Request {
@@ -665,7 +678,7 @@ impl AdsClient {
                 nonce: response.nonce.clone(),
                 ..Request::new(&response.type_url)
             },
-            Flavor::Delta => Request { nonce: response.nonce.clone(), ..Request::new(&response.type_url) },
+            Flavor::Delta => Request { names, nonce: response.nonce.clone(), ..Request::new(&response.type_url) },
         };
         self.held.accept(response);
         self.send(request).await
