@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use meshfed::app::{App, DebugListener, Listen, Options, Sources, XdsListener};
-use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
+use meshfed::bootstrap::{self, BootstrapOptions};
 use meshfed::mesh_config::MeshConfig;
+use meshfed::proxy::InterceptionMode;
 use meshfed::xds::server::ServeOptions;
 use tracing::{error, info};
 
@@ -169,7 +170,7 @@ struct BootstrapArgs {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    meshfed::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
+    meshfed::duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
 }
 
 /// The debug server's protection when it is exposed (a token and/or TLS), checked before anything starts.

@@ -267,7 +267,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
             metadata: Some(Struct { fields: [("GENERATOR".to_string(), string_value("event"))].into_iter().collect() }),
             ..Default::default()
         }),
-        type_url: meshfed::config_dump::TYPE_DEBUG_SYNCZ.into(),
+        type_url: meshfed::type_url::TYPE_DEBUG_SYNCZ.into(),
         ..Default::default()
     };
     let mut debug = Sotw::open(pki.channel(server.addr, Some(&bank))).await.unwrap();
@@ -281,7 +281,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
 
     // config dumps carry no secrets: meshfed serves none, and the dump's SecretsConfigDump stays empty
     let conn = server.connections.find("client-0.shop").expect("shop's proxy is connected");
-    let dump = meshfed::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
+    let dump = meshfed::debug::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
     let secrets: Vec<_> = dump.configs.iter().filter(|a| a.type_url.ends_with("SecretsConfigDump")).collect();
     assert_eq!(secrets.len(), 1);
     use prost::Message as _;

@@ -191,7 +191,7 @@ pub struct IstioArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s or 500ms"))
+    crate::duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s or 500ms"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

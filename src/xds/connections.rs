@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::proxy::Proxy;
+use crate::proxy::{ClientKind, Proxy};
 use crate::translate::View;
 use crate::type_url::ResourceType;
 
@@ -51,6 +51,56 @@ pub struct TypeStatus {
     /// metric; None when the response answered a request rather than a change)
     #[serde(skip)]
     pub sent_change_seen: Option<Instant>,
+}
+
+/// A proxy's sync state for one type, as `istioctl proxy-status` computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum ConfigState {
+    #[serde(rename = "SYNCED")]
+    Synced,
+    #[serde(rename = "STALE")]
+    Stale,
+    #[serde(rename = "NOT SENT")]
+    NotSent,
+    #[serde(rename = "ERROR")]
+    Error,
+}
+
+impl ConfigState {
+    /// ERROR if the last response was NACKed, NOT SENT if nothing was sent, SYNCED if the latest
+    /// response was ACKed, else STALE.
+    pub fn of(s: &TypeStatus) -> ConfigState {
+        if s.last_error.is_some() {
+            ConfigState::Error
+        } else if s.sent_nonce.is_empty() {
+            ConfigState::NotSent
+        } else if s.acked_nonce == s.sent_nonce {
+            ConfigState::Synced
+        } else {
+            ConfigState::Stale
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfigState::Synced => "SYNCED",
+            ConfigState::Stale => "STALE",
+            ConfigState::NotSent => "NOT SENT",
+            ConfigState::Error => "ERROR",
+        }
+    }
+}
+
+impl TypeStatus {
+    /// The client ACKed `nonce`: recorded, and its last error cleared. Returns when the push loop first saw
+    /// the change the ACKed response carried, if it is the latest response and carried one (the change has
+    /// converged on this proxy; once per response).
+    pub fn ack(&mut self, nonce: &str) -> Option<Instant> {
+        let converged = if self.sent_nonce == nonce { self.sent_change_seen.take() } else { None };
+        self.acked_nonce = nonce.to_string();
+        self.last_error = None;
+        converged
+    }
 }
 
 /// One connected stream.
@@ -136,6 +186,34 @@ impl Connections {
     pub fn find(&self, key: &str) -> Option<Arc<Connection>> {
         self.inner.lock().ok()?.values().rev().find(|c| &*c.proxy.key == key).cloned()
     }
+
+    /// Proxies, not debug clients (istioctl) connected to ask questions.
+    pub fn proxies(&self) -> Vec<Arc<Connection>> {
+        self.list().into_iter().filter(|c| c.proxy.client != ClientKind::Debug).collect()
+    }
+
+    /// Connected proxies by kind and flavor (`sotw`, `delta`), debug clients not counted: every combination,
+    /// zeros included (the `pilot_xds` gauge).
+    pub fn proxy_counts(&self) -> Vec<(crate::proxy::ProxyKind, &'static str, usize)> {
+        let proxies = self.proxies();
+        let mut out = Vec::new();
+        for kind in [crate::proxy::ProxyKind::Sidecar, crate::proxy::ProxyKind::Router] {
+            for flavor in [Flavor::Sotw, Flavor::Delta] {
+                let n = proxies.iter().filter(|c| c.proxy.kind == kind && c.flavor == flavor).count();
+                out.push((kind, flavor.as_str(), n));
+            }
+        }
+        out
+    }
+
+    /// The connection of `proxy_id` (`POD.NS`, or a full node id).
+    pub fn find_proxy(&self, proxy_id: &str) -> Option<Arc<Connection>> {
+        if proxy_id.contains('~') {
+            self.list().into_iter().rev().find(|c| &*c.proxy.id == proxy_id)
+        } else {
+            self.find(proxy_id)
+        }
+    }
 }
 
 /// Removes the connection when the stream ends.
@@ -150,5 +228,35 @@ impl Drop for ConnectionGuard {
         if let Ok(mut m) = self.connections.inner.lock() {
             m.remove(&self.conn.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn convergence_ends_once_with_the_latest_response() {
+        let mut st =
+            TypeStatus { sent_nonce: "2".into(), sent_change_seen: Some(Instant::now()), ..Default::default() };
+        assert!(st.ack("1").is_none(), "an older nonce does not end the convergence");
+        assert!(st.sent_change_seen.is_some());
+        assert!(st.ack("2").is_some());
+        assert!(st.ack("2").is_none(), "observed once");
+        assert_eq!(st.acked_nonce, "2");
+    }
+
+    #[test]
+    fn states_follow_istioctl() {
+        let mut s = TypeStatus::default();
+        assert_eq!(ConfigState::of(&s), ConfigState::NotSent);
+        s.sent_nonce = "1".into();
+        assert_eq!(ConfigState::of(&s), ConfigState::Stale);
+        s.acked_nonce = "1".into();
+        assert_eq!(ConfigState::of(&s), ConfigState::Synced);
+        s.sent_nonce = "2".into();
+        assert_eq!(ConfigState::of(&s), ConfigState::Stale);
+        s.last_error = Some("bad".into());
+        assert_eq!(ConfigState::of(&s), ConfigState::Error);
     }
 }

@@ -28,18 +28,35 @@ pub enum Error {
     Listener(#[from] server::Error),
 }
 
+/// What the xDS streams answer to istioctl's debug types ([`crate::type_url::TYPE_DEBUG_SYNCZ`],
+/// [`crate::type_url::TYPE_DEBUG_CONFIG_DUMP`]). The debug surface implements it and the application hands
+/// it to [`AdsService::with_debug`]; the streams decide who may see what (a workload identity sees only its
+/// own namespace's proxies) and know nothing of how the answers are made.
+pub trait DebugTypes: Send + Sync + std::fmt::Debug {
+    /// The resources (name, body) answering `type_url` for the requested `names`; empty when there are none.
+    fn resources(&self, type_url: &str, names: &[String]) -> Vec<(String, envoy_types::pb::google::protobuf::Any)>;
+}
+
 /// The ADS gRPC service.
 #[derive(Clone, Debug)]
 pub struct AdsService {
     push: PushHandle,
     connections: Arc<Connections>,
+    /// answers istioctl's debug types (None: they get empty answers)
+    debug: Option<Arc<dyn DebugTypes>>,
     /// becomes true when the listener drains: every stream ends with UNAVAILABLE
     drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl AdsService {
     pub fn new(push: PushHandle, connections: Arc<Connections>) -> AdsService {
-        AdsService { push, connections, drain: None }
+        AdsService { push, connections, debug: None, drain: None }
+    }
+
+    /// The service answering istioctl's debug types with `debug`.
+    pub fn with_debug(mut self, debug: Arc<dyn DebugTypes>) -> AdsService {
+        self.debug = Some(debug);
+        self
     }
 
     /// The service as a listener runs it: with its drain signal.
@@ -58,7 +75,7 @@ impl AdsService {
             }
             None => None,
         };
-        Ok(stream::StreamContext { conn: conn.cloned(), slot, drain: self.drain.clone() })
+        Ok(stream::StreamContext { conn: conn.cloned(), slot, drain: self.drain.clone(), debug: self.debug.clone() })
     }
 
     pub fn connections(&self) -> &Arc<Connections> {

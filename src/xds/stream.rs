@@ -290,6 +290,8 @@ pub struct StreamContext {
     pub slot: Option<std::sync::Arc<super::server::StreamSlot>>,
     /// becomes true when the listener drains
     pub drain: Option<watch::Receiver<bool>>,
+    /// answers istioctl's debug types
+    pub debug: Option<Arc<dyn super::DebugTypes>>,
 }
 
 impl StreamContext {
@@ -332,7 +334,7 @@ impl StreamContext {
 /// The namespace of a proxy named `POD.NS` or by its full node id.
 fn proxy_namespace(name: &str) -> Option<String> {
     if name.contains('~') {
-        crate::bootstrap::parse_node_id(name).ok().map(|p| p.namespace)
+        crate::node_id::parse_node_id(name).ok().map(|p| p.namespace)
     } else {
         name.rsplit_once('.').map(|(_, ns)| ns.to_string())
     }
@@ -624,9 +626,9 @@ impl Stream {
         }
         if let Some(c) = self.conn() {
             c.update(t, |s| {
-                crate::metrics::global().record_ack(s, nonce);
-                s.acked_nonce = nonce.to_string();
-                s.last_error = None;
+                if let Some(seen) = s.ack(nonce) {
+                    crate::metrics::global().record_convergence(seen);
+                }
             });
         }
     }
@@ -665,8 +667,9 @@ impl Stream {
         let scope = self.context.debug_scope();
         let allowed = |name: &str| scope.is_none_or(|ns| proxy_namespace(name).as_deref() == Some(ns));
         let names: Vec<String> = names.iter().filter(|n| allowed(n)).cloned().collect();
-        let mut out = crate::config_dump::ads_debug_resources(type_url, &names, &self.connections, &self.push);
-        if type_url == crate::config_dump::TYPE_DEBUG_SYNCZ {
+        let Some(debug) = &self.context.debug else { return Vec::new() };
+        let mut out = debug.resources(type_url, &names);
+        if type_url == crate::type_url::TYPE_DEBUG_SYNCZ {
             out.retain(|(name, _)| allowed(name));
         }
         out
@@ -885,7 +888,7 @@ impl Stream {
         self.init(req.node.as_ref()).await?;
         let Some(t) = ResourceType::from_type_url(&req.type_url) else {
             // istioctl-style debug types are answered (once per request that is not an ACK)
-            if req.response_nonce.is_empty() && crate::config_dump::is_ads_debug_type(&req.type_url) {
+            if req.response_nonce.is_empty() && crate::type_url::is_debug_type(&req.type_url) {
                 let resources = self.debug_resources(&req.type_url, &req.resource_names_subscribe);
                 let raw = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
                     type_url: req.type_url.clone(),
