@@ -95,7 +95,7 @@ impl XdsListener {
     pub fn loopback_unlimited() -> XdsListener {
         XdsListener {
             listen: Listen::loopback(),
-            options: ServeOptions { limits: crate::xds::server::Limits::unlimited(), ..Default::default() },
+            options: ServeOptions { limits: crate::xds::limits::Limits::unlimited(), ..Default::default() },
         }
     }
 }

@@ -69,21 +69,21 @@ struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     tls_reload_interval: Duration,
     /// Largest xDS request accepted, in bytes; larger ones end their stream with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_MESSAGE_SIZE)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
     /// xDS connections served at once (per listener); streams of further connections get
     /// RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Concurrent streams per xDS connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: u32,
     /// Sustained xDS requests per second per connection; a request over it (and --max-request-burst)
     /// ends its stream with RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_RATE)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_RATE)]
     max_request_rate: u32,
     /// Requests a connection may send at once above --max-request-rate.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_BURST)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_BURST)]
     max_request_burst: u32,
     /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
@@ -228,7 +228,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let limits = meshfed::xds::server::Limits {
+    let limits = meshfed::xds::limits::Limits {
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
         max_streams_per_connection: args.max_streams_per_connection,

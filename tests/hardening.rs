@@ -22,7 +22,8 @@ use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
 use meshfed::proxy::string_value;
 use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
-use meshfed::xds::server::{Limits, ServeOptions, ServerStats, TlsOptions};
+use meshfed::xds::limits::{Limits, ServerStats};
+use meshfed::xds::server::{ServeOptions, TlsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -498,7 +499,7 @@ async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_u
 
 #[test]
 fn token_bucket_refills_at_its_rate() {
-    use meshfed::xds::server::TokenBucket;
+    use meshfed::xds::limits::TokenBucket;
     let mut b = TokenBucket::new(10, 3);
     let t0 = std::time::Instant::now();
     assert!(b.take(t0) && b.take(t0) && b.take(t0));

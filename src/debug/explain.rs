@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use serde::Serialize;
 
-use super::rfc3339;
+use super::time::rfc3339;
 use crate::cache::Snapshot;
 use crate::model::Locality;
 use crate::source::ClusterHealth;

@@ -36,7 +36,7 @@ use meshfed::tls::{PeerAuth, SpiffeId};
 use meshfed::topology::{self, TopologyObject};
 use meshfed::xds::codec::Response;
 use meshfed::xds::connections::{Connections, Flavor};
-use meshfed::xds::server::{ConnState, Limits};
+use meshfed::xds::limits::{ConnState, Limits};
 use meshfed::xds::stream::{Stream, StreamContext};
 
 /// Reads structure out of fuzz bytes; past the end every read gives zeros, so any input is complete.
