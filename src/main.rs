@@ -75,14 +75,16 @@ struct ServeArgs {
     /// RESOURCE_EXHAUSTED. 0: no limit.
     #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Concurrent streams per xDS connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
+    /// Concurrent streams per xDS connection, advertised as HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS and
+    /// enforced: one ADS stream per proxy, or beside istiod one EDS stream per federated service. 0: no limit.
     #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: u32,
-    /// Sustained xDS requests per second per connection; a request over it (and --max-request-burst)
-    /// ends its stream with RESOURCE_EXHAUSTED. 0: no limit.
+    /// Sustained xDS requests per second per stream of a connection (a connection with n streams may
+    /// send n times as many); a request over it (and --max-request-burst) ends its stream with
+    /// RESOURCE_EXHAUSTED. 0: no limit.
     #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_RATE)]
     max_request_rate: u32,
-    /// Requests a connection may send at once above --max-request-rate.
+    /// Requests per stream a connection may send at once above --max-request-rate.
     #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_BURST)]
     max_request_burst: u32,
     /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.

@@ -145,6 +145,9 @@ pub struct Metrics {
     pub xds_refused: Family<ReasonLabel, Counter>,
     /// `meshfed_tasks`: tasks alive on the runtime (set when scraped)
     pub tasks: Gauge,
+    /// `meshfed_xds_unknown_resources_total{type}`: names proxies subscribed to that meshfed does not
+    /// serve (beside istiod: an EnvoyFilter selecting a service meshfed does not know)
+    pub unknown_resources: Family<TypeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -194,6 +197,12 @@ impl Metrics {
         registry.register("meshfed_xds_bytes_sent", "Bytes of xDS responses sent, by type", bytes_sent.clone());
         let pushes = Counter::default();
         registry.register("meshfed_pushes", "Pushes of the push loop", pushes.clone());
+        let unknown_resources = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "meshfed_xds_unknown_resources",
+            "Resource names proxies subscribed to that meshfed does not serve, by type",
+            unknown_resources.clone(),
+        );
         let debounce_merged_events = Counter::default();
         registry.register(
             "meshfed_debounce_merged_events",
@@ -250,6 +259,7 @@ impl Metrics {
             services,
             xds_refused,
             tasks,
+            unknown_resources,
         }
     }
 
@@ -264,6 +274,11 @@ impl Metrics {
         c.pushes.inc();
         c.resources.inc_by(resources as u64);
         c.bytes.inc_by(bytes);
+    }
+
+    /// A proxy subscribed to `n` names of type `t` that meshfed does not serve.
+    pub fn record_unknown_resources(&self, t: ResourceType, n: usize) {
+        self.unknown_resources.get_or_create(&[("type", type_label(t))]).inc_by(n as u64);
     }
 
     /// A proxy NACKed a response of type `t`.

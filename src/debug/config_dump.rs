@@ -338,7 +338,7 @@ mod tests {
         let handle = pusher.handle_for(commands);
         let snapshot = handle.snapshot();
         let connections = Arc::new(Connections::default());
-        let guard = connections.register(proxy, Flavor::Sotw, view);
+        let guard = connections.register(proxy, Flavor::Sotw, crate::xds::connections::XdsService::Ads, view);
         for t in ResourceType::ALL {
             guard.conn.update(t, |s| {
                 s.subscribed = true;

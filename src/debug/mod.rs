@@ -139,6 +139,11 @@ pub fn syncz_entry(c: &Connection) -> Value {
     entry.insert("resources".into(), Value::Object(resources));
     entry.insert("node_id".into(), json!(&*p.id));
     entry.insert("flavor".into(), json!(c.flavor.as_str()));
+    // "ads": every type on one stream; "eds": beside istiod, only endpoints, one stream per cluster
+    entry.insert("service".into(), json!(c.service.as_str()));
+    if c.service != crate::xds::connections::XdsService::Ads {
+        entry.insert("streams".into(), json!(c.stream_status().len()));
+    }
     entry.insert("status".into(), Value::Object(states));
     entry.insert(
         "locality".into(),
@@ -395,6 +400,7 @@ async fn adsz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "proxy": &*c.proxy.id,
                 "key": &*c.proxy.key,
                 "flavor": c.flavor.as_str(),
+                "service": c.service.as_str(),
                 "kind": c.proxy.kind,
                 "client": c.proxy.client,
                 "clusterId": c.proxy.cluster_id,
@@ -402,6 +408,8 @@ async fn adsz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "locality": c.proxy.locality,
                 "connectedAt": rfc3339(c.connected_at),
                 "types": ResourceType::ALL.iter().zip(c.status()).map(|(t, st)| (t.short(), st)).collect::<BTreeMap<_, _>>(),
+                // per-type streams (beside istiod): one line per stream
+                "streams": c.stream_status().into_iter().map(|(id, st)| json!({"id": id, "status": st})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -434,9 +442,33 @@ async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Respons
 }
 
 /// Problems translation works around (failover without outlier detection, networks without a gateway,
-/// endpoints without mTLS, unresolved gateway hostnames, invalid DestinationRules).
+/// endpoints without mTLS, unresolved gateway hostnames, invalid DestinationRules), and resources proxies
+/// subscribe to that meshfed does not serve (`unknown-resource`: beside istiod, an EnvoyFilter that selects
+/// a service meshfed does not know).
 async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
-    json_out(&q, &*s.push.warnings())
+    let mut out: Vec<Value> = s.push.warnings().iter().map(|w| json!(w)).collect();
+    for c in s.connections.list() {
+        for (t, st) in ResourceType::ALL.iter().zip(c.status()) {
+            if st.missing.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = st.missing.iter().map(|n| &**n).collect();
+            out.push(json!({
+                "kind": "unknown-resource",
+                "subject": &*c.proxy.id,
+                "message": format!(
+                    "proxy {} subscribes to {} {} that meshfed does not serve: {}; they get the protocol's \
+                     answer for a resource that does not exist (is the service federated, is its EnvoyFilter \
+                     selecting the right hosts?)",
+                    c.proxy.id,
+                    names.len(),
+                    t.short(),
+                    names.join(", ")
+                ),
+            }));
+        }
+    }
+    json_out(&q, &out)
 }
 
 /// Serves the debug surface on `listener` until `shutdown` resolves.

@@ -17,9 +17,10 @@ use crate::type_url::ResourceType;
 impl Stream {
     pub(super) async fn on_delta_request(&mut self, req: DeltaDiscoveryRequest) -> StreamResult {
         self.init(req.node.as_ref()).await?;
-        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            // istioctl-style debug types are answered (once per request that is not an ACK)
-            if req.response_nonce.is_empty() && crate::type_url::is_debug_type(&req.type_url) {
+        let Some(t) = self.request_type(&req.type_url)? else {
+            // istioctl-style debug types are answered: the first request of the type on the stream,
+            // whatever nonce it carries (see the SotW side)
+            if crate::type_url::is_debug_type(&req.type_url) && self.first_of_other_type(&req.type_url) {
                 let resources = self.debug_resources(&req.type_url, &req.resource_names_subscribe);
                 let raw = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
                     type_url: req.type_url.clone(),
@@ -32,6 +33,7 @@ impl Stream {
                             ..Default::default()
                         })
                         .collect(),
+                    control_plane: Some(super::codec::control_plane_message()),
                     ..Default::default()
                 };
                 let bytes = prost::Message::encode_to_vec(&raw);
@@ -41,7 +43,7 @@ impl Stream {
             return Ok(());
         };
         let first = self.types[t.index()].is_none();
-        let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
+        let ts = self.types[t.index()].get_or_insert_with(|| Box::new(TypeState::new()));
         if !req.response_nonce.is_empty() {
             match ts.pending.iter().position(|(n, _)| *n == req.response_nonce) {
                 None => debug!(type_url = t.short(), nonce = %req.response_nonce, "unknown or stale nonce ignored"),
@@ -155,6 +157,17 @@ impl Stream {
             None => {
                 current.keys().for_each(|n| consider(n, ts));
                 ts.held.keys().filter(|n| !current.contains_key(*n)).for_each(|n| consider(n, ts));
+            }
+        }
+        // A name subscribed that meshfed does not serve (nor the client holds) is answered as the protocol
+        // answers a resource that does not exist: in `removed_resources`, so the client stops waiting for it
+        // (beside istiod: its cluster warms without endpoints instead of blocking the listeners for
+        // `initial_fetch_timeout`); never an invented empty resource.
+        if requested {
+            let absent = |n: &&Arc<str>| !current.contains_key(&***n) && !ts.held.contains_key(&***n);
+            match candidates {
+                Some(c) => removed.extend(c.iter().filter(absent).cloned()),
+                None => removed.extend(ts.names.iter().filter(absent).cloned()),
             }
         }
         // An empty answer is sent only to a stream's first request, so that its initial fetch completes.

@@ -19,7 +19,9 @@ pub const DEFAULT_ADMISSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Defaults of [`Limits`] (and of `meshfed serve`'s flags).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
-pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// One ADS stream per proxy standalone; beside istiod, one EDS stream per federated service per proxy, all
+/// on the proxy's one connection (and gRPC's HTTP/2 clients queue beyond the advertised limit).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1_000;
 pub const DEFAULT_REQUEST_RATE: u32 = 100;
 pub const DEFAULT_REQUEST_BURST: u32 = 1_000;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,9 +35,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 concurrent streams per connection
     pub max_streams_per_connection: u32,
-    /// sustained requests per second per connection
+    /// sustained requests per second per open stream of a connection (a connection's bucket scales with
+    /// its streams: beside istiod one proxy holds one EDS stream per federated service)
     pub request_rate: u32,
-    /// requests a connection may send at once above the sustained rate
+    /// requests per open stream a connection may send at once above the sustained rate
     pub request_burst: u32,
     /// how long a shutdown waits for connections to close
     pub drain_timeout: Duration,
@@ -108,11 +111,13 @@ pub struct ConnState {
     pub peer: PeerAuth,
     pub tls: bool,
     admitted: AtomicBool,
-    /// ADS streams open on this connection
+    /// xDS streams open on this connection
     streams: Arc<AtomicU32>,
     bucket: Option<Mutex<TokenBucket>>,
     pub(super) limits: Arc<Limits>,
     stats: Arc<ServerStats>,
+    /// the proxies of this connection's per-type streams
+    pub sessions: super::session::Sessions,
 }
 
 impl ConnState {
@@ -134,6 +139,7 @@ impl ConnState {
             bucket,
             limits,
             stats,
+            sessions: Default::default(),
         }
     }
 
@@ -163,7 +169,7 @@ impl ConnState {
         if !ok {
             self.count_refused_stream();
             return Err(tonic::Status::resource_exhausted(format!(
-                "meshfed: stream limit reached on this connection ({max} streams); one ADS stream per proxy is enough"
+                "meshfed: stream limit reached on this connection ({max} streams): one ADS stream per proxy, or one EDS stream per federated service (--max-streams-per-connection)"
             )));
         }
         Ok(StreamSlot(self.streams.clone()))
@@ -204,17 +210,19 @@ impl ConnState {
         self.admitted.load(Ordering::Acquire)
     }
 
-    /// Takes a token for one request: RESOURCE_EXHAUSTED when the connection is over its rate.
+    /// Takes a token for one request: RESOURCE_EXHAUSTED when the connection is over its rate (the rate
+    /// and burst per open stream, times its open streams).
     pub fn take_request_token(&self) -> Result<(), tonic::Status> {
         let Some(bucket) = &self.bucket else { return Ok(()) };
+        let streams = self.streams.load(Ordering::Acquire).max(1);
         let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
-        if b.take(Instant::now()) {
+        if b.take_scaled(Instant::now(), streams) {
             return Ok(());
         }
         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
         crate::metrics::global().record_refusal(Refusal::RequestRate);
         Err(tonic::Status::resource_exhausted(format!(
-            "meshfed: request rate limit exceeded on this connection ({} requests/s, burst {})",
+            "meshfed: request rate limit exceeded on this connection ({} requests/s and burst {} per stream)",
             self.limits.request_rate,
             self.limits.request_burst.max(1)
         )))
@@ -248,9 +256,16 @@ impl TokenBucket {
 
     /// Takes one token at time `now`, if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
+        self.take_scaled(now, 1)
+    }
+
+    /// Takes one token at time `now` from a bucket `scale` times as large and as fast (a connection's
+    /// bucket with `scale` open streams). A bucket that shrinks keeps at most its new size.
+    pub fn take_scaled(&mut self, now: Instant, scale: u32) -> bool {
+        let scale = f64::from(scale.max(1));
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now.max(self.last);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens = (self.tokens + elapsed * self.rate * scale).min(self.burst * scale);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true

@@ -11,6 +11,7 @@ mod delta;
 pub mod limits;
 pub mod server;
 pub mod service;
+pub mod session;
 mod sotw;
 pub mod stream;
 pub mod subscription;

@@ -1,11 +1,13 @@
 //! The xDS gRPC services a listener serves, and how each opens its streams: the aggregated
-//! `StreamAggregatedResources` (SotW) and `DeltaAggregatedResources` (Delta).
+//! `StreamAggregatedResources` (SotW) and `DeltaAggregatedResources` (Delta), and the per-type EDS
+//! service `StreamEndpoints` (SotW) and `DeltaEndpoints` (Delta) that Envoys configured by istiod call
+//! for the clusters an EnvoyFilter points at meshfed (one stream per cluster, all on one connection).
 
 use std::sync::Arc;
 
 use tonic::Status;
 
-use super::connections::{Connections, Flavor};
+use super::connections::{Connections, Flavor, XdsService};
 use super::context::{DebugTypes, StreamContext};
 use super::limits::ConnInfo;
 use super::stream::{Outbox, Stream};
@@ -15,6 +17,8 @@ use crate::push::PushHandle;
 pub const SERVICE_NAME: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const SOTW_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 const DELTA_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+const EDS_SOTW_PATH: &str = "/envoy.service.endpoint.v3.EndpointDiscoveryService/StreamEndpoints";
+const EDS_DELTA_PATH: &str = "/envoy.service.endpoint.v3.EndpointDiscoveryService/DeltaEndpoints";
 
 /// The ADS gRPC service.
 #[derive(Clone, Debug)]
@@ -75,7 +79,7 @@ pub struct AdsConnection {
 }
 
 impl grpc::Handler for AdsConnection {
-    /// Opens one ADS stream: refused (a trailers-only response) for an unknown method, over the
+    /// Opens one ADS or per-type EDS stream: refused (a trailers-only response) for an unknown method, over the
     /// connection's stream limit, or with a request compression meshfed does not speak; otherwise a
     /// [`Stream`] runs it.
     fn open(
@@ -84,9 +88,11 @@ impl grpc::Handler for AdsConnection {
         messages: grpc::Messages,
         responses: grpc::Responses,
     ) -> Result<grpc::StreamFuture, Status> {
-        let flavor = match head.path.as_str() {
-            SOTW_PATH => Flavor::Sotw,
-            DELTA_PATH => Flavor::Delta,
+        let (flavor, service) = match head.path.as_str() {
+            SOTW_PATH => (Flavor::Sotw, XdsService::Ads),
+            DELTA_PATH => (Flavor::Delta, XdsService::Ads),
+            EDS_SOTW_PATH => (Flavor::Sotw, XdsService::Endpoints),
+            EDS_DELTA_PATH => (Flavor::Delta, XdsService::Endpoints),
             _ => return Err(Status::unimplemented(format!("unknown method {}", head.path))),
         };
         if let Some(enc) = head.grpc_encoding.as_deref()
@@ -98,7 +104,8 @@ impl grpc::Handler for AdsConnection {
         let svc = &self.service;
         let stream =
             Stream::new(flavor, svc.push.clone(), svc.connections.clone(), Outbox::Grpc(responses), head.user_agent)
-                .with_context(context);
+                .with_context(context)
+                .for_service(service);
         Ok(Box::pin(stream.run(messages)))
     }
 }

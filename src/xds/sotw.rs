@@ -18,11 +18,12 @@ impl Stream {
     pub(super) async fn on_sotw_request(&mut self, request: SotwRequest) -> StreamResult {
         let req = &request.head;
         self.init(req.node.as_ref()).await?;
-        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
-            // Unknown types get an empty response, so the client is not left waiting. Only the initial
-            // request is answered: a request carrying a nonce ACKs (or NACKs) such a response, and
-            // answering it would start an endless ACK / response exchange.
-            if !req.response_nonce.is_empty() {
+        let Some(t) = self.request_type(&req.type_url)? else {
+            // Unknown types get an empty response, so the client is not left waiting. Only the first
+            // request of a type on the stream is answered, whatever nonce it carries (istioctl's client sets
+            // one on every request, the first included, as istiod allows): a later request ACKs (or NACKs)
+            // that response, and answering it would start an endless ACK / response exchange.
+            if !self.first_of_other_type(&req.type_url) {
                 return Ok(());
             }
             debug!(type_url = %req.type_url, "unknown type URL");
@@ -35,13 +36,14 @@ impl Stream {
                 type_url: req.type_url.clone(),
                 nonce,
                 resources,
+                control_plane: Some(super::codec::control_plane_message()),
                 ..Default::default()
             };
             let bytes = prost::Message::encode_to_vec(&raw);
             return self.out.send(Response::Raw(bytes.into())).await;
         };
         let first = self.types[t.index()].is_none();
-        let ts = self.types[t.index()].get_or_insert_with(TypeState::new);
+        let ts = self.types[t.index()].get_or_insert_with(|| Box::new(TypeState::new()));
         // A nonce on the first request of a type is from an earlier stream (a reconnect): the request is
         // an initial one. Otherwise only a request answering the latest response counts; every request
         // after that response carries its nonce, also after its ACK.

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -16,14 +17,15 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::codec::{Response, SotwRequest};
-use super::connections::{Connection, ConnectionGuard, Connections, Flavor};
+use super::connections::{Connection, Connections, Flavor, TypeStatus, XdsService};
 pub use super::context::{Outbox, StreamContext, StreamResult};
 use super::context::{drained, proxy_namespace, request_error};
+use super::session::{ProxySession, Sessions};
 use super::type_state::TypeState;
 use crate::cache::{Resources, Snapshot};
 use crate::grpc;
 use crate::proxy::Proxy;
-use crate::push::{Attachment, PushHandle};
+use crate::push::PushHandle;
 use crate::translate::View;
 use crate::type_url::ResourceType;
 
@@ -52,24 +54,34 @@ enum Warmth {
     Warm,
 }
 
+/// Type URLs that are not resource types a stream answers at most (istioctl asks for one or two).
+const MAX_OTHER_TYPES: usize = 8;
+
+/// Per-type streams get ids for their lines in their proxy's status.
+static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+
 pub struct Stream {
     pub(super) flavor: Flavor,
+    /// ADS (every type), or the per-type EDS service (ClusterLoadAssignments only)
+    pub(super) service: XdsService,
+    /// this stream's line in its proxy's status (per-type streams)
+    pub(super) id: u64,
     pub(super) push: PushHandle,
     pub(super) connections: Arc<Connections>,
     pub(super) out: Outbox,
     pub(super) user_agent: Option<String>,
-    pub(super) proxy: Option<Proxy>,
+    /// the proxy, once the first request identified it (shared by a proxy's per-type streams)
+    pub(super) session: Option<Arc<ProxySession>>,
+    /// the session's view when this stream last looked (read on every push)
     pub(super) view: Option<View>,
-    pub(super) conn: Option<ConnectionGuard>,
-    pub(super) _attachment: Option<Attachment>,
     pub(super) snapshots: watch::Receiver<Arc<Snapshot>>,
     pub(super) snapshot: Arc<Snapshot>,
-    pub(super) types: [Option<TypeState>; 4],
+    pub(super) types: [Option<Box<TypeState>>; 4],
     pub(super) nonce: u64,
-    /// the proxy's resolved network
-    pub(super) network: crate::model::NetworkId,
     /// the failoverPriority label keys the view was built with
     pub(super) label_keys: Arc<std::collections::BTreeSet<String>>,
+    /// type URLs that are not resource types (istioctl's debug types) this stream has answered
+    pub(super) other_types: Vec<Box<str>>,
     /// the connection (identity, limits) and the listener's drain signal
     pub(super) context: StreamContext,
     warmth: Warmth,
@@ -97,20 +109,20 @@ impl Stream {
         let snapshot = snapshots.borrow().clone();
         Stream {
             flavor,
+            service: XdsService::Ads,
+            id: 0,
             push,
             connections,
             out,
             user_agent,
-            proxy: None,
+            session: None,
             view: None,
-            conn: None,
-            _attachment: None,
             snapshots,
             snapshot,
             types: Default::default(),
             nonce: 0,
-            network: Default::default(),
             label_keys: Default::default(),
+            other_types: Vec::new(),
             context: StreamContext::default(),
             warmth: Warmth::Cold,
             pushed_from: 0,
@@ -123,8 +135,72 @@ impl Stream {
         self
     }
 
+    /// A stream of the per-type service `service` (EDS beside istiod): it serves that service's type
+    /// only, shares its proxy's session with the proxy's other streams on the connection, and does not
+    /// wait for a warming slot (its first response is one assignment).
+    pub fn for_service(mut self, service: XdsService) -> Stream {
+        self.service = service;
+        if service != XdsService::Ads {
+            self.id = NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed);
+            self.warmth = Warmth::Warm;
+        }
+        self
+    }
+
+    /// The proxy's entry in the connection status.
     pub(super) fn conn(&self) -> Option<&Arc<Connection>> {
-        self.conn.as_ref().map(|g| &g.conn)
+        self.session.as_ref().map(|s| s.entry())
+    }
+
+    pub(super) fn proxy(&self) -> Option<&Proxy> {
+        self.session.as_ref().map(|s| &s.proxy)
+    }
+
+    /// Updates this stream's status of type `t`: the ADS stream's line of its proxy, or this per-type
+    /// stream's own line.
+    pub(super) fn update_status(&self, t: ResourceType, f: impl FnOnce(&mut TypeStatus)) {
+        let Some(c) = self.conn() else { return };
+        match self.service {
+            XdsService::Ads => c.update(t, f),
+            _ => c.update_stream(self.id, f),
+        }
+    }
+
+    /// The resource type a request asks for: None for a type meshfed does not serve as a resource type
+    /// (istioctl's debug types, anything unknown: the caller answers those). A per-type stream serves its
+    /// type only (a request without a type URL asks for it); another type ends it with INVALID_ARGUMENT.
+    pub(super) fn request_type(&self, type_url: &str) -> Result<Option<ResourceType>, Status> {
+        let Some(only) = self.served_type() else { return Ok(ResourceType::from_type_url(type_url)) };
+        if type_url.is_empty() || type_url == only.type_url() {
+            return Ok(Some(only));
+        }
+        Err(Status::invalid_argument(format!(
+            "meshfed: this {} stream serves {} only, not {type_url:?}",
+            self.service.as_str(),
+            only.type_url()
+        )))
+    }
+
+    /// Whether a request of a type that is not a resource type is the first of its type on this stream
+    /// (then it is answered; later ones answer that response).
+    pub(super) fn first_of_other_type(&mut self, type_url: &str) -> bool {
+        if self.other_types.iter().any(|t| &**t == type_url) {
+            return false;
+        }
+        // bounded: a client cycling through made-up type URLs gets no more answers
+        if self.other_types.len() >= MAX_OTHER_TYPES {
+            return false;
+        }
+        self.other_types.push(type_url.into());
+        true
+    }
+
+    /// The type a per-type stream serves (None: ADS, every type).
+    pub(super) fn served_type(&self) -> Option<ResourceType> {
+        match self.service {
+            XdsService::Ads => None,
+            XdsService::Endpoints => Some(ResourceType::Endpoint),
+        }
     }
 
     pub(super) fn next_nonce(&mut self) -> String {
@@ -132,9 +208,26 @@ impl Stream {
         self.nonce.to_string()
     }
 
-    /// Identifies the proxy from the first request's node and attaches its view.
+    /// Identifies the proxy from the first request's node and attaches its view (a per-type stream joins
+    /// the session of its node on the connection, if another stream made one).
     pub(super) async fn init(&mut self, node: Option<&envoy_types::pb::envoy::config::core::v3::Node>) -> StreamResult {
-        if self.proxy.is_some() {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        let shared = match (self.service, node, self.context.conn.as_ref()) {
+            (XdsService::Endpoints, Some(node), Some(conn)) => Some((Sessions::key(node), conn.0.clone())),
+            _ => None,
+        };
+        if let Some((key, conn)) = &shared
+            && let Some(session) = conn.sessions.find(key)
+        {
+            self.context.check_identity(&session.proxy)?;
+            let (view, keys) = session.view();
+            self.view = Some(view);
+            self.label_keys = keys;
+            let attached = session.attached_snapshot();
+            self.session = Some(session);
+            self.take_snapshot(attached);
             return Ok(());
         }
         let proxy = Proxy::from_node(node, self.user_agent.as_deref()).map_err(|e| {
@@ -144,29 +237,19 @@ impl Stream {
         self.context.check_identity(&proxy).inspect_err(|status| {
             warn!(proxy = %proxy.id, reason = status.message(), "refusing xDS stream: identity");
         })?;
-        // The proxy's network: node metadata NETWORK, else its cluster's network.
-        let network = if proxy.network.is_empty() {
-            let snap = self.push.snapshot();
-            proxy
-                .cluster_id
-                .as_ref()
-                .and_then(|c| snap.clusters_summary.iter().find(|s| &s.id == c))
-                .map(|s| s.network.clone())
-                .unwrap_or_default()
-        } else {
-            proxy.network.clone()
+        let (session, attached) = ProxySession::attach(proxy, &self.push, &self.connections, self.flavor, self.service)
+            .await
+            .ok_or_else(|| Status::unavailable("server shutting down"))?;
+        let session = match shared {
+            Some((key, conn)) => conn.sessions.insert(key, session),
+            None => session,
         };
-        let label_keys = self.push.snapshot().priority_label_keys.clone();
-        let view = View::with_network(&proxy, network.clone(), &label_keys);
-        self.network = network;
-        self.label_keys = label_keys;
-        let (attachment, attached) =
-            self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
-        info!(proxy = %proxy.id, flavor = self.flavor.as_str(), client = ?proxy.client, "proxy connected");
-        self.conn = Some(self.connections.register(proxy.clone(), self.flavor, view.clone()));
-        self.proxy = Some(proxy);
+        let p = &session.proxy;
+        info!(proxy = %p.id, flavor = self.flavor.as_str(), service = self.service.as_str(), client = ?p.client, "proxy connected");
+        let (view, keys) = session.view();
         self.view = Some(view);
-        self._attachment = Some(attachment);
+        self.label_keys = keys;
+        self.session = Some(session);
         self.take_snapshot(attached);
         Ok(())
     }
@@ -253,8 +336,12 @@ impl Stream {
     }
 
     pub(super) async fn finish(mut self, result: StreamResult) {
-        if let Some(p) = &self.proxy {
-            info!(proxy = %p.id, flavor = self.flavor.as_str(), "proxy disconnected");
+        if let Some(session) = &self.session {
+            if self.service == XdsService::Ads {
+                info!(proxy = %session.proxy.id, flavor = self.flavor.as_str(), "proxy disconnected");
+            } else {
+                session.entry().remove_stream(self.id);
+            }
         }
         let status = result.err().unwrap_or_else(|| Status::ok(""));
         self.out.finish(status).await;
@@ -284,7 +371,7 @@ impl Stream {
         if let Some(c) = self.conn() {
             // a change seen after the proxy connected: its ACK ends a convergence (metrics)
             let seen = self.snapshot.changes.seen.filter(|seen| *seen >= c.connected);
-            c.update(t, |s| {
+            self.update_status(t, |s| {
                 s.sent_change_seen = seen;
                 s.sent_nonce = nonce.to_string();
                 s.sent_version = version.to_string();
@@ -305,37 +392,58 @@ impl Stream {
         if matches!(self.warmth, Warmth::Warming { .. }) && self.types.iter().flatten().all(|ts| ts.acked) {
             self.warmth = Warmth::Warm;
         }
-        if let Some(c) = self.conn() {
-            c.update(t, |s| {
-                if let Some(seen) = s.ack(nonce) {
-                    crate::metrics::global().record_convergence(seen);
-                }
-            });
-        }
+        self.update_status(t, |s| {
+            if let Some(seen) = s.ack(nonce) {
+                crate::metrics::global().record_convergence(seen);
+            }
+        });
     }
 
     pub(super) fn record_nack(&self, t: ResourceType, nonce: &str, message: &str) {
-        if let Some(p) = &self.proxy {
+        if let Some(p) = self.proxy() {
             warn!(proxy = %p.id, type_url = t.short(), nonce, error = message, "NACK");
         }
         crate::metrics::global().record_nack(t);
-        if let Some(c) = self.conn() {
-            c.update(t, |s| {
-                s.last_error = Some(message.to_string());
-                s.nacks += 1;
-            });
-        }
+        self.update_status(t, |s| {
+            s.last_error = Some(message.to_string());
+            s.nacks += 1;
+        });
     }
 
-    pub(super) fn update_subscription_status(&self, t: ResourceType) {
-        if let (Some(c), Some(ts)) = (self.conn(), &self.types[t.index()]) {
-            c.update(t, |s| {
-                s.subscribed = true;
-                s.wildcard = ts.wildcard;
-                s.subscribed_names = ts.names.len();
-                s.names = ts.names.clone();
-            });
+    /// Records a subscription change, and reports the names subscribed that meshfed does not serve (beside
+    /// istiod: an EnvoyFilter selecting a service meshfed does not know); they get no resource, as the
+    /// protocol says for resources that do not exist.
+    pub(super) fn update_subscription_status(&mut self, t: ResourceType) {
+        self.refresh_missing(t);
+        let Some(ts) = &self.types[t.index()] else { return };
+        let names = ts.names.clone();
+        let wildcard = ts.wildcard;
+        self.update_status(t, |s| {
+            s.subscribed = true;
+            s.wildcard = wildcard;
+            s.subscribed_names = names.len();
+            s.names = names;
+        });
+    }
+
+    /// Recomputes which subscribed names meshfed does not serve (at subscription changes, and at pushes
+    /// while some are missing: a service can appear later); names newly missing are logged and counted.
+    pub(super) fn refresh_missing(&mut self, t: ResourceType) {
+        let current = self.current(t);
+        let Some(ts) = self.types[t.index()].as_mut() else { return };
+        let missing: Vec<Arc<str>> = ts.names.iter().filter(|n| !current.contains_key(&***n)).cloned().collect();
+        if missing == ts.missing {
+            return;
         }
+        let new: Vec<&Arc<str>> = missing.iter().filter(|n| !ts.missing.contains(n)).collect();
+        if !new.is_empty() {
+            crate::metrics::global().record_unknown_resources(t, new.len());
+            if let Some(p) = self.session.as_ref().map(|s| &s.proxy) {
+                warn!(proxy = %p.id, type_url = t.short(), names = ?new, "subscribed to resources meshfed does not serve");
+            }
+        }
+        ts.missing = missing.clone();
+        self.update_status(t, |s| s.missing = missing);
     }
 
     /// The answer to an istioctl debug type, limited to the proxies the client may see
@@ -386,19 +494,19 @@ impl Stream {
         let changes = next.changes_since(from);
         // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
         if *next.priority_label_keys != *self.label_keys
-            && let Some(proxy) = &self.proxy
+            && let Some(session) = self.session.clone()
         {
-            let view = View::with_network(proxy, self.network.clone(), &next.priority_label_keys);
+            let (view, attached) = session
+                .view_for(&next.priority_label_keys, &self.push)
+                .await
+                .ok_or_else(|| Status::unavailable("server shutting down"))?;
             self.label_keys = next.priority_label_keys.clone();
             if self.view.as_ref() != Some(&view) {
-                let (attachment, attached) =
-                    self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
-                self._attachment = Some(attachment);
-                if let Some(c) = self.conn() {
-                    c.set_view(view.clone());
-                }
                 self.view = Some(view);
-                self.take_snapshot(attached);
+                match attached {
+                    Some(attached) => self.take_snapshot(attached),
+                    None => self.snapshot = next,
+                }
                 return self.push_all(None, from).await;
             }
         }
@@ -447,9 +555,22 @@ impl Stream {
                 }
                 None => None,
             };
+            // A stream subscribed to a few names (beside istiod: one EDS stream per cluster) looks at
+            // those of them that changed, not at every changed name. (Not for a client that holds its whole
+            // scope: checking every changed name is what keeps it marked so.)
+            let candidates = match candidates {
+                Some(c) if !ts.wildcard && ts.synced.is_none() && ts.names.len() < c.len() => {
+                    Some(std::borrow::Cow::Owned(ts.names.iter().filter(|n| c.contains(*n)).cloned().collect()))
+                }
+                c => c,
+            };
+            let missing = !ts.missing.is_empty();
             match self.flavor {
                 Flavor::Sotw => self.sotw_respond(t, candidates.as_deref(), false).await?,
                 Flavor::Delta => self.delta_respond(t, candidates.as_deref(), false).await?,
+            }
+            if missing {
+                self.refresh_missing(t);
             }
         }
         Ok(())

@@ -52,6 +52,8 @@ pub(super) struct TypeState {
     pub(super) names_fingerprint: u64,
     /// the client ACKed a response of this type
     pub(super) acked: bool,
+    /// names subscribed that meshfed does not serve (see `Stream::refresh_missing`)
+    pub(super) missing: Vec<Arc<str>>,
 }
 
 impl TypeState {
@@ -68,6 +70,7 @@ impl TypeState {
             last_nonce: None,
             names_fingerprint: 0,
             acked: false,
+            missing: Vec::new(),
         }
     }
 
