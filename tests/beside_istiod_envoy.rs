@@ -308,7 +308,10 @@ async fn expect_split(listener: SocketAddr, v1: SocketAddr, v2: SocketAddr) -> R
     let (a, b) = (counts.get(&v1).copied().unwrap_or(0), counts.get(&v2).copied().unwrap_or(0));
     ensure!(a + b == SPLIT_REQUESTS, "requests answered outside {v1} and {v2}: {counts:?}");
     let share = b as f64 * 100.0 / SPLIT_REQUESTS as f64;
-    ensure!((5.0..=15.0).contains(&share), "v2 got {share:.1}% of {SPLIT_REQUESTS} requests (10 ± 5 expected): {counts:?}");
+    ensure!(
+        (5.0..=15.0).contains(&share),
+        "v2 got {share:.1}% of {SPLIT_REQUESTS} requests (10 ± 5 expected): {counts:?}"
+    );
     Ok(())
 }
 
