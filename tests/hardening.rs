@@ -655,7 +655,7 @@ async fn the_drain_deadline_closes_connections_that_linger() {
 async fn debug_server(access: meshfed::debug::DebugAccess) -> meshfed::app::App {
     let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
     let mut options = meshfed::app::Options::in_process(mesh, initial);
-    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access });
+    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access, demo: false });
     meshfed::app::App::start(options).await.unwrap()
 }
 

@@ -266,6 +266,11 @@
         replace(body("proxies"), renderProxies(r[2]));
         replace(body("pushes"), renderPushes(r[3]));
         replace(body("warnings"), renderWarnings(r[4]));
+        // a meshfed serving its built-in demo says so on top of every page (a mis-mounted mesh config)
+        var demo = r[4].filter(function (w) { return w.kind === "built-in-demo"; })[0];
+        var banner = document.getElementById("demo-banner");
+        banner.hidden = !demo;
+        banner.textContent = demo ? demo.message : "";
         setLive(true, "live · generation " + r[3].generation + " · " + new Date().toLocaleTimeString());
         document.body.setAttribute("data-loaded", "1");
       }, function (e) {
