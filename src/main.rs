@@ -13,7 +13,7 @@ use meshfed::bootstrap::{self, BootstrapOptions};
 use meshfed::mesh_config::MeshConfig;
 use meshfed::proxy::InterceptionMode;
 use meshfed::xds::server::ServeOptions;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// jemalloc returns memory freed after connection bursts to the system (see `meshfed::heap`).
 #[cfg(feature = "jemalloc")]
@@ -68,6 +68,11 @@ struct ServeArgs {
     /// How often the TLS certificate and key files are checked for changes.
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     tls_reload_interval: Duration,
+    /// At start, how long to wait for the xDS TLS files (--xds-tls-cert, --xds-tls-key, --xds-client-ca)
+    /// to appear: istio-agent in meshfed's pod writes the mesh certificate shortly after it starts. 0: do
+    /// not wait. Files that exist but do not parse are an error at once.
+    #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
+    tls_wait: Duration,
     /// Largest xDS request accepted, in bytes; larger ones end their stream with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
@@ -214,14 +219,45 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// Waits until every one of `files` exists, at most `limit`, logging what it waits for.
+async fn wait_for_files(files: &[&std::path::Path], limit: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut logged = false;
+    loop {
+        let missing: Vec<&&std::path::Path> = files.iter().filter(|f| !f.exists()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "TLS file {} does not exist (waited {limit:?}, --tls-wait): is the mesh certificate volume mounted, \
+                 and does istio-agent write it (OUTPUT_CERTS)?",
+                missing[0].display()
+            );
+        }
+        if !logged {
+            warn!(file = %missing[0].display(), wait = ?limit, "waiting for the TLS files (istio-agent writes the mesh certificate)");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     if args.no_plaintext_xds && args.xds_tls_cert.is_none() {
         bail!("--no-plaintext-xds needs --xds-tls-cert and --xds-tls-key: there would be no xDS listener");
     }
     let access = debug_access(&args)?;
-    // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start
+    // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start; files
+    // not written yet are waited for (--tls-wait)
     let xds_tls_config = match (&args.xds_tls_cert, &args.xds_tls_key) {
         (Some(cert), Some(key)) => {
+            let files: Vec<&std::path::Path> =
+                [Some(cert.as_path()), Some(key.as_path()), args.xds_client_ca.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            wait_for_files(&files, args.tls_wait).await?;
             let cert = Arc::new(meshfed::tls::ReloadingCert::load(cert, key, meshfed::tls::provider())?);
             meshfed::tls::watch_files(cert.clone(), args.tls_reload_interval, "xds");
             let tls =

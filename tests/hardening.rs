@@ -771,9 +771,37 @@ fn serve_refuses_an_exposed_debug_server_without_protection() {
             missing.to_str().unwrap(),
             "--xds-tls-key",
             missing.to_str().unwrap(),
+            "--tls-wait",
+            "0s",
         ],
-        "cannot read",
+        "does not exist",
     );
+}
+
+/// The mesh certificate istio-agent writes shortly after meshfed's container starts: meshfed waits for it
+/// (--tls-wait) instead of exiting, then serves mTLS with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_the_mesh_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), 118);
+    let pki = Pki::new();
+    let later = dir.path().join("istio-output-certs");
+    let (cert, key) = (later.join("cert-chain.pem"), later.join("key.pem"));
+    let options = support::MeshfedOptions {
+        xds_tls: Some((cert.clone(), key.clone(), Some(pki.ca.root().to_path_buf()))),
+        ..Default::default()
+    };
+    let (server_cert, server_key) = (pki.server.cert.clone(), pki.server.key.clone());
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        std::fs::create_dir_all(&later).unwrap();
+        std::fs::copy(&server_key, &key).unwrap();
+        std::fs::copy(&server_cert, &cert).unwrap();
+    });
+    let meshfed = support::start_meshfed_with(&mesh, &options).await.expect("meshfed starts once the files exist");
+    writer.await.unwrap();
+    let log = meshfed.guard.stderr() + &meshfed.guard.stdout();
+    assert!(log.contains("waiting for the TLS files"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------
