@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use meshfed::app::{App, DebugListener, Listen, Options, Sources, XdsListener};
-use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
+use meshfed::bootstrap::{self, BootstrapOptions};
 use meshfed::mesh_config::MeshConfig;
+use meshfed::proxy::InterceptionMode;
 use meshfed::xds::server::ServeOptions;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// jemalloc returns memory freed after connection bursts to the system (see `meshfed::heap`).
 #[cfg(feature = "jemalloc")]
@@ -67,22 +68,29 @@ struct ServeArgs {
     /// How often the TLS certificate and key files are checked for changes.
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     tls_reload_interval: Duration,
+    /// At start, how long to wait for the xDS TLS files (--xds-tls-cert, --xds-tls-key, --xds-client-ca)
+    /// to appear: istio-agent in meshfed's pod writes the mesh certificate shortly after it starts. 0: do
+    /// not wait. Files that exist but do not parse are an error at once.
+    #[arg(long, default_value = "120s", value_parser = parse_duration_arg)]
+    tls_wait: Duration,
     /// Largest xDS request accepted, in bytes; larger ones end their stream with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_MESSAGE_SIZE)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
     /// xDS connections served at once (per listener); streams of further connections get
     /// RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Concurrent streams per xDS connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    /// Concurrent streams per xDS connection, advertised as HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS and
+    /// enforced: one ADS stream per proxy, or beside istiod one EDS stream per federated service. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: u32,
-    /// Sustained xDS requests per second per connection; a request over it (and --max-request-burst)
-    /// ends its stream with RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_RATE)]
+    /// Sustained xDS requests per second per stream of a connection (a connection with n streams may
+    /// send n times as many); a request over it (and --max-request-burst) ends its stream with
+    /// RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_RATE)]
     max_request_rate: u32,
-    /// Requests a connection may send at once above --max-request-rate.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_BURST)]
+    /// Requests per stream a connection may send at once above --max-request-rate.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_BURST)]
     max_request_burst: u32,
     /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
@@ -169,7 +177,7 @@ struct BootstrapArgs {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    meshfed::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
+    meshfed::duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
 }
 
 /// The debug server's protection when it is exposed (a token and/or TLS), checked before anything starts.
@@ -211,14 +219,45 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// Waits until every one of `files` exists, at most `limit`, logging what it waits for.
+async fn wait_for_files(files: &[&std::path::Path], limit: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut logged = false;
+    loop {
+        let missing: Vec<&&std::path::Path> = files.iter().filter(|f| !f.exists()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "TLS file {} does not exist (waited {limit:?}, --tls-wait): is the mesh certificate volume mounted, \
+                 and does istio-agent write it (OUTPUT_CERTS)?",
+                missing[0].display()
+            );
+        }
+        if !logged {
+            warn!(file = %missing[0].display(), wait = ?limit, "waiting for the TLS files (istio-agent writes the mesh certificate)");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     if args.no_plaintext_xds && args.xds_tls_cert.is_none() {
         bail!("--no-plaintext-xds needs --xds-tls-cert and --xds-tls-key: there would be no xDS listener");
     }
     let access = debug_access(&args)?;
-    // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start
+    // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start; files
+    // not written yet are waited for (--tls-wait)
     let xds_tls_config = match (&args.xds_tls_cert, &args.xds_tls_key) {
         (Some(cert), Some(key)) => {
+            let files: Vec<&std::path::Path> =
+                [Some(cert.as_path()), Some(key.as_path()), args.xds_client_ca.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            wait_for_files(&files, args.tls_wait).await?;
             let cert = Arc::new(meshfed::tls::ReloadingCert::load(cert, key, meshfed::tls::provider())?);
             meshfed::tls::watch_files(cert.clone(), args.tls_reload_interval, "xds");
             let tls =
@@ -227,7 +266,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let limits = meshfed::xds::server::Limits {
+    let limits = meshfed::xds::limits::Limits {
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
         max_streams_per_connection: args.max_streams_per_connection,
@@ -236,9 +275,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
         drain_timeout: args.drain_timeout,
         ..Default::default()
     };
+    let demo = args.mesh_config.is_none();
     let path = match args.mesh_config {
         Some(p) => p,
-        None => meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?,
+        None => {
+            let path = meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?;
+            tracing::warn!(
+                config = %path.display(),
+                "NO --mesh-config: SERVING THE BUILT-IN DEMO TOPOLOGY (two clouds on loopback addresses), not your \
+                 clusters. In production, mount the mesh config and pass --mesh-config (or MESHFED_MESH_CONFIG)"
+            );
+            path
+        }
     };
     let mesh = MeshConfig::load(&path)?;
     info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
@@ -257,7 +305,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         mesh,
         sources: Sources::Mesh { allow_exec_auth: args.allow_exec_auth },
         xds,
-        debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access }),
+        debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access, demo }),
         gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
     };
     let app = App::start(options).await?;

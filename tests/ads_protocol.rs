@@ -10,7 +10,7 @@
 //! the push loop) that proves the change in question was already published.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -38,16 +38,9 @@ const RATINGS_HTTP: &str = "outbound|9080||ratings.shop.svc.cluster.local";
 const RATINGS_GRPC: &str = "outbound|9091||ratings.shop.svc.cluster.local";
 const REVIEWS_API: &str = "reviews.shop.svc.cluster.local:9080";
 
-/// Polls `f` until it returns Some, failing the test after [`TIMEOUT`].
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {TIMEOUT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Polls `f` (in-process state) until it returns Some, failing the test after [`TIMEOUT`].
+async fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    meshfed_testkit::eventually(TIMEOUT, what, f).await
 }
 
 fn set<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {

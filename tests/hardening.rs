@@ -17,7 +17,8 @@ use bytes::BytesMut;
 use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
 use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
-use meshfed::xds::server::{Limits, ServeOptions, ServerStats, TlsOptions};
+use meshfed::xds::limits::{Limits, ServerStats};
+use meshfed::xds::server::{ServeOptions, TlsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -241,7 +242,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
     bank_stream.recv().await.unwrap();
     let syncz = |id: &'static str| Request {
         node: Some(support::fixtures::node(id, &[("GENERATOR", "event")], None)),
-        ..Request::new(meshfed::config_dump::TYPE_DEBUG_SYNCZ)
+        ..Request::new(meshfed::type_url::TYPE_DEBUG_SYNCZ)
     };
     let mut debug = open(pki.channel(server.addr, Some(&bank))).await.unwrap();
     debug.send(syncz("sidecar~127.0.50.3~istioctl.bank~bank.svc.cluster.local")).await.unwrap();
@@ -254,7 +255,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
 
     // config dumps carry no secrets: meshfed serves none, and the dump's SecretsConfigDump stays empty
     let conn = server.connections.find("client-0.shop").expect("shop's proxy is connected");
-    let dump = meshfed::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
+    let dump = meshfed::debug::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
     let secrets: Vec<_> = dump.configs.iter().filter(|a| a.type_url.ends_with("SecretsConfigDump")).collect();
     assert_eq!(secrets.len(), 1);
     use prost::Message as _;
@@ -470,7 +471,7 @@ async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_u
 
 #[test]
 fn token_bucket_refills_at_its_rate() {
-    use meshfed::xds::server::TokenBucket;
+    use meshfed::xds::limits::TokenBucket;
     let mut b = TokenBucket::new(10, 3);
     let t0 = std::time::Instant::now();
     assert!(b.take(t0) && b.take(t0) && b.take(t0));
@@ -620,7 +621,7 @@ async fn the_drain_deadline_closes_connections_that_linger() {
 async fn debug_server(access: meshfed::debug::DebugAccess) -> meshfed::app::App {
     let (mesh, initial) = support::demo::demo_events();
     let mut options = meshfed::app::Options::in_process(mesh, initial);
-    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access });
+    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access, demo: false });
     meshfed::app::App::start(options).await.unwrap()
 }
 
@@ -654,9 +655,23 @@ async fn the_debug_server_requires_its_bearer_token() {
     assert_eq!(get("/debug/config_dump?proxyID=a.b", Some("0123456789abcdef-test-toke")).await, 401);
     assert_eq!(get("/debug/syncz", Some(token)).await, 200);
     assert_eq!(get("/metrics", None).await, 401);
-    // the probes stay open
-    assert_eq!(get("/healthz", None).await, 200);
-    assert_eq!(get("/ready", None).await, 200);
+    // the probes stay open, and the web UI's static files (they hold no data; the page asks for the token)
+    for open in ["/healthz", "/ready", "/", "/ui/proxy", "/ui/app.js", "/ui/style.css", "/favicon.ico"] {
+        assert_eq!(get(open, None).await, 200, "{open}");
+    }
+    // the web UI's cookie carries the token as well as the Authorization header
+    let cookie_get = |path: &'static str, cookie: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = bounded("a debug response", tcp.read_to_end(&mut raw)).await;
+        String::from_utf8_lossy(&raw).split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0)
+    };
+    assert_eq!(cookie_get("/debug/syncz", "a=b; meshfed-debug-token=0123456789abcdef-test-token").await, 200);
+    assert_eq!(cookie_get("/metrics", "meshfed-debug-token=0123456789abcdef-test-token").await, 200);
+    assert_eq!(cookie_get("/debug/syncz", "meshfed-debug-token=wrong-token-0123456789").await, 401);
+    assert_eq!(cookie_get("/debug/syncz", "other-meshfed-debug-token=0123456789abcdef-test-token").await, 401);
 }
 
 #[tokio::test]
@@ -722,9 +737,37 @@ fn serve_refuses_an_exposed_debug_server_without_protection() {
             missing.to_str().unwrap(),
             "--xds-tls-key",
             missing.to_str().unwrap(),
+            "--tls-wait",
+            "0s",
         ],
-        "cannot read",
+        "does not exist",
     );
+}
+
+/// The mesh certificate istio-agent writes shortly after meshfed's container starts: meshfed waits for it
+/// (--tls-wait) instead of exiting, then serves mTLS with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_the_mesh_certificate_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = meshfed_testkit::server::copy_demo(dir.path(), 118);
+    let pki = Pki::new();
+    let later = dir.path().join("istio-output-certs");
+    let (cert, key) = (later.join("cert-chain.pem"), later.join("key.pem"));
+    let options = support::MeshfedOptions {
+        xds_tls: Some((cert.clone(), key.clone(), Some(pki.ca.root().to_path_buf()))),
+        ..Default::default()
+    };
+    let (server_cert, server_key) = (pki.server.cert.clone(), pki.server.key.clone());
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        std::fs::create_dir_all(&later).unwrap();
+        std::fs::copy(&server_key, &key).unwrap();
+        std::fs::copy(&server_cert, &cert).unwrap();
+    });
+    let meshfed = support::start_meshfed_with(&mesh, &options).await.expect("meshfed starts once the files exist");
+    writer.await.unwrap();
+    let log = meshfed.guard.stderr() + &meshfed.guard.stdout();
+    assert!(log.contains("waiting for the TLS files"), "{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

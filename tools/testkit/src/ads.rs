@@ -1,5 +1,6 @@
 //! The scripted ADS client of the tests: one [`AdsClient`] speaks SotW and Delta with one API, over
-//! loopback (plaintext, or any tonic `Channel`, e.g. TLS from [`crate::tls_client`]).
+//! loopback (plaintext, or any tonic `Channel`, e.g. TLS from [`crate::tls_client`]), on ADS or on the
+//! per-type EDS service ([`Service`]).
 //!
 //! - [`AdsClient::subscribe`] / [`AdsClient::unsubscribe`] change a type's subscription as Envoy does
 //!   (SotW: the whole list again, with the last accepted version and the latest nonce; Delta: the names
@@ -7,7 +8,8 @@
 //!   `initial_resource_versions`);
 //! - [`AdsClient::recv`] gives a flavor-neutral [`Response`] (type, version, nonce, resources by name with
 //!   their versions and bytes, removed names), checked for well-formedness;
-//! - [`AdsClient::ack`] / [`AdsClient::nack`] answer a response; what a client ACKs is what it holds
+//! - [`AdsClient::ack`] / [`AdsClient::nack`] answer a response ([`AdsClient::ack_subscribing`]: an ACK
+//!   that also subscribes to more names); what a client ACKs is what it holds
 //!   ([`Held`]), which [`AdsClient::holding`] carries to a new stream (a Delta reconnect);
 //! - [`AdsClient::send`] sends any [`Request`] as it is: the escape hatch for protocol edge cases (stale
 //!   nonces, missing nodes, raw fields).
@@ -25,7 +27,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType, cluster::DiscoveryType};
-use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter::ConfigType};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
@@ -34,6 +36,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use meshfed::type_url::{self, ResourceType};
@@ -179,6 +182,8 @@ pub struct Response {
     pub resources: Vec<Resource>,
     /// Delta `removed_resources` (always empty in SotW)
     pub removed: Vec<String>,
+    /// who answered (istioctl reads the identifier)
+    pub control_plane: Option<ControlPlane>,
 }
 
 impl Response {
@@ -197,7 +202,16 @@ impl Response {
             };
             resources.push(Resource { name, version: String::new(), body });
         }
-        Response::checked(Flavor::Sotw, r.type_url, r.version_info, r.nonce, resources, Vec::new())
+        let response = Response {
+            flavor: Flavor::Sotw,
+            type_url: r.type_url,
+            version: r.version_info,
+            nonce: r.nonce,
+            resources,
+            removed: Vec::new(),
+            control_plane: r.control_plane,
+        };
+        response.checked()
     }
 
     /// Reads (and checks) a Delta response.
@@ -219,21 +233,23 @@ impl Response {
             }
             resources.push(Resource { name: res.name, version: res.version, body });
         }
-        Response::checked(Flavor::Delta, r.type_url, r.system_version_info, r.nonce, resources, r.removed_resources)
+        let response = Response {
+            flavor: Flavor::Delta,
+            type_url: r.type_url,
+            version: r.system_version_info,
+            nonce: r.nonce,
+            resources,
+            removed: r.removed_resources,
+            control_plane: r.control_plane,
+        };
+        response.checked()
     }
 
-    fn checked(
-        flavor: Flavor,
-        type_url: String,
-        version: String,
-        nonce: String,
-        resources: Vec<Resource>,
-        removed: Vec<String>,
-    ) -> Result<Response, Error> {
-        if nonce.is_empty() {
-            return Err(malformed(&type_url, "no nonce".into()));
+    fn checked(self) -> Result<Response, Error> {
+        if self.nonce.is_empty() {
+            return Err(malformed(&self.type_url, "no nonce".into()));
         }
-        Ok(Response { flavor, type_url, version, nonce, resources, removed })
+        Ok(self)
     }
 
     /// The names of the resources sent.
@@ -425,6 +441,16 @@ fn dependent(type_url: &str) -> Option<&'static str> {
 // The client
 // ---------------------------------------------------------------------------------------------
 
+/// The gRPC service a stream is opened on: ADS (every type on one stream), or the per-type EDS service
+/// (`EndpointDiscoveryService`: `StreamEndpoints` and `DeltaEndpoints`) that Envoys configured by istiod
+/// call for the clusters an EnvoyFilter points at meshfed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Service {
+    #[default]
+    Aggregated,
+    Endpoints,
+}
+
 enum Requests {
     Sotw(mpsc::Sender<DiscoveryRequest>),
     Delta(mpsc::Sender<DeltaDiscoveryRequest>),
@@ -480,43 +506,79 @@ impl AdsClient {
         AdsClient::open(channel(addr).await?, flavor, Some(node)).await
     }
 
-    /// Opens a stream of `flavor` on `channel`; `node` goes with the first request (`None`: the requests
-    /// carry their own, or none).
+    /// Opens an ADS stream of `flavor` on `channel`; `node` goes with the first request (`None`: the
+    /// requests carry their own, or none).
     pub async fn open(channel: Channel, flavor: Flavor, node: Option<Node>) -> Result<AdsClient, Error> {
-        AdsClient::start(channel, flavor, node, None).await
+        AdsClient::start(channel, Service::Aggregated, flavor, node, None).await
     }
 
-    /// Opens a stream of `flavor` on `channel` with `first` queued before the call is made (the server may
-    /// refuse the stream on it: that status is the error).
+    /// Opens an ADS stream of `flavor` on `channel` with `first` queued before the call is made (the server
+    /// may refuse the stream on it: that status is the error).
     pub async fn open_with(channel: Channel, flavor: Flavor, first: Request) -> Result<AdsClient, Error> {
-        AdsClient::start(channel, flavor, None, Some(first)).await
+        AdsClient::start(channel, Service::Aggregated, flavor, None, Some(first)).await
+    }
+
+    /// [`AdsClient::open`] on `service`.
+    pub async fn open_service(
+        channel: Channel,
+        service: Service,
+        flavor: Flavor,
+        node: Option<Node>,
+    ) -> Result<AdsClient, Error> {
+        AdsClient::start(channel, service, flavor, node, None).await
+    }
+
+    /// [`AdsClient::open_with`] on `service`.
+    pub async fn open_service_with(
+        channel: Channel,
+        service: Service,
+        flavor: Flavor,
+        first: Request,
+    ) -> Result<AdsClient, Error> {
+        AdsClient::start(channel, service, flavor, None, Some(first)).await
     }
 
     async fn start(
         channel: Channel,
+        service: Service,
         flavor: Flavor,
         node: Option<Node>,
         first: Option<Request>,
     ) -> Result<AdsClient, Error> {
-        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        let ads = || AggregatedDiscoveryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
+        let eds = || EndpointDiscoveryServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE);
         let (requests, responses) = match flavor {
             Flavor::Sotw => {
                 let (tx, rx) = mpsc::channel(64);
                 if let Some(first) = first {
                     tx.send(first.sotw()).await.map_err(|_| Error::Closed)?;
                 }
-                let call = client.stream_aggregated_resources(ReceiverStream::new(rx));
-                let responses = bounded(TIMEOUT, "the SotW stream to open", call).await??.into_inner();
-                (Requests::Sotw(tx), Responses::Sotw(responses))
+                let rx = ReceiverStream::new(rx);
+                let opened = match service {
+                    Service::Aggregated => {
+                        bounded(TIMEOUT, "the SotW stream to open", ads().stream_aggregated_resources(rx)).await
+                    }
+                    Service::Endpoints => {
+                        bounded(TIMEOUT, "the SotW EDS stream to open", eds().stream_endpoints(rx)).await
+                    }
+                };
+                (Requests::Sotw(tx), Responses::Sotw(opened??.into_inner()))
             }
             Flavor::Delta => {
                 let (tx, rx) = mpsc::channel(64);
                 if let Some(first) = first {
                     tx.send(first.delta()).await.map_err(|_| Error::Closed)?;
                 }
-                let call = client.delta_aggregated_resources(ReceiverStream::new(rx));
-                let responses = bounded(TIMEOUT, "the Delta stream to open", call).await??.into_inner();
-                (Requests::Delta(tx), Responses::Delta(responses))
+                let rx = ReceiverStream::new(rx);
+                let opened = match service {
+                    Service::Aggregated => {
+                        bounded(TIMEOUT, "the Delta stream to open", ads().delta_aggregated_resources(rx)).await
+                    }
+                    Service::Endpoints => {
+                        bounded(TIMEOUT, "the Delta EDS stream to open", eds().delta_endpoints(rx)).await
+                    }
+                };
+                (Requests::Delta(tx), Responses::Delta(opened??.into_inner()))
             }
         };
         Ok(AdsClient {

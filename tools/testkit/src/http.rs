@@ -1,5 +1,5 @@
-//! HTTP/1.1 on loopback: [`http_get`], a tiny client (one request per connection, bounded by
-//! [`HTTP_TIMEOUT`]), and [`Backend`], an in-process server answering 200 with its own address (or a given
+//! HTTP/1.1 on loopback: [`http_get`] / [`http_get_with`], a tiny client (one request per connection,
+//! bounded by [`HTTP_TIMEOUT`]), and [`Backend`], an in-process server answering 200 with its own address (or a given
 //! reply) as the body, counting what it answered.
 
 use std::net::SocketAddr;
@@ -23,10 +23,22 @@ pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, 
         .with_context(|| format!("GET http://{addr}{path} (Host {host})"))
 }
 
+/// [`http_get`] with more header lines (`extra`: complete lines, each ending in CRLF).
+pub async fn http_get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Result<(u16, String)> {
+    tokio::time::timeout(HTTP_TIMEOUT, http_get_unbounded_with(addr, host, path, extra))
+        .await
+        .map_err(|_| anyhow!("GET http://{addr}{path} (Host {host}): no complete response within {HTTP_TIMEOUT:?}"))?
+        .with_context(|| format!("GET http://{addr}{path} (Host {host})"))
+}
+
 async fn http_get_unbounded(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    http_get_unbounded_with(addr, host, path, "").await
+}
+
+async fn http_get_unbounded_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;
     let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshfed-test\r\nConnection: close\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshfed-test\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::net::TcpStream;
 
-use crate::http::{HTTP_TIMEOUT, http_get};
+use crate::http::{HTTP_TIMEOUT, http_get_with};
 use crate::process::{ChildGuard, POLL_INTERVAL, START_TIMEOUT, free_port};
 
 /// The meshfed binary Cargo built beside this test binary (`target/<profile>/meshfed`; Cargo builds a
@@ -34,6 +34,8 @@ pub struct Meshfed {
     pub xds_port: u16,
     pub debug_port: u16,
     pub guard: ChildGuard,
+    /// the debug token the requests of [`Meshfed::debug_get`] carry ([`MeshfedOptions::debug_token`])
+    pub debug_token: Option<String>,
 }
 
 impl Meshfed {
@@ -45,9 +47,10 @@ impl Meshfed {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.debug_port))
     }
 
-    /// GET on the debug server: (status, body).
+    /// GET on the debug server (with the debug token, if any): (status, body).
     pub async fn debug_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.debug_address(), "127.0.0.1", path).await
+        let auth = self.debug_token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n"));
+        http_get_with(self.debug_address(), "127.0.0.1", path, auth.as_deref().unwrap_or("")).await
     }
 
     /// GET on the debug server, parsed as JSON; fails on a status other than 200.
@@ -101,6 +104,8 @@ pub struct MeshfedOptions {
     pub xds_tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// more arguments for `meshfed serve`
     pub args: Vec<String>,
+    /// require this debug token (`--debug-token-file`); [`Meshfed::debug_get`] presents it
+    pub debug_token: Option<String>,
 }
 
 /// [`start_meshfed`] with options (fixed ports, TLS, more flags).
@@ -136,8 +141,14 @@ pub async fn start_meshfed_with(mesh_path: &Path, options: &MeshfedOptions) -> R
             .args(&options.args)
             .env("RUST_LOG", log)
             .env("NO_COLOR", "1");
-        let guard = ChildGuard::spawn("meshfed", &mut cmd)?;
-        let mut meshfed = Meshfed { xds_port, debug_port, guard };
+        let dir = tempfile::Builder::new().prefix("meshfed-test-").tempdir()?;
+        if let Some(token) = &options.debug_token {
+            let file = dir.path().join("debug-token");
+            std::fs::write(&file, token)?;
+            cmd.arg("--debug-token-file").arg(file);
+        }
+        let guard = ChildGuard::spawn_in(dir, "meshfed", &mut cmd)?;
+        let mut meshfed = Meshfed { xds_port, debug_port, guard, debug_token: options.debug_token.clone() };
         let deadline = Instant::now() + START_TIMEOUT;
         let outcome: Result<()> = loop {
             if let Some(status) = meshfed.guard.try_exited() {

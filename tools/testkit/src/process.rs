@@ -1,6 +1,6 @@
 //! Child processes and the small things every process test needs: [`ChildGuard`] (a child killed and
 //! reaped when dropped, its logs printed when a test fails), [`run_command`], loopback ports and
-//! addresses, bounded polling ([`wait_until`] / [`poll_until`]) and atomic file writes.
+//! addresses, bounded polling ([`wait_until`] / [`poll_until`] / [`eventually`]) and atomic file writes.
 //!
 //! Everything here is bounded: every wait has a timeout, every child process is killed (and reaped) when
 //! its guard is dropped, also when a test panics. The runners built on it: [`crate::meshfed`] (`meshfed
@@ -228,6 +228,19 @@ where
             return Err(error.context(format!("still failing after {:?} ({attempts} attempts)", start.elapsed())));
         }
         tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Checks `f` every 10 ms (it reads in-process state, cheaply) until it returns `Some` (-> that value);
+/// fails the test (panics, naming `what`) after `timeout`.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
