@@ -375,7 +375,8 @@ async fn unsubscribe_stops_updates(flavor: Flavor) -> Result<()> {
 }
 
 flavor_tests!(
-    unsubscribe_stops_updates => sotw_empty_resource_list_unsubscribes_named_eds, delta_unsubscribe_stops_updates -> Result<()>
+    unsubscribe_stops_updates
+        => sotw_empty_resource_list_unsubscribes_named_eds, delta_unsubscribe_stops_updates -> Result<()>
 );
 
 // ---------------------------------------------------------------------------------------------

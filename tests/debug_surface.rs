@@ -11,7 +11,8 @@
 //! - the web UI in headless Chromium (`tests/ui/ui_test.mjs`, playwright-core), with screenshots in
 //!   `tests/artifacts/`.
 //!
-//! Needs `.venv` (Envoy, xds-protos, prometheus-client), Node.js with `tests/ui/node_modules`, and
+//! Needs `.venv` or `$MESHFED_ENVOY` and `$MESHFED_PYTHON` (Envoy; Python with xds-protos and
+//! prometheus-client), Node.js with `tests/ui/node_modules`, and
 //! `/usr/bin/chromium`, all installed by `scripts/test-all.sh`; anything missing fails the test (never
 //! skips). Each test uses its own loopback octet (see `meshfed_testkit::server::copy_demo`).
 
@@ -59,16 +60,9 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `.venv/bin/python` (with xds-protos and prometheus-client); fails the test if missing.
-fn python() -> PathBuf {
-    let p = crate_dir().join(".venv/bin/python");
-    assert!(p.is_file(), "{} is missing: run scripts/test-all.sh (it sets up .venv)", p.display());
-    p
-}
-
 /// Runs `tests/python/<script> <file>` and parses its stdout as JSON.
 fn run_python(script: &str, file: &Path) -> Result<Value> {
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(support::python_path());
     cmd.arg(crate_dir().join("tests/python").join(script)).arg(file);
     let out = support::run_command(script, &mut cmd)?;
     serde_json::from_str(&out).with_context(|| format!("{script}: not JSON: {out}"))
@@ -237,7 +231,7 @@ fn strings(v: &Value) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_dumps_of_a_sidecar_and_a_gateway_parse_strictly() {
     support::envoy_path();
-    python();
+    support::python_path(); // (with xds-protos and prometheus-client)
     let setup = Setup::start(81).await;
     let xds_port = setup.meshfed.xds_port;
     let sidecar_id = "sidecar~127.81.50.1~client-0.shop~shop.svc.cluster.local";
@@ -325,7 +319,7 @@ fn total(metrics: &Value, family: &str, suffix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syncz_follows_acks_and_nacks_and_metrics_count_them() {
-    python();
+    support::python_path(); // (with xds-protos and prometheus-client)
     let setup = Setup::start(82).await;
 
     // Connected, but nothing sent: a named RDS subscription to a route that does not exist.

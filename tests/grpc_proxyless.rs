@@ -2,9 +2,9 @@
 //! LDS api_listener -> RDS -> CDS -> EDS, then locality failover driven by EDS priorities.
 //!
 //! The Python interpreter is `$MESHFED_PYTHON`, else `<crate>/.venv/bin/python`, with the packages of
-//! `tests/python/requirements.txt` (the README's setup installs them). A missing interpreter fails the
-//! test: it never skips silently. Set `GRPC_TRACE=xds_client,xds_resolver GRPC_VERBOSITY=debug` to get
-//! gRPC's xDS trace in the failure messages.
+//! `tests/python/requirements.txt` (the README's setup installs them; see `meshfed_testkit::python_path`).
+//! A missing interpreter fails the test: it never skips silently. Set `GRPC_TRACE=xds_client,xds_resolver
+//! GRPC_VERBOSITY=debug` to get gRPC's xDS trace in the failure messages.
 //!
 //! Addresses: everything lives on 127.71.0.0/16 (octet 71 is reserved for this test): meshfed's xDS
 //! and debug servers on 127.71.0.1, the demo's ratings endpoints on 127.71.{1,2,3,4}.{31,32}:9091.
@@ -29,20 +29,6 @@ const RPCS: usize = 20;
 const ZONE_A: [&str; 2] = ["127.71.1.31:9091", "127.71.1.32:9091"];
 const ZONE_B: [&str; 2] = ["127.71.2.31:9091", "127.71.2.32:9091"];
 const WEU: [&str; 4] = ["127.71.3.31:9091", "127.71.3.32:9091", "127.71.4.31:9091", "127.71.4.32:9091"];
-
-fn python() -> PathBuf {
-    let (path, origin) = match std::env::var_os("MESHFED_PYTHON") {
-        Some(p) => (PathBuf::from(p), "$MESHFED_PYTHON"),
-        None => (PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"), "the default location"),
-    };
-    assert!(
-        path.is_file(),
-        "Python not found at {} ({origin}): run the setup in README.md (it creates .venv and runs \
-         `.venv/bin/pip install -r tests/python/requirements.txt`), or set MESHFED_PYTHON",
-        path.display()
-    );
-    path
-}
 
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(name)
@@ -224,7 +210,7 @@ impl Meshfed {
 
 /// Backends for `addrs`, one process (one gRPC server per address); ready when this returns.
 fn backends(addrs: &[&str]) -> Proc {
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(meshfed_testkit::python_path());
     cmd.arg(script("backend.py")).args(addrs);
     let p = Proc::spawn(&format!("backends {addrs:?}"), cmd);
     let line = p.line();
@@ -254,7 +240,7 @@ fn bootstrap(xds: SocketAddr) -> String {
 }
 
 fn client(xds: SocketAddr, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(python());
+    let mut cmd = Command::new(meshfed_testkit::python_path());
     cmd.arg(script("xds_client.py"))
         .arg(TARGET)
         .args(args)
@@ -354,7 +340,7 @@ fn mark_not_ready(dir: &Path, addrs: &[&str]) {
 
 #[test]
 fn grpc_client_follows_locality_priorities() {
-    python(); // fail first, and clearly, without the Python side
+    meshfed_testkit::python_path(); // fail first, and clearly, without the Python side
     let dir = tempfile::tempdir().expect("temp dir");
     let mesh_config = meshfed_testkit::server::copy_demo_single_network(dir.path(), OCTET);
     let mf = Meshfed::start(&mesh_config);

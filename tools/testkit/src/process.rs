@@ -32,6 +32,22 @@ pub fn workspace_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("the workspace directory")
 }
 
+/// The Python interpreter with the packages of `tests/python/requirements.txt`: `$MESHFED_PYTHON`, else
+/// `<workspace>/.venv/bin/python`. A missing interpreter fails the test (it never skips).
+pub fn python_path() -> PathBuf {
+    let (path, origin) = match std::env::var_os("MESHFED_PYTHON") {
+        Some(p) => (PathBuf::from(p), "$MESHFED_PYTHON"),
+        None => (workspace_dir().join(".venv/bin/python"), "the default location"),
+    };
+    assert!(
+        path.is_file(),
+        "Python not found at {} ({origin}): run the setup in README.md or scripts/test-all.sh (they create \
+         .venv and install tests/python/requirements.txt into it), or set MESHFED_PYTHON",
+        path.display()
+    );
+    path
+}
+
 /// A TCP port that was free on 127.0.0.1 a moment ago (the kernel picks it; it is released at once, so
 /// a process started next can bind it). Callers that can retry on a bind error should do so.
 pub fn free_port() -> u16 {
