@@ -222,6 +222,7 @@ fn input(case: &Case) -> (Context, EndpointScope, Service) {
         cluster_id: None,
         labels: vec![("version".into(), "v1".into())],
         tls: if case.proxy_kind == ProxyKind::Router { TlsSupport::None } else { case.proxy_tls },
+        rules: Default::default(),
     };
     (ctx, scope, service)
 }

@@ -361,7 +361,7 @@ impl Plan {
 /// istiod's: locality weighting (where meshfed's CDS sets it), and outlier detection when it comes from the
 /// mesh config's defaults rather than from a DestinationRule (which istiod renders itself).
 fn port_extras(ctx: &translate::Context, service: &Service, port: &ServicePort) -> Result<MergeExtras, Error> {
-    let scope = ClusterScope { kind: ProxyKind::Sidecar, tls: TlsSupport::None };
+    let scope = ClusterScope { kind: ProxyKind::Sidecar, tls: TlsSupport::None, rules: Default::default() };
     let cluster = translate::cluster::outbound_cluster(ctx, &scope, service, port);
     let common = cluster.common_lb_config.as_ref();
     let locality_weighted = matches!(

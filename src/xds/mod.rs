@@ -105,7 +105,6 @@ impl grpc::Handler for AdsConnection {
             svc.push.clone(),
             svc.connections.clone(),
             stream::Outbox::Grpc(responses),
-            head.user_agent,
         )
         .with_context(context);
         Ok(Box::pin(stream.run(messages)))

@@ -261,7 +261,6 @@ pub struct Stream {
     push: PushHandle,
     connections: Arc<Connections>,
     out: Outbox,
-    user_agent: Option<String>,
     proxy: Option<Proxy>,
     view: Option<View>,
     conn: Option<ConnectionGuard>,
@@ -272,8 +271,9 @@ pub struct Stream {
     nonce: u64,
     /// the proxy's resolved network
     network: crate::model::NetworkId,
-    /// the failoverPriority label keys the view was built with
-    label_keys: Arc<std::collections::BTreeSet<String>>,
+    /// the view keys (failoverPriority labels, DestinationRule namespaces and selectors) the view was
+    /// built with
+    label_keys: Arc<crate::translate::ViewKeys>,
     /// the connection (identity, limits) and the listener's drain signal
     context: StreamContext,
     warmth: Warmth,
@@ -414,7 +414,6 @@ impl Stream {
         push: PushHandle,
         connections: Arc<Connections>,
         out: Outbox,
-        user_agent: Option<String>,
     ) -> Stream {
         let snapshots = push.subscribe();
         let snapshot = snapshots.borrow().clone();
@@ -423,7 +422,6 @@ impl Stream {
             push,
             connections,
             out,
-            user_agent,
             proxy: None,
             view: None,
             conn: None,
@@ -460,7 +458,7 @@ impl Stream {
         if self.proxy.is_some() {
             return Ok(());
         }
-        let proxy = Proxy::from_node(node, self.user_agent.as_deref()).map_err(|e| {
+        let proxy = Proxy::from_node(node).map_err(|e| {
             warn!(error = %e, "refusing xDS stream");
             Status::invalid_argument(e.to_string())
         })?;
@@ -479,7 +477,7 @@ impl Stream {
         } else {
             proxy.network.clone()
         };
-        let label_keys = self.push.snapshot().priority_label_keys.clone();
+        let label_keys = self.push.snapshot().view_keys.clone();
         let view = View::with_network(&proxy, network.clone(), &label_keys);
         self.network = network;
         self.label_keys = label_keys;
@@ -1062,12 +1060,13 @@ impl Stream {
         // only what they changed
         let from = self.snapshot.generation;
         let changes = next.changes_since(from);
-        // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
-        if *next.priority_label_keys != *self.label_keys
+        // failoverPriority rules now read other labels, or DestinationRules make other namespaces or
+        // labels matter: this proxy's view may change.
+        if *next.view_keys != *self.label_keys
             && let Some(proxy) = &self.proxy
         {
-            let view = View::with_network(proxy, self.network.clone(), &next.priority_label_keys);
-            self.label_keys = next.priority_label_keys.clone();
+            let view = View::with_network(proxy, self.network.clone(), &next.view_keys);
+            self.label_keys = next.view_keys.clone();
             if self.view.as_ref() != Some(&view) {
                 let (attachment, attached) =
                     self.push.attach(view.clone()).await.ok_or_else(|| Status::unavailable("server shutting down"))?;
