@@ -416,8 +416,10 @@ impl HostRules {
 /// The first step that finds rules for the host (the exact host, else the longest wildcard) decides:
 /// among its rules, one with a `workloadSelector` matching the client (in the client's namespace), else
 /// the one without a selector, else none. Rules of one namespace for one host are merged
-/// ([`ConsolidatedRule`]) when their `exportTo` and `workloadSelector` are the same; the oldest rule's
-/// policy wins (istiod orders rules with a selector first, then by creation time, name, namespace).
+/// ([`ConsolidatedRule`]) when their `exportTo` and `workloadSelector` are the same; a rule without a
+/// selector is also merged into a rule with one of the same `exportTo` (the selected proxies get its
+/// subsets too) and stays a rule of its own (for the others). The oldest rule's policy wins (istiod
+/// orders rules with a selector first, then by creation time, name, namespace).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleIndex {
     rules: Arc<Vec<Arc<DestinationRule>>>,
@@ -627,8 +629,15 @@ fn merge(
 ) {
     let mut separately = true;
     for m in rules.iter_mut() {
+        let (new, old) = (rule.workload_selector.as_ref(), m.rule.workload_selector.as_ref());
+        let both_with = new.is_some() && old.is_some();
+        let both_without = new.is_none() && old.is_none();
+        let selectors_match = new.cloned().unwrap_or_default() == old.cloned().unwrap_or_default();
         if *export == m.export_to {
-            separately = false;
+            // one with a selector and one without: merged, and also a rule of its own (else the rule
+            // without a selector would not reach the proxies the other does not select: istio/istio#58322,
+            // fixed in istiod's enhanced merge)
+            separately = !(both_without || (both_with && selectors_match));
         } else if !m.export_to.is_empty() && export.is_superset(&m.export_to) {
             // merged, and also a rule of its own
             separately = true;
@@ -636,10 +645,6 @@ fn merge(
             separately = true;
             continue;
         }
-        let (new, old) = (rule.workload_selector.as_ref(), m.rule.workload_selector.as_ref());
-        let both_with = new.is_some() && old.is_some();
-        let both_without = new.is_none() && old.is_none();
-        let selectors_match = new.cloned().unwrap_or_default() == old.cloned().unwrap_or_default();
         if both_with && !selectors_match {
             separately = true;
             continue;
@@ -1631,6 +1636,21 @@ spec:
         assert_eq!(seen(&i, Some("frontend"), &["frontend/canary"]), Some(5));
         assert_eq!(seen(&i, Some("frontend"), &[]), None);
         assert_eq!(seen(&i, None, &[]), Some(1));
+        // a selector rule and a catch-all, both private to the namespace: the catch-all is merged into the
+        // selector rule (its subsets reach the selected proxies) and also applies to the other proxies
+        let canary = "  exportTo: [\".\"]\n  workloadSelector: {matchLabels: {app: canary}}\n  subsets:\n  - name: canary\n    labels: {version: v2}\n";
+        let all = "  exportTo: [\".\"]\n  subsets:\n  - name: v1\n    labels: {version: v1}\n";
+        let mut sel = (*dr("frontend", "canary", REVIEWS, canary, 5)).clone();
+        sel.traffic_policy = None;
+        let i = index(vec![dr("frontend", "all", REVIEWS, all, 3), Arc::new(sel)]);
+        let selected = i.rule_for(Some("frontend"), &[Arc::from("frontend/canary")], "shop", REVIEWS).unwrap();
+        assert_eq!(&*selected.id, "frontend/canary");
+        let names: Vec<&str> = selected.subsets.iter().map(|s| &*s.name).collect();
+        assert_eq!(names, ["canary", "v1"]);
+        assert_eq!(seen(&i, Some("frontend"), &["frontend/canary"]), Some(3), "the catch-all's policy, as it has none");
+        let unselected = i.rule_for(Some("frontend"), &[], "shop", REVIEWS).unwrap();
+        assert_eq!(&*unselected.id, "frontend/all", "the catch-all is not swallowed by the selector rule");
+        assert_eq!(unselected.subsets.len(), 1);
     }
 
     #[test]
