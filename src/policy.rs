@@ -105,11 +105,15 @@ impl TrafficPolicy {
     /// (they replace the top level as a whole), else the top level; and whether they were port-level.
     pub fn at_port(&self, port: u16) -> (PolicyAt<'_>, bool) {
         match self.port_level.iter().find(|p| p.port == port) {
-            Some(p) => {
-                (PolicyAt { load_balancer: p.load_balancer.as_ref(), outlier_detection: p.outlier_detection.as_ref() }, true)
-            }
+            Some(p) => (
+                PolicyAt { load_balancer: p.load_balancer.as_ref(), outlier_detection: p.outlier_detection.as_ref() },
+                true,
+            ),
             None => (
-                PolicyAt { load_balancer: self.load_balancer.as_ref(), outlier_detection: self.outlier_detection.as_ref() },
+                PolicyAt {
+                    load_balancer: self.load_balancer.as_ref(),
+                    outlier_detection: self.outlier_detection.as_ref(),
+                },
                 false,
             ),
         }
@@ -320,6 +324,9 @@ pub fn resolve<'a>(
 
 // ---------------- lookup: consolidation and precedence, as istiod ----------------
 
+/// The DestinationRules with a workloadSelector, by namespace: (`namespace/name`, matchLabels).
+pub type WorkloadSelectors = BTreeMap<Arc<str>, Vec<(Arc<str>, BTreeMap<String, String>)>>;
+
 /// One or more DestinationRules for the same host, merged as istiod merges them
 /// (`mergeDestinationRule`): the first rule's identity, its traffic policy or else the first later
 /// rule's that has one, and every rule's subsets (the first of a name wins).
@@ -356,7 +363,9 @@ impl ConsolidatedRule {
     /// Is it visible to clients in `namespace` from another namespace's exported rules (None: a
     /// namespace no rule names)?
     fn exported_to(&self, namespace: Option<&str>) -> bool {
-        self.export_to.is_empty() || self.export_to.contains("*") || namespace.is_some_and(|n| self.export_to.contains(n))
+        self.export_to.is_empty()
+            || self.export_to.contains("*")
+            || namespace.is_some_and(|n| self.export_to.contains(n))
     }
 
     /// Do two rules translate the same (identity, policy, subsets)?
@@ -430,7 +439,7 @@ pub struct RuleIndex {
     /// namespaces whose clients may find other rules than a namespace no rule mentions
     candidates: BTreeSet<Arc<str>>,
     /// rules with a workloadSelector by namespace: (`namespace/name`, matchLabels)
-    workload_selectors: BTreeMap<Arc<str>, Vec<(Arc<str>, BTreeMap<String, String>)>>,
+    workload_selectors: WorkloadSelectors,
     /// subsets dropped when rules were merged: (rule `namespace/name`, what happened)
     duplicate_subsets: BTreeSet<(Arc<str>, String)>,
 }
@@ -463,7 +472,7 @@ impl RuleIndex {
         let mut root_local = PoolBuilder::new();
         let mut duplicate_subsets = BTreeSet::new();
         let mut candidates: BTreeSet<Arc<str>> = BTreeSet::new();
-        let mut workload_selectors: BTreeMap<Arc<str>, Vec<(Arc<str>, BTreeMap<String, String>)>> = BTreeMap::new();
+        let mut workload_selectors: WorkloadSelectors = BTreeMap::new();
         for rule in sorted {
             let ns = &rule.namespace;
             let host = rule.fqdn_host(domain_suffix);
@@ -522,7 +531,7 @@ impl RuleIndex {
     }
 
     /// The rules with a workloadSelector, by namespace: (`namespace/name`, matchLabels).
-    pub fn workload_selectors(&self) -> &BTreeMap<Arc<str>, Vec<(Arc<str>, BTreeMap<String, String>)>> {
+    pub fn workload_selectors(&self) -> &WorkloadSelectors {
         &self.workload_selectors
     }
 
@@ -734,7 +743,7 @@ fn prune(value: &mut serde_yaml::Value, shape: &Shape, path: &str, out: &mut Vec
                     None => {
                         let name = match key.as_str() {
                             Some(k) => k.to_string(),
-                            None => serde_yaml::to_string(&*key).map(|s| s.trim_end().to_string()).unwrap_or_default(),
+                            None => serde_yaml::to_string(key).map(|s| s.trim_end().to_string()).unwrap_or_default(),
                         };
                         out.push(format!("{path}.{name}"));
                         removed.push(key.clone());
@@ -1101,7 +1110,9 @@ fn export_to(ctx: &Ctx<'_>, namespace: &str, entries: &[String], selector: bool)
         return Err(ctx.err("spec.exportTo", "* (everywhere) cannot be combined with other entries"));
     }
     if selector && !seen.is_empty() && (seen.len() > 1 || !seen.contains(namespace)) {
-        return Err(ctx.err("spec.exportTo", "a rule with a workloadSelector can only be exported to its own namespace"));
+        return Err(
+            ctx.err("spec.exportTo", "a rule with a workloadSelector can only be exported to its own namespace")
+        );
     }
     Ok(())
 }
@@ -1402,9 +1413,8 @@ spec:
         assert!(e.reason.contains("label value"), "{e}");
         let e = err("  host: r\n  subsets:\n  - name: v1\n    labels: {version: 1}\n");
         assert!(e.field.starts_with("spec.subsets[0].labels"), "{e}");
-        let e = err(
-            "  host: r\n  subsets:\n  - name: v1\n    trafficPolicy:\n      outlierDetection: {interval: later}\n",
-        );
+        let e =
+            err("  host: r\n  subsets:\n  - name: v1\n    trafficPolicy:\n      outlierDetection: {interval: later}\n");
         assert_eq!(e.field, "spec.subsets[0].trafficPolicy.outlierDetection.interval");
 
         let e = err("  host: r\n  exportTo: [\"Not A Namespace\"]\n");
@@ -1491,10 +1501,8 @@ spec:
 
     #[test]
     fn mesh_defaults_fill_what_rule_and_subset_leave_unset() {
-        let defaults = MeshDefaults {
-            outlier_detection: Some(od(1)),
-            locality_lb: lb("westeurope").locality_lb.unwrap(),
-        };
+        let defaults =
+            MeshDefaults { outlier_detection: Some(od(1)), locality_lb: lb("westeurope").locality_lb.unwrap() };
         let r = Arc::new(rule(
             "  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy:\n      loadBalancer:\n        localityLbSetting:\n          failover: [{from: us-east-1, to: ap-south-1}]\n",
         ));
@@ -1579,14 +1587,18 @@ spec:
             dr("shop", "shop", "*.shop.svc.cluster.local", "", 3),
         ]);
         assert_eq!(seen(&i, None, &[]), Some(3));
-        let i = index(vec![dr("shop", "exact", "reviews", "", 4), dr("shop", "shop", "*.shop.svc.cluster.local", "", 3)]);
+        let i =
+            index(vec![dr("shop", "exact", "reviews", "", 4), dr("shop", "shop", "*.shop.svc.cluster.local", "", 3)]);
         assert_eq!(seen(&i, None, &[]), Some(4));
         assert_eq!(index(vec![dr("shop", "x", "ratings", "", 1)]).rule_for(None, &[], "shop", REVIEWS), None);
     }
 
     #[test]
     fn export_to_limits_who_sees_a_rule() {
-        let i = index(vec![dr("shop", "private", "reviews", "  exportTo: [\".\"]\n", 1), dr("istio-system", "root", REVIEWS, "", 2)]);
+        let i = index(vec![
+            dr("shop", "private", "reviews", "  exportTo: [\".\"]\n", 1),
+            dr("istio-system", "root", REVIEWS, "", 2),
+        ]);
         assert_eq!(seen(&i, Some("shop"), &[]), Some(1), "its own namespace sees it");
         assert_eq!(seen(&i, Some("frontend"), &[]), Some(2), "others fall through to the root namespace");
         assert_eq!(seen(&i, None, &[]), Some(2));
@@ -1706,7 +1718,8 @@ spec:
         let i = index(vec![dr("shop", "r", "reviews", "  exportTo: [\".\"]\n", 1)]);
         assert_eq!(i.namespaces_that_differ(services), BTreeSet::from([Arc::from("shop")]));
         // a rule in a client namespace, and one exported to a named namespace
-        let i = index(vec![dr("frontend", "mine", REVIEWS, "", 1), dr("shop", "r", "reviews", "  exportTo: [bank]\n", 2)]);
+        let i =
+            index(vec![dr("frontend", "mine", REVIEWS, "", 1), dr("shop", "r", "reviews", "  exportTo: [bank]\n", 2)]);
         assert_eq!(i.namespaces_that_differ(services), BTreeSet::from([Arc::from("bank"), Arc::from("frontend")]));
         // ... unless no service is concerned
         assert!(i.namespaces_that_differ([("shop", "ratings.shop.svc.cluster.local")]).is_empty());
@@ -1721,7 +1734,10 @@ spec:
     #[test]
     fn resolve_looks_up_for_the_services_namespace() {
         let defaults = MeshDefaults { outlier_detection: Some(od(1)), ..Default::default() };
-        let rules = [(*dr("shop", "wild", "*.shop.svc.cluster.local", "", 2)).clone(), (*dr("other", "exact", REVIEWS, "", 3)).clone()];
+        let rules = [
+            (*dr("shop", "wild", "*.shop.svc.cluster.local", "", 2)).clone(),
+            (*dr("other", "exact", REVIEWS, "", 3)).clone(),
+        ];
         // the service's namespace is searched before the root namespace; `other` is neither
         let p = resolve(&rules, REVIEWS, "shop", 9080, &defaults, SUFFIX);
         assert_eq!(p.outlier_detection, Some(od(2)));

@@ -284,7 +284,6 @@ fn check_assignment(
     cla: &ClusterLoadAssignment,
     member: &dyn Fn(&Endpoint) -> bool,
 ) -> Result<(), TestCaseError> {
-
     // weights > 0
     for l in &cla.endpoints {
         let w = l.load_balancing_weight.as_ref().map(|w| w.value);

@@ -7,9 +7,10 @@
 //!   certificates (`default`, `ROOTCA` from Istio's agent over `sds-grpc`), meshfed's certificate checked
 //!   for its SPIFFE identity ([`envoy_filter::meshfed_cluster`]);
 //! - **MERGE** into each selected service port's outbound clusters (`match.cluster: {service,
-//!   portNumber}`: the port's cluster and its subset clusters, see [`merge`]) an EDS config source of
-//!   their own: `api_config_source` on `meshfed-xds`, Delta by default (Envoy accepts a CDS-added cluster
-//!   there; state of the world needs it static), with a finite `initial_fetch_timeout` so that a proxy
+//!   portNumber}`: the port's cluster and its subset clusters, which meshfed serves too, see [`merge`]) an
+//!   EDS config source of their own: `api_config_source` on `meshfed-xds`, Delta by default (Envoy
+//!   accepts a CDS-added cluster there; state of the world needs it static), with a finite
+//!   `initial_fetch_timeout` so that a proxy
 //!   that cannot reach meshfed still starts (istiod writes `0s`, wait forever, and a MERGE keeps what it
 //!   does not set); `common_lb_config.locality_weighted_lb_config` where meshfed's own CDS would set it
 //!   (a `distribute` rule, or `failover` with outlier detection: meshfed's locality weights then take
@@ -448,12 +449,17 @@ pub fn plan(inventory: &Inventory, mesh: &MeshConfig, options: &Options) -> Resu
                 extras,
             });
         }
-        let subsets = inventory.subsets_of(&service.hostname);
-        if !subsets.is_empty() && options.subsets == Subsets::Include {
-            let names: Vec<String> = subsets.iter().map(|(s, rule)| format!("{s} ({rule})")).collect();
+        // meshfed serves the subset clusters of the DestinationRules it applies; those of a rule it rejects
+        // would find no endpoints there
+        let valid: BTreeSet<String> = inventory.registry.destination_rules().iter().map(|r| r.id()).collect();
+        let unserved: Vec<(String, String)> =
+            inventory.subsets_of(&service.hostname).into_iter().filter(|(_, rule)| !valid.contains(rule)).collect();
+        if !unserved.is_empty() && options.subsets == Subsets::Include {
+            let names: Vec<String> = unserved.iter().map(|(s, rule)| format!("{s} ({rule})")).collect();
             warnings.push(format!(
-                "{}: DestinationRule subsets {}: their clusters (outbound|PORT|SUBSET|{}) get their endpoints from \
-                 meshfed too, which must serve them; --subsets exclude leaves them on istiod",
+                "{}: DestinationRule subsets {}: meshfed rejects their rule (see its invalid-destination-rule \
+                 warning), so it does not serve their clusters (outbound|PORT|SUBSET|{}), which the MERGE points at \
+                 meshfed; fix the rule, or --subsets exclude leaves them on istiod",
                 service.key,
                 names.join(", "),
                 service.hostname

@@ -502,7 +502,13 @@ pub fn service_load_assignments(
 
 /// The names of the assignments [`service_load_assignments`] gives for a service (`namespace`,
 /// `hostname`) with `ports`, for proxies in `scope`.
-pub fn assignment_names(ctx: &Context, scope: &EndpointScope, namespace: &str, hostname: &str, ports: &[u16]) -> Vec<String> {
+pub fn assignment_names(
+    ctx: &Context,
+    scope: &EndpointScope,
+    namespace: &str,
+    hostname: &str,
+    ports: &[u16],
+) -> Vec<String> {
     let rule = ctx.rule_for_host(&scope.rules, namespace, hostname);
     let subsets = rule.map(|r| r.subsets.as_slice()).unwrap_or_default();
     let mut out = Vec::with_capacity(ports.len() * (1 + subsets.len()));

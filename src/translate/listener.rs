@@ -233,7 +233,10 @@ fn gateway_listener(ctx: &Context, scope: &ListenerScope, registry: &Registry) -
                 let sni = sni_name(p.port, subset, &s.hostname);
                 filter_chains.push(FilterChain {
                     name: sni.clone(),
-                    filter_chain_match: Some(FilterChainMatch { server_names: vec![sni.clone()], ..Default::default() }),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: vec![sni.clone()],
+                        ..Default::default()
+                    }),
                     filters: vec![tcp_proxy_filter(&sni, sni.clone())],
                     ..Default::default()
                 });

@@ -175,7 +175,7 @@ pub struct ViewKeys {
     /// namespaces whose proxies see other DestinationRules than proxies in a namespace no rule mentions
     pub rule_namespaces: BTreeSet<Arc<str>>,
     /// DestinationRules with a workloadSelector, by namespace: (`namespace/name`, matchLabels)
-    pub workload_selectors: BTreeMap<Arc<str>, Vec<(Arc<str>, BTreeMap<String, String>)>>,
+    pub workload_selectors: crate::policy::WorkloadSelectors,
 }
 
 impl ViewKeys {
@@ -275,7 +275,8 @@ impl View {
         } else {
             proxy.network.clone()
         };
-        let ctx = Context { domain_suffix: registry.domain_suffix().into(), ..Context::default() }.with_registry(registry);
+        let ctx =
+            Context { domain_suffix: registry.domain_suffix().into(), ..Context::default() }.with_registry(registry);
         View::with_network(proxy, network, &ctx.view_keys(registry))
     }
 

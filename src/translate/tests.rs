@@ -791,21 +791,29 @@ fn a_gateway_forwards_each_subset_sni_to_its_own_networks_subset_endpoints() {
     let chains: Vec<&str> = ls[0].resource.filter_chains.iter().map(|c| c.name.as_str()).collect();
     for subset in ["", "v1", "v2"] {
         let sni = format!("outbound_.9080_.{subset}_.{}", fqdn("reviews"));
-        let chain = ls[0].resource.filter_chains.iter().find(|c| c.name == sni).unwrap_or_else(|| panic!("{sni}: {chains:?}"));
-        assert_eq!(chain.filter_chain_match.as_ref().unwrap().server_names, [sni.clone()]);
+        let chain =
+            ls[0].resource.filter_chains.iter().find(|c| c.name == sni).unwrap_or_else(|| panic!("{sni}: {chains:?}"));
+        assert_eq!(chain.filter_chain_match.as_ref().unwrap().server_names, std::slice::from_ref(&sni));
         let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else { panic!("typed") };
         let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
         assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(sni.clone())));
     }
     assert!(!chains.iter().any(|c| c.contains("_.v1_.ratings")), "ratings has no subsets");
-    let server_names: Vec<&String> =
-        ls[0].resource.filter_chains.iter().flat_map(|c| &c.filter_chain_match.as_ref().unwrap().server_names).collect();
+    let server_names: Vec<&String> = ls[0]
+        .resource
+        .filter_chains
+        .iter()
+        .flat_map(|c| &c.filter_chain_match.as_ref().unwrap().server_names)
+        .collect();
     assert_eq!(server_names.iter().collect::<BTreeSet<_>>().len(), server_names.len(), "Envoy needs unique SNIs");
     let cs = cluster::clusters(&ctx, &view.clusters, &r);
     for (subset, host) in [("v1", 21), ("v2", 22)] {
         let name = format!("outbound_.9080_.{subset}_.{}", fqdn("reviews"));
         let c = cs.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no {name}"));
-        assert!(c.resource.transport_socket_matches.is_empty() && c.resource.outlier_detection.is_none(), "passthrough");
+        assert!(
+            c.resource.transport_socket_matches.is_empty() && c.resource.outlier_detection.is_none(),
+            "passthrough"
+        );
         let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
         assert_eq!(endpoint_addresses(&cla), [format!("127.0.3.{host}:9080"), format!("127.0.4.{host}:9080")]);
     }
@@ -893,23 +901,24 @@ fn export_to_and_workload_selectors_reach_the_proxies_they_name() {
     let (_, mut r) = demo();
     // the demo's reviews rule, private to shop
     let text = std::fs::read_to_string(demo_dir().join("aws-use1/destinationrules.yaml")).unwrap();
-    let private = text.replacen("  host: reviews.shop.svc.cluster.local\n", "  host: reviews.shop.svc.cluster.local\n  exportTo: [\".\"]\n", 1);
+    let private = text.replacen(
+        "  host: reviews.shop.svc.cluster.local\n",
+        "  host: reviews.shop.svc.cluster.local\n  exportTo: [\".\"]\n",
+        1,
+    );
     assert_ne!(private, text);
     let objs = crate::topology::parse_manifests(&private, Path::new("dr.yaml")).unwrap();
     r.apply(SourceEvent::Sync {
         cluster: ClusterId::new(AWS),
-        objects: demo_objects(AWS)
-            .into_iter()
-            .filter(|o| o.key().kind != Kind::DestinationRule)
-            .chain(objs)
-            .collect(),
+        objects: demo_objects(AWS).into_iter().filter(|o| o.key().kind != Kind::DestinationRule).chain(objs).collect(),
     });
     let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
     let shop = aws_view(&r);
     let other = View::of(&proxy("default", AWS, "us-east-1/us-east-1a", InterceptionMode::None), &r);
     assert_eq!(shop.clusters.rules.namespace.as_deref(), Some("shop"));
     assert_eq!(other.clusters.rules, RuleScope::default());
-    let has_v1 = |view: &View| cluster::clusters(&ctx, &view.clusters, &r).iter().any(|c| c.name == reviews_subset("v1"));
+    let has_v1 =
+        |view: &View| cluster::clusters(&ctx, &view.clusters, &r).iter().any(|c| c.name == reviews_subset("v1"));
     assert!(has_v1(&shop));
     assert!(!has_v1(&other), "not exported to default");
     assert!(!all_load_assignments(&ctx, &other.endpoints, &r).iter().any(|c| c.name == reviews_subset("v1")));
@@ -927,12 +936,21 @@ fn export_to_and_workload_selectors_reach_the_proxies_they_name() {
     let plain = aws_view(&r);
     assert!(plain.clusters.rules.selected_by.is_empty());
     let names_of = |view: &View| -> Vec<String> {
-        cluster::clusters(&ctx, &view.clusters, &r).into_iter().map(|c| c.name).filter(|n| n.contains("reviews")).collect()
+        cluster::clusters(&ctx, &view.clusters, &r)
+            .into_iter()
+            .map(|c| c.name)
+            .filter(|n| n.contains("reviews"))
+            .collect()
     };
     // (the shop-private rule without a selector is merged into the selector rule, as istiod merges them)
     assert_eq!(
         names_of(&canary),
-        [format!("outbound|9080||{}", fqdn("reviews")), reviews_subset("canary"), reviews_subset("v1"), reviews_subset("v2")]
+        [
+            format!("outbound|9080||{}", fqdn("reviews")),
+            reviews_subset("canary"),
+            reviews_subset("v1"),
+            reviews_subset("v2")
+        ]
     );
     let canary_cla = load_assignment(&ctx, &canary.endpoints, &r, &reviews_subset("canary"));
     assert_eq!(endpoint_addresses(&canary_cla), ["127.0.1.22:9080", "127.0.2.22:9080", "127.0.20.1:15443"]);
@@ -968,7 +986,11 @@ fn diagnostics_name_every_destination_rule_field_not_applied() {
     );
     // the rest of the rule applies: its subset exists
     let view = aws_view(&r);
-    assert!(cluster::clusters(&ctx, &view.clusters, &r).iter().any(|c| c.name == format!("outbound|8080|v1|{}", fqdn("frontend"))));
+    assert!(
+        cluster::clusters(&ctx, &view.clusters, &r)
+            .iter()
+            .any(|c| c.name == format!("outbound|8080|v1|{}", fqdn("frontend")))
+    );
 
     // two rules for one host merge; a subset defined by both is the first's, and said so
     upsert_rule(

@@ -100,13 +100,9 @@ impl grpc::Handler for AdsConnection {
         }
         let context = self.service.stream_context(self.conn.as_ref())?;
         let svc = &self.service;
-        let stream = stream::Stream::new(
-            flavor,
-            svc.push.clone(),
-            svc.connections.clone(),
-            stream::Outbox::Grpc(responses),
-        )
-        .with_context(context);
+        let stream =
+            stream::Stream::new(flavor, svc.push.clone(), svc.connections.clone(), stream::Outbox::Grpc(responses))
+                .with_context(context);
         Ok(Box::pin(stream.run(messages)))
     }
 }

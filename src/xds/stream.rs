@@ -409,12 +409,7 @@ async fn drained(drain: &mut Option<watch::Receiver<bool>>) {
 }
 
 impl Stream {
-    pub fn new(
-        flavor: Flavor,
-        push: PushHandle,
-        connections: Arc<Connections>,
-        out: Outbox,
-    ) -> Stream {
+    pub fn new(flavor: Flavor, push: PushHandle, connections: Arc<Connections>, out: Outbox) -> Stream {
         let snapshots = push.subscribe();
         let snapshot = snapshots.borrow().clone();
         Stream {

@@ -533,13 +533,9 @@ impl XdsHarness {
         };
         let context = StreamContext { conn: Some(ConnState::for_peer(peer, limits)), slot: None, drain: None };
         let (tx, mut rx) = mpsc::channel(256);
-        let mut stream = Stream::new(
-            flavor,
-            self.push.clone(),
-            self.connections.clone(),
-            meshfed::xds::stream::Outbox::Channel(tx),
-        )
-        .with_context(context);
+        let mut stream =
+            Stream::new(flavor, self.push.clone(), self.connections.clone(), meshfed::xds::stream::Outbox::Channel(tx))
+                .with_context(context);
         let mut seen = Seen::default();
         let mut first = true;
         for _ in 0..MAX_STEPS {
