@@ -95,7 +95,7 @@ impl XdsListener {
     pub fn loopback_unlimited() -> XdsListener {
         XdsListener {
             listen: Listen::loopback(),
-            options: ServeOptions { limits: crate::xds::server::Limits::unlimited(), ..Default::default() },
+            options: ServeOptions { limits: crate::xds::limits::Limits::unlimited(), ..Default::default() },
         }
     }
 }
@@ -210,7 +210,8 @@ impl App {
 
         // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
         push.subscribe().wait_for(|s| s.generation > 0).await.map_err(|_| Error::PushLoop)?;
-        let ads = crate::xds::AdsService::new(push.clone(), connections.clone());
+        let debug_types = crate::debug::config_dump::AdsDebug { connections: connections.clone(), push: push.clone() };
+        let ads = crate::xds::AdsService::new(push.clone(), connections.clone()).with_debug(Arc::new(debug_types));
         let mut xds_addresses = Vec::new();
         let mut xds_tasks = Vec::new();
         for XdsListener { listen, options } in xds {

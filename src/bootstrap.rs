@@ -14,8 +14,8 @@ use crate::node_id::is_dns1123_subdomain;
 
 // at their paths from before node ids moved to `crate::node_id` and the interception mode to
 // `crate::proxy` (the CLI, the fuzz targets and the xDS streams name them here)
-pub use crate::node_id::{NodeIdParts, PROXY_TYPES, parse_node_id};
-pub use crate::proxy::InterceptionMode;
+use crate::node_id::parse_node_id;
+use crate::proxy::InterceptionMode;
 
 /// The Istio version meshfed reports in node metadata (`ISTIO_VERSION`).
 pub const ISTIO_VERSION: &str = "1.24.0-meshfed";

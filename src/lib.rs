@@ -9,7 +9,6 @@ pub mod app;
 pub mod bootstrap;
 pub mod cache;
 pub mod canonical;
-pub mod config_dump;
 pub mod debug;
 pub mod demo;
 pub mod descriptors;

@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use meshfed::app::{App, DebugListener, Listen, Options, Sources, XdsListener};
-use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
+use meshfed::bootstrap::{self, BootstrapOptions};
 use meshfed::mesh_config::MeshConfig;
+use meshfed::proxy::InterceptionMode;
 use meshfed::xds::server::ServeOptions;
 use tracing::{error, info};
 
@@ -68,21 +69,23 @@ struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration_arg)]
     tls_reload_interval: Duration,
     /// Largest xDS request accepted, in bytes; larger ones end their stream with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_MESSAGE_SIZE)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_MESSAGE_SIZE)]
     max_message_size: usize,
     /// xDS connections served at once (per listener); streams of further connections get
     /// RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Concurrent streams per xDS connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    /// Concurrent streams per xDS connection, advertised as HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS and
+    /// enforced: one ADS stream per proxy, or beside istiod one EDS stream per federated service. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: u32,
-    /// Sustained xDS requests per second per connection; a request over it (and --max-request-burst)
-    /// ends its stream with RESOURCE_EXHAUSTED. 0: no limit.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_RATE)]
+    /// Sustained xDS requests per second per stream of a connection (a connection with n streams may
+    /// send n times as many); a request over it (and --max-request-burst) ends its stream with
+    /// RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_RATE)]
     max_request_rate: u32,
-    /// Requests a connection may send at once above --max-request-rate.
-    #[arg(long, default_value_t = meshfed::xds::server::DEFAULT_REQUEST_BURST)]
+    /// Requests per stream a connection may send at once above --max-request-rate.
+    #[arg(long, default_value_t = meshfed::xds::limits::DEFAULT_REQUEST_BURST)]
     max_request_burst: u32,
     /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
@@ -169,7 +172,7 @@ struct BootstrapArgs {
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    meshfed::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
+    meshfed::duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 10s or 500ms"))
 }
 
 /// The debug server's protection when it is exposed (a token and/or TLS), checked before anything starts.
@@ -227,7 +230,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
-    let limits = meshfed::xds::server::Limits {
+    let limits = meshfed::xds::limits::Limits {
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
         max_streams_per_connection: args.max_streams_per_connection,

@@ -10,7 +10,7 @@ use crate::model::{ClusterId, NetworkId};
 use crate::policy::MeshDefaults;
 
 // at its path from before it moved to `crate::duration` (the CLI names it here)
-pub use crate::duration::parse_duration;
+use crate::duration::parse_duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -21,10 +21,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::{ClientKind, ProxyKind};
+use crate::proxy::ProxyKind;
 use crate::source::{ClusterStatus, SyncState};
 use crate::type_url::ResourceType;
-use crate::xds::connections::{Connection, Flavor, TypeStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -146,6 +145,9 @@ pub struct Metrics {
     pub xds_refused: Family<ReasonLabel, Counter>,
     /// `meshfed_tasks`: tasks alive on the runtime (set when scraped)
     pub tasks: Gauge,
+    /// `meshfed_xds_unknown_resources_total{type}`: names proxies subscribed to that meshfed does not
+    /// serve (beside istiod: an EnvoyFilter selecting a service meshfed does not know)
+    pub unknown_resources: Family<TypeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -195,6 +197,12 @@ impl Metrics {
         registry.register("meshfed_xds_bytes_sent", "Bytes of xDS responses sent, by type", bytes_sent.clone());
         let pushes = Counter::default();
         registry.register("meshfed_pushes", "Pushes of the push loop", pushes.clone());
+        let unknown_resources = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "meshfed_xds_unknown_resources",
+            "Resource names proxies subscribed to that meshfed does not serve, by type",
+            unknown_resources.clone(),
+        );
         let debounce_merged_events = Counter::default();
         registry.register(
             "meshfed_debounce_merged_events",
@@ -251,6 +259,7 @@ impl Metrics {
             services,
             xds_refused,
             tasks,
+            unknown_resources,
         }
     }
 
@@ -267,19 +276,20 @@ impl Metrics {
         c.bytes.inc_by(bytes);
     }
 
+    /// A proxy subscribed to `n` names of type `t` that meshfed does not serve.
+    pub fn record_unknown_resources(&self, t: ResourceType, n: usize) {
+        self.unknown_resources.get_or_create(&[("type", type_label(t))]).inc_by(n as u64);
+    }
+
     /// A proxy NACKed a response of type `t`.
     pub fn record_nack(&self, t: ResourceType) {
         self.xds_rejects.get_or_create(&[("type", type_label(t))]).inc();
     }
 
-    /// A proxy ACKed `nonce` of the type whose status is `status` (before the ACK is recorded): if it is
-    /// the latest response and carried a change, the change has converged on that proxy.
-    pub fn record_ack(&self, status: &mut TypeStatus, nonce: &str) {
-        if status.sent_nonce == nonce
-            && let Some(seen) = status.sent_change_seen.take()
-        {
-            self.proxy_convergence_time.observe(seen.elapsed().as_secs_f64());
-        }
+    /// A proxy ACKed the response that carried a change the push loop first saw at `seen`: the change has
+    /// converged on that proxy.
+    pub fn record_convergence(&self, seen: std::time::Instant) {
+        self.proxy_convergence_time.observe(seen.elapsed().as_secs_f64());
     }
 
     /// The push loop pushed: `changed` resources per type, in `took`; `merged` events were merged into it.
@@ -291,17 +301,12 @@ impl Metrics {
         }
     }
 
-    /// Sets the metrics that mirror current state: connected proxies (debug clients such as istioctl
-    /// are not proxies), federated services, and the clusters' watch state.
-    pub fn refresh(&self, connections: &[std::sync::Arc<Connection>], services: usize, clusters: &[ClusterStatus]) {
-        for kind in [ProxyKind::Sidecar, ProxyKind::Router] {
-            for flavor in [Flavor::Sotw, Flavor::Delta] {
-                let n = connections
-                    .iter()
-                    .filter(|c| c.proxy.kind == kind && c.flavor == flavor && c.proxy.client != ClientKind::Debug)
-                    .count();
-                self.xds_clients.get_or_create(&[("type", kind.as_str()), ("flavor", flavor.as_str())]).set(n as i64);
-            }
+    /// Sets the metrics that mirror current state: connected proxies by kind and xDS flavor (`sotw`,
+    /// `delta`; debug clients such as istioctl are not proxies), federated services, and the clusters'
+    /// watch state.
+    pub fn refresh(&self, proxies: &[(ProxyKind, &'static str, usize)], services: usize, clusters: &[ClusterStatus]) {
+        for (kind, flavor, n) in proxies {
+            self.xds_clients.get_or_create(&[("type", kind.as_str()), ("flavor", flavor)]).set(*n as i64);
         }
         self.services.set(services as i64);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -390,17 +395,9 @@ mod tests {
     }
 
     #[test]
-    fn convergence_is_observed_once_for_the_latest_response() {
+    fn convergence_is_observed() {
         let m = Metrics::new();
-        let mut st = TypeStatus {
-            sent_nonce: "2".into(),
-            sent_change_seen: Some(std::time::Instant::now()),
-            ..Default::default()
-        };
-        m.record_ack(&mut st, "1");
-        assert!(st.sent_change_seen.is_some(), "an older nonce does not end the convergence");
-        m.record_ack(&mut st, "2");
-        m.record_ack(&mut st, "2");
+        m.record_convergence(std::time::Instant::now());
         let text = m.encode().unwrap();
         assert!(text.contains("pilot_proxy_convergence_time_count 1\n"), "{text}");
     }

@@ -5,6 +5,17 @@ pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluster
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
+/// istioctl asks for the sync status of every proxy with this type URL (over ADS, node metadata
+/// `GENERATOR=event`); the answer is one `envoy.service.status.v3.ClientConfig` per proxy.
+pub const TYPE_DEBUG_SYNCZ: &str = "istio.io/debug/syncz";
+/// istioctl asks for a proxy's config dump with this type URL (resource name `POD.NS`).
+pub const TYPE_DEBUG_CONFIG_DUMP: &str = "istio.io/debug/config_dump";
+
+/// Is `type_url` one of istioctl's debug types ([`TYPE_DEBUG_SYNCZ`], [`TYPE_DEBUG_CONFIG_DUMP`])?
+pub fn is_debug_type(type_url: &str) -> bool {
+    type_url == TYPE_DEBUG_SYNCZ || type_url == TYPE_DEBUG_CONFIG_DUMP
+}
+
 /// The resource types of an Envoy xDS stream, in the order Envoy applies them (CDS, EDS, LDS, RDS).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ResourceType {

@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use meshfed::bootstrap::{self, BootstrapOptions, InterceptionMode};
+use meshfed::bootstrap::{self, BootstrapOptions};
+use meshfed::proxy::InterceptionMode;
 
 const NODE_ID: &str = "sidecar~127.0.50.1~client-0.shop~shop.svc.cluster.local";
 const TIMEOUT: Duration = Duration::from_secs(60);

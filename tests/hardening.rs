@@ -22,7 +22,8 @@ use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
 use meshfed::proxy::string_value;
 use meshfed::tls::{ReloadingCert, ServerTls};
 use meshfed::xds::connections::Connections;
-use meshfed::xds::server::{Limits, ServeOptions, ServerStats, TlsOptions};
+use meshfed::xds::limits::{Limits, ServerStats};
+use meshfed::xds::server::{ServeOptions, TlsOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -267,7 +268,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
             metadata: Some(Struct { fields: [("GENERATOR".to_string(), string_value("event"))].into_iter().collect() }),
             ..Default::default()
         }),
-        type_url: meshfed::config_dump::TYPE_DEBUG_SYNCZ.into(),
+        type_url: meshfed::type_url::TYPE_DEBUG_SYNCZ.into(),
         ..Default::default()
     };
     let mut debug = Sotw::open(pki.channel(server.addr, Some(&bank))).await.unwrap();
@@ -281,7 +282,7 @@ async fn mtls_checks_the_identity_against_the_node_id() {
 
     // config dumps carry no secrets: meshfed serves none, and the dump's SecretsConfigDump stays empty
     let conn = server.connections.find("client-0.shop").expect("shop's proxy is connected");
-    let dump = meshfed::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
+    let dump = meshfed::debug::config_dump::config_dump(&conn, &server.push.snapshot(), true).unwrap();
     let secrets: Vec<_> = dump.configs.iter().filter(|a| a.type_url.ends_with("SecretsConfigDump")).collect();
     assert_eq!(secrets.len(), 1);
     use prost::Message as _;
@@ -498,7 +499,7 @@ async fn a_client_over_its_request_rate_gets_resource_exhausted_and_others_are_u
 
 #[test]
 fn token_bucket_refills_at_its_rate() {
-    use meshfed::xds::server::TokenBucket;
+    use meshfed::xds::limits::TokenBucket;
     let mut b = TokenBucket::new(10, 3);
     let t0 = std::time::Instant::now();
     assert!(b.take(t0) && b.take(t0) && b.take(t0));

@@ -34,7 +34,7 @@ const OCTET: u8 = 120;
 /// Clients connected at any time.
 const CLIENTS: usize = 40;
 /// Bound on every wait for meshfed to settle (more than the 30 s after which meshfed forgets a closed
-/// connection's admission timer, see `xds::server::DEFAULT_ADMISSION_TIMEOUT`).
+/// connection's admission timer, see `xds::limits::DEFAULT_ADMISSION_TIMEOUT`).
 const SETTLE: Duration = Duration::from_secs(90);
 /// Tasks meshfed may have beyond its baseline once quiet (the debug server's connection answering).
 const TASK_SLACK: i64 = 4;

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::Value;
 
-use super::Error;
+use super::error::Error;
 use crate::source::kube::{ClientSpec, build_client};
 
 /// The field manager of meshfed's server-side applies.

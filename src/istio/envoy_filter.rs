@@ -12,7 +12,7 @@ use std::time::Duration;
 use prost_reflect::{DeserializeOptions, DynamicMessage};
 use serde_json::{Map, Value, json};
 
-use super::Error;
+use super::error::Error;
 use crate::descriptors;
 
 /// apiVersion of the EnvoyFilter objects.

@@ -15,7 +15,7 @@ use std::path::Path;
 use kube::api::{Api, DynamicObject, ListParams};
 use serde::Deserialize;
 
-use super::Error;
+use super::error::Error;
 use crate::mesh_config::{ClusterSource, MeshConfig};
 use crate::model::{ClusterId, ServiceKey};
 use crate::policy::DestinationRule;

@@ -29,8 +29,8 @@
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, SerializeOptions, Value as PValue};
 use serde_json::Value;
 
-use super::Error;
 use super::envoy_filter::{CLUSTER_MESSAGE, PatchContext, check_value};
+use super::error::Error;
 
 const CLUSTER_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const CLUSTERS_DUMP_TYPE_URL: &str = "type.googleapis.com/envoy.admin.v3.ClustersConfigDump";

@@ -43,11 +43,13 @@ use crate::translate::{self, ClusterScope};
 
 pub mod apply;
 pub mod envoy_filter;
+mod error;
 pub mod inventory;
 pub mod merge;
 pub mod select;
 
 pub use envoy_filter::{ClusterMatch, EdsApi, MergeExtras, MeshfedXds, PatchContext};
+pub use error::Error;
 pub use inventory::Inventory;
 pub use select::{LabelSelector, Selection};
 
@@ -59,35 +61,6 @@ pub const DEFAULT_NAME: &str = "meshfed-eds";
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// The workload label the EnvoyFilters of the bootstrap-override form select.
 pub const DEFAULT_STATIC_WORKLOAD_LABEL: &str = "meshfed.io/static-xds=true";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The command line (or [`Options`]) cannot work.
-    #[error("{0}")]
-    Options(String),
-    #[error(transparent)]
-    MeshConfig(#[from] crate::mesh_config::Error),
-    /// A cluster's objects could not be read completely.
-    #[error("cluster {cluster}: {reason}")]
-    Source { cluster: String, reason: String },
-    /// `--host` names no service of the mesh.
-    #[error("--host {0:?}: no such service in the mesh (give an FQDN, NAME.NAMESPACE or NAMESPACE/NAME)")]
-    UnknownHost(String),
-    /// The selection matches no service.
-    #[error("no service matches {0}")]
-    NothingSelected(String),
-    /// A value meshfed rendered does not parse as its Envoy proto (a bug in meshfed, caught before printing).
-    #[error("{what}: not a valid {message}: {reason}")]
-    PatchValue { what: String, message: String, reason: String },
-    #[error("merge: {0}")]
-    Merge(String),
-    #[error("--preview: {0}")]
-    Preview(String),
-    #[error("cannot serialize: {0}")]
-    Serialize(String),
-    #[error("--apply: {object}: {reason}")]
-    Apply { object: String, reason: String },
-}
 
 /// Where the EnvoyFilters go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -192,7 +165,7 @@ pub struct IstioArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::mesh_config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s or 500ms"))
+    crate::duration::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 15s or 500ms"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

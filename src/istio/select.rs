@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use super::Error;
+use super::error::Error;
 use crate::model::Service;
 
 /// The services to wire. An empty selection (no `all`, no filter) selects nothing and is refused by

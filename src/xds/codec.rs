@@ -25,6 +25,31 @@ use prost::encoding::{
 
 use crate::cache::Resource;
 
+/// `DiscoveryResponse.control_plane` (field 6; field 7 of `DeltaDiscoveryResponse`), encoded once per
+/// process: `identifier` is the JSON istioctl parses (`IstioControlPlaneInstance`: `Component`, `ID`, and
+/// `Info.version`), ID the pod name (`POD_NAME`, else `HOSTNAME`, else "meshfed").
+pub fn control_plane() -> &'static [u8] {
+    static ENCODED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ENCODED.get_or_init(|| control_plane_message().encode_to_vec())
+}
+
+/// The control plane's identity as the message (for responses prost encodes).
+pub fn control_plane_message() -> envoy_types::pb::envoy::config::core::v3::ControlPlane {
+    let id = ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "meshfed".to_string());
+    let identifier = serde_json::json!({
+        "Component": "meshfed",
+        "ID": id,
+        "Info": {"version": env!("CARGO_PKG_VERSION")},
+    });
+    envoy_types::pb::envoy::config::core::v3::ControlPlane { identifier: identifier.to_string() }
+}
+
+const SOTW_CONTROL_PLANE_TAG: u32 = 6;
+const DELTA_CONTROL_PLANE_TAG: u32 = 7;
+
 /// A SotW `DiscoveryResponse` made of shared resources.
 #[derive(Clone, Debug)]
 pub struct SotwResponse {
@@ -143,6 +168,7 @@ impl Response {
                     + r.resources.iter().map(|x| len_field(2, x.body.len())).sum::<usize>()
                     + str_len(4, r.type_url)
                     + str_len(5, &r.nonce)
+                    + len_field(SOTW_CONTROL_PLANE_TAG, control_plane().len())
             }
             Response::Delta(r) => {
                 str_len(1, &r.system_version_info)
@@ -150,6 +176,7 @@ impl Response {
                     + str_len(4, r.type_url)
                     + str_len(5, &r.nonce)
                     + r.removed_resources.iter().map(|n| len_field(6, n.len())).sum::<usize>()
+                    + len_field(DELTA_CONTROL_PLANE_TAG, control_plane().len())
             }
             Response::Raw(b) => b.len(),
         }
@@ -165,6 +192,8 @@ impl Response {
                 }
                 sink.put_str(4, r.type_url);
                 sink.put_str(5, &r.nonce);
+                sink.put_header(SOTW_CONTROL_PLANE_TAG, control_plane().len());
+                sink.put(control_plane());
             }
             Response::Delta(r) => {
                 sink.put_str(1, &r.system_version_info);
@@ -183,6 +212,8 @@ impl Response {
                     sink.put_header(6, n.len());
                     sink.put(n.as_bytes());
                 }
+                sink.put_header(DELTA_CONTROL_PLANE_TAG, control_plane().len());
+                sink.put(control_plane());
             }
             Response::Raw(b) => sink.put_shared(b),
         }
@@ -407,6 +438,11 @@ mod tests {
         assert_eq!(d.resources.len(), 2);
         let cla = ClusterLoadAssignment::decode(&d.resources[1].value[..]).unwrap();
         assert_eq!(cla.cluster_name, "b");
+        // istioctl reads which control plane answered from the identifier's JSON
+        let id: serde_json::Value = serde_json::from_str(&d.control_plane.unwrap().identifier).unwrap();
+        assert_eq!(id["Component"], "meshfed");
+        assert!(id["ID"].as_str().is_some_and(|s| !s.is_empty()));
+        assert_eq!(id["Info"]["version"], env!("CARGO_PKG_VERSION"));
     }
 
     #[test]
@@ -426,6 +462,7 @@ mod tests {
         assert_eq!(d.resources[0].version, &*a.version);
         assert_eq!(d.resources[0].resource.as_ref().unwrap().type_url, crate::type_url::ENDPOINT);
         assert_eq!(d.removed_resources, ["gone"]);
+        assert_eq!(d.control_plane, Some(control_plane_message()));
     }
 
     fn big(name: &str) -> Arc<Resource> {

@@ -26,8 +26,8 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use tokio::sync::mpsc;
 
-use meshfed::bootstrap::parse_node_id;
 use meshfed::mesh_config::{ClusterSource, MeshConfig};
+use meshfed::node_id::parse_node_id;
 use meshfed::policy::DestinationRule;
 use meshfed::proxy::Proxy;
 use meshfed::push::PushHandle;
@@ -36,7 +36,7 @@ use meshfed::tls::{PeerAuth, SpiffeId};
 use meshfed::topology::{self, TopologyObject};
 use meshfed::xds::codec::Response;
 use meshfed::xds::connections::{Connections, Flavor};
-use meshfed::xds::server::{ConnState, Limits};
+use meshfed::xds::limits::{ConnState, Limits};
 use meshfed::xds::stream::{Stream, StreamContext};
 
 /// Reads structure out of fuzz bytes; past the end every read gives zeros, so any input is complete.
@@ -110,7 +110,7 @@ pub fn node(data: &[u8]) {
     let id = text(data);
     if let Ok(parts) = parse_node_id(&id) {
         assert!(id.contains(&format!("~{}~{}.svc.{}", parts.pod_dot_namespace(), parts.namespace, parts.domain)));
-        assert!(meshfed::bootstrap::PROXY_TYPES.contains(&parts.proxy_type.as_str()));
+        assert!(meshfed::node_id::PROXY_TYPES.contains(&parts.proxy_type.as_str()));
     }
     // the same bytes as node metadata around a valid id
     let mut input = Input::new(data);
@@ -443,8 +443,8 @@ const TYPE_URLS: &[&str] = &[
     meshfed::type_url::ENDPOINT,
     meshfed::type_url::LISTENER,
     meshfed::type_url::ROUTE,
-    meshfed::config_dump::TYPE_DEBUG_SYNCZ,
-    meshfed::config_dump::TYPE_DEBUG_CONFIG_DUMP,
+    meshfed::type_url::TYPE_DEBUG_SYNCZ,
+    meshfed::type_url::TYPE_DEBUG_CONFIG_DUMP,
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
     "",
 ];
@@ -531,7 +531,14 @@ impl XdsHarness {
         } else {
             Limits::unlimited()
         };
-        let context = StreamContext { conn: Some(ConnState::for_peer(peer, limits)), slot: None, drain: None };
+        let debug =
+            meshfed::debug::config_dump::AdsDebug { connections: self.connections.clone(), push: self.push.clone() };
+        let context = StreamContext {
+            conn: Some(ConnState::for_peer(peer, limits)),
+            slot: None,
+            drain: None,
+            debug: Some(Arc::new(debug)),
+        };
         let (tx, mut rx) = mpsc::channel(256);
         let mut stream =
             Stream::new(flavor, self.push.clone(), self.connections.clone(), meshfed::xds::stream::Outbox::Channel(tx))

@@ -2,6 +2,8 @@
 //! attached scope, and publishes the next [`Snapshot`]. One task owns the registry, so only one push
 //! runs at a time and nothing on the xDS path takes a lock.
 
+pub mod log;
+
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::Arc;
@@ -40,12 +42,12 @@ pub struct PushHandle {
     latest: watch::Receiver<Arc<Snapshot>>,
     warnings: watch::Receiver<Arc<Vec<translate::diagnostics::Warning>>>,
     ready: Arc<AtomicBool>,
-    push_log: crate::debug::PushLog,
+    push_log: log::PushLog,
 }
 
 impl PushHandle {
     /// The most recent pushes (for the debug surface).
-    pub fn push_log(&self) -> &crate::debug::PushLog {
+    pub fn push_log(&self) -> &log::PushLog {
         &self.push_log
     }
 
@@ -215,7 +217,7 @@ pub struct Pusher {
     latest: watch::Sender<Arc<Snapshot>>,
     ready: Arc<AtomicBool>,
     /// recent pushes, for the debug surface
-    push_log: crate::debug::PushLog,
+    push_log: log::PushLog,
     /// when the change being debounced was first seen
     change_seen: Option<Instant>,
     /// source events applied since the last push
@@ -252,7 +254,7 @@ impl Pusher {
             publisher,
             latest: watch::channel(Arc::new(Snapshot::default())).0,
             ready: Arc::new(AtomicBool::new(false)),
-            push_log: crate::debug::PushLog::default(),
+            push_log: log::PushLog::default(),
             change_seen: None,
             events_in_push: 0,
             unreachable_grace: mesh.unreachable_grace_period,
@@ -711,7 +713,7 @@ impl Pusher {
         changes.trigger = describe(&change);
         changes.seen = Some(self.change_seen.take().unwrap_or(started));
         let trigger = changes.trigger.clone();
-        let counts = crate::debug::PushLog::counts(&changes);
+        let counts = log::PushLog::counts(&changes);
         let types: BTreeSet<&str> = ResourceType::ALL
             .iter()
             .filter(|t| changes.get(**t).is_some_and(|c| !c.0.is_empty()))

@@ -25,15 +25,10 @@ use prost::{Message, Name};
 use prost_reflect::{DynamicMessage, SerializeOptions};
 
 use crate::cache::{Resource, Snapshot};
-use crate::debug::ConfigState;
 use crate::push::PushHandle;
 use crate::type_url::ResourceType;
-use crate::xds::connections::{Connection, Connections, TypeStatus};
-
-/// istioctl asks for the sync status of every proxy with this type URL.
-pub const TYPE_DEBUG_SYNCZ: &str = "istio.io/debug/syncz";
-/// istioctl asks for a proxy's config dump with this type URL (resource name `POD.NS`).
-pub const TYPE_DEBUG_CONFIG_DUMP: &str = "istio.io/debug/config_dump";
+use crate::type_url::{TYPE_DEBUG_CONFIG_DUMP, TYPE_DEBUG_SYNCZ};
+use crate::xds::connections::{ConfigState, Connection, Connections, TypeStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -204,11 +199,6 @@ pub fn to_json(dump: &ConfigDump) -> Result<serde_json::Value, Error> {
     Ok(msg.serialize_with_options(serde_json::value::Serializer, &options)?)
 }
 
-/// Whether `type_url` is one of the debug types answered over ADS.
-pub fn is_ads_debug_type(type_url: &str) -> bool {
-    type_url == TYPE_DEBUG_SYNCZ || type_url == TYPE_DEBUG_CONFIG_DUMP
-}
-
 fn config_status(s: &TypeStatus) -> ConfigStatus {
     match ConfigState::of(s) {
         ConfigState::Synced => ConfigStatus::Synced,
@@ -257,6 +247,20 @@ pub fn client_config(conn: &Connection) -> ClientConfig {
     }
 }
 
+/// The answers to istioctl's debug types over ADS, as the xDS streams ask for them
+/// ([`crate::xds::DebugTypes`]): the state read from the connections and the push loop's snapshots.
+#[derive(Clone, Debug)]
+pub struct AdsDebug {
+    pub connections: Arc<Connections>,
+    pub push: PushHandle,
+}
+
+impl crate::xds::DebugTypes for AdsDebug {
+    fn resources(&self, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+        ads_debug_resources(type_url, names, &self.connections, &self.push)
+    }
+}
+
 /// The resources (name, body) answering a debug type over ADS; empty for other type URLs, for a
 /// config dump of a proxy not connected, or a malformed request (not exactly one name).
 pub fn ads_debug_resources(
@@ -266,13 +270,12 @@ pub fn ads_debug_resources(
     push: &PushHandle,
 ) -> Vec<(String, Any)> {
     match type_url {
-        TYPE_DEBUG_SYNCZ => crate::debug::proxies(connections)
-            .iter()
-            .map(|c| (c.proxy.key.to_string(), any_of(&client_config(c))))
-            .collect(),
+        TYPE_DEBUG_SYNCZ => {
+            connections.proxies().iter().map(|c| (c.proxy.key.to_string(), any_of(&client_config(c)))).collect()
+        }
         TYPE_DEBUG_CONFIG_DUMP => {
             let [name] = names else { return Vec::new() };
-            let Some(conn) = crate::debug::find_proxy(connections, name) else { return Vec::new() };
+            let Some(conn) = connections.find_proxy(name) else { return Vec::new() };
             match config_dump(&conn, &push.snapshot(), false) {
                 Ok(dump) => vec![(String::new(), any_of(&dump))],
                 Err(e) => {
@@ -335,7 +338,7 @@ mod tests {
         let handle = pusher.handle_for(commands);
         let snapshot = handle.snapshot();
         let connections = Arc::new(Connections::default());
-        let guard = connections.register(proxy, Flavor::Sotw, view);
+        let guard = connections.register(proxy, Flavor::Sotw, crate::xds::connections::XdsService::Ads, view);
         for t in ResourceType::ALL {
             guard.conn.update(t, |s| {
                 s.subscribed = true;

@@ -1,0 +1,501 @@
+//! The debug HTTP surface (default 127.0.0.1:15014): health, readiness, istiod-compatible debug
+//! endpoints, Prometheus metrics and a live web UI, all reading the same state the xDS streams read.
+//!
+//! | path | what |
+//! |---|---|
+//! | `/` , `/ui/proxy?id=POD.NS` | the web UI (static, embedded; polls the JSON endpoints) |
+//! | `/debug` | HTML index of the endpoints; `/debug/list` the same as JSON |
+//! | `/debug/config_dump?proxyID=POD.NS[&include_eds=true]` | the proxy's `envoy.admin.v3.ConfigDump` |
+//! | `/debug/syncz` | istiod's sync status per proxy, plus per-type status |
+//! | `/debug/registryz`, `/debug/endpointz` | federated services, their endpoints |
+//! | `/debug/clusterz` | per Kubernetes cluster: source, sync status, counts |
+//! | `/debug/adsz` | connections and their subscriptions |
+//! | `/debug/push_status` | the last pushes ([`crate::push::log`]) |
+//! | `/debug/explain?proxyID=POD.NS` | each locality's priority for the proxy, and why |
+//! | `/metrics` | Prometheus text format ([`crate::metrics`]) |
+//!
+//! Every JSON endpoint indents its output with `?pretty`.
+//!
+//! The surface only reads: it holds handles to the push loop's snapshots ([`PushHandle`]), the connected
+//! proxies' status ([`Connections`]) and the sources' health, and owns none of that state. Its parts:
+//! [`auth`] (bearer token, TLS), [`config_dump`] (istiod's config dumps and the istioctl types over ADS),
+//! [`explain`] (locality priorities and why), [`ui`] (the web UI's files).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::model::ClusterId;
+use crate::push::PushHandle;
+use crate::source::{ClusterHealth, ClusterStatus};
+use crate::type_url::ResourceType;
+use crate::xds::connections::{ConfigState, Connection, Connections};
+
+pub mod auth;
+pub mod config_dump;
+pub mod explain;
+pub mod time;
+pub mod ui;
+
+pub use auth::DebugAccess;
+pub use time::rfc3339;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no proxyID given")]
+    MissingProxyId,
+    #[error("proxy {0} is not connected to this meshfed")]
+    NotConnected(String),
+    #[error(transparent)]
+    ConfigDump(#[from] config_dump::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::Error),
+}
+
+impl Error {
+    fn status(&self) -> StatusCode {
+        match self {
+            Error::MissingProxyId => StatusCode::BAD_REQUEST,
+            Error::NotConnected(_) => StatusCode::NOT_FOUND,
+            Error::ConfigDump(_) | Error::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        (self.status(), format!("{self}\n")).into_response()
+    }
+}
+
+#[derive(Clone)]
+pub struct DebugState {
+    pub push: PushHandle,
+    pub connections: Arc<Connections>,
+    /// current source errors (e.g. a topology file that does not parse)
+    pub source_errors: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// every cluster's source status (sync state, reachability, last event)
+    pub clusters: ClusterHealth,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sync status (istiod's /debug/syncz)
+// ---------------------------------------------------------------------------------------------
+
+/// istiod's `/debug/syncz` entry of one connection, with meshfed's extras (node_id, flavor, status).
+pub fn syncz_entry(c: &Connection) -> Value {
+    let status = c.status();
+    let mut entry = serde_json::Map::new();
+    let p = &c.proxy;
+    if let Some(id) = &p.cluster_id {
+        entry.insert("cluster_id".into(), json!(id));
+    }
+    entry.insert("proxy".into(), json!(&*p.key));
+    entry.insert("proxy_type".into(), json!(p.kind.as_str()));
+    if !p.istio_version.is_empty() {
+        entry.insert("istio_version".into(), json!(&*p.istio_version));
+    }
+    for (t, prefix) in [
+        (ResourceType::Cluster, "cluster"),
+        (ResourceType::Listener, "listener"),
+        (ResourceType::Route, "route"),
+        (ResourceType::Endpoint, "endpoint"),
+    ] {
+        let s = &status[t.index()];
+        if !s.sent_nonce.is_empty() {
+            entry.insert(format!("{prefix}_sent"), json!(s.sent_nonce));
+        }
+        if !s.acked_nonce.is_empty() {
+            entry.insert(format!("{prefix}_acked"), json!(s.acked_nonce));
+        }
+    }
+    let mut resources = serde_json::Map::new();
+    let mut states = serde_json::Map::new();
+    for t in ResourceType::ALL {
+        let s = &status[t.index()];
+        let state = ConfigState::of(s);
+        resources.insert(
+            t.type_url().into(),
+            json!({
+                "sent": s.sent_nonce,
+                "acked": s.acked_nonce,
+                "sentTime": s.sent_at.map(rfc3339),
+                "lastError": s.last_error,
+                "status": state.as_str(),
+                "subscribed": s.subscribed,
+                "nacks": s.nacks,
+            }),
+        );
+        states.insert(t.short().into(), json!(state.as_str()));
+    }
+    entry.insert("resources".into(), Value::Object(resources));
+    entry.insert("node_id".into(), json!(&*p.id));
+    entry.insert("flavor".into(), json!(c.flavor.as_str()));
+    // "ads": every type on one stream; "eds": beside istiod, only endpoints, one stream per cluster
+    entry.insert("service".into(), json!(c.service.as_str()));
+    if c.service != crate::xds::connections::XdsService::Ads {
+        entry.insert("streams".into(), json!(c.stream_status().len()));
+    }
+    entry.insert("status".into(), Value::Object(states));
+    entry.insert(
+        "locality".into(),
+        json!({ "region": &*p.locality.region, "zone": &*p.locality.zone, "subzone": &*p.locality.subzone }),
+    );
+    entry.insert("network".into(), json!(c.view().endpoints.network));
+    entry.insert("connected_at".into(), json!(rfc3339(c.connected_at)));
+    Value::Object(entry)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// The debug endpoints: (path, description), for `/debug` and `/debug/list`.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("/", "web UI: clusters, services, proxies, pushes"),
+    ("/debug/syncz", "sync status of each connected proxy (istioctl proxy-status)"),
+    ("/debug/config_dump?proxyID=POD.NS", "a proxy's envoy.admin.v3.ConfigDump (add &include_eds=true for EDS)"),
+    ("/debug/explain?proxyID=POD.NS", "the priority each locality has for a proxy, and why"),
+    ("/debug/registryz", "federated services"),
+    ("/debug/endpointz", "endpoints of every federated service, with cluster, network, locality and health"),
+    ("/debug/clusterz", "Kubernetes clusters: source and sync status"),
+    ("/debug/adsz", "ADS connections and their subscriptions"),
+    ("/debug/push_status", "recent pushes and what triggered them"),
+    ("/debug/source_errors", "current errors of the cluster sources"),
+    (
+        "/debug/warnings",
+        "what translation works around (failover without outlier detection, networks without a gateway, ...)",
+    ),
+    ("/debug/list", "this list, as JSON"),
+    ("/metrics", "Prometheus metrics"),
+    ("/ready", "readiness"),
+    ("/healthz", "liveness"),
+];
+
+/// Every route of the debug server: the web UI ([`ui`]) and the endpoints of [`ENDPOINTS`].
+pub fn router(state: DebugState) -> Router {
+    ui::routes(Router::new())
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/debug", get(index))
+        .route("/debug/", get(index))
+        .route("/debug/list", get(list))
+        .route("/debug/syncz", get(syncz))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/debug/explain", get(explain_handler))
+        .route("/debug/registryz", get(registryz))
+        .route("/debug/endpointz", get(endpointz))
+        .route("/debug/clusterz", get(clusterz))
+        .route("/debug/adsz", get(adsz))
+        .route("/debug/push_status", get(push_status))
+        .route("/debug/source_errors", get(source_errors))
+        .route("/debug/warnings", get(warnings))
+        .with_state(state)
+}
+
+type Params = Query<HashMap<String, String>>;
+
+/// JSON, indented with `?pretty`.
+fn json_out(params: &HashMap<String, String>, value: &impl Serialize) -> Response {
+    let body =
+        if params.contains_key("pretty") { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
+    match body {
+        Ok(mut b) => {
+            b.push('\n');
+            ([(header::CONTENT_TYPE, "application/json")], b).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode JSON: {e}\n")).into_response(),
+    }
+}
+
+async fn ready(State(s): State<DebugState>) -> impl IntoResponse {
+    if s.push.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+}
+
+async fn metrics(State(s): State<DebugState>) -> Result<Response, Error> {
+    let m = crate::metrics::global();
+    m.refresh(&s.connections.proxy_counts(), s.push.snapshot().services.len(), &s.clusters.list());
+    let text = m.encode()?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+async fn index() -> Html<String> {
+    let mut rows = String::new();
+    for (path, what) in ENDPOINTS {
+        let href = path.split('?').next().unwrap_or(path);
+        rows.push_str(&format!("<tr><td><a href=\"{href}\">{}</a></td><td>{what}</td></tr>\n", html_escape(path)));
+    }
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshfed debug</title><link rel=\"icon\" href=\"/favicon.ico\">\
+         <link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body class=\"plain\"><h1>meshfed debug</h1>\
+         <table class=\"grid\"><thead><tr><th>endpoint</th><th>what</th></tr></thead><tbody>{rows}</tbody></table>\
+         <p>JSON endpoints indent their output with <code>?pretty</code>.</p></body></html>"
+    ))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+async fn list(Query(q): Params) -> Response {
+    let items: Vec<Value> = ENDPOINTS.iter().map(|(path, what)| json!({ "name": path, "help": what })).collect();
+    json_out(&q, &items)
+}
+
+async fn syncz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let entries: Vec<Value> = s.connections.proxies().iter().map(|c| syncz_entry(c)).collect();
+    json_out(&q, &entries)
+}
+
+fn proxy_param(q: &HashMap<String, String>) -> Result<&str, Error> {
+    q.get("proxyID")
+        .or_else(|| q.get("proxy"))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+        .ok_or(Error::MissingProxyId)
+}
+
+async fn config_dump(State(s): State<DebugState>, Query(q): Params) -> Result<Response, Error> {
+    let id = proxy_param(&q)?;
+    let conn = s.connections.find_proxy(id).ok_or_else(|| Error::NotConnected(id.to_string()))?;
+    let include_eds = q.get("include_eds").is_some_and(|v| v == "true");
+    let dump = config_dump::config_dump(&conn, &s.push.snapshot(), include_eds)?;
+    let value = config_dump::to_json(&dump)?;
+    Ok(json_out(&q, &value))
+}
+
+async fn explain_handler(State(s): State<DebugState>, Query(q): Params) -> Result<Response, Error> {
+    let id = proxy_param(&q)?;
+    let conn = s.connections.find_proxy(id).ok_or_else(|| Error::NotConnected(id.to_string()))?;
+    let e = explain::explain(&conn, &s.push.snapshot(), &s.clusters);
+    Ok(json_out(&q, &e))
+}
+
+async fn registryz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snap = s.push.snapshot();
+    let services: Vec<_> = snap.services.values().map(|s| &**s).collect();
+    let mut by_cluster: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for svc in snap.services.values() {
+        for c in &svc.clusters {
+            by_cluster.entry(c.to_string()).or_default().push(svc.hostname.to_string());
+        }
+    }
+    json_out(
+        &q,
+        &json!({
+            "generation": snap.generation,
+            "clusters": &*snap.clusters_summary,
+            "services": services,
+            "servicesByCluster": by_cluster,
+            "gateways": &*snap.gateways,
+        }),
+    )
+}
+
+async fn endpointz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snap = s.push.snapshot();
+    let out: Vec<Value> = snap
+        .services
+        .values()
+        .map(|svc| {
+            let endpoints: Vec<Value> = svc
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.address,
+                        "ports": e.ports.iter().map(|(n, p)| json!({ "name": n, "port": p })).collect::<Vec<_>>(),
+                        "cluster": e.cluster,
+                        "network": e.network,
+                        "locality": e.locality,
+                        "health": e.health,
+                        "workload": e.workload.as_ref().map(|w| json!({ "name": w.name, "namespace": w.namespace, "serviceAccount": w.service_account })),
+                        "tlsMode": e.tls_mode(),
+                    })
+                })
+                .collect();
+            json!({
+                "service": svc.key.to_string(),
+                "hostname": svc.hostname,
+                "ports": svc.ports,
+                "clusters": svc.clusters,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json_out(&q, &out)
+}
+
+async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snap = s.push.snapshot();
+    let errors = (s.source_errors)();
+    let mut statuses: BTreeMap<ClusterId, ClusterStatus> =
+        s.clusters.list().into_iter().map(|c| (c.id.clone(), c)).collect();
+    for c in snap.clusters_summary.iter() {
+        statuses.entry(c.id.clone()).or_insert_with(|| ClusterStatus::new(c.id.clone(), ""));
+    }
+    let now = SystemTime::now();
+    let out: Vec<Value> = statuses
+        .values()
+        .map(|st| {
+            let summary = snap.clusters_summary.iter().find(|c| c.id == st.id);
+            let prefix = format!("cluster {}: ", st.id);
+            let errs: Vec<&str> = errors.iter().filter_map(|e| e.strip_prefix(&prefix)).collect();
+            let (mut endpoints, mut healthy) = (0usize, 0usize);
+            let mut regions: std::collections::BTreeSet<String> = Default::default();
+            for svc in snap.services.values() {
+                for e in svc.endpoints.iter().filter(|e| e.cluster == st.id) {
+                    endpoints += 1;
+                    healthy += usize::from(e.health == crate::model::Health::Healthy);
+                    if !e.locality.region.is_empty() {
+                        regions.insert(e.locality.region.to_string());
+                    }
+                }
+            }
+            json!({
+                "id": st.id,
+                "secretName": st.secret_name.clone().unwrap_or_default(),
+                "source": st.source,
+                "syncStatus": st.sync,
+                "network": summary.map(|c| c.network.to_string()).unwrap_or_default(),
+                "regions": regions,
+                "lastEvent": st.last_event.map(rfc3339),
+                "lastEventAgeSeconds": st.last_event.map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64()),
+                "unreachableSince": st.unreachable_since.map(rfc3339),
+                "lastError": st.last_error,
+                "objectErrors": st.object_errors,
+                "errors": errs,
+                "objects": summary.map(|c| json!({
+                    "namespaces": c.namespaces,
+                    "services": c.services,
+                    "endpointSlices": c.endpoint_slices,
+                    "nodes": c.nodes,
+                    "pods": c.pods,
+                })),
+                "endpoints": endpoints,
+                "healthyEndpoints": healthy,
+            })
+        })
+        .collect();
+    json_out(&q, &out)
+}
+
+async fn adsz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let conns: Vec<_> = s
+        .connections
+        .list()
+        .iter()
+        .map(|c| {
+            json!({
+                "id": c.id,
+                "proxy": &*c.proxy.id,
+                "key": &*c.proxy.key,
+                "flavor": c.flavor.as_str(),
+                "service": c.service.as_str(),
+                "kind": c.proxy.kind,
+                "client": c.proxy.client,
+                "clusterId": c.proxy.cluster_id,
+                "network": c.view().endpoints.network,
+                "locality": c.proxy.locality,
+                "connectedAt": rfc3339(c.connected_at),
+                "types": ResourceType::ALL.iter().zip(c.status()).map(|(t, st)| (t.short(), st)).collect::<BTreeMap<_, _>>(),
+                // per-type streams (beside istiod): one line per stream
+                "streams": c.stream_status().into_iter().map(|(id, st)| json!({"id": id, "status": st})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json_out(&q, &json!({ "totalClients": conns.len(), "connections": conns }))
+}
+
+async fn push_status(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snap = s.push.snapshot();
+    let pushes: Vec<Value> = s
+        .push
+        .push_log()
+        .list()
+        .iter()
+        .rev()
+        .map(|p| {
+            json!({
+                "generation": p.generation,
+                "trigger": p.trigger,
+                "types": p.types,
+                "time": rfc3339(p.time),
+                "durationMs": (p.duration.as_secs_f64() * 1e6).round() / 1e3,
+            })
+        })
+        .collect();
+    json_out(&q, &json!({ "generation": snap.generation, "ready": s.push.is_ready(), "pushes": pushes }))
+}
+
+async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Response {
+    json_out(&q, &(s.source_errors)())
+}
+
+/// Problems translation works around (failover without outlier detection, networks without a gateway,
+/// endpoints without mTLS, unresolved gateway hostnames, invalid DestinationRules), and resources proxies
+/// subscribe to that meshfed does not serve (`unknown-resource`: beside istiod, an EnvoyFilter that selects
+/// a service meshfed does not know).
+async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let mut out: Vec<Value> = s.push.warnings().iter().map(|w| json!(w)).collect();
+    for c in s.connections.list() {
+        for (t, st) in ResourceType::ALL.iter().zip(c.status()) {
+            if st.missing.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = st.missing.iter().map(|n| &**n).collect();
+            out.push(json!({
+                "kind": "unknown-resource",
+                "subject": &*c.proxy.id,
+                "message": format!(
+                    "proxy {} subscribes to {} {} that meshfed does not serve: {}; they get the protocol's \
+                     answer for a resource that does not exist (is the service federated, is its EnvoyFilter \
+                     selecting the right hosts?)",
+                    c.proxy.id,
+                    names.len(),
+                    t.short(),
+                    names.join(", ")
+                ),
+            }));
+        }
+    }
+    json_out(&q, &out)
+}
+
+/// Serves the debug surface on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: DebugState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// [`serve`] with a bearer token and/or TLS.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: DebugState,
+    access: DebugAccess,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut app = router(state);
+    if let Some(token) = access.token {
+        app = auth::require_bearer_token(app, token);
+    }
+    match access.tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        Some(config) => {
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        }
+    }
+}

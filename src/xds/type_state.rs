@@ -1,0 +1,382 @@
+//! What one stream tracks per resource type: the subscription (wildcard and/or names), what the client
+//! holds (name -> resource/version; optimistic while a response is in flight, rolled back on NACK), the
+//! versions it rejected (never re-sent until their content changes) and the responses awaiting an answer.
+//!
+//! While a client holds exactly its scope's resources, what it holds is the snapshot's own persistent map
+//! (`synced`), shared by every such stream and checked per push in O(changed names).
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use super::subscription::{self, NameSet};
+use crate::cache::{Resource, Resources};
+
+/// At most this many Delta responses are tracked awaiting ACK per type; older ones count as ACKed.
+pub(super) const MAX_PENDING: usize = 16;
+/// SotW responses kept until answered: a NACK that races newer pushes is still recorded. Fewer than
+/// Delta keeps, since every full-state SotW response holds the type's whole state.
+pub(super) const MAX_PENDING_SOTW: usize = 4;
+
+/// What the client holds of one resource: the resource sent, or (for a version a Delta client reported
+/// on reconnect, `initial_resource_versions`) a stand-in with that version ([`Resource::reported`]).
+pub(super) type Held = Arc<Resource>;
+
+fn entry_hash(name: &str, version: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
+}
+
+/// A response in flight: what each name held before it, to roll back on NACK.
+pub(super) type Inflight = Vec<(Arc<str>, Option<Held>)>;
+
+#[derive(Debug)]
+pub(super) struct TypeState {
+    pub(super) wildcard: bool,
+    /// the names subscribed, shared with every stream subscribed to the same names
+    pub(super) names: Arc<NameSet>,
+    /// what the client holds, by name. A persistent map: while the client holds exactly what its scope
+    /// has, this is the snapshot's own map (`synced`), shared by every such stream.
+    pub(super) held: Resources,
+    /// xor of entry hashes of `held`: an order-independent, content-derived SotW version
+    pub(super) held_hash: u64,
+    /// `held` equals (is) the scope's map of this snapshot generation
+    pub(super) synced: Option<u64>,
+    pub(super) rejected: HashMap<Arc<str>, Arc<str>>,
+    /// names to send again at the next push even if unchanged (EDS after its cluster changed)
+    pub(super) dirty: HashSet<Arc<str>>,
+    /// every unanswered response (nonce, what it carried), oldest first (at most [`MAX_PENDING_SOTW`] /
+    /// [`MAX_PENDING`])
+    pub(super) pending: VecDeque<(String, Inflight)>,
+    /// SotW: the nonce of the latest response sent (kept after its ACK: later requests carry it too)
+    pub(super) last_nonce: Option<String>,
+    /// SotW: fingerprint of the last requested name list (see [`SotwRequest::names_fingerprint`])
+    pub(super) names_fingerprint: u64,
+    /// the client ACKed a response of this type
+    pub(super) acked: bool,
+    /// names subscribed that meshfed does not serve (see `Stream::refresh_missing`)
+    pub(super) missing: Vec<Arc<str>>,
+}
+
+impl TypeState {
+    pub(super) fn new() -> Self {
+        TypeState {
+            wildcard: false,
+            names: subscription::empty(),
+            held: Resources::new(),
+            held_hash: 0,
+            synced: None,
+            rejected: HashMap::new(),
+            dirty: HashSet::new(),
+            pending: VecDeque::new(),
+            last_nonce: None,
+            names_fingerprint: 0,
+            acked: false,
+            missing: Vec::new(),
+        }
+    }
+
+    pub(super) fn wants(&self, name: &str, r: Option<&Resource>) -> bool {
+        self.names.contains(name) || (self.wildcard && r.is_none_or(|r| r.wildcard))
+    }
+
+    pub(super) fn set_held(&mut self, name: Arc<str>, held: Option<Held>) -> Option<Held> {
+        self.synced = None;
+        let old = match held {
+            Some(h) => {
+                self.held_hash ^= entry_hash(&name, &h.version);
+                self.held.insert(name.clone(), h)
+            }
+            None => self.held.remove(&name),
+        };
+        if let Some(o) = &old {
+            self.held_hash ^= entry_hash(&name, &o.version);
+        }
+        old
+    }
+
+    pub(super) fn sotw_version(&self) -> String {
+        format!("{:016x}", self.held_hash)
+    }
+
+    /// Is `r` something to send: different from what the client holds (or to be sent again), and not a
+    /// version it rejected?
+    pub(super) fn needs(&self, r: &Resource) -> bool {
+        (self.dirty.contains(&r.name) || self.held.get(&r.name).is_none_or(|h| h.version != r.version))
+            && self.rejected.get(&r.name).is_none_or(|v| *v != r.version)
+    }
+
+    /// Records that the client will hold `sent` (entries of `current`) and no longer `removed`; returns
+    /// what each held before (to roll back on NACK). `current` is the scope's map at `generation`; `considered` the names the
+    /// update looked at (None: all of them). When the client then holds exactly `current`, `held` becomes
+    /// `current` itself: O(1), and shared with the snapshot instead of a copy per stream.
+    pub(super) fn record(
+        &mut self,
+        sent: &[Arc<Resource>],
+        removed: &[Arc<str>],
+        current: &Resources,
+        considered: Option<&BTreeSet<Arc<str>>>,
+        from: u64,
+        generation: u64,
+    ) -> Inflight {
+        let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
+        inflight.extend(sent.iter().map(|r| (r.name.clone(), self.held.get(&r.name).cloned())));
+        inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
+        self.dirty.clear();
+        // The first answer of a type: the client held nothing and gets all of `current` (the responders
+        // take `sent` from `current`).
+        if considered.is_none() && self.held.is_empty() && removed.is_empty() && sent.len() == current.len() {
+            for r in sent {
+                self.held_hash ^= entry_hash(&r.name, &r.version);
+            }
+            self.held = current.clone();
+            self.synced = Some(generation);
+            return inflight;
+        }
+        // An update of a client that held the map of generation `from`, considering every name changed
+        // since: only those can differ, so checking them says whether it holds the new map.
+        if let Some(c) = considered
+            && self.synced == Some(from)
+        {
+            // (a push changes a few names: a map only when there are many)
+            let by_name: Option<HashMap<&str, &str>> =
+                (sent.len() > 8).then(|| sent.iter().map(|r| (&*r.name, &*r.version)).collect());
+            let after = |n: &Arc<str>| -> Option<&str> {
+                let found = match &by_name {
+                    Some(m) => m.get(&**n).copied(),
+                    None => sent.iter().find(|r| r.name == *n).map(|r| &*r.version),
+                };
+                if let Some(v) = found {
+                    return Some(v);
+                }
+                if removed.contains(n) {
+                    return None;
+                }
+                self.held.get(n).map(|r| &*r.version)
+            };
+            if c.iter().all(|n| after(n) == current.get(n).map(|r| &*r.version)) {
+                for (name, prev) in &inflight {
+                    if let Some(p) = prev {
+                        self.held_hash ^= entry_hash(name, &p.version);
+                    }
+                }
+                for r in sent {
+                    self.held_hash ^= entry_hash(&r.name, &r.version);
+                }
+                self.held = current.clone();
+                self.synced = Some(generation);
+                return inflight;
+            }
+        }
+        for r in sent {
+            self.set_held(r.name.clone(), Some(r.clone()));
+        }
+        for n in removed {
+            self.set_held(n.clone(), None);
+        }
+        if considered.is_none() {
+            self.resync(current, generation);
+        }
+        inflight
+    }
+
+    /// Shares `current` as `held` if the client holds exactly what it has (O(n): after full evaluations
+    /// and subscription changes only).
+    pub(super) fn resync(&mut self, current: &Resources, generation: u64) {
+        if self.held.len() == current.len()
+            && current.iter().all(|(n, r)| self.held.get(n).is_some_and(|h| h.version == r.version))
+        {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        } else {
+            tracing::trace!(held = self.held.len(), scope = current.len(), "client holds other than its scope");
+            self.synced = None;
+        }
+    }
+
+    /// An update that sent nothing: whether the client holds exactly `current` now (the considered
+    /// names checked, or all of them).
+    pub(super) fn unchanged(
+        &mut self,
+        current: &Resources,
+        considered: Option<&BTreeSet<Arc<str>>>,
+        from: u64,
+        generation: u64,
+    ) {
+        self.dirty.clear();
+        let Some(c) = considered else { return self.resync(current, generation) };
+        let same = |n: &Arc<str>| self.held.get(n).map(|r| &r.version) == current.get(n).map(|r| &r.version);
+        if self.synced == Some(from) && c.iter().all(same) {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        } else {
+            self.synced = None;
+        }
+    }
+
+    /// Nothing of this type changed since generation `from`: a synced client holds its scope's new map.
+    pub(super) fn advance(&mut self, current: &Resources, from: u64, generation: u64) {
+        if self.synced == Some(from) {
+            self.held = current.clone();
+            self.synced = Some(generation);
+        }
+    }
+}
+
+/// Of a NACKed response (`inflight`, formerly at `pending[i]`), the names that a newer response
+/// still in flight carries again. The client's state for those follows the newer response, so they
+/// must not be rolled back (that would overwrite what the newer response recorded); instead the newer
+/// response takes over what the client kept, in case it is NACKed too. Returns the other names.
+pub(super) fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Inflight) -> Inflight {
+    let mut own = Inflight::new();
+    for (name, prev) in inflight {
+        let newer = ts.pending.iter_mut().skip(i).find_map(|(_, f)| f.iter_mut().find(|(n, _)| *n == name));
+        match newer {
+            Some((_, newer_prev)) => {
+                // The newer response's predecessor is what the NACKed one sent: the rejected version.
+                if let Some(sent) = newer_prev.as_ref()
+                    && prev.as_ref().is_none_or(|p| p.version != sent.version)
+                {
+                    ts.rejected.insert(name.clone(), sent.version.clone());
+                }
+                *newer_prev = prev;
+            }
+            None => own.push((name, prev)),
+        }
+    }
+    own
+}
+
+/// Undoes a NACKed response: the client kept what it had; the versions it rejected are remembered.
+pub(super) fn rollback(ts: &mut TypeState, inflight: Inflight) {
+    for (name, prev) in inflight.into_iter().rev() {
+        if let Some(sent) = ts.held.get(&name).cloned()
+            && prev.as_ref().is_none_or(|p| p.version != sent.version)
+        {
+            ts.rejected.insert(name.clone(), sent.version.clone());
+        }
+        ts.set_held(name, prev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+
+    use super::*;
+    use crate::translate::Named;
+
+    fn cla(name: &str, n: usize) -> Arc<Resource> {
+        let c = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![Default::default(); n],
+            ..Default::default()
+        };
+        Resource::encode(Named::new(name, c))
+    }
+
+    fn scope(entries: &[Arc<Resource>]) -> Resources {
+        entries.iter().map(|r| (r.name.clone(), r.clone())).collect()
+    }
+
+    fn subscribed(names: &[&str]) -> TypeState {
+        let mut ts = TypeState::new();
+        ts.names = subscription::intern(names.iter().map(|n| Arc::from(*n)).collect());
+        ts
+    }
+
+    fn hash_of(held: &Resources) -> u64 {
+        held.iter().fold(0, |h, (n, r)| h ^ entry_hash(n, &r.version))
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<Arc<str>> {
+        names.iter().map(|n| Arc::from(*n)).collect()
+    }
+
+    #[test]
+    fn a_client_holding_its_scope_shares_the_snapshot_map() {
+        let (a, b, c) = (cla("a", 1), cla("b", 1), cla("c", 1));
+        let g1 = scope(&[a.clone(), b.clone(), c.clone()]);
+        let mut ts = subscribed(&["a", "b", "c"]);
+        // the initial full answer
+        let inflight = ts.record(&[a.clone(), b.clone(), c.clone()], &[], &g1, None, 0, 1);
+        assert_eq!(inflight.len(), 3);
+        assert_eq!(ts.synced, Some(1));
+        assert!(ts.held.ptr_eq(&g1), "held is the snapshot's map itself");
+        assert_eq!(ts.held_hash, hash_of(&g1));
+        // one assignment changes in the next snapshot: sent, and still shared
+        let b2 = cla("b", 2);
+        let mut g2 = g1.clone();
+        g2.insert(b2.name.clone(), b2.clone());
+        let inflight = ts.record(std::slice::from_ref(&b2), &[], &g2, Some(&set(&["b"])), 1, 2);
+        assert_eq!(inflight[0].1.as_ref().map(|r| r.version.clone()), Some(b.version.clone()));
+        assert_eq!(ts.synced, Some(2));
+        assert!(ts.held.ptr_eq(&g2));
+        assert_eq!(ts.held_hash, hash_of(&g2));
+        // a removal
+        let mut g3 = g2.clone();
+        g3.remove("c");
+        ts.record(&[], &["c".into()], &g3, Some(&set(&["c"])), 2, 3);
+        assert!(ts.held.ptr_eq(&g3));
+        assert_eq!(ts.held_hash, hash_of(&g3));
+        // a snapshot that changes nothing of the type
+        let g4 = g3.clone();
+        ts.advance(&g4, 3, 4);
+        assert_eq!(ts.synced, Some(4));
+    }
+
+    #[test]
+    fn a_client_holding_something_else_keeps_its_own_state() {
+        let (a, b) = (cla("a", 1), cla("b", 1));
+        let g1 = scope(&[a.clone(), b.clone()]);
+        // subscribed to `a` only: it never holds the whole scope
+        let mut ts = subscribed(&["a"]);
+        ts.record(std::slice::from_ref(&a), &[], &g1, None, 0, 1);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.len(), 1);
+        // a rejected version is not held: not synced, and the held version stays the old one
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
+        assert_eq!(ts.synced, Some(1));
+        let a2 = cla("a", 2);
+        let mut g2 = g1.clone();
+        g2.insert(a2.name.clone(), a2.clone());
+        ts.rejected.insert(a2.name.clone(), a2.version.clone());
+        ts.unchanged(&g2, Some(&set(&["a"])), 1, 2);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a.version);
+        assert_eq!(ts.held_hash, hash_of(&ts.held));
+        // an update that skipped a generation cannot be trusted to be complete
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
+        ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 4, 5);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a2.version);
+        // a full evaluation finds it in sync again
+        ts.resync(&g2, 5);
+        assert!(ts.held.ptr_eq(&g2));
+    }
+
+    #[test]
+    fn a_nack_rolls_back_out_of_sync_and_reported_versions_resync() {
+        let (a, b) = (cla("a", 1), cla("b", 1));
+        let g1 = scope(&[a.clone(), b.clone()]);
+        let mut ts = subscribed(&["a", "b"]);
+        ts.record(&[a.clone(), b.clone()], &[], &g1, None, 0, 1);
+        let a2 = cla("a", 2);
+        let mut g2 = g1.clone();
+        g2.insert(a2.name.clone(), a2.clone());
+        let inflight = ts.record(std::slice::from_ref(&a2), &[], &g2, Some(&set(&["a"])), 1, 2);
+        assert!(ts.held.ptr_eq(&g2));
+        rollback(&mut ts, inflight);
+        assert_eq!(ts.synced, None);
+        assert_eq!(ts.held.get("a").unwrap().version, a.version);
+        assert_eq!(ts.rejected.get("a"), Some(&a2.version));
+        assert_eq!(ts.held_hash, hash_of(&ts.held));
+        // a Delta client reporting exactly the scope's versions is in sync without being sent anything
+        let mut ts = subscribed(&["a", "b"]);
+        ts.set_held("a".into(), Some(Resource::reported("a", &a.version)));
+        ts.set_held("b".into(), Some(Resource::reported("b", &b.version)));
+        ts.unchanged(&g1, None, 0, 1);
+        assert_eq!(ts.synced, Some(1));
+        assert!(ts.held.ptr_eq(&g1));
+    }
+}
