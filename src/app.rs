@@ -105,6 +105,8 @@ impl XdsListener {
 pub struct DebugListener {
     pub listen: Listen,
     pub access: DebugAccess,
+    /// meshfed serves the built-in demo (no mesh config given): the debug surface says so on every page
+    pub demo: bool,
 }
 
 /// Everything [`App::start`] needs.
@@ -193,7 +195,7 @@ impl App {
         let mut debug_address = None;
         let debug_task = match debug {
             None => None,
-            Some(DebugListener { listen, access }) => {
+            Some(DebugListener { listen, access, demo }) => {
                 let addr = listen.address().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
                 let listener = listen.bind().await.map_err(|source| Error::Bind { what: "debug", addr, source })?;
                 debug_address = listener.local_addr().ok();
@@ -202,6 +204,7 @@ impl App {
                     connections: connections.clone(),
                     source_errors: source_errors(files.as_ref(), &clusters),
                     clusters: clusters.clone(),
+                    demo,
                 };
                 info!(address = ?debug_address, "debug server listening");
                 Some(tokio::spawn(crate::debug::serve_with(listener, state, access, stopped(shutdown_rx.clone()))))

@@ -239,9 +239,18 @@ async fn serve(args: ServeArgs) -> Result<()> {
         drain_timeout: args.drain_timeout,
         ..Default::default()
     };
+    let demo = args.mesh_config.is_none();
     let path = match args.mesh_config {
         Some(p) => p,
-        None => meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?,
+        None => {
+            let path = meshfed::demo::mesh_config_path(&std::env::temp_dir().join("meshfed-demo"))?;
+            tracing::warn!(
+                config = %path.display(),
+                "NO --mesh-config: SERVING THE BUILT-IN DEMO TOPOLOGY (two clouds on loopback addresses), not your \
+                 clusters. In production, mount the mesh config and pass --mesh-config (or MESHFED_MESH_CONFIG)"
+            );
+            path
+        }
     };
     let mesh = MeshConfig::load(&path)?;
     info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
@@ -260,7 +269,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         mesh,
         sources: Sources::Mesh { allow_exec_auth: args.allow_exec_auth },
         xds,
-        debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access }),
+        debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access, demo }),
         gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
     };
     let app = App::start(options).await?;

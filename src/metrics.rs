@@ -55,7 +55,8 @@ pub enum Refusal {
     Connections,
     /// a socket closed at accept: `--max-connections` + the pending allowance are open
     Sockets,
-    /// a stream over the connection's `--max-streams-per-connection` (RESOURCE_EXHAUSTED)
+    /// a stream over the connection's `--max-streams-per-connection`: RST_STREAM(REFUSED_STREAM) over the
+    /// advertised SETTINGS_MAX_CONCURRENT_STREAMS, RESOURCE_EXHAUSTED for an in-process stream
     Streams,
     /// a request over `--max-message-size` (RESOURCE_EXHAUSTED)
     MessageSize,

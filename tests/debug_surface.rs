@@ -35,7 +35,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use serde_json::Value;
-use support::{ChildGuard, Meshfed, bootstrap, poll_until, start_envoy, start_meshfed};
+use support::{ChildGuard, Meshfed, bootstrap, poll_until, start_envoy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -89,9 +89,13 @@ struct Setup {
 
 impl Setup {
     async fn start(octet: u8) -> Setup {
+        Setup::start_with(octet, &support::MeshfedOptions::default()).await
+    }
+
+    async fn start_with(octet: u8, options: &support::MeshfedOptions) -> Setup {
         let dir = tempfile::Builder::new().prefix("meshfed-debug-surface-").tempdir().expect("temp dir");
         let mesh = meshfed_testkit::server::copy_demo(dir.path(), octet);
-        let meshfed = start_meshfed(&mesh).await.expect("meshfed starts");
+        let meshfed = support::start_meshfed_with(&mesh, options).await.expect("meshfed starts");
         Setup { dir, octet, meshfed }
     }
 
@@ -585,7 +589,10 @@ async fn web_ui_in_headless_chromium() {
         "tests/ui/node_modules is missing: run `npm ci` in tests/ui (scripts/test-all.sh does)"
     );
 
-    let setup = Setup::start(83).await;
+    // as deployed: the debug surface behind a token, which the page asks for
+    let token = "ui-test-token-0123456789abcdef";
+    let options = support::MeshfedOptions { debug_token: Some(token.to_string()), ..Default::default() };
+    let setup = Setup::start_with(83, &options).await;
     let sidecar_id = "sidecar~127.83.50.1~client-0.shop~shop.svc.cluster.local";
     let yaml = bootstrap(sidecar_id, setup.meshfed.xds_port, false, 0, "aws-use1", "aws-net", "us-east-1/us-east-1a");
     let _envoy = start_envoy(&yaml).await.expect("Envoy starts");
@@ -604,6 +611,7 @@ async fn web_ui_in_headless_chromium() {
         "newEndpoint": new_endpoint,
         "artifacts": artifacts,
         "chromium": chromium,
+        "token": token,
     });
     let expected_file = setup.dir.path().join("ui-expected.json");
     std::fs::write(&expected_file, expected.to_string()).unwrap();

@@ -655,7 +655,7 @@ async fn the_drain_deadline_closes_connections_that_linger() {
 async fn debug_server(access: meshfed::debug::DebugAccess) -> meshfed::app::App {
     let (mesh, initial) = meshfed_testkit::fuzz::demo_events();
     let mut options = meshfed::app::Options::in_process(mesh, initial);
-    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access });
+    options.debug = Some(meshfed::app::DebugListener { listen: meshfed::app::Listen::loopback(), access, demo: false });
     meshfed::app::App::start(options).await.unwrap()
 }
 
@@ -689,9 +689,23 @@ async fn the_debug_server_requires_its_bearer_token() {
     assert_eq!(get("/debug/config_dump?proxyID=a.b", Some("0123456789abcdef-test-toke")).await, 401);
     assert_eq!(get("/debug/syncz", Some(token)).await, 200);
     assert_eq!(get("/metrics", None).await, 401);
-    // the probes stay open
-    assert_eq!(get("/healthz", None).await, 200);
-    assert_eq!(get("/ready", None).await, 200);
+    // the probes stay open, and the web UI's static files (they hold no data; the page asks for the token)
+    for open in ["/healthz", "/ready", "/", "/ui/proxy", "/ui/app.js", "/ui/style.css", "/favicon.ico"] {
+        assert_eq!(get(open, None).await, 200, "{open}");
+    }
+    // the web UI's cookie carries the token as well as the Authorization header
+    let cookie_get = |path: &'static str, cookie: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = bounded("a debug response", tcp.read_to_end(&mut raw)).await;
+        String::from_utf8_lossy(&raw).split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).unwrap_or(0)
+    };
+    assert_eq!(cookie_get("/debug/syncz", "a=b; meshfed-debug-token=0123456789abcdef-test-token").await, 200);
+    assert_eq!(cookie_get("/metrics", "meshfed-debug-token=0123456789abcdef-test-token").await, 200);
+    assert_eq!(cookie_get("/debug/syncz", "meshfed-debug-token=wrong-token-0123456789").await, 401);
+    assert_eq!(cookie_get("/debug/syncz", "other-meshfed-debug-token=0123456789abcdef-test-token").await, 401);
 }
 
 #[tokio::test]

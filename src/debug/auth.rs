@@ -17,8 +17,17 @@ pub struct DebugAccess {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-/// Requires `Authorization: Bearer <token>` on every path but the probes (`/healthz`, `/ready`); 401
-/// otherwise. The comparison takes the same time wherever the tokens differ.
+/// The cookie the web UI keeps the token in once a user entered it (so that links the browser follows,
+/// such as a config dump or `/metrics`, carry it too).
+pub const TOKEN_COOKIE: &str = "meshfed-debug-token";
+
+/// Paths open without the token: the probes, and the web UI's static files (they hold no data; the page
+/// asks for the token when the JSON endpoints answer 401).
+const OPEN_PATHS: &[&str] = &["/healthz", "/ready", "/", "/ui/proxy", "/ui/app.js", "/ui/style.css", "/favicon.ico"];
+
+/// Requires the token on every path but [`OPEN_PATHS`]: `Authorization: Bearer <token>` (Prometheus,
+/// curl, istioctl) or the [`TOKEN_COOKIE`] cookie (the web UI); 401 otherwise. The comparison takes the
+/// same time wherever the tokens differ.
 pub fn require_bearer_token(router: Router, token: Arc<str>) -> Router {
     router.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
         let token = token.clone();
@@ -30,8 +39,15 @@ pub fn require_bearer_token(router: Router, token: Arc<str>) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::trim);
-            let ok = matches!(path, "/healthz" | "/ready")
-                || presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+            let cookie = req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| c.trim().strip_prefix(TOKEN_COOKIE)?.strip_prefix('='));
+            let matches = |p: Option<&str>| p.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+            let ok = OPEN_PATHS.contains(&path) || matches(presented) || matches(cookie);
             if ok {
                 next.run(req).await
             } else {

@@ -84,7 +84,13 @@ pub struct DebugState {
     pub source_errors: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     /// every cluster's source status (sync state, reachability, last event)
     pub clusters: ClusterHealth,
+    /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
+    pub demo: bool,
 }
+
+/// The warning (and banner) of a meshfed serving its built-in demo.
+pub const DEMO_WARNING: &str = "meshfed serves its BUILT-IN DEMO topology (no --mesh-config was given), not your \
+     clusters: in production, mount the mesh config and pass --mesh-config";
 
 // ---------------------------------------------------------------------------------------------
 // Sync status (istiod's /debug/syncz)
@@ -228,7 +234,12 @@ async fn metrics(State(s): State<DebugState>) -> Result<Response, Error> {
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
-async fn index() -> Html<String> {
+async fn index(State(s): State<DebugState>) -> Html<String> {
+    let banner = if s.demo {
+        format!("<p class=\"banner\" role=\"alert\">{}</p>", html_escape(DEMO_WARNING))
+    } else {
+        String::new()
+    };
     let mut rows = String::new();
     for (path, what) in ENDPOINTS {
         let href = path.split('?').next().unwrap_or(path);
@@ -236,7 +247,7 @@ async fn index() -> Html<String> {
     }
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>meshfed debug</title><link rel=\"icon\" href=\"/favicon.ico\">\
-         <link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body class=\"plain\"><h1>meshfed debug</h1>\
+         <link rel=\"stylesheet\" href=\"/ui/style.css\"></head><body class=\"plain\">{banner}<h1>meshfed debug</h1>\
          <table class=\"grid\"><thead><tr><th>endpoint</th><th>what</th></tr></thead><tbody>{rows}</tbody></table>\
          <p>JSON endpoints indent their output with <code>?pretty</code>.</p></body></html>"
     ))
@@ -447,6 +458,9 @@ async fn source_errors(State(s): State<DebugState>, Query(q): Params) -> Respons
 /// a service meshfed does not know).
 async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
     let mut out: Vec<Value> = s.push.warnings().iter().map(|w| json!(w)).collect();
+    if s.demo {
+        out.insert(0, json!({ "kind": "built-in-demo", "subject": "mesh config", "message": DEMO_WARNING }));
+    }
     for c in s.connections.list() {
         for (t, st) in ResourceType::ALL.iter().zip(c.status()) {
             if st.missing.is_empty() {

@@ -57,12 +57,26 @@ impl StreamContext {
         }
     }
 
-    /// With a workload identity outside the system namespace, the istioctl debug types only show the
-    /// proxies of the identity's namespace.
-    pub(super) fn debug_scope(&self) -> Option<&str> {
+    /// Who may read istioctl's debug types over xDS (as istiod with `ENABLE_DEBUG_ENDPOINT_AUTH`): a
+    /// workload identity of the system namespace sees every proxy, any other workload identity only the
+    /// proxies of its namespace (`Ok(Some(ns))`). A caller without an identity is served only on a loopback
+    /// connection (`istioctl` through `kubectl port-forward`, or in-process), else PERMISSION_DENIED.
+    pub(super) fn debug_scope(&self) -> Result<Option<&str>, Status> {
         match self.peer() {
-            PeerAuth::Workload(id) if id.namespace != crate::registry::SYSTEM_NAMESPACE => Some(&id.namespace),
-            _ => None,
+            PeerAuth::Workload(id) if id.namespace != crate::registry::SYSTEM_NAMESPACE => Ok(Some(&id.namespace)),
+            PeerAuth::Workload(_) => Ok(None),
+            PeerAuth::Unusable(reason) => Err(Status::permission_denied(format!("meshfed: {reason}"))),
+            PeerAuth::Anonymous => {
+                let remote = self.conn.as_ref().and_then(|c| c.0.remote);
+                if remote.is_none_or(|a| a.ip().is_loopback()) {
+                    Ok(None)
+                } else {
+                    Err(Status::permission_denied(
+                        "meshfed: istio.io/debug/* over xDS needs an authenticated caller (a mesh certificate on \
+                         the mTLS port) or a loopback connection",
+                    ))
+                }
+            }
         }
     }
 
@@ -143,5 +157,40 @@ pub(super) async fn drained(drain: &mut Option<watch::Receiver<bool>>) {
             let _ = rx.wait_for(|d| *d).await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::tls::SpiffeId;
+    use crate::xds::limits::{ConnState, Limits};
+
+    fn context(remote: Option<&str>, peer: PeerAuth) -> StreamContext {
+        let remote = remote.map(|r| r.parse().unwrap());
+        let state = ConnState::new(remote, peer, true, Arc::new(Limits::default()), Arc::default());
+        StreamContext { conn: Some(ConnInfo(Arc::new(state))), ..Default::default() }
+    }
+
+    fn workload(ns: &str) -> PeerAuth {
+        PeerAuth::Workload(SpiffeId::parse(&format!("spiffe://cluster.local/ns/{ns}/sa/x")).unwrap())
+    }
+
+    #[test]
+    fn debug_types_need_an_identity_or_loopback() {
+        // istio-system sees everything; another namespace only itself
+        assert_eq!(context(Some("10.0.0.1:5000"), workload("istio-system")).debug_scope().unwrap(), None);
+        assert_eq!(context(Some("10.0.0.1:5000"), workload("shop")).debug_scope().unwrap(), Some("shop"));
+        // without an identity: loopback (port-forward, in-process) only
+        assert_eq!(context(Some("127.0.0.1:5000"), PeerAuth::Anonymous).debug_scope().unwrap(), None);
+        assert_eq!(context(Some("[::1]:5000"), PeerAuth::Anonymous).debug_scope().unwrap(), None);
+        assert_eq!(StreamContext::default().debug_scope().unwrap(), None);
+        let denied = context(Some("10.0.0.1:5000"), PeerAuth::Anonymous).debug_scope().unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(denied.message().contains("authenticated"), "{}", denied.message());
+        let unusable = context(Some("10.0.0.1:5000"), PeerAuth::Unusable("no SPIFFE id".into()));
+        assert_eq!(unusable.debug_scope().unwrap_err().code(), tonic::Code::PermissionDenied);
     }
 }

@@ -21,7 +21,7 @@ impl Stream {
             // istioctl-style debug types are answered: the first request of the type on the stream,
             // whatever nonce it carries (see the SotW side)
             if crate::type_url::is_debug_type(&req.type_url) && self.first_of_other_type(&req.type_url) {
-                let resources = self.debug_resources(&req.type_url, &req.resource_names_subscribe);
+                let resources = self.debug_resources(&req.type_url, &req.resource_names_subscribe)?;
                 let raw = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse {
                     type_url: req.type_url.clone(),
                     nonce: self.next_nonce(),

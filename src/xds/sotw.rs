@@ -31,7 +31,7 @@ impl Stream {
             // istioctl-style debug types (istio.io/debug/syncz, istio.io/debug/config_dump) get their
             // answer; any other unknown type an empty one.
             let names = request.names().map_err(|e| Status::invalid_argument(format!("malformed xDS request: {e}")))?;
-            let resources = self.debug_resources(&req.type_url, &names).into_iter().map(|(_, any)| any).collect();
+            let resources = self.debug_resources(&req.type_url, &names)?.into_iter().map(|(_, any)| any).collect();
             let raw = envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
                 type_url: req.type_url.clone(),
                 nonce,

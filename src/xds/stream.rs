@@ -445,16 +445,19 @@ impl Stream {
         &self,
         type_url: &str,
         names: &[String],
-    ) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
-        let scope = self.context.debug_scope();
+    ) -> Result<Vec<(String, envoy_types::pb::google::protobuf::Any)>, Status> {
+        if !crate::type_url::is_debug_type(type_url) {
+            return Ok(Vec::new());
+        }
+        let scope = self.context.debug_scope()?;
         let allowed = |name: &str| scope.is_none_or(|ns| proxy_namespace(name).as_deref() == Some(ns));
         let names: Vec<String> = names.iter().filter(|n| allowed(n)).cloned().collect();
-        let Some(debug) = &self.context.debug else { return Vec::new() };
+        let Some(debug) = &self.context.debug else { return Ok(Vec::new()) };
         let mut out = debug.resources(type_url, &names);
         if type_url == crate::type_url::TYPE_DEBUG_SYNCZ {
             out.retain(|(name, _)| allowed(name));
         }
-        out
+        Ok(out)
     }
 
     pub(super) fn current(&self, t: ResourceType) -> Resources {

@@ -91,8 +91,32 @@
 
   // ---- data ----
 
+  // With a debug token (--debug-token-file), the JSON endpoints answer 401 until the browser presents it:
+  // the page asks for it once and keeps it in a cookie for this site, so that links (a config dump,
+  // /metrics) carry it too.
+  var TOKEN_COOKIE = "meshfed-debug-token";
+  var asking = false;
+
+  function askForToken() {
+    if (asking) return;
+    asking = true;
+    var input = h("input", { id: "token-input", type: "password", autocomplete: "off", placeholder: "debug token" });
+    var form = h("form", { id: "token-form", class: "token-form" },
+      h("p", null, "This meshfed requires its debug token (the Secret meshfed-debug-token, key token)."),
+      input, h("button", { type: "submit", text: "Open" }));
+    form.onsubmit = function (ev) {
+      ev.preventDefault();
+      document.cookie = TOKEN_COOKIE + "=" + input.value.trim() + "; path=/; SameSite=Strict" +
+        (location.protocol === "https:" ? "; Secure" : "");
+      location.reload();
+    };
+    replace(document.getElementById("app"), form);
+    input.focus();
+  }
+
   function getJSON(url) {
-    return fetch(url, { cache: "no-store" }).then(function (r) {
+    return fetch(url, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
+      if (r.status === 401) askForToken();
       if (!r.ok) {
         return r.text().then(function (t) {
           var e = new Error(url + ": " + r.status + " " + t.trim());
@@ -266,6 +290,11 @@
         replace(body("proxies"), renderProxies(r[2]));
         replace(body("pushes"), renderPushes(r[3]));
         replace(body("warnings"), renderWarnings(r[4]));
+        // a meshfed serving its built-in demo says so on top of every page (a mis-mounted mesh config)
+        var demo = r[4].filter(function (w) { return w.kind === "built-in-demo"; })[0];
+        var banner = document.getElementById("demo-banner");
+        banner.hidden = !demo;
+        banner.textContent = demo ? demo.message : "";
         setLive(true, "live · generation " + r[3].generation + " · " + new Date().toLocaleTimeString());
         document.body.setAttribute("data-loaded", "1");
       }, function (e) {

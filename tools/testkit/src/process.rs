@@ -245,6 +245,8 @@ pub struct Meshfed {
     pub xds_port: u16,
     pub debug_port: u16,
     pub guard: ChildGuard,
+    /// the debug token the requests of [`Meshfed::debug_get`] carry ([`MeshfedOptions::debug_token`])
+    pub debug_token: Option<String>,
 }
 
 impl Meshfed {
@@ -256,9 +258,10 @@ impl Meshfed {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.debug_port))
     }
 
-    /// GET on the debug server: (status, body).
+    /// GET on the debug server (with the debug token, if any): (status, body).
     pub async fn debug_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(self.debug_address(), "127.0.0.1", path).await
+        let auth = self.debug_token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n"));
+        http_get_with(self.debug_address(), "127.0.0.1", path, auth.as_deref().unwrap_or("")).await
     }
 
     /// GET on the debug server, parsed as JSON; fails on a status other than 200.
@@ -312,6 +315,8 @@ pub struct MeshfedOptions {
     pub xds_tls: Option<(PathBuf, PathBuf, Option<PathBuf>)>,
     /// more arguments for `meshfed serve`
     pub args: Vec<String>,
+    /// require this debug token (`--debug-token-file`); [`Meshfed::debug_get`] presents it
+    pub debug_token: Option<String>,
 }
 
 /// [`start_meshfed`] with options (fixed ports, TLS, more flags).
@@ -347,8 +352,14 @@ pub async fn start_meshfed_with(mesh_path: &Path, options: &MeshfedOptions) -> R
             .args(&options.args)
             .env("RUST_LOG", log)
             .env("NO_COLOR", "1");
-        let guard = ChildGuard::spawn("meshfed", &mut cmd)?;
-        let mut meshfed = Meshfed { xds_port, debug_port, guard };
+        let dir = tempfile::Builder::new().prefix("meshfed-test-").tempdir()?;
+        if let Some(token) = &options.debug_token {
+            let file = dir.path().join("debug-token");
+            std::fs::write(&file, token)?;
+            cmd.arg("--debug-token-file").arg(file);
+        }
+        let guard = ChildGuard::spawn_in(dir, "meshfed", &mut cmd)?;
+        let mut meshfed = Meshfed { xds_port, debug_port, guard, debug_token: options.debug_token.clone() };
         let deadline = Instant::now() + START_TIMEOUT;
         let outcome: Result<()> = loop {
             if let Some(status) = meshfed.guard.try_exited() {
@@ -797,10 +808,22 @@ pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, 
         .with_context(|| format!("GET http://{addr}{path} (Host {host})"))
 }
 
+/// [`http_get`] with more header lines (`extra`: complete lines, each ending in CRLF).
+pub async fn http_get_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Result<(u16, String)> {
+    tokio::time::timeout(HTTP_TIMEOUT, http_get_unbounded_with(addr, host, path, extra))
+        .await
+        .map_err(|_| anyhow!("GET http://{addr}{path} (Host {host}): no complete response within {HTTP_TIMEOUT:?}"))?
+        .with_context(|| format!("GET http://{addr}{path} (Host {host})"))
+}
+
 async fn http_get_unbounded(addr: SocketAddr, host: &str, path: &str) -> Result<(u16, String)> {
+    http_get_unbounded_with(addr, host, path, "").await
+}
+
+async fn http_get_unbounded_with(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr).await?;
     let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshfed-test\r\nConnection: close\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: meshfed-test\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
