@@ -124,26 +124,12 @@ pub struct Sessions(Mutex<HashMap<SessionKey, Weak<ProxySession>>>);
 pub type SessionKey = (Arc<str>, u64);
 
 impl Sessions {
-    /// The key of `node` in the table.
+    /// The key of `node` in the table. (Its metadata is a map, with maps nested in it (`LABELS`,
+    /// `PLATFORM_METADATA`, ...): prost encodes them in an order that differs between two decodings of the
+    /// same bytes, so the node is hashed in its canonical encoding, every map sorted by key.)
     pub fn key(node: &Node) -> SessionKey {
-        use prost::Message;
-        // (metadata is a map: its encoding's order is arbitrary, so it is hashed field by field in key order)
-        let mut rest = node.clone();
-        let metadata = rest.metadata.take();
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&rest.encode_to_vec());
-        if let Some(m) = metadata {
-            let mut fields: Vec<_> = m.fields.iter().collect();
-            fields.sort_by(|a, b| a.0.cmp(b.0));
-            for (k, v) in fields {
-                h.update(&(k.len() as u64).to_le_bytes());
-                h.update(k.as_bytes());
-                let v = v.encode_to_vec();
-                h.update(&(v.len() as u64).to_le_bytes());
-                h.update(&v);
-            }
-        }
-        (Arc::from(node.id.as_str()), h.digest())
+        let h = xxhash_rust::xxh3::xxh3_64(&crate::canonical::encode_canonical(node));
+        (Arc::from(node.id.as_str()), h)
     }
 
     /// The live session of `key`, if a stream still holds it.
@@ -177,5 +163,53 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message;
+
+    use super::*;
+
+    fn string(s: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(s.into())) }
+    }
+
+    #[test]
+    fn a_node_has_one_key_however_its_nested_metadata_was_decoded() {
+        // LABELS and PLATFORM_METADATA are maps inside the metadata map, as istio-agent writes them
+        let labels = Struct { fields: (0..24).map(|i| (format!("label-{i}"), string(&i.to_string()))).collect() };
+        let platform = Struct { fields: (0..8).map(|i| (format!("p{i}"), string("x"))).collect() };
+        let meta = Struct {
+            fields: [
+                ("LABELS".to_string(), Value { kind: Some(Kind::StructValue(labels)) }),
+                ("PLATFORM_METADATA".to_string(), Value { kind: Some(Kind::StructValue(platform)) }),
+                ("NAMESPACE".to_string(), string("shop")),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let node = Node {
+            id: "sidecar~10.0.0.1~a.shop~shop.svc.cluster.local".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        };
+        let bytes = node.encode_to_vec();
+        // every decoding builds its maps afresh (another hash seed, another iteration order)
+        let key = Sessions::key(&node);
+        for _ in 0..16 {
+            let again = Node::decode(bytes.as_slice()).expect("decodes");
+            assert_eq!(Sessions::key(&again), key);
+        }
+        // another label value is another node
+        let mut other = node.clone();
+        let Some(Kind::StructValue(l)) = &mut other.metadata.as_mut().unwrap().fields.get_mut("LABELS").unwrap().kind
+        else {
+            panic!("labels")
+        };
+        l.fields.insert("label-0".into(), string("changed"));
+        assert_ne!(Sessions::key(&other), key);
     }
 }
