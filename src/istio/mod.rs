@@ -36,7 +36,7 @@ use serde_json::Value;
 
 use crate::mesh_config::MeshConfig;
 use crate::model::{Protocol, Service, ServiceKey, ServicePort};
-use crate::policy::MeshDefaults;
+use crate::policy::{EffectivePolicy, MeshDefaults};
 use crate::proxy::ProxyKind;
 use crate::proxy::TlsSupport;
 use crate::translate::{self, ClusterScope};
@@ -342,17 +342,10 @@ fn port_extras(ctx: &translate::Context, service: &Service, port: &ServicePort) 
         common.and_then(|c| c.locality_config_specifier.as_ref()),
         Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
     );
-    // the port's outlier detection as the DestinationRules alone give it (what istiod renders)
-    let from_rules = crate::policy::resolve(
-        ctx.rules.iter().map(|r| &**r),
-        &service.hostname,
-        &service.key.namespace,
-        port.port,
-        &MeshDefaults::default(),
-        &ctx.domain_suffix,
-    )
-    .outlier_detection
-    .is_some();
+    // the port's outlier detection as the DestinationRules alone give it (what istiod renders), for the
+    // same proxies as `cluster` (those of a namespace no rule mentions)
+    let rule = ctx.rule_for(&scope.rules, service);
+    let from_rules = EffectivePolicy::of(rule, port.port, None, &MeshDefaults::default()).outlier_detection.is_some();
     let outlier_detection = match (&cluster.outlier_detection, from_rules) {
         (Some(od), false) => {
             // written out even when 0 (proto3 JSON would print `{}`): Istio's panic threshold off
