@@ -39,8 +39,9 @@ const V1: &str = "outbound|9080|v1|reviews.shop.svc.cluster.local";
 const V2: &str = "outbound|9080|v2|reviews.shop.svc.cluster.local";
 const ALL: &str = "outbound|9080||reviews.shop.svc.cluster.local";
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
-/// requests checked for the 90/10 split (acceptance: 400 or more, within ±5 points)
-const SPLIT_REQUESTS: usize = 400;
+/// requests checked for the 90/10 split (acceptance: 400 or more, within ±5 points; 1,000 make a 5-point
+/// miss a 5-sigma event: the binomial standard deviation of a 10% share is 0.95 points)
+const SPLIT_REQUESTS: usize = 1000;
 
 /// The demo's zones, by the third octet of their addresses: us-east-1a, us-east-1b (aws-use1),
 /// westeurope-1, westeurope-2 (azure-weu). In each, host .21 runs reviews v1 and .22 reviews v2.
