@@ -97,9 +97,9 @@ pub struct Snapshot {
     pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
     pub gateways: Arc<Vec<crate::model::Gateway>>,
     pub clusters_summary: Arc<Vec<ClusterSummary>>,
-    /// the labels failoverPriority rules use: a proxy's view carries its values of these, so a proxy
-    /// re-attaches when this set changes
-    pub priority_label_keys: Arc<std::collections::BTreeSet<String>>,
+    /// what views depend on besides the proxy (the labels failoverPriority rules use, the namespaces and
+    /// labels DestinationRules make matter): a proxy re-attaches when they change
+    pub view_keys: Arc<crate::translate::ViewKeys>,
 }
 
 /// Generations whose changes a snapshot keeps ([`Snapshot::recent`]).

@@ -106,7 +106,8 @@ pub enum TlsSupport {
 #[serde(rename_all = "lowercase")]
 pub enum ClientKind {
     Envoy,
-    /// a proxyless gRPC client (user agent `grpc-*`, or metadata GENERATOR=grpc)
+    /// a proxyless gRPC client: node metadata `GENERATOR=grpc`, or a gRPC library's
+    /// `node.user_agent_name` ("gRPC Python", "grpc-java", "grpc-go", "gRPC C-core", ...)
     Grpc,
     /// istioctl and other debug clients (GENERATOR=event)
     Debug,
@@ -171,10 +172,24 @@ fn meta_labels(meta: Option<&Struct>) -> Result<BTreeMap<String, String>, Error>
     }
 }
 
+impl ClientKind {
+    /// What a client is, by what its node says: metadata `GENERATOR` (`event`: istioctl and other debug
+    /// clients; `grpc`: proxyless gRPC), else `user_agent_name` (gRPC libraries name themselves
+    /// "gRPC ..." or "grpc-..."; Envoy says "envoy"). Never by the HTTP `user-agent` of the stream: any
+    /// tool built on a gRPC library that presents an Envoy node gets Envoy's configuration.
+    pub fn of_node(generator: Option<&str>, user_agent_name: &str) -> ClientKind {
+        match generator {
+            Some("event") => ClientKind::Debug,
+            Some("grpc") => ClientKind::Grpc,
+            _ if user_agent_name.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("grpc")) => ClientKind::Grpc,
+            _ => ClientKind::Envoy,
+        }
+    }
+}
+
 impl Proxy {
-    /// Builds a proxy from the node of a stream's first request. `user_agent` is the gRPC user agent
-    /// (`grpc-python/...` for proxyless clients), when known.
-    pub fn from_node(node: Option<&Node>, user_agent: Option<&str>) -> Result<Proxy, Error> {
+    /// Builds a proxy from the node of a stream's first request.
+    pub fn from_node(node: Option<&Node>) -> Result<Proxy, Error> {
         let node = node.ok_or(Error::MissingNode)?;
         let nid = crate::node_id::parse_node_id(&node.id)
             .map_err(|e| Error::InvalidNodeId { id: node.id.clone(), reason: e.to_string() })?;
@@ -183,16 +198,7 @@ impl Proxy {
             _ => ProxyKind::Sidecar,
         };
         let meta = node.metadata.as_ref();
-        let generator = meta_str(meta, "GENERATOR");
-        let client = match generator {
-            Some("event") => ClientKind::Debug,
-            Some("grpc") => ClientKind::Grpc,
-            _ if user_agent.is_some_and(|ua| ua.starts_with("grpc-") && !ua.starts_with("grpc-go")) => ClientKind::Grpc,
-            _ if node.user_agent_name.starts_with("gRPC") || node.user_agent_name.starts_with("grpc") => {
-                ClientKind::Grpc
-            }
-            _ => ClientKind::Envoy,
-        };
+        let client = ClientKind::of_node(meta_str(meta, "GENERATOR"), &node.user_agent_name);
         let network = match kind {
             ProxyKind::Router => meta_str(meta, "REQUESTED_NETWORK_VIEW").or(meta_str(meta, "NETWORK")),
             ProxyKind::Sidecar => meta_str(meta, "NETWORK"),
@@ -279,7 +285,7 @@ mod tests {
             zone: "us-east-1a".into(),
             sub_zone: String::new(),
         });
-        let p = Proxy::from_node(Some(&n), None).unwrap();
+        let p = Proxy::from_node(Some(&n)).unwrap();
         assert_eq!(p.kind, ProxyKind::Sidecar);
         assert_eq!(&*p.key, "reviews-v1-abc.shop");
         assert_eq!(&*p.namespace, "shop");
@@ -297,18 +303,35 @@ mod tests {
             "router~127.0.10.2~eastwest-0.istio-system~istio-system.svc.cluster.local",
             &[("NETWORK", "aws-net"), ("REQUESTED_NETWORK_VIEW", "azure-net")],
         );
-        let p = Proxy::from_node(Some(&n), None).unwrap();
+        let p = Proxy::from_node(Some(&n)).unwrap();
         assert_eq!(p.kind, ProxyKind::Router);
         assert_eq!(p.network, NetworkId::new("azure-net"));
         assert_eq!(p.interception, InterceptionMode::Redirect);
     }
 
     #[test]
-    fn detects_proxyless_grpc() {
-        let n = node("sidecar~127.0.0.1~c.shop~shop.svc.cluster.local", &[]);
-        assert_eq!(Proxy::from_node(Some(&n), Some("grpc-python/1.70")).unwrap().client, ClientKind::Grpc);
-        let n = node("sidecar~127.0.0.1~c.shop~shop.svc.cluster.local", &[("GENERATOR", "grpc")]);
-        assert_eq!(Proxy::from_node(Some(&n), None).unwrap().client, ClientKind::Grpc);
+    fn a_client_is_what_its_node_says() {
+        let id = "sidecar~127.0.0.1~c.shop~shop.svc.cluster.local";
+        let client = |meta: &[(&str, &str)], ua: &str| {
+            let mut n = node(id, meta);
+            n.user_agent_name = ua.into();
+            Proxy::from_node(Some(&n)).unwrap().client
+        };
+        // metadata GENERATOR first
+        assert_eq!(client(&[("GENERATOR", "grpc")], ""), ClientKind::Grpc);
+        assert_eq!(client(&[("GENERATOR", "grpc")], "envoy"), ClientKind::Grpc);
+        assert_eq!(client(&[("GENERATOR", "event")], "gRPC Go"), ClientKind::Debug);
+        // then the node's user agent: every gRPC library's name, whatever its case
+        for ua in ["gRPC Python", "grpc-java", "grpc-go", "gRPC C-core", "gRPC Go", "grpc-node-js", "GRPC C++"] {
+            assert_eq!(client(&[], ua), ClientKind::Grpc, "{ua}");
+        }
+        // Envoy, and anything else, is Envoy
+        for ua in ["envoy", "", "istio-proxy", "gr", "tonic"] {
+            assert_eq!(client(&[], ua), ClientKind::Envoy, "{ua:?}");
+        }
+        assert_eq!(client(&[("GENERATOR", "other")], "envoy"), ClientKind::Envoy);
+        // (the stream's HTTP user-agent is not an input at all: `from_node` takes only the node)
+        assert_eq!(ClientKind::of_node(None, "envoy"), ClientKind::Envoy);
     }
 
     #[test]
@@ -320,17 +343,17 @@ mod tests {
             "sidecar~1.2.3~a.b~b.svc.cluster.local",
         ] {
             let n = node(id, &[]);
-            let err = Proxy::from_node(Some(&n), None).unwrap_err();
+            let err = Proxy::from_node(Some(&n)).unwrap_err();
             assert!(matches!(err, Error::InvalidNodeId { .. }), "{id:?}: {err}");
             assert!(err.to_string().contains(id), "the error names the id: {err}");
         }
-        assert_eq!(Proxy::from_node(None, None), Err(Error::MissingNode));
+        assert_eq!(Proxy::from_node(None), Err(Error::MissingNode));
     }
 
     #[test]
     fn rejects_bad_metadata() {
         let n = node("sidecar~1.2.3.4~a.b~b.svc.cluster.local", &[("INTERCEPTION_MODE", "MAGIC")]);
-        assert!(matches!(Proxy::from_node(Some(&n), None), Err(Error::InvalidMetadata { .. })));
+        assert!(matches!(Proxy::from_node(Some(&n)), Err(Error::InvalidMetadata { .. })));
     }
 
     #[test]

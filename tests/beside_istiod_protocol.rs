@@ -12,6 +12,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::proxy::string_value;
+use meshfed::topology::TopologyObject;
 use meshfed::type_url;
 use meshfed::xds::connections::XdsService;
 use meshfed_testkit::ads::{self, AdsClient, Error, Flavor, Request, Response, Service};
@@ -258,4 +259,71 @@ async fn adsc_gets_syncz_on_a_first_request_with_a_nonce() {
     // its next request (a new timestamp nonce) ACKs: no endless exchange
     adsc.send(Request { nonce: r.nonce.clone(), ..Request::new("istio.io/debug/syncz") }).await.unwrap();
     adsc.expect_silence("to an ACK").await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The address of each endpoint of an assignment, with its weight.
+fn endpoint_addresses(cla: &ClusterLoadAssignment) -> Vec<(String, u32)> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let mut out: Vec<(String, u32)> = cla
+        .endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else { return None };
+            let Some(Address::SocketAddress(sa)) = ep.address.as_ref()?.address.as_ref() else { return None };
+            Some((sa.address.clone(), e.load_balancing_weight.as_ref().map_or(1, |w| w.value)))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subset_clusters_hold_their_pods_endpoints_and_follow_pod_labels() {
+    // istiod's subset clusters of the demo's reviews DestinationRule (v1: the first pod of each zone, .21;
+    // v2: the second, .22), each asked for on a stream of its own, as Envoy does
+    const V1: &str = "outbound|9080|v1|reviews.shop.svc.cluster.local";
+    const V2: &str = "outbound|9080|v2|reviews.shop.svc.cluster.local";
+    let (mut demo, server) = demo_and_server().await;
+    let channel = channel(&server).await;
+    let node = sidecar(2);
+    let mut streams = Vec::new();
+    for (name, host) in [(V1, 21), (V2, 22)] {
+        let mut s = sotw_eds(&channel, &node, &[name]).await;
+        let r = s.recv().await.expect("a response");
+        let got = assignments(&r);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].cluster_name, name);
+        // aws-use1's own pods of the subset, and Azure's through its gateway, weighted by Azure's 2 pods of
+        // the subset (not the service's 4)
+        assert_eq!(
+            endpoint_addresses(&got[0]),
+            [(format!("127.0.1.{host}"), 1), (format!("127.0.2.{host}"), 1), ("127.0.20.1".into(), 2)],
+            "{name}"
+        );
+        s.ack(&r).await.unwrap();
+        streams.push(s);
+    }
+
+    // reviews-v1-5f7d8-a1 (127.0.1.21) is relabelled version: v2: it moves from v1 to v2
+    let objs = demo.objects.get_mut("aws-use1").expect("aws-use1");
+    let pod = objs
+        .iter_mut()
+        .find_map(|o| match o {
+            TopologyObject::Pod(p) if &*p.name == "reviews-v1-5f7d8-a1" => Some(p),
+            _ => None,
+        })
+        .expect("the pod");
+    let mut labels = (*pod.labels).clone();
+    labels.insert("version".into(), "v2".into());
+    pod.labels = std::sync::Arc::new(labels);
+    server.events.send(demo.sync_event("aws-use1")).expect("push loop alive");
+    let v1 = assignments(&streams[0].recv().await.expect("v1's update"));
+    assert_eq!(endpoint_addresses(&v1[0]), [("127.0.2.21".into(), 1), ("127.0.20.1".into(), 2)]);
+    let v2 = assignments(&streams[1].recv().await.expect("v2's update"));
+    assert_eq!(
+        endpoint_addresses(&v2[0]),
+        [("127.0.1.21".into(), 1), ("127.0.1.22".into(), 1), ("127.0.2.22".into(), 1), ("127.0.20.1".into(), 2)]
+    );
 }

@@ -391,15 +391,23 @@ async fn merges_carry_eds_locality_weights_and_default_outlier_detection() {
 }
 
 #[tokio::test]
-async fn destination_rule_subsets_are_named() {
-    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews-versions\n  namespace: shop\nspec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}\n";
-    let dir = demo_copy(&[("azure-weu/subsets.yaml", rule)], |m| m);
+async fn only_subsets_meshfed_cannot_serve_are_warned_about() {
+    // the demo's reviews rule has subsets v1 and v2, which meshfed serves: no warning
+    assert!(!plan_of(&["--host", "reviews.shop"]).await.unwrap().warnings.iter().any(|w| w.contains("subsets")));
+    let valid = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews-versions\n  namespace: shop\nspec:\n  host: reviews\n  subsets:\n  - name: v3\n    labels: {version: v3}\n";
+    // a rule meshfed rejects (an interval that is not a duration): its subsets' clusters would get no endpoints
+    let invalid = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews-broken\n  namespace: shop\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {interval: soon}\n  subsets:\n  - name: v4\n    labels: {version: v4}\n  - name: v5\n    labels: {version: v5}\n";
+    let dir = demo_copy(&[("azure-weu/subsets.yaml", valid), ("azure-weu/broken.yaml", invalid)], |m| m);
     let mesh = dir.path().join("mesh.yaml");
     let p = plan_of(&["--mesh-config", mesh.to_str().unwrap(), "--host", "reviews.shop"]).await.unwrap();
-    let w = p.warnings.iter().find(|w| w.contains("subsets")).expect("a subsets warning");
+    let w: Vec<&String> = p.warnings.iter().filter(|w| w.contains("subsets")).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
     assert!(
-        w.starts_with("shop/reviews: DestinationRule subsets v1 (shop/reviews-versions), v2 (shop/reviews-versions)"),
-        "{w}"
+        w[0].starts_with(
+            "shop/reviews: DestinationRule subsets v4 (shop/reviews-broken), v5 (shop/reviews-broken): meshfed rejects"
+        ),
+        "{}",
+        w[0]
     );
     let p = plan_of(&["--mesh-config", mesh.to_str().unwrap(), "--host", "reviews.shop", "--subsets", "exclude"])
         .await

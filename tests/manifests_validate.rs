@@ -604,12 +604,13 @@ fn meshfed_runs_with_the_deployments_arguments() {
         cmd
     };
 
-    // before the agent wrote the certificate: a clear error naming the file, and an exit (the kubelet
-    // restarts the container)
-    let mut early = support::ChildGuard::spawn("meshfed-early", &mut command()).unwrap();
+    // before the agent wrote the certificate: meshfed waits for it (--tls-wait, shortened here), then a
+    // clear error naming the file, and an exit (the kubelet restarts the container)
+    let mut early = support::ChildGuard::spawn("meshfed-early", command().args(["--tls-wait", "1s"])).unwrap();
     let status = early.wait_exit(Duration::from_secs(20)).unwrap();
     assert!(!status.success());
     let cert_file = out_certs.join("cert-chain.pem");
+    assert!(early.stderr().contains("waiting for the TLS files"), "{}", early.log_tail());
     assert!(early.stderr().contains(&cert_file.display().to_string()), "{}", early.log_tail());
 
     // the agent's files: an Istio workload certificate of meshfed's service account, its key, the root
@@ -648,6 +649,6 @@ fn meshfed_runs_with_the_deployments_arguments() {
 
     // only the TLS listener
     let log = format!("{}{}", meshfed.stdout(), meshfed.stderr());
-    assert!(log.contains("ADS server listening (TLS)") && log.contains("mtls=true"), "{log}");
-    assert!(!log.contains("ADS server listening (plaintext)"), "{log}");
+    assert!(log.contains("xDS server listening") && log.contains("tls=true"), "{log}");
+    assert!(!log.contains("tls=false"), "no plaintext listener: {log}");
 }

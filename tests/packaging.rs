@@ -160,27 +160,21 @@ fn the_image_runs_meshfed_as_a_numeric_non_root_user() {
         assert!(allowed.contains(needed), "{needed} must be in the build context");
         assert!(crate_dir().join(needed).exists(), "{needed}");
     }
-    // every [[bench]] of Cargo.toml (cargo needs their files to read the manifest)
-    let benches = bench_names(&std::fs::read_to_string(crate_dir().join("Cargo.toml")).unwrap());
-    assert!(!benches.is_empty());
-    for bench in benches {
-        let path = format!("benches/{bench}.rs");
-        assert!(allowed.contains(path.as_str()), "{path} must be in the build context");
+    // every other member of the workspace (cargo reads every member to build one)
+    let members = workspace_members(&std::fs::read_to_string(crate_dir().join("Cargo.toml")).unwrap());
+    assert!(members.len() > 1, "{members:?}");
+    for member in members.iter().filter(|m| *m != ".") {
+        let dir = format!("{member}/");
+        assert!(allowed.contains(dir.as_str()), "{dir} must be in the build context");
+        assert!(crate_dir().join(member).join("Cargo.toml").is_file(), "{member}");
     }
 }
 
-/// The `[[bench]]` names of Cargo.toml (a line-based reader: the file is ours and simple).
-fn bench_names(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut in_bench = false;
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_bench = line == "[[bench]]";
-        } else if in_bench && let Some(name) = line.strip_prefix("name = ") {
-            out.push(name.trim_matches('"').to_string());
-        }
-    }
-    out
+/// The `members` of Cargo.toml's `[workspace]` (a line-based reader: the file is ours and simple).
+fn workspace_members(text: &str) -> Vec<String> {
+    let line = text.lines().find(|l| l.trim_start().starts_with("members = [")).expect("a members line");
+    let list = line.split_once('[').unwrap().1.trim_end().trim_end_matches(']');
+    list.split(',').map(|m| m.trim().trim_matches('"').to_string()).filter(|m| !m.is_empty()).collect()
 }
 
 /// Builds the image and runs it the way the Deployment does: non-root, read-only root file system with

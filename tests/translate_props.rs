@@ -14,6 +14,9 @@
 //!   nothing; a locality holding only gateway endpoints weighs what they weigh, and holds each address
 //!   once; in a priority, the localities reached through the same networks' gateways are one (Envoy keeps
 //!   one host per address and priority);
+//! - DestinationRule subsets (`v1`, `v2` by the pod label `version`, and `all` without labels) hold
+//!   exactly their pods' endpoints under the same invariants (the gateway of another network weighs the
+//!   subset's endpoints there), and the subset without labels is the port's assignment under another name;
 //! - translation is deterministic: the same input translated twice (different hash-map seeds) encodes to
 //!   the same bytes and the same version.
 //!
@@ -30,10 +33,10 @@ use meshfed::model::{
     ClusterId, Endpoint, Gateway, Health, Locality, NetworkId, Protocol, Service, ServiceKey, ServicePort, TlsMode,
     Workload,
 };
-use meshfed::policy::{Distribute, Failover, LocalityLbSetting, MeshDefaults, OutlierDetection};
+use meshfed::policy::{DestinationRule, Distribute, Failover, LocalityLbSetting, MeshDefaults, OutlierDetection};
 use meshfed::proxy::{ProxyKind, TlsSupport};
-use meshfed::translate::endpoint::load_assignment;
-use meshfed::translate::{Context, EndpointScope, Named};
+use meshfed::translate::endpoint::{in_subset, load_assignment, port_load_assignment};
+use meshfed::translate::{Context, EndpointScope, Named, cluster_name};
 use proptest::prelude::*;
 
 const NETWORKS: [&str; 3] = ["net-a", "net-b", "net-c"];
@@ -209,12 +212,18 @@ fn input(case: &Case) -> (Context, EndpointScope, Service) {
             })
         })
         .collect();
-    let ctx = Context {
+    let mut ctx = Context {
         send_unhealthy_endpoints: case.send_unhealthy,
         defaults: case.defaults.clone(),
         gateways: Arc::new(gateways),
         ..Context::default()
     };
+    // subsets only: the policy stays the mesh defaults'
+    let rule = DestinationRule::from_yaml(
+        "metadata: {name: reviews, namespace: shop}\nspec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}\n  - name: all\n",
+    )
+    .expect("a valid rule");
+    ctx.set_rules(Arc::new(vec![Arc::new(rule)]));
     let scope = EndpointScope {
         kind: case.proxy_kind,
         network: NetworkId::new(NETWORKS[case.proxy_network]),
@@ -222,6 +231,7 @@ fn input(case: &Case) -> (Context, EndpointScope, Service) {
         cluster_id: None,
         labels: vec![("version".into(), "v1".into())],
         tls: if case.proxy_kind == ProxyKind::Router { TlsSupport::None } else { case.proxy_tls },
+        rules: Default::default(),
     };
     (ctx, scope, service)
 }
@@ -240,7 +250,40 @@ fn address_of(e: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint) -> O
 fn check(case: &Case) -> Result<(), TestCaseError> {
     let (ctx, scope, service) = input(case);
     let cla: ClusterLoadAssignment = load_assignment(&ctx, &scope, &service, &service.ports[0]);
+    check_assignment(case, &ctx, &scope, &service, &cla, &|_| true)?;
 
+    // every subset: its own endpoints only, under the same invariants
+    let rule = ctx.rule_for(&scope.rules, &service).expect("the rule applies");
+    prop_assert_eq!(rule.subsets.len(), 3);
+    for subset in &rule.subsets {
+        let sub = port_load_assignment(&ctx, &scope, &service, &service.ports[0], Some(rule), Some(subset));
+        prop_assert_eq!(&sub.cluster_name, &cluster_name(scope.kind, PORT, &subset.name, &service.hostname));
+        check_assignment(case, &ctx, &scope, &service, &sub, &|e| in_subset(subset, e))?;
+        if subset.labels.is_empty() {
+            let renamed = ClusterLoadAssignment { cluster_name: cla.cluster_name.clone(), ..sub };
+            prop_assert_eq!(&renamed, &cla, "a subset without labels holds what the port does");
+        }
+    }
+
+    // deterministic: a second translation from freshly built input encodes identically
+    let (ctx2, scope2, service2) = input(case);
+    let again = load_assignment(&ctx2, &scope2, &service2, &service2.ports[0]);
+    let a = Resource::encode(Named::new(cla.cluster_name.clone(), cla));
+    let b = Resource::encode(Named::new(again.cluster_name.clone(), again));
+    prop_assert_eq!(&a.version, &b.version);
+    prop_assert!(a.body == b.body, "the same input encoded differently");
+    Ok(())
+}
+
+/// The invariants of one assignment `cla`, of the service's endpoints for which `member` holds.
+fn check_assignment(
+    case: &Case,
+    ctx: &Context,
+    scope: &EndpointScope,
+    service: &Service,
+    cla: &ClusterLoadAssignment,
+    member: &dyn Fn(&Endpoint) -> bool,
+) -> Result<(), TestCaseError> {
     // weights > 0
     for l in &cla.endpoints {
         let w = l.load_balancing_weight.as_ref().map(|w| w.value);
@@ -256,7 +299,7 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
     prop_assert_eq!(priorities.iter().copied().collect::<Vec<_>>(), (0..priorities.len() as u32).collect::<Vec<_>>());
 
     // split horizon: nothing lost, nothing duplicated (distribute may drop whole localities on purpose)
-    let distribute_active = ctx.policy(&service, PORT).distribute_active();
+    let distribute_active = ctx.policy(service, PORT).distribute_active();
     if !distribute_active {
         let mut local_sent: Vec<IpAddr> = Vec::new();
         let mut gateway_weight: BTreeMap<usize, u32> = BTreeMap::new();
@@ -275,7 +318,7 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
         let mut local_expected: Vec<IpAddr> = service
             .endpoints
             .iter()
-            .filter(|e| e.network == scope.network && e.port_for("http").is_some())
+            .filter(|e| member(e) && e.network == scope.network && e.port_for("http").is_some())
             .filter(|e| e.health == Health::Healthy || case.send_unhealthy)
             .map(|e| e.address)
             .collect();
@@ -291,7 +334,7 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
             let eligible = service
                 .endpoints
                 .iter()
-                .filter(|e| e.network.as_str() == *name && e.port_for("http").is_some())
+                .filter(|e| member(e) && e.network.as_str() == *name && e.port_for("http").is_some())
                 .filter(|e| e.health == Health::Healthy && e.tls_mode() == TlsMode::Istio)
                 .count() as u32;
             let gateways = case.gateways[n] as u32;
@@ -341,14 +384,6 @@ fn check(case: &Case) -> Result<(), TestCaseError> {
             seen.insert(key);
         }
     }
-
-    // deterministic: a second translation from freshly built input encodes identically
-    let (ctx2, scope2, service2) = input(case);
-    let again = load_assignment(&ctx2, &scope2, &service2, &service2.ports[0]);
-    let a = Resource::encode(Named::new(cla.cluster_name.clone(), cla));
-    let b = Resource::encode(Named::new(again.cluster_name.clone(), again));
-    prop_assert_eq!(&a.version, &b.version);
-    prop_assert!(a.body == b.body, "the same input encoded differently");
     Ok(())
 }
 

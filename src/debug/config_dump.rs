@@ -324,7 +324,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        Proxy::from_node(Some(&node), None).unwrap()
+        Proxy::from_node(Some(&node)).unwrap()
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::error::Error;
 use crate::mesh_config::{ClusterSource, MeshConfig};
 use crate::model::{ClusterId, ServiceKey};
-use crate::policy::{DestinationRule, TrafficPolicy};
+use crate::policy::DestinationRule;
 use crate::registry::Registry;
 use crate::source::SourceEvent;
 use crate::source::kube::{ClientSpec, WatchedKind, build_client};
@@ -105,12 +105,7 @@ impl Extras {
                     .filter_map(|s| s.get("name").and_then(serde_yaml::Value::as_str).map(str::to_string))
                     .collect();
                 if !host.is_empty() && !subsets.is_empty() {
-                    let rule = DestinationRule {
-                        namespace: namespace.as_str().into(),
-                        name: name.as_str().into(),
-                        host: host.to_string(),
-                        traffic_policy: TrafficPolicy::default(),
-                    };
+                    let rule = DestinationRule::new(&namespace, &name, host);
                     self.subset_rules.push(SubsetRule { rule, subsets });
                 }
             }

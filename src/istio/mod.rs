@@ -7,9 +7,10 @@
 //!   certificates (`default`, `ROOTCA` from Istio's agent over `sds-grpc`), meshfed's certificate checked
 //!   for its SPIFFE identity ([`envoy_filter::meshfed_cluster`]);
 //! - **MERGE** into each selected service port's outbound clusters (`match.cluster: {service,
-//!   portNumber}`: the port's cluster and its subset clusters, see [`merge`]) an EDS config source of
-//!   their own: `api_config_source` on `meshfed-xds`, Delta by default (Envoy accepts a CDS-added cluster
-//!   there; state of the world needs it static), with a finite `initial_fetch_timeout` so that a proxy
+//!   portNumber}`: the port's cluster and its subset clusters, which meshfed serves too, see [`merge`]) an
+//!   EDS config source of their own: `api_config_source` on `meshfed-xds`, Delta by default (Envoy
+//!   accepts a CDS-added cluster there; state of the world needs it static), with a finite
+//!   `initial_fetch_timeout` so that a proxy
 //!   that cannot reach meshfed still starts (istiod writes `0s`, wait forever, and a MERGE keeps what it
 //!   does not set); `common_lb_config.locality_weighted_lb_config` where meshfed's own CDS would set it
 //!   (a `distribute` rule, or `failover` with outlier detection: meshfed's locality weights then take
@@ -35,7 +36,7 @@ use serde_json::Value;
 
 use crate::mesh_config::MeshConfig;
 use crate::model::{Protocol, Service, ServiceKey, ServicePort};
-use crate::policy::MeshDefaults;
+use crate::policy::{EffectivePolicy, MeshDefaults};
 use crate::proxy::ProxyKind;
 use crate::proxy::TlsSupport;
 use crate::translate::{self, ClusterScope};
@@ -334,24 +335,17 @@ impl Plan {
 /// istiod's: locality weighting (where meshfed's CDS sets it), and outlier detection when it comes from the
 /// mesh config's defaults rather than from a DestinationRule (which istiod renders itself).
 fn port_extras(ctx: &translate::Context, service: &Service, port: &ServicePort) -> Result<MergeExtras, Error> {
-    let scope = ClusterScope { kind: ProxyKind::Sidecar, tls: TlsSupport::None };
+    let scope = ClusterScope { kind: ProxyKind::Sidecar, tls: TlsSupport::None, rules: Default::default() };
     let cluster = translate::cluster::outbound_cluster(ctx, &scope, service, port);
     let common = cluster.common_lb_config.as_ref();
     let locality_weighted = matches!(
         common.and_then(|c| c.locality_config_specifier.as_ref()),
         Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
     );
-    // the port's outlier detection as the DestinationRules alone give it (what istiod renders)
-    let from_rules = crate::policy::resolve(
-        ctx.rules.iter().map(|r| &**r),
-        &service.hostname,
-        &service.key.namespace,
-        port.port,
-        &MeshDefaults::default(),
-        &ctx.domain_suffix,
-    )
-    .outlier_detection
-    .is_some();
+    // the port's outlier detection as the DestinationRules alone give it (what istiod renders), for the
+    // same proxies as `cluster` (those of a namespace no rule mentions)
+    let rule = ctx.rule_for(&scope.rules, service);
+    let from_rules = EffectivePolicy::of(rule, port.port, None, &MeshDefaults::default()).outlier_detection.is_some();
     let outlier_detection = match (&cluster.outlier_detection, from_rules) {
         (Some(od), false) => {
             // written out even when 0 (proto3 JSON would print `{}`): Istio's panic threshold off
@@ -421,12 +415,17 @@ pub fn plan(inventory: &Inventory, mesh: &MeshConfig, options: &Options) -> Resu
                 extras,
             });
         }
-        let subsets = inventory.subsets_of(&service.hostname);
-        if !subsets.is_empty() && options.subsets == Subsets::Include {
-            let names: Vec<String> = subsets.iter().map(|(s, rule)| format!("{s} ({rule})")).collect();
+        // meshfed serves the subset clusters of the DestinationRules it applies; those of a rule it rejects
+        // would find no endpoints there
+        let valid: BTreeSet<String> = inventory.registry.destination_rules().iter().map(|r| r.id()).collect();
+        let unserved: Vec<(String, String)> =
+            inventory.subsets_of(&service.hostname).into_iter().filter(|(_, rule)| !valid.contains(rule)).collect();
+        if !unserved.is_empty() && options.subsets == Subsets::Include {
+            let names: Vec<String> = unserved.iter().map(|(s, rule)| format!("{s} ({rule})")).collect();
             warnings.push(format!(
-                "{}: DestinationRule subsets {}: their clusters (outbound|PORT|SUBSET|{}) get their endpoints from \
-                 meshfed too, which must serve them; --subsets exclude leaves them on istiod",
+                "{}: DestinationRule subsets {}: meshfed rejects their rule (see its invalid-destination-rule \
+                 warning), so it does not serve their clusters (outbound|PORT|SUBSET|{}), which the MERGE points at \
+                 meshfed; fix the rule, or --subsets exclude leaves them on istiod",
                 service.key,
                 names.join(", "),
                 service.hostname

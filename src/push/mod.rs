@@ -207,7 +207,8 @@ pub struct Pusher {
     /// endpoint-only pushes recompute the warnings (a walk of the whole registry) at most once per
     /// [`WARNINGS_DELAY`], off the push path; structural changes at once
     warnings_due: Option<Instant>,
-    priority_label_keys: Arc<BTreeSet<String>>,
+    /// what views depend on ([`Context::view_keys`])
+    view_keys: Arc<translate::ViewKeys>,
     generation: u64,
     /// the changes of the last generations ([`Snapshot::recent`])
     recent: Arc<Vec<(u64, Arc<Changes>)>>,
@@ -247,7 +248,7 @@ impl Pusher {
             context_changed: false,
             warnings: watch::channel(Arc::default()).0,
             warnings_due: None,
-            priority_label_keys: Arc::default(),
+            view_keys: Arc::default(),
             generation: 0,
             recent: Arc::default(),
             publisher,
@@ -442,11 +443,12 @@ impl Pusher {
                 for key in &keys {
                     let new = self.eds_for_service(&scope, key);
                     if let Some((host, ports)) = self.eds_ports.get(*key) {
+                        // (the rules did not change: the old assignments had the same subsets)
                         removals.extend(
-                            ports
-                                .iter()
-                                .map(|p| Arc::from(translate::cluster_name(scope.kind, *p, host)))
-                                .filter(|n: &Arc<str>| !new.iter().any(|r| r.name == *n)),
+                            translate::endpoint::assignment_names(&self.ctx, &scope, &key.namespace, host, ports)
+                                .into_iter()
+                                .map(Arc::<str>::from)
+                                .filter(|n| !new.iter().any(|r| r.name == *n)),
                         );
                     }
                     upserts.extend(new);
@@ -482,11 +484,12 @@ impl Pusher {
         }
     }
 
-    /// Recomputes the failoverPriority label keys (which views depend on).
-    fn refresh_label_keys(&mut self) {
-        let keys = self.ctx.priority_label_keys();
-        if *self.priority_label_keys != keys {
-            self.priority_label_keys = Arc::new(keys);
+    /// Recomputes what views depend on ([`Context::view_keys`]: from the rules and the services' names,
+    /// so only after structural changes).
+    fn refresh_view_keys(&mut self) {
+        let keys = self.ctx.view_keys(&self.registry);
+        if *self.view_keys != keys {
+            self.view_keys = Arc::new(keys);
         }
     }
 
@@ -588,7 +591,7 @@ impl Pusher {
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
-            priority_label_keys: self.priority_label_keys.clone(),
+            view_keys: self.view_keys.clone(),
         }
     }
 
@@ -699,7 +702,9 @@ impl Pusher {
         let structural =
             initial || change.has_shape_change() || change.policies || change.gateways || self.context_changed;
         let mut changes = self.translate(&change);
-        self.refresh_label_keys();
+        if structural {
+            self.refresh_view_keys();
+        }
         if structural {
             self.refresh_warnings();
         } else if self.warnings_due.is_none() {
@@ -804,7 +809,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let proxy = Proxy::from_node(Some(&node), None).unwrap();
+        let proxy = Proxy::from_node(Some(&node)).unwrap();
         View::with_network(&proxy, proxy.network.clone(), &Default::default())
     }
 

@@ -991,7 +991,11 @@ mod tests {
                     let pod = e.pod.as_ref().expect("targetRef to a pod");
                     let p = pods.get(&(s.namespace.clone(), pod.clone())).expect("the pod exists");
                     assert_eq!(p.labels.get("app").map(String::as_str), Some(&*s.service));
-                    assert_eq!(p.labels.get("version").map(String::as_str), Some("v1"));
+                    // the second reviews pod of each zone runs v2 (the demo's DestinationRule subsets)
+                    let v2 = &*s.service == "reviews" && e.addresses[0].to_string().ends_with(".22");
+                    let version = if v2 { "v2" } else { "v1" };
+                    assert_eq!(p.labels.get("version").map(String::as_str), Some(version), "{id}: {pod}");
+                    assert!(pod.starts_with(&format!("{}-{version}-", s.service)), "{id}: {pod}");
                     assert_eq!(&*p.service_account, &*s.service);
                     assert_eq!(p.node_name, e.node_name);
                     let node = e.node_name.as_ref().expect("node name");

@@ -1,6 +1,8 @@
 //! CDS: one EDS cluster per service port (`outbound|PORT||FQDN` on sidecars, `outbound_.PORT_._.FQDN` on
-//! east-west gateways), shaped by the service's traffic policy and Istio's mTLS; the inbound clusters of
-//! a sidecar's own workload; and Istio's special clusters.
+//! east-west gateways) and one per port and subset of the DestinationRule the proxy sees
+//! (`outbound|PORT|SUBSET|FQDN`, `outbound_.PORT_.SUBSET_.FQDN`), shaped by the traffic policy (the
+//! subset's merged over the rule's) and Istio's mTLS; the inbound clusters of a sidecar's own workload;
+//! and Istio's special clusters.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -28,7 +30,7 @@ use super::{
     BLACKHOLE_CLUSTER, ClusterScope, Context, InboundScope, Named, PASSTHROUGH_CLUSTER, inbound_cluster_name, sni_name,
 };
 use crate::model::{Protocol, Service, ServicePort};
-use crate::policy::{EffectivePolicy, OutlierDetection};
+use crate::policy::{ConsolidatedRule, EffectivePolicy, OutlierDetection, Subset};
 use crate::proxy::{ProxyKind, TlsSupport};
 use crate::registry::Registry;
 
@@ -89,8 +91,8 @@ fn http2_options() -> HashMap<String, envoy_types::pb::google::protobuf::Any> {
 }
 
 /// `metadata.filter_metadata.istio` as istiod writes it: the services (and the DestinationRule that
-/// shaped the cluster, which istioctl reads from `config`).
-fn istio_metadata(service: &Service, policy: &EffectivePolicy) -> Metadata {
+/// shaped the cluster, which istioctl reads from `config`, and the subset of a subset cluster).
+fn istio_metadata(service: &Service, policy: &EffectivePolicy, subset: Option<&Subset>) -> Metadata {
     let svc = struct_of(&[
         ("host", string_value(&service.hostname)),
         ("name", string_value(&service.key.name)),
@@ -101,6 +103,9 @@ fn istio_metadata(service: &Service, policy: &EffectivePolicy) -> Metadata {
     let mut fields = vec![("services", services)];
     if let Some((_, path)) = &policy.rule {
         fields.push(("config", string_value(path)));
+    }
+    if let Some(s) = subset {
+        fields.push(("subset", string_value(&s.name)));
     }
     Metadata { filter_metadata: HashMap::from([("istio".to_string(), struct_of(&fields))]), ..Default::default() }
 }
@@ -118,8 +123,22 @@ pub fn service_identities(ctx: &Context, service: &Service) -> Vec<String> {
 
 /// The outbound cluster of one service port, for proxies in `scope`.
 pub fn outbound_cluster(ctx: &Context, scope: &ClusterScope, service: &Service, port: &ServicePort) -> Cluster {
-    let name = super::cluster_name(scope.kind, port.port, &service.hostname);
-    let policy = ctx.policy(service, port.port);
+    port_cluster(ctx, scope, service, port, ctx.rule_for(&scope.rules, service), None)
+}
+
+/// The cluster of one service port, or of one subset of it (of `rule`, the DestinationRule `scope` sees
+/// for the service).
+pub fn port_cluster(
+    ctx: &Context,
+    scope: &ClusterScope,
+    service: &Service,
+    port: &ServicePort,
+    rule: Option<&ConsolidatedRule>,
+    subset: Option<&Subset>,
+) -> Cluster {
+    let subset_name = subset.map_or("", |s| &*s.name);
+    let name = super::cluster_name(scope.kind, port.port, subset_name, &service.hostname);
+    let policy = ctx.policy_with(rule, port.port, subset);
     let mut cluster = Cluster {
         name: name.clone(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -127,7 +146,7 @@ pub fn outbound_cluster(ctx: &Context, scope: &ClusterScope, service: &Service, 
         connect_timeout: Some(duration(CONNECT_TIMEOUT)),
         lb_policy: LbPolicy::RoundRobin as i32,
         circuit_breakers: Some(max_thresholds()),
-        metadata: Some(istio_metadata(service, &policy)),
+        metadata: Some(istio_metadata(service, &policy, subset)),
         ..Default::default()
     };
     if scope.kind == ProxyKind::Router {
@@ -156,22 +175,27 @@ pub fn outbound_cluster(ctx: &Context, scope: &ClusterScope, service: &Service, 
     if scope.tls != TlsSupport::None {
         cluster.transport_socket_matches = super::tls::outbound_socket_matches(
             scope.tls,
-            &sni_name(port.port, "", &service.hostname),
+            &sni_name(port.port, subset_name, &service.hostname),
             &service_identities(ctx, service),
         );
     }
     cluster
 }
 
-/// The clusters of every port of a service.
+/// The clusters of every port of a service: the port's, then one per subset of the DestinationRule the
+/// proxies in `scope` see for it.
 pub fn service_clusters<'a>(
     ctx: &'a Context,
     scope: &'a ClusterScope,
     service: &'a Service,
 ) -> impl Iterator<Item = Named<Cluster>> + 'a {
-    service.ports.iter().map(move |p| {
-        let c = outbound_cluster(ctx, scope, service, p);
-        Named::new(c.name.clone(), c)
+    let rule = ctx.rule_for(&scope.rules, service);
+    let subsets = rule.map(|r| r.subsets.as_slice()).unwrap_or_default();
+    service.ports.iter().flat_map(move |p| {
+        std::iter::once(None).chain(subsets.iter().map(Some)).map(move |subset| {
+            let c = port_cluster(ctx, scope, service, p, rule, subset);
+            Named::new(c.name.clone(), c)
+        })
     })
 }
 
@@ -275,7 +299,7 @@ mod tests {
     }
 
     fn sidecar(tls: TlsSupport) -> ClusterScope {
-        ClusterScope { kind: ProxyKind::Sidecar, tls }
+        ClusterScope { kind: ProxyKind::Sidecar, tls, rules: Default::default() }
     }
 
     #[test]
@@ -351,7 +375,7 @@ mod tests {
             "metadata: {name: ratings, namespace: shop}\nspec:\n  host: ratings\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        distribute: [{from: \"a/*\", to: {\"a/*\": 100}}]\n",
         )
         .unwrap();
-        ctx.rules = std::sync::Arc::new(vec![std::sync::Arc::new(rule)]);
+        ctx.set_rules(std::sync::Arc::new(vec![std::sync::Arc::new(rule)]));
         let s = svc(&[("http", 9080, Protocol::Http)]);
         let c = outbound_cluster(&ctx, &sidecar(TlsSupport::None), &s, &s.ports[0]);
         let istio = &c.metadata.unwrap().filter_metadata["istio"];
@@ -389,7 +413,7 @@ mod tests {
     #[test]
     fn gateway_clusters_are_sni_named_and_pass_tls_through() {
         let s = svc(&[("http", 9080, Protocol::Http)]);
-        let sc = ClusterScope { kind: ProxyKind::Router, tls: TlsSupport::None };
+        let sc = ClusterScope { kind: ProxyKind::Router, tls: TlsSupport::None, rules: Default::default() };
         let c = outbound_cluster(&ctx(), &sc, &s, &s.ports[0]);
         assert_eq!(c.name, "outbound_.9080_._.ratings.shop.svc.cluster.local");
         assert!(c.transport_socket_matches.is_empty() && c.transport_socket.is_none());

@@ -1,6 +1,7 @@
 //! Mesh-wide problems that translation works around silently if nobody says anything: failover that
-//! cannot take effect, networks that cannot be reached, endpoints that are left out. Pure, like the rest
-//! of translation; the push loop logs changes and the debug surface shows the current list.
+//! cannot take effect, networks that cannot be reached, endpoints that are left out, DestinationRule
+//! fields meshfed does not apply. Pure, like the rest of translation; the push loop logs changes and the
+//! debug surface shows the current list.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -13,7 +14,8 @@ use crate::registry::Registry;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Warning {
     /// a short stable kind: `failover-without-outlier-detection`, `network-without-gateway`,
-    /// `endpoints-without-mtls`, `gateway-unresolved`, `invalid-destination-rule`
+    /// `endpoints-without-mtls`, `gateway-unresolved`, `invalid-destination-rule`,
+    /// `destination-rule-field-not-applied`, `destination-rule-duplicate-subset`
     pub kind: &'static str,
     /// what it is about (a service, a rule, a network)
     pub subject: String,
@@ -36,22 +38,49 @@ pub fn warnings(ctx: &Context, registry: &Registry) -> Vec<Warning> {
         });
     }
     for s in registry.services().values() {
+        // (as proxies in a namespace no rule mentions see the rules)
+        let rule = ctx.rule_for(&super::RuleScope::default(), s);
+        let subsets = rule.map(|r| r.subsets.as_slice()).unwrap_or_default();
         for p in &s.ports {
-            let policy = ctx.policy(s, p.port);
-            if let Some((rule, _)) = &policy.rule
-                && policy.failover_without_outlier_detection()
-            {
-                out.insert(Warning {
-                    kind: "failover-without-outlier-detection",
-                    subject: format!("DestinationRule {rule}"),
-                    message: format!(
-                        "{}:{}: failover is configured but outlierDetection is not: Envoy never ejects a failing \
-                         locality, so failover does not take effect (add outlierDetection)",
-                        s.hostname, p.port
-                    ),
-                });
+            for subset in std::iter::once(None).chain(subsets.iter().map(Some)) {
+                let policy = ctx.policy_with(rule, p.port, subset);
+                if let Some((rule, _)) = &policy.rule
+                    && policy.failover_without_outlier_detection()
+                {
+                    let what = match subset {
+                        Some(subset) => format!("{}:{} subset {}", s.hostname, p.port, subset.name),
+                        None => format!("{}:{}", s.hostname, p.port),
+                    };
+                    out.insert(Warning {
+                        kind: "failover-without-outlier-detection",
+                        subject: format!("DestinationRule {rule}"),
+                        message: format!(
+                            "{what}: failover is configured but outlierDetection is not: Envoy never ejects a \
+                             failing locality, so failover does not take effect (add outlierDetection)"
+                        ),
+                    });
+                }
             }
         }
+    }
+    for rule in ctx.rules.iter() {
+        for path in &rule.not_applied {
+            out.insert(Warning {
+                kind: "destination-rule-field-not-applied",
+                subject: format!("DestinationRule {}/{}", rule.namespace, rule.name),
+                message: format!(
+                    "{path} is not applied by meshfed (it applies localityLbSetting and outlierDetection, per \
+                     port and per subset, subsets, exportTo and workloadSelector); the rest of the rule is"
+                ),
+            });
+        }
+    }
+    for (rule, what) in ctx.rules.duplicate_subsets() {
+        out.insert(Warning {
+            kind: "destination-rule-duplicate-subset",
+            subject: format!("DestinationRule {rule}"),
+            message: what.clone(),
+        });
     }
     // Networks: which have endpoints, which have a usable gateway.
     let mut endpoints_by_network: BTreeMap<&NetworkId, (usize, usize)> = BTreeMap::new();

@@ -1,4 +1,5 @@
-//! EDS: one ClusterLoadAssignment per outbound cluster, endpoints grouped by locality, with locality
+//! EDS: one ClusterLoadAssignment per outbound cluster (service port, and subset of the DestinationRule
+//! the proxy sees: the endpoints whose pod labels match), endpoints grouped by locality, with locality
 //! weights and failover priorities relative to the proxy's locality, as istiod assigns them.
 
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use super::util::{string_value, struct_of, u32v};
 use super::{Context, EndpointScope, Named};
 use crate::model::{ClusterId, Endpoint, Health, Locality, NetworkId, Service, ServicePort, TlsMode};
-use crate::policy::{Distribute, EffectivePolicy, Failover};
+use crate::policy::{ConsolidatedRule, Distribute, EffectivePolicy, Failover, Subset};
 use crate::proxy::{ProxyKind, TlsSupport};
 use crate::topology::labels;
 
@@ -214,21 +215,44 @@ fn tls_istio_metadata() -> Metadata {
 }
 
 /// The ClusterLoadAssignment of one service port, for proxies in `scope`.
-///
-/// Endpoints on the proxy's network are sent as they are. Endpoints on another network are reachable
-/// only through that network's east-west gateway, over mTLS: they are replaced by one endpoint per
-/// gateway address, in the same locality and priority, weighted by the number of endpoints it stands
-/// for (split between several gateways); endpoints that cannot do mTLS, and networks without a gateway,
-/// are left out (and reported by [`super::diagnostics`]). Gateways themselves only get their own
-/// network's endpoints.
 pub fn load_assignment(
     ctx: &Context,
     scope: &EndpointScope,
     service: &Service,
     port: &ServicePort,
 ) -> ClusterLoadAssignment {
-    let cluster_name = super::cluster_name(scope.kind, port.port, &service.hostname);
-    let policy = ctx.policy(service, port.port);
+    port_load_assignment(ctx, scope, service, port, ctx.rule_for(&scope.rules, service), None)
+}
+
+/// Does an endpoint belong to `subset` (its pod's labels include the subset's)? An endpoint without a
+/// known pod has no labels.
+pub fn in_subset(subset: &Subset, ep: &Endpoint) -> bool {
+    match &ep.workload {
+        Some(w) => subset.matches(&w.labels),
+        None => subset.labels.is_empty(),
+    }
+}
+
+/// The ClusterLoadAssignment of one service port, or of one subset of it (of `rule`, the DestinationRule
+/// `scope` sees for the service): the subset's endpoints only, under the subset's policy. A subset no
+/// endpoint matches has an assignment without endpoints.
+///
+/// Endpoints on the proxy's network are sent as they are. Endpoints on another network are reachable
+/// only through that network's east-west gateway, over mTLS: they are replaced by one endpoint per
+/// gateway address, in the same locality and priority, weighted by the number of endpoints it stands
+/// for (split between several gateways); endpoints that cannot do mTLS, and networks without a gateway,
+/// are left out (and reported by [`super::diagnostics`]). Gateways themselves only get their own
+/// network's endpoints (gateway endpoints stand for the subset's endpoints only).
+pub fn port_load_assignment(
+    ctx: &Context,
+    scope: &EndpointScope,
+    service: &Service,
+    port: &ServicePort,
+    rule: Option<&ConsolidatedRule>,
+    subset: Option<&Subset>,
+) -> ClusterLoadAssignment {
+    let cluster_name = super::cluster_name(scope.kind, port.port, subset.map_or("", |s| &*s.name), &service.hostname);
+    let policy = ctx.policy_with(rule, port.port, subset);
     // (priority, locality) -> endpoints
     let mut groups: BTreeMap<(u32, &Locality), Vec<LbEndpoint>> = BTreeMap::new();
     // (priority, locality, network) -> how many remote endpoints the gateway stands for
@@ -238,6 +262,9 @@ pub fn load_assignment(
     let mut has_local: std::collections::BTreeSet<(u32, &Locality)> = std::collections::BTreeSet::new();
     for ep in &service.endpoints {
         if ep.health != Health::Healthy && !ctx.send_unhealthy_endpoints {
+            continue;
+        }
+        if subset.is_some_and(|s| !in_subset(s, ep)) {
             continue;
         }
         let Some(target_port) = ep.port_for(&port.name) else { continue };
@@ -454,20 +481,42 @@ fn distribute(
     }
 }
 
-/// The ClusterLoadAssignments of every port of a service.
+/// The ClusterLoadAssignments of every port of a service: the port's, then one per subset of the
+/// DestinationRule the proxies in `scope` see for it.
 pub fn service_load_assignments(
     ctx: &Context,
     scope: &EndpointScope,
     service: &Service,
 ) -> Vec<Named<ClusterLoadAssignment>> {
-    service
-        .ports
-        .iter()
-        .map(|p| {
-            let cla = load_assignment(ctx, scope, service, p);
-            Named::new(cla.cluster_name.clone(), cla)
-        })
-        .collect()
+    let rule = ctx.rule_for(&scope.rules, service);
+    let subsets = rule.map(|r| r.subsets.as_slice()).unwrap_or_default();
+    let mut out = Vec::with_capacity(service.ports.len() * (1 + subsets.len()));
+    for p in &service.ports {
+        for subset in std::iter::once(None).chain(subsets.iter().map(Some)) {
+            let cla = port_load_assignment(ctx, scope, service, p, rule, subset);
+            out.push(Named::new(cla.cluster_name.clone(), cla));
+        }
+    }
+    out
+}
+
+/// The names of the assignments [`service_load_assignments`] gives for a service (`namespace`,
+/// `hostname`) with `ports`, for proxies in `scope`.
+pub fn assignment_names(
+    ctx: &Context,
+    scope: &EndpointScope,
+    namespace: &str,
+    hostname: &str,
+    ports: &[u16],
+) -> Vec<String> {
+    let rule = ctx.rule_for_host(&scope.rules, namespace, hostname);
+    let subsets = rule.map(|r| r.subsets.as_slice()).unwrap_or_default();
+    let mut out = Vec::with_capacity(ports.len() * (1 + subsets.len()));
+    for p in ports {
+        out.push(super::cluster_name(scope.kind, *p, "", hostname));
+        out.extend(subsets.iter().map(|s| super::cluster_name(scope.kind, *p, &s.name, hostname)));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -550,6 +599,7 @@ mod tests {
             cluster_id: None,
             labels: vec![],
             tls: TlsSupport::Static,
+            rules: Default::default(),
         }
     }
 
@@ -660,7 +710,7 @@ mod tests {
 
     fn with_rule(mut c: Context, yaml: &str) -> Context {
         let rule = crate::policy::DestinationRule::from_yaml(yaml).expect("valid rule");
-        c.rules = Arc::new(vec![Arc::new(rule)]);
+        c.set_rules(Arc::new(vec![Arc::new(rule)]));
         c
     }
 
@@ -1061,6 +1111,7 @@ mod tests {
             cluster_id: None,
             labels: vec![],
             tls: TlsSupport::None,
+            rules: Default::default(),
         };
         let cla = load_assignment(&c, &sc, &s, &s.ports[0]);
         assert_eq!(cla.cluster_name, "outbound_.9080_._.reviews.shop.svc.cluster.local");

@@ -26,7 +26,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 
 use super::cluster::inbound_ports;
 use super::route::{api_name, http_ports};
-use super::tls::{ISTIO_ALPN, inbound_transport_socket};
+use super::tls::{INBOUND_MTLS_ALPN, inbound_transport_socket};
 use super::util::{ads_config_source, any, boolv, u32v};
 use super::{
     Context, ListenerScope, Named, PASSTHROUGH_CLUSTER, inbound_cluster_name, outbound_cluster_name, sni_name,
@@ -181,15 +181,16 @@ fn tls_inspector() -> ListenerFilter {
     }
 }
 
-/// A filter chain that terminates Istio mTLS for `port` (ALPN `istio-peer-exchange`/`istio`) and
-/// forwards the bytes to the local workload.
+/// A filter chain that terminates Istio mTLS for `port` and forwards the bytes to the local workload. It
+/// matches every ALPN an Istio client offers: `istio-peer-exchange`/`istio` (meshfed's sidecars, and
+/// istiod's for TCP) and `istio-http/1.0`, `istio-http/1.1`, `istio-h2` (istiod's for HTTP).
 fn inbound_chain(tls: TlsSupport, port: u16, destination_port: Option<u16>) -> FilterChain {
     FilterChain {
         name: format!("inbound-{port}"),
         filter_chain_match: Some(FilterChainMatch {
             destination_port: destination_port.map(|p| u32v(p as u32)),
             transport_protocol: "tls".into(),
-            application_protocols: ISTIO_ALPN.iter().map(|s| s.to_string()).collect(),
+            application_protocols: INBOUND_MTLS_ALPN.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }),
         filters: vec![tcp_proxy_filter(&inbound_cluster_name(port), inbound_cluster_name(port))],
@@ -218,21 +219,28 @@ fn virtual_inbound(tls: TlsSupport, ports: &[(u16, Protocol)]) -> Named<Listener
     Named::new(VIRTUAL_INBOUND, listener)
 }
 
-/// An east-west gateway's listener: TLS passed through by SNI (`outbound_.PORT_._.FQDN`) to the cluster
+/// An east-west gateway's listener: TLS passed through by SNI (`outbound_.PORT_._.FQDN`, and
+/// `outbound_.PORT_.SUBSET_.FQDN` for each subset of the DestinationRule the gateway sees) to the cluster
 /// of that name, whose endpoints are the gateway's own network's (Istio's AUTO_PASSTHROUGH).
-fn gateway_listener(scope: &ListenerScope, registry: &Registry) -> Named<Listener> {
+fn gateway_listener(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Named<Listener> {
     let ip = scope.bind.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let name = format!("{ip}_{GATEWAY_PORT}");
     let mut filter_chains = Vec::new();
     for s in registry.services().values() {
+        let subsets = ctx.rule_for(&scope.rules, s).map(|r| r.subsets.as_slice()).unwrap_or_default();
         for p in &s.ports {
-            let sni = sni_name(p.port, "", &s.hostname);
-            filter_chains.push(FilterChain {
-                name: sni.clone(),
-                filter_chain_match: Some(FilterChainMatch { server_names: vec![sni.clone()], ..Default::default() }),
-                filters: vec![tcp_proxy_filter(&sni, sni.clone())],
-                ..Default::default()
-            });
+            for subset in std::iter::once("").chain(subsets.iter().map(|x| &*x.name)) {
+                let sni = sni_name(p.port, subset, &s.hostname);
+                filter_chains.push(FilterChain {
+                    name: sni.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: vec![sni.clone()],
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter(&sni, sni.clone())],
+                    ..Default::default()
+                });
+            }
         }
     }
     let listener = Listener {
@@ -277,12 +285,12 @@ pub fn listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> V
 /// The listeners that depend on the scope: a sidecar's outbound (and, with interception NONE, inbound)
 /// listeners, a gateway's SNI listener. A sidecar's gRPC api_listeners ([`api_listeners`]) are the same
 /// for every scope and kept apart, so they are translated and stored once.
-pub fn scope_listeners(_ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
+pub fn scope_listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
     match scope.kind {
         ProxyKind::Sidecar => outbound_listeners(scope, registry),
         // (A listener needs a filter chain: none until there is a service.)
         ProxyKind::Router if registry.services().is_empty() => Vec::new(),
-        ProxyKind::Router => vec![gateway_listener(scope, registry)],
+        ProxyKind::Router => vec![gateway_listener(ctx, scope, registry)],
     }
 }
 
@@ -344,6 +352,7 @@ mod tests {
             bind: bind.map(|b| b.parse().expect("valid IP")),
             tls: TlsSupport::None,
             inbound: None,
+            rules: Default::default(),
         }
     }
 

@@ -4,6 +4,9 @@
 //! scopes get identical resources, so the cache translates and encodes once per scope and shares the
 //! result: CDS depends on the proxy kind; EDS on kind, network and locality (priorities, split
 //! horizon); LDS on kind, interception mode and bind address; RDS on kind and namespace (short names).
+//! CDS, EDS and a gateway's LDS also depend on which DestinationRules the proxy sees ([`RuleScope`]):
+//! only where some rule makes the proxy's namespace or labels matter ([`ViewKeys`]) do they enter the
+//! scope; every other proxy shares the default.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -13,7 +16,7 @@ use serde::Serialize;
 
 use crate::mesh_config::MeshConfig;
 use crate::model::{ClusterId, Gateway, Locality, NetworkId, Service};
-use crate::policy::{DestinationRule, EffectivePolicy, MeshDefaults};
+use crate::policy::{ConsolidatedRule, EffectivePolicy, MeshDefaults, RuleIndex, Subset};
 use crate::proxy::{InterceptionMode, Proxy, ProxyKind, TlsSupport};
 use crate::registry::Registry;
 
@@ -36,8 +39,8 @@ pub struct Context {
     pub trust_domain: Arc<str>,
     pub send_unhealthy_endpoints: bool,
     pub defaults: MeshDefaults,
-    /// valid DestinationRules, in the registry's deterministic order
-    pub rules: Arc<Vec<Arc<DestinationRule>>>,
+    /// the valid DestinationRules (in the registry's deterministic order), indexed for lookup
+    pub rules: Arc<RuleIndex>,
     /// east-west gateways of every network
     pub gateways: Arc<Vec<Gateway>>,
     /// gateway hostnames (AWS ELBs) resolved to addresses, by the gateway resolver
@@ -79,26 +82,41 @@ impl Context {
         self
     }
 
-    /// Takes the registry's DestinationRules and gateways (cheap: shared `Arc`s).
+    /// Takes the registry's DestinationRules (indexing them when they changed) and gateways (cheap:
+    /// shared `Arc`s).
     pub fn update_from(&mut self, registry: &Registry) {
-        if !Arc::ptr_eq(&self.rules, registry.destination_rules()) {
-            self.rules = registry.destination_rules().clone();
+        if !Arc::ptr_eq(self.rules.rules(), registry.destination_rules()) {
+            self.set_rules(registry.destination_rules().clone());
         }
         if !Arc::ptr_eq(&self.gateways, registry.gateways()) {
             self.gateways = registry.gateways().clone();
         }
     }
 
-    /// The traffic policy of one service port (DestinationRules over mesh defaults).
+    /// Indexes `rules` for lookup ([`RuleIndex`], root namespace [`crate::registry::SYSTEM_NAMESPACE`]).
+    pub fn set_rules(&mut self, rules: Arc<Vec<Arc<crate::policy::DestinationRule>>>) {
+        self.rules = Arc::new(RuleIndex::new(rules, &self.domain_suffix, crate::registry::SYSTEM_NAMESPACE));
+    }
+
+    /// The DestinationRule that applies to `service` for proxies in `scope`.
+    pub fn rule_for(&self, scope: &RuleScope, service: &Service) -> Option<&ConsolidatedRule> {
+        self.rule_for_host(scope, &service.key.namespace, &service.hostname)
+    }
+
+    /// [`Self::rule_for`] by the service's namespace and hostname.
+    pub fn rule_for_host(&self, scope: &RuleScope, namespace: &str, hostname: &str) -> Option<&ConsolidatedRule> {
+        self.rules.rule_for(scope.namespace.as_deref(), &scope.selected_by, namespace, hostname).map(|r| &**r)
+    }
+
+    /// The traffic policy of one service port (DestinationRules over mesh defaults), for proxies that
+    /// see the default rules (a namespace no rule mentions).
     pub fn policy(&self, service: &Service, port: u16) -> EffectivePolicy {
-        crate::policy::resolve(
-            self.rules.iter().map(|r| &**r),
-            &service.hostname,
-            &service.key.namespace,
-            port,
-            &self.defaults,
-            &self.domain_suffix,
-        )
+        EffectivePolicy::of(self.rule_for(&RuleScope::default(), service), port, None, &self.defaults)
+    }
+
+    /// The traffic policy of one port (and subset) of a service under `rule`.
+    pub fn policy_with(&self, rule: Option<&ConsolidatedRule>, port: u16, subset: Option<&Subset>) -> EffectivePolicy {
+        EffectivePolicy::of(rule, port, subset, &self.defaults)
     }
 
     /// The label keys any failoverPriority uses (a proxy's view carries its values of these).
@@ -110,17 +128,33 @@ impl Context {
             }
         };
         add(&self.defaults.locality_lb);
-        for r in self.rules.iter() {
-            if let Some(l) = &r.traffic_policy.locality_lb {
-                add(l);
-            }
-            for p in &r.traffic_policy.port_level {
-                if let Some(l) = &p.locality_lb {
+        let mut add_policy = |tp: &crate::policy::TrafficPolicy| {
+            let lbs = tp.load_balancer.iter().chain(tp.port_level.iter().filter_map(|p| p.load_balancer.as_ref()));
+            for lb in lbs {
+                if let Some(l) = &lb.locality_lb {
                     add(l);
                 }
             }
+        };
+        for r in self.rules.iter() {
+            let subsets = r.subsets.iter().filter_map(|s| s.traffic_policy.as_ref());
+            for tp in r.traffic_policy.iter().chain(subsets) {
+                add_policy(tp);
+            }
         }
         keys
+    }
+
+    /// What proxies' views depend on besides their own identity: the failoverPriority labels, and which
+    /// namespaces and workload labels change the DestinationRules a proxy sees (walks the services only
+    /// when some rule could make a namespace differ).
+    pub fn view_keys(&self, registry: &Registry) -> ViewKeys {
+        let services = registry.services().values().map(|s| (&*s.key.namespace, &*s.hostname));
+        ViewKeys {
+            priority_labels: self.priority_label_keys(),
+            rule_namespaces: self.rules.namespaces_that_differ(services),
+            workload_selectors: self.rules.workload_selectors().clone(),
+        }
     }
 
     /// The addresses of a gateway: its IP, or what its hostname resolved to (nothing yet: none).
@@ -130,6 +164,45 @@ impl Context {
             Err(_) => self.resolved.get(&*gateway.address).cloned().unwrap_or_default(),
         }
     }
+}
+
+/// What views depend on that the push loop computes from the rules and the registry (see
+/// [`Context::view_keys`]); a proxy's view is rebuilt when they change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ViewKeys {
+    /// the label keys failoverPriority rules use (a proxy's EDS scope carries its values of these)
+    pub priority_labels: BTreeSet<String>,
+    /// namespaces whose proxies see other DestinationRules than proxies in a namespace no rule mentions
+    pub rule_namespaces: BTreeSet<Arc<str>>,
+    /// DestinationRules with a workloadSelector, by namespace: (`namespace/name`, matchLabels)
+    pub workload_selectors: crate::policy::WorkloadSelectors,
+}
+
+impl ViewKeys {
+    /// Which DestinationRules a proxy in `namespace` with `labels` sees: its namespace only where it
+    /// matters, and the workloadSelector rules whose labels it has.
+    pub fn rule_scope(&self, namespace: &Arc<str>, labels: &BTreeMap<String, String>) -> RuleScope {
+        let selected_by: Vec<Arc<str>> = self
+            .workload_selectors
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .filter(|(_, selector)| selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+            .map(|(rule, _)| rule.clone())
+            .collect();
+        let namespace =
+            (!selected_by.is_empty() || self.rule_namespaces.contains(namespace)).then(|| namespace.clone());
+        RuleScope { namespace, selected_by }
+    }
+}
+
+/// Which DestinationRules a proxy sees (istiod's lookup for the proxy's namespace and labels).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RuleScope {
+    /// the proxy's namespace, when some rule makes it matter (None: as a namespace no rule mentions)
+    pub namespace: Option<Arc<str>>,
+    /// the workloadSelector rules (`namespace/name`) that select the proxy
+    pub selected_by: Vec<Arc<str>>,
 }
 
 /// Where a sidecar's inbound (mTLS-terminating) listeners are and where they forward.
@@ -145,6 +218,8 @@ pub struct InboundScope {
 pub struct ClusterScope {
     pub kind: ProxyKind,
     pub tls: TlsSupport,
+    /// the DestinationRules the proxies see (their subsets are clusters too)
+    pub rules: RuleScope,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -157,6 +232,8 @@ pub struct EndpointScope {
     pub labels: Vec<(String, String)>,
     /// whether the proxy can reach other networks (through their gateways, over mTLS)
     pub tls: TlsSupport,
+    /// the DestinationRules the proxies see (policies, subsets)
+    pub rules: RuleScope,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -167,6 +244,9 @@ pub struct ListenerScope {
     pub bind: Option<IpAddr>,
     pub tls: TlsSupport,
     pub inbound: Option<InboundScope>,
+    /// gateways: the DestinationRules they see (a filter chain per subset); default for sidecars, whose
+    /// listeners do not depend on them
+    pub rules: RuleScope,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -195,13 +275,14 @@ impl View {
         } else {
             proxy.network.clone()
         };
-        let ctx = Context::default().with_registry(registry);
-        View::with_network(proxy, network, &ctx.priority_label_keys())
+        let ctx =
+            Context { domain_suffix: registry.domain_suffix().into(), ..Context::default() }.with_registry(registry);
+        View::with_network(proxy, network, &ctx.view_keys(registry))
     }
 
-    /// The view of a proxy whose network is already resolved; `label_keys`: the labels failoverPriority
-    /// rules use.
-    pub fn with_network(proxy: &Proxy, network: NetworkId, label_keys: &BTreeSet<String>) -> View {
+    /// The view of a proxy whose network is already resolved; `keys`: what else views depend on (the
+    /// labels failoverPriority rules use, the namespaces and labels DestinationRules make matter).
+    pub fn with_network(proxy: &Proxy, network: NetworkId, keys: &ViewKeys) -> View {
         let tls = match proxy.kind {
             // gateways pass TLS through; they need no certificates of their own
             ProxyKind::Router => TlsSupport::None,
@@ -209,10 +290,12 @@ impl View {
         };
         let inbound = (proxy.kind == ProxyKind::Sidecar && tls != TlsSupport::None)
             .then_some(InboundScope { ip: proxy.ip, app: proxy.inbound_address });
+        let label_keys = &keys.priority_labels;
         let labels =
             proxy.labels.iter().filter(|(k, _)| label_keys.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let rules = keys.rule_scope(&proxy.namespace, &proxy.labels);
         View {
-            clusters: ClusterScope { kind: proxy.kind, tls },
+            clusters: ClusterScope { kind: proxy.kind, tls, rules: rules.clone() },
             inbound: inbound.clone(),
             endpoints: EndpointScope {
                 kind: proxy.kind,
@@ -222,6 +305,7 @@ impl View {
                 cluster_id: proxy.cluster_id.clone().filter(|_| label_keys.contains(CLUSTER_LABEL)),
                 labels,
                 tls,
+                rules: rules.clone(),
             },
             listeners: ListenerScope {
                 kind: proxy.kind,
@@ -229,6 +313,7 @@ impl View {
                 bind: (proxy.interception == InterceptionMode::None).then_some(proxy.ip),
                 tls,
                 inbound,
+                rules: if proxy.kind == ProxyKind::Router { rules } else { RuleScope::default() },
             },
             routes: RouteScope { kind: proxy.kind, namespace: proxy.namespace.clone() },
         }
@@ -261,12 +346,12 @@ pub fn sni_name(port: u16, subset: &str, fqdn: &str) -> String {
     format!("outbound_.{port}_.{subset}_.{fqdn}")
 }
 
-/// The name of a proxy's cluster for a service port: SNI-named on gateways, Istio's outbound name on
-/// sidecars.
-pub fn cluster_name(kind: ProxyKind, port: u16, fqdn: &str) -> String {
+/// The name of a proxy's cluster for a service port (`subset` empty) or one of its subsets: SNI-named
+/// on gateways, Istio's outbound name on sidecars.
+pub fn cluster_name(kind: ProxyKind, port: u16, subset: &str, fqdn: &str) -> String {
     match kind {
-        ProxyKind::Sidecar => outbound_cluster_name(port, "", fqdn),
-        ProxyKind::Router => sni_name(port, "", fqdn),
+        ProxyKind::Sidecar => outbound_cluster_name(port, subset, fqdn),
+        ProxyKind::Router => sni_name(port, subset, fqdn),
     }
 }
 

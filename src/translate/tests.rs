@@ -211,11 +211,13 @@ fn cluster_names_for_every_service_port() {
     let cs = cluster::clusters(&ctx, &view.clusters, &r);
     let mut expect = vec![BLACKHOLE_CLUSTER.to_string(), PASSTHROUGH_CLUSTER.to_string()];
     expect.extend(demo_service_ports().iter().map(|(h, p)| format!("outbound|{p}||{h}")));
+    // the reviews DestinationRule's subsets, after the port's own cluster
+    expect.extend(["v1", "v2"].map(|s| format!("outbound|9080|{s}|{}", fqdn("reviews"))));
     assert_eq!(names(&cs), expect);
     assert!(cs.iter().all(|c| c.wildcard));
     for c in cs.iter().filter(|c| c.name.starts_with("outbound|")) {
         let (port, subset, host) = parse_outbound_cluster_name(&c.name).expect("parses");
-        assert_eq!((outbound_cluster_name(port, subset, host), subset), (c.name.clone(), ""));
+        assert_eq!(outbound_cluster_name(port, subset, host), c.name);
         let eds = c.resource.eds_cluster_config.as_ref().expect("an EDS cluster");
         assert_eq!(eds.service_name, c.name);
         assert!(c.resource.outlier_detection.is_some(), "the demo sets default outlier detection");
@@ -225,6 +227,56 @@ fn cluster_names_for_every_service_port() {
     assert!(!grpc.typed_extension_protocol_options.is_empty());
     let http: &Cluster = &cs.iter().find(|c| c.name == format!("outbound|9080||{}", fqdn("ratings"))).unwrap().resource;
     assert!(http.typed_extension_protocol_options.is_empty());
+}
+
+/// `filter_metadata.istio` of a cluster: its string fields.
+fn istio_strings(c: &Cluster) -> BTreeMap<String, String> {
+    use envoy_types::pb::google::protobuf::value::Kind as V;
+    let md = c.metadata.as_ref().expect("metadata");
+    md.filter_metadata["istio"]
+        .fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(V::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SNI of a cluster's `tlsMode: istio` transport socket.
+fn istio_sni(c: &Cluster) -> String {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+    let m = &c.transport_socket_matches[0];
+    let Some(ConfigType::TypedConfig(any)) = &m.transport_socket.as_ref().expect("a socket").config_type else {
+        panic!("typed config")
+    };
+    UpstreamTlsContext::decode(any.value.as_slice()).expect("an UpstreamTlsContext").sni
+}
+
+#[test]
+fn subset_clusters_carry_the_subsets_merged_policy_sni_and_metadata() {
+    let (ctx, r) = demo();
+    let view = aws_view(&r);
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    let get = |name: String| cs.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no {name}")).resource.clone();
+    let base = get(format!("outbound|9080||{}", fqdn("reviews")));
+    let v1 = get(format!("outbound|9080|v1|{}", fqdn("reviews")));
+    let v2 = get(format!("outbound|9080|v2|{}", fqdn("reviews")));
+    // v1 has no policy of its own: the rule's; v2 overrides outlierDetection, keeps the rule's failover
+    let c5xx = |c: &Cluster| c.outlier_detection.as_ref().and_then(|o| o.consecutive_5xx).map(|v| v.value);
+    assert_eq!((c5xx(&base), c5xx(&v1), c5xx(&v2)), (Some(3), Some(3), Some(1)));
+    for c in [&base, &v1, &v2] {
+        let common = c.common_lb_config.as_ref().expect("common lb config");
+        assert!(common.locality_config_specifier.is_some(), "{}: failover weighting", c.name);
+    }
+    let config = "/apis/networking.istio.io/v1/namespaces/shop/destination-rule/reviews";
+    assert_eq!(istio_strings(&v2).get("config").map(String::as_str), Some(config));
+    assert_eq!(istio_strings(&v2).get("subset").map(String::as_str), Some("v2"));
+    assert_eq!(istio_strings(&base).get("subset"), None);
+    // mTLS to a subset uses its SNI (what an east-west gateway routes by)
+    assert_eq!(istio_sni(&base), format!("outbound_.9080_._.{}", fqdn("reviews")));
+    assert_eq!(istio_sni(&v2), format!("outbound_.9080_.v2_.{}", fqdn("reviews")));
 }
 
 // ---- EDS ----
@@ -579,7 +631,7 @@ fn removing_a_service_removes_its_clusters_routes_and_listeners() {
     assert!(r.service(&ServiceKey::new("shop", "reviews")).is_none());
     let cs = cluster::clusters(&ctx, &view.clusters, &r);
     assert!(cs.iter().all(|c| !c.name.contains("reviews")), "{:?}", names(&cs));
-    assert_eq!(cs.len(), 2 + 5);
+    assert_eq!(cs.len(), 2 + 5, "no reviews subsets either: {:?}", names(&cs));
     assert!(all_load_assignments(&ctx, &view.endpoints, &r).iter().all(|c| !c.name.contains("reviews")));
     let rs = route::routes(&ctx, &view.routes, &r);
     assert_eq!(vhost_names(route_config(&rs, "9080")), [format!("{}:9080", fqdn("ratings"))]);
@@ -634,7 +686,11 @@ fn a_tls_sidecar_terminates_mtls_for_the_ports_its_workload_serves() {
     assert_eq!(chains, ["inbound-9080", "outbound-9080"]);
     let m = l.filter_chains[0].filter_chain_match.as_ref().unwrap();
     assert_eq!(m.transport_protocol, "tls");
-    assert_eq!(m.application_protocols, ["istio-peer-exchange", "istio"]);
+    assert_eq!(
+        m.application_protocols,
+        ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"],
+        "what meshfed's and istiod's sidecars offer"
+    );
     assert!(l.filter_chains[0].transport_socket.is_some(), "mTLS terminated here");
     assert!(l.filter_chains[1].filter_chain_match.is_none(), "plaintext from the app: outbound");
     // a proxy that serves nothing has no inbound clusters; one without certificates no inbound side
@@ -686,4 +742,273 @@ fn diagnostics_name_what_translation_works_around() {
     let view = aws_view(&r3);
     let cla = load_assignment(&ctx3, &view.endpoints, &r3, &format!("outbound|8080||{}", fqdn("frontend")));
     assert!(cla.endpoints.iter().all(|l| l.priority == 0));
+}
+
+// ---- DestinationRule subsets ----
+
+fn reviews_subset(subset: &str) -> String {
+    format!("outbound|9080|{subset}|{}", fqdn("reviews"))
+}
+
+#[test]
+fn subset_assignments_hold_only_their_pods_endpoints_with_the_base_priorities() {
+    let (ctx, r) = demo();
+    let view = aws_view(&r);
+    let base = load_assignment(&ctx, &view.endpoints, &r, &format!("outbound|9080||{}", fqdn("reviews")));
+    assert_eq!(localities(&base), zones(&[("us-east-1a", 0, 2, 2), ("us-east-1b", 1, 2, 2), ("", 2, 4, 1)]));
+    // v1 is the first pod of each zone (.21), v2 the second (.22); Azure's through its gateway, which
+    // stands for (is weighted by) the subset's Azure endpoints only
+    for (subset, host) in [("v1", 21), ("v2", 22)] {
+        let cla = load_assignment(&ctx, &view.endpoints, &r, &reviews_subset(subset));
+        assert_eq!(cla.cluster_name, reviews_subset(subset));
+        assert_eq!(
+            endpoint_addresses(&cla),
+            [format!("127.0.1.{host}:9080"), format!("127.0.2.{host}:9080"), "127.0.20.1:15443".into()],
+            "{subset}"
+        );
+        assert_eq!(
+            localities(&cla),
+            zones(&[("us-east-1a", 0, 1, 1), ("us-east-1b", 1, 1, 1), ("", 2, 2, 1)]),
+            "{subset}: the base's priorities"
+        );
+        let gw = cla.endpoints.iter().find(|l| l.priority == 2).unwrap();
+        assert_eq!(gw.lb_endpoints[0].load_balancing_weight.unwrap().value, 2, "{subset}: Azure's 2, not 4");
+    }
+    // other services have no subsets
+    let all = all_load_assignments(&ctx, &view.endpoints, &r);
+    let subset_names: Vec<&str> = all.iter().map(|c| c.name.as_str()).filter(|n| !n.contains("||")).collect();
+    assert_eq!(subset_names, [reviews_subset("v1"), reviews_subset("v2")]);
+}
+
+#[test]
+fn a_gateway_forwards_each_subset_sni_to_its_own_networks_subset_endpoints() {
+    let (ctx, r) = demo();
+    let mut p = proxy("istio-system", AZURE, "westeurope/westeurope-1", InterceptionMode::None);
+    p.kind = ProxyKind::Router;
+    p.ip = "127.0.20.1".parse().unwrap();
+    let view = View::of(&p, &r);
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    let chains: Vec<&str> = ls[0].resource.filter_chains.iter().map(|c| c.name.as_str()).collect();
+    for subset in ["", "v1", "v2"] {
+        let sni = format!("outbound_.9080_.{subset}_.{}", fqdn("reviews"));
+        let chain =
+            ls[0].resource.filter_chains.iter().find(|c| c.name == sni).unwrap_or_else(|| panic!("{sni}: {chains:?}"));
+        assert_eq!(chain.filter_chain_match.as_ref().unwrap().server_names, std::slice::from_ref(&sni));
+        let Some(filter::ConfigType::TypedConfig(any)) = &chain.filters[0].config_type else { panic!("typed") };
+        let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+        assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(sni.clone())));
+    }
+    assert!(!chains.iter().any(|c| c.contains("_.v1_.ratings")), "ratings has no subsets");
+    let server_names: Vec<&String> = ls[0]
+        .resource
+        .filter_chains
+        .iter()
+        .flat_map(|c| &c.filter_chain_match.as_ref().unwrap().server_names)
+        .collect();
+    assert_eq!(server_names.iter().collect::<BTreeSet<_>>().len(), server_names.len(), "Envoy needs unique SNIs");
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    for (subset, host) in [("v1", 21), ("v2", 22)] {
+        let name = format!("outbound_.9080_.{subset}_.{}", fqdn("reviews"));
+        let c = cs.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no {name}"));
+        assert!(
+            c.resource.transport_socket_matches.is_empty() && c.resource.outlier_detection.is_none(),
+            "passthrough"
+        );
+        let cla = load_assignment(&ctx, &view.endpoints, &r, &name);
+        assert_eq!(endpoint_addresses(&cla), [format!("127.0.3.{host}:9080"), format!("127.0.4.{host}:9080")]);
+    }
+}
+
+fn upsert_rule(r: &mut Registry, yaml: &str) {
+    let objs = crate::topology::parse_manifests(yaml, Path::new("dr.yaml")).expect("a rule");
+    let TopologyObject::DestinationRule(d) = &objs[0] else { panic!("a DestinationRule") };
+    assert!(d.rule.is_ok(), "{:?}", d.rule);
+    r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: objs[0].clone() });
+}
+
+#[test]
+fn pods_move_between_subsets_with_their_labels_and_an_empty_subset_exists() {
+    let (_, mut r) = demo();
+    let TopologyObject::Pod(mut pod) = demo_object(AWS, Kind::Pod, "reviews-v1-5f7d8-a1") else { panic!("a pod") };
+    let mut labels = (*pod.labels).clone();
+    labels.insert("version".into(), "v2".into());
+    pod.labels = Arc::new(labels);
+    r.apply(SourceEvent::Upsert { cluster: ClusterId::new(AWS), object: TopologyObject::Pod(pod) });
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let view = aws_view(&r);
+    let v1 = load_assignment(&ctx, &view.endpoints, &r, &reviews_subset("v1"));
+    let v2 = load_assignment(&ctx, &view.endpoints, &r, &reviews_subset("v2"));
+    assert_eq!(endpoint_addresses(&v1), ["127.0.2.21:9080", "127.0.20.1:15443"]);
+    assert_eq!(endpoint_addresses(&v2), ["127.0.1.21:9080", "127.0.1.22:9080", "127.0.2.22:9080", "127.0.20.1:15443"]);
+    assert_eq!(localities(&v1)[0], ("us-east-1b".into(), 0, 1, 1), "no v1 left in the proxy's zone");
+
+    // a subset nothing matches: its cluster and an empty assignment (it exists: the rule defines it)
+    upsert_rule(
+        &mut r,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\nspec:\n  host: reviews\n  subsets:\n  - name: v3\n    labels: {version: v3}\n",
+    );
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    assert!(cs.iter().any(|c| c.name == reviews_subset("v3")));
+    assert!(!cs.iter().any(|c| c.name == reviews_subset("v1")), "the rule no longer has v1");
+    let v3 = load_assignment(&ctx, &view.endpoints, &r, &reviews_subset("v3"));
+    assert_eq!(v3.cluster_name, reviews_subset("v3"));
+    assert!(v3.endpoints.is_empty());
+}
+
+#[test]
+fn proxies_share_the_default_rule_scope_unless_a_rule_makes_their_namespace_matter() {
+    let (_, mut r) = demo();
+    // the demo's rules are in the services' namespace, exported everywhere: one scope for every namespace
+    let shop = aws_view(&r);
+    let default_ns = View::of(&proxy("default", AWS, "us-east-1/us-east-1a", InterceptionMode::None), &r);
+    assert_eq!(shop.clusters, default_ns.clusters);
+    assert_eq!(shop.endpoints, default_ns.endpoints);
+    assert_eq!(shop.clusters.rules, RuleScope::default());
+
+    // a rule in the client's namespace `frontend`: proxies there see it, before the service's
+    upsert_rule(
+        &mut r,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews-blue, namespace: frontend}\nspec:\n  host: reviews.shop.svc.cluster.local\n  subsets:\n  - name: blue\n    labels: {version: v1}\n",
+    );
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let front = View::of(&proxy("frontend", AWS, "us-east-1/us-east-1a", InterceptionMode::None), &r);
+    assert_eq!(front.clusters.rules.namespace.as_deref(), Some("frontend"));
+    assert_eq!(front.endpoints.rules, front.clusters.rules);
+    let shop = aws_view(&r);
+    assert_eq!(shop.clusters.rules, RuleScope::default(), "shop still sees what every other namespace sees");
+    let subsets = |view: &View| -> Vec<String> {
+        cluster::clusters(&ctx, &view.clusters, &r)
+            .into_iter()
+            .filter(|c| c.name.contains("reviews") && !c.name.contains("||"))
+            .map(|c| c.name)
+            .collect()
+    };
+    assert_eq!(subsets(&front), [reviews_subset("blue")]);
+    assert_eq!(subsets(&shop), [reviews_subset("v1"), reviews_subset("v2")]);
+    // ... and the frontend rule has no outlier detection of its own: the mesh default (5), not 3
+    let base = cluster::clusters(&ctx, &front.clusters, &r)
+        .into_iter()
+        .find(|c| c.name == format!("outbound|9080||{}", fqdn("reviews")))
+        .unwrap();
+    assert_eq!(base.resource.outlier_detection.unwrap().consecutive_5xx.unwrap().value, 5);
+    let blue = load_assignment(&ctx, &front.endpoints, &r, &reviews_subset("blue"));
+    assert_eq!(endpoint_addresses(&blue), ["127.0.1.21:9080", "127.0.2.21:9080", "127.0.20.1:15443"]);
+}
+
+#[test]
+fn export_to_and_workload_selectors_reach_the_proxies_they_name() {
+    let (_, mut r) = demo();
+    // the demo's reviews rule, private to shop
+    let text = std::fs::read_to_string(demo_dir().join("aws-use1/destinationrules.yaml")).unwrap();
+    let private = text.replacen(
+        "  host: reviews.shop.svc.cluster.local\n",
+        "  host: reviews.shop.svc.cluster.local\n  exportTo: [\".\"]\n",
+        1,
+    );
+    assert_ne!(private, text);
+    let objs = crate::topology::parse_manifests(&private, Path::new("dr.yaml")).unwrap();
+    r.apply(SourceEvent::Sync {
+        cluster: ClusterId::new(AWS),
+        objects: demo_objects(AWS).into_iter().filter(|o| o.key().kind != Kind::DestinationRule).chain(objs).collect(),
+    });
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let shop = aws_view(&r);
+    let other = View::of(&proxy("default", AWS, "us-east-1/us-east-1a", InterceptionMode::None), &r);
+    assert_eq!(shop.clusters.rules.namespace.as_deref(), Some("shop"));
+    assert_eq!(other.clusters.rules, RuleScope::default());
+    let has_v1 =
+        |view: &View| cluster::clusters(&ctx, &view.clusters, &r).iter().any(|c| c.name == reviews_subset("v1"));
+    assert!(has_v1(&shop));
+    assert!(!has_v1(&other), "not exported to default");
+    assert!(!all_load_assignments(&ctx, &other.endpoints, &r).iter().any(|c| c.name == reviews_subset("v1")));
+
+    // a workloadSelector rule in shop: only the shop proxies with its labels see it
+    upsert_rule(
+        &mut r,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: canary, namespace: shop}\nspec:\n  host: reviews\n  workloadSelector: {matchLabels: {app: canary}}\n  subsets:\n  - name: canary\n    labels: {version: v2}\n",
+    );
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let mut p = proxy("shop", AWS, "us-east-1/us-east-1a", InterceptionMode::None);
+    p.labels = BTreeMap::from([("app".into(), "canary".into()), ("version".into(), "x".into())]);
+    let canary = View::of(&p, &r);
+    assert_eq!(canary.clusters.rules.selected_by, [Arc::from("shop/canary")]);
+    let plain = aws_view(&r);
+    assert!(plain.clusters.rules.selected_by.is_empty());
+    let names_of = |view: &View| -> Vec<String> {
+        cluster::clusters(&ctx, &view.clusters, &r)
+            .into_iter()
+            .map(|c| c.name)
+            .filter(|n| n.contains("reviews"))
+            .collect()
+    };
+    // (the shop-private rule without a selector is merged into the selector rule, as istiod merges them)
+    assert_eq!(
+        names_of(&canary),
+        [
+            format!("outbound|9080||{}", fqdn("reviews")),
+            reviews_subset("canary"),
+            reviews_subset("v1"),
+            reviews_subset("v2")
+        ]
+    );
+    let canary_cla = load_assignment(&ctx, &canary.endpoints, &r, &reviews_subset("canary"));
+    assert_eq!(endpoint_addresses(&canary_cla), ["127.0.1.22:9080", "127.0.2.22:9080", "127.0.20.1:15443"]);
+    assert!(names_of(&plain).contains(&reviews_subset("v1")));
+    // a proxy with those labels in another namespace: not selected
+    let mut elsewhere = p.clone();
+    elsewhere.namespace = "default".into();
+    assert_eq!(View::of(&elsewhere, &r).clusters.rules, RuleScope::default());
+}
+
+#[test]
+fn diagnostics_name_every_destination_rule_field_not_applied() {
+    let (_, mut r) = demo();
+    upsert_rule(
+        &mut r,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: frontend, namespace: shop}\nspec:\n  host: frontend\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 10}}\n    loadBalancer: {simple: LEAST_REQUEST}\n    tls: {mode: ISTIO_MUTUAL}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer:\n        consistentHash: {httpHeaderName: x-user}\n",
+    );
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let w = diagnostics::warnings(&ctx, &r);
+    let not_applied: Vec<&str> = w
+        .iter()
+        .filter(|w| w.kind == "destination-rule-field-not-applied" && w.subject == "DestinationRule shop/frontend")
+        .map(|w| w.message.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        not_applied,
+        [
+            "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash",
+            "spec.trafficPolicy.connectionPool",
+            "spec.trafficPolicy.loadBalancer.simple",
+            "spec.trafficPolicy.tls",
+        ]
+    );
+    // the rest of the rule applies: its subset exists
+    let view = aws_view(&r);
+    assert!(
+        cluster::clusters(&ctx, &view.clusters, &r)
+            .iter()
+            .any(|c| c.name == format!("outbound|8080|v1|{}", fqdn("frontend")))
+    );
+
+    // two rules for one host merge; a subset defined by both is the first's, and said so
+    upsert_rule(
+        &mut r,
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews-more, namespace: shop}\nspec:\n  host: reviews\n  subsets:\n  - name: v2\n    labels: {version: two}\n  - name: v3\n    labels: {version: v3}\n",
+    );
+    let ctx = Context::from_mesh(&demo_mesh()).with_registry(&r);
+    let w = diagnostics::warnings(&ctx, &r);
+    assert!(
+        w.iter().any(|w| w.kind == "destination-rule-duplicate-subset"
+            && w.subject == "DestinationRule shop/reviews-more"
+            && w.message.contains("subset v2")),
+        "{w:?}"
+    );
+    let names: Vec<String> = cluster::clusters(&ctx, &view.clusters, &r).into_iter().map(|c| c.name).collect();
+    for s in ["v1", "v2", "v3"] {
+        assert!(names.contains(&reviews_subset(s)), "{s}: {names:?}");
+    }
+    let v2 = load_assignment(&ctx, &view.endpoints, &r, &reviews_subset("v2"));
+    assert_eq!(endpoint_addresses(&v2)[0], "127.0.1.22:9080", "the demo rule's v2 (version: v2)");
 }

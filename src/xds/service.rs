@@ -102,10 +102,9 @@ impl grpc::Handler for AdsConnection {
         }
         let context = self.service.stream_context(self.conn.as_ref())?;
         let svc = &self.service;
-        let stream =
-            Stream::new(flavor, svc.push.clone(), svc.connections.clone(), Outbox::Grpc(responses), head.user_agent)
-                .with_context(context)
-                .for_service(service);
+        let stream = Stream::new(flavor, svc.push.clone(), svc.connections.clone(), Outbox::Grpc(responses))
+            .with_context(context)
+            .for_service(service);
         Ok(Box::pin(stream.run(messages)))
     }
 }

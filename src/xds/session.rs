@@ -7,7 +7,7 @@
 //! connection makes the session; the others find it in the connection's [`Sessions`] and cost only their
 //! subscription, their per-type state and their line in the session's status.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -16,7 +16,7 @@ use super::connections::{Connection, ConnectionGuard, Connections, Flavor, XdsSe
 use crate::model::NetworkId;
 use crate::proxy::Proxy;
 use crate::push::{Attachment, PushHandle};
-use crate::translate::View;
+use crate::translate::{View, ViewKeys};
 
 /// A proxy served by one or more streams.
 #[derive(Debug)]
@@ -24,9 +24,10 @@ pub struct ProxySession {
     pub proxy: Proxy,
     /// the proxy's network: node metadata NETWORK, else its cluster's network
     pub network: NetworkId,
-    /// the view and the attachment that keeps its scopes translated; replaced when failoverPriority rules
-    /// start reading other labels (the view's EDS scope changes)
-    attached: Mutex<(View, Arc<BTreeSet<String>>, Arc<Attachment>)>,
+    /// the view, the view keys it was built with and the attachment that keeps its scopes translated;
+    /// replaced when the view keys change (failoverPriority rules read other labels, DestinationRules make
+    /// other namespaces or labels matter)
+    attached: Mutex<(View, Arc<ViewKeys>, Arc<Attachment>)>,
     /// the proxy's entry in the connection status (`/debug/syncz`, `/debug/adsz`)
     entry: ConnectionGuard,
     /// the snapshot the latest attach returned: it holds the view's scopes, possibly before any snapshot
@@ -55,14 +56,14 @@ impl ProxySession {
         } else {
             proxy.network.clone()
         };
-        let label_keys = snap.priority_label_keys.clone();
-        let view = View::with_network(&proxy, network.clone(), &label_keys);
+        let view_keys = snap.view_keys.clone();
+        let view = View::with_network(&proxy, network.clone(), &view_keys);
         let (attachment, attached) = push.attach(view.clone()).await?;
         let entry = connections.register(proxy.clone(), flavor, service, view.clone());
         let session = ProxySession {
             proxy,
             network,
-            attached: Mutex::new((view, label_keys, Arc::new(attachment))),
+            attached: Mutex::new((view, view_keys, Arc::new(attachment))),
             entry,
             attached_snapshot: Mutex::new(attached.clone()),
         };
@@ -79,22 +80,22 @@ impl ProxySession {
         &self.entry.conn
     }
 
-    /// The current view and the failoverPriority label keys it was built with.
-    pub fn view(&self) -> (View, Arc<BTreeSet<String>>) {
+    /// The current view and the view keys it was built with.
+    pub fn view(&self) -> (View, Arc<ViewKeys>) {
         let guard = self.lock();
         (guard.0.clone(), guard.1.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (View, Arc<BTreeSet<String>>, Arc<Attachment>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (View, Arc<ViewKeys>, Arc<Attachment>)> {
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The view for the failoverPriority label keys `keys`: the current one if it was built with them,
+    /// The view for the view keys `keys`: the current one if it was built with them,
     /// else a new view attached to the push loop (the first stream of the session to see new keys makes
     /// it; the others take it). Returns the view and, when it is new, the snapshot the attach returned.
     pub async fn view_for(
         &self,
-        keys: &Arc<BTreeSet<String>>,
+        keys: &Arc<ViewKeys>,
         push: &PushHandle,
     ) -> Option<(View, Option<Arc<crate::cache::Snapshot>>)> {
         {
@@ -123,26 +124,12 @@ pub struct Sessions(Mutex<HashMap<SessionKey, Weak<ProxySession>>>);
 pub type SessionKey = (Arc<str>, u64);
 
 impl Sessions {
-    /// The key of `node` in the table.
+    /// The key of `node` in the table. (Its metadata is a map, with maps nested in it (`LABELS`,
+    /// `PLATFORM_METADATA`, ...): prost encodes them in an order that differs between two decodings of the
+    /// same bytes, so the node is hashed in its canonical encoding, every map sorted by key.)
     pub fn key(node: &Node) -> SessionKey {
-        use prost::Message;
-        // (metadata is a map: its encoding's order is arbitrary, so it is hashed field by field in key order)
-        let mut rest = node.clone();
-        let metadata = rest.metadata.take();
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&rest.encode_to_vec());
-        if let Some(m) = metadata {
-            let mut fields: Vec<_> = m.fields.iter().collect();
-            fields.sort_by(|a, b| a.0.cmp(b.0));
-            for (k, v) in fields {
-                h.update(&(k.len() as u64).to_le_bytes());
-                h.update(k.as_bytes());
-                let v = v.encode_to_vec();
-                h.update(&(v.len() as u64).to_le_bytes());
-                h.update(&v);
-            }
-        }
-        (Arc::from(node.id.as_str()), h.digest())
+        let h = xxhash_rust::xxh3::xxh3_64(&crate::canonical::encode_canonical(node));
+        (Arc::from(node.id.as_str()), h)
     }
 
     /// The live session of `key`, if a stream still holds it.
@@ -176,5 +163,53 @@ impl Sessions {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message;
+
+    use super::*;
+
+    fn string(s: &str) -> Value {
+        Value { kind: Some(Kind::StringValue(s.into())) }
+    }
+
+    #[test]
+    fn a_node_has_one_key_however_its_nested_metadata_was_decoded() {
+        // LABELS and PLATFORM_METADATA are maps inside the metadata map, as istio-agent writes them
+        let labels = Struct { fields: (0..24).map(|i| (format!("label-{i}"), string(&i.to_string()))).collect() };
+        let platform = Struct { fields: (0..8).map(|i| (format!("p{i}"), string("x"))).collect() };
+        let meta = Struct {
+            fields: [
+                ("LABELS".to_string(), Value { kind: Some(Kind::StructValue(labels)) }),
+                ("PLATFORM_METADATA".to_string(), Value { kind: Some(Kind::StructValue(platform)) }),
+                ("NAMESPACE".to_string(), string("shop")),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let node = Node {
+            id: "sidecar~10.0.0.1~a.shop~shop.svc.cluster.local".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        };
+        let bytes = node.encode_to_vec();
+        // every decoding builds its maps afresh (another hash seed, another iteration order)
+        let key = Sessions::key(&node);
+        for _ in 0..16 {
+            let again = Node::decode(bytes.as_slice()).expect("decodes");
+            assert_eq!(Sessions::key(&again), key);
+        }
+        // another label value is another node
+        let mut other = node.clone();
+        let Some(Kind::StructValue(l)) = &mut other.metadata.as_mut().unwrap().fields.get_mut("LABELS").unwrap().kind
+        else {
+            panic!("labels")
+        };
+        l.fields.insert("label-0".into(), string("changed"));
+        assert_ne!(Sessions::key(&other), key);
     }
 }

@@ -69,7 +69,6 @@ pub struct Stream {
     pub(super) push: PushHandle,
     pub(super) connections: Arc<Connections>,
     pub(super) out: Outbox,
-    pub(super) user_agent: Option<String>,
     /// the proxy, once the first request identified it (shared by a proxy's per-type streams)
     pub(super) session: Option<Arc<ProxySession>>,
     /// the session's view when this stream last looked (read on every push)
@@ -78,8 +77,9 @@ pub struct Stream {
     pub(super) snapshot: Arc<Snapshot>,
     pub(super) types: [Option<Box<TypeState>>; 4],
     pub(super) nonce: u64,
-    /// the failoverPriority label keys the view was built with
-    pub(super) label_keys: Arc<std::collections::BTreeSet<String>>,
+    /// the view keys (failoverPriority labels, DestinationRule namespaces and selectors) the view was
+    /// built with
+    pub(super) view_keys: Arc<crate::translate::ViewKeys>,
     /// type URLs that are not resource types (istioctl's debug types) this stream has answered
     pub(super) other_types: Vec<Box<str>>,
     /// the connection (identity, limits) and the listener's drain signal
@@ -98,13 +98,7 @@ async fn warm_deadline(warmth: &Warmth) {
 }
 
 impl Stream {
-    pub fn new(
-        flavor: Flavor,
-        push: PushHandle,
-        connections: Arc<Connections>,
-        out: Outbox,
-        user_agent: Option<String>,
-    ) -> Stream {
+    pub fn new(flavor: Flavor, push: PushHandle, connections: Arc<Connections>, out: Outbox) -> Stream {
         let snapshots = push.subscribe();
         let snapshot = snapshots.borrow().clone();
         Stream {
@@ -114,14 +108,13 @@ impl Stream {
             push,
             connections,
             out,
-            user_agent,
             session: None,
             view: None,
             snapshots,
             snapshot,
             types: Default::default(),
             nonce: 0,
-            label_keys: Default::default(),
+            view_keys: Default::default(),
             other_types: Vec::new(),
             context: StreamContext::default(),
             warmth: Warmth::Cold,
@@ -224,13 +217,13 @@ impl Stream {
             self.context.check_identity(&session.proxy)?;
             let (view, keys) = session.view();
             self.view = Some(view);
-            self.label_keys = keys;
+            self.view_keys = keys;
             let attached = session.attached_snapshot();
             self.session = Some(session);
             self.take_snapshot(attached);
             return Ok(());
         }
-        let proxy = Proxy::from_node(node, self.user_agent.as_deref()).map_err(|e| {
+        let proxy = Proxy::from_node(node).map_err(|e| {
             warn!(error = %e, "refusing xDS stream");
             Status::invalid_argument(e.to_string())
         })?;
@@ -248,7 +241,7 @@ impl Stream {
         info!(proxy = %p.id, flavor = self.flavor.as_str(), service = self.service.as_str(), client = ?p.client, "proxy connected");
         let (view, keys) = session.view();
         self.view = Some(view);
-        self.label_keys = keys;
+        self.view_keys = keys;
         self.session = Some(session);
         self.take_snapshot(attached);
         Ok(())
@@ -495,15 +488,16 @@ impl Stream {
         // only what they changed
         let from = self.snapshot.generation;
         let changes = next.changes_since(from);
-        // failoverPriority rules now read other labels: this proxy's view (its EDS scope) changes.
-        if *next.priority_label_keys != *self.label_keys
+        // failoverPriority rules now read other labels, or DestinationRules make other namespaces or
+        // labels matter: this proxy's view may change.
+        if *next.view_keys != *self.view_keys
             && let Some(session) = self.session.clone()
         {
             let (view, attached) = session
-                .view_for(&next.priority_label_keys, &self.push)
+                .view_for(&next.view_keys, &self.push)
                 .await
                 .ok_or_else(|| Status::unavailable("server shutting down"))?;
-            self.label_keys = next.priority_label_keys.clone();
+            self.view_keys = next.view_keys.clone();
             if self.view.as_ref() != Some(&view) {
                 self.view = Some(view);
                 match attached {

@@ -32,7 +32,7 @@ fn fixture() -> Fixture {
         registry.apply(e);
     }
     let ctx = Context::from_mesh(&mesh).with_registry(&registry);
-    let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())), None).expect("node");
+    let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default()))).expect("node");
     let view = View::of(&proxy, &registry);
     let clas = registry
         .services()

@@ -357,7 +357,7 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
         registry.apply(e);
     }
     let ctx = TContext::from_mesh(&mesh).with_registry(&registry);
-    let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())), None)?;
+    let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())))?;
     let view = View::of(&proxy, &registry);
     let all = resources(&ctx, &registry, &view);
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));

@@ -519,7 +519,7 @@ mod tests {
     fn proxy_nodes_are_valid() {
         for k in [0, 1, 5, 9999] {
             let n = proxy_node(k, &ProxyIdentity::default());
-            let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
+            let p = meshfed::proxy::Proxy::from_node(Some(&n)).unwrap();
             assert_eq!(&*p.namespace, NAMESPACE);
         }
     }

@@ -106,11 +106,10 @@ pub fn node(data: &[u8]) {
         // decoding is stable: what decodes re-encodes to something that decodes to the same
         let again = DiscoveryRequest::decode(req.encode_to_vec().as_slice()).expect("re-encoded request decodes");
         assert_eq!(again, req);
-        check_proxy(req.node.as_ref(), None);
-        check_proxy(req.node.as_ref(), Some("grpc-python/1.70"));
+        check_proxy(req.node.as_ref());
     }
     if let Ok(req) = DeltaDiscoveryRequest::decode(data) {
-        check_proxy(req.node.as_ref(), None);
+        check_proxy(req.node.as_ref());
     }
     let id = text(data);
     if let Ok(parts) = parse_node_id(&id) {
@@ -120,11 +119,11 @@ pub fn node(data: &[u8]) {
     // the same bytes as node metadata around a valid id
     let mut input = Input::new(data);
     let node = structured_node(&mut input);
-    check_proxy(Some(&node), None);
+    check_proxy(Some(&node));
 }
 
-fn check_proxy(node: Option<&Node>, ua: Option<&str>) {
-    let Ok(p) = Proxy::from_node(node, ua) else { return };
+fn check_proxy(node: Option<&Node>) {
+    let Ok(p) = Proxy::from_node(node) else { return };
     let parts = parse_node_id(&p.id).expect("an accepted node id parses");
     assert_eq!(*p.namespace, parts.namespace);
     assert_eq!(*p.key, format!("{}.{}", parts.pod, parts.namespace));
@@ -520,15 +519,9 @@ impl XdsHarness {
             debug: Some(Arc::new(debug)),
         };
         let (tx, mut rx) = mpsc::channel(256);
-        let ua = input.bool().then(|| "grpc-python/1.70".to_string());
-        let mut stream = Stream::new(
-            flavor,
-            self.push.clone(),
-            self.connections.clone(),
-            meshfed::xds::stream::Outbox::Channel(tx),
-            ua,
-        )
-        .with_context(context);
+        let mut stream =
+            Stream::new(flavor, self.push.clone(), self.connections.clone(), meshfed::xds::stream::Outbox::Channel(tx))
+                .with_context(context);
         let mut seen = Seen::default();
         let mut first = true;
         for _ in 0..MAX_STEPS {
