@@ -84,6 +84,8 @@ pub struct DebugState {
     pub source_errors: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     /// every cluster's source status (sync state, reachability, last event)
     pub clusters: ClusterHealth,
+    /// the gateway probes' latest report (None: probing off)
+    pub gateway_probes: Option<tokio::sync::watch::Receiver<Arc<crate::liveness::Report>>>,
     /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
     pub demo: bool,
 }
@@ -355,6 +357,7 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
         statuses.entry(c.id.clone()).or_insert_with(|| ClusterStatus::new(c.id.clone(), ""));
     }
     let now = SystemTime::now();
+    let report = s.gateway_probes.as_ref().map(|r| r.borrow().clone());
     let out: Vec<Value> = statuses
         .values()
         .map(|st| {
@@ -394,10 +397,48 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 })),
                 "endpoints": endpoints,
                 "healthyEndpoints": healthy,
+                "gateways": summary.map(|c| gateway_evidence(report.as_deref(), &c.network, st.unreachable_since.is_some())),
             })
         })
         .collect();
     json_out(&q, &out)
+}
+
+/// The gateway probes' evidence about a cluster's network, for `/debug/clusterz`.
+fn gateway_evidence(report: Option<&crate::liveness::Report>, network: &crate::model::NetworkId, api_unreachable: bool) -> Value {
+    let Some(report) = report else { return json!({"probing": false}) };
+    let addresses: Vec<Value> = report
+        .evidence
+        .networks()
+        .get(network)
+        .into_iter()
+        .flatten()
+        .map(|(address, e)| {
+            json!({
+                "address": address.to_string(),
+                "state": e.state,
+                "consecutiveFailures": e.consecutive_failures,
+                "consecutiveSuccesses": e.consecutive_successes,
+                "downSince": e.down_since_wall.map(rfc3339),
+                "lastProbe": e.last.as_ref().map(|p| json!({"ok": p.ok, "at": rfc3339(p.at), "error": p.error})),
+            })
+        })
+        .collect();
+    let fenced = report.verdict.fenced.contains(network);
+    let reachable = report.verdict.reachable.contains(network);
+    let verdict = match (fenced, reachable, api_unreachable) {
+        (true, _, _) => "fenced: every gateway address down; last resort for other networks",
+        (false, true, true) => "API unreachable, gateways up: serving at normal priorities",
+        (false, true, false) => "gateways up",
+        (false, false, _) => "no gateway addresses to probe",
+    };
+    json!({
+        "probing": true,
+        "fenced": fenced,
+        "verdict": verdict,
+        "rounds": report.rounds,
+        "addresses": addresses,
+    })
 }
 
 async fn adsz(State(s): State<DebugState>, Query(q): Params) -> Response {

@@ -31,6 +31,8 @@ pub enum Command {
     Detach { view: View },
     /// The gateway resolver's latest answers for gateway hostnames.
     ResolvedGateways(std::collections::BTreeMap<String, Vec<std::net::IpAddr>>),
+    /// The gateway probes' new verdict ([`crate::liveness`]).
+    GatewayVerdict(crate::liveness::Verdict),
 }
 
 /// A handle to the push loop for xDS streams and the debug surface.
@@ -63,6 +65,12 @@ impl PushHandle {
     /// Hands the gateway resolver's answers to the push loop (it re-pushes EDS if they changed).
     pub fn set_resolved_gateways(&self, resolved: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>) {
         let _ = self.commands.send(Command::ResolvedGateways(resolved));
+    }
+
+    /// Hands the gateway probes' verdict to the push loop (it re-pushes the EDS of the services with
+    /// endpoints in the networks whose verdict changed, at once).
+    pub fn set_gateway_verdict(&self, verdict: crate::liveness::Verdict) {
+        let _ = self.commands.send(Command::GatewayVerdict(verdict));
     }
 
     /// The mesh-wide configuration warnings ([`translate::diagnostics`]), as of the last push (at most
@@ -224,6 +232,9 @@ pub struct Pusher {
     events_in_push: u64,
     /// the mesh config's `unreachableGracePeriod`: a cluster unreachable this long is demoted
     unreachable_grace: std::time::Duration,
+    /// the mesh config has `gatewayProbes`: a cluster whose network's gateways are up is not demoted
+    /// for its API alone
+    gateway_probes: bool,
 }
 
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
@@ -258,6 +269,7 @@ impl Pusher {
             change_seen: None,
             events_in_push: 0,
             unreachable_grace: mesh.unreachable_grace_period,
+            gateway_probes: mesh.gateway_probes.is_some(),
         };
         (pusher, rx)
     }
@@ -509,6 +521,24 @@ impl Pusher {
         }
     }
 
+    /// The gateway probes' verdict: updates `ctx.gateway_verdict` and returns the services with endpoints
+    /// in a network whose verdict changed, as endpoint changes (only their EDS is translated again).
+    pub fn set_gateway_verdict(&mut self, verdict: crate::liveness::Verdict) -> RegistryChange {
+        let mut change = RegistryChange::default();
+        let networks = verdict.networks_changed(&self.ctx.gateway_verdict);
+        if networks.is_empty() && *self.ctx.gateway_verdict == verdict {
+            return change;
+        }
+        for s in self.registry.services().values() {
+            if s.endpoints.iter().any(|e| networks.contains(&e.network)) {
+                change.services.insert(s.key.clone(), ChangeKind::Endpoints);
+            }
+        }
+        info!(fenced = ?verdict.fenced, down = ?verdict.down, "gateway verdict changed");
+        self.ctx.gateway_verdict = Arc::new(verdict);
+        change
+    }
+
     pub fn context(&self) -> &Context {
         &self.ctx
     }
@@ -519,11 +549,12 @@ impl Pusher {
     pub fn refresh_demoted(&mut self, now: std::time::SystemTime) -> RegistryChange {
         // a little slack, so that a timer firing on the deadline does not find it a hair early
         let now = now + std::time::Duration::from_millis(5);
+        let kept = self.kept_by_gateways();
         let desired: BTreeSet<crate::model::ClusterId> = self
             .registry
             .unreachable_clusters()
             .into_iter()
-            .filter(|(_, since)| *since + self.unreachable_grace <= now)
+            .filter(|(id, since)| *since + self.unreachable_grace <= now && !kept.contains(id))
             .map(|(id, _)| id)
             .collect();
         let mut change = RegistryChange::default();
@@ -541,13 +572,25 @@ impl Pusher {
         change
     }
 
+    /// With gateway probes: the clusters whose network's gateways are up (reachable), which an API
+    /// server that does not answer does not demote ("API unreachable, gateways up": keep serving at
+    /// normal priorities). A cluster whose network has no gateways is demoted as without probes.
+    fn kept_by_gateways(&self) -> BTreeSet<crate::model::ClusterId> {
+        if !self.gateway_probes {
+            return BTreeSet::new();
+        }
+        let reachable = &self.ctx.gateway_verdict.reachable;
+        self.registry.cluster_summaries().into_iter().filter(|c| reachable.contains(&c.network)).map(|c| c.id).collect()
+    }
+
     /// When the next unreachable cluster's grace period ends (None: no cluster is waiting for demotion).
     pub fn next_demotion(&self) -> Option<tokio::time::Instant> {
         let now = std::time::SystemTime::now();
+        let kept = self.kept_by_gateways();
         self.registry
             .unreachable_clusters()
             .into_iter()
-            .filter(|(id, _)| !self.ctx.demoted_clusters.contains(id))
+            .filter(|(id, _)| !self.ctx.demoted_clusters.contains(id) && !kept.contains(id))
             .map(|(_, since)| {
                 let wait = (since + self.unreachable_grace).duration_since(now).unwrap_or_default();
                 tokio::time::Instant::now() + wait
@@ -576,6 +619,16 @@ impl Pusher {
         self.generation
     }
 
+    /// Every network's east-west gateway addresses (hostnames as resolved), what the gateway probes probe.
+    fn gateway_addresses(&self) -> crate::cache::GatewayAddresses {
+        let mut out = crate::cache::GatewayAddresses::new();
+        for g in self.registry.gateways().iter() {
+            let addresses = self.ctx.gateway_addresses(g).into_iter().map(|ip| std::net::SocketAddr::new(ip, g.port));
+            out.entry(g.network.clone()).or_default().extend(addresses);
+        }
+        out
+    }
+
     /// The current generation's snapshot, with `changes`.
     fn build_snapshot(&self, changes: Arc<Changes>) -> Snapshot {
         Snapshot {
@@ -590,6 +643,7 @@ impl Pusher {
             recent: self.recent.clone(),
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
+            gateway_addresses: Arc::new(self.gateway_addresses()),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
             view_keys: self.view_keys.clone(),
         }
@@ -692,6 +746,13 @@ impl Pusher {
                 self.set_resolved_gateways(resolved);
                 if self.context_changed {
                     self.push(RegistryChange::default(), false);
+                }
+            }
+            Command::GatewayVerdict(verdict) => {
+                let mut change = self.set_gateway_verdict(verdict);
+                change.merge(self.refresh_demoted(std::time::SystemTime::now()));
+                if !change.is_empty() || self.context_changed {
+                    self.push(change, false);
                 }
             }
         }
