@@ -951,6 +951,95 @@ mod tests {
         assert_eq!(pusher.next_sweep(), None, "in use again: nothing lingers");
     }
 
+    /// The demo with `gatewayProbes` on.
+    fn probing_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::write_to(dir.path()).unwrap();
+        let mut mesh = MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap();
+        mesh.gateway_probes = Some(crate::mesh_config::GatewayProbes::default());
+        let (mut pusher, rx) = Pusher::new(&mesh);
+        let mut change = RegistryChange::default();
+        for c in &mesh.clusters {
+            let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
+            let (objects, _) = crate::source::files::load_cluster_dir(d);
+            change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
+        }
+        pusher.push(change, true);
+        (pusher, rx, dir)
+    }
+
+    fn azure_verdict(fenced: bool) -> crate::liveness::Verdict {
+        let n = crate::model::NetworkId::new("azure-net");
+        let mut v = crate::liveness::Verdict::default();
+        v.reachable.insert(crate::model::NetworkId::new("aws-net"));
+        if fenced {
+            v.down.insert(n.clone(), ["127.0.20.1:15443".parse().unwrap()].into());
+            v.fenced.insert(n);
+        } else {
+            v.reachable.insert(n);
+        }
+        v
+    }
+
+    #[test]
+    fn api_unreachable_with_gateways_up_is_not_demoted_without_gateway_evidence_it_is() {
+        let (mut pusher, _rx, _dir) = probing_pusher();
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let long_ago = std::time::SystemTime::now() - 2 * pusher.unreachable_grace;
+        pusher.apply(SourceEvent::ClusterReachability { cluster: azure.clone(), reachable: false, since: long_ago });
+        let mut change = pusher.set_gateway_verdict(azure_verdict(false));
+        change.merge(pusher.refresh_demoted(std::time::SystemTime::now()));
+        assert!(pusher.context().demoted_clusters.is_empty(), "API unreachable, gateways up: not demoted");
+        assert_eq!(pusher.next_demotion(), None, "no demotion is due either");
+        // the network's gateways fenced: the verdict fences it (for other networks), and the cluster is
+        // no longer kept by its gateways: demoted as without probes
+        pusher.set_gateway_verdict(azure_verdict(true));
+        pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.contains(&azure));
+        // probing off: today's behaviour, demoted whatever the verdict
+        let (mut off, _rx, _dir) = demo_pusher();
+        off.apply(SourceEvent::ClusterReachability { cluster: azure.clone(), reachable: false, since: long_ago });
+        off.set_gateway_verdict(azure_verdict(false));
+        off.refresh_demoted(std::time::SystemTime::now());
+        assert!(off.context().demoted_clusters.contains(&azure));
+    }
+
+    #[test]
+    fn a_verdict_change_retranslates_only_the_services_with_endpoints_in_that_network() {
+        let (mut pusher, mut rx, _dir) = probing_pusher();
+        let view = sidecar("127.0.50.9");
+        pusher.attach(&view);
+        pusher.handle(Command::GatewayVerdict(azure_verdict(false)));
+        let generation = rx.borrow_and_update().generation;
+        pusher.handle(Command::GatewayVerdict(azure_verdict(false)));
+        assert_eq!(rx.borrow_and_update().generation, generation, "the same verdict pushes nothing");
+        pusher.handle(Command::GatewayVerdict(azure_verdict(true)));
+        let snapshot = rx.borrow_and_update().clone();
+        assert_eq!(snapshot.generation, generation + 1, "a changed verdict pushes at once");
+        let eds = snapshot.changes.get(ResourceType::Endpoint).expect("EDS changed");
+        assert!(snapshot.changes.get(ResourceType::Cluster).is_none() && snapshot.changes.get(ResourceType::Listener).is_none());
+        let azure = crate::model::NetworkId::new("azure-net");
+        let in_azure: BTreeSet<String> = pusher
+            .registry()
+            .services()
+            .values()
+            .filter(|s| s.endpoints.iter().any(|e| e.network == azure))
+            .map(|s| s.hostname.to_string())
+            .collect();
+        assert!(!eds.0.is_empty());
+        for name in &eds.0 {
+            let host = name.rsplit('|').next().unwrap();
+            assert!(in_azure.contains(host), "{name} has no endpoint in azure-net");
+        }
+        let not_in_azure = pusher.registry().services().values().any(|s| !in_azure.contains(&*s.hostname));
+        if not_in_azure {
+            assert!(
+                snapshot.endpoints[&view.endpoints].len() > eds.0.len(),
+                "services without endpoints in azure-net were not translated again"
+            );
+        }
+    }
+
     #[test]
     fn lingering_scopes_are_bounded_and_swept_in_order() {
         let mut table: ScopeTable<u32> = ScopeTable::new();
