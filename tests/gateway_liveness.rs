@@ -135,7 +135,16 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
     let azure = Serving::start(addr(azure_gateway.clone()), false).await?;
     let _azure_status = Serving::start(addr(format!("127.{OCTET}.20.1:15021")), true).await?;
 
-    let server = support::server::TestServer::start_with_files(&mesh_path).await;
+    let mesh = meshfed::mesh_config::MeshConfig::load(&mesh_path)?;
+    let mut options = meshfed::app::Options::in_process(mesh.clone(), support::server::files_events(&mesh));
+    options.xds.push(meshfed::app::XdsListener::loopback_unlimited());
+    options.debug = Some(meshfed::app::DebugListener {
+        listen: meshfed::app::Listen::loopback(),
+        access: Default::default(),
+        demo: false,
+    });
+    let server = support::server::TestServer::with_options(options).await;
+    let debug = server.app.debug_address().ok_or_else(|| anyhow!("a debug listener"))?;
     let report = server.app.gateway_probes.clone().ok_or_else(|| anyhow!("gatewayProbes on: the prober runs"))?;
 
     // a proxy without locality: every endpoint at priority 0 while both networks' gateways are up
@@ -172,6 +181,40 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
         assert!(r.verdict.fenced.iter().any(|n| n.as_str() == "azure-net"), "{:?}", r.verdict);
         assert!(r.verdict.reachable.iter().any(|n| n.as_str() == "aws-net"), "AWS is not affected: {:?}", r.verdict);
     }
+
+    // the debug surface shows the evidence, the metrics the verdict
+    let (status, body) = support::http_get(debug, "localhost", "/debug/clusterz").await?;
+    assert_eq!(status, 200, "{body}");
+    let clusters: serde_json::Value = serde_json::from_str(&body)?;
+    let by_id = |id: &str| {
+        clusters.as_array().into_iter().flatten().find(|c| c["id"] == id).cloned().unwrap_or_default()
+    };
+    let azure_weu = by_id("azure-weu");
+    let g = &azure_weu["gateways"];
+    assert_eq!(g["probing"], true, "{azure_weu}");
+    assert_eq!(g["fenced"], true, "{azure_weu}");
+    let a = &g["addresses"][0];
+    assert_eq!(a["address"], azure_gateway.as_str(), "{azure_weu}");
+    assert_eq!(a["state"], "down", "{azure_weu}");
+    assert!(a["consecutiveFailures"].as_u64().unwrap_or(0) >= u64::from(FAILURE_THRESHOLD), "{azure_weu}");
+    assert_eq!(a["lastProbe"]["ok"], false, "{azure_weu}");
+    assert!(a["lastProbe"]["error"].as_str().is_some_and(|e| e.contains(&azure_gateway)), "{azure_weu}");
+    assert!(a["lastProbe"]["at"].is_string() && a["downSince"].is_string(), "{azure_weu}");
+    let aws_use1 = by_id("aws-use1");
+    assert_eq!(aws_use1["gateways"]["fenced"], false, "{aws_use1}");
+    assert_eq!(aws_use1["gateways"]["addresses"][0]["state"], "up", "{aws_use1}");
+    let (status, metrics) = support::http_get(debug, "localhost", "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("meshfed_network_fenced{network=\"azure-net\"} 1\n"), "{metrics}");
+    assert!(metrics.contains("meshfed_network_fenced{network=\"aws-net\"} 0\n"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("meshfed_gateway_up{{network=\"azure-net\",address=\"{azure_gateway}\"}} 0\n")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("meshfed_gateway_up{{network=\"aws-net\",address=\"{aws_gateway}\"}} 1\n")),
+        "{metrics}"
+    );
 
     // back: the priority returns, not before the hold-down since the address went down
     let down_since = {
