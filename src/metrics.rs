@@ -289,7 +289,9 @@ impl Metrics {
     pub fn set_gateway_evidence(&self, addresses: &[(String, String, bool)], networks: &[(String, bool)]) {
         self.gateway_up.clear();
         for (network, address, up) in addresses {
-            self.gateway_up.get_or_create(&[("network", network.clone()), ("address", address.clone())]).set(i64::from(*up));
+            self.gateway_up
+                .get_or_create(&[("network", network.clone()), ("address", address.clone())])
+                .set(i64::from(*up));
         }
         self.network_fenced.clear();
         for (network, fenced) in networks {

@@ -94,8 +94,7 @@ async fn reviews_priorities(xds: SocketAddr) -> Result<Vec<(String, u32)>> {
     for l in &cla.endpoints {
         for e in &l.lb_endpoints {
             let Some(HostIdentifier::Endpoint(pe)) = &e.host_identifier else { continue };
-            let Some(address::Address::SocketAddress(sa)) = pe.address.as_ref().and_then(|a| a.address.clone())
-            else {
+            let Some(address::Address::SocketAddress(sa)) = pe.address.as_ref().and_then(|a| a.address.clone()) else {
                 continue;
             };
             let Some(PortSpecifier::PortValue(port)) = sa.port_specifier else { continue };
@@ -186,9 +185,8 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
     let (status, body) = support::http_get(debug, "localhost", "/debug/clusterz").await?;
     assert_eq!(status, 200, "{body}");
     let clusters: serde_json::Value = serde_json::from_str(&body)?;
-    let by_id = |id: &str| {
-        clusters.as_array().into_iter().flatten().find(|c| c["id"] == id).cloned().unwrap_or_default()
-    };
+    let by_id =
+        |id: &str| clusters.as_array().into_iter().flatten().find(|c| c["id"] == id).cloned().unwrap_or_default();
     let azure_weu = by_id("azure-weu");
     let g = &azure_weu["gateways"];
     assert_eq!(g["probing"], true, "{azure_weu}");

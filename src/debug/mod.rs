@@ -405,7 +405,11 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
 }
 
 /// The gateway probes' evidence about a cluster's network, for `/debug/clusterz`.
-fn gateway_evidence(report: Option<&crate::liveness::Report>, network: &crate::model::NetworkId, api_unreachable: bool) -> Value {
+fn gateway_evidence(
+    report: Option<&crate::liveness::Report>,
+    network: &crate::model::NetworkId,
+    api_unreachable: bool,
+) -> Value {
     let Some(report) = report else { return json!({"probing": false}) };
     let addresses: Vec<Value> = report
         .evidence

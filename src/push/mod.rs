@@ -1017,7 +1017,10 @@ mod tests {
         let snapshot = rx.borrow_and_update().clone();
         assert_eq!(snapshot.generation, generation + 1, "a changed verdict pushes at once");
         let eds = snapshot.changes.get(ResourceType::Endpoint).expect("EDS changed");
-        assert!(snapshot.changes.get(ResourceType::Cluster).is_none() && snapshot.changes.get(ResourceType::Listener).is_none());
+        assert!(
+            snapshot.changes.get(ResourceType::Cluster).is_none()
+                && snapshot.changes.get(ResourceType::Listener).is_none()
+        );
         let azure = crate::model::NetworkId::new("azure-net");
         let in_azure: BTreeSet<String> = pusher
             .registry()

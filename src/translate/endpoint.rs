@@ -1083,7 +1083,11 @@ mod tests {
         c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1"), gateway("azure", "127.0.20.2")]);
         let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
         let remote = |cla: &ClusterLoadAssignment| {
-            cla.endpoints.iter().filter(|l| l.priority > 0 || hosts(l)[0].0.ends_with(":15443")).flat_map(hosts).collect::<Vec<_>>()
+            cla.endpoints
+                .iter()
+                .filter(|l| l.priority > 0 || hosts(l)[0].0.ends_with(":15443"))
+                .flat_map(hosts)
+                .collect::<Vec<_>>()
         };
         assert_eq!(remote(&cla), vec![("127.0.20.1:15443".into(), 1), ("127.0.20.2:15443".into(), 1)]);
         c.gateway_verdict = verdict("azure", &["127.0.20.1:15443"], false);
