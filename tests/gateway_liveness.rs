@@ -159,6 +159,20 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
     })
     .await?;
 
+    // Azure's API server stops answering (long past the grace period) while its gateway answers: nothing
+    // moves ("API unreachable, gateways up"; without probes the cluster would be demoted at this push)
+    let azure_weu = meshfed::model::ClusterId::new("azure-weu");
+    let reachability = |reachable: bool| meshfed::source::SourceEvent::ClusterReachability {
+        cluster: azure_weu.clone(),
+        reachable,
+        since: SystemTime::now() - 2 * mesh.unreachable_grace_period,
+    };
+    let generation = server.push.snapshot().generation;
+    server.events.send(reachability(false))?;
+    tokio::time::timeout(Duration::from_secs(5), server.wait_generation_after(generation)).await?;
+    assert_eq!(azure_vs_rest(server.xds_addr, &azure_gateway).await?, (0, 0), "API unreachable, gateways up");
+    server.events.send(reachability(true))?;
+
     // Azure's gateway listener stops: within failureThreshold x interval + a push, its endpoints are last
     azure.stop().await;
     let stopped = Instant::now();

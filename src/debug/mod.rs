@@ -431,10 +431,12 @@ fn gateway_evidence(
     let fenced = report.verdict.fenced.contains(network);
     let reachable = report.verdict.reachable.contains(network);
     let verdict = match (fenced, reachable, api_unreachable) {
-        (true, _, _) => "fenced: every gateway address down; last resort for other networks",
+        (true, _, true) => "API unreachable, gateways down: fenced, last resort for other networks",
+        (true, _, false) => "fenced: every gateway address down; last resort for other networks",
         (false, true, true) => "API unreachable, gateways up: serving at normal priorities",
         (false, true, false) => "gateways up",
-        (false, false, _) => "no gateway addresses to probe",
+        (false, false, true) => "API unreachable, no gateway addresses to probe: demoted after the grace period",
+        (false, false, false) => "no gateway addresses to probe",
     };
     json!({
         "probing": true,
@@ -556,5 +558,53 @@ pub async fn serve_with(
             let listener = crate::tls::TlsListener::new(listener, config)?;
             axum::serve(listener, app).with_graceful_shutdown(shutdown).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::evidence::{Evidence, ProbeResult, Thresholds, Verdict};
+    use crate::model::NetworkId;
+
+    fn report(fail: bool) -> crate::liveness::Report {
+        let mut evidence = Evidence::default();
+        let a: std::net::SocketAddr = "10.0.0.1:15443".parse().unwrap();
+        evidence.set_targets(&[(NetworkId::new("azure-net"), [a].into())].into());
+        let t = Thresholds { failure: 1, success: 1, hold_down: std::time::Duration::ZERO };
+        let at = SystemTime::UNIX_EPOCH;
+        let r =
+            if fail { ProbeResult::failure(at, "connect 10.0.0.1:15443: refused") } else { ProbeResult::success(at) };
+        evidence.record(a, r, std::time::Instant::now(), t);
+        let verdict: Verdict = evidence.verdict();
+        crate::liveness::Report { config: Default::default(), evidence, verdict, rounds: 1 }
+    }
+
+    #[test]
+    fn clusterz_gateway_evidence_says_what_decides_the_clusters_priorities() {
+        let azure = NetworkId::new("azure-net");
+        assert_eq!(gateway_evidence(None, &azure, true), json!({"probing": false}));
+        let up = report(false);
+        let v = gateway_evidence(Some(&up), &azure, true);
+        assert_eq!(v["verdict"], "API unreachable, gateways up: serving at normal priorities", "{v}");
+        assert_eq!(v["fenced"], false);
+        assert_eq!(v["addresses"][0]["state"], "up", "{v}");
+        assert_eq!(gateway_evidence(Some(&up), &azure, false)["verdict"], "gateways up");
+        let down = report(true);
+        let v = gateway_evidence(Some(&down), &azure, false);
+        assert_eq!(v["fenced"], true, "{v}");
+        assert_eq!(v["addresses"][0]["state"], "down");
+        assert_eq!(v["addresses"][0]["lastProbe"]["error"], "connect 10.0.0.1:15443: refused");
+        assert_eq!(v["addresses"][0]["lastProbe"]["at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["addresses"][0]["consecutiveFailures"], 1);
+        assert!(
+            gateway_evidence(Some(&down), &azure, true)["verdict"]
+                .as_str()
+                .unwrap()
+                .starts_with("API unreachable, gateways down")
+        );
+        let v = gateway_evidence(Some(&up), &NetworkId::new("gcp-net"), true);
+        assert_eq!(v["addresses"], json!([]));
+        assert!(v["verdict"].as_str().unwrap().contains("demoted after the grace period"), "{v}");
     }
 }

@@ -572,15 +572,22 @@ impl Pusher {
         change
     }
 
-    /// With gateway probes: the clusters whose network's gateways are up (reachable), which an API
-    /// server that does not answer does not demote ("API unreachable, gateways up": keep serving at
-    /// normal priorities). A cluster whose network has no gateways is demoted as without probes.
+    /// With gateway probes: the clusters whose network has probed gateways, which an API server that does
+    /// not answer does not demote: the data plane's evidence decides instead. Gateways up: "API
+    /// unreachable, gateways up", keep serving at normal priorities; all down: the network is fenced for
+    /// proxies on other networks, and its own proxies keep their local endpoints. A cluster whose network
+    /// has no gateways is demoted as without probes.
     fn kept_by_gateways(&self) -> BTreeSet<crate::model::ClusterId> {
         if !self.gateway_probes {
             return BTreeSet::new();
         }
-        let reachable = &self.ctx.gateway_verdict.reachable;
-        self.registry.cluster_summaries().into_iter().filter(|c| reachable.contains(&c.network)).map(|c| c.id).collect()
+        let v = &self.ctx.gateway_verdict;
+        self.registry
+            .cluster_summaries()
+            .into_iter()
+            .filter(|c| v.reachable.contains(&c.network) || v.fenced.contains(&c.network))
+            .map(|c| c.id)
+            .collect()
     }
 
     /// When the next unreachable cluster's grace period ends (None: no cluster is waiting for demotion).
@@ -982,7 +989,7 @@ mod tests {
     }
 
     #[test]
-    fn api_unreachable_with_gateways_up_is_not_demoted_without_gateway_evidence_it_is() {
+    fn with_probes_only_a_network_without_gateway_evidence_is_demoted_for_its_api() {
         let (mut pusher, _rx, _dir) = probing_pusher();
         let azure = crate::model::ClusterId::new("azure-weu");
         let long_ago = std::time::SystemTime::now() - 2 * pusher.unreachable_grace;
@@ -991,11 +998,23 @@ mod tests {
         change.merge(pusher.refresh_demoted(std::time::SystemTime::now()));
         assert!(pusher.context().demoted_clusters.is_empty(), "API unreachable, gateways up: not demoted");
         assert_eq!(pusher.next_demotion(), None, "no demotion is due either");
-        // the network's gateways fenced: the verdict fences it (for other networks), and the cluster is
-        // no longer kept by its gateways: demoted as without probes
+        // the network's gateways all down: fenced for proxies on other networks (the verdict), not demoted
+        // for every proxy (its own proxies keep their local endpoints)
         pusher.set_gateway_verdict(azure_verdict(true));
         pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.is_empty());
+        assert!(pusher.context().gateway_verdict.fenced.contains(&crate::model::NetworkId::new("azure-net")));
+        // no gateway evidence about the network (no gateways to probe): demoted as without probes
+        let mut no_gateways = azure_verdict(false);
+        no_gateways.reachable.remove(&crate::model::NetworkId::new("azure-net"));
+        pusher.set_gateway_verdict(no_gateways);
+        pusher.refresh_demoted(std::time::SystemTime::now());
         assert!(pusher.context().demoted_clusters.contains(&azure));
+        assert!(pusher.next_demotion().is_none(), "already demoted");
+        // gateways up again: the demotion ends
+        pusher.set_gateway_verdict(azure_verdict(false));
+        pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.is_empty());
         // probing off: today's behaviour, demoted whatever the verdict
         let (mut off, _rx, _dir) = demo_pusher();
         off.apply(SourceEvent::ClusterReachability { cluster: azure.clone(), reachable: false, since: long_ago });
