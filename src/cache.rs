@@ -98,6 +98,8 @@ pub struct Snapshot {
     pub gateways: Arc<Vec<crate::model::Gateway>>,
     /// every network's east-west gateway addresses, hostnames resolved (what the gateway probes probe)
     pub gateway_addresses: Arc<GatewayAddresses>,
+    /// the gateway probes' verdict translation used (down gateway addresses, fenced networks)
+    pub gateway_verdict: Arc<crate::liveness::Verdict>,
     pub clusters_summary: Arc<Vec<ClusterSummary>>,
     /// what views depend on besides the proxy (the labels failoverPriority rules use, the namespaces and
     /// labels DestinationRules make matter): a proxy re-attaches when they change

@@ -651,6 +651,7 @@ impl Pusher {
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
             gateway_addresses: Arc::new(self.gateway_addresses()),
+            gateway_verdict: self.ctx.gateway_verdict.clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
             view_keys: self.view_keys.clone(),
         }
