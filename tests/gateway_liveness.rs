@@ -185,7 +185,7 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
     .context("Azure's endpoints moved to the last priority")?;
     let fenced_after = stopped.elapsed();
     eprintln!(
-        "fenced after {fenced_after:?} (failureThreshold {FAILURE_THRESHOLD} x interval {INTERVAL:?} = {:?}, + a push)",
+        "fenced after {fenced_after:?} (bound: failureThreshold {FAILURE_THRESHOLD} x interval {INTERVAL:?} = {:?}, + a push)",
         INTERVAL * FAILURE_THRESHOLD
     );
     assert!(fenced_after < FENCE_BOUND);
