@@ -144,6 +144,9 @@ pub struct App {
     debug_task: Option<JoinHandle<std::io::Result<()>>>,
     push_task: JoinHandle<()>,
     gateway_dns_task: Option<JoinHandle<()>>,
+    /// the gateway probes' latest report (the mesh config has `gatewayProbes`)
+    pub gateway_probes: Option<watch::Receiver<Arc<crate::liveness::Report>>>,
+    gateway_probes_task: Option<JoinHandle<()>>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -187,6 +190,22 @@ impl App {
         let connections = Arc::new(Connections::default());
         let gateway_dns_task =
             gateway_dns_interval.map(|every| tokio::spawn(crate::gateway_dns::run(push.clone(), every)));
+        let (gateway_probes, gateway_probes_task) = match mesh.gateway_probes {
+            None => (None, None),
+            Some(config) => {
+                let (targets, verdicts, mut first) = (push.clone(), push.clone(), push.subscribe());
+                let (report, task) = crate::liveness::probe::start(
+                    config,
+                    async move {
+                        let _ = first.wait_for(|s| s.generation > 0).await;
+                    },
+                    move || targets.snapshot().gateway_addresses.as_ref().clone(),
+                    move |verdict| verdicts.set_gateway_verdict(verdict),
+                );
+                info!(?config, "probing the east-west gateways");
+                (Some(report), Some(task))
+            }
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -204,6 +223,7 @@ impl App {
                     connections: connections.clone(),
                     source_errors: source_errors(files.as_ref(), &clusters),
                     clusters: clusters.clone(),
+                    gateway_probes: gateway_probes.clone(),
                     demo,
                 };
                 info!(address = ?debug_address, "debug server listening");
@@ -242,6 +262,8 @@ impl App {
             debug_task,
             push_task,
             gateway_dns_task,
+            gateway_probes,
+            gateway_probes_task,
             _files: files,
             _kube: kube,
         })
@@ -304,6 +326,9 @@ impl Drop for App {
             t.abort();
         }
         if let Some(t) = &self.gateway_dns_task {
+            t.abort();
+        }
+        if let Some(t) = &self.gateway_probes_task {
             t.abort();
         }
         self.push_task.abort();

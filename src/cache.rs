@@ -96,11 +96,19 @@ pub struct Snapshot {
     /// the federated services this snapshot was built from (O(1) to clone)
     pub services: imbl::OrdMap<crate::model::ServiceKey, Arc<crate::model::Service>>,
     pub gateways: Arc<Vec<crate::model::Gateway>>,
+    /// every network's east-west gateway addresses, hostnames resolved (what the gateway probes probe)
+    pub gateway_addresses: Arc<GatewayAddresses>,
+    /// the gateway probes' verdict translation used (down gateway addresses, fenced networks)
+    pub gateway_verdict: Arc<crate::liveness::Verdict>,
     pub clusters_summary: Arc<Vec<ClusterSummary>>,
     /// what views depend on besides the proxy (the labels failoverPriority rules use, the namespaces and
     /// labels DestinationRules make matter): a proxy re-attaches when they change
     pub view_keys: Arc<crate::translate::ViewKeys>,
 }
+
+/// Per network, its east-west gateways' (address, port)s.
+pub type GatewayAddresses =
+    std::collections::BTreeMap<crate::model::NetworkId, std::collections::BTreeSet<std::net::SocketAddr>>;
 
 /// Generations whose changes a snapshot keeps ([`Snapshot::recent`]).
 pub const RECENT_CHANGES: usize = 16;

@@ -17,6 +17,7 @@ pub mod gateway_dns;
 pub mod grpc;
 pub mod heap;
 pub mod istio;
+pub mod liveness;
 pub mod mesh_config;
 pub mod metrics;
 pub mod model;

@@ -49,6 +49,42 @@ pub struct MeshConfig {
     /// Accept kubeconfigs whose users run a command (`exec`) or an `auth-provider` plugin. Off by default,
     /// as in Istio (a remote secret could otherwise run commands in meshfed's container).
     pub allow_exec_auth: bool,
+    /// `gatewayProbes`: probe every network's east-west gateway addresses and fence networks whose
+    /// gateways all fail (None: no probing; API reachability alone demotes clusters).
+    pub gateway_probes: Option<GatewayProbes>,
+}
+
+/// `gatewayProbes`: how meshfed probes the east-west gateways (see [`crate::liveness`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayProbes {
+    /// time between two rounds of probes (each round jittered by ±10%), default 5 s
+    pub interval: Duration,
+    /// how long one probe (TCP connect, then the readiness request) may take, default 2 s
+    pub timeout: Duration,
+    /// failed probes in a row after which an address is down, default 3
+    pub failure_threshold: u32,
+    /// successful probes in a row after which a down address is up again (and `hold_down` passed), default 3
+    pub success_threshold: u32,
+    /// how long an address that went down stays down at least, default 30 s
+    pub hold_down: Duration,
+    /// the gateway's status port for `GET /healthz/ready` (0: TCP connect only), default 15021
+    pub status_port: u16,
+    /// probes in flight at most, default 16
+    pub concurrency: usize,
+}
+
+impl Default for GatewayProbes {
+    fn default() -> Self {
+        GatewayProbes {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            failure_threshold: 3,
+            success_threshold: 3,
+            hold_down: Duration::from_secs(30),
+            status_port: 15021,
+            concurrency: 16,
+        }
+    }
 }
 
 /// `remoteSecrets`: Istio remote secrets (Secrets labelled `istio/multiCluster=true`, each data key a
@@ -142,6 +178,27 @@ struct RawMeshConfig {
     unreachable_grace_period: Option<String>,
     #[serde(default)]
     allow_exec_auth: bool,
+    #[serde(default)]
+    gateway_probes: Option<RawGatewayProbes>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawGatewayProbes {
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    failure_threshold: Option<u32>,
+    #[serde(default)]
+    success_threshold: Option<u32>,
+    #[serde(default)]
+    hold_down: Option<String>,
+    #[serde(default)]
+    status_port: Option<u16>,
+    #[serde(default)]
+    concurrency: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -287,6 +344,43 @@ impl MeshConfig {
         let ready_timeout = duration("readyTimeout", raw.ready_timeout, DEFAULT_READY_TIMEOUT)?;
         let unreachable_grace_period =
             duration("unreachableGracePeriod", raw.unreachable_grace_period, DEFAULT_UNREACHABLE_GRACE_PERIOD)?;
+        let gateway_probes = match raw.gateway_probes {
+            None => None,
+            Some(g) => {
+                let d = GatewayProbes::default();
+                let probes = GatewayProbes {
+                    interval: duration("gatewayProbes.interval", g.interval, d.interval)?,
+                    timeout: duration("gatewayProbes.timeout", g.timeout, d.timeout)?,
+                    failure_threshold: g.failure_threshold.unwrap_or(d.failure_threshold),
+                    success_threshold: g.success_threshold.unwrap_or(d.success_threshold),
+                    hold_down: duration("gatewayProbes.holdDown", g.hold_down, d.hold_down)?,
+                    status_port: g.status_port.unwrap_or(d.status_port),
+                    concurrency: g.concurrency.unwrap_or(d.concurrency),
+                };
+                if probes.interval.is_zero() {
+                    return Err(invalid("gatewayProbes.interval: must be more than 0".into()));
+                }
+                if probes.timeout.is_zero() {
+                    return Err(invalid("gatewayProbes.timeout: must be more than 0".into()));
+                }
+                if probes.timeout > probes.interval {
+                    return Err(invalid(format!(
+                        "gatewayProbes.timeout: {:?} is longer than gatewayProbes.interval {:?}",
+                        probes.timeout, probes.interval
+                    )));
+                }
+                if probes.failure_threshold == 0 {
+                    return Err(invalid("gatewayProbes.failureThreshold: must be at least 1".into()));
+                }
+                if probes.success_threshold == 0 {
+                    return Err(invalid("gatewayProbes.successThreshold: must be at least 1".into()));
+                }
+                if probes.concurrency == 0 {
+                    return Err(invalid("gatewayProbes.concurrency: must be at least 1".into()));
+                }
+                Some(probes)
+            }
+        };
         Ok(MeshConfig {
             path: None,
             domain_suffix: raw.domain_suffix.unwrap_or_else(|| "cluster.local".into()),
@@ -299,6 +393,61 @@ impl MeshConfig {
             ready_timeout,
             unreachable_grace_period,
             allow_exec_auth: raw.allow_exec_auth,
+            gateway_probes,
         })
+    }
+}
+
+#[cfg(test)]
+mod gateway_probes_tests {
+    use super::*;
+
+    fn parse(section: &str) -> Result<MeshConfig, Error> {
+        MeshConfig::parse(&format!("clusters: []\n{section}"), Path::new("."))
+    }
+
+    #[test]
+    fn absent_means_off_and_empty_means_the_defaults() {
+        assert_eq!(parse("").unwrap().gateway_probes, None);
+        assert_eq!(parse("gatewayProbes: {}\n").unwrap().gateway_probes, Some(GatewayProbes::default()));
+        let g = parse(
+            "gatewayProbes: {interval: 200ms, timeout: 100ms, failureThreshold: 2, successThreshold: 4, holdDown: 1s, statusPort: 0, concurrency: 3}\n",
+        )
+        .unwrap()
+        .gateway_probes
+        .unwrap();
+        assert_eq!(
+            g,
+            GatewayProbes {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(100),
+                failure_threshold: 2,
+                success_threshold: 4,
+                hold_down: Duration::from_secs(1),
+                status_port: 0,
+                concurrency: 3,
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        for (section, field) in [
+            ("gatewayProbes: {interval: soon}", "gatewayProbes.interval"),
+            ("gatewayProbes: {interval: 0s}", "gatewayProbes.interval"),
+            ("gatewayProbes: {timeout: 0s}", "gatewayProbes.timeout"),
+            ("gatewayProbes: {interval: 1s, timeout: 2s}", "gatewayProbes.timeout"),
+            ("gatewayProbes: {holdDown: forever}", "gatewayProbes.holdDown"),
+            ("gatewayProbes: {failureThreshold: 0}", "gatewayProbes.failureThreshold"),
+            ("gatewayProbes: {successThreshold: 0}", "gatewayProbes.successThreshold"),
+            ("gatewayProbes: {concurrency: 0}", "gatewayProbes.concurrency"),
+        ] {
+            let e = parse(&format!("{section}\n")).unwrap_err().to_string();
+            assert!(e.contains(field), "{section}: {e}");
+        }
+        let e = parse("gatewayProbes: {statusPort: 70000}\n").unwrap_err().to_string();
+        assert!(e.contains("statusPort"), "{e}");
+        let e = parse("gatewayProbes: {intervall: 1s}\n").unwrap_err().to_string();
+        assert!(e.contains("intervall"), "{e}");
     }
 }

@@ -47,6 +47,8 @@ type ProxyLabels = [(&'static str, &'static str); 2];
 type ClusterLabel = [(&'static str, String); 1];
 type ClusterStateLabels = [(&'static str, String); 2];
 type ReasonLabel = [(&'static str, &'static str); 1];
+type NetworkLabel = [(&'static str, String); 1];
+type NetworkAddressLabels = [(&'static str, String); 2];
 
 /// Why an xDS listener refused a client (the `reason` label of `meshfed_xds_refused_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +151,10 @@ pub struct Metrics {
     /// `meshfed_xds_unknown_resources_total{type}`: names proxies subscribed to that meshfed does not
     /// serve (beside istiod: an EnvoyFilter selecting a service meshfed does not know)
     pub unknown_resources: Family<TypeLabel, Counter>,
+    /// `meshfed_gateway_up{network, address}`: 1 if the east-west gateway address is not down (probing on)
+    pub gateway_up: Family<NetworkAddressLabels, Gauge>,
+    /// `meshfed_network_fenced{network}`: 1 if every gateway address of the network is down
+    pub network_fenced: Family<NetworkLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -233,6 +239,18 @@ impl Metrics {
         for r in Refusal::ALL {
             let _ = xds_refused.get_or_create(&[("reason", r.as_str())]);
         }
+        let gateway_up = Family::<NetworkAddressLabels, Gauge>::default();
+        registry.register(
+            "meshfed_gateway_up",
+            "1 if the network's east-west gateway address answers its probes (not down), 0 if it is down",
+            gateway_up.clone(),
+        );
+        let network_fenced = Family::<NetworkLabel, Gauge>::default();
+        registry.register(
+            "meshfed_network_fenced",
+            "1 if every east-west gateway address of the network is down (its endpoints are last resort for other networks)",
+            network_fenced.clone(),
+        );
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         let sent_by_type = ResourceType::ALL.map(|t| {
@@ -261,6 +279,23 @@ impl Metrics {
             xds_refused,
             tasks,
             unknown_resources,
+            gateway_up,
+            network_fenced,
+        }
+    }
+
+    /// Sets the gateway probes' evidence: per (network, address) whether it is up, per network whether it
+    /// is fenced. Addresses and networks not given any more are dropped.
+    pub fn set_gateway_evidence(&self, addresses: &[(String, String, bool)], networks: &[(String, bool)]) {
+        self.gateway_up.clear();
+        for (network, address, up) in addresses {
+            self.gateway_up
+                .get_or_create(&[("network", network.clone()), ("address", address.clone())])
+                .set(i64::from(*up));
+        }
+        self.network_fenced.clear();
+        for (network, fenced) in networks {
+            self.network_fenced.get_or_create(&[("network", network.clone())]).set(i64::from(*fenced));
         }
     }
 
@@ -393,6 +428,24 @@ mod tests {
         assert!(text.contains("meshfed_debounce_merged_events_total 4\n"), "{text}");
         assert!(text.contains("pilot_xds_push_time_count{type=\"eds\"} 1\n"), "{text}");
         assert!(!text.contains("pilot_xds_pushes_total"), "{text}");
+    }
+
+    #[test]
+    fn gateway_evidence_is_exported_and_replaced() {
+        let m = Metrics::new();
+        m.set_gateway_evidence(
+            &[("azure-net".into(), "10.0.0.1:15443".into(), false), ("aws-net".into(), "10.1.0.1:15443".into(), true)],
+            &[("azure-net".into(), true), ("aws-net".into(), false)],
+        );
+        let text = m.encode().unwrap();
+        assert!(text.contains("# TYPE meshfed_gateway_up gauge\n"), "{text}");
+        assert!(text.contains("meshfed_gateway_up{network=\"azure-net\",address=\"10.0.0.1:15443\"} 0\n"), "{text}");
+        assert!(text.contains("meshfed_gateway_up{network=\"aws-net\",address=\"10.1.0.1:15443\"} 1\n"), "{text}");
+        assert!(text.contains("meshfed_network_fenced{network=\"azure-net\"} 1\n"), "{text}");
+        assert!(text.contains("meshfed_network_fenced{network=\"aws-net\"} 0\n"), "{text}");
+        m.set_gateway_evidence(&[], &[]);
+        let text = m.encode().unwrap();
+        assert!(!text.contains("azure-net"), "gone gateways are dropped: {text}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `/debug/explain`: the priority each locality of a proxy's EDS has for it, and the rule behind it (same
-//! zone, same region, failover target, failoverPriority, a cluster demoted as unreachable, ...), read from
-//! what meshfed serves the proxy.
+//! zone, same region, failover target, failoverPriority, a cluster demoted as unreachable, a fenced
+//! network, ...), read from what meshfed serves the proxy.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -40,6 +40,8 @@ pub enum Rule {
     FailoverPriority,
     /// demoted because the endpoints' cluster is unreachable
     DemotedUnreachable,
+    /// last resort because every east-west gateway address of the endpoints' network is down
+    FencedNetwork,
     /// no priorities: the proxy has no locality, or locality failover is off
     NoPriorities,
     /// a policy meshfed cannot explain from the proxy's locality alone
@@ -69,6 +71,9 @@ pub struct ExplainLocality {
     pub endpoints: Vec<ExplainEndpoint>,
     pub rule: Rule,
     pub reason: String,
+    /// the fenced network the locality's gateway endpoints stand for, if any
+    #[serde(skip)]
+    pub fenced_network: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -112,6 +117,8 @@ struct AddressBook {
     gateways: HashMap<(String, u32), (String, String)>,
     /// the clusters with endpoints in each locality
     localities: HashMap<Locality, std::collections::BTreeSet<String>>,
+    /// the networks the gateway probes fenced
+    fenced: std::collections::BTreeSet<String>,
 }
 
 impl AddressBook {
@@ -129,7 +136,8 @@ impl AddressBook {
             .iter()
             .map(|g| ((g.address.to_string(), u32::from(g.port)), (g.cluster.to_string(), g.network.to_string())))
             .collect();
-        AddressBook { workloads, gateways, localities }
+        let fenced = snapshot.gateway_verdict.fenced.iter().map(|n| n.to_string()).collect();
+        AddressBook { workloads, gateways, localities, fenced }
     }
 }
 
@@ -238,6 +246,21 @@ fn explain_cla(
             if clusters.is_empty() {
                 clusters = book.localities.get(&loc).map(|c| c.iter().cloned().collect()).unwrap_or_default();
             }
+            let fenced_network = l.lb_endpoints.iter().find_map(|e| {
+                let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else { return None };
+                let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+                    ep.address.as_ref().and_then(|a| a.address.as_ref())
+                else {
+                    return None;
+                };
+                let Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(port)) =
+                    sa.port_specifier
+                else {
+                    return None;
+                };
+                let (_, network) = book.gateways.get(&(sa.address.clone(), port))?;
+                book.fenced.contains(network).then(|| network.clone())
+            });
             ExplainLocality {
                 locality: loc,
                 priority: l.priority,
@@ -246,6 +269,7 @@ fn explain_cla(
                 endpoints,
                 rule: Rule::Policy,
                 reason: String::new(),
+                fenced_network,
             }
         })
         .collect();
@@ -313,6 +337,14 @@ fn assign_reasons(proxy: &Locality, localities: &mut [ExplainLocality], unreacha
                      proxy's get the lower one"
                 ),
             )
+        } else if let Some(network) = l.fenced_network.as_ref().filter(|_| actual[i] > expected[i]) {
+            (
+                Rule::FencedNetwork,
+                format!(
+                    "fenced: every east-west gateway address of network {network} is down (gateway probes); its \
+                     endpoints are the last resort for proxies on other networks"
+                ),
+            )
         } else if let Some((cluster, since)) = l
             .clusters
             .iter()
@@ -373,6 +405,7 @@ mod tests {
             endpoints: Vec::new(),
             rule: Rule::Policy,
             reason: String::new(),
+            fenced_network: None,
         }
     }
 
@@ -428,5 +461,18 @@ mod tests {
         let r = rules("us-east-1/us-east-1a", &mut ls, &unreachable);
         assert_eq!(r[1], Rule::DemotedUnreachable);
         assert_eq!(r[2], Rule::Policy);
+        // a fenced network: its gateway's locality after another region it would share a priority with
+        let mut fenced = l("westeurope/w1", 2, &["az"]);
+        fenced.fenced_network = Some("azure-net".into());
+        let mut ls = [l("us-east-1/us-east-1a", 0, &["aws-a"]), fenced, l("ap-south-1/ap-south-1a", 1, &["gcp"])];
+        let r = rules("us-east-1/us-east-1a", &mut ls, &HashMap::new());
+        assert_eq!(r[1], Rule::FencedNetwork);
+        assert!(ls[1].reason.contains("network azure-net is down"), "{}", ls[1].reason);
+        // fenced but at the priority its locality gives anyway (the last): its locality explains it
+        let mut fenced = l("westeurope/w1", 2, &["az"]);
+        fenced.fenced_network = Some("azure-net".into());
+        let mut ls = [l("us-east-1/us-east-1a", 0, &["aws-a"]), l("us-east-1/us-east-1b", 1, &["aws-a"]), fenced];
+        let r = rules("us-east-1/us-east-1a", &mut ls, &HashMap::new());
+        assert_eq!(r, [Rule::SameZone, Rule::SameRegion, Rule::OtherRegion]);
     }
 }

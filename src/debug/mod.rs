@@ -84,6 +84,8 @@ pub struct DebugState {
     pub source_errors: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     /// every cluster's source status (sync state, reachability, last event)
     pub clusters: ClusterHealth,
+    /// the gateway probes' latest report (None: probing off)
+    pub gateway_probes: Option<tokio::sync::watch::Receiver<Arc<crate::liveness::Report>>>,
     /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
     pub demo: bool,
 }
@@ -355,6 +357,7 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
         statuses.entry(c.id.clone()).or_insert_with(|| ClusterStatus::new(c.id.clone(), ""));
     }
     let now = SystemTime::now();
+    let report = s.gateway_probes.as_ref().map(|r| r.borrow().clone());
     let out: Vec<Value> = statuses
         .values()
         .map(|st| {
@@ -394,10 +397,54 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 })),
                 "endpoints": endpoints,
                 "healthyEndpoints": healthy,
+                "gateways": summary.map(|c| gateway_evidence(report.as_deref(), &c.network, st.unreachable_since.is_some())),
             })
         })
         .collect();
     json_out(&q, &out)
+}
+
+/// The gateway probes' evidence about a cluster's network, for `/debug/clusterz`.
+fn gateway_evidence(
+    report: Option<&crate::liveness::Report>,
+    network: &crate::model::NetworkId,
+    api_unreachable: bool,
+) -> Value {
+    let Some(report) = report else { return json!({"probing": false}) };
+    let addresses: Vec<Value> = report
+        .evidence
+        .networks()
+        .get(network)
+        .into_iter()
+        .flatten()
+        .map(|(address, e)| {
+            json!({
+                "address": address.to_string(),
+                "state": e.state,
+                "consecutiveFailures": e.consecutive_failures,
+                "consecutiveSuccesses": e.consecutive_successes,
+                "downSince": e.down_since_wall.map(rfc3339),
+                "lastProbe": e.last.as_ref().map(|p| json!({"ok": p.ok, "at": rfc3339(p.at), "error": p.error})),
+            })
+        })
+        .collect();
+    let fenced = report.verdict.fenced.contains(network);
+    let reachable = report.verdict.reachable.contains(network);
+    let verdict = match (fenced, reachable, api_unreachable) {
+        (true, _, true) => "API unreachable, gateways down: fenced, last resort for other networks",
+        (true, _, false) => "fenced: every gateway address down; last resort for other networks",
+        (false, true, true) => "API unreachable, gateways up: serving at normal priorities",
+        (false, true, false) => "gateways up",
+        (false, false, true) => "API unreachable, no gateway addresses to probe: demoted after the grace period",
+        (false, false, false) => "no gateway addresses to probe",
+    };
+    json!({
+        "probing": true,
+        "fenced": fenced,
+        "verdict": verdict,
+        "rounds": report.rounds,
+        "addresses": addresses,
+    })
 }
 
 async fn adsz(State(s): State<DebugState>, Query(q): Params) -> Response {
@@ -511,5 +558,53 @@ pub async fn serve_with(
             let listener = crate::tls::TlsListener::new(listener, config)?;
             axum::serve(listener, app).with_graceful_shutdown(shutdown).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::evidence::{Evidence, ProbeResult, Thresholds, Verdict};
+    use crate::model::NetworkId;
+
+    fn report(fail: bool) -> crate::liveness::Report {
+        let mut evidence = Evidence::default();
+        let a: std::net::SocketAddr = "10.0.0.1:15443".parse().unwrap();
+        evidence.set_targets(&[(NetworkId::new("azure-net"), [a].into())].into());
+        let t = Thresholds { failure: 1, success: 1, hold_down: std::time::Duration::ZERO };
+        let at = SystemTime::UNIX_EPOCH;
+        let r =
+            if fail { ProbeResult::failure(at, "connect 10.0.0.1:15443: refused") } else { ProbeResult::success(at) };
+        evidence.record(a, r, std::time::Instant::now(), t);
+        let verdict: Verdict = evidence.verdict();
+        crate::liveness::Report { config: Default::default(), evidence, verdict, rounds: 1 }
+    }
+
+    #[test]
+    fn clusterz_gateway_evidence_says_what_decides_the_clusters_priorities() {
+        let azure = NetworkId::new("azure-net");
+        assert_eq!(gateway_evidence(None, &azure, true), json!({"probing": false}));
+        let up = report(false);
+        let v = gateway_evidence(Some(&up), &azure, true);
+        assert_eq!(v["verdict"], "API unreachable, gateways up: serving at normal priorities", "{v}");
+        assert_eq!(v["fenced"], false);
+        assert_eq!(v["addresses"][0]["state"], "up", "{v}");
+        assert_eq!(gateway_evidence(Some(&up), &azure, false)["verdict"], "gateways up");
+        let down = report(true);
+        let v = gateway_evidence(Some(&down), &azure, false);
+        assert_eq!(v["fenced"], true, "{v}");
+        assert_eq!(v["addresses"][0]["state"], "down");
+        assert_eq!(v["addresses"][0]["lastProbe"]["error"], "connect 10.0.0.1:15443: refused");
+        assert_eq!(v["addresses"][0]["lastProbe"]["at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["addresses"][0]["consecutiveFailures"], 1);
+        assert!(
+            gateway_evidence(Some(&down), &azure, true)["verdict"]
+                .as_str()
+                .unwrap()
+                .starts_with("API unreachable, gateways down")
+        );
+        let v = gateway_evidence(Some(&up), &NetworkId::new("gcp-net"), true);
+        assert_eq!(v["addresses"], json!([]));
+        assert!(v["verdict"].as_str().unwrap().contains("demoted after the grace period"), "{v}");
     }
 }

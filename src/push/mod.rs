@@ -31,6 +31,8 @@ pub enum Command {
     Detach { view: View },
     /// The gateway resolver's latest answers for gateway hostnames.
     ResolvedGateways(std::collections::BTreeMap<String, Vec<std::net::IpAddr>>),
+    /// The gateway probes' new verdict ([`crate::liveness`]).
+    GatewayVerdict(crate::liveness::Verdict),
 }
 
 /// A handle to the push loop for xDS streams and the debug surface.
@@ -63,6 +65,12 @@ impl PushHandle {
     /// Hands the gateway resolver's answers to the push loop (it re-pushes EDS if they changed).
     pub fn set_resolved_gateways(&self, resolved: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>) {
         let _ = self.commands.send(Command::ResolvedGateways(resolved));
+    }
+
+    /// Hands the gateway probes' verdict to the push loop (it re-pushes the EDS of the services with
+    /// endpoints in the networks whose verdict changed, at once).
+    pub fn set_gateway_verdict(&self, verdict: crate::liveness::Verdict) {
+        let _ = self.commands.send(Command::GatewayVerdict(verdict));
     }
 
     /// The mesh-wide configuration warnings ([`translate::diagnostics`]), as of the last push (at most
@@ -224,6 +232,9 @@ pub struct Pusher {
     events_in_push: u64,
     /// the mesh config's `unreachableGracePeriod`: a cluster unreachable this long is demoted
     unreachable_grace: std::time::Duration,
+    /// the mesh config has `gatewayProbes`: a cluster whose network's gateways are up is not demoted
+    /// for its API alone
+    gateway_probes: bool,
 }
 
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
@@ -258,6 +269,7 @@ impl Pusher {
             change_seen: None,
             events_in_push: 0,
             unreachable_grace: mesh.unreachable_grace_period,
+            gateway_probes: mesh.gateway_probes.is_some(),
         };
         (pusher, rx)
     }
@@ -509,6 +521,24 @@ impl Pusher {
         }
     }
 
+    /// The gateway probes' verdict: updates `ctx.gateway_verdict` and returns the services with endpoints
+    /// in a network whose verdict changed, as endpoint changes (only their EDS is translated again).
+    pub fn set_gateway_verdict(&mut self, verdict: crate::liveness::Verdict) -> RegistryChange {
+        let mut change = RegistryChange::default();
+        let networks = verdict.networks_changed(&self.ctx.gateway_verdict);
+        if networks.is_empty() && *self.ctx.gateway_verdict == verdict {
+            return change;
+        }
+        for s in self.registry.services().values() {
+            if s.endpoints.iter().any(|e| networks.contains(&e.network)) {
+                change.services.insert(s.key.clone(), ChangeKind::Endpoints);
+            }
+        }
+        info!(fenced = ?verdict.fenced, down = ?verdict.down, "gateway verdict changed");
+        self.ctx.gateway_verdict = Arc::new(verdict);
+        change
+    }
+
     pub fn context(&self) -> &Context {
         &self.ctx
     }
@@ -519,11 +549,12 @@ impl Pusher {
     pub fn refresh_demoted(&mut self, now: std::time::SystemTime) -> RegistryChange {
         // a little slack, so that a timer firing on the deadline does not find it a hair early
         let now = now + std::time::Duration::from_millis(5);
+        let kept = self.kept_by_gateways();
         let desired: BTreeSet<crate::model::ClusterId> = self
             .registry
             .unreachable_clusters()
             .into_iter()
-            .filter(|(_, since)| *since + self.unreachable_grace <= now)
+            .filter(|(id, since)| *since + self.unreachable_grace <= now && !kept.contains(id))
             .map(|(id, _)| id)
             .collect();
         let mut change = RegistryChange::default();
@@ -541,13 +572,32 @@ impl Pusher {
         change
     }
 
+    /// With gateway probes: the clusters whose network has probed gateways, which an API server that does
+    /// not answer does not demote: the data plane's evidence decides instead. Gateways up: "API
+    /// unreachable, gateways up", keep serving at normal priorities; all down: the network is fenced for
+    /// proxies on other networks, and its own proxies keep their local endpoints. A cluster whose network
+    /// has no gateways is demoted as without probes.
+    fn kept_by_gateways(&self) -> BTreeSet<crate::model::ClusterId> {
+        if !self.gateway_probes {
+            return BTreeSet::new();
+        }
+        let v = &self.ctx.gateway_verdict;
+        self.registry
+            .cluster_summaries()
+            .into_iter()
+            .filter(|c| v.reachable.contains(&c.network) || v.fenced.contains(&c.network))
+            .map(|c| c.id)
+            .collect()
+    }
+
     /// When the next unreachable cluster's grace period ends (None: no cluster is waiting for demotion).
     pub fn next_demotion(&self) -> Option<tokio::time::Instant> {
         let now = std::time::SystemTime::now();
+        let kept = self.kept_by_gateways();
         self.registry
             .unreachable_clusters()
             .into_iter()
-            .filter(|(id, _)| !self.ctx.demoted_clusters.contains(id))
+            .filter(|(id, _)| !self.ctx.demoted_clusters.contains(id) && !kept.contains(id))
             .map(|(_, since)| {
                 let wait = (since + self.unreachable_grace).duration_since(now).unwrap_or_default();
                 tokio::time::Instant::now() + wait
@@ -576,6 +626,16 @@ impl Pusher {
         self.generation
     }
 
+    /// Every network's east-west gateway addresses (hostnames as resolved), what the gateway probes probe.
+    fn gateway_addresses(&self) -> crate::cache::GatewayAddresses {
+        let mut out = crate::cache::GatewayAddresses::new();
+        for g in self.registry.gateways().iter() {
+            let addresses = self.ctx.gateway_addresses(g).into_iter().map(|ip| std::net::SocketAddr::new(ip, g.port));
+            out.entry(g.network.clone()).or_default().extend(addresses);
+        }
+        out
+    }
+
     /// The current generation's snapshot, with `changes`.
     fn build_snapshot(&self, changes: Arc<Changes>) -> Snapshot {
         Snapshot {
@@ -590,6 +650,8 @@ impl Pusher {
             recent: self.recent.clone(),
             services: self.registry.services().clone(),
             gateways: self.registry.gateways().clone(),
+            gateway_addresses: Arc::new(self.gateway_addresses()),
+            gateway_verdict: self.ctx.gateway_verdict.clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
             view_keys: self.view_keys.clone(),
         }
@@ -692,6 +754,13 @@ impl Pusher {
                 self.set_resolved_gateways(resolved);
                 if self.context_changed {
                     self.push(RegistryChange::default(), false);
+                }
+            }
+            Command::GatewayVerdict(verdict) => {
+                let mut change = self.set_gateway_verdict(verdict);
+                change.merge(self.refresh_demoted(std::time::SystemTime::now()));
+                if !change.is_empty() || self.context_changed {
+                    self.push(change, false);
                 }
             }
         }
@@ -888,6 +957,110 @@ mod tests {
         let changed = after.iter().filter(|(n, r)| before.get(*n).is_none_or(|b| b.version != r.version)).count();
         assert!(changed > 0, "the lingering scope was kept up to date");
         assert_eq!(pusher.next_sweep(), None, "in use again: nothing lingers");
+    }
+
+    /// The demo with `gatewayProbes` on.
+    fn probing_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::write_to(dir.path()).unwrap();
+        let mut mesh = MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap();
+        mesh.gateway_probes = Some(crate::mesh_config::GatewayProbes::default());
+        let (mut pusher, rx) = Pusher::new(&mesh);
+        let mut change = RegistryChange::default();
+        for c in &mesh.clusters {
+            let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
+            let (objects, _) = crate::source::files::load_cluster_dir(d);
+            change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
+        }
+        pusher.push(change, true);
+        (pusher, rx, dir)
+    }
+
+    fn azure_verdict(fenced: bool) -> crate::liveness::Verdict {
+        let n = crate::model::NetworkId::new("azure-net");
+        let mut v = crate::liveness::Verdict::default();
+        v.reachable.insert(crate::model::NetworkId::new("aws-net"));
+        if fenced {
+            v.down.insert(n.clone(), ["127.0.20.1:15443".parse().unwrap()].into());
+            v.fenced.insert(n);
+        } else {
+            v.reachable.insert(n);
+        }
+        v
+    }
+
+    #[test]
+    fn with_probes_only_a_network_without_gateway_evidence_is_demoted_for_its_api() {
+        let (mut pusher, _rx, _dir) = probing_pusher();
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let long_ago = std::time::SystemTime::now() - 2 * pusher.unreachable_grace;
+        pusher.apply(SourceEvent::ClusterReachability { cluster: azure.clone(), reachable: false, since: long_ago });
+        let mut change = pusher.set_gateway_verdict(azure_verdict(false));
+        change.merge(pusher.refresh_demoted(std::time::SystemTime::now()));
+        assert!(pusher.context().demoted_clusters.is_empty(), "API unreachable, gateways up: not demoted");
+        assert_eq!(pusher.next_demotion(), None, "no demotion is due either");
+        // the network's gateways all down: fenced for proxies on other networks (the verdict), not demoted
+        // for every proxy (its own proxies keep their local endpoints)
+        pusher.set_gateway_verdict(azure_verdict(true));
+        pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.is_empty());
+        assert!(pusher.context().gateway_verdict.fenced.contains(&crate::model::NetworkId::new("azure-net")));
+        // no gateway evidence about the network (no gateways to probe): demoted as without probes
+        let mut no_gateways = azure_verdict(false);
+        no_gateways.reachable.remove(&crate::model::NetworkId::new("azure-net"));
+        pusher.set_gateway_verdict(no_gateways);
+        pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.contains(&azure));
+        assert!(pusher.next_demotion().is_none(), "already demoted");
+        // gateways up again: the demotion ends
+        pusher.set_gateway_verdict(azure_verdict(false));
+        pusher.refresh_demoted(std::time::SystemTime::now());
+        assert!(pusher.context().demoted_clusters.is_empty());
+        // probing off: today's behaviour, demoted whatever the verdict
+        let (mut off, _rx, _dir) = demo_pusher();
+        off.apply(SourceEvent::ClusterReachability { cluster: azure.clone(), reachable: false, since: long_ago });
+        off.set_gateway_verdict(azure_verdict(false));
+        off.refresh_demoted(std::time::SystemTime::now());
+        assert!(off.context().demoted_clusters.contains(&azure));
+    }
+
+    #[test]
+    fn a_verdict_change_retranslates_only_the_services_with_endpoints_in_that_network() {
+        let (mut pusher, mut rx, _dir) = probing_pusher();
+        let view = sidecar("127.0.50.9");
+        pusher.attach(&view);
+        pusher.handle(Command::GatewayVerdict(azure_verdict(false)));
+        let generation = rx.borrow_and_update().generation;
+        pusher.handle(Command::GatewayVerdict(azure_verdict(false)));
+        assert_eq!(rx.borrow_and_update().generation, generation, "the same verdict pushes nothing");
+        pusher.handle(Command::GatewayVerdict(azure_verdict(true)));
+        let snapshot = rx.borrow_and_update().clone();
+        assert_eq!(snapshot.generation, generation + 1, "a changed verdict pushes at once");
+        let eds = snapshot.changes.get(ResourceType::Endpoint).expect("EDS changed");
+        assert!(
+            snapshot.changes.get(ResourceType::Cluster).is_none()
+                && snapshot.changes.get(ResourceType::Listener).is_none()
+        );
+        let azure = crate::model::NetworkId::new("azure-net");
+        let in_azure: BTreeSet<String> = pusher
+            .registry()
+            .services()
+            .values()
+            .filter(|s| s.endpoints.iter().any(|e| e.network == azure))
+            .map(|s| s.hostname.to_string())
+            .collect();
+        assert!(!eds.0.is_empty());
+        for name in &eds.0 {
+            let host = name.rsplit('|').next().unwrap();
+            assert!(in_azure.contains(host), "{name} has no endpoint in azure-net");
+        }
+        let not_in_azure = pusher.registry().services().values().any(|s| !in_azure.contains(&*s.hostname));
+        if not_in_azure {
+            assert!(
+                snapshot.endpoints[&view.endpoints].len() > eds.0.len(),
+                "services without endpoints in azure-net were not translated again"
+            );
+        }
     }
 
     #[test]

@@ -166,14 +166,17 @@ fn endpoint_priority(ctx: &Context, scope: &EndpointScope, policy: &EffectivePol
             p += 5 * label_priority(&lb.failover_priority, scope, ep);
         }
     }
-    // A cluster whose API has been unreachable past the grace period: after every reachable cluster.
-    if ctx.demoted_clusters.contains(&ep.cluster) {
+    // A cluster whose API has been unreachable past the grace period: after every reachable cluster. A
+    // network whose gateways are all down: last resort for proxies on other networks (its own proxies
+    // keep their local endpoints).
+    let fenced = !same_network(scope, ep) && ctx.gateway_verdict.fenced.contains(&ep.network);
+    if ctx.demoted_clusters.contains(&ep.cluster) || fenced {
         p += DEMOTED;
     }
     p
 }
 
-/// Priority offset of endpoints in demoted clusters (compacted away afterwards).
+/// Priority offset of endpoints in demoted clusters and fenced networks (compacted away afterwards).
 const DEMOTED: u32 = 1 << 16;
 
 /// Is an endpoint on the proxy's network? (An unset network on either side counts as the same.)
@@ -290,7 +293,7 @@ pub fn port_load_assignment(
     let mut gateway_sets: BTreeMap<(u32, &Locality), std::collections::BTreeSet<(std::net::IpAddr, u16)>> =
         BTreeMap::new();
     for ((priority, locality, network), count) in remote {
-        let addresses: Vec<(std::net::IpAddr, u16)> = ctx
+        let all: Vec<(std::net::IpAddr, u16)> = ctx
             .gateways
             .iter()
             .filter(|g| g.network == *network)
@@ -298,6 +301,14 @@ pub fn port_load_assignment(
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
+        // the addresses the probes found down leave the list (the others carry the network's weight);
+        // all down: the network is fenced (last resort), through every address
+        let up: Vec<(std::net::IpAddr, u16)> = all
+            .iter()
+            .copied()
+            .filter(|(ip, port)| !ctx.gateway_verdict.is_down(network, std::net::SocketAddr::new(*ip, *port)))
+            .collect();
+        let addresses = if up.is_empty() { all } else { up };
         if addresses.is_empty() {
             continue;
         }
@@ -993,6 +1004,112 @@ mod tests {
         assert_eq!(cla.endpoints.len(), 1);
         assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.20.1:15443".into(), 3), ("127.0.20.2:15443".into(), 2)]);
         assert_eq!(cla.endpoints[0].load_balancing_weight.unwrap().value, 5);
+    }
+
+    /// A verdict of the gateway probes: `down` addresses of `network`, the network `fenced` or not.
+    fn verdict(network: &str, down: &[&str], fenced: bool) -> Arc<crate::liveness::Verdict> {
+        let n = NetworkId::new(network);
+        let mut v = crate::liveness::Verdict::default();
+        if !down.is_empty() {
+            v.down.insert(n.clone(), down.iter().map(|a| a.parse().unwrap()).collect());
+        }
+        if fenced {
+            v.fenced.insert(n);
+        } else {
+            v.reachable.insert(n);
+        }
+        Arc::new(v)
+    }
+
+    /// Two networks: `n` (us-east-1, the proxies of `scope`) and `azure` (westeurope, one gateway).
+    fn two_networks() -> (Context, Service) {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = service(vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.3.22", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+        ]);
+        (c, s)
+    }
+
+    fn azure_scope(locality: &str) -> EndpointScope {
+        EndpointScope { network: NetworkId::new("azure"), ..scope(locality) }
+    }
+
+    #[test]
+    fn a_fenced_network_is_last_resort_for_other_networks_only() {
+        let (mut c, s) = two_networks();
+        // westeurope is the failover target of us-east-1: before fencing, the Azure gateway comes first
+        c = with_rule(
+            c,
+            "metadata: {name: r, namespace: shop}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      localityLbSetting:\n        failover:\n          - from: us-east-1\n            to: westeurope\n    outlierDetection: {consecutive5xxErrors: 3}\n",
+        );
+        // a third network on the same priority as azure, so "last" is visible
+        let mut s = s;
+        s.endpoints.push(mtls(ep("127.0.5.21", "c", "westeurope/westeurope-2", Health::Healthy), "gcp"));
+        let mut gws = (*c.gateways).clone();
+        gws.push(gateway("gcp", "127.0.30.1"));
+        c.gateways = Arc::new(gws);
+        let before = shape(&load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]));
+        c.gateway_verdict = verdict("azure", &["127.0.20.1:15443"], true);
+        let after = shape(&load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]));
+        let prio = |shape: &[LocalityShape], host: &str| {
+            shape.iter().find(|l| l.3.iter().any(|(h, _)| h == host)).map(|l| l.1).unwrap()
+        };
+        assert_eq!(prio(&before, "127.0.20.1:15443"), prio(&before, "127.0.30.1:15443"), "{before:?}");
+        assert!(prio(&after, "127.0.20.1:15443") > prio(&after, "127.0.30.1:15443"), "{after:?}");
+        assert!(prio(&after, "127.0.20.1:15443") > prio(&after, "127.0.1.21:9080"), "{after:?}");
+        assert_eq!(prio(&after, "127.0.1.21:9080"), 0, "local endpoints keep their priority");
+        assert_eq!(
+            after.iter().map(|l| l.1).max(),
+            Some(prio(&after, "127.0.20.1:15443")),
+            "the fenced network is the last priority: {after:?}"
+        );
+        // still there (last resort, through its gateway), with its weight
+        let fenced = after.iter().find(|l| l.3.iter().any(|(h, _)| h == "127.0.20.1:15443")).unwrap();
+        assert_eq!(fenced.3, vec![("127.0.20.1:15443".to_string(), 2)]);
+        // a proxy inside the fenced network keeps its local endpoints first
+        let inside = |c: &Context| shape(&load_assignment(c, &azure_scope("westeurope/westeurope-1"), &s, &s.ports[0]));
+        let mut unfenced = c.clone();
+        unfenced.gateway_verdict = Arc::default();
+        assert_eq!(inside(&c), inside(&unfenced), "nothing changes for the fenced network's own proxies");
+        assert_eq!(prio(&inside(&c), "127.0.3.21:9080"), 0);
+    }
+
+    #[test]
+    fn a_down_gateway_address_leaves_the_list_and_the_others_carry_the_weight() {
+        let (mut c, s) = two_networks();
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1"), gateway("azure", "127.0.20.2")]);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let remote = |cla: &ClusterLoadAssignment| {
+            cla.endpoints
+                .iter()
+                .filter(|l| l.priority > 0 || hosts(l)[0].0.ends_with(":15443"))
+                .flat_map(hosts)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(remote(&cla), vec![("127.0.20.1:15443".into(), 1), ("127.0.20.2:15443".into(), 1)]);
+        c.gateway_verdict = verdict("azure", &["127.0.20.1:15443"], false);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(remote(&cla), vec![("127.0.20.2:15443".into(), 2)], "the remaining address carries both");
+        let p: Vec<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
+        let unprobed = load_assignment(&two_networks().0, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(p, unprobed.endpoints.iter().map(|l| l.priority).collect::<Vec<_>>(), "priorities unchanged");
+        // the same address on another network is not affected
+        c.gateway_verdict = verdict("gcp", &["127.0.20.1:15443"], false);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(remote(&cla).len(), 2);
+    }
+
+    #[test]
+    fn reachable_networks_keep_their_priorities() {
+        // API unreachable but gateways up: the push loop demotes nothing, the verdict says reachable
+        let (mut c, s) = two_networks();
+        let before = shape(&load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]));
+        c.gateway_verdict = verdict("azure", &[], false);
+        let after = shape(&load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]));
+        assert_eq!(before, after);
     }
 
     #[test]

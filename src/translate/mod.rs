@@ -48,6 +48,9 @@ pub struct Context {
     /// clusters whose API has been unreachable longer than the grace period: their endpoints go to
     /// a priority below every reachable cluster's
     pub demoted_clusters: Arc<BTreeSet<ClusterId>>,
+    /// the gateway probes' verdict (empty when probing is off): a fenced network's endpoints go to last
+    /// resort for proxies on other networks; a down gateway address leaves its network's gateway list
+    pub gateway_verdict: Arc<crate::liveness::Verdict>,
 }
 
 impl Default for Context {
@@ -61,6 +64,7 @@ impl Default for Context {
             gateways: Arc::default(),
             resolved: Arc::default(),
             demoted_clusters: Arc::default(),
+            gateway_verdict: Arc::default(),
         }
     }
 }

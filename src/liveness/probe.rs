@@ -1,0 +1,247 @@
+//! The gateway prober: every interval (±10% jitter), each east-west gateway address gets a TCP connect on
+//! its gateway port and, when a status port is configured, an HTTP/1.1 `GET /healthz/ready` on that port
+//! of the same IP, expecting 200 (Istio's east-west gateway Service exposes `status-port` 15021). At most
+//! `concurrency` probes are in flight, each bounded by `timeout`. The results feed [`Evidence`]; a changed
+//! verdict goes to the push loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::evidence::{AddressState, Evidence, ProbeResult, Thresholds, Verdict};
+use crate::mesh_config::GatewayProbes;
+use crate::model::NetworkId;
+
+/// The path of the gateway's readiness endpoint on its status port.
+pub const READY_PATH: &str = "/healthz/ready";
+/// The status line and headers of the readiness response are read up to this many bytes.
+const MAX_RESPONSE_HEAD: usize = 4096;
+
+/// What the prober knows, for the debug surface.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub config: GatewayProbes,
+    pub evidence: Evidence,
+    pub verdict: Verdict,
+    /// rounds of probes done
+    pub rounds: u64,
+}
+
+/// Probes `address`: a TCP connect to it, then (status port not 0) `GET /healthz/ready` on its IP's status
+/// port, expecting 200. The whole probe is bounded by `timeout`. The error says what failed.
+pub async fn probe(address: SocketAddr, status_port: u16, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, probe_unbounded(address, status_port)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {timeout:?}")),
+    }
+}
+
+async fn probe_unbounded(address: SocketAddr, status_port: u16) -> Result<(), String> {
+    let gateway = TcpStream::connect(address).await.map_err(|e| format!("connect {address}: {e}"))?;
+    drop(gateway);
+    if status_port == 0 {
+        return Ok(());
+    }
+    let status = SocketAddr::new(address.ip(), status_port);
+    let mut s = TcpStream::connect(status).await.map_err(|e| format!("connect {status}: {e}"))?;
+    let request = format!(
+        "GET {READY_PATH} HTTP/1.1\r\nHost: {status}\r\nUser-Agent: meshfed\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.map_err(|e| format!("GET http://{status}{READY_PATH}: {e}"))?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < MAX_RESPONSE_HEAD {
+        let n = s.read(&mut buf).await.map_err(|e| format!("GET http://{status}{READY_PATH}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.trim_end().splitn(3, ' ');
+    match (parts.next(), parts.next()) {
+        (Some(v), Some("200")) if v.starts_with("HTTP/1.") => Ok(()),
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => {
+            Err(format!("GET http://{status}{READY_PATH}: status {code}, expected 200"))
+        }
+        _ if head.is_empty() => Err(format!("GET http://{status}{READY_PATH}: closed without a response")),
+        _ => Err(format!("GET http://{status}{READY_PATH}: not an HTTP/1.x response: {:?}", line.trim_end())),
+    }
+}
+
+/// A small random source for the jitter (xorshift64*, seeded from the clock).
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Jitter {
+        let seed = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        Jitter(seed | 1)
+    }
+
+    /// `d` scaled by a random factor in [0.9, 1.1].
+    fn around(&mut self, d: Duration) -> Duration {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+        d.mul_f64(0.9 + 0.2 * r)
+    }
+}
+
+/// Once `ready` completes (the first full state is built), probes the gateway addresses `targets()`
+/// returns (per network), every interval, until the returned task is aborted. `on_verdict` gets the first
+/// verdict and every changed one; the report (for the debug surface) is updated after every round.
+pub fn start(
+    config: GatewayProbes,
+    ready: impl std::future::Future<Output = ()> + Send + 'static,
+    targets: impl Fn() -> BTreeMap<NetworkId, BTreeSet<SocketAddr>> + Send + 'static,
+    on_verdict: impl Fn(Verdict) + Send + 'static,
+) -> (watch::Receiver<Arc<Report>>, tokio::task::JoinHandle<()>) {
+    let (report_tx, report_rx) = watch::channel(Arc::new(Report {
+        config,
+        evidence: Evidence::default(),
+        verdict: Verdict::default(),
+        rounds: 0,
+    }));
+    let task = tokio::spawn(async move {
+        ready.await;
+        let thresholds = Thresholds::from(&config);
+        let mut evidence = Evidence::default();
+        let mut last: Option<Verdict> = None;
+        let mut jitter = Jitter::new();
+        let mut rounds = 0u64;
+        loop {
+            evidence.set_targets(&targets());
+            let results: Vec<(SocketAddr, ProbeResult)> = futures::stream::iter(evidence.addresses())
+                .map(|a| async move {
+                    let r = probe(a, config.status_port, config.timeout).await;
+                    let at = SystemTime::now();
+                    (a, r.map_or_else(|e| ProbeResult::failure(at, e), |()| ProbeResult::success(at)))
+                })
+                .buffer_unordered(config.concurrency.max(1))
+                .collect()
+                .await;
+            let now = Instant::now();
+            for (a, r) in results {
+                let error = r.error.clone();
+                if evidence.record(a, r, now, thresholds) {
+                    log_change(&evidence, a, error.as_deref());
+                }
+            }
+            let verdict = evidence.verdict();
+            if last.as_ref() != Some(&verdict) {
+                if let Some(old) = &last {
+                    for n in verdict.fenced.difference(&old.fenced) {
+                        warn!(network = %n, "every east-west gateway address of the network is down: fenced");
+                    }
+                    for n in old.fenced.difference(&verdict.fenced) {
+                        info!(network = %n, "an east-west gateway address of the network is up again: unfenced");
+                    }
+                }
+                on_verdict(verdict.clone());
+                last = Some(verdict.clone());
+            }
+            rounds += 1;
+            export_metrics(&evidence, &verdict);
+            report_tx.send_replace(Arc::new(Report { config, evidence: evidence.clone(), verdict, rounds }));
+            tokio::time::sleep(jitter.around(config.interval)).await;
+        }
+    });
+    (report_rx, task)
+}
+
+fn log_change(evidence: &Evidence, address: SocketAddr, error: Option<&str>) {
+    for (network, addresses) in evidence.networks() {
+        let Some(e) = addresses.get(&address) else { continue };
+        match e.state {
+            AddressState::Down => {
+                warn!(%network, %address, failures = e.consecutive_failures, error, "east-west gateway address down")
+            }
+            AddressState::Up => info!(%network, %address, "east-west gateway address up"),
+            AddressState::Unknown => {}
+        }
+    }
+}
+
+fn export_metrics(evidence: &Evidence, verdict: &Verdict) {
+    let mut addresses = Vec::new();
+    let mut networks = Vec::new();
+    for (network, a) in evidence.networks() {
+        for (address, e) in a {
+            addresses.push((network.to_string(), address.to_string(), !e.is_down()));
+        }
+        networks.push((network.to_string(), verdict.fenced.contains(network)));
+    }
+    crate::metrics::global().set_gateway_evidence(&addresses, &networks);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn http_server(status_line: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(format!("{status_line}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_listening_gateway_with_a_ready_status_port_passes() {
+        let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (status, _t) = http_server("HTTP/1.1 200 OK").await;
+        let addr = gw.local_addr().unwrap();
+        assert_eq!(probe(addr, status.port(), Duration::from_secs(2)).await, Ok(()));
+        // TCP only
+        assert_eq!(probe(addr, 0, Duration::from_secs(2)).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn failures_say_what_failed() {
+        let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gw.local_addr().unwrap();
+        let (not_ready, _t) = http_server("HTTP/1.1 503 Service Unavailable").await;
+        let e = probe(addr, not_ready.port(), Duration::from_secs(2)).await.unwrap_err();
+        assert!(e.contains("status 503"), "{e}");
+        // the gateway port closed
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = probe(closed, 0, Duration::from_secs(2)).await.unwrap_err();
+        assert!(e.starts_with(&format!("connect {closed}")), "{e}");
+        // the status port closed
+        let e = probe(addr, closed.port(), Duration::from_secs(2)).await.unwrap_err();
+        assert!(e.contains(&format!("connect 127.0.0.1:{}", closed.port())), "{e}");
+        // a status port that accepts and never answers: bounded by the timeout
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let started = Instant::now();
+        let e = probe(addr, silent.local_addr().unwrap().port(), Duration::from_millis(200)).await.unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let mut j = Jitter::new();
+        for _ in 0..1000 {
+            let d = j.around(Duration::from_secs(5));
+            assert!(d >= Duration::from_millis(4500) && d <= Duration::from_millis(5500), "{d:?}");
+        }
+    }
+}
