@@ -86,10 +86,11 @@ fn addr(s: String) -> SocketAddr {
 /// Priority of each host of the AWS proxy's `reviews` assignment, as `(address:port, priority)`.
 async fn reviews_priorities(xds: SocketAddr) -> Result<Vec<(String, u32)>> {
     let node = format!("sidecar~127.{OCTET}.50.1~client.shop~shop.svc.cluster.local");
-    let all = support::ads::sotw_all(xds, &node).await?;
-    let (_, eds) = all.get(meshfed::type_url::ENDPOINT).ok_or_else(|| anyhow!("no EDS"))?;
-    let body = eds.get(REVIEWS_EDS).ok_or_else(|| anyhow!("no {REVIEWS_EDS} in {:?}", eds.keys()))?;
-    let cla = ClusterLoadAssignment::decode(body.as_slice())?;
+    let all = support::ads::fetch_all(xds, support::ads::Flavor::Sotw, &node).await?;
+    let eds = all.get(meshfed::type_url::ENDPOINT).ok_or_else(|| anyhow!("no EDS"))?;
+    let held =
+        eds.resources.get(REVIEWS_EDS).ok_or_else(|| anyhow!("no {REVIEWS_EDS} in {:?}", eds.resources.keys()))?;
+    let cla = ClusterLoadAssignment::decode(held.body.as_slice())?;
     let mut out = Vec::new();
     for l in &cla.endpoints {
         for e in &l.lb_endpoints {
