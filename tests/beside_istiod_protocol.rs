@@ -259,6 +259,20 @@ async fn adsc_gets_syncz_on_a_first_request_with_a_nonce() {
     // its next request (a new timestamp nonce) ACKs: no endless exchange
     adsc.send(Request { nonce: r.nonce.clone(), ..Request::new("istio.io/debug/syncz") }).await.unwrap();
     adsc.expect_silence("to an ACK").await.unwrap_or_else(|e| panic!("{e}"));
+    // the config dump of the sidecar, asked for with yet another timestamp nonce: the first request of that
+    // type on the stream, so it is answered
+    let dump = Request {
+        nonce: "2026-12-05 08:00:01.5 +0000 UTC m=+1.4".into(),
+        ..Request::new("istio.io/debug/config_dump").names(&["client-4.shop"])
+    };
+    adsc.send(dump).await.unwrap();
+    let r = adsc.recv().await.expect("istioctl's config dump answer");
+    assert_eq!(r.type_url, "istio.io/debug/config_dump");
+    assert_eq!(r.resources.len(), 1, "one ConfigDump for client-4.shop");
+    let dump =
+        <envoy_types::pb::envoy::admin::v3::ConfigDump as prost::Message>::decode(&r.resources[0].body.value[..])
+            .expect("a ConfigDump");
+    assert!(!dump.configs.is_empty(), "the dump has sections");
 }
 
 /// The address of each endpoint of an assignment, with its weight.

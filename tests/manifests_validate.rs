@@ -101,6 +101,77 @@ fn custom_resources_are_complete() {
     }
 }
 
+/// The alerting rules name only metrics meshfed exports (the names of its own `/metrics`, all families
+/// registered from the start), and each alert has a severity and a summary.
+#[test]
+fn the_alerts_use_metrics_meshfed_exports() {
+    // a registry with a sample in every family (a labelled family shows only once it has one)
+    let m = meshfed::metrics::Metrics::new();
+    let t = meshfed::type_url::ResourceType::Endpoint;
+    m.record_nack(t);
+    m.record_unknown_resources(t, 1);
+    m.record_response(t, 1, 1);
+    m.record_push(&[(t, 1)], Duration::from_millis(1), 0);
+    m.set_gateway_evidence(&[("net".into(), "10.0.0.1:15443".into(), true)], &[("net".into(), false)]);
+    let status = meshfed::source::ClusterStatus::new(meshfed::model::ClusterId::new("c"), "test");
+    m.refresh(&[], 1, &[status]);
+    let exported: BTreeSet<String> = m
+        .encode()
+        .expect("metrics encode")
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    // Prometheus's own series and functions
+    let prometheus: BTreeSet<&str> = ["up", "max", "min", "sum", "by", "increase", "absent"].into();
+    for o in overlays() {
+        let rule = o.find("PrometheusRule", "meshfed");
+        let rules = rule["spec"]["groups"][0]["rules"].as_sequence().expect("rules");
+        assert!(rules.len() >= 5, "{rules:?}");
+        for r in rules {
+            let alert = r["alert"].as_str().expect("alert name");
+            assert!(matches!(r["labels"]["severity"].as_str(), Some("warning" | "critical")), "{alert}");
+            assert!(r["annotations"]["summary"].as_str().is_some_and(|s| !s.is_empty()), "{alert}");
+            let expr = r["expr"].as_str().expect("expr");
+            // identifiers outside label matchers, ranges, strings and `by (...)` groupings: metric names,
+            // functions and keywords
+            let mut outside = String::new();
+            let mut rest = expr;
+            while let Some(c) = rest.chars().next() {
+                let close = match c {
+                    '{' => Some('}'),
+                    '[' => Some(']'),
+                    '"' => Some('"'),
+                    _ if rest.starts_with("by (") => Some(')'),
+                    _ => None,
+                };
+                match close {
+                    Some(close) => {
+                        let from = if c == 'b' { 4 } else { 1 };
+                        let end = rest[from..].find(close).map(|i| from + i + 1).expect("balanced");
+                        rest = &rest[end..];
+                        outside.push(' ');
+                    }
+                    None => {
+                        outside.push(c);
+                        rest = &rest[c.len_utf8()..];
+                    }
+                }
+            }
+            let names: Vec<&str> = outside
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+                .collect();
+            let metrics: Vec<&&str> = names.iter().filter(|n| !prometheus.contains(**n)).collect();
+            assert!(!metrics.is_empty() || names.contains(&"up"), "{alert}: no metric in {expr:?}");
+            for m in metrics {
+                assert!(exported.contains(*m), "{alert}: {m} is not a metric meshfed exports ({exported:?})");
+            }
+        }
+    }
+}
+
 /// Prometheus scrapes /metrics of the Service's debug port with the token meshfed requires there.
 #[test]
 fn the_service_monitor_scrapes_the_debug_port_with_the_token() {
