@@ -38,6 +38,9 @@ enum Command {
         debounce_quiet: String,
         #[arg(long, default_value = "0ms")]
         debounce_max: String,
+        /// the xDS listener's limits: unlimited, or default (those of `meshfed serve`)
+        #[arg(long, default_value = "unlimited")]
+        limits: String,
     },
     /// The floor server (started by `bench`).
     Floor {
@@ -75,8 +78,13 @@ fn main() -> Result<()> {
             eprintln!("meshfed-load: {}", bench::environment());
             rt.block_on(bench::run(args))?;
         }
-        Command::Serve { size, debounce_quiet, debounce_max } => {
-            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
+        Command::Serve { size, debounce_quiet, debounce_max, limits } => {
+            let limits = match limits.as_str() {
+                "unlimited" => meshfed::xds::limits::Limits::unlimited(),
+                "default" => meshfed::xds::limits::Limits::default(),
+                other => anyhow::bail!("--limits {other:?}: expected unlimited or default"),
+            };
+            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits))?
         }
         Command::Floor { size, zero_copy } => rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy))?,
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {
