@@ -177,6 +177,9 @@ run f1-floor-zc 900 "${F1[@]}" --delta 0 --server floor-zero-copy
 run f1-delta 900 "${F1[@]}" --delta 1 --server-limits default
 run f1-delta-floor-zc 900 "${F1[@]}" --delta 1 --server floor-zero-copy
 run f1-ads 900 --size 50x10 --proxies 1000 --delta 0 --steps flaps --iterations 100
+# the same 1,000 proxies with 10 and 20 federated services: how the costs grow with services per proxy
+run f1-n10 900 --size 10x10 --proxies 1000 --eds-streams 10 --steps flaps --iterations 100 --delta 0 --server-limits default
+run f1-n20 900 --size 20x10 --proxies 1000 --eds-streams 20 --steps flaps --iterations 100 --delta 0 --server-limits default
 row=f2
 F2=(--size 5x10 --proxies 10000 --eds-streams 5 --connect-parallel 512 --steps flaps,hold,cold --iterations 50 --duration 10)
 run f2 1500 "${F2[@]}" --delta 0 --server-limits default

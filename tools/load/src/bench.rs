@@ -33,6 +33,32 @@ pub enum ServerKind {
     FloorZeroCopy,
 }
 
+/// The limits of meshfed's xDS listener in `meshfed-load serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerLimits {
+    /// no connection, stream or rate limit (the ADS rows)
+    Unlimited,
+    /// those of `meshfed serve` ([`meshfed::xds::limits::Limits::default`]: 1,000 streams per connection,
+    /// request rate and burst per stream)
+    Default,
+}
+
+impl ServerLimits {
+    pub fn limits(self) -> meshfed::xds::limits::Limits {
+        match self {
+            ServerLimits::Unlimited => meshfed::xds::limits::Limits::unlimited(),
+            ServerLimits::Default => meshfed::xds::limits::Limits::default(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerLimits::Unlimited => "unlimited",
+            ServerLimits::Default => "default",
+        }
+    }
+}
+
 /// Options of a `bench` run.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -50,10 +76,9 @@ pub struct BenchArgs {
     /// on one stream). Steps: flaps, hold, cold
     #[arg(long, default_value_t = 0)]
     pub eds_streams: usize,
-    /// the xDS listener's limits in `meshfed-load serve`: `unlimited` (the default of the ADS rows) or
-    /// `default` (those of `meshfed serve`: 1,000 streams per connection, request rate and burst per stream)
-    #[arg(long, default_value = "unlimited")]
-    pub server_limits: String,
+    /// the xDS listener's limits in `meshfed-load serve`
+    #[arg(long, value_enum, default_value = "unlimited")]
+    pub server_limits: ServerLimits,
     /// fraction of proxies on Delta xDS (the rest SotW)
     #[arg(long, default_value_t = 0.5)]
     pub delta: f64,
@@ -142,7 +167,7 @@ impl ServerProc {
                 };
                 if args.server == ServerKind::Meshfed {
                     cmd.args(["serve", "--size", &args.size.name(), "--debounce-quiet", &args.debounce_quiet]);
-                    cmd.args(["--debounce-max", &args.debounce_max, "--limits", &args.server_limits]);
+                    cmd.args(["--debounce-max", &args.debounce_max, "--limits", args.server_limits.name()]);
                 } else {
                     cmd.args(["floor", "--size", &args.size.name()]);
                     if args.server == ServerKind::FloorZeroCopy {
@@ -374,9 +399,6 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Value>> {
 const EDS_STEPS: [&str; 3] = ["flaps", "hold", "cold"];
 
 fn check_args(args: &BenchArgs) -> Result<()> {
-    if !["unlimited", "default"].contains(&args.server_limits.as_str()) {
-        bail!("--server-limits {:?}: expected unlimited or default", args.server_limits);
-    }
     if args.eds_streams == 0 {
         return Ok(());
     }
@@ -478,7 +500,7 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         base["mode"] = json!("per-type-eds");
         base["eds_streams_per_proxy"] = json!(args.eds_streams);
         base["streams"] = json!(streams);
-        base["server_limits"] = json!(args.server_limits);
+        base["server_limits"] = json!(args.server_limits.name());
     }
     let connect = json!({
         "step": "connect",

@@ -38,9 +38,9 @@ enum Command {
         debounce_quiet: String,
         #[arg(long, default_value = "0ms")]
         debounce_max: String,
-        /// the xDS listener's limits: unlimited, or default (those of `meshfed serve`)
-        #[arg(long, default_value = "unlimited")]
-        limits: String,
+        /// the xDS listener's limits
+        #[arg(long, value_enum, default_value = "unlimited")]
+        limits: bench::ServerLimits,
     },
     /// The floor server (started by `bench`).
     Floor {
@@ -79,12 +79,7 @@ fn main() -> Result<()> {
             rt.block_on(bench::run(args))?;
         }
         Command::Serve { size, debounce_quiet, debounce_max, limits } => {
-            let limits = match limits.as_str() {
-                "unlimited" => meshfed::xds::limits::Limits::unlimited(),
-                "default" => meshfed::xds::limits::Limits::default(),
-                other => anyhow::bail!("--limits {other:?}: expected unlimited or default"),
-            };
-            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits))?
+            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits.limits()))?
         }
         Command::Floor { size, zero_copy } => rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy))?,
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {
