@@ -397,7 +397,8 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let view = View::of(&proxy, &registry);
     let all = resources(&ctx, &registry, &view);
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    // meshfed's accept queue depth (a fleet of 10,000 connecting through a 1,024-deep queue loses some)
+    let listener = meshfed::xds::bind_listener(([127, 0, 0, 1], 0).into())?;
     let xds = listener.local_addr()?;
     if zero_copy {
         // meshfed's transport, with the settings of its ADS listeners
