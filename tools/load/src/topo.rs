@@ -524,6 +524,11 @@ mod tests {
             let n = proxy_node(k, &ProxyIdentity::default());
             let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
             assert_eq!(&*p.namespace, NAMESPACE);
+            assert_eq!(p.interception, meshfed::proxy::InterceptionMode::None);
         }
+        // the per-type EDS proxies present themselves as istio-injected sidecars
+        let n = proxy_node(3, &ProxyIdentity { interception: "REDIRECT", ..Default::default() });
+        let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
+        assert_eq!(p.interception, meshfed::proxy::InterceptionMode::Redirect);
     }
 }
