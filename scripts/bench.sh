@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs meshfed's benchmarks (rows a1..e3 of BENCHMARKS.md) with meshfed-load, each bounded in time.
+# Runs meshfed's benchmarks (rows a1..f2 of BENCHMARKS.md) with meshfed-load, each bounded in time.
 #
 #   bash scripts/bench.sh            every scenario, release build (~40 min on 2 cores); results in
 #                                    target/bench/results.jsonl, logs in target/bench/*.log
 #   bash scripts/bench.sh --smoke    tiny sizes, debug build, < ~60 s: proves the harness works and every
 #                                    step produces its numbers; asserts nothing about time (CI runs this)
 #   bash scripts/bench.sh --only b1  one scenario of the full run (ids as in the table below; `soak`: the
-#                                    10-minute soak)
+#                                    10-minute soak); a row name runs every scenario of the row (`--only f1`:
+#                                    f1, its Delta, floor and ADS runs); a comma-separated list runs several
 #   bash scripts/bench.sh --skip soak,envoy   the full run without these scenarios
 #
 # All traffic stays on loopback. The load client shares the 2 cores with the server: the results report
@@ -20,7 +21,7 @@ skip=","
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) mode=smoke ;;
-    --only) only="$2"; shift ;;
+    --only) only=",$2,"; shift ;;
     --skip) skip=",$2,"; shift ;;
     *) echo "usage: $0 [--smoke] [--only ID] [--skip ID,ID...]" >&2; exit 2 ;;
   esac
@@ -45,10 +46,14 @@ fi
 # 10,000 streams need 10,000 descriptors in each process
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# run ID TIMEOUT_S ARGS...: one meshfed-load bench invocation; its RESULT lines go to $results
+# run ID TIMEOUT_S ARGS...: one meshfed-load bench invocation; its RESULT lines go to $results.
+# `--only` selects it by its id, or by the row it belongs to ($row, set before a row's scenarios).
+row=""
 run() {
   local id="$1" limit="$2"; shift 2
-  if [ -n "$only" ] && [ "$only" != "$id" ]; then return 0; fi
+  if [ -n "$only" ]; then
+    case "$only" in *",$id,"*) ;; *) [ -n "$row" ] && [[ "$only" == *",$row,"* ]] || return 0 ;; esac
+  fi
   case "$skip" in *",$id,"*) return 0 ;; esac
   echo "== $id: meshfed-load bench $*" >&2
   local start=$SECONDS
@@ -67,6 +72,10 @@ if [ "$mode" = smoke ]; then
   run smoke-meshfed 120 "${small[@]}" --steps flaps,rollout,nack,churn,flood,storm,cold,hold
   run smoke-floor 60 "${small[@]}" --server floor --steps flaps,cold
   run smoke-files 60 "${small[@]}" --server files --debounce-quiet 0ms --steps flaps
+  # the per-type EDS mode (rows f1, f2): one connection per proxy, one EDS stream per service on it
+  eds=(--size 8x4 --proxies 20 --eds-streams 8 --iterations 5 --duration 2 --ready-timeout 60)
+  run smoke-eds 60 "${eds[@]}" --server-limits default --steps flaps,hold,cold
+  run smoke-eds-floor 60 "${eds[@]}" --server floor-zero-copy --steps flaps
   if [ -x .venv/bin/envoy ] || [ -n "${MESHFED_ENVOY:-}" ]; then
     run smoke-envoy 90 --size 40x4 --proxies 0 --iterations 3 --envoys 2 --steps envoy
   fi
@@ -78,6 +87,8 @@ want = {
     "smoke-meshfed": ["connect", "flaps", "rollout", "nack", "churn", "flood", "storm", "cold", "hold"],
     "smoke-floor": ["connect", "flaps", "cold"],
     "smoke-files": ["connect", "flaps"],
+    "smoke-eds": ["connect", "flaps", "hold", "cold"],
+    "smoke-eds-floor": ["connect", "flaps"],
 }
 if any(r.get("label") == "smoke-envoy" or r.get("base", {}).get("label") == "smoke-envoy" for r in rows):
     want["smoke-envoy"] = ["connect", "envoy"]
@@ -93,6 +104,15 @@ for label, steps in want.items():
     flaps = next((r for r in got if r.get("step") == "flaps"), None)
     if flaps and (flaps.get("change_to_ack_ms_per_proxy") is None or flaps.get("missing_acks") != 0):
         bad.append(f"{label}/flaps: changes not measured at every proxy")
+    # per-type EDS: every stream open, memory measured per stream
+    for r in got:
+        streams = r.get("base", {}).get("streams")
+        if streams is None:
+            continue
+        if r.get("step") in ("connect", "hold") and r.get("open_streams") != streams:
+            bad.append(f"{label}/{r['step']}: {r.get('open_streams')} of {streams} EDS streams open")
+        if r.get("step") == "connect" and r.get("server_kb_per_stream") is None:
+            bad.append(f"{label}/connect: no memory per stream")
 if bad:
     print("bench smoke: FAILED\n  " + "\n  ".join(bad))
     sys.exit(1)
@@ -129,7 +149,7 @@ run c2-b2b 1800 "${S[@]}" --steps storm --storm-proxies 5000 --storm-flap-interv
 run e2 900 "${S[@]}" --steps churn --duration 60
 # the 10-minute soak (issue 8): churn and reconnects against the meshfed binary; memory, tasks, descriptors
 # back at their baseline, no errors (tests/soak.rs; CI runs it for 60 s)
-if { [ -z "$only" ] || [ "$only" = soak ]; } && [[ "$skip" != *",soak,"* ]]; then
+if { [ -z "$only" ] || [[ "$only" == *",soak,"* ]]; } && [[ "$skip" != *",soak,"* ]]; then
   echo "== soak: scripts/soak.sh 600" >&2
   if bash scripts/soak.sh 600 > "$out/soak.log" 2>&1; then echo "   soak passed" >&2; else echo "!! soak failed; see $out/soak.log" >&2; fi
 fi
@@ -146,6 +166,28 @@ run L1000-floor-zc 2400 --size L --proxies 1000 --server floor-zero-copy --steps
 run c1-L 600 --size L --proxies 0 --steps cold --iterations 10
 run c1-L-cold 600 --size L --proxies 0 --steps cold --iterations 5 --cold-pause-ms 11000
 run L 2400 --size L --proxies 200 --steps flaps,rollout,cold --iterations 30 --rollout-pods 500
+# f1, f2: the per-type EDS mode beside istiod: each proxy one connection and one StreamEndpoints (SotW) or
+# DeltaEndpoints (Delta) stream per federated service; the topology holds the federated services only.
+# meshfed with `meshfed serve`'s default limits (1,000 streams per connection, request rate per stream);
+# the zero-copy floor on the same client; the same proxies over ADS (SotW) for comparison
+row=f1
+F1=(--size 50x10 --proxies 1000 --eds-streams 50 --steps flaps,hold,cold --iterations 100 --duration 10)
+run f1 900 "${F1[@]}" --delta 0 --server-limits default
+run f1-floor-zc 900 "${F1[@]}" --delta 0 --server floor-zero-copy
+run f1-delta 900 "${F1[@]}" --delta 1 --server-limits default
+run f1-delta-floor-zc 900 "${F1[@]}" --delta 1 --server floor-zero-copy
+run f1-ads 900 --size 50x10 --proxies 1000 --delta 0 --steps flaps --iterations 100
+# the same 1,000 proxies with 10 and 20 federated services: how the costs grow with services per proxy
+run f1-n10 900 --size 10x10 --proxies 1000 --eds-streams 10 --steps flaps --iterations 100 --delta 0 --server-limits default
+run f1-n20 900 --size 20x10 --proxies 1000 --eds-streams 20 --steps flaps --iterations 100 --delta 0 --server-limits default
+row=f2
+F2=(--size 5x10 --proxies 10000 --eds-streams 5 --connect-parallel 512 --steps flaps,hold,cold --iterations 50 --duration 10)
+run f2 1500 "${F2[@]}" --delta 0 --server-limits default
+run f2-floor-zc 1500 "${F2[@]}" --delta 0 --server floor-zero-copy
+run f2-delta 1500 "${F2[@]}" --delta 1 --server-limits default
+run f2-delta-floor-zc 1500 "${F2[@]}" --delta 1 --server floor-zero-copy
+run f2-ads 1500 --size 5x10 --proxies 10000 --connect-parallel 512 --delta 0 --steps flaps --iterations 50
+row=""
 # files: meshfed serve on a file topology (the file source's own delay included)
 run S1000-files 900 "${S[@]}" --server files --steps flaps --iterations 50
 # real Envoys
@@ -158,6 +200,7 @@ for l in open(sys.argv[1]):
     r = json.loads(l)
     label = r.get("base", {}).get("label", r.get("label"))
     keys = [k for k in ("change_to_last_ack_ms_per_change", "change_to_ack_ms_per_proxy", "server_kb_per_proxy",
+            "server_kb_per_stream", "server_kb_per_stream_marginal", "open_streams", "server_cpu_ms_per_change",
             "server_cpu_us_per_update", "full_config_acked_ms", "final_ack_after_last_event_ms", "rejected_version_resent",
             "all_ready_s", "connected_proxies_change_to_last_ack_ms_per_change", "server_kernel_cpu_share", "rss_after_vs_baseline", "during_flood_last_ack_ms", "change_to_envoy_admin_ms_per_envoy", "errors") if k in r]
     print(label, r.get("step"), {k: r[k] for k in keys})

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Semaphore;
 
 use super::client::{self, ClientOptions, Hit, NackPlan, ProxyHandle, Recorder};
+use super::eds;
 use super::procfs;
 use super::server::ControlClient;
 use super::topo::{self, Change, ProxyIdentity, Size, Topology};
@@ -32,6 +33,32 @@ pub enum ServerKind {
     FloorZeroCopy,
 }
 
+/// The limits of meshfed's xDS listener in `meshfed-load serve`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerLimits {
+    /// no connection, stream or rate limit (the ADS rows)
+    Unlimited,
+    /// those of `meshfed serve` ([`meshfed::xds::limits::Limits::default`]: 1,000 streams per connection,
+    /// request rate and burst per stream)
+    Default,
+}
+
+impl ServerLimits {
+    pub fn limits(self) -> meshfed::xds::limits::Limits {
+        match self {
+            ServerLimits::Unlimited => meshfed::xds::limits::Limits::unlimited(),
+            ServerLimits::Default => meshfed::xds::limits::Limits::default(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerLimits::Unlimited => "unlimited",
+            ServerLimits::Default => "default",
+        }
+    }
+}
+
 /// Options of a `bench` run.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -43,6 +70,15 @@ pub struct BenchArgs {
     /// proxies connected before the steps run
     #[arg(long, default_value_t = 1000)]
     pub proxies: usize,
+    /// per-type EDS mode (meshfed beside istiod): each proxy opens one connection and this many
+    /// `StreamEndpoints` (SotW) / `DeltaEndpoints` (Delta) streams on it, one per service of the
+    /// topology (the first N), each subscribing that service's cluster; 0: ADS proxies (CDS, EDS, LDS, RDS
+    /// on one stream). Steps: flaps, hold, cold
+    #[arg(long, default_value_t = 0)]
+    pub eds_streams: usize,
+    /// the xDS listener's limits in `meshfed-load serve`
+    #[arg(long, value_enum, default_value = "unlimited")]
+    pub server_limits: ServerLimits,
     /// fraction of proxies on Delta xDS (the rest SotW)
     #[arg(long, default_value_t = 0.5)]
     pub delta: f64,
@@ -131,7 +167,7 @@ impl ServerProc {
                 };
                 if args.server == ServerKind::Meshfed {
                     cmd.args(["serve", "--size", &args.size.name(), "--debounce-quiet", &args.debounce_quiet]);
-                    cmd.args(["--debounce-max", &args.debounce_max]);
+                    cmd.args(["--debounce-max", &args.debounce_max, "--limits", args.server_limits.name()]);
                 } else {
                     cmd.args(["floor", "--size", &args.size.name()]);
                     if args.server == ServerKind::FloorZeroCopy {
@@ -243,6 +279,8 @@ pub struct Fleet {
     identity: ProxyIdentity,
     delta: f64,
     permits: Arc<Semaphore>,
+    /// per-type EDS mode: the name each of a proxy's streams subscribes (None: ADS proxies)
+    eds: Option<Arc<Vec<Arc<client::NameList>>>>,
 }
 
 /// Whether load proxy `k` uses Delta (a fixed pseudo-random choice with the given fraction).
@@ -253,7 +291,21 @@ pub fn is_delta(k: usize, fraction: f64) -> bool {
 
 impl Fleet {
     pub fn new(addr: SocketAddr, capacity: usize, args: &BenchArgs) -> Fleet {
-        let identity = ProxyIdentity { tls: if args.tls == "static" { "static" } else { "none" } };
+        let tls = if args.tls == "static" { "static" } else { "none" };
+        // per-type EDS proxies are istio-injected sidecars (REDIRECT): the ADS rows keep NONE, a listener
+        // scope per proxy (their worst case)
+        let interception = if args.eds_streams > 0 { "REDIRECT" } else { "NONE" };
+        let identity = ProxyIdentity { tls, interception };
+        let eds = (args.eds_streams > 0).then(|| {
+            let names = topo::eds_names(&Topology::new(args.size));
+            Arc::new(
+                names
+                    .iter()
+                    .take(args.eds_streams)
+                    .map(|n| client::intern([bytes::Bytes::copy_from_slice(n.as_bytes())]))
+                    .collect(),
+            )
+        });
         Fleet {
             opts: Arc::new(ClientOptions::new(addr)),
             rec: Recorder::new(capacity),
@@ -261,6 +313,7 @@ impl Fleet {
             identity,
             delta: args.delta,
             permits: Arc::new(Semaphore::new(args.connect_parallel.max(1))),
+            eds,
         }
     }
 
@@ -269,8 +322,11 @@ impl Fleet {
         for k in range {
             let node = topo::proxy_node(k, &self.identity);
             let permit = limited.then(|| self.permits.clone());
-            self.handles[k] =
-                Some(client::spawn_proxy(&self.opts, &self.rec, k, node, is_delta(k, self.delta), permit));
+            let delta = is_delta(k, self.delta);
+            self.handles[k] = Some(match &self.eds {
+                Some(names) => eds::spawn_eds_proxy(&self.opts, &self.rec, k, node, delta, names.clone(), permit),
+                None => client::spawn_proxy(&self.opts, &self.rec, k, node, delta, permit),
+            });
         }
     }
 
@@ -332,10 +388,32 @@ pub fn emit(v: &Value) {
 
 /// Runs `args`: server, fleet, steps. Prints `RESULT` lines; returns them.
 pub async fn run(args: BenchArgs) -> Result<Vec<Value>> {
+    check_args(&args)?;
     let mut server = ServerProc::start(&args).await?;
     let result = run_steps(&args, &mut server).await;
     server.stop().await;
     result
+}
+
+/// Steps the per-type EDS mode runs (the others need ADS proxies: CDS, LDS, NACK plans, other services).
+const EDS_STEPS: [&str; 3] = ["flaps", "hold", "cold"];
+
+fn check_args(args: &BenchArgs) -> Result<()> {
+    if args.eds_streams == 0 {
+        return Ok(());
+    }
+    if args.eds_streams > args.size.services {
+        bail!("--eds-streams {} > the topology's {} services", args.eds_streams, args.size.services);
+    }
+    if args.server == ServerKind::Floor {
+        bail!("the stock-tonic floor serves ADS only: use --server floor-zero-copy for --eds-streams");
+    }
+    for step in args.steps.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !EDS_STEPS.contains(&step) {
+            bail!("step {step:?} is not run with --eds-streams (steps: {})", EDS_STEPS.join(", "));
+        }
+    }
+    Ok(())
 }
 
 struct Run<'a> {
@@ -416,6 +494,14 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         "tls": args.tls,
         "debounce": format!("{}/{}", args.debounce_quiet, args.debounce_max),
     });
+    let mut base = base;
+    let streams = n * args.eds_streams;
+    if args.eds_streams > 0 {
+        base["mode"] = json!("per-type-eds");
+        base["eds_streams_per_proxy"] = json!(args.eds_streams);
+        base["streams"] = json!(streams);
+        base["server_limits"] = json!(args.server_limits.name());
+    }
     let connect = json!({
         "step": "connect",
         "base": base,
@@ -435,6 +521,16 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         "last_error": fleet.rec.last_error(),
         "totals": type_table([[0; 3]; 4], fleet.rec.totals()),
     });
+    let mut connect = connect;
+    if streams > 0 {
+        // per stream: the same figures divided by the streams instead of the proxies
+        let per = args.eds_streams as f64;
+        connect["open_streams"] = json!(fleet.rec.open.load(Ordering::SeqCst));
+        connect["server_kb_per_stream"] = json!((rss1 as f64 - rss0 as f64) / streams as f64);
+        connect["server_kb_per_stream_marginal"] = json!(marginal_rss_kb.map(|v| v / per));
+        connect["server_heap_kb_per_stream_marginal"] = json!(marginal_heap_kb.map(|v| v / per));
+        connect["server_cpu_us_per_stream_connect"] = json!((server_cpu1 - server_cpu0) as f64 / 1e3 / streams as f64);
+    }
     emit(&connect);
     let mut out = vec![connect];
     let mut run = Run {
@@ -482,6 +578,15 @@ impl Run<'_> {
         self.args.proxies
     }
 
+    /// The services changes are made to: every service, or in the per-type EDS mode those the proxies
+    /// hold a stream for.
+    fn flap_services(&self) -> usize {
+        match self.args.eds_streams {
+            0 => self.args.size.services,
+            k => k,
+        }
+    }
+
     /// A flap of one endpoint of service `svc` in `cluster`, measured to each proxy's ACK (only proxies
     /// below `below`). Returns (per-proxy ms, proxies missing).
     async fn one_flap(
@@ -526,7 +631,7 @@ impl Run<'_> {
         let mut last = Vec::new();
         let mut missing = 0usize;
         for i in 0..iterations {
-            let svc = (i * 7919) % self.args.size.services;
+            let svc = (i * 7919) % self.flap_services();
             let (lat, miss) = self.one_flap(svc, i % 2, n, Duration::from_secs(10)).await?;
             if let Some(m) = lat.iter().cloned().reduce(f64::max) {
                 last.push(m);
@@ -555,6 +660,7 @@ impl Run<'_> {
             "missing_acks": missing,
             "proxy_updates": updates,
             "server_cpu_us_per_update": cpu / 1000.0 / updates as f64,
+            "server_cpu_ms_per_change": cpu / 1e6 / iterations.max(1) as f64,
             "client_cpu_us_per_update": ccpu / 1000.0 / updates as f64,
             "server_idle_cpu_pct": idle_rate / 1e7,
             // the part of the server's CPU spent in the kernel (socket reads and writes), from

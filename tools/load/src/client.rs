@@ -160,7 +160,45 @@ impl Recorder {
         self.nack.read().expect("nack lock").clone()
     }
 
-    fn error(&self, e: String) {
+    /// The watch proxy `index` records hits for, if any.
+    pub(crate) fn watch_for(&self, index: u32) -> Option<Arc<Watch>> {
+        self.watch.read().expect("watch lock").clone().filter(|w| index < w.below)
+    }
+
+    /// Records that proxy `index` ACKed the watched resources `watched` (name, xxh3 of the `Any`) now.
+    pub(crate) fn record_hits(&self, index: u32, w: &Watch, watched: Vec<(Arc<str>, u64)>) {
+        if watched.is_empty() {
+            return;
+        }
+        let at = Instant::now();
+        let mut hits = self.hits.lock().expect("hits lock");
+        for (name, hash) in watched {
+            hits.push(Hit { proxy: index, epoch: w.epoch, at, name, hash });
+        }
+        drop(hits);
+        // counted after the hit is recorded: a waiter that sees the count finds the hit
+        if self.stats[index as usize].hit_epoch.swap(w.epoch, Ordering::SeqCst) != w.epoch {
+            self.epoch_hits.fetch_add(1, Ordering::SeqCst);
+        }
+        self.hit_notify.notify_waiters();
+    }
+
+    /// Proxy `index` has its full config ACKed, `us` microseconds after its stream(s) started.
+    pub(crate) fn set_ready(&self, index: usize, us: u64) {
+        self.stats[index].ready_us.store(us.max(1), Ordering::Relaxed);
+        self.stats[index].last_ready_us.store(us.max(1), Ordering::Relaxed);
+        self.ready.fetch_add(1, Ordering::SeqCst);
+        self.ready_notify.notify_waiters();
+    }
+
+    /// Proxy `index` is gone: it no longer counts as ready.
+    pub(crate) fn clear_ready(&self, index: usize) {
+        if self.stats[index].ready_us.swap(0, Ordering::Relaxed) != 0 {
+            self.ready.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub(crate) fn error(&self, e: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().expect("error lock") = Some(e);
     }
@@ -423,11 +461,7 @@ impl Proxy {
         let rds_done = self.types[3].acked || (self.types[2].acked && self.rds.names.is_empty());
         if self.types[0].acked && self.types[1].acked && self.types[2].acked && rds_done {
             self.ready = true;
-            let us = self.started.elapsed().as_micros() as u64;
-            self.rec.stats[self.index as usize].ready_us.store(us.max(1), Ordering::Relaxed);
-            self.rec.stats[self.index as usize].last_ready_us.store(us.max(1), Ordering::Relaxed);
-            self.rec.ready.fetch_add(1, Ordering::SeqCst);
-            self.rec.ready_notify.notify_waiters();
+            self.rec.set_ready(self.index as usize, self.started.elapsed().as_micros() as u64);
         }
     }
 
@@ -513,7 +547,7 @@ impl Proxy {
     }
 
     fn on_endpoints(&mut self, items: Vec<Item>, version: String, nonce: String) -> Result<(), String> {
-        let watch = self.rec.watch.read().expect("watch lock").clone().filter(|w| self.index < w.below);
+        let watch = self.rec.watch_for(self.index);
         let plan = self.rec.nack_plan().filter(|p| p.proxies.contains(&self.index));
         let mut watched: Vec<(Arc<str>, u64)> = Vec::new();
         let mut nack: Option<String> = None;
@@ -549,21 +583,8 @@ impl Proxy {
             Some(message) => self.nack(ResourceType::Endpoint, nonce, message)?,
             None => self.ack(ResourceType::Endpoint, version, nonce)?,
         }
-        if !watched.is_empty()
-            && let Some(w) = &watch
-        {
-            let at = Instant::now();
-            let stats = &self.rec.stats[self.index as usize];
-            let mut hits = self.rec.hits.lock().expect("hits lock");
-            for (name, hash) in watched {
-                hits.push(Hit { proxy: self.index, epoch: w.epoch, at, name, hash });
-            }
-            drop(hits);
-            // counted after the hit is recorded: a waiter that sees the count finds the hit
-            if stats.hit_epoch.swap(w.epoch, Ordering::SeqCst) != w.epoch {
-                self.rec.epoch_hits.fetch_add(1, Ordering::SeqCst);
-            }
-            self.rec.hit_notify.notify_waiters();
+        if let Some(w) = &watch {
+            self.rec.record_hits(self.index, w, watched);
         }
         if !self.types[ResourceType::Listener.index()].requested {
             if self.delta {
@@ -717,9 +738,7 @@ pub async fn run_proxy(
         }
     }
     .await;
-    if p_ready(&rec, index) {
-        rec.ready.fetch_sub(1, Ordering::SeqCst);
-    }
+    rec.clear_ready(index);
     if let Err(e) = result
         && !*stop.borrow()
     {
@@ -755,15 +774,11 @@ pub async fn run_proxy_retrying(
     }
 }
 
-async fn wait_stop(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn wait_stop(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-fn p_ready(rec: &Recorder, index: usize) -> bool {
-    rec.stats[index].ready_us.swap(0, Ordering::Relaxed) != 0
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -771,7 +786,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct OpenGuard(Arc<Recorder>);
+pub(crate) struct OpenGuard(pub(crate) Arc<Recorder>);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -781,7 +796,7 @@ impl Drop for OpenGuard {
 
 /// A running proxy: stop it by dropping the handle or calling [`ProxyHandle::stop`].
 pub struct ProxyHandle {
-    stop: watch::Sender<bool>,
+    pub(crate) stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
 }
 

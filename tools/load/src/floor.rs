@@ -13,6 +13,11 @@
 //! `floor-zero-copy`) it uses meshfed's own transport and wire code instead ([`meshfed::grpc`]: one task per
 //! connection, responses written as chunks that share the resources' bytes; [`meshfed::xds::codec`]: SotW
 //! names fingerprinted without decoding): the floor for meshfed as it is built.
+//!
+//! The zero-copy floor also serves the per-type EDS service (`StreamEndpoints`, `DeltaEndpoints`: one
+//! stream per cluster beside istiod). Such a stream keeps the one piece of state it cannot do without: the
+//! names its first request subscribed (decoded once). It is answered with those names' assignments, and
+//! sent a change only when the change touched one of them; later requests are ignored as above.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -136,10 +141,19 @@ fn response(delta: bool, t: ResourceType, nonce: u64, resources: Vec<Arc<Resourc
     }
 }
 
+/// One request as the floor sees it.
+struct FloorReq {
+    t: Option<ResourceType>,
+    /// not an ACK/NACK (no response nonce)
+    initial: bool,
+    /// per-type streams: the names an initial request subscribes (None: not decoded)
+    names: Option<Vec<String>>,
+}
+
 /// How a floor stream reads its requests and writes its responses.
 trait FloorIo {
-    /// The next request's type and whether it is an initial one; None when the stream ends.
-    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)>;
+    /// The next request; None when the stream ends.
+    async fn next(&mut self) -> Option<FloorReq>;
     /// Whether the response could be written.
     async fn send(&mut self, r: Response) -> bool;
 }
@@ -155,10 +169,10 @@ where
     S: futures::Stream<Item = Result<R, Status>> + Unpin + Send,
     R: FloorRequest,
 {
-    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)> {
+    async fn next(&mut self) -> Option<FloorReq> {
         use futures::StreamExt;
         let Some(Ok(req)) = self.requests.next().await else { return None };
-        Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+        Some(FloorReq { t: ResourceType::from_type_url(req.type_url()), initial: req.is_initial(), names: None })
     }
 
     async fn send(&mut self, r: Response) -> bool {
@@ -171,17 +185,27 @@ struct GrpcIo {
     messages: meshfed::grpc::Messages,
     responses: meshfed::grpc::Responses,
     delta: bool,
+    /// a per-type EDS stream (its initial requests' names are decoded)
+    per_type: bool,
 }
 
 impl FloorIo for GrpcIo {
-    async fn next(&mut self) -> Option<(Option<ResourceType>, bool)> {
+    async fn next(&mut self) -> Option<FloorReq> {
         let raw = self.messages.message().await.ok()??;
         if self.delta {
             let req = <DeltaDiscoveryRequest as prost::Message>::decode(raw).ok()?;
-            Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+            let initial = req.is_initial();
+            let t =
+                if self.per_type { Some(ResourceType::Endpoint) } else { ResourceType::from_type_url(req.type_url()) };
+            let names = (self.per_type && initial).then_some(req.resource_names_subscribe);
+            Some(FloorReq { t, initial, names })
         } else {
             let req = SotwRequest::decode(raw).ok()?;
-            Some((ResourceType::from_type_url(req.type_url()), req.is_initial()))
+            let initial = req.is_initial();
+            let t =
+                if self.per_type { Some(ResourceType::Endpoint) } else { ResourceType::from_type_url(req.type_url()) };
+            let names = if self.per_type && initial { Some(req.names().ok()?) } else { None };
+            Some(FloorReq { t, initial, names })
         }
     }
 
@@ -193,22 +217,31 @@ impl FloorIo for GrpcIo {
 }
 
 /// One floor stream: the first request of each type gets every resource of the type; after that, every
-/// change gets the assignments it touched.
+/// change gets the assignments it touched. A per-type stream: only those of the names it subscribed.
 async fn run_stream(mut io: impl FloorIo, mut state: watch::Receiver<Arc<FloorState>>, delta: bool) {
     let mut answered = [false; 4];
     let mut nonce = 0u64;
     let mut generation = state.borrow_and_update().generation;
+    // per-type streams: the names subscribed (None: every resource)
+    let mut only: Option<std::collections::HashSet<String>> = None;
+    let filter = |only: &Option<std::collections::HashSet<String>>, v: &[Arc<Resource>]| match only {
+        None => v.to_vec(),
+        Some(names) => v.iter().filter(|r| names.contains(&*r.name)).cloned().collect(),
+    };
     loop {
         tokio::select! {
             req = io.next() => {
-                let Some((t, initial)) = req else { return };
-                let Some(t) = t else { continue };
-                if !initial || answered[t.index()] {
+                let Some(req) = req else { return };
+                let Some(t) = req.t else { continue };
+                if !req.initial || answered[t.index()] {
                     continue;
                 }
                 answered[t.index()] = true;
+                if let Some(names) = req.names {
+                    only = Some(names.into_iter().collect());
+                }
                 nonce += 1;
-                let all = state.borrow().all[t.index()].clone();
+                let all = filter(&only, &state.borrow().all[t.index()]);
                 if !io.send(response(delta, t, nonce, all)).await {
                     return;
                 }
@@ -217,7 +250,8 @@ async fn run_stream(mut io: impl FloorIo, mut state: watch::Receiver<Arc<FloorSt
                 if changed.is_err() { return }
                 let s = state.borrow_and_update().clone();
                 // a stream that missed a generation (the watch keeps only the latest) gets every assignment
-                let resources = if s.generation == generation + 1 { s.changed.clone() } else { s.all[1].clone() };
+                let resources = if s.generation == generation + 1 { &s.changed } else { &s.all[1] };
+                let resources = filter(&only, resources);
                 generation = s.generation;
                 if answered[1] && !resources.is_empty() {
                     nonce += 1;
@@ -240,12 +274,14 @@ impl meshfed::grpc::Handler for FloorConnection {
         messages: meshfed::grpc::Messages,
         responses: meshfed::grpc::Responses,
     ) -> Result<meshfed::grpc::StreamFuture, Status> {
-        let delta = match head.path.as_str() {
-            super::client::SOTW_PATH => false,
-            super::client::DELTA_PATH => true,
+        let (delta, per_type) = match head.path.as_str() {
+            super::client::SOTW_PATH => (false, false),
+            super::client::DELTA_PATH => (true, false),
+            super::eds::EDS_SOTW_PATH => (false, true),
+            super::eds::EDS_DELTA_PATH => (true, true),
             _ => return Err(Status::unimplemented("unknown method")),
         };
-        Ok(Box::pin(run_stream(GrpcIo { messages, responses, delta }, self.0.clone(), delta)))
+        Ok(Box::pin(run_stream(GrpcIo { messages, responses, delta, per_type }, self.0.clone(), delta)))
     }
 }
 
@@ -361,7 +397,8 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let view = View::of(&proxy, &registry);
     let all = resources(&ctx, &registry, &view);
     let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    // meshfed's accept queue depth (a fleet of 10,000 connecting through a 1,024-deep queue loses some)
+    let listener = meshfed::xds::bind_listener(([127, 0, 0, 1], 0).into())?;
     let xds = listener.local_addr()?;
     if zero_copy {
         // meshfed's transport, with the settings of its ADS listeners

@@ -38,6 +38,9 @@ enum Command {
         debounce_quiet: String,
         #[arg(long, default_value = "0ms")]
         debounce_max: String,
+        /// the xDS listener's limits
+        #[arg(long, value_enum, default_value = "unlimited")]
+        limits: bench::ServerLimits,
     },
     /// The floor server (started by `bench`).
     Floor {
@@ -75,8 +78,8 @@ fn main() -> Result<()> {
             eprintln!("meshfed-load: {}", bench::environment());
             rt.block_on(bench::run(args))?;
         }
-        Command::Serve { size, debounce_quiet, debounce_max } => {
-            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max))?
+        Command::Serve { size, debounce_quiet, debounce_max, limits } => {
+            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits.limits()))?
         }
         Command::Floor { size, zero_copy } => rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy))?,
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {

@@ -112,13 +112,17 @@ impl ControlHandler for MeshfedControl {
     }
 }
 
-/// Runs meshfed's pipeline on a generated topology of `size` with the given debounce, serving ADS on an
-/// ephemeral loopback port; prints `READY ...` and serves control commands until killed.
-pub async fn serve_meshfed(size: Size, quiet: &str, max: &str) -> Result<()> {
+/// Runs meshfed's pipeline on a generated topology of `size` with the given debounce, serving ADS (and the
+/// per-type EDS service) on an ephemeral loopback port under `limits`; prints `READY ...` and serves
+/// control commands until killed.
+pub async fn serve_meshfed(size: Size, quiet: &str, max: &str, limits: meshfed::xds::limits::Limits) -> Result<()> {
     let topology = Topology::new(size);
     let mesh = mesh_config(&topology, quiet, max)?;
     let mut options = meshfed::app::Options::in_process(mesh, topology.initial_events());
-    options.xds.push(meshfed::app::XdsListener::loopback_unlimited());
+    options.xds.push(meshfed::app::XdsListener {
+        listen: meshfed::app::Listen::loopback(),
+        options: meshfed::xds::server::ServeOptions { limits, ..Default::default() },
+    });
     let server = meshfed::app::App::start(options).await?;
     let control = TcpListener::bind("127.0.0.1:0").await?;
     println!("READY xds={} control={}", server.xds_address(), control.local_addr()?);

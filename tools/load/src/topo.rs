@@ -432,11 +432,14 @@ impl Topology {
 pub struct ProxyIdentity {
     /// `none` or `static` (node metadata `MESHFED_TLS`)
     pub tls: &'static str,
+    /// node metadata `INTERCEPTION_MODE`: `NONE` (the ADS load proxies: a listener scope per proxy, the
+    /// worst case for meshfed) or `REDIRECT` (an istio-injected sidecar, as the per-type EDS proxies)
+    pub interception: &'static str,
 }
 
 impl Default for ProxyIdentity {
     fn default() -> Self {
-        ProxyIdentity { tls: "none" }
+        ProxyIdentity { tls: "none", interception: "NONE" }
     }
 }
 
@@ -454,7 +457,7 @@ pub fn proxy_node(k: usize, identity: &ProxyIdentity) -> Node {
     let meta = [
         ("CLUSTER_ID", cluster),
         ("NETWORK", NETWORK),
-        ("INTERCEPTION_MODE", "NONE"),
+        ("INTERCEPTION_MODE", identity.interception),
         ("MESHFED_TLS", identity.tls),
         ("ISTIO_VERSION", "1.27.0"),
     ];
@@ -521,6 +524,11 @@ mod tests {
             let n = proxy_node(k, &ProxyIdentity::default());
             let p = meshfed::proxy::Proxy::from_node(Some(&n)).unwrap();
             assert_eq!(&*p.namespace, NAMESPACE);
+            assert_eq!(p.interception, meshfed::proxy::InterceptionMode::None);
         }
+        // the per-type EDS proxies present themselves as istio-injected sidecars
+        let n = proxy_node(3, &ProxyIdentity { interception: "REDIRECT", ..Default::default() });
+        let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
+        assert_eq!(p.interception, meshfed::proxy::InterceptionMode::Redirect);
     }
 }
