@@ -528,7 +528,7 @@ mod tests {
         }
         // the per-type EDS proxies present themselves as istio-injected sidecars
         let n = proxy_node(3, &ProxyIdentity { interception: "REDIRECT", ..Default::default() });
-        let p = meshfed::proxy::Proxy::from_node(Some(&n), None).unwrap();
+        let p = meshfed::proxy::Proxy::from_node(Some(&n)).unwrap();
         assert_eq!(p.interception, meshfed::proxy::InterceptionMode::Redirect);
     }
 }
