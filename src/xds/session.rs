@@ -155,15 +155,6 @@ impl Sessions {
         map.insert(key, Arc::downgrade(&session));
         session
     }
-
-    /// Sessions alive.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).values().filter(|s| s.strong_count() > 0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

@@ -761,16 +761,31 @@ pub async fn run_proxy_retrying(
 ) {
     for attempt in 0..=retries {
         run_proxy(opts.clone(), rec.clone(), index, node.clone(), delta, stop.clone(), connect_permit.clone()).await;
-        if *stop.borrow() || attempt == retries {
+        if !pause_before_retry(&rec, index, attempt, retries, &stop).await {
             return;
         }
-        rec.retries.fetch_add(1, Ordering::Relaxed);
-        let jitter = xxhash_rust::xxh3::xxh3_64(&((index as u64) << 8 | attempt as u64).to_le_bytes()) % 500;
-        let mut stop = stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500 + jitter)) => {}
-            _ = wait_stop(&mut stop) => return,
-        }
+    }
+}
+
+/// After proxy `index`'s attempt `attempt` ended: false when it is not to be retried (the run stops, or
+/// it was the last of `retries`); else counts the retry and waits 0.5-1 s (Envoy's reconnect backoff,
+/// jittered per proxy and attempt), false if the run stops meanwhile.
+pub(crate) async fn pause_before_retry(
+    rec: &Recorder,
+    index: usize,
+    attempt: usize,
+    retries: usize,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    if *stop.borrow() || attempt == retries {
+        return false;
+    }
+    rec.retries.fetch_add(1, Ordering::Relaxed);
+    let jitter = xxhash_rust::xxh3::xxh3_64(&((index as u64) << 8 | attempt as u64).to_le_bytes()) % 500;
+    let mut stop = stop.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(500 + jitter)) => true,
+        _ = wait_stop(&mut stop) => false,
     }
 }
 

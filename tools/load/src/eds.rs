@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -19,7 +19,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Disc
 use prost::Message;
 use tokio::sync::{Notify, Semaphore, watch};
 
-use super::client::{AbortOnDrop, ClientOptions, NameList, OpenGuard, ProxyHandle, Recorder, wait_stop};
+use super::client::{
+    AbortOnDrop, ClientOptions, NameList, OpenGuard, ProxyHandle, Recorder, pause_before_retry, wait_stop,
+};
 use super::wire::{self, GrpcReader};
 use meshfed::type_url::ResourceType;
 
@@ -289,15 +291,8 @@ async fn run_eds_proxy_retrying(
             connect_permit.clone(),
         )
         .await;
-        if *stop.borrow() || attempt == retries {
+        if !pause_before_retry(&rec, index, attempt, retries, &stop).await {
             return;
-        }
-        rec.retries.fetch_add(1, Ordering::Relaxed);
-        let jitter = xxhash_rust::xxh3::xxh3_64(&((index as u64) << 8 | attempt as u64).to_le_bytes()) % 500;
-        let mut stop = stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500 + jitter)) => {}
-            _ = wait_stop(&mut stop) => return,
         }
     }
 }
