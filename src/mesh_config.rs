@@ -57,9 +57,9 @@ pub struct MeshConfig {
 /// `gatewayProbes`: how meshfed probes the east-west gateways (see [`crate::liveness`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GatewayProbes {
-    /// time between two rounds of probes (each round jittered by ±10%), default 5 s
+    /// time between the starts of two rounds of probes (jittered by ±10%), default 1 s
     pub interval: Duration,
-    /// how long one probe (TCP connect, then the readiness request) may take, default 2 s
+    /// how long one probe (TCP connect, then the readiness request) may take, default 1 s
     pub timeout: Duration,
     /// failed probes in a row after which an address is down, default 3
     pub failure_threshold: u32,
@@ -76,8 +76,8 @@ pub struct GatewayProbes {
 impl Default for GatewayProbes {
     fn default() -> Self {
         GatewayProbes {
-            interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
             failure_threshold: 3,
             success_threshold: 3,
             hold_down: Duration::from_secs(30),

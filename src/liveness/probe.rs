@@ -1,4 +1,4 @@
-//! The gateway prober: every interval (±10% jitter), each east-west gateway address gets a TCP connect on
+//! The gateway prober: every interval (±10% jitter, rounds on a fixed cadence), each east-west gateway address gets a TCP connect on
 //! its gateway port and, when a status port is configured, an HTTP/1.1 `GET /healthz/ready` on that port
 //! of the same IP, expecting 200 (Istio's east-west gateway Service exposes `status-port` 15021). At most
 //! `concurrency` probes are in flight, each bounded by `timeout`. The results feed [`Evidence`]; a changed
@@ -119,6 +119,9 @@ pub fn start(
         let mut jitter = Jitter::new();
         let mut rounds = 0u64;
         loop {
+            // Rounds start every interval (jittered) whatever their probes take (each is bounded by the
+            // timeout, at most the interval), so a blackholed gateway is detected as fast as a refusing one.
+            let next_round = tokio::time::Instant::now() + jitter.around(config.interval);
             evidence.set_targets(&targets());
             let results: Vec<(SocketAddr, ProbeResult)> = futures::stream::iter(evidence.addresses())
                 .map(|a| async move {
@@ -152,7 +155,7 @@ pub fn start(
             rounds += 1;
             export_metrics(&evidence, &verdict);
             report_tx.send_replace(Arc::new(Report { config, evidence: evidence.clone(), verdict, rounds }));
-            tokio::time::sleep(jitter.around(config.interval)).await;
+            tokio::time::sleep_until(next_round).await;
         }
     });
     (report_rx, task)
