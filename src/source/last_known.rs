@@ -294,18 +294,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 
 // ---- the store ----
 
+/// A cluster's objects by key, shared with a write in progress (copy-on-write).
+type Objects = Arc<BTreeMap<ObjectKey, TopologyObject>>;
+
+/// An encoded file and the `observedAt` of each cluster it holds.
+struct Due {
+    bytes: Vec<u8>,
+    observed: BTreeMap<ClusterId, SystemTime>,
+}
+
 /// One tracked cluster.
 #[derive(Debug, Default)]
 struct Tracked {
     /// what the live source delivered (after its first Sync in this process)
     live: Option<Live>,
     /// what was restored at start, kept as loaded until the live source's state is kept instead
-    restored: Option<(SystemTime, Arc<BTreeMap<ObjectKey, TopologyObject>>)>,
+    restored: Option<(SystemTime, Objects)>,
 }
 
 #[derive(Debug)]
 struct Live {
-    objects: Arc<BTreeMap<ObjectKey, TopologyObject>>,
+    objects: Objects,
     observed_at: SystemTime,
     /// the source last said the API answers
     reachable: bool,
@@ -428,11 +437,11 @@ impl LastKnown {
 
     /// What to write now, encoded, if anything (see the module docs); `observedAt` of the live clusters
     /// whose API answers advances to `now`.
-    fn due(&self, now: SystemTime) -> Result<Option<(Vec<u8>, BTreeMap<ClusterId, SystemTime>)>, Error> {
+    fn due(&self, now: SystemTime) -> Result<Option<Due>, Error> {
         let refresh = REFRESH.max(self.config.write_interval);
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut keep: Vec<(ClusterId, SystemTime, Arc<BTreeMap<ObjectKey, TopologyObject>>)> = Vec::new();
+        let mut keep: Vec<(ClusterId, SystemTime, Objects)> = Vec::new();
         let mut refresh_due = false;
         for (id, entry) in &mut state.clusters {
             if let Some(live) = &mut entry.live {
@@ -461,12 +470,12 @@ impl LastKnown {
         state.dirty = false;
         drop(guard);
         let bytes = encode(keep.iter().map(|(id, t, o)| (id, *t, &**o)), now)?;
-        Ok(Some((bytes, keep.into_iter().map(|(id, t, _)| (id, t)).collect())))
+        Ok(Some(Due { bytes, observed: keep.into_iter().map(|(id, t, _)| (id, t)).collect() }))
     }
 
     /// Writes the file if something is due (see the module docs). On failure what was due stays due.
     pub fn write_now(&self, now: SystemTime) -> Result<bool, Error> {
-        let Some((bytes, written)) = self.due(now)? else { return Ok(false) };
+        let Some(Due { bytes, observed: written }) = self.due(now)? else { return Ok(false) };
         let result = write_atomic(&self.config.path, &bytes);
         let mut state = self.lock();
         match result {
