@@ -154,6 +154,7 @@ pub struct App {
     gateway_probes_task: Option<JoinHandle<()>>,
     /// the last-known state's tap and writer (the mesh config has `lastKnownState`)
     last_known_tasks: Vec<JoinHandle<()>>,
+    last_known: Option<Arc<LastKnown>>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -204,6 +205,7 @@ impl App {
             }
         };
         let mut last_known_tasks = Vec::new();
+        let last_known_store = last_known.as_ref().map(|(store, _, _)| store.clone());
         let push_events = match last_known {
             None => events_rx,
             Some((store, push_tx, push_rx)) => {
@@ -297,6 +299,7 @@ impl App {
             gateway_probes,
             gateway_probes_task,
             last_known_tasks,
+            last_known: last_known_store,
             _files: files,
             _kube: kube,
         })
@@ -330,7 +333,8 @@ impl App {
 
     /// Stops: the xDS listeners stop accepting, send GOAWAY, end their streams with UNAVAILABLE and wait up to
     /// their drain timeout for the connections to close (bounded here by `drain_timeout` + 2 s); then the
-    /// debug server, the push loop and the sources stop.
+    /// debug server, the push loop and the sources stop. The last-known state is written a last time if
+    /// something is due.
     pub async fn shutdown(mut self, drain_timeout: Duration) {
         let _ = self.shutdown.send(true);
         let xds = std::mem::take(&mut self.xds_tasks);
@@ -346,6 +350,12 @@ impl App {
             }
         })
         .await;
+        if let Some(store) = self.last_known.take() {
+            let written = tokio::task::spawn_blocking(move || store.write_now(SystemTime::now())).await;
+            if let Ok(Err(e)) = written {
+                error!("{e}");
+            }
+        }
     }
 }
 
