@@ -6,10 +6,14 @@
 //! is the one a proxy must see: the sources' initial state is queued before the push loop starts (the first
 //! push is the complete state), and the xDS listeners accept only once that first snapshot exists, so a
 //! proxy never sees a partial mesh.
+//!
+//! With the mesh config's `lastKnownState`, the restored last-known state is queued first of all (before
+//! any source starts), and the sources' events pass through the store's tap on their way to the push loop
+//! ([`crate::source::last_known`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -18,6 +22,7 @@ use tracing::{error, info};
 use crate::debug::{DebugAccess, DebugState};
 use crate::mesh_config::MeshConfig;
 use crate::push::PushHandle;
+use crate::source::last_known::LastKnown;
 use crate::source::{ClusterHealth, SourceEvent};
 use crate::xds::connections::Connections;
 use crate::xds::server::ServeOptions;
@@ -147,6 +152,9 @@ pub struct App {
     /// the gateway probes' latest report (the mesh config has `gatewayProbes`)
     pub gateway_probes: Option<watch::Receiver<Arc<crate::liveness::Report>>>,
     gateway_probes_task: Option<JoinHandle<()>>,
+    /// the last-known state's tap and writer (the mesh config has `lastKnownState`)
+    last_known_tasks: Vec<JoinHandle<()>>,
+    last_known: Option<Arc<LastKnown>>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -163,8 +171,18 @@ impl App {
     /// — once the first snapshot is published — the xDS listeners.
     pub async fn start(options: Options) -> Result<App, Error> {
         let Options { mesh, sources, xds, debug, gateway_dns_interval } = options;
-        let (events, events_rx) = mpsc::unbounded_channel();
+        let (events, mut events_rx) = mpsc::unbounded_channel();
         let clusters = ClusterHealth::new(mesh.unreachable_grace_period);
+        // The last-known state: restored clusters are queued for the push loop before any source starts;
+        // the sources' events reach the push loop through the store's tap.
+        let last_known = mesh.last_known_state.as_ref().map(|config| {
+            let (store, restored) = LastKnown::open(config, &mesh, &clusters, SystemTime::now());
+            let (push_tx, push_rx) = mpsc::unbounded_channel();
+            for e in restored {
+                let _ = push_tx.send(e);
+            }
+            (Arc::new(store), push_tx, push_rx)
+        });
         let (files, kube) = match sources {
             Sources::Events(initial) => {
                 for e in initial {
@@ -186,7 +204,23 @@ impl App {
                 (Some(files), Some(kube))
             }
         };
-        let (push, push_task) = crate::push::start(&mesh, events_rx);
+        let mut last_known_tasks = Vec::new();
+        let last_known_store = last_known.as_ref().map(|(store, _, _)| store.clone());
+        let push_events = match last_known {
+            None => events_rx,
+            Some((store, push_tx, push_rx)) => {
+                // what the sources queued so far goes through the tap now, so the push loop's first
+                // snapshot holds it; the rest as it comes
+                while let Ok(e) = events_rx.try_recv() {
+                    store.observe(&e, SystemTime::now());
+                    let _ = push_tx.send(e);
+                }
+                last_known_tasks.push(tokio::spawn(tap(events_rx, push_tx, store.clone())));
+                last_known_tasks.push(tokio::spawn(store.run_writer()));
+                push_rx
+            }
+        };
+        let (push, push_task) = crate::push::start(&mesh, push_events);
         let connections = Arc::new(Connections::default());
         let gateway_dns_task =
             gateway_dns_interval.map(|every| tokio::spawn(crate::gateway_dns::run(push.clone(), every)));
@@ -264,6 +298,8 @@ impl App {
             gateway_dns_task,
             gateway_probes,
             gateway_probes_task,
+            last_known_tasks,
+            last_known: last_known_store,
             _files: files,
             _kube: kube,
         })
@@ -297,7 +333,8 @@ impl App {
 
     /// Stops: the xDS listeners stop accepting, send GOAWAY, end their streams with UNAVAILABLE and wait up to
     /// their drain timeout for the connections to close (bounded here by `drain_timeout` + 2 s); then the
-    /// debug server, the push loop and the sources stop.
+    /// debug server, the push loop and the sources stop. The last-known state is written a last time if
+    /// something is due.
     pub async fn shutdown(mut self, drain_timeout: Duration) {
         let _ = self.shutdown.send(true);
         let xds = std::mem::take(&mut self.xds_tasks);
@@ -313,6 +350,12 @@ impl App {
             }
         })
         .await;
+        if let Some(store) = self.last_known.take() {
+            let written = tokio::task::spawn_blocking(move || store.write_now(SystemTime::now())).await;
+            if let Ok(Err(e)) = written {
+                error!("{e}");
+            }
+        }
     }
 }
 
@@ -331,7 +374,24 @@ impl Drop for App {
         if let Some(t) = &self.gateway_probes_task {
             t.abort();
         }
+        for t in &self.last_known_tasks {
+            t.abort();
+        }
         self.push_task.abort();
+    }
+}
+
+/// The last-known state's tap: every source event is observed, then handed to the push loop, in order.
+async fn tap(
+    mut events: mpsc::UnboundedReceiver<SourceEvent>,
+    push: mpsc::UnboundedSender<SourceEvent>,
+    store: Arc<LastKnown>,
+) {
+    while let Some(e) = events.recv().await {
+        store.observe(&e, SystemTime::now());
+        if push.send(e).is_err() {
+            return;
+        }
     }
 }
 

@@ -52,6 +52,34 @@ pub struct MeshConfig {
     /// `gatewayProbes`: probe every network's east-west gateway addresses and fence networks whose
     /// gateways all fail (None: no probing; API reachability alone demotes clusters).
     pub gateway_probes: Option<GatewayProbes>,
+    /// `lastKnownState`: persist the Kubernetes clusters' last good state and serve it at start for the
+    /// clusters that cannot be listed yet (None: off; see [`crate::source::last_known`]).
+    pub last_known_state: Option<LastKnownState>,
+}
+
+/// `lastKnownState`: where and how meshfed keeps its last good federated state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastKnownState {
+    /// the state file (relative paths resolve against the mesh config's directory), default
+    /// `/var/lib/meshfed/last-known.json`
+    pub path: PathBuf,
+    /// restored state last observed longer ago than this is not served, default 24 h
+    pub max_age: Duration,
+    /// the file is written at most this often (and only when something changed), default 5 s
+    pub write_interval: Duration,
+}
+
+/// Default of `lastKnownState.path`.
+pub const DEFAULT_LAST_KNOWN_STATE_PATH: &str = "/var/lib/meshfed/last-known.json";
+
+impl Default for LastKnownState {
+    fn default() -> Self {
+        LastKnownState {
+            path: PathBuf::from(DEFAULT_LAST_KNOWN_STATE_PATH),
+            max_age: Duration::from_secs(24 * 3600),
+            write_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `gatewayProbes`: how meshfed probes the east-west gateways (see [`crate::liveness`]).
@@ -180,6 +208,19 @@ struct RawMeshConfig {
     allow_exec_auth: bool,
     #[serde(default)]
     gateway_probes: Option<RawGatewayProbes>,
+    #[serde(default)]
+    last_known_state: Option<RawLastKnownState>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawLastKnownState {
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    max_age: Option<String>,
+    #[serde(default)]
+    write_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -381,6 +422,35 @@ impl MeshConfig {
                 Some(probes)
             }
         };
+        let last_known_state = match raw.last_known_state {
+            None => None,
+            Some(l) => {
+                let d = LastKnownState::default();
+                let path = match l.path {
+                    None => d.path,
+                    Some(p) if p.as_os_str().is_empty() => {
+                        return Err(invalid("lastKnownState.path: must not be empty".into()));
+                    }
+                    Some(p) if p.is_absolute() => p,
+                    Some(p) => base.join(p),
+                };
+                if path.file_name().is_none() {
+                    return Err(invalid(format!("lastKnownState.path: {} names no file", path.display())));
+                }
+                let state = LastKnownState {
+                    path,
+                    max_age: duration("lastKnownState.maxAge", l.max_age, d.max_age)?,
+                    write_interval: duration("lastKnownState.writeInterval", l.write_interval, d.write_interval)?,
+                };
+                if state.max_age.is_zero() {
+                    return Err(invalid("lastKnownState.maxAge: must be more than 0".into()));
+                }
+                if state.write_interval.is_zero() {
+                    return Err(invalid("lastKnownState.writeInterval: must be more than 0".into()));
+                }
+                Some(state)
+            }
+        };
         Ok(MeshConfig {
             path: None,
             domain_suffix: raw.domain_suffix.unwrap_or_else(|| "cluster.local".into()),
@@ -394,6 +464,7 @@ impl MeshConfig {
             unreachable_grace_period,
             allow_exec_auth: raw.allow_exec_auth,
             gateway_probes,
+            last_known_state,
         })
     }
 }
@@ -449,5 +520,48 @@ mod gateway_probes_tests {
         assert!(e.contains("statusPort"), "{e}");
         let e = parse("gatewayProbes: {intervall: 1s}\n").unwrap_err().to_string();
         assert!(e.contains("intervall"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod last_known_state_tests {
+    use super::*;
+
+    fn parse(section: &str) -> Result<MeshConfig, Error> {
+        MeshConfig::parse(&format!("clusters: []\n{section}"), Path::new("/etc/meshfed"))
+    }
+
+    #[test]
+    fn absent_means_off_and_values_are_read() {
+        assert_eq!(parse("").unwrap().last_known_state, None);
+        assert_eq!(parse("lastKnownState: {}\n").unwrap().last_known_state, Some(LastKnownState::default()));
+        let l = parse("lastKnownState: {path: state/lk.json, maxAge: 2h, writeInterval: 250ms}\n")
+            .unwrap()
+            .last_known_state
+            .unwrap();
+        assert_eq!(
+            l,
+            LastKnownState {
+                path: PathBuf::from("/etc/meshfed/state/lk.json"),
+                max_age: Duration::from_secs(7200),
+                write_interval: Duration::from_millis(250),
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        for (section, field) in [
+            ("lastKnownState: {maxAge: forever}", "lastKnownState.maxAge"),
+            ("lastKnownState: {maxAge: 0s}", "lastKnownState.maxAge"),
+            ("lastKnownState: {writeInterval: often}", "lastKnownState.writeInterval"),
+            ("lastKnownState: {writeInterval: 0s}", "lastKnownState.writeInterval"),
+            ("lastKnownState: {path: ''}", "lastKnownState.path"),
+            ("lastKnownState: {path: /}", "lastKnownState.path"),
+            ("lastKnownState: {maxage: 1h}", "maxage"),
+        ] {
+            let e = parse(&format!("{section}\n")).unwrap_err().to_string();
+            assert!(e.contains(field), "{section}: {e}");
+        }
     }
 }

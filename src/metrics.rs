@@ -142,6 +142,12 @@ pub struct Metrics {
     pub cluster_last_event_age: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// `meshfed_cluster_watch_state{cluster, state}`: 1 for the cluster's current state, 0 otherwise
     pub cluster_watch_state: Family<ClusterStateLabels, Gauge>,
+    /// `meshfed_cluster_api_reachable{cluster}`: per Kubernetes cluster, 1 while its API server answers,
+    /// 0 while every request fails
+    pub cluster_api_reachable: Family<ClusterLabel, Gauge>,
+    /// `meshfed_cluster_restored_state_age_seconds{cluster}`: the age of the restored last-known state a
+    /// cluster is served from; absent when the cluster is served live
+    pub cluster_restored_state_age: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// `pilot_services`: federated services
     pub services: Gauge,
     /// `meshfed_xds_refused_total{reason}`: clients refused by a limit of an xDS listener
@@ -228,6 +234,18 @@ impl Metrics {
             "State of the cluster's watch (synced, syncing, timeout, closed): 1 for the current state",
             cluster_watch_state.clone(),
         );
+        let cluster_api_reachable = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "meshfed_cluster_api_reachable",
+            "1 while the Kubernetes cluster's API server answers, 0 while every request to it fails",
+            cluster_api_reachable.clone(),
+        );
+        let cluster_restored_state_age = Family::<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "meshfed_cluster_restored_state_age_seconds",
+            "Age in seconds of the restored last-known state the cluster is served from (absent when served live)",
+            cluster_restored_state_age.clone(),
+        );
         let xds_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "meshfed_xds_refused",
@@ -275,6 +293,8 @@ impl Metrics {
             debounce_merged_events,
             cluster_last_event_age,
             cluster_watch_state,
+            cluster_api_reachable,
+            cluster_restored_state_age,
             services,
             xds_refused,
             tasks,
@@ -339,7 +359,7 @@ impl Metrics {
 
     /// Sets the metrics that mirror current state: connected proxies by kind and xDS flavor (`sotw`,
     /// `delta`; debug clients such as istioctl are not proxies), federated services, and the clusters'
-    /// watch state.
+    /// watch state, API reachability and restored state.
     pub fn refresh(&self, proxies: &[(ProxyKind, &'static str, usize)], services: usize, clusters: &[ClusterStatus]) {
         for (kind, flavor, n) in proxies {
             self.xds_clients.get_or_create(&[("type", kind.as_str()), ("flavor", flavor)]).set(*n as i64);
@@ -360,6 +380,19 @@ impl Metrics {
                 self.cluster_watch_state
                     .get_or_create(&[("cluster", id.clone()), ("state", state.as_str().into())])
                     .set(v);
+            }
+            let label = [("cluster", id.clone())];
+            if !c.source.starts_with("manifests:") {
+                self.cluster_api_reachable.get_or_create(&label).set(i64::from(c.unreachable_since.is_none()));
+            }
+            match c.restored_from {
+                Some(observed_at) => {
+                    let age = now.duration_since(observed_at).unwrap_or_default().as_secs_f64();
+                    self.cluster_restored_state_age.get_or_create(&label).set(age);
+                }
+                None => {
+                    self.cluster_restored_state_age.remove(&label);
+                }
             }
         }
     }
@@ -446,6 +479,32 @@ mod tests {
         m.set_gateway_evidence(&[], &[]);
         let text = m.encode().unwrap();
         assert!(!text.contains("azure-net"), "gone gateways are dropped: {text}");
+    }
+
+    #[test]
+    fn cluster_reachability_and_restored_state_age() {
+        let m = Metrics::new();
+        let mut kube = ClusterStatus::new(crate::model::ClusterId::new("aws"), "kubeconfig:/k");
+        kube.unreachable_since = Some(SystemTime::now());
+        kube.restored_from = Some(SystemTime::now() - Duration::from_secs(90));
+        let files = ClusterStatus::new(crate::model::ClusterId::new("local"), "manifests:/m");
+        m.refresh(&[], 0, &[kube.clone(), files]);
+        let text = m.encode().unwrap();
+        assert!(text.contains("meshfed_cluster_api_reachable{cluster=\"aws\"} 0\n"), "{text}");
+        assert!(!text.contains("meshfed_cluster_api_reachable{cluster=\"local\"}"), "no API: {text}");
+        let age: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("meshfed_cluster_restored_state_age_seconds{cluster=\"aws\"} "))
+            .expect("restored age exported")
+            .parse()
+            .unwrap();
+        assert!((90.0..100.0).contains(&age), "{age}");
+        kube.unreachable_since = None;
+        kube.restored_from = None;
+        m.refresh(&[], 0, &[kube]);
+        let text = m.encode().unwrap();
+        assert!(text.contains("meshfed_cluster_api_reachable{cluster=\"aws\"} 1\n"), "{text}");
+        assert!(!text.contains("meshfed_cluster_restored_state_age_seconds{"), "live: absent: {text}");
     }
 
     #[test]

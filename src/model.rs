@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The id of one Kubernetes cluster in the mesh (Istio's CLUSTER_ID), e.g. `aws-use1`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -16,7 +16,7 @@ use serde::Serialize;
 pub struct ClusterId(pub Arc<str>);
 
 /// An Istio network (label `topology.istio.io/network`), e.g. `aws-net`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NetworkId(pub Arc<str>);
 
@@ -52,7 +52,7 @@ impl NetworkId {
 }
 
 /// Region / zone / subzone, as Kubernetes and Istio label them. Empty strings mean "unknown".
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Locality {
     pub region: Arc<str>,
     pub zone: Arc<str>,

@@ -61,6 +61,12 @@ pub struct DestinationRuleInfo {
     pub name: Arc<str>,
     #[serde(serialize_with = "serialize_rule")]
     pub rule: Result<Arc<crate::policy::DestinationRule>, crate::policy::Error>,
+    /// the object as converted, reduced to what the conversion reads (`apiVersion`, `kind`,
+    /// `metadata.name`, `.namespace`, `.creationTimestamp`, `spec`), so that the rule can be converted
+    /// again: the last-known state stores it ([`crate::source::last_known`]). None when the object has a
+    /// form JSON cannot hold (a YAML mapping with non-string keys).
+    #[serde(skip)]
+    pub source: Option<Arc<serde_json::Value>>,
 }
 
 fn serialize_rule<S: serde::Serializer>(
@@ -88,22 +94,43 @@ impl DestinationRuleInfo {
             ns => ns,
         };
         let (namespace, name): (Arc<str>, Arc<str>) = (namespace.into(), name.into());
+        let source = rule_source(&value).map(Arc::new);
         let rule = crate::policy::DestinationRule::from_value(value).map(Arc::new).map_err(|mut e| {
             e.object = format!("{namespace}/{name}");
             e
         });
-        Ok(DestinationRuleInfo { namespace, name, rule })
+        Ok(DestinationRuleInfo { namespace, name, rule, source })
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// What of a DestinationRule object its conversion reads, as JSON (see [`DestinationRuleInfo::source`]).
+fn rule_source(value: &serde_yaml::Value) -> Option<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for key in ["apiVersion", "kind", "spec"] {
+        if let Some(v) = value.get(key) {
+            out.insert(key.into(), serde_json::to_value(v).ok()?);
+        }
+    }
+    if let Some(meta) = value.get("metadata") {
+        let mut m = serde_json::Map::new();
+        for key in ["name", "namespace", "creationTimestamp"] {
+            if let Some(v) = meta.get(key) {
+                m.insert(key.into(), serde_json::to_value(v).ok()?);
+            }
+        }
+        out.insert("metadata".into(), serde_json::Value::Object(m));
+    }
+    Some(serde_json::Value::Object(out))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceInfo {
     pub name: Arc<str>,
     /// label `topology.istio.io/network` (on the system namespace it sets the cluster's default network)
     pub network: Option<NetworkId>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
@@ -119,7 +146,7 @@ pub struct ServiceInfo {
     pub load_balancer_ingress: Vec<Arc<str>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePortInfo {
     pub name: Arc<str>,
     pub port: u16,
@@ -129,7 +156,7 @@ pub struct ServicePortInfo {
     pub node_port: Option<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceInfo {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
@@ -140,7 +167,7 @@ pub struct SliceInfo {
     pub endpoints: Vec<SliceEndpoint>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceEndpoint {
     pub addresses: Vec<IpAddr>,
     pub ready: Option<bool>,
@@ -153,13 +180,13 @@ pub struct SliceEndpoint {
     pub pod: Option<Arc<str>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub name: Arc<str>,
     pub locality: Locality,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodInfo {
     pub namespace: Arc<str>,
     pub name: Arc<str>,

@@ -113,7 +113,8 @@ fn the_alerts_use_metrics_meshfed_exports() {
     m.record_response(t, 1, 1);
     m.record_push(&[(t, 1)], Duration::from_millis(1), 0);
     m.set_gateway_evidence(&[("net".into(), "10.0.0.1:15443".into(), true)], &[("net".into(), false)]);
-    let status = meshfed::source::ClusterStatus::new(meshfed::model::ClusterId::new("c"), "test");
+    let mut status = meshfed::source::ClusterStatus::new(meshfed::model::ClusterId::new("c"), "test");
+    status.restored_from = Some(std::time::SystemTime::now());
     m.refresh(&[], 1, &[status]);
     let exported: BTreeSet<String> = m
         .encode()
@@ -233,6 +234,10 @@ fn meshfed_parses_each_overlays_mesh_config() {
         let rs = mesh.remote_secrets.as_ref().expect("remote secrets");
         assert_eq!((rs.config_cluster.as_str(), rs.namespace.as_str()), (o.id, "istio-system"));
         assert_eq!(mesh.ready_timeout, Duration::from_secs(30));
+        // the last-known state is kept on the Deployment's state volume
+        let state = mesh.last_known_state.as_ref().expect("lastKnownState on");
+        let dir = state.path.parent().and_then(Path::to_str).expect("a directory");
+        assert!(o.volume_at(dir)["emptyDir"].is_mapping(), "overlay {}: {dir} is the state volume", o.id);
         assert_eq!(mesh.defaults.locality_lb.failover.len(), 2, "overlay {}: failover between the clouds", o.id);
         parsed.push(mesh);
     }
@@ -387,11 +392,12 @@ fn the_deployment_serves_xds_over_mtls_with_the_pods_mesh_certificate() {
         // the mounts meshfed only reads are read-only, and so is the root file system
         let c = o.container();
         for m in c["volumeMounts"].as_sequence().unwrap() {
-            if m["mountPath"].as_str() != Some("/tmp") {
+            if !matches!(m["mountPath"].as_str(), Some("/tmp" | "/var/lib/meshfed")) {
                 assert_eq!(m["readOnly"].as_bool(), Some(true), "{m:?}");
             }
         }
         assert!(o.volume_at("/tmp")["emptyDir"].is_mapping());
+        assert!(o.volume_at("/var/lib/meshfed")["emptyDir"].is_mapping(), "the last-known state's volume");
         let sc = &c["securityContext"];
         assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
         assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
@@ -661,6 +667,9 @@ fn meshfed_runs_with_the_deployments_arguments() {
     let cm = o.all("ConfigMap")[0];
     let mut mesh: Value = serde_yaml::from_str(cm["data"]["mesh.yaml"].as_str().unwrap()).unwrap();
     mesh["readyTimeout"] = Value::from("1s");
+    // the state volume, here
+    let state = dir.path().join("state/last-known.json");
+    mesh["lastKnownState"]["path"] = Value::from(state.display().to_string());
     std::fs::write(config.join("mesh.yaml"), serde_yaml::to_string(&mesh).unwrap()).unwrap();
     let token = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
     std::fs::write(token_dir.join(token_file.rsplit_once('/').unwrap().1), format!("{token}\n")).unwrap();
@@ -722,4 +731,15 @@ fn meshfed_runs_with_the_deployments_arguments() {
     let log = format!("{}{}", meshfed.stdout(), meshfed.stderr());
     assert!(log.contains("xDS server listening") && log.contains("tls=true"), "{log}");
     assert!(!log.contains("tls=false"), "no plaintext listener: {log}");
+
+    // the last-known state file is written on the state volume (nothing listed here: no cluster in it)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let states = loop {
+        if let Ok(Some(states)) = meshfed::source::last_known::read(&state) {
+            break states;
+        }
+        assert!(Instant::now() < deadline, "no last-known state at {}\n{}", state.display(), meshfed.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(states.is_empty(), "{states:?}");
 }

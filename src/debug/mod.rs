@@ -8,7 +8,7 @@
 //! | `/debug/config_dump?proxyID=POD.NS[&include_eds=true]` | the proxy's `envoy.admin.v3.ConfigDump` |
 //! | `/debug/syncz` | istiod's sync status per proxy, plus per-type status |
 //! | `/debug/registryz`, `/debug/endpointz` | federated services, their endpoints |
-//! | `/debug/clusterz` | per Kubernetes cluster: source, sync status, counts |
+//! | `/debug/clusterz` | per Kubernetes cluster: source, sync status, restored last-known state and its age, counts |
 //! | `/debug/adsz` | connections and their subscriptions |
 //! | `/debug/push_status` | the last pushes ([`crate::push::log`]) |
 //! | `/debug/explain?proxyID=POD.NS` | each locality's priority for the proxy, and why |
@@ -385,6 +385,7 @@ async fn clusterz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "lastEvent": st.last_event.map(rfc3339),
                 "lastEventAgeSeconds": st.last_event.map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64()),
                 "unreachableSince": st.unreachable_since.map(rfc3339),
+                "restoredFrom": crate::source::restored_json(st.restored_from, now),
                 "lastError": st.last_error,
                 "objectErrors": st.object_errors,
                 "errors": errs,

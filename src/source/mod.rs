@@ -21,6 +21,7 @@ use crate::topology::{ObjectKey, TopologyObject};
 
 pub mod files;
 pub mod kube;
+pub mod last_known;
 
 /// A change to one cluster's objects.
 #[derive(Clone, Debug)]
@@ -103,6 +104,10 @@ pub struct ClusterStatus {
     /// objects that could not be used, one line each (`Service shop/x: field: reason`); their last good
     /// version, if any, is kept until they are fixed or deleted
     pub object_errors: Vec<String>,
+    /// the cluster's objects are the last-known state restored at start, last observed live at this
+    /// time; cleared when the live source delivers its first complete state ([`last_known`])
+    #[serde(rename = "restoredFrom", serialize_with = "serialize_restored")]
+    pub restored_from: Option<SystemTime>,
 }
 
 impl ClusterStatus {
@@ -117,6 +122,7 @@ impl ClusterStatus {
             last_error: None,
             config_error: None,
             object_errors: Vec::new(),
+            restored_from: None,
         }
     }
 
@@ -132,6 +138,21 @@ pub fn format_time(t: SystemTime) -> String {
         Ok(ts) => ts.to_string(),
         Err(_) => format!("{t:?}"),
     }
+}
+
+/// `{observedAt, ageSeconds}` of restored state (the age as of now), or null.
+pub fn restored_json(observed_at: Option<SystemTime>, now: SystemTime) -> serde_json::Value {
+    match observed_at {
+        None => serde_json::Value::Null,
+        Some(t) => serde_json::json!({
+            "observedAt": format_time(t),
+            "ageSeconds": now.duration_since(t).unwrap_or_default().as_secs(),
+        }),
+    }
+}
+
+fn serialize_restored<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    restored_json(*t, SystemTime::now()).serialize(s)
 }
 
 fn serialize_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -186,11 +207,15 @@ impl ClusterHealth {
         f(&map)
     }
 
-    /// Declares a cluster (or re-declares it, resetting its status to syncing from `source`).
+    /// Declares a cluster (or re-declares it, resetting its status to syncing from `source`). A restored
+    /// mark stays: the restored objects are served until the source syncs.
     pub fn register(&self, id: &ClusterId, source: impl Into<String>, secret_name: Option<String>) {
         let mut status = ClusterStatus::new(id.clone(), source);
         status.secret_name = secret_name;
-        self.write(|m| m.insert(id.clone(), status));
+        self.write(|m| {
+            status.restored_from = m.get(id).and_then(|old| old.restored_from);
+            m.insert(id.clone(), status)
+        });
     }
 
     /// Changes a cluster's status (a cluster not registered yet is registered with an empty source).

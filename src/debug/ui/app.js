@@ -150,7 +150,7 @@
       return h("div", { class: "cloud" },
         h("h3", { text: cloud }),
         h("div", { class: "cards" }, byCloud[cloud].map(function (c) {
-          var healthy = c.syncStatus === "synced" && !c.unreachableSince && !(c.errors || []).length && !c.lastError;
+          var healthy = c.syncStatus === "synced" && !c.unreachableSince && !c.restoredFrom && !(c.errors || []).length && !c.lastError;
           var errs = (c.errors || []).slice();
           if (c.lastError && errs.indexOf(c.lastError) < 0) errs.unshift(c.lastError);
           return h("div", { class: "card cluster-card " + (healthy ? "healthy" : "unhealthy"), "data-cluster": c.id },
@@ -164,6 +164,10 @@
               h("dt", { text: "last event" }), h("dd", { text: ago(c.lastEventAgeSeconds) }),
               h("dt", { text: "reachable" }), h("dd", { class: c.unreachableSince ? "bad-text" : "",
                 text: c.unreachableSince ? "unreachable since " + timeOf(c.unreachableSince) : "yes" }),
+              // served from the last-known state restored at start, until the cluster answers
+              c.restoredFrom ? h("dt", { text: "restored" }) : null,
+              c.restoredFrom ? h("dd", { class: "bad-text", "data-restored": c.restoredFrom.observedAt,
+                text: "last-known state observed " + ago(c.restoredFrom.ageSeconds) }) : null,
               h("dt", { text: "source" }), h("dd", { class: "small", text: c.source || "" })),
             errs.length ? h("ul", { class: "errors" }, errs.map(function (e) { return h("li", { text: e }); })) : null);
         })));

@@ -235,6 +235,10 @@ struct ClusterState {
     listed: BTreeSet<WatchedKind>,
     /// the first Sync went out (before it, events only fill the stores)
     initial_sent: bool,
+    /// the ready timeout passed while the cluster served restored last-known state and had listed no
+    /// kind: the first kind listed sends what there is (a partial state replaces the restored one only
+    /// once the cluster answers)
+    deadline_passed: bool,
     /// objects that could not be converted, by kind and key
     object_errors: BTreeMap<WatchedKind, BTreeMap<ObjectKey, String>>,
     /// the current error of each kind's watcher, and of the probe
@@ -263,6 +267,7 @@ impl ClusterState {
             listing_errors: BTreeMap::new(),
             listed: BTreeSet::new(),
             initial_sent: false,
+            deadline_passed: false,
             object_errors: BTreeMap::new(),
             kind_errors: BTreeMap::new(),
             probe_error: None,
@@ -290,11 +295,17 @@ impl ClusterState {
                     Some(Msg::Probe(result)) => self.on_probe(result),
                     None => break,
                 },
-                _ = tokio::time::sleep_until(initial_deadline), if !self.initial_sent => {
+                _ = tokio::time::sleep_until(initial_deadline), if !self.initial_sent && !self.deadline_passed => {
                     let missing: Vec<&str> =
                         WatchedKind::ALL.iter().filter(|k| !self.listed.contains(k)).map(|k| k.name()).collect();
-                    warn!(cluster = %self.id, ?missing, "not every kind listed within the ready timeout; serving what is");
-                    self.send_sync();
+                    let restored = self.health.get(&self.id).is_some_and(|s| s.restored_from.is_some());
+                    if restored && self.listed.is_empty() {
+                        warn!(cluster = %self.id, ?missing, "no kind listed within the ready timeout; serving the restored last-known state until the cluster answers");
+                        self.deadline_passed = true;
+                    } else {
+                        warn!(cluster = %self.id, ?missing, "not every kind listed within the ready timeout; serving what is");
+                        self.send_sync();
+                    }
                 }
             }
         }
@@ -422,8 +433,13 @@ impl ClusterState {
         self.reachable();
         let complete = WatchedKind::ALL.iter().all(|k| self.listed.contains(k));
         if !self.initial_sent {
-            if complete {
-                info!(cluster = %self.id, objects = self.stores.values().map(BTreeMap::len).sum::<usize>(), "cluster synced");
+            if complete || self.deadline_passed {
+                let objects = self.stores.values().map(BTreeMap::len).sum::<usize>();
+                if complete {
+                    info!(cluster = %self.id, objects, "cluster synced");
+                } else {
+                    warn!(cluster = %self.id, objects, kind = kind.name(), "the cluster answers, not every kind listed yet; serving what is instead of the restored state");
+                }
                 self.send_sync();
             }
         } else if changed {

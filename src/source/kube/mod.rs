@@ -123,7 +123,7 @@ impl KubeSource {
     }
 
     /// Waits until the remote secrets are listed and every Kubernetes cluster known by then has synced (or
-    /// was closed), at most `timeout`. Clusters still syncing then are marked [`SyncState::Timeout`] (they
+    /// was closed, or serves restored last-known state), at most `timeout`. Clusters still syncing then are marked [`SyncState::Timeout`] (they
     /// join when they sync) and returned.
     pub async fn wait_ready(&self, timeout: Duration) -> Vec<ClusterId> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -132,7 +132,10 @@ impl KubeSource {
             let _ = tokio::time::timeout_at(deadline, listed.wait_for(|l| *l)).await;
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let pending = |s: &super::ClusterStatus| !s.source.starts_with("manifests:") && s.sync == SyncState::Syncing;
+        // a cluster serving restored last-known state is ready: meshfed serves what it restored at once
+        let pending = |s: &super::ClusterStatus| {
+            !s.source.starts_with("manifests:") && s.sync == SyncState::Syncing && s.restored_from.is_none()
+        };
         self.health.wait_for(remaining, |list| !list.iter().any(pending)).await;
         let mut timed_out = Vec::new();
         for s in self.health.list() {

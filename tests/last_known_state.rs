@@ -1,0 +1,199 @@
+//! The durable last-known state (mesh config `lastKnownState`), end to end with the meshfed binary and the
+//! Kubernetes API stand-in on loopback: meshfed lists a cluster and persists it; it is killed; the API
+//! server stops (an outage); meshfed starts again and serves the restored endpoints from its first response
+//! on, marked restored with their age (`/debug/clusterz`, metrics), without sitting out `readyTimeout`;
+//! the API server comes back with a changed endpoint and the live state replaces the restored one.
+
+use meshfed_testkit as support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use meshfed::source::last_known;
+use meshfed::type_url;
+use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::fixtures::{endpoint_addresses, node};
+use meshfed_testkit::kube_standin::{KubeStandin, objects};
+use meshfed_testkit::meshfed::Meshfed;
+
+/// Cap of each step.
+const STEP: Duration = Duration::from_secs(30);
+const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local";
+const TOKEN: &str = "token-of-meshfed";
+
+fn set_slice(api: &KubeStandin, addresses: &[&str]) -> Result<()> {
+    let eps: Vec<(&str, &str)> = addresses.iter().map(|a| (*a, "east-node-1")).collect();
+    api.apply(objects::endpoint_slice("shop", "reviews-east", "reviews", ("http", 9080), &eps))?;
+    Ok(())
+}
+
+fn set(addresses: &[&str]) -> BTreeSet<String> {
+    addresses.iter().map(|a| a.to_string()).collect()
+}
+
+/// A sidecar client of cluster `east`, subscribed to reviews' endpoints.
+async fn eds_client(meshfed: &Meshfed) -> Result<AdsClient> {
+    let meta = [("CLUSTER_ID", "east"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")];
+    let n = node("sidecar~127.0.0.9~client.shop~shop.svc.cluster.local", &meta, None);
+    let mut c = AdsClient::connect(meshfed.xds_address(), Flavor::Sotw, n).await?.with_timeouts(STEP, STEP);
+    c.subscribe(type_url::ENDPOINT, &[REVIEWS]).await?;
+    Ok(c)
+}
+
+async fn next_addresses(c: &mut AdsClient) -> Result<BTreeSet<String>> {
+    let r = c.recv_type(type_url::ENDPOINT).await?;
+    c.ack(&r).await?;
+    let cla: ClusterLoadAssignment = r.decode(REVIEWS)?;
+    Ok(endpoint_addresses(&cla))
+}
+
+/// The stored addresses of cluster `east`'s slice and the state's `observedAt`, if the file holds it.
+fn stored(path: &Path) -> Result<Option<(BTreeSet<String>, SystemTime)>> {
+    let Some(states) = last_known::read(path)? else { return Ok(None) };
+    let Some(east) = states.iter().find(|s| s.cluster.as_str() == "east") else { return Ok(None) };
+    let mut addresses = BTreeSet::new();
+    for o in &east.objects {
+        if let meshfed::topology::TopologyObject::EndpointSlice(s) = o {
+            addresses.extend(s.endpoints.iter().flat_map(|e| e.addresses.iter().map(|a| a.to_string())));
+        }
+    }
+    Ok(Some((addresses, east.observed_at)))
+}
+
+async fn clusterz_east(meshfed: &Meshfed) -> Result<serde_json::Value> {
+    let z = meshfed.debug_json("/debug/clusterz").await?;
+    z.as_array()
+        .and_then(|a| a.iter().find(|c| c["id"] == "east"))
+        .cloned()
+        .ok_or_else(|| anyhow!("/debug/clusterz has no cluster east: {z}"))
+}
+
+/// The value of the metric line that starts with `prefix` (`name{labels} `), if exported.
+async fn metric(meshfed: &Meshfed, prefix: &str) -> Result<Option<f64>> {
+    let (status, body) = meshfed.debug_get("/metrics").await?;
+    ensure!(status == 200, "/metrics: {status}");
+    Ok(body.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_an_api_outage_serves_the_restored_state_without_a_gap() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let api = KubeStandin::start().await?;
+    api.set_token(Some(TOKEN));
+    let kubeconfig = dir.path().join("east.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig("east", Some(TOKEN)))?;
+    api.apply(objects::namespace("shop", None))?;
+    api.apply(objects::node("east-node-1", "r", "z"))?;
+    api.apply(objects::service("shop", "reviews", &[("http", 9080)]))?;
+    set_slice(&api, &["10.1.0.1", "10.1.0.2"])?;
+    let state = dir.path().join("state/last-known.json");
+    let mesh_path = dir.path().join("mesh.yaml");
+    // readyTimeout is long: a restarted meshfed that waited for the unreachable cluster would not be
+    // ready within a step
+    let write_mesh = |ready_timeout: &str| {
+        std::fs::write(
+            &mesh_path,
+            format!(
+                "clusters:\n  - id: east\n    network: net\n    kubeconfig: {}\nreadyTimeout: {ready_timeout}\nunreachableGracePeriod: 1h\nlastKnownState:\n  path: {}\n  maxAge: 1h\n  writeInterval: 100ms\n",
+                kubeconfig.display(),
+                state.display()
+            ),
+        )
+    };
+    write_mesh("60s")?;
+
+    // 1. live: meshfed lists the cluster and persists it
+    let mut first = support::start_meshfed(&mesh_path).await?;
+    let mut c = eds_client(&first).await?;
+    assert_eq!(next_addresses(&mut c).await?, set(&["10.1.0.1", "10.1.0.2"]));
+    let (_, written_at) = support::poll_until(STEP, || async {
+        match stored(&state)? {
+            Some((a, t)) if a == set(&["10.1.0.1", "10.1.0.2"]) => Ok((a, t)),
+            other => Err(anyhow!("not persisted yet: {other:?}")),
+        }
+    })
+    .await
+    .context("meshfed persists the listed cluster")?;
+    drop(c);
+    first.guard.kill();
+
+    // 2. the API server stops answering; 3. meshfed starts again during the outage
+    api.stop().await;
+    let started = Instant::now();
+    let second = support::start_meshfed(&mesh_path).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "a restored cluster counts as ready: meshfed did not sit out readyTimeout ({:?})",
+        started.elapsed()
+    );
+    // the first response holds the restored endpoints
+    let mut c = eds_client(&second).await?;
+    assert_eq!(next_addresses(&mut c).await?, set(&["10.1.0.1", "10.1.0.2"]), "restored, no gap");
+    let east = clusterz_east(&second).await?;
+    let restored = &east["restoredFrom"];
+    ensure!(restored["observedAt"].is_string() && restored["ageSeconds"].as_u64().is_some(), "{east}");
+    let observed: jiff::Timestamp = restored["observedAt"].as_str().unwrap_or_default().parse()?;
+    assert_eq!(observed.as_second(), jiff::Timestamp::try_from(written_at)?.as_second(), "{east}");
+    assert_eq!(east["syncStatus"], "syncing", "{east}");
+    assert_eq!(east["endpoints"], 2, "{east}");
+    let age = metric(&second, "meshfed_cluster_restored_state_age_seconds{cluster=\"east\"} ").await?;
+    ensure!(age.is_some_and(|a| a >= 0.0), "the restored age is exported: {age:?}");
+    support::poll_until(STEP, || async {
+        let reachable = metric(&second, "meshfed_cluster_api_reachable{cluster=\"east\"} ").await?;
+        ensure!(reachable == Some(0.0), "API reachability: {reachable:?}");
+        Ok(())
+    })
+    .await?;
+    // the restored state is not written back as fresh while the outage lasts
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (addresses, observed_at) = stored(&state)?.ok_or_else(|| anyhow!("the file still holds east"))?;
+    assert_eq!((addresses, observed_at), (set(&["10.1.0.1", "10.1.0.2"]), written_at));
+    drop(c);
+    drop(second);
+
+    // once more, with a short readyTimeout: when it passes, the unreachable cluster's source does not
+    // replace the restored state with the nothing it has listed
+    write_mesh("1s")?;
+    let third = support::start_meshfed(&mesh_path).await?;
+    let mut c = eds_client(&third).await?;
+    assert_eq!(next_addresses(&mut c).await?, set(&["10.1.0.1", "10.1.0.2"]), "restored, no gap");
+    if let Some(r) = c.recv_within(Duration::from_secs(3)).await? {
+        return Err(anyhow!("the restored endpoints changed during the outage: {}", r.summary()));
+    }
+    let east = clusterz_east(&third).await?;
+    ensure!(east["restoredFrom"].is_object() && east["endpoints"] == 2, "{east}");
+    let second = third;
+
+    // 4. the API server comes back, with a changed endpoint: the live state replaces the restored one
+    set_slice(&api, &["10.1.0.3"])?;
+    api.restart().await?;
+    let deadline = Instant::now() + STEP;
+    loop {
+        let addresses = next_addresses(&mut c).await?;
+        if addresses == set(&["10.1.0.3"]) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the live state replaces the restored one: still {addresses:?}");
+    }
+    support::poll_until(STEP, || async {
+        let east = clusterz_east(&second).await?;
+        ensure!(east["restoredFrom"].is_null() && east["syncStatus"] == "synced", "{east}");
+        let age = metric(&second, "meshfed_cluster_restored_state_age_seconds{cluster=\"east\"} ").await?;
+        ensure!(age.is_none(), "live: no restored age: {age:?}");
+        let reachable = metric(&second, "meshfed_cluster_api_reachable{cluster=\"east\"} ").await?;
+        ensure!(reachable == Some(1.0), "API reachability: {reachable:?}");
+        Ok(())
+    })
+    .await?;
+    support::poll_until(STEP, || async {
+        match stored(&state)? {
+            Some((a, t)) if a == set(&["10.1.0.3"]) && t > written_at => Ok(()),
+            other => Err(anyhow!("the live state is not persisted yet: {other:?}")),
+        }
+    })
+    .await?;
+    Ok(())
+}
