@@ -266,3 +266,85 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
     assert!(r.verdict.fenced.is_empty() && r.verdict.down.is_empty(), "{:?}", r.verdict);
     Ok(())
 }
+
+/// Replicas decide alike: two meshfeds with the same mesh config, probing the same gateways on their
+/// own, reach the same verdicts — Azure fenced, then back — and the time between their decisions stays
+/// within the bound README gives ("Replicas"): (0.2 x max(failureThreshold, successThreshold) + 0.9) x
+/// interval, the spread of their probe rounds (jitter ±10%, rounds not aligned), plus the push debounce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_reach_the_same_verdicts_within_the_stated_bound() -> Result<()> {
+    const OCTET: u8 = 234;
+    let dir = tempfile::tempdir()?;
+    let mesh_path = support::server::copy_demo(dir.path(), OCTET);
+    let mut text = std::fs::read_to_string(&mesh_path)?;
+    text.push_str(&format!(
+        "gatewayProbes: {{interval: {}ms, timeout: 150ms, failureThreshold: {FAILURE_THRESHOLD}, successThreshold: 2, holdDown: {}s, statusPort: 15021, concurrency: 4}}\n",
+        INTERVAL.as_millis(),
+        HOLD_DOWN.as_secs()
+    ));
+    std::fs::write(&mesh_path, text)?;
+    let azure_gateway = addr(format!("127.{OCTET}.20.1:15443"));
+    let _aws = Serving::start(addr(format!("127.{OCTET}.10.1:15443")), false).await?;
+    let _aws_status = Serving::start(addr(format!("127.{OCTET}.10.1:15021")), true).await?;
+    let azure = Serving::start(azure_gateway, false).await?;
+    let _azure_status = Serving::start(addr(format!("127.{OCTET}.20.1:15021")), true).await?;
+
+    let mesh = meshfed::mesh_config::MeshConfig::load(&mesh_path)?;
+    let probes = mesh.gateway_probes.ok_or_else(|| anyhow!("gatewayProbes set"))?;
+    let bound = INTERVAL.mul_f64(0.2 * f64::from(probes.failure_threshold.max(probes.success_threshold)) + 0.9)
+        + mesh.debounce.max;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let server = support::server::TestServer::start(&mesh, support::server::files_events(&mesh)).await;
+        let report = server.app.gateway_probes.clone().ok_or_else(|| anyhow!("the prober runs"))?;
+        replicas.push((server, report));
+    }
+    // Both see both networks reachable.
+    for (_, report) in &replicas {
+        support::poll_until(Duration::from_secs(5), || async {
+            let v = report.borrow().verdict.clone();
+            ensure!(v.reachable.len() == 2 && v.fenced.is_empty(), "{v:?}");
+            Ok(())
+        })
+        .await?;
+    }
+
+    // When did each replica publish a snapshot with `fenced(azure-net) == want`?
+    async fn decided(server: &support::server::TestServer, want: bool, within: Duration) -> Result<Instant> {
+        let mut rx = server.app.push.subscribe();
+        tokio::time::timeout(within, async {
+            loop {
+                let fenced = rx.borrow_and_update().gateway_verdict.fenced.iter().any(|n| n.as_str() == "azure-net");
+                if fenced == want {
+                    return Ok(Instant::now());
+                }
+                rx.changed().await.map_err(|_| anyhow!("push loop ended"))?;
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no decision fenced={want} within {within:?}"))?
+    }
+
+    azure.stop().await;
+    let (a, b) = tokio::join!(
+        decided(&replicas[0].0, true, FENCE_BOUND + bound),
+        decided(&replicas[1].0, true, FENCE_BOUND + bound)
+    );
+    let (a, b) = (a?, b?);
+    let gap = a.max(b) - a.min(b);
+    eprintln!("fence: the replicas decided {gap:?} apart (bound {bound:?})");
+    assert!(gap <= bound, "the replicas fenced {gap:?} apart, more than {bound:?}");
+    let (va, vb) = (replicas[0].1.borrow().verdict.clone(), replicas[1].1.borrow().verdict.clone());
+    assert_eq!(va, vb, "the same verdict from the same evidence");
+
+    let _azure = Serving::start(azure_gateway, false).await?;
+    let (a, b) = tokio::join!(
+        decided(&replicas[0].0, false, RECOVERY_BOUND + bound),
+        decided(&replicas[1].0, false, RECOVERY_BOUND + bound)
+    );
+    let (a, b) = (a?, b?);
+    let gap = a.max(b) - a.min(b);
+    eprintln!("return: the replicas decided {gap:?} apart (bound {bound:?})");
+    assert!(gap <= bound, "the replicas unfenced {gap:?} apart, more than {bound:?}");
+    Ok(())
+}
