@@ -52,6 +52,8 @@ pub struct MeshConfig {
     /// `gatewayProbes`: probe every network's east-west gateway addresses and fence networks whose
     /// gateways all fail (None: no probing; API reachability alone demotes clusters).
     pub gateway_probes: Option<GatewayProbes>,
+    /// `traffic`: splits between clusters, failover by healthy share, drains ([`crate::traffic`]).
+    pub traffic: crate::traffic::TrafficPolicy,
 }
 
 /// `gatewayProbes`: how meshfed probes the east-west gateways (see [`crate::liveness`]).
@@ -180,6 +182,8 @@ struct RawMeshConfig {
     allow_exec_auth: bool,
     #[serde(default)]
     gateway_probes: Option<RawGatewayProbes>,
+    #[serde(default)]
+    traffic: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -381,6 +385,15 @@ impl MeshConfig {
                 Some(probes)
             }
         };
+        let traffic = match &raw.traffic {
+            None => crate::traffic::TrafficPolicy::default(),
+            Some(v) => {
+                let ids: Vec<ClusterId> = clusters.iter().map(|c| c.id.clone()).collect();
+                // the clock bounds the drains' expiry only (maxDrainDuration ahead at most)
+                crate::traffic::TrafficPolicy::parse(v, &ids, std::time::SystemTime::now())
+                    .map_err(|e| invalid(e.to_string()))?
+            }
+        };
         Ok(MeshConfig {
             path: None,
             domain_suffix: raw.domain_suffix.unwrap_or_else(|| "cluster.local".into()),
@@ -394,6 +407,7 @@ impl MeshConfig {
             unreachable_grace_period,
             allow_exec_auth: raw.allow_exec_auth,
             gateway_probes,
+            traffic,
         })
     }
 }

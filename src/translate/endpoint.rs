@@ -179,6 +179,31 @@ fn endpoint_priority(ctx: &Context, scope: &EndpointScope, policy: &EffectivePol
 /// Priority offset of endpoints in demoted clusters and fenced networks (compacted away afterwards).
 const DEMOTED: u32 = 1 << 16;
 
+/// Priority offset of the endpoints of a cluster a traffic split gives no share (last resort).
+const LAST_RESORT: u32 = 1 << 20;
+
+/// Priority of an endpoint under a traffic split ([`crate::traffic`]) for the proxy's region: the
+/// clusters with a share at 0 (their localities weighted by share), the clusters the split does not name
+/// after them at their usual priorities, the clusters at share 0 last (or left out: None) — and a
+/// cluster demoted as unreachable or fenced stays after the others.
+fn split_priority(
+    ctx: &Context,
+    scope: &EndpointScope,
+    policy: &EffectivePolicy,
+    shares: &crate::traffic::decide::RegionShares,
+    ep: &Endpoint,
+) -> Option<u32> {
+    let usual = endpoint_priority(ctx, scope, policy, ep);
+    match shares.get(&ep.cluster) {
+        Some(s) if s.share > 0.0 => Some(if usual >= DEMOTED { usual + 1 } else { 0 }),
+        Some(_) => ctx.traffic.last_resort.then_some(LAST_RESORT + usual),
+        None => Some(usual + 1),
+    }
+}
+
+/// Locality weight per percent of share (a share of 100% is a weight of 100,000 in all).
+const SPLIT_WEIGHT_SCALE: f64 = 1000.0;
+
 /// Is an endpoint on the proxy's network? (An unset network on either side counts as the same.)
 fn same_network(scope: &EndpointScope, ep: &Endpoint) -> bool {
     scope.network.is_empty() || ep.network.is_empty() || scope.network == ep.network
@@ -263,6 +288,13 @@ pub fn port_load_assignment(
     let reach_other_networks = scope.kind == ProxyKind::Sidecar && scope.tls != TlsSupport::None;
     // the groups holding endpoints of the proxy's own network (the others hold only gateways)
     let mut has_local: std::collections::BTreeSet<(u32, &Locality)> = std::collections::BTreeSet::new();
+    // a traffic split for the proxy's region (sidecars: gateways forward their own network's endpoints)
+    let split = match scope.kind {
+        ProxyKind::Sidecar => ctx.traffic.shares(&service.hostname, &scope.locality.region),
+        ProxyKind::Router => None,
+    };
+    // the endpoints sent, with their priority before compaction and whether they are local
+    let mut sent: Vec<(&Endpoint, u16, u32, bool)> = Vec::with_capacity(service.endpoints.len());
     for ep in &service.endpoints {
         if ep.health != Health::Healthy && !ctx.send_unhealthy_endpoints {
             continue;
@@ -271,8 +303,36 @@ pub fn port_load_assignment(
             continue;
         }
         let Some(target_port) = ep.port_for(&port.name) else { continue };
-        let priority = endpoint_priority(ctx, scope, &policy, ep);
-        if same_network(scope, ep) {
+        let priority = match split {
+            None => endpoint_priority(ctx, scope, &policy, ep),
+            Some(shares) => match split_priority(ctx, scope, &policy, shares, ep) {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        let local = same_network(scope, ep);
+        if local || (reach_other_networks && ep.tls_mode() == TlsMode::Istio && ep.health == Health::Healthy) {
+            sent.push((ep, target_port, priority, local));
+        }
+    }
+    // under a split: each cluster's share spread over its priority-0 endpoints, summed per locality
+    let mut split_weights: BTreeMap<&Locality, f64> = BTreeMap::new();
+    if let Some(shares) = split {
+        let mut at_zero: BTreeMap<&ClusterId, u32> = BTreeMap::new();
+        for (ep, _, p, _) in &sent {
+            if *p == 0 {
+                *at_zero.entry(&ep.cluster).or_default() += 1;
+            }
+        }
+        for (ep, _, p, _) in &sent {
+            if *p == 0 {
+                let share = shares.get(&ep.cluster).map_or(0.0, |s| s.share);
+                *split_weights.entry(&ep.locality).or_default() += share / at_zero[&ep.cluster] as f64;
+            }
+        }
+    }
+    for (ep, target_port, priority, local) in sent {
+        if local {
             has_local.insert((priority, &ep.locality));
             groups.entry((priority, &ep.locality)).or_default().push(lb_endpoint(
                 ep.address,
@@ -281,7 +341,7 @@ pub fn port_load_assignment(
                 1,
                 endpoint_metadata(ep),
             ));
-        } else if reach_other_networks && ep.tls_mode() == TlsMode::Istio && ep.health == Health::Healthy {
+        } else {
             *remote.entry((priority, &ep.locality, &ep.network)).or_default() += 1;
         }
     }
@@ -347,7 +407,16 @@ pub fn port_load_assignment(
         .iter()
         .map(|(_, _, eps)| eps.iter().map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value)).sum())
         .collect();
-    if policy.distribute_active() {
+    if split.is_some() {
+        // the split's localities (priority 0 before compaction) weighted by share; a split replaces
+        // `distribute`
+        for ((p, l, _), w) in localities.iter().zip(weights.iter_mut()) {
+            if *p == 0 {
+                let share = split_weights.get(*l).copied().unwrap_or(0.0);
+                *w = ((share * SPLIT_WEIGHT_SCALE).round() as u32).max(1);
+            }
+        }
+    } else if policy.distribute_active() {
         distribute(&policy.locality_lb.distribute, &scope.locality, &localities, &mut weights);
     }
     localities.iter_mut().zip(&priorities).for_each(|(l, p)| l.0 = *p);
