@@ -186,18 +186,14 @@ pub fn decide(
             continue;
         }
         if d.expired(now) {
-            notes.push(format!(
-                "the drain of {} ({}) expired at {}: ignored",
-                d.target,
-                d.reason,
-                time_str(d.expires)
-            ));
+            notes.push(format!("the drain of {} ({}) expired at {}: ignored", d.target, d.reason, time_str(d.expires)));
             continue;
         }
         next_change = earliest(next_change, earliest(d.next_step(now), Some(d.expires)));
         let cap = d.capacity_at(now);
         for t in targets {
-            let why = if d.reason.is_empty() { format!("drain of {}", d.target) } else { format!("drain ({})", d.reason) };
+            let why =
+                if d.reason.is_empty() { format!("drain of {}", d.target) } else { format!("drain ({})", d.reason) };
             let e = capacity.entry(t).or_insert((100, String::new()));
             if cap < e.0 || e.1.is_empty() {
                 *e = (cap.min(e.0), why);
@@ -240,7 +236,9 @@ fn region_shares(
         } else if let Some(f) = failover.get(c) {
             let min = split.failover.map_or(0, |f| f.min_healthy);
             let why = match f.back_since {
-                None => format!("failover: {:.0}% of its endpoints healthy, below minHealthy {min}%", h.healthy_percent()),
+                None => {
+                    format!("failover: {:.0}% of its endpoints healthy, below minHealthy {min}%", h.healthy_percent())
+                }
                 Some(t) => format!(
                     "failover: at or above minHealthy {min}% again since {}, its share returns after failbackAfter",
                     time_str(t)
@@ -254,7 +252,8 @@ fn region_shares(
         };
         roles.insert(c, role);
     }
-    let receivers: f64 = roles.iter().filter(|(_, (r, _))| matches!(r, Role::Receiver)).map(|(c, _)| row[*c] as f64).sum();
+    let receivers: f64 =
+        roles.iter().filter(|(_, (r, _))| matches!(r, Role::Receiver)).map(|(c, _)| row[*c] as f64).sum();
     let fixed: f64 = roles.values().map(|(r, _)| if let Role::Fixed(s) = r { *s } else { 0.0 }).sum();
     let mut out = RegionShares::new();
     if receivers > 0.0 {
@@ -276,20 +275,25 @@ fn region_shares(
     } else if fixed > 0.0 {
         for (c, (role, why)) in roles {
             let share = if let Role::Fixed(s) = role { 100.0 * s / fixed } else { 0.0 };
-            let reason = if share > 0.0 { format!("{why}; no undrained cluster left: the drained ones carry all") } else { why };
+            let reason =
+                if share > 0.0 { format!("{why}; no undrained cluster left: the drained ones carry all") } else { why };
             out.insert(c.clone(), Share { share, split: row[c], reason });
         }
     } else {
         // every cluster failed over or without endpoints: the split stands among those with healthy ones
-        let alive: Vec<&ClusterId> =
-            row.iter().filter(|(c, b)| **b > 0 && health.get(*c).is_some_and(|h| h.healthy > 0)).map(|(c, _)| c).collect();
+        let alive: Vec<&ClusterId> = row
+            .iter()
+            .filter(|(c, b)| **b > 0 && health.get(*c).is_some_and(|h| h.healthy > 0))
+            .map(|(c, _)| c)
+            .collect();
         let total: f64 = alive.iter().map(|c| row[*c] as f64).sum();
         if total <= 0.0 {
             return None;
         }
         for (c, (_, why)) in roles {
             let share = if alive.contains(&c) { 100.0 * row[c] as f64 / total } else { 0.0 };
-            let reason = if share > 0.0 { format!("{why}; every cluster is failed over: the split stands") } else { why };
+            let reason =
+                if share > 0.0 { format!("{why}; every cluster is failed over: the split stands") } else { why };
             out.insert(c.clone(), Share { share, split: row[c], reason });
         }
     }
@@ -350,7 +354,8 @@ mod tests {
 
     #[test]
     fn the_split_as_configured_when_all_is_well() {
-        let o = decide(&TrafficPolicy::default(), &split_70_30(None), &health((4, 4), (2, 2)), t0(), &Default::default());
+        let o =
+            decide(&TrafficPolicy::default(), &split_70_30(None), &health((4, 4), (2, 2)), t0(), &Default::default());
         assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 70.0), ("azure".into(), 30.0)]);
         assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 30.0), ("azure".into(), 70.0)]);
         assert_eq!(o.next_change, None);
@@ -420,15 +425,25 @@ mod tests {
     fn nobody_left_to_take_the_share() {
         let f = Failover { min_healthy: 50, failback_after: Duration::ZERO };
         // both below: the split stands
-        let o = decide(&TrafficPolicy::default(), &split_70_30(Some(f)), &health((4, 1), (2, 0)), t0(), &Default::default());
+        let o = decide(
+            &TrafficPolicy::default(),
+            &split_70_30(Some(f)),
+            &health((4, 1), (2, 0)),
+            t0(),
+            &Default::default(),
+        );
         assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
         // nothing healthy: no decision for the region
-        let o = decide(&TrafficPolicy::default(), &split_70_30(None), &health((4, 0), (2, 0)), t0(), &Default::default());
+        let o =
+            decide(&TrafficPolicy::default(), &split_70_30(None), &health((4, 0), (2, 0)), t0(), &Default::default());
         assert!(o.decision.by_region.is_empty());
         assert_eq!(o.decision.notes.len(), 2);
         // every cluster drained: the drained ones carry all, in proportion
         let policy = TrafficPolicy {
-            drains: vec![drain(DrainTarget::Cluster(id("azure")), 50, None), drain(DrainTarget::Cluster(id("aws")), 50, None)],
+            drains: vec![
+                drain(DrainTarget::Cluster(id("azure")), 50, None),
+                drain(DrainTarget::Cluster(id("aws")), 50, None),
+            ],
             ..Default::default()
         };
         let o = decide(&policy, &split_70_30(None), &health((4, 4), (2, 2)), t0(), &Default::default());

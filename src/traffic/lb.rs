@@ -59,11 +59,7 @@ pub fn localities(cla: &ClusterLoadAssignment) -> Vec<LbLocality> {
     cla.endpoints
         .iter()
         .map(|l| LbLocality {
-            locality: l
-                .locality
-                .as_ref()
-                .map(|p| Locality::new(&p.region, &p.zone, &p.sub_zone))
-                .unwrap_or_default(),
+            locality: l.locality.as_ref().map(|p| Locality::new(&p.region, &p.zone, &p.sub_zone)).unwrap_or_default(),
             priority: l.priority,
             weight: l.load_balancing_weight.as_ref().map_or(0, |w| w.value),
             hosts: l
@@ -208,10 +204,7 @@ mod tests {
             locality: Locality::new(region, "", ""),
             priority,
             weight,
-            hosts: hosts
-                .iter()
-                .map(|(a, w, h)| LbHost { address: a.to_string(), weight: *w, healthy: *h })
-                .collect(),
+            hosts: hosts.iter().map(|(a, w, h)| LbHost { address: a.to_string(), weight: *w, healthy: *h }).collect(),
         }
     }
 
@@ -234,18 +227,12 @@ mod tests {
 
     #[test]
     fn locality_weights_times_availability() {
-        let ls = vec![
-            loc("a", 0, 70, &[("1", 1, true), ("2", 1, true)]),
-            loc("b", 0, 30, &[("3", 1, true)]),
-        ];
+        let ls = vec![loc("a", 0, 70, &[("1", 1, true), ("2", 1, true)]), loc("b", 0, 30, &[("3", 1, true)])];
         let s = shares(&ls, true, OVERPROVISIONING);
         assert_eq!((round(s[0].share), round(s[1].share)), (0.7, 0.3));
         assert_eq!(s[0].hosts, vec![("1".into(), 0.35), ("2".into(), 0.35)]);
         // half of a's hosts unhealthy: availability min(1, 1.4 * 0.5) = 0.7 -> 49 : 30
-        let ls = vec![
-            loc("a", 0, 70, &[("1", 1, true), ("2", 1, false)]),
-            loc("b", 0, 30, &[("3", 1, true)]),
-        ];
+        let ls = vec![loc("a", 0, 70, &[("1", 1, true), ("2", 1, false)]), loc("b", 0, 30, &[("3", 1, true)])];
         let s = shares(&ls, true, OVERPROVISIONING);
         assert_eq!(round(s[0].share), round(49.0 / 79.0));
         assert_eq!(s[0].hosts[1].1, 0.0);

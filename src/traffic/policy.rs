@@ -222,8 +222,8 @@ impl TrafficPolicy {
         })?;
         let mut out = TrafficPolicy { last_resort: raw.last_resort.unwrap_or(true), ..TrafficPolicy::default() };
         if let Some(m) = raw.max_drain_duration {
-            out.max_drain_duration =
-                parse_long_duration(&m).ok_or_else(|| err("traffic.maxDrainDuration", format!("invalid duration {m:?}")))?;
+            out.max_drain_duration = parse_long_duration(&m)
+                .ok_or_else(|| err("traffic.maxDrainDuration", format!("invalid duration {m:?}")))?;
         }
         let known = |field: &str, id: &str| -> Result<ClusterId, Error> {
             if clusters.iter().any(|c| c.as_str() == id) {
@@ -265,7 +265,10 @@ impl TrafficPolicy {
                 Some(f) => {
                     let min_healthy = f.min_healthy.unwrap_or(50);
                     if min_healthy > 100 {
-                        return Err(err(format!("{at}.failover.minHealthy"), format!("{min_healthy} is more than 100")));
+                        return Err(err(
+                            format!("{at}.failover.minHealthy"),
+                            format!("{min_healthy} is more than 100"),
+                        ));
                     }
                     let failback_after = match f.failback_after {
                         None => Duration::ZERO,
@@ -452,22 +455,62 @@ drains:
     #[test]
     fn bad_edits_name_their_field() {
         for (yaml, field, words) in [
-            ("policies: [{split: {us-east-1: {aws-use1: 70, azure-weu: 20}}}]", "traffic.policies[0].split.us-east-1", "add up to 90"),
-            ("policies: [{split: {us-east-1: {aws-use1: 70, gcp: 30}}}]", "traffic.policies[0].split.us-east-1.gcp", "unknown cluster"),
-            ("policies: [{split: {us-east-1: {aws-use1: 170}}}]", "traffic.policies[0].split.us-east-1.aws-use1", "more than 100"),
+            (
+                "policies: [{split: {us-east-1: {aws-use1: 70, azure-weu: 20}}}]",
+                "traffic.policies[0].split.us-east-1",
+                "add up to 90",
+            ),
+            (
+                "policies: [{split: {us-east-1: {aws-use1: 70, gcp: 30}}}]",
+                "traffic.policies[0].split.us-east-1.gcp",
+                "unknown cluster",
+            ),
+            (
+                "policies: [{split: {us-east-1: {aws-use1: 170}}}]",
+                "traffic.policies[0].split.us-east-1.aws-use1",
+                "more than 100",
+            ),
             ("policies: [{failover: {minHealthy: 101}}]", "traffic.policies[0].failover.minHealthy", "more than 100"),
             ("policies: [{failover: {failbackAfter: soon}}]", "traffic.policies[0].failover.failbackAfter", "invalid"),
             ("policies: [{hosts: ['a.*.b']}]", "traffic.policies[0].hosts[0]", "FQDN"),
-            ("drains: [{cluster: azure-weu, capacity: -5, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0].capacity", "not in 0..100"),
-            ("drains: [{cluster: azure-weu, capacity: 101, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0].capacity", "not in 0..100"),
-            ("drains: [{cluster: gcp, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0].cluster", "unknown cluster"),
+            (
+                "drains: [{cluster: azure-weu, capacity: -5, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].capacity",
+                "not in 0..100",
+            ),
+            (
+                "drains: [{cluster: azure-weu, capacity: 101, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].capacity",
+                "not in 0..100",
+            ),
+            (
+                "drains: [{cluster: gcp, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].cluster",
+                "unknown cluster",
+            ),
             ("drains: [{cluster: azure-weu}]", "traffic.drains[0].expires", "required"),
-            ("drains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]", "traffic.drains[0].expires", "maxDrainDuration"),
+            (
+                "drains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]",
+                "traffic.drains[0].expires",
+                "maxDrainDuration",
+            ),
             ("drains: [{cluster: azure-weu, expires: tomorrow}]", "traffic.drains[0].expires", "RFC 3339"),
-            ("drains: [{cluster: azure-weu, ramp: {step: 0, every: 1s}, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0].ramp.step", "1..100"),
-            ("drains: [{cluster: azure-weu, ramp: {step: 10, every: 0s}, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0].ramp.every", "more than 0"),
+            (
+                "drains: [{cluster: azure-weu, ramp: {step: 0, every: 1s}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].ramp.step",
+                "1..100",
+            ),
+            (
+                "drains: [{cluster: azure-weu, ramp: {step: 10, every: 0s}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].ramp.every",
+                "more than 0",
+            ),
             ("drains: [{expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0]", "`cluster` or `region`"),
-            ("drains: [{cluster: azure-weu, region: westeurope, expires: '2026-12-05T01:00:00Z'}]", "traffic.drains[0]", "not both"),
+            (
+                "drains: [{cluster: azure-weu, region: westeurope, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0]",
+                "not both",
+            ),
             ("maxDrainDuration: forever", "traffic.maxDrainDuration", "invalid"),
             ("polices: []", "traffic.polices", "unknown field"),
             ("drains: [{cluster: azure-weu, capacty: 5}]", "traffic.drains[0].capacty", "unknown field"),
@@ -477,7 +520,9 @@ drains:
             assert!(e.to_string().contains(words), "{yaml}: {e}");
         }
         // a longer maximum allows a later expiry
-        assert!(parse("maxDrainDuration: 60d\ndrains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]").is_ok());
+        assert!(
+            parse("maxDrainDuration: 60d\ndrains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]").is_ok()
+        );
     }
 
     #[test]

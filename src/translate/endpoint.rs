@@ -1304,4 +1304,109 @@ mod tests {
         assert_eq!(cla.endpoints.len(), 1);
         assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.3.21:9080".into(), 1)]);
     }
+
+    // ---- traffic splits ----
+
+    /// Decisions for reviews from us-east-1: `shares` per cluster.
+    fn split_ctx(mut c: Context, shares: &[(&str, f64)], last_resort: bool) -> Context {
+        use crate::traffic::decide::{Decision, Share};
+        let row = shares
+            .iter()
+            .map(|(id, share)| (ClusterId::new(id), Share { share: *share, split: 0, reason: "test".into() }))
+            .collect();
+        let decision = Decision { by_region: BTreeMap::from([(Arc::from("us-east-1"), row)]), notes: vec![] };
+        c.traffic = Arc::new(crate::traffic::Decisions {
+            services: BTreeMap::from([(Arc::from("reviews.shop.svc.cluster.local"), Arc::new(decision))]),
+            last_resort,
+        });
+        c
+    }
+
+    /// aws (cluster a, network n): 2 endpoints in us-east-1a, 1 in us-east-1b; azure (cluster b, network
+    /// azure behind one gateway): 2 in westeurope-1; c: 1 endpoint in ap-south-1 (network n).
+    fn split_service() -> Service {
+        service(vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.1.22", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.2.21", "a", "us-east-1/us-east-1b", Health::Healthy), "n"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.3.22", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.5.21", "c", "ap-south-1/ap-south-1a", Health::Healthy), "n"),
+        ])
+    }
+
+    #[test]
+    fn a_split_is_priority_zero_weighted_by_share_through_the_gateway_too() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let c = split_ctx(c, &[("a", 70.0), ("b", 30.0)], true);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(
+            shape(&cla),
+            vec![
+                // a's 70% over its 3 endpoints: 2/3 in us-east-1a, 1/3 in us-east-1b
+                (
+                    "us-east-1/us-east-1a".into(),
+                    0,
+                    46_667,
+                    vec![("127.0.1.21:9080".into(), 1), ("127.0.1.22:9080".into(), 1)]
+                ),
+                ("us-east-1/us-east-1b".into(), 0, 23_333, vec![("127.0.2.21:9080".into(), 1)]),
+                // b's 30% on the gateway locality (split horizon: the gateway stands for b's 2 endpoints)
+                ("westeurope/westeurope-1".into(), 0, 30_000, vec![("127.0.20.1:15443".into(), 2)]),
+                // c, not in the split: after the split, at its usual priority
+                ("ap-south-1/ap-south-1a".into(), 1, 1, vec![("127.0.5.21:9080".into(), 1)]),
+            ]
+        );
+        // Envoy's math gives 70/30 to the clusters
+        let shares = crate::traffic::lb::shares(&crate::traffic::lb::localities(&cla), true, 140);
+        let aws: f64 = shares[..2].iter().map(|l| l.share).sum();
+        assert!((aws - 0.7).abs() < 1e-4, "{shares:?}");
+        assert_eq!(shares[3].share, 0.0);
+    }
+
+    #[test]
+    fn a_cluster_at_share_zero_is_last_resort_or_left_out() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let last = split_ctx(c.clone(), &[("a", 100.0), ("b", 0.0)], true);
+        let cla = load_assignment(&last, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let sh = shape(&cla);
+        assert_eq!(
+            sh.iter().map(|l| (l.0.as_str(), l.1)).collect::<Vec<_>>(),
+            vec![
+                ("us-east-1/us-east-1a", 0),
+                ("us-east-1/us-east-1b", 0),
+                ("ap-south-1/ap-south-1a", 1),
+                ("westeurope/westeurope-1", 2),
+            ]
+        );
+        assert_eq!(sh[0].2 + sh[1].2, 100_000);
+        let off = split_ctx(c, &[("a", 100.0), ("b", 0.0)], false);
+        let cla = load_assignment(&off, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert!(shape(&cla).iter().all(|l| !l.0.starts_with("westeurope")), "{:?}", shape(&cla));
+    }
+
+    #[test]
+    fn a_split_applies_to_its_region_and_sidecars_only() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let plain = load_assignment(&c, &scope("westeurope/westeurope-1"), &s, &s.ports[0]);
+        let split = split_ctx(c.clone(), &[("a", 70.0), ("b", 30.0)], true);
+        // another source region: the usual assignment, byte for byte
+        assert_eq!(load_assignment(&split, &scope("westeurope/westeurope-1"), &s, &s.ports[0]), plain);
+        // gateways: their own network's endpoints as before
+        let router = EndpointScope { kind: ProxyKind::Router, ..scope("us-east-1/us-east-1a") };
+        assert_eq!(load_assignment(&split, &router, &s, &s.ports[0]), load_assignment(&c, &router, &s, &s.ports[0]));
+        // another service: untouched
+        let mut other = s.clone();
+        other.hostname = "ratings.shop.svc.cluster.local".into();
+        assert_eq!(
+            load_assignment(&split, &scope("us-east-1/us-east-1a"), &other, &other.ports[0]),
+            load_assignment(&c, &scope("us-east-1/us-east-1a"), &other, &other.ports[0])
+        );
+    }
 }
