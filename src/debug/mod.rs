@@ -315,7 +315,7 @@ async fn whatif_handler(State(s): State<DebugState>, Query(q): Params) -> Result
         None => None,
         Some(p) => Some(p.parse::<u16>().map_err(|_| Error::BadRequest(format!("port {p:?} is not a port")))?),
     };
-    let cluster = |k: &str| q.get(k).filter(|v| !v.is_empty()).map(|v| ClusterId::new(v));
+    let cluster = |k: &str| q.get(k).filter(|v| !v.is_empty()).map(ClusterId::new);
     let hypothesis = whatif::Hypothesis { drain: cluster("drain"), down: cluster("down") };
     let snapshot = s.push.snapshot();
     let (scope, clusters) = match (proxy_param(&q), q.get("region").filter(|r| !r.is_empty())) {

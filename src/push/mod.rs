@@ -1037,7 +1037,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(shares(&pusher), vec![85, 15], "first ramp step: azure at 50% of 30");
-        assert!(pusher.context().traffic.services.get("ratings.shop.svc.cluster.local").is_none());
+        assert!(!pusher.context().traffic.services.contains_key("ratings.shop.svc.cluster.local"));
         let due = pusher.traffic.next_change.expect("the next ramp step");
         assert!(due > now && due <= now + std::time::Duration::from_secs(31), "{due:?}");
         // the EDS of the us-east-1 sidecar: the split at priority 0

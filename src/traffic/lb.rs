@@ -121,8 +121,8 @@ pub fn shares(localities: &[LbLocality], locality_weighted: bool, overprovisioni
             total += l.hosts.len() as u64;
             healthy += l.hosts.iter().filter(|h| h.healthy).count() as u64;
         }
-        if total > 0 {
-            *health = (overprovisioning as u64 * healthy / total).min(100) as u32;
+        if let Some(h) = (overprovisioning as u64 * healthy).checked_div(total) {
+            *health = h.min(100) as u32;
         }
     }
     let load = priority_load(&healths);
