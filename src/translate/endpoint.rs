@@ -1409,4 +1409,54 @@ mod tests {
             load_assignment(&c, &scope("us-east-1/us-east-1a"), &other, &other.ports[0])
         );
     }
+
+    proptest::proptest! {
+        /// Whatever the shares and endpoints, Envoy's math on the assignment gives each split cluster its
+        /// share (within rounding), a cluster at 0 nothing, and a cluster the split does not name nothing.
+        #[test]
+        fn envoy_gives_each_cluster_its_share(
+            share_a in 0u32..=100,
+            zones_a in proptest::collection::vec(1u8..4, 1..3),
+            zones_b in proptest::collection::vec(1u8..4, 1..3),
+            extra_c in 1u8..3,
+            gateways in 1usize..3,
+        ) {
+            let mut c = ctx(true);
+            c.gateways = Arc::new((1..=gateways).map(|i| gateway("azure", &format!("127.0.20.{i}"))).collect());
+            let mut eps = Vec::new();
+            for (z, n) in zones_a.iter().enumerate() {
+                for h in 0..*n {
+                    eps.push(mtls(ep(&format!("127.0.1{z}.{}", 10 + h), "a", &format!("us-east-1/us-east-1{z}"), Health::Healthy), "n"));
+                }
+            }
+            for (z, n) in zones_b.iter().enumerate() {
+                for h in 0..*n {
+                    eps.push(mtls(ep(&format!("127.0.3{z}.{}", 10 + h), "b", &format!("westeurope/westeurope-{z}"), Health::Healthy), "azure"));
+                }
+            }
+            for h in 0..extra_c {
+                eps.push(mtls(ep(&format!("127.0.5.{}", 10 + h), "c", "ap-south-1/ap-south-1a", Health::Healthy), "n"));
+            }
+            let s = service(eps);
+            let c = split_ctx(c, &[("a", share_a as f64), ("b", (100 - share_a) as f64)], true);
+            let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+            let shares = crate::traffic::lb::shares(&crate::traffic::lb::localities(&cla), true, 140);
+            let mut by_cluster: BTreeMap<&str, f64> = BTreeMap::new();
+            for l in &shares {
+                for (addr, share) in &l.hosts {
+                    let cluster = if addr.starts_with("127.0.1") { "a" } else if addr.starts_with("127.0.20.") { "b" } else { "c" };
+                    *by_cluster.entry(cluster).or_default() += share;
+                }
+            }
+            let got = |c: &str| by_cluster.get(c).copied().unwrap_or(0.0);
+            proptest::prop_assert!((got("a") - share_a as f64 / 100.0).abs() < 1e-3, "{by_cluster:?} {:?}", shape(&cla));
+            proptest::prop_assert!((got("b") - (100 - share_a) as f64 / 100.0).abs() < 1e-3, "{by_cluster:?} {:?}", shape(&cla));
+            proptest::prop_assert_eq!(got("c"), 0.0);
+            // Envoy's constraints: contiguous priorities from 0, weights >= 1
+            let mut p: Vec<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
+            p.dedup();
+            proptest::prop_assert!(p.windows(2).all(|w| w[1] >= w[0]) && p.iter().enumerate().all(|(i, x)| *x as usize <= i));
+            proptest::prop_assert!(cla.endpoints.iter().all(|l| l.load_balancing_weight.is_some_and(|w| w.value >= 1)));
+        }
+    }
 }
