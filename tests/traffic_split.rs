@@ -266,6 +266,18 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     eprintln!("(2) Azure: measured {measured:.1}%, whatif {predicted}%");
     assert!((predicted - measured).abs() <= TOLERANCE, "(2) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
     assert!(w["now"]["decision"]["azure-weu"]["reason"].as_str().unwrap_or("").contains("DR drill"), "{w:#}");
+    // /debug/explain says why each locality has its share
+    let debug = mesh.server.app.debug_address().unwrap();
+    let (status, body) = http_get(debug, "127.0.0.1", "/debug/explain?proxyID=client-0.shop").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let explain: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cluster = explain["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == format!("outbound|{PORT}||{RATINGS}")))
+        .unwrap_or_else(|| panic!("(2) no ratings cluster in {explain:#}"));
+    let localities = cluster["localities"].as_array().unwrap();
+    assert!(localities.iter().all(|l| l["rule"] == "traffic_split"), "(2) {cluster:#}");
+    assert!(localities.iter().any(|l| l["reason"].as_str().unwrap_or("").contains("DR drill")), "(2) {cluster:#}");
 
     // (3) a ramp to 0 (50 now, 0 after 3 s: the push loop's timer steps it): then nothing to Azure
     let ramp = format!("{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 3s}}, expires: '{}'}}", expires());
