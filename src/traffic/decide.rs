@@ -162,10 +162,11 @@ pub fn decide(
                 }
                 (Some(p), false) => {
                     let back = p.back_since.unwrap_or(now);
-                    let due = back + f.failback_after;
-                    if now < due {
+                    // (a failbackAfter beyond the representable time: never back)
+                    let due = back.checked_add(f.failback_after);
+                    if due.is_none_or(|due| now < due) {
                         failover.insert(c.clone(), Failed { since: p.since, back_since: Some(back) });
-                        next_change = earliest(next_change, Some(due));
+                        next_change = earliest(next_change, due);
                     }
                 }
             }

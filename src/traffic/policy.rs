@@ -154,7 +154,7 @@ impl Drain {
         }
         let elapsed = now.duration_since(start).unwrap_or_default();
         let n = (elapsed.as_nanos() / r.every.as_nanos().max(1)) as u32 + 1;
-        Some(start + r.every * n)
+        r.every.checked_mul(n).and_then(|d| start.checked_add(d))
     }
 
     pub fn expired(&self, now: SystemTime) -> bool {
@@ -327,7 +327,7 @@ impl TrafficPolicy {
                 }
                 Some(e) => time("expires", e)?,
             };
-            if expires > now + out.max_drain_duration {
+            if now.checked_add(out.max_drain_duration).is_some_and(|limit| expires > limit) {
                 return Err(err(
                     format!("{at}.expires"),
                     format!("more than maxDrainDuration ({:?}) ahead", out.max_drain_duration),
@@ -519,6 +519,13 @@ drains:
             assert_eq!(e.field, field, "{yaml}: {e}");
             assert!(e.to_string().contains(words), "{yaml}: {e}");
         }
+        // durations beyond what a clock holds are no panic
+        let far = "policies: [{failover: {failbackAfter: 100000000000000h}}]\nmaxDrainDuration: 100000000000000h\n\
+                   drains: [{cluster: azure-weu, ramp: {step: 1, every: 100000000000000h}, expires: '2026-12-05T01:00:00Z'}]";
+        let mut p = parse(far).unwrap();
+        p.stamp(&TrafficPolicy::default(), now());
+        assert_eq!(p.drains[0].capacity_at(now()), 99);
+        let _ = p.drains[0].next_step(now());
         // a longer maximum allows a later expiry
         assert!(
             parse("maxDrainDuration: 60d\ndrains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]").is_ok()
