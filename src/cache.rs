@@ -104,6 +104,10 @@ pub struct Snapshot {
     /// what views depend on besides the proxy (the labels failoverPriority rules use, the namespaces and
     /// labels DestinationRules make matter): a proxy re-attaches when they change
     pub view_keys: Arc<crate::translate::ViewKeys>,
+    /// the translation context of this generation (what-if translates again under a hypothesis)
+    pub context: Arc<crate::translate::Context>,
+    /// the traffic policy and its failover state ([`crate::traffic`])
+    pub traffic: Arc<crate::traffic::Status>,
 }
 
 /// Per network, its east-west gateways' (address, port)s.

@@ -29,6 +29,7 @@ pub mod registry;
 pub mod source;
 pub mod tls;
 pub mod topology;
+pub mod traffic;
 pub mod translate;
 pub mod type_url;
 pub mod xds;

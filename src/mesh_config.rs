@@ -55,6 +55,8 @@ pub struct MeshConfig {
     /// `lastKnownState`: persist the Kubernetes clusters' last good state and serve it at start for the
     /// clusters that cannot be listed yet (None: off; see [`crate::source::last_known`]).
     pub last_known_state: Option<LastKnownState>,
+    /// `traffic`: splits between clusters, failover by healthy share, drains ([`crate::traffic`]).
+    pub traffic: crate::traffic::TrafficPolicy,
 }
 
 /// `lastKnownState`: where and how meshfed keeps its last good federated state.
@@ -210,6 +212,8 @@ struct RawMeshConfig {
     gateway_probes: Option<RawGatewayProbes>,
     #[serde(default)]
     last_known_state: Option<RawLastKnownState>,
+    #[serde(default)]
+    traffic: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -451,6 +455,15 @@ impl MeshConfig {
                 Some(state)
             }
         };
+        let traffic = match &raw.traffic {
+            None => crate::traffic::TrafficPolicy::default(),
+            Some(v) => {
+                let ids: Vec<ClusterId> = clusters.iter().map(|c| c.id.clone()).collect();
+                // the clock bounds the drains' expiry only (maxDrainDuration ahead at most)
+                crate::traffic::TrafficPolicy::parse(v, &ids, std::time::SystemTime::now())
+                    .map_err(|e| invalid(e.to_string()))?
+            }
+        };
         Ok(MeshConfig {
             path: None,
             domain_suffix: raw.domain_suffix.unwrap_or_else(|| "cluster.local".into()),
@@ -465,6 +478,7 @@ impl MeshConfig {
             allow_exec_auth: raw.allow_exec_auth,
             gateway_probes,
             last_known_state,
+            traffic,
         })
     }
 }

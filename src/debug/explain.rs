@@ -46,6 +46,8 @@ pub enum Rule {
     NoPriorities,
     /// a policy meshfed cannot explain from the proxy's locality alone
     Policy,
+    /// the traffic policy's split for the proxy's region: weighted by share, or last resort at share 0
+    TrafficSplit,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -160,7 +162,12 @@ pub fn explain(conn: &Connection, snapshot: &Snapshot, health: &ClusterHealth) -
     let mut priorities_in_use = false;
     for r in super::config_dump::served(conn, snapshot, ResourceType::Endpoint) {
         let Some(cla) = super::config_dump::decode_resource::<ClusterLoadAssignment>(&r) else { continue };
-        let explained = explain_cla(&proxy_loc, &cla, &book, &unreachable);
+        let mut explained = explain_cla(&proxy_loc, &cla, &book, &unreachable);
+        if let Some(shares) =
+            explained.service.as_deref().and_then(|fqdn| snapshot.context.traffic.shares(fqdn, &proxy_loc.region))
+        {
+            explain_split(&mut explained, shares);
+        }
         priorities_in_use |= explained.localities.iter().any(|l| l.priority > 0);
         out_clusters.push(explained);
     }
@@ -288,6 +295,30 @@ fn explain_cla(
         service: parsed.map(|(_, _, fqdn)| fqdn.to_string()),
         port: parsed.map(|(port, _, _)| port),
         localities,
+    }
+}
+
+/// The reasons of a traffic split ([`crate::traffic`]): each locality's clusters with their share and why.
+fn explain_split(cluster: &mut ExplainCluster, shares: &crate::traffic::decide::RegionShares) {
+    for l in cluster.localities.iter_mut() {
+        let named: Vec<String> = l
+            .clusters
+            .iter()
+            .filter_map(|c| shares.get(&crate::model::ClusterId::new(c)).map(|s| (c, s)))
+            .map(|(c, s)| format!("{c} {:.1}% ({})", s.share, s.reason))
+            .collect();
+        if named.is_empty() {
+            l.reason.push_str("; not in the traffic split for the proxy's region: after it");
+            continue;
+        }
+        let zero =
+            l.clusters.iter().all(|c| shares.get(&crate::model::ClusterId::new(c)).is_some_and(|s| s.share <= 0.0));
+        l.rule = Rule::TrafficSplit;
+        l.reason = if zero {
+            format!("traffic split, share 0: last resort: {}", named.join("; "))
+        } else {
+            format!("traffic split: locality weight by share: {}", named.join("; "))
+        };
     }
 }
 

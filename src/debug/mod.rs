@@ -12,6 +12,8 @@
 //! | `/debug/adsz` | connections and their subscriptions |
 //! | `/debug/push_status` | the last pushes ([`crate::push::log`]) |
 //! | `/debug/explain?proxyID=POD.NS` | each locality's priority for the proxy, and why |
+//! | `/debug/whatif?proxyID=POD.NS&host=FQDN[&drain=C][&down=C]` | each cluster's and locality's share of the proxy's requests, now and under a hypothesis ([`whatif`]) |
+//! | `/debug/trafficz` | the traffic policy's decisions, reasons and failover state |
 //! | `/metrics` | Prometheus text format ([`crate::metrics`]) |
 //!
 //! Every JSON endpoint indents its output with `?pretty`.
@@ -44,6 +46,7 @@ pub mod config_dump;
 pub mod explain;
 pub mod time;
 pub mod ui;
+pub mod whatif;
 
 pub use auth::DebugAccess;
 pub use time::rfc3339;
@@ -58,12 +61,17 @@ pub enum Error {
     ConfigDump(#[from] config_dump::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::Error),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    WhatIf(#[from] whatif::Error),
 }
 
 impl Error {
     fn status(&self) -> StatusCode {
         match self {
-            Error::MissingProxyId => StatusCode::BAD_REQUEST,
+            Error::MissingProxyId | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::WhatIf(_) => StatusCode::NOT_FOUND,
             Error::NotConnected(_) => StatusCode::NOT_FOUND,
             Error::ConfigDump(_) | Error::Metrics(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -172,6 +180,11 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/debug/syncz", "sync status of each connected proxy (istioctl proxy-status)"),
     ("/debug/config_dump?proxyID=POD.NS", "a proxy's envoy.admin.v3.ConfigDump (add &include_eds=true for EDS)"),
     ("/debug/explain?proxyID=POD.NS", "the priority each locality has for a proxy, and why"),
+    (
+        "/debug/whatif?proxyID=POD.NS&host=FQDN",
+        "each cluster's share of a proxy's requests now and with &drain=CLUSTER or &down=CLUSTER (or &region=R instead of proxyID)",
+    ),
+    ("/debug/trafficz", "the traffic policy's decisions: each cluster's share per source region, and why"),
     ("/debug/registryz", "federated services"),
     ("/debug/endpointz", "endpoints of every federated service, with cluster, network, locality and health"),
     ("/debug/clusterz", "Kubernetes clusters: source and sync status"),
@@ -200,6 +213,8 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/syncz", get(syncz))
         .route("/debug/config_dump", get(config_dump))
         .route("/debug/explain", get(explain_handler))
+        .route("/debug/whatif", get(whatif_handler))
+        .route("/debug/trafficz", get(trafficz))
         .route("/debug/registryz", get(registryz))
         .route("/debug/endpointz", get(endpointz))
         .route("/debug/clusterz", get(clusterz))
@@ -291,6 +306,52 @@ async fn explain_handler(State(s): State<DebugState>, Query(q): Params) -> Resul
     let conn = s.connections.find_proxy(id).ok_or_else(|| Error::NotConnected(id.to_string()))?;
     let e = explain::explain(&conn, &s.push.snapshot(), &s.clusters);
     Ok(json_out(&q, &e))
+}
+
+async fn whatif_handler(State(s): State<DebugState>, Query(q): Params) -> Result<Response, Error> {
+    use crate::proxy::{ProxyKind, TlsSupport};
+    let host = q.get("host").filter(|h| !h.is_empty()).ok_or_else(|| Error::BadRequest("no host given".into()))?;
+    let port = match q.get("port") {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().map_err(|_| Error::BadRequest(format!("port {p:?} is not a port")))?),
+    };
+    let cluster = |k: &str| q.get(k).filter(|v| !v.is_empty()).map(ClusterId::new);
+    let hypothesis = whatif::Hypothesis { drain: cluster("drain"), down: cluster("down") };
+    let snapshot = s.push.snapshot();
+    let (scope, clusters) = match (proxy_param(&q), q.get("region").filter(|r| !r.is_empty())) {
+        (Ok(id), _) => {
+            let conn = s.connections.find_proxy(id).ok_or_else(|| Error::NotConnected(id.to_string()))?;
+            let view = conn.view();
+            (view.endpoints, view.clusters)
+        }
+        (Err(_), Some(region)) => {
+            // a sidecar with mesh certificates in that region (and `network`, if given)
+            let zone = q.get("zone").map(String::as_str).unwrap_or("");
+            let scope = crate::translate::EndpointScope {
+                kind: ProxyKind::Sidecar,
+                network: crate::model::NetworkId::new(q.get("network").map(String::as_str).unwrap_or("")),
+                locality: crate::model::Locality::new(region, zone, ""),
+                cluster_id: None,
+                labels: Vec::new(),
+                tls: TlsSupport::Agent,
+                rules: Default::default(),
+            };
+            let clusters = crate::translate::ClusterScope {
+                kind: ProxyKind::Sidecar,
+                tls: TlsSupport::Agent,
+                rules: Default::default(),
+            };
+            (scope, clusters)
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let w = whatif::whatif(&snapshot, &scope, &clusters, host, port, &hypothesis, SystemTime::now())?;
+    Ok(json_out(&q, &w))
+}
+
+async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snapshot = s.push.snapshot();
+    json_out(&q, &json!({ "decisions": &*snapshot.context.traffic, "status": &*snapshot.traffic }))
 }
 
 async fn registryz(State(s): State<DebugState>, Query(q): Params) -> Response {

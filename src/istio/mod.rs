@@ -386,7 +386,15 @@ pub fn plan(inventory: &Inventory, mesh: &MeshConfig, options: &Options) -> Resu
     if selected.is_empty() {
         return Err(Error::NothingSelected(describe_selection(&options.selection)));
     }
-    let ctx = translate::Context::from_mesh(mesh).with_registry(registry);
+    let mut ctx = translate::Context::from_mesh(mesh).with_registry(registry);
+    // the services a traffic split covers need locality weighting (meshfed's EDS carries the split)
+    let traffic = crate::traffic::decide_all(
+        &mesh.traffic,
+        registry.services().values().map(|s| &**s),
+        std::time::SystemTime::now(),
+        &Default::default(),
+    );
+    ctx.traffic = Arc::new(traffic.decisions);
     let mut warnings = inventory.warnings.clone();
     let mut notes = Vec::new();
     let mut ports = Vec::new();
@@ -651,6 +659,26 @@ mod tests {
             p.cluster_match(Subsets::Exclude),
             ClusterMatch::Name("outbound|9080||reviews.shop.svc.cluster.local".into())
         );
+    }
+
+    /// Beside istiod the CDS is istiod's: the MERGE adds locality weighting to the clusters of services a
+    /// traffic split covers (else Envoy would ignore the split's locality weights).
+    #[tokio::test]
+    async fn a_traffic_split_asks_for_locality_weighting() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::demo::write_to(dir.path()).unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let yaml = "clusters:\n  - {id: aws-use1, network: aws-net, manifests: aws-use1}\n  - {id: azure-weu, network: azure-net, manifests: azure-weu}\n\
+                    traffic:\n  policies:\n    - hosts: [frontend.shop.svc.cluster.local]\n      split: {us-east-1: {aws-use1: 70, azure-weu: 30}}\n";
+        for (traffic, weighted) in [(false, false), (true, true)] {
+            let text = if traffic { yaml.to_string() } else { yaml.split("traffic:").next().unwrap().to_string() };
+            std::fs::write(&path, text).unwrap();
+            let mesh = MeshConfig::load(&path).unwrap();
+            let inventory = Inventory::load(&mesh, false).await.unwrap();
+            let plan = plan(&inventory, &mesh, &options()).unwrap();
+            let frontend = plan.ports.iter().find(|p| &*p.service.name == "frontend").expect("frontend wired");
+            assert_eq!(frontend.extras.locality_weighted, weighted, "traffic: {traffic}");
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum Command {
     ResolvedGateways(std::collections::BTreeMap<String, Vec<std::net::IpAddr>>),
     /// The gateway probes' new verdict ([`crate::liveness`]).
     GatewayVerdict(crate::liveness::Verdict),
+    /// A new (validated) traffic policy ([`crate::traffic`]).
+    TrafficPolicy(crate::traffic::TrafficPolicy),
 }
 
 /// A handle to the push loop for xDS streams and the debug surface.
@@ -71,6 +73,13 @@ impl PushHandle {
     /// endpoints in the networks whose verdict changed, at once).
     pub fn set_gateway_verdict(&self, verdict: crate::liveness::Verdict) {
         let _ = self.commands.send(Command::GatewayVerdict(verdict));
+    }
+
+    /// Hands a new, validated traffic policy to the push loop (the mesh config's `traffic:`); it decides
+    /// again and pushes what changed. A policy that does not validate never gets here: the last good one
+    /// keeps serving.
+    pub fn set_traffic_policy(&self, policy: crate::traffic::TrafficPolicy) {
+        let _ = self.commands.send(Command::TrafficPolicy(policy));
     }
 
     /// The mesh-wide configuration warnings ([`translate::diagnostics`]), as of the last push (at most
@@ -235,6 +244,10 @@ pub struct Pusher {
     /// the mesh config has `gatewayProbes`: a cluster whose network's gateways are up is not demoted
     /// for its API alone
     gateway_probes: bool,
+    /// the traffic policy, the failover state and when the decisions change next by themselves
+    traffic: Arc<crate::traffic::Status>,
+    /// the translation context as last published (shared with the snapshots)
+    published_ctx: Arc<Context>,
 }
 
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
@@ -270,6 +283,15 @@ impl Pusher {
             events_in_push: 0,
             unreachable_grace: mesh.unreachable_grace_period,
             gateway_probes: mesh.gateway_probes.is_some(),
+            traffic: Arc::new(crate::traffic::Status {
+                policy: {
+                    let mut p = mesh.traffic.clone();
+                    p.stamp(&crate::traffic::TrafficPolicy::default(), std::time::SystemTime::now());
+                    p
+                },
+                ..Default::default()
+            }),
+            published_ctx: Arc::default(),
         };
         (pusher, rx)
     }
@@ -543,6 +565,65 @@ impl Pusher {
         &self.ctx
     }
 
+    /// A new traffic policy: drains keep their start if the previous policy had them; everything is
+    /// decided and translated again at the next push.
+    pub fn set_traffic_policy(&mut self, mut policy: crate::traffic::TrafficPolicy) {
+        let now = std::time::SystemTime::now();
+        policy.stamp(&self.traffic.policy, now);
+        if policy != self.traffic.policy {
+            info!(policies = policy.policies.len(), drains = policy.drains.len(), "traffic policy changed");
+            self.traffic = Arc::new(crate::traffic::Status { policy, ..(*self.traffic).clone() });
+            self.context_changed = true;
+        }
+    }
+
+    /// Decides the traffic of every covered service at `now` ([`crate::traffic::decide_all`]): updates
+    /// `ctx.traffic` and the failover state, and returns the services whose decision changed as endpoint
+    /// changes (a service that became covered or uncovered changes its cluster too: everything is
+    /// translated again).
+    pub fn refresh_traffic(&mut self, now: std::time::SystemTime) -> RegistryChange {
+        let mut change = RegistryChange::default();
+        let status = &self.traffic;
+        if status.policy.policies.is_empty() && self.ctx.traffic.services.is_empty() && status.failover.is_empty() {
+            return change;
+        }
+        let all = crate::traffic::decide_all(
+            &status.policy,
+            self.registry.services().values().map(|s| &**s),
+            now,
+            &status.failover,
+        );
+        let old = &self.ctx.traffic;
+        if old.last_resort != all.decisions.last_resort || !old.services.keys().eq(all.decisions.services.keys()) {
+            self.context_changed = true;
+        } else {
+            for s in self.registry.services().values() {
+                if old.services.get(&s.hostname) != all.decisions.services.get(&s.hostname) {
+                    change.services.insert(s.key.clone(), ChangeKind::Endpoints);
+                }
+            }
+        }
+        if *self.ctx.traffic != all.decisions {
+            debug!(services = all.decisions.services.len(), "traffic decisions changed");
+            self.ctx.traffic = Arc::new(all.decisions);
+        }
+        if status.failover != all.failover || status.next_change != all.next_change {
+            self.traffic = Arc::new(crate::traffic::Status {
+                policy: status.policy.clone(),
+                failover: all.failover,
+                next_change: all.next_change,
+            });
+        }
+        change
+    }
+
+    /// When the traffic decisions change next by themselves.
+    fn next_traffic_change(&self) -> Option<tokio::time::Instant> {
+        let at = self.traffic.next_change?;
+        let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        Some(tokio::time::Instant::now() + wait)
+    }
+
     /// Demotes the clusters unreachable for at least the grace period at `now` (and restores those that
     /// are reachable again): updates `ctx.demoted_clusters` and returns the services with endpoints in a
     /// cluster whose demotion changed, as endpoint changes.
@@ -608,6 +689,8 @@ impl Pusher {
     /// Publishes the current scopes as the next snapshot.
     pub fn publish(&mut self, mut changes: Changes) -> u64 {
         self.generation += 1;
+        // (cheap: shared parts)
+        self.published_ctx = Arc::new(self.ctx.clone());
         for c in changes.by_type.iter_mut() {
             if c.as_ref().is_some_and(|c| c.0.is_empty()) {
                 *c = None;
@@ -654,6 +737,8 @@ impl Pusher {
             gateway_verdict: self.ctx.gateway_verdict.clone(),
             clusters_summary: Arc::new(self.registry.cluster_summaries()),
             view_keys: self.view_keys.clone(),
+            context: self.published_ctx.clone(),
+            traffic: self.traffic.clone(),
         }
     }
 
@@ -693,6 +778,7 @@ impl Pusher {
             let demotion = self.next_demotion();
             let warnings_due = self.warnings_due;
             let sweep = self.next_sweep();
+            let traffic_due = self.next_traffic_change();
             tokio::select! {
                 biased;
                 cmd = commands.recv() => {
@@ -727,6 +813,14 @@ impl Pusher {
                         first_change.get_or_insert(last_change);
                     }
                 }
+                _ = async { tokio::time::sleep_until(traffic_due.expect("guarded")).await }, if traffic_due.is_some() => {
+                    // a ramp step, an expiry or a failback is due: push now (the decision is the change)
+                    let mut change = std::mem::take(&mut pending);
+                    // a little slack, so that a timer firing on the deadline does not find it a hair early
+                    change.merge(self.refresh_traffic(std::time::SystemTime::now() + std::time::Duration::from_millis(5)));
+                    first_change = None;
+                    self.push(change, false);
+                }
                 _ = async { tokio::time::sleep_until(tokio::time::Instant::from_std(warnings_due.expect("guarded"))).await }, if warnings_due.is_some() => {
                     self.refresh_warnings();
                 }
@@ -756,6 +850,12 @@ impl Pusher {
                     self.push(RegistryChange::default(), false);
                 }
             }
+            Command::TrafficPolicy(policy) => {
+                self.set_traffic_policy(policy);
+                if self.context_changed {
+                    self.push(RegistryChange::default(), false);
+                }
+            }
             Command::GatewayVerdict(verdict) => {
                 let mut change = self.set_gateway_verdict(verdict);
                 change.merge(self.refresh_demoted(std::time::SystemTime::now()));
@@ -766,8 +866,11 @@ impl Pusher {
         }
     }
 
-    fn push(&mut self, change: RegistryChange, initial: bool) {
+    fn push(&mut self, mut change: RegistryChange, initial: bool) {
         let started = Instant::now();
+        // the traffic decisions follow the registry in the same push (a cluster below minHealthy loses
+        // its share in the push that brings its endpoints' health)
+        change.merge(self.refresh_traffic(std::time::SystemTime::now()));
         let structural =
             initial || change.has_shape_change() || change.policies || change.gateways || self.context_changed;
         let mut changes = self.translate(&change);
@@ -845,6 +948,7 @@ pub fn start(
 mod tests {
     use super::*;
     use crate::proxy::Proxy;
+    use prost::Message;
 
     fn demo_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -901,6 +1005,66 @@ mod tests {
                 assert!(Arc::ptr_eq(r, &lds[name]));
             }
         }
+    }
+
+    #[test]
+    fn a_traffic_policy_is_decided_in_the_push_and_a_ramp_step_changes_only_its_services() {
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let view = {
+            let mut v = sidecar("127.0.50.1");
+            v.endpoints.locality = crate::model::Locality::parse("us-east-1/us-east-1a");
+            v
+        };
+        pusher.attach(&view);
+        let now = std::time::SystemTime::now();
+        let expires = crate::traffic::decide::time_str(now + std::time::Duration::from_secs(3600));
+        let yaml = format!(
+            "policies: [{{hosts: [reviews.shop.svc.cluster.local], split: {{us-east-1: {{aws-use1: 70, azure-weu: 30}}}}}}]\n\
+             drains: [{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 30s}}, expires: '{expires}'}}]\n"
+        );
+        let ids = [crate::model::ClusterId::new("aws-use1"), crate::model::ClusterId::new("azure-weu")];
+        let policy = crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap();
+        pusher.set_traffic_policy(policy);
+        pusher.push(RegistryChange::default(), false);
+        let reviews = "reviews.shop.svc.cluster.local";
+        let shares = |p: &Pusher| {
+            p.context()
+                .traffic
+                .shares(reviews, "us-east-1")
+                .unwrap()
+                .values()
+                .map(|s| s.share.round() as u32)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shares(&pusher), vec![85, 15], "first ramp step: azure at 50% of 30");
+        assert!(!pusher.context().traffic.services.contains_key("ratings.shop.svc.cluster.local"));
+        let due = pusher.traffic.next_change.expect("the next ramp step");
+        assert!(due > now && due <= now + std::time::Duration::from_secs(31), "{due:?}");
+        // the EDS of the us-east-1 sidecar: the split at priority 0
+        let snapshot = pusher.refresh_latest();
+        let eds = snapshot.resources(&view, ResourceType::Endpoint).unwrap();
+        let body = &eds[&*format!("outbound|9080||{reviews}")].body;
+        let any = prost_types_any(body);
+        let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(&*any).unwrap();
+        let p0: u32 =
+            cla.endpoints.iter().filter(|l| l.priority == 0).map(|l| l.load_balancing_weight.unwrap().value).sum();
+        assert_eq!(p0, 100_000, "{cla:?}");
+        // at the step: only reviews changes
+        let change = pusher.refresh_traffic(due + std::time::Duration::from_millis(1));
+        assert_eq!(change.services.keys().map(|k| k.to_string()).collect::<Vec<_>>(), vec!["shop/reviews".to_string()]);
+        assert_eq!(shares(&pusher), vec![100, 0]);
+        assert_eq!(pusher.traffic.next_change, Some(pusher.traffic.policy.drains[0].expires), "then the expiry");
+        // the policy removed: everything back as before, and re-translated
+        pusher.set_traffic_policy(crate::traffic::TrafficPolicy::default());
+        let change = pusher.refresh_traffic(due);
+        assert!(change.services.is_empty() && pusher.context_changed, "uncovered: a full translation");
+        assert!(pusher.context().traffic.services.is_empty());
+    }
+
+    /// The message in an encoded `Any`.
+    fn prost_types_any(body: &[u8]) -> Vec<u8> {
+        let any = envoy_types::pb::google::protobuf::Any::decode(body).unwrap();
+        any.value
     }
 
     #[test]

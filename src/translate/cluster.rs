@@ -164,7 +164,9 @@ pub fn port_cluster(
         common.healthy_panic_threshold = Some(panic);
         set_common = true;
     }
-    if policy.distribute_active() || (policy.failover_active() && !policy.locality_lb.failover.is_empty()) {
+    // a traffic split is a set of locality weights
+    let split = ctx.traffic.services.contains_key(&service.hostname);
+    if policy.distribute_active() || (policy.failover_active() && !policy.locality_lb.failover.is_empty()) || split {
         common.locality_config_specifier =
             Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {}));
         set_common = true;

@@ -179,6 +179,31 @@ fn endpoint_priority(ctx: &Context, scope: &EndpointScope, policy: &EffectivePol
 /// Priority offset of endpoints in demoted clusters and fenced networks (compacted away afterwards).
 const DEMOTED: u32 = 1 << 16;
 
+/// Priority offset of the endpoints of a cluster a traffic split gives no share (last resort).
+const LAST_RESORT: u32 = 1 << 20;
+
+/// Priority of an endpoint under a traffic split ([`crate::traffic`]) for the proxy's region: the
+/// clusters with a share at 0 (their localities weighted by share), the clusters the split does not name
+/// after them at their usual priorities, the clusters at share 0 last (or left out: None) — and a
+/// cluster demoted as unreachable or fenced stays after the others.
+fn split_priority(
+    ctx: &Context,
+    scope: &EndpointScope,
+    policy: &EffectivePolicy,
+    shares: &crate::traffic::decide::RegionShares,
+    ep: &Endpoint,
+) -> Option<u32> {
+    let usual = endpoint_priority(ctx, scope, policy, ep);
+    match shares.get(&ep.cluster) {
+        Some(s) if s.share > 0.0 => Some(if usual >= DEMOTED { usual + 1 } else { 0 }),
+        Some(_) => ctx.traffic.last_resort.then_some(LAST_RESORT + usual),
+        None => Some(usual + 1),
+    }
+}
+
+/// Locality weight per percent of share (a share of 100% is a weight of 100,000 in all).
+const SPLIT_WEIGHT_SCALE: f64 = 1000.0;
+
 /// Is an endpoint on the proxy's network? (An unset network on either side counts as the same.)
 fn same_network(scope: &EndpointScope, ep: &Endpoint) -> bool {
     scope.network.is_empty() || ep.network.is_empty() || scope.network == ep.network
@@ -263,6 +288,13 @@ pub fn port_load_assignment(
     let reach_other_networks = scope.kind == ProxyKind::Sidecar && scope.tls != TlsSupport::None;
     // the groups holding endpoints of the proxy's own network (the others hold only gateways)
     let mut has_local: std::collections::BTreeSet<(u32, &Locality)> = std::collections::BTreeSet::new();
+    // a traffic split for the proxy's region (sidecars: gateways forward their own network's endpoints)
+    let split = match scope.kind {
+        ProxyKind::Sidecar => ctx.traffic.shares(&service.hostname, &scope.locality.region),
+        ProxyKind::Router => None,
+    };
+    // the endpoints sent, with their priority before compaction and whether they are local
+    let mut sent: Vec<(&Endpoint, u16, u32, bool)> = Vec::with_capacity(service.endpoints.len());
     for ep in &service.endpoints {
         if ep.health != Health::Healthy && !ctx.send_unhealthy_endpoints {
             continue;
@@ -271,8 +303,36 @@ pub fn port_load_assignment(
             continue;
         }
         let Some(target_port) = ep.port_for(&port.name) else { continue };
-        let priority = endpoint_priority(ctx, scope, &policy, ep);
-        if same_network(scope, ep) {
+        let priority = match split {
+            None => endpoint_priority(ctx, scope, &policy, ep),
+            Some(shares) => match split_priority(ctx, scope, &policy, shares, ep) {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        let local = same_network(scope, ep);
+        if local || (reach_other_networks && ep.tls_mode() == TlsMode::Istio && ep.health == Health::Healthy) {
+            sent.push((ep, target_port, priority, local));
+        }
+    }
+    // under a split: each cluster's share spread over its priority-0 endpoints, summed per locality
+    let mut split_weights: BTreeMap<&Locality, f64> = BTreeMap::new();
+    if let Some(shares) = split {
+        let mut at_zero: BTreeMap<&ClusterId, u32> = BTreeMap::new();
+        for (ep, _, p, _) in &sent {
+            if *p == 0 {
+                *at_zero.entry(&ep.cluster).or_default() += 1;
+            }
+        }
+        for (ep, _, p, _) in &sent {
+            if *p == 0 {
+                let share = shares.get(&ep.cluster).map_or(0.0, |s| s.share);
+                *split_weights.entry(&ep.locality).or_default() += share / at_zero[&ep.cluster] as f64;
+            }
+        }
+    }
+    for (ep, target_port, priority, local) in sent {
+        if local {
             has_local.insert((priority, &ep.locality));
             groups.entry((priority, &ep.locality)).or_default().push(lb_endpoint(
                 ep.address,
@@ -281,7 +341,7 @@ pub fn port_load_assignment(
                 1,
                 endpoint_metadata(ep),
             ));
-        } else if reach_other_networks && ep.tls_mode() == TlsMode::Istio && ep.health == Health::Healthy {
+        } else {
             *remote.entry((priority, &ep.locality, &ep.network)).or_default() += 1;
         }
     }
@@ -347,7 +407,16 @@ pub fn port_load_assignment(
         .iter()
         .map(|(_, _, eps)| eps.iter().map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value)).sum())
         .collect();
-    if policy.distribute_active() {
+    if split.is_some() {
+        // the split's localities (priority 0 before compaction) weighted by share; a split replaces
+        // `distribute`
+        for ((p, l, _), w) in localities.iter().zip(weights.iter_mut()) {
+            if *p == 0 {
+                let share = split_weights.get(*l).copied().unwrap_or(0.0);
+                *w = ((share * SPLIT_WEIGHT_SCALE).round() as u32).max(1);
+            }
+        }
+    } else if policy.distribute_active() {
         distribute(&policy.locality_lb.distribute, &scope.locality, &localities, &mut weights);
     }
     localities.iter_mut().zip(&priorities).for_each(|(l, p)| l.0 = *p);
@@ -1234,5 +1303,160 @@ mod tests {
         assert_eq!(cla.cluster_name, "outbound_.9080_._.reviews.shop.svc.cluster.local");
         assert_eq!(cla.endpoints.len(), 1);
         assert_eq!(hosts(&cla.endpoints[0]), vec![("127.0.3.21:9080".into(), 1)]);
+    }
+
+    // ---- traffic splits ----
+
+    /// Decisions for reviews from us-east-1: `shares` per cluster.
+    fn split_ctx(mut c: Context, shares: &[(&str, f64)], last_resort: bool) -> Context {
+        use crate::traffic::decide::{Decision, Share};
+        let row = shares
+            .iter()
+            .map(|(id, share)| (ClusterId::new(id), Share { share: *share, split: 0, reason: "test".into() }))
+            .collect();
+        let decision = Decision { by_region: BTreeMap::from([(Arc::from("us-east-1"), row)]), notes: vec![] };
+        c.traffic = Arc::new(crate::traffic::Decisions {
+            services: BTreeMap::from([(Arc::from("reviews.shop.svc.cluster.local"), Arc::new(decision))]),
+            last_resort,
+        });
+        c
+    }
+
+    /// aws (cluster a, network n): 2 endpoints in us-east-1a, 1 in us-east-1b; azure (cluster b, network
+    /// azure behind one gateway): 2 in westeurope-1; c: 1 endpoint in ap-south-1 (network n).
+    fn split_service() -> Service {
+        service(vec![
+            mtls(ep("127.0.1.21", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.1.22", "a", "us-east-1/us-east-1a", Health::Healthy), "n"),
+            mtls(ep("127.0.2.21", "a", "us-east-1/us-east-1b", Health::Healthy), "n"),
+            mtls(ep("127.0.3.21", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.3.22", "b", "westeurope/westeurope-1", Health::Healthy), "azure"),
+            mtls(ep("127.0.5.21", "c", "ap-south-1/ap-south-1a", Health::Healthy), "n"),
+        ])
+    }
+
+    #[test]
+    fn a_split_is_priority_zero_weighted_by_share_through_the_gateway_too() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let c = split_ctx(c, &[("a", 70.0), ("b", 30.0)], true);
+        let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_eq!(
+            shape(&cla),
+            vec![
+                // a's 70% over its 3 endpoints: 2/3 in us-east-1a, 1/3 in us-east-1b
+                (
+                    "us-east-1/us-east-1a".into(),
+                    0,
+                    46_667,
+                    vec![("127.0.1.21:9080".into(), 1), ("127.0.1.22:9080".into(), 1)]
+                ),
+                ("us-east-1/us-east-1b".into(), 0, 23_333, vec![("127.0.2.21:9080".into(), 1)]),
+                // b's 30% on the gateway locality (split horizon: the gateway stands for b's 2 endpoints)
+                ("westeurope/westeurope-1".into(), 0, 30_000, vec![("127.0.20.1:15443".into(), 2)]),
+                // c, not in the split: after the split, at its usual priority
+                ("ap-south-1/ap-south-1a".into(), 1, 1, vec![("127.0.5.21:9080".into(), 1)]),
+            ]
+        );
+        // Envoy's math gives 70/30 to the clusters
+        let shares = crate::traffic::lb::shares(&crate::traffic::lb::localities(&cla), true, 140);
+        let aws: f64 = shares[..2].iter().map(|l| l.share).sum();
+        assert!((aws - 0.7).abs() < 1e-4, "{shares:?}");
+        assert_eq!(shares[3].share, 0.0);
+    }
+
+    #[test]
+    fn a_cluster_at_share_zero_is_last_resort_or_left_out() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let last = split_ctx(c.clone(), &[("a", 100.0), ("b", 0.0)], true);
+        let cla = load_assignment(&last, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        let sh = shape(&cla);
+        assert_eq!(
+            sh.iter().map(|l| (l.0.as_str(), l.1)).collect::<Vec<_>>(),
+            vec![
+                ("us-east-1/us-east-1a", 0),
+                ("us-east-1/us-east-1b", 0),
+                ("ap-south-1/ap-south-1a", 1),
+                ("westeurope/westeurope-1", 2),
+            ]
+        );
+        assert_eq!(sh[0].2 + sh[1].2, 100_000);
+        let off = split_ctx(c, &[("a", 100.0), ("b", 0.0)], false);
+        let cla = load_assignment(&off, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert!(shape(&cla).iter().all(|l| !l.0.starts_with("westeurope")), "{:?}", shape(&cla));
+    }
+
+    #[test]
+    fn a_split_applies_to_its_region_and_sidecars_only() {
+        let mut c = ctx(true);
+        c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
+        let s = split_service();
+        let plain = load_assignment(&c, &scope("westeurope/westeurope-1"), &s, &s.ports[0]);
+        let split = split_ctx(c.clone(), &[("a", 70.0), ("b", 30.0)], true);
+        // another source region: the usual assignment, byte for byte
+        assert_eq!(load_assignment(&split, &scope("westeurope/westeurope-1"), &s, &s.ports[0]), plain);
+        // gateways: their own network's endpoints as before
+        let router = EndpointScope { kind: ProxyKind::Router, ..scope("us-east-1/us-east-1a") };
+        assert_eq!(load_assignment(&split, &router, &s, &s.ports[0]), load_assignment(&c, &router, &s, &s.ports[0]));
+        // another service: untouched
+        let mut other = s.clone();
+        other.hostname = "ratings.shop.svc.cluster.local".into();
+        assert_eq!(
+            load_assignment(&split, &scope("us-east-1/us-east-1a"), &other, &other.ports[0]),
+            load_assignment(&c, &scope("us-east-1/us-east-1a"), &other, &other.ports[0])
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the shares and endpoints, Envoy's math on the assignment gives each split cluster its
+        /// share (within rounding), a cluster at 0 nothing, and a cluster the split does not name nothing.
+        #[test]
+        fn envoy_gives_each_cluster_its_share(
+            share_a in 0u32..=100,
+            zones_a in proptest::collection::vec(1u8..4, 1..3),
+            zones_b in proptest::collection::vec(1u8..4, 1..3),
+            extra_c in 1u8..3,
+            gateways in 1usize..3,
+        ) {
+            let mut c = ctx(true);
+            c.gateways = Arc::new((1..=gateways).map(|i| gateway("azure", &format!("127.0.20.{i}"))).collect());
+            let mut eps = Vec::new();
+            for (z, n) in zones_a.iter().enumerate() {
+                for h in 0..*n {
+                    eps.push(mtls(ep(&format!("127.0.1{z}.{}", 10 + h), "a", &format!("us-east-1/us-east-1{z}"), Health::Healthy), "n"));
+                }
+            }
+            for (z, n) in zones_b.iter().enumerate() {
+                for h in 0..*n {
+                    eps.push(mtls(ep(&format!("127.0.3{z}.{}", 10 + h), "b", &format!("westeurope/westeurope-{z}"), Health::Healthy), "azure"));
+                }
+            }
+            for h in 0..extra_c {
+                eps.push(mtls(ep(&format!("127.0.5.{}", 10 + h), "c", "ap-south-1/ap-south-1a", Health::Healthy), "n"));
+            }
+            let s = service(eps);
+            let c = split_ctx(c, &[("a", share_a as f64), ("b", (100 - share_a) as f64)], true);
+            let cla = load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+            let shares = crate::traffic::lb::shares(&crate::traffic::lb::localities(&cla), true, 140);
+            let mut by_cluster: BTreeMap<&str, f64> = BTreeMap::new();
+            for l in &shares {
+                for (addr, share) in &l.hosts {
+                    let cluster = if addr.starts_with("127.0.1") { "a" } else if addr.starts_with("127.0.20.") { "b" } else { "c" };
+                    *by_cluster.entry(cluster).or_default() += share;
+                }
+            }
+            let got = |c: &str| by_cluster.get(c).copied().unwrap_or(0.0);
+            proptest::prop_assert!((got("a") - share_a as f64 / 100.0).abs() < 1e-3, "{by_cluster:?} {:?}", shape(&cla));
+            proptest::prop_assert!((got("b") - (100 - share_a) as f64 / 100.0).abs() < 1e-3, "{by_cluster:?} {:?}", shape(&cla));
+            proptest::prop_assert_eq!(got("c"), 0.0);
+            // Envoy's constraints: contiguous priorities from 0, weights >= 1
+            let mut p: Vec<u32> = cla.endpoints.iter().map(|l| l.priority).collect();
+            p.dedup();
+            proptest::prop_assert!(p.windows(2).all(|w| w[1] >= w[0]) && p.iter().enumerate().all(|(i, x)| *x as usize <= i));
+            proptest::prop_assert!(cla.endpoints.iter().all(|l| l.load_balancing_weight.is_some_and(|w| w.value >= 1)));
+        }
     }
 }

@@ -51,6 +51,9 @@ pub struct Context {
     /// the gateway probes' verdict (empty when probing is off): a fenced network's endpoints go to last
     /// resort for proxies on other networks; a down gateway address leaves its network's gateway list
     pub gateway_verdict: Arc<crate::liveness::Verdict>,
+    /// the traffic policy's decisions ([`crate::traffic::decide`]): per covered service and source
+    /// region, each cluster's share (priority-0 locality weights)
+    pub traffic: Arc<crate::traffic::Decisions>,
 }
 
 impl Default for Context {
@@ -65,6 +68,7 @@ impl Default for Context {
             resolved: Arc::default(),
             demoted_clusters: Arc::default(),
             gateway_verdict: Arc::default(),
+            traffic: Arc::default(),
         }
     }
 }

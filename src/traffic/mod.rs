@@ -1,0 +1,100 @@
+//! Traffic control (the mesh config's `traffic:` section): active-active splits of a service's traffic
+//! between clusters by source region, failover of a cluster whose healthy endpoints fall below a
+//! threshold (and failback after a delay), and drains that ramp a cluster's share down.
+//!
+//! - [`policy`]: the `traffic:` model and its validation against the mesh's clusters;
+//! - [`decide`]: pure: policy, per-cluster health of a service, `now` and the previous failover state ->
+//!   the share each cluster gets per source region, why, and when that changes next;
+//! - [`lb`]: Envoy's load-balancing math (priority load with the overprovisioning factor, locality
+//!   weights times availability), to predict what Envoy does with an assignment (`/debug/whatif`).
+//!
+//! Translation ([`crate::translate::endpoint`]) turns the decisions into priority-0 locality weights; the
+//! push loop ([`crate::push`]) owns the policy and the failover state and re-decides on registry changes
+//! and at the next change time.
+
+pub mod decide;
+pub mod lb;
+pub mod policy;
+
+pub use decide::{Decision, Decisions, FailoverState, ServiceHealth};
+pub use policy::TrafficPolicy;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::model::{Health, Service};
+
+/// The push loop's traffic state, as the debug surface reads it.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    #[serde(skip)]
+    pub policy: TrafficPolicy,
+    /// hostname -> its failed-over clusters
+    pub failover: BTreeMap<Arc<str>, FailoverState>,
+    /// when the decisions change next by themselves (a ramp step, an expiry, a failback)
+    #[serde(serialize_with = "ser_opt_time")]
+    pub next_change: Option<SystemTime>,
+}
+
+fn ser_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(&decide::time_str(*t)),
+        None => s.serialize_none(),
+    }
+}
+
+/// A service's endpoints per cluster: all, healthy, and their regions.
+pub fn service_health(service: &Service) -> ServiceHealth {
+    let mut out = ServiceHealth::new();
+    for e in &service.endpoints {
+        let h = out.entry(e.cluster.clone()).or_default();
+        h.total += 1;
+        h.healthy += u32::from(e.health == Health::Healthy);
+        if !e.locality.region.is_empty() {
+            h.regions.insert(e.locality.region.clone());
+        }
+    }
+    out
+}
+
+/// Every covered service's decision.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct All {
+    pub decisions: Decisions,
+    pub failover: BTreeMap<Arc<str>, FailoverState>,
+    pub next_change: Option<SystemTime>,
+}
+
+/// Decides every service `policy` covers (see [`decide::decide`]); `previous`: the failover state by
+/// hostname.
+pub fn decide_all<'a>(
+    policy: &TrafficPolicy,
+    services: impl IntoIterator<Item = &'a Service>,
+    now: SystemTime,
+    previous: &BTreeMap<Arc<str>, FailoverState>,
+) -> All {
+    let mut all =
+        All { decisions: Decisions { last_resort: policy.last_resort, ..Default::default() }, ..Default::default() };
+    if policy.policies.is_empty() {
+        return all;
+    }
+    for s in services {
+        let Some(split) = policy.policy_for(&s.hostname) else { continue };
+        let empty = FailoverState::new();
+        let prev = previous.get(&s.hostname).unwrap_or(&empty);
+        let o = decide::decide(policy, split, &service_health(s), now, prev);
+        if !o.failover.is_empty() {
+            all.failover.insert(s.hostname.clone(), o.failover);
+        }
+        all.next_change = match (all.next_change, o.next_change) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        all.decisions.services.insert(s.hostname.clone(), Arc::new(o.decision));
+    }
+    all
+}

@@ -1,0 +1,335 @@
+//! Traffic control ([`meshfed::traffic`]) with real Envoys across two clouds on loopback: an active-active
+//! split of ratings:9080 70/30 between aws-use1 and azure-weu measured over 2,000 requests, a drain of
+//! azure-weu (capacity 50, then a ramp to 0 stepped by the push loop's timer), `/debug/whatif`'s
+//! prediction against what Envoy really sent, and failover of a cluster whose healthy endpoints fall
+//! below `minHealthy` in one push.
+//!
+//! Topology as in `tests/cross_cloud.rs` (see there), with meshfed in process (the traffic policy is
+//! handed to the push loop as the mesh config's live reload will hand it: `PushHandle::set_traffic_policy`):
+//! a client sidecar in us-east-1a (aws-net); AWS backends 127.o.{1,2}.{31,32}:9080 (plain HTTP); Azure
+//! reached through its east-west gateway 127.o.20.1:15443 over mTLS, two Azure sidecars 127.o.{3,4}.31
+//! in front of their apps. Every backend answers with the endpoint address it stands for.
+//!
+//! Needs Envoy (see `support::envoy_path`); a missing Envoy fails the test.
+
+use meshfed_testkit as support;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use meshfed::app::{DebugListener, Listen, Options, XdsListener};
+use meshfed::mesh_config::MeshConfig;
+use meshfed::model::ClusterId;
+use meshfed::source::SourceEvent;
+use meshfed::topology::TopologyObject;
+use meshfed::traffic::TrafficPolicy;
+use support::server::TestServer;
+use support::slices::SliceDocs;
+use support::{Backend, BootstrapSpec, Envoy, TestCa, addr4, bootstrap_with, http_get, ip4, poll_until, start_envoy};
+
+const PORT: u16 = 9080;
+const RATINGS: &str = "ratings.shop.svc.cluster.local";
+const OCTET: u8 = 93;
+/// ratings' first endpoint in each zone (the second is +1)
+const HOST: u8 = 31;
+const AZURE_PODS: [&str; 2] = ["ratings-v1-4c7d5-a1", "ratings-v1-4c7d5-b1"];
+const APP_OFFSET: u8 = 100;
+const TOTAL: usize = 2000;
+/// points the measured share may differ from the expected one
+const TOLERANCE: f64 = 5.0;
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The copied demo: AWS pods without sidecars (plain backends), one Azure endpoint per zone.
+fn prepare_demo(dir: &Path) -> Result<()> {
+    let pods = dir.join("aws-use1/pods.yaml");
+    let text = std::fs::read_to_string(&pods)?;
+    let plain = text.replace("    security.istio.io/tlsMode: istio\n", "");
+    ensure!(plain != text, "no tlsMode label in {}", pods.display());
+    std::fs::write(&pods, plain)?;
+    let slices = dir.join("azure-weu/endpointslices.yaml");
+    let mut docs = SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
+    for doc in &mut docs.0 {
+        let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
+        endpoints.retain(|ep| !ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32")));
+    }
+    support::write_atomically(&slices, &docs.to_yaml()?)
+}
+
+/// A `traffic:` section: ratings from us-east-1 70/30, failover below 50% healthy (failback after 1 s),
+/// and `drains` (YAML list items, or empty).
+fn policy(drains: &str) -> Result<TrafficPolicy> {
+    let yaml = format!(
+        "policies:\n  - hosts: [{RATINGS}]\n    split:\n      us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      westeurope: {{azure-weu: 70, aws-use1: 30}}\n    failover: {{minHealthy: 50, failbackAfter: 1s}}\ndrains: [{drains}]\n"
+    );
+    let ids = [ClusterId::new("aws-use1"), ClusterId::new("azure-weu")];
+    Ok(TrafficPolicy::parse(&serde_yaml::from_str(&yaml)?, &ids, SystemTime::now())?)
+}
+
+fn expires() -> String {
+    meshfed::traffic::decide::time_str(SystemTime::now() + Duration::from_secs(3600))
+}
+
+struct Mesh {
+    client: Envoy,
+    _azure: Vec<(Envoy, Backend)>,
+    _gateway: Envoy,
+    _aws: Vec<Backend>,
+    server: TestServer,
+    mesh: MeshConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    async fn start() -> Result<Mesh> {
+        support::envoy_path();
+        let dir = tempfile::Builder::new().prefix("meshfed-traffic-").tempdir()?;
+        let mesh_path = support::server::copy_demo(dir.path(), OCTET);
+        prepare_demo(dir.path())?;
+        // the policy from the mesh config, as `meshfed serve` reads it
+        let text = std::fs::read_to_string(&mesh_path)?;
+        let section = format!(
+            "traffic:\n  policies:\n    - hosts: [{RATINGS}]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n        westeurope: {{azure-weu: 70, aws-use1: 30}}\n      failover: {{minHealthy: 50, failbackAfter: 1s}}\n"
+        );
+        std::fs::write(&mesh_path, format!("{text}\n{section}"))?;
+        let mesh = MeshConfig::load(&mesh_path)?;
+        ensure!(mesh.traffic == policy("")?, "the mesh config's traffic: section");
+        let mut options = Options::in_process(mesh.clone(), support::server::files_events(&mesh));
+        options.xds.push(XdsListener::loopback_unlimited());
+        options.debug = Some(DebugListener { listen: Listen::loopback(), access: Default::default(), demo: false });
+        let server = TestServer::with_options(options).await;
+        let xds = server.xds_addr.port();
+
+        let ca = TestCa::new(&dir.path().join("certs"))?;
+        let spiffe = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
+        let client_id = ca.issue("client", &spiffe("client"))?;
+        let workload_id = ca.issue("ratings", &spiffe("ratings"))?;
+        let gateway_ip = ip4(OCTET, 20, 1);
+        let mut specs = vec![
+            BootstrapSpec {
+                cluster_id: Some("azure-weu".into()),
+                network: Some("azure-net".into()),
+                locality: Some("westeurope/westeurope-1".into()),
+                ..BootstrapSpec::new(
+                    &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
+                    xds,
+                )
+            },
+            BootstrapSpec {
+                cluster_id: Some("aws-use1".into()),
+                network: Some("aws-net".into()),
+                locality: Some("us-east-1/us-east-1a".into()),
+                tls: Some(client_id),
+                ..BootstrapSpec::new(
+                    &format!("sidecar~{}~client-0.shop~shop.svc.cluster.local", ip4(OCTET, 50, 1)),
+                    xds,
+                )
+            },
+        ];
+        let mut apps = Vec::new();
+        for (zone, pod) in [3u8, 4].into_iter().zip(AZURE_PODS) {
+            let endpoint = addr4(OCTET, zone, HOST, PORT);
+            let app_ip = ip4(OCTET, APP_OFFSET + zone, HOST);
+            apps.push(Backend::start_with_reply(SocketAddr::new(app_ip, PORT), &endpoint.to_string()).await?);
+            specs.push(BootstrapSpec {
+                cluster_id: Some("azure-weu".into()),
+                network: Some("azure-net".into()),
+                locality: Some(format!("westeurope/westeurope-{}", zone - 2)),
+                tls: Some(workload_id.clone()),
+                inbound_address: Some(app_ip),
+                ..BootstrapSpec::new(&format!("sidecar~{}~{pod}.shop~shop.svc.cluster.local", endpoint.ip()), xds)
+            });
+        }
+        let yamls: Vec<String> = specs.iter().map(bootstrap_with).collect();
+        let mut envoys = futures::future::try_join_all(yamls.iter().map(|y| start_envoy(y))).await?.into_iter();
+        let (gateway, client) = (envoys.next().expect("gateway"), envoys.next().expect("client"));
+        let azure = envoys.zip(apps).collect();
+        let aws = support::start_backends(aws_endpoints()).await?;
+        Ok(Mesh { client, _azure: azure, _gateway: gateway, _aws: aws, server, mesh, _dir: dir })
+    }
+
+    fn listener(&self) -> SocketAddr {
+        addr4(OCTET, 50, 1, PORT)
+    }
+
+    /// Hands `policy` to the push loop and waits for the push it causes.
+    async fn set_policy(&self, policy: TrafficPolicy) -> Result<()> {
+        let before = self.server.push.snapshot().generation;
+        self.server.push.set_traffic_policy(policy);
+        let mut rx = self.server.push.subscribe();
+        tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| s.generation > before)).await??;
+        Ok(())
+    }
+
+    /// `/debug/whatif` for the client sidecar: (now, what-if) aws-use1 shares in percent.
+    async fn whatif(&self, query: &str) -> Result<serde_json::Value> {
+        let debug = self.server.app.debug_address().context("debug server")?;
+        let path = format!("/debug/whatif?proxyID=client-0.shop&host={RATINGS}{query}");
+        let (status, body) = http_get(debug, "127.0.0.1", &path).await?;
+        ensure!(status == 200, "{path}: {status}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+}
+
+fn aws_endpoints() -> BTreeSet<SocketAddr> {
+    [1u8, 2].into_iter().flat_map(|z| [HOST, HOST + 1].map(|h| addr4(OCTET, z, h, PORT))).collect()
+}
+
+fn azure_endpoints() -> BTreeSet<SocketAddr> {
+    [3u8, 4].into_iter().map(|z| addr4(OCTET, z, HOST, PORT)).collect()
+}
+
+/// Sends `n` requests, `concurrency` at a time; returns the endpoints that answered.
+async fn send(listener: SocketAddr, n: usize, concurrency: usize) -> Result<Vec<SocketAddr>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..concurrency {
+        let count = n / concurrency + usize::from(w < n % concurrency);
+        tasks.spawn(async move {
+            let mut out = Vec::with_capacity(count);
+            for i in 0..count {
+                let (status, body) = http_get(listener, RATINGS, "/").await?;
+                if status != 200 {
+                    bail!("request {i}: status {status}: {body}");
+                }
+                out.push(body.trim().parse::<SocketAddr>().with_context(|| format!("body {body:?}"))?);
+            }
+            Ok::<_, anyhow::Error>(out)
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        out.extend(r??);
+    }
+    Ok(out)
+}
+
+/// The percentage of `seen` answered by Azure (fails on an endpoint of neither cloud).
+fn azure_share(seen: &[SocketAddr]) -> Result<f64> {
+    let (aws, azure) = (aws_endpoints(), azure_endpoints());
+    let to_azure = seen.iter().filter(|b| azure.contains(b)).count();
+    let stray: Vec<_> = seen.iter().filter(|b| !azure.contains(b) && !aws.contains(b)).collect();
+    ensure!(stray.is_empty(), "answered outside the mesh: {stray:?}");
+    Ok(100.0 * to_azure as f64 / seen.len().max(1) as f64)
+}
+
+/// Waits until Envoy's share for Azure (over probes of 200 requests) is within the tolerance of `want`,
+/// then measures it over [`TOTAL`] requests; returns the measured share.
+async fn measure(mesh: &Mesh, want: f64) -> Result<f64> {
+    poll_until(STEP_TIMEOUT, || async {
+        let share = azure_share(&send(mesh.listener(), 200, 8).await?)?;
+        // (a loose check: 200 requests only tell whether the new weights arrived)
+        ensure!((share - want).abs() <= 2.0 * TOLERANCE, "Azure got {share:.1}%, waiting for {want}%");
+        Ok(())
+    })
+    .await?;
+    let share = azure_share(&send(mesh.listener(), TOTAL, 8).await?)?;
+    ensure!(
+        (share - want).abs() <= TOLERANCE,
+        "Azure got {share:.1}% of {TOTAL} requests, expected {want}% ± {TOLERANCE}"
+    );
+    Ok(share)
+}
+
+fn whatif_azure(w: &serde_json::Value, key: &str) -> Result<f64> {
+    w[key]["byCluster"]["azure-weu"].as_f64().ok_or_else(|| anyhow!("no {key}.byCluster.azure-weu in {w}"))
+}
+
+fn step<T>(name: &'static str) -> impl FnOnce(anyhow::Error) -> T {
+    move |e| panic!("step {name:?}: {e:#}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_drain_whatif_and_failover_with_real_envoys() {
+    let mesh = Mesh::start().await.unwrap_or_else(step("starting the mesh"));
+
+    // (1) the split from the mesh config: 70/30, as whatif predicts; Envoy weighs localities
+    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(1) split 70/30"));
+    let clusters = mesh.client.admin_get("/config_dump?resource=dynamic_active_clusters").await.unwrap();
+    let ratings = clusters.split("\"name\": \"outbound|9080||ratings").nth(1).expect("the client's ratings cluster");
+    let ratings = ratings.split("\"name\": \"outbound|").next().unwrap_or(ratings);
+    assert!(ratings.contains("locality_weighted_lb_config"), "(1) no locality_weighted_lb_config: {ratings}");
+    let w = mesh.whatif("&drain=azure-weu").await.unwrap_or_else(step("(1) whatif"));
+    let predicted = whatif_azure(&w, "now").unwrap_or_else(step("(1) whatif now"));
+    eprintln!("(1) Azure: measured {measured:.1}%, whatif {predicted}%");
+    assert!((predicted - measured).abs() <= TOLERANCE, "(1) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
+    assert_eq!(whatif_azure(&w, "whatIf").unwrap(), 0.0, "(1) drained to 0: {w:#}");
+    assert!(w["now"]["decision"]["aws-use1"]["reason"].as_str().unwrap_or("").contains("split 70%"), "{w:#}");
+
+    // (2) azure-weu drained to 50%: 15%, as whatif predicts
+    let drain = format!("{{cluster: azure-weu, capacity: 50, expires: '{}', reason: DR drill}}", expires());
+    mesh.set_policy(policy(&drain).unwrap()).await.unwrap_or_else(step("(2) policy"));
+    let measured = measure(&mesh, 15.0).await.unwrap_or_else(step("(2) drain 50"));
+    let w = mesh.whatif("").await.unwrap_or_else(step("(2) whatif"));
+    let predicted = whatif_azure(&w, "now").unwrap();
+    eprintln!("(2) Azure: measured {measured:.1}%, whatif {predicted}%");
+    assert!((predicted - measured).abs() <= TOLERANCE, "(2) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
+    assert!(w["now"]["decision"]["azure-weu"]["reason"].as_str().unwrap_or("").contains("DR drill"), "{w:#}");
+    // /debug/explain says why each locality has its share
+    let debug = mesh.server.app.debug_address().unwrap();
+    let (status, body) = http_get(debug, "127.0.0.1", "/debug/explain?proxyID=client-0.shop").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let explain: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cluster = explain["clusters"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == format!("outbound|{PORT}||{RATINGS}")))
+        .unwrap_or_else(|| panic!("(2) no ratings cluster in {explain:#}"));
+    let localities = cluster["localities"].as_array().unwrap();
+    assert!(localities.iter().all(|l| l["rule"] == "traffic_split"), "(2) {cluster:#}");
+    assert!(localities.iter().any(|l| l["reason"].as_str().unwrap_or("").contains("DR drill")), "(2) {cluster:#}");
+
+    // (3) a ramp to 0 (50 now, 0 after 3 s: the push loop's timer steps it): then nothing to Azure
+    let ramp = format!("{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 3s}}, expires: '{}'}}", expires());
+    mesh.set_policy(policy(&ramp).unwrap()).await.unwrap_or_else(step("(3) policy"));
+    measure(&mesh, 15.0).await.unwrap_or_else(step("(3) first ramp step"));
+    poll_until(STEP_TIMEOUT, || async {
+        let share = azure_share(&send(mesh.listener(), 100, 4).await?)?;
+        ensure!(share == 0.0, "Azure still gets {share:.1}%");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(step("(3) ramp to 0"));
+    let share = azure_share(&send(mesh.listener(), 400, 8).await.unwrap()).unwrap();
+    assert_eq!(share, 0.0, "(3) drained to 0: Azure got {share}%");
+
+    // (4) no drain; then 3 of aws-use1's 4 ratings endpoints not ready (25% < minHealthy 50%): in the
+    // push that brings it, aws-use1's share goes to azure-weu
+    mesh.set_policy(policy("").unwrap()).await.unwrap_or_else(step("(4) policy"));
+    measure(&mesh, 30.0).await.unwrap_or_else(step("(4) split again"));
+    let mut objects = support::server::files_events(&mesh.mesh)
+        .into_iter()
+        .find_map(|e| match e {
+            SourceEvent::Sync { cluster, objects } if cluster.as_str() == "aws-use1" => Some(objects),
+            _ => None,
+        })
+        .expect("aws-use1's objects");
+    let keep: IpAddr = ip4(OCTET, 1, HOST);
+    let mut marked = 0;
+    for o in &mut objects {
+        if let TopologyObject::EndpointSlice(s) = o
+            && &*s.service == "ratings"
+        {
+            for ep in &mut s.endpoints {
+                if ep.addresses[0] != keep {
+                    ep.ready = Some(false);
+                    marked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(marked, 3);
+    let before = mesh.server.push.snapshot().generation;
+    mesh.server.events.send(SourceEvent::Sync { cluster: ClusterId::new("aws-use1"), objects }).unwrap();
+    let mut rx = mesh.server.push.subscribe();
+    let pushed =
+        tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| s.generation > before)).await.unwrap().unwrap().clone();
+    let shares = pushed.context.traffic.shares(RATINGS, "us-east-1").expect("a decision").clone();
+    assert_eq!(shares[&ClusterId::new("aws-use1")].share, 0.0, "in one push: {shares:?}");
+    assert!(shares[&ClusterId::new("aws-use1")].reason.contains("below minHealthy"), "{shares:?}");
+    measure(&mesh, 100.0).await.unwrap_or_else(step("(4) failover"));
+
+    for (what, e) in [("client", &mesh.client)] {
+        e.assert_no_rejected_updates().await.unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    }
+}
