@@ -1,8 +1,11 @@
 //! The gateway prober: every interval (±10% jitter, rounds on a fixed cadence), each east-west gateway address gets a TCP connect on
 //! its gateway port and, when a status port is configured, an HTTP/1.1 `GET /healthz/ready` on that port
-//! of the same IP, expecting 200 (Istio's east-west gateway Service exposes `status-port` 15021). At most
-//! `concurrency` probes are in flight, each bounded by `timeout`. The results feed [`Evidence`]; a changed
-//! verdict goes to the push loop.
+//! of the same IP, expecting 200 (Istio's east-west gateway Service exposes `status-port` 15021). With
+//! `gatewayProbes.mtls`, the connection to the gateway port then carries an Istio mTLS handshake with a
+//! known service's SNI (`outbound_.PORT_._.FQDN`): the gateway passes it through to one of the service's
+//! sidecars, so a completed handshake (a server certificate from the mesh root naming a workload of the
+//! trust domain) proves the path to a backend. At most `concurrency` probes are in flight, each bounded
+//! by `timeout`. The results feed [`Evidence`]; a changed verdict goes to the push loop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -16,7 +19,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::evidence::{AddressState, Evidence, ProbeResult, Thresholds, Verdict};
-use crate::mesh_config::GatewayProbes;
+use crate::mesh_config::{GatewayMtls, GatewayProbes};
 use crate::model::NetworkId;
 
 /// The path of the gateway's readiness endpoint on its status port.
@@ -34,22 +37,143 @@ pub struct Report {
     pub rounds: u64,
 }
 
-/// Probes `address`: a TCP connect to it, then (status port not 0) `GET /healthz/ready` on its IP's status
-/// port, expecting 200. The whole probe is bounded by `timeout`. The error says what failed.
-pub async fn probe(address: SocketAddr, status_port: u16, timeout: Duration) -> Result<(), String> {
-    match tokio::time::timeout(timeout, probe_unbounded(address, status_port)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("timed out after {timeout:?}")),
+/// The mTLS stage of the probes: meshfed's mesh client configuration and the services to reach per
+/// network (`gatewayProbes.mtls`).
+#[derive(Clone, Debug)]
+pub struct MtlsProbes {
+    /// presents meshfed's mesh certificate, verifies the mesh root and trust domain, offers Istio's ALPN
+    pub client: Arc<rustls::ClientConfig>,
+    pub targets: GatewayMtls,
+}
+
+impl MtlsProbes {
+    /// The mTLS stage `targets` asks for, with its certificate from `certFile`/`keyFile` and its root
+    /// from `caFile`, else meshfed's mesh certificate (the one it serves xDS with) and root. Also
+    /// returns the certificate it loaded from `certFile`/`keyFile` (the caller reloads it as it rotates).
+    /// The error names the setting to fix.
+    pub fn new(
+        targets: &GatewayMtls,
+        trust_domain: &str,
+        mesh: Option<&crate::tls::MeshCertificate>,
+    ) -> Result<(MtlsProbes, Option<Arc<crate::tls::ReloadingCert>>), String> {
+        use crate::tls::{ReloadingCert, load_roots, mesh_client_config, provider};
+        let (cert, loaded) = match (&targets.cert, mesh) {
+            (Some((cert, key)), _) => {
+                let c = Arc::new(
+                    ReloadingCert::load(cert, key, provider())
+                        .map_err(|e| format!("gatewayProbes.mtls.certFile/keyFile: {e}"))?,
+                );
+                (c.clone(), Some(c))
+            }
+            (None, Some(m)) => (m.cert.clone(), None),
+            (None, None) => {
+                return Err("gatewayProbes.mtls: no client certificate: set certFile and keyFile (and caFile), or \
+                     serve xDS over mTLS (--xds-tls-cert/--xds-tls-key/--xds-client-ca) so that the probes present \
+                     meshfed's mesh certificate"
+                    .into());
+            }
+        };
+        let root = match (&targets.ca, mesh.and_then(|m| m.root.as_ref())) {
+            (Some(ca), _) => load_roots(ca).map_err(|e| format!("gatewayProbes.mtls.caFile: {e}"))?,
+            (None, Some(root)) => load_roots(root).map_err(|e| format!("--xds-client-ca (the mesh root): {e}"))?,
+            (None, None) => {
+                return Err("gatewayProbes.mtls.caFile: missing: the mesh root the backends' certificates chain to \
+                     (or pass --xds-client-ca)"
+                    .into());
+            }
+        };
+        let client = mesh_client_config(cert, Arc::new(root), trust_domain, &crate::translate::tls::ISTIO_ALPN)
+            .map_err(|e| format!("gatewayProbes.mtls: {e}"))?;
+        Ok((MtlsProbes { client, targets: targets.clone() }, loaded))
+    }
+
+    /// The handshake to make through a gateway address of `networks` (the first that has a service).
+    fn handshake_for<'a>(&self, networks: impl IntoIterator<Item = &'a NetworkId>) -> Option<Handshake> {
+        let target = networks.into_iter().find_map(|n| self.targets.target(n))?;
+        let sni = target.sni();
+        let name = rustls::pki_types::ServerName::try_from(sni.clone()).ok()?;
+        Some(Handshake { client: self.client.clone(), name, sni })
     }
 }
 
-async fn probe_unbounded(address: SocketAddr, status_port: u16) -> Result<(), String> {
-    let gateway = TcpStream::connect(address).await.map_err(|e| format!("connect {address}: {e}"))?;
-    drop(gateway);
-    if status_port == 0 {
-        return Ok(());
+/// An Istio mTLS handshake through a gateway: the client configuration and the SNI to send.
+#[derive(Clone, Debug)]
+pub struct Handshake {
+    pub client: Arc<rustls::ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+    /// `outbound_.PORT_._.FQDN`
+    pub sni: String,
+}
+
+/// Where a probe is (what a timeout interrupted).
+#[derive(Clone, Copy)]
+enum Stage {
+    Connect,
+    Readiness(SocketAddr),
+    Handshake,
+}
+
+/// Probes `address`: a TCP connect to it, then (status port not 0) `GET /healthz/ready` on its IP's status
+/// port, expecting 200, then (with `handshake`) an Istio mTLS handshake on the gateway connection. The
+/// whole probe is bounded by `timeout`. The error says which stage failed.
+pub async fn probe(
+    address: SocketAddr,
+    status_port: u16,
+    handshake: Option<&Handshake>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut stage = Stage::Connect;
+    let result = tokio::time::timeout(timeout, probe_unbounded(address, status_port, handshake, &mut stage)).await;
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(match (stage, handshake) {
+            (Stage::Connect, _) => format!("connect {address}: timed out after {timeout:?}"),
+            (Stage::Readiness(status), _) => format!("GET http://{status}{READY_PATH}: timed out after {timeout:?}"),
+            (Stage::Handshake, Some(h)) => format!(
+                "TLS handshake through the gateway {address} with SNI {}: timed out after {timeout:?}",
+                h.sni
+            ),
+            (Stage::Handshake, None) => format!("timed out after {timeout:?}"),
+        }),
     }
-    let status = SocketAddr::new(address.ip(), status_port);
+}
+
+async fn probe_unbounded(
+    address: SocketAddr,
+    status_port: u16,
+    handshake: Option<&Handshake>,
+    stage: &mut Stage,
+) -> Result<(), String> {
+    let gateway = TcpStream::connect(address).await.map_err(|e| format!("connect {address}: {e}"))?;
+    if status_port != 0 {
+        let status = SocketAddr::new(address.ip(), status_port);
+        *stage = Stage::Readiness(status);
+        readiness(status).await?;
+    }
+    let Some(h) = handshake else { return Ok(()) };
+    *stage = Stage::Handshake;
+    let connector = tokio_rustls::TlsConnector::from(h.client.clone());
+    let mut tls = connector.connect(h.name.clone(), gateway).await.map_err(|e| {
+        format!("TLS handshake through the gateway {address} with SNI {}: {}", h.sni, handshake_error(&e))
+    })?;
+    // close_notify; the backend's answer is not awaited
+    let _ = tls.shutdown().await;
+    Ok(())
+}
+
+/// A handshake error as the operator needs it: a closed connection is what a gateway does with an SNI it
+/// has no route for, or when it cannot reach a backend.
+fn handshake_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            "the connection was closed before the handshake completed (no route for this SNI at the gateway, or no backend behind it)".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// `GET /healthz/ready` on `status`, expecting 200.
+async fn readiness(status: SocketAddr) -> Result<(), String> {
     let mut s = TcpStream::connect(status).await.map_err(|e| format!("connect {status}: {e}"))?;
     let request = format!(
         "GET {READY_PATH} HTTP/1.1\r\nHost: {status}\r\nUser-Agent: meshfed\r\nAccept: */*\r\nConnection: close\r\n\r\n"
@@ -101,12 +225,13 @@ impl Jitter {
 /// verdict and every changed one; the report (for the debug surface) is updated after every round.
 pub fn start(
     config: GatewayProbes,
+    mtls: Option<MtlsProbes>,
     ready: impl std::future::Future<Output = ()> + Send + 'static,
     targets: impl Fn() -> BTreeMap<NetworkId, BTreeSet<SocketAddr>> + Send + 'static,
     on_verdict: impl Fn(Verdict) + Send + 'static,
 ) -> (watch::Receiver<Arc<Report>>, tokio::task::JoinHandle<()>) {
     let (report_tx, report_rx) = watch::channel(Arc::new(Report {
-        config,
+        config: config.clone(),
         evidence: Evidence::default(),
         verdict: Verdict::default(),
         rounds: 0,
@@ -123,9 +248,15 @@ pub fn start(
             // timeout, at most the interval), so a blackholed gateway is detected as fast as a refusing one.
             let next_round = tokio::time::Instant::now() + jitter.around(config.interval);
             evidence.set_targets(&targets());
-            let results: Vec<(SocketAddr, ProbeResult)> = futures::stream::iter(evidence.addresses())
-                .map(|a| async move {
-                    let r = probe(a, config.status_port, config.timeout).await;
+            let probes: Vec<(SocketAddr, Option<Handshake>)> = evidence
+                .addresses()
+                .into_iter()
+                .map(|a| (a, mtls.as_ref().and_then(|m| m.handshake_for(&evidence.networks_of(&a)))))
+                .collect();
+            let (status_port, timeout) = (config.status_port, config.timeout);
+            let results: Vec<(SocketAddr, ProbeResult)> = futures::stream::iter(probes)
+                .map(|(a, handshake)| async move {
+                    let r = probe(a, status_port, handshake.as_ref(), timeout).await;
                     let at = SystemTime::now();
                     (a, r.map_or_else(|e| ProbeResult::failure(at, e), |()| ProbeResult::success(at)))
                 })
@@ -154,7 +285,7 @@ pub fn start(
             }
             rounds += 1;
             export_metrics(&evidence, &verdict);
-            report_tx.send_replace(Arc::new(Report { config, evidence: evidence.clone(), verdict, rounds }));
+            report_tx.send_replace(Arc::new(Report { config: config.clone(), evidence: evidence.clone(), verdict, rounds }));
             tokio::time::sleep_until(next_round).await;
         }
     });
@@ -209,9 +340,9 @@ mod tests {
         let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (status, _t) = http_server("HTTP/1.1 200 OK").await;
         let addr = gw.local_addr().unwrap();
-        assert_eq!(probe(addr, status.port(), Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(probe(addr, status.port(), None, Duration::from_secs(2)).await, Ok(()));
         // TCP only
-        assert_eq!(probe(addr, 0, Duration::from_secs(2)).await, Ok(()));
+        assert_eq!(probe(addr, 0, None, Duration::from_secs(2)).await, Ok(()));
     }
 
     #[tokio::test]
@@ -219,22 +350,22 @@ mod tests {
         let gw = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = gw.local_addr().unwrap();
         let (not_ready, _t) = http_server("HTTP/1.1 503 Service Unavailable").await;
-        let e = probe(addr, not_ready.port(), Duration::from_secs(2)).await.unwrap_err();
+        let e = probe(addr, not_ready.port(), None, Duration::from_secs(2)).await.unwrap_err();
         assert!(e.contains("status 503"), "{e}");
         // the gateway port closed
         let closed = {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             l.local_addr().unwrap()
         };
-        let e = probe(closed, 0, Duration::from_secs(2)).await.unwrap_err();
+        let e = probe(closed, 0, None, Duration::from_secs(2)).await.unwrap_err();
         assert!(e.starts_with(&format!("connect {closed}")), "{e}");
         // the status port closed
-        let e = probe(addr, closed.port(), Duration::from_secs(2)).await.unwrap_err();
+        let e = probe(addr, closed.port(), None, Duration::from_secs(2)).await.unwrap_err();
         assert!(e.contains(&format!("connect 127.0.0.1:{}", closed.port())), "{e}");
         // a status port that accepts and never answers: bounded by the timeout
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let started = Instant::now();
-        let e = probe(addr, silent.local_addr().unwrap().port(), Duration::from_millis(200)).await.unwrap_err();
+        let e = probe(addr, silent.local_addr().unwrap().port(), None, Duration::from_millis(200)).await.unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
