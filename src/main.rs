@@ -296,12 +296,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
     // the gateway probes' own certificate files, if any, may be written by istio-agent too
     if let Some(m) = mesh.gateway_probes.as_ref().and_then(|g| g.mtls.as_ref()) {
-        let files: Vec<&std::path::Path> = m
-            .cert
-            .iter()
-            .flat_map(|(c, k)| [c.as_path(), k.as_path()])
-            .chain(m.ca.as_deref())
-            .collect();
+        let files: Vec<&std::path::Path> =
+            m.cert.iter().flat_map(|(c, k)| [c.as_path(), k.as_path()]).chain(m.ca.as_deref()).collect();
         wait_for_files(&files, args.tls_wait).await?;
     }
 

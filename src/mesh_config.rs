@@ -333,7 +333,9 @@ fn mtls_target(field: &str, host: Option<String>, port: Option<u16>) -> Result<O
             && !l.ends_with('-')
     };
     if host.is_empty() || host.len() > 253 || !host.split('.').all(valid_label) {
-        return Err(format!("{field}.host: {host:?} is not a DNS name (the service's FQDN, e.g. reviews.shop.svc.cluster.local)"));
+        return Err(format!(
+            "{field}.host: {host:?} is not a DNS name (the service's FQDN, e.g. reviews.shop.svc.cluster.local)"
+        ));
     }
     Ok(Some(MtlsTarget { host: host.to_ascii_lowercase(), port }))
 }

@@ -520,9 +520,101 @@ pub fn peer_auth(leaf: &[u8], trust_domain: &str) -> PeerAuth {
     }
 }
 
+/// A mesh CA for unit tests (rcgen): a root, and workload certificates with a SPIFFE URI SAN usable for
+/// client and server authentication, as Istio's.
+#[cfg(test)]
+pub(crate) mod test_ca {
+    use super::*;
+
+    pub struct Ca {
+        pub root: CertificateDer<'static>,
+        pub root_pem: String,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    /// A workload's certificate (PEM) and key (PEM).
+    pub struct Leaf {
+        pub cert_pem: String,
+        pub key_pem: String,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            let cert = params.self_signed(&key).unwrap();
+            Ca { root: cert.der().clone(), root_pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) }
+        }
+
+        pub fn roots(&self) -> Arc<RootCertStore> {
+            let mut r = RootCertStore::empty();
+            r.add(self.root.clone()).unwrap();
+            Arc::new(r)
+        }
+
+        /// A leaf with these URI SANs (e.g. `spiffe://cluster.local/ns/shop/sa/reviews`).
+        pub fn issue(&self, uris: &[&str]) -> Leaf {
+            use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+        }
+    }
+
+    impl Leaf {
+        pub fn der(&self) -> CertificateDer<'static> {
+            parse_certs(self.cert_pem.as_bytes(), Path::new("leaf")).unwrap().remove(0)
+        }
+
+        pub fn certified_key(&self) -> Arc<CertifiedKey> {
+            let p = Path::new("leaf");
+            Arc::new(
+                certified_key_from_pem(self.cert_pem.as_bytes(), p, self.key_pem.as_bytes(), p, &provider()).unwrap(),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_verifier_accepts_mesh_workloads_and_nothing_else() {
+        let mesh = test_ca::Ca::new("mesh root");
+        let foreign = test_ca::Ca::new("another root");
+        let verifier = MeshServerVerifier::new(mesh.roots(), "cluster.local", provider());
+        let now = UnixTime::now();
+        let reviews = mesh.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]);
+        assert_eq!(
+            verifier.verify_chain(&reviews.der(), &[], now).unwrap(),
+            SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap()
+        );
+        // through the rustls trait, with an SNI that names no server (it is not checked)
+        let sni = ServerName::try_from("outbound_.9080_._.reviews.shop.svc.cluster.local").unwrap();
+        assert!(verifier.verify_server_cert(&reviews.der(), &[], &sni, &[], now).is_ok());
+        // a workload of another CA, with the same identity
+        let impostor = foreign.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]);
+        let e = verifier.verify_chain(&impostor.der(), &[], now).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)), "{e}");
+        // the mesh's CA, another trust domain, or no SPIFFE id at all
+        for uris in [&["spiffe://other.domain/ns/shop/sa/reviews"][..], &["https://reviews.example"], &[]] {
+            let e = verifier.verify_chain(&mesh.issue(uris).der(), &[], now).unwrap_err().to_string();
+            assert!(e.contains("no workload of trust domain \"cluster.local\""), "{uris:?}: {e}");
+        }
+        // garbage
+        assert!(verifier.verify_chain(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), &[], now).is_err());
+        assert!(verifier.verify_chain(&CertificateDer::from(Vec::new()), &[], now).is_err());
+    }
 
     #[test]
     fn parses_spiffe_ids() {

@@ -129,10 +129,9 @@ pub async fn probe(
         Err(_) => Err(match (stage, handshake) {
             (Stage::Connect, _) => format!("connect {address}: timed out after {timeout:?}"),
             (Stage::Readiness(status), _) => format!("GET http://{status}{READY_PATH}: timed out after {timeout:?}"),
-            (Stage::Handshake, Some(h)) => format!(
-                "TLS handshake through the gateway {address} with SNI {}: timed out after {timeout:?}",
-                h.sni
-            ),
+            (Stage::Handshake, Some(h)) => {
+                format!("TLS handshake through the gateway {address} with SNI {}: timed out after {timeout:?}", h.sni)
+            }
             (Stage::Handshake, None) => format!("timed out after {timeout:?}"),
         }),
     }
@@ -164,10 +163,15 @@ async fn probe_unbounded(
 /// A handshake error as the operator needs it: a closed connection is what a gateway does with an SNI it
 /// has no route for, or when it cannot reach a backend.
 fn handshake_error(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    if let Some(rustls::Error::General(reason)) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        // what the mesh verifier found wrong with the backend's certificate
+        return format!("invalid peer certificate: {reason}");
+    }
     match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => {
-            "the connection was closed before the handshake completed (no route for this SNI at the gateway, or no backend behind it)".into()
-        }
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => format!(
+            "closed before the handshake completed ({e}): the gateway has no route for this SNI, or no backend behind it answers"
+        ),
         _ => e.to_string(),
     }
 }
@@ -285,7 +289,12 @@ pub fn start(
             }
             rounds += 1;
             export_metrics(&evidence, &verdict);
-            report_tx.send_replace(Arc::new(Report { config: config.clone(), evidence: evidence.clone(), verdict, rounds }));
+            report_tx.send_replace(Arc::new(Report {
+                config: config.clone(),
+                evidence: evidence.clone(),
+                verdict,
+                rounds,
+            }));
             tokio::time::sleep_until(next_round).await;
         }
     });
@@ -368,6 +377,175 @@ mod tests {
         let e = probe(addr, silent.local_addr().unwrap().port(), None, Duration::from_millis(200)).await.unwrap_err();
         assert!(e.contains("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    use crate::mesh_config::{GatewayMtls, MtlsTarget};
+    use crate::tls::test_ca::{Ca, Leaf};
+
+    const SNI: &str = "outbound_.9080_._.reviews.shop.svc.cluster.local";
+
+    /// A sidecar's inbound mTLS listener as Istio's: the workload certificate `leaf`, client certificates
+    /// from `client_root` required, Istio's ALPN. Each accepted handshake reports (SNI, ALPN).
+    async fn sidecar(
+        leaf: &Leaf,
+        client_root: &Ca,
+    ) -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<(Option<String>, Option<Vec<u8>>)>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(client_root.roots(), crate::tls::provider())
+                .build()
+                .unwrap();
+        let ck = leaf.certified_key();
+        let mut config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.as_ref().clone())));
+        config.alpn_protocols =
+            crate::translate::tls::INBOUND_MTLS_ALPN.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(s).await {
+                        let (_, conn) = tls.get_ref();
+                        let _ =
+                            tx.send((conn.server_name().map(str::to_string), conn.alpn_protocol().map(<[u8]>::to_vec)));
+                        let mut buf = [0u8; 64];
+                        let _ = tls.read(&mut buf).await;
+                    }
+                });
+            }
+        });
+        (addr, rx, task)
+    }
+
+    /// meshfed's mTLS stage with a certificate of `ca` (files in `dir`), reaching reviews:9080.
+    fn mtls_probes(dir: &std::path::Path, ca: &Ca) -> MtlsProbes {
+        let me = ca.issue(&["spiffe://cluster.local/ns/istio-system/sa/meshfed"]);
+        let (cert, key, root) = (dir.join("cert.pem"), dir.join("key.pem"), dir.join("root.pem"));
+        std::fs::write(&cert, &me.cert_pem).unwrap();
+        std::fs::write(&key, &me.key_pem).unwrap();
+        std::fs::write(&root, &ca.root_pem).unwrap();
+        let targets = GatewayMtls {
+            default: Some(MtlsTarget { host: "reviews.shop.svc.cluster.local".into(), port: 9080 }),
+            networks: Default::default(),
+            cert: Some((cert, key)),
+            ca: Some(root),
+        };
+        let (probes, own) = MtlsProbes::new(&targets, "cluster.local", None).unwrap();
+        assert!(own.is_some(), "the certificate from the files is returned to be reloaded");
+        probes
+    }
+
+    #[tokio::test]
+    async fn the_mtls_stage_reaches_a_mesh_backend_with_the_service_sni() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = Ca::new("mesh root");
+        let probes = mtls_probes(dir.path(), &mesh);
+        let h = probes.handshake_for([&NetworkId::new("azure-net")]).unwrap();
+        assert_eq!(h.sni, SNI);
+        let (addr, mut seen, _t) = sidecar(&mesh.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]), &mesh).await;
+        assert_eq!(probe(addr, 0, Some(&h), Duration::from_secs(5)).await, Ok(()));
+        let (sni, alpn) = tokio::time::timeout(Duration::from_secs(5), seen.recv()).await.unwrap().unwrap();
+        assert_eq!(sni.as_deref(), Some(SNI));
+        assert_eq!(alpn.as_deref(), Some(b"istio-peer-exchange".as_slice()), "Istio's ALPN, first choice");
+        // with readiness too
+        let (status, _s) = http_server("HTTP/1.1 200 OK").await;
+        assert_eq!(probe(addr, status.port(), Some(&h), Duration::from_secs(5)).await, Ok(()));
+        // no session is resumed: every probe is a full handshake with the certificate verified
+        assert_eq!(probe(addr, 0, Some(&h), Duration::from_secs(5)).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn the_mtls_stage_fails_on_anything_but_a_mesh_backend_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = Ca::new("mesh root");
+        let foreign = Ca::new("another root");
+        let h = mtls_probes(dir.path(), &mesh).handshake_for([&NetworkId::new("azure-net")]).unwrap();
+        let stage = |addr: SocketAddr| format!("TLS handshake through the gateway {addr} with SNI {SNI}: ");
+
+        // a backend whose certificate another CA issued
+        let (addr, _, _t) = sidecar(&foreign.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]), &mesh).await;
+        let e = probe(addr, 0, Some(&h), Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.starts_with(&stage(addr)) && e.contains("UnknownIssuer"), "{e}");
+        // a mesh certificate of another trust domain
+        let (addr, _, _t) = sidecar(&mesh.issue(&["spiffe://other.domain/ns/shop/sa/reviews"]), &mesh).await;
+        let e = probe(addr, 0, Some(&h), Duration::from_secs(5)).await.unwrap_err();
+        assert!(
+            e.starts_with(&stage(addr)) && e.contains("invalid peer certificate: ") && e.contains("trust domain"),
+            "{e}"
+        );
+        // a gateway with no route for the SNI, or no backend: it accepts and closes
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closing.local_addr().unwrap();
+        let _c = tokio::spawn(async move {
+            while let Ok((s, _)) = closing.accept().await {
+                drop(s);
+            }
+        });
+        let e = probe(addr, 0, Some(&h), Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.starts_with(&stage(addr)) && e.contains("closed before the handshake completed"), "{e}");
+        // a peer that answers garbage
+        let garbage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = garbage.local_addr().unwrap();
+        let _g = tokio::spawn(async move {
+            while let Ok((mut s, _)) = garbage.accept().await {
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n\x16\x03\x03\xff\xff").await;
+            }
+        });
+        let e = probe(addr, 0, Some(&h), Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.starts_with(&stage(addr)), "{e}");
+        // a gateway that never answers: bounded by the timeout, which names the stage
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        let started = Instant::now();
+        let e = probe(addr, 0, Some(&h), Duration::from_millis(300)).await.unwrap_err();
+        assert!(e.starts_with(&stage(addr)) && e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // the earlier stages still come first
+        let (not_ready, _n) = http_server("HTTP/1.1 503 Service Unavailable").await;
+        let e = probe(addr, not_ready.port(), Some(&h), Duration::from_secs(2)).await.unwrap_err();
+        assert!(e.contains("status 503"), "{e}");
+    }
+
+    #[test]
+    fn the_mtls_stage_needs_a_certificate_and_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Some(MtlsTarget { host: "reviews.shop.svc.cluster.local".into(), port: 9080 });
+        let none = GatewayMtls { default: target, networks: Default::default(), cert: None, ca: None };
+        let e = MtlsProbes::new(&none, "cluster.local", None).unwrap_err();
+        assert!(e.contains("certFile") && e.contains("--xds-tls-cert"), "{e}");
+        // meshfed's mesh certificate without a root: the root must come from caFile
+        let mesh = Ca::new("mesh root");
+        let me = mesh.issue(&["spiffe://cluster.local/ns/istio-system/sa/meshfed"]);
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, &me.cert_pem).unwrap();
+        std::fs::write(&key, &me.key_pem).unwrap();
+        let xds_cert = Arc::new(crate::tls::ReloadingCert::load(&cert, &key, crate::tls::provider()).unwrap());
+        let mut mc = crate::tls::MeshCertificate { cert: xds_cert, root: None };
+        let e = MtlsProbes::new(&none, "cluster.local", Some(&mc)).unwrap_err();
+        assert!(e.contains("gatewayProbes.mtls.caFile"), "{e}");
+        // with the xDS client CA as the root: reused, nothing loaded of its own
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, &mesh.root_pem).unwrap();
+        mc.root = Some(root);
+        let (_, own) = MtlsProbes::new(&none, "cluster.local", Some(&mc)).unwrap();
+        assert!(own.is_none());
+        // unreadable or unusable files name their setting
+        let missing = GatewayMtls { cert: Some((dir.path().join("nope.pem"), key.clone())), ..none.clone() };
+        let e = MtlsProbes::new(&missing, "cluster.local", Some(&mc)).unwrap_err();
+        assert!(e.contains("certFile") && e.contains("nope.pem"), "{e}");
+        let bad_ca = GatewayMtls { ca: Some(key.clone()), ..none.clone() };
+        let e = MtlsProbes::new(&bad_ca, "cluster.local", Some(&mc)).unwrap_err();
+        assert!(e.contains("gatewayProbes.mtls.caFile"), "{e}");
     }
 
     #[test]
