@@ -35,6 +35,8 @@ pub enum Error {
     Files(#[from] crate::source::files::Error),
     #[error("the push loop ended before its first snapshot")]
     PushLoop,
+    #[error("mesh config: {0}")]
+    GatewayProbes(String),
 }
 
 /// Where the cluster state comes from.
@@ -124,12 +126,22 @@ pub struct Options {
     pub debug: Option<DebugListener>,
     /// how often east-west gateways' host names are resolved again (None: never; tests)
     pub gateway_dns_interval: Option<Duration>,
+    /// meshfed's mesh certificate and root (those it serves xDS over mTLS with): the gateway probes'
+    /// mTLS stage presents it unless `gatewayProbes.mtls` names files of its own
+    pub mesh_certificate: Option<crate::tls::MeshCertificate>,
 }
 
 impl Options {
     /// In-process: the given events as the sources, no listeners, no gateway DNS.
     pub fn in_process(mesh: MeshConfig, initial: Vec<SourceEvent>) -> Options {
-        Options { mesh, sources: Sources::Events(initial), xds: Vec::new(), debug: None, gateway_dns_interval: None }
+        Options {
+            mesh,
+            sources: Sources::Events(initial),
+            xds: Vec::new(),
+            debug: None,
+            gateway_dns_interval: None,
+            mesh_certificate: None,
+        }
     }
 }
 
@@ -152,6 +164,8 @@ pub struct App {
     /// the gateway probes' latest report (the mesh config has `gatewayProbes`)
     pub gateway_probes: Option<watch::Receiver<Arc<crate::liveness::Report>>>,
     gateway_probes_task: Option<JoinHandle<()>>,
+    /// reloads the gateway probes' own client certificate (`gatewayProbes.mtls.certFile`)
+    gateway_probes_cert_task: Option<JoinHandle<()>>,
     /// the last-known state's tap and writer (the mesh config has `lastKnownState`)
     last_known_tasks: Vec<JoinHandle<()>>,
     last_known: Option<Arc<LastKnown>>,
@@ -170,7 +184,20 @@ impl App {
     /// Starts meshfed: the sources (their initial state queued first), the push loop, the debug server, and
     /// — once the first snapshot is published — the xDS listeners.
     pub async fn start(options: Options) -> Result<App, Error> {
-        let Options { mesh, sources, xds, debug, gateway_dns_interval } = options;
+        let Options { mesh, sources, xds, debug, gateway_dns_interval, mesh_certificate } = options;
+        // the gateway probes' mTLS stage is checked before anything starts: a missing or bad certificate is
+        // fatal at start
+        let mut gateway_probes_cert = None;
+        let mtls_probes = match mesh.gateway_probes.as_ref().and_then(|g| g.mtls.as_ref()) {
+            None => None,
+            Some(m) => {
+                let (probes, own_cert) =
+                    crate::liveness::probe::MtlsProbes::new(m, &mesh.trust_domain, mesh_certificate.as_ref())
+                        .map_err(Error::GatewayProbes)?;
+                gateway_probes_cert = own_cert;
+                Some(probes)
+            }
+        };
         let (events, mut events_rx) = mpsc::unbounded_channel();
         let clusters = ClusterHealth::new(mesh.unreachable_grace_period);
         // The last-known state: restored clusters are queued for the push loop before any source starts;
@@ -224,12 +251,13 @@ impl App {
         let connections = Arc::new(Connections::default());
         let gateway_dns_task =
             gateway_dns_interval.map(|every| tokio::spawn(crate::gateway_dns::run(push.clone(), every)));
-        let (gateway_probes, gateway_probes_task) = match mesh.gateway_probes {
+        let (gateway_probes, gateway_probes_task) = match &mesh.gateway_probes {
             None => (None, None),
             Some(config) => {
                 let (targets, verdicts, mut first) = (push.clone(), push.clone(), push.subscribe());
                 let (report, task) = crate::liveness::probe::start(
-                    config,
+                    config.clone(),
+                    mtls_probes,
                     async move {
                         let _ = first.wait_for(|s| s.generation > 0).await;
                     },
@@ -284,6 +312,8 @@ impl App {
                 stopped(shutdown_rx.clone()),
             )));
         }
+        let gateway_probes_cert_task = gateway_probes_cert
+            .map(|c| crate::tls::watch_files(c, crate::tls::DEFAULT_RELOAD_INTERVAL, "gateway probes (client)"));
         Ok(App {
             push,
             connections,
@@ -298,6 +328,7 @@ impl App {
             gateway_dns_task,
             gateway_probes,
             gateway_probes_task,
+            gateway_probes_cert_task,
             last_known_tasks,
             last_known: last_known_store,
             _files: files,
@@ -372,6 +403,9 @@ impl Drop for App {
             t.abort();
         }
         if let Some(t) = &self.gateway_probes_task {
+            t.abort();
+        }
+        if let Some(t) = &self.gateway_probes_cert_task {
             t.abort();
         }
         for t in &self.last_known_tasks {

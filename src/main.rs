@@ -250,6 +250,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let access = debug_access(&args)?;
     // TLS files are checked before anything starts: a bad certificate, key or CA is fatal at start; files
     // not written yet are waited for (--tls-wait)
+    let mut mesh_certificate = None;
     let xds_tls_config = match (&args.xds_tls_cert, &args.xds_tls_key) {
         (Some(cert), Some(key)) => {
             let files: Vec<&std::path::Path> =
@@ -260,6 +261,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
             wait_for_files(&files, args.tls_wait).await?;
             let cert = Arc::new(meshfed::tls::ReloadingCert::load(cert, key, meshfed::tls::provider())?);
             meshfed::tls::watch_files(cert.clone(), args.tls_reload_interval, "xds");
+            // the mesh certificate (istio-agent's, OUTPUT_CERTS) also serves the gateway probes' mTLS stage
+            mesh_certificate =
+                Some(meshfed::tls::MeshCertificate { cert: cert.clone(), root: args.xds_client_ca.clone() });
             let tls =
                 meshfed::tls::ServerTls { cert, client_ca: args.xds_client_ca.clone(), alpn: vec![b"h2".to_vec()] };
             Some(tls.server_config()?)
@@ -290,6 +294,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let mesh = MeshConfig::load(&path)?;
     info!(config = %path.display(), clusters = mesh.clusters.len(), "mesh config loaded");
+    // the gateway probes' own certificate files, if any, may be written by istio-agent too
+    if let Some(m) = mesh.gateway_probes.as_ref().and_then(|g| g.mtls.as_ref()) {
+        let files: Vec<&std::path::Path> =
+            m.cert.iter().flat_map(|(c, k)| [c.as_path(), k.as_path()]).chain(m.ca.as_deref()).collect();
+        wait_for_files(&files, args.tls_wait).await?;
+    }
 
     let mut xds = Vec::new();
     if !args.no_plaintext_xds {
@@ -307,6 +317,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         xds,
         debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access, demo }),
         gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
+        mesh_certificate,
     };
     let app = App::start(options).await?;
 

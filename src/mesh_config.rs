@@ -1,6 +1,7 @@
 //! The mesh config file: which clusters form the mesh, where their objects come from, and mesh-wide
 //! defaults. YAML, documented in README.md. Relative paths are resolved against the file's directory.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -85,7 +86,7 @@ impl Default for LastKnownState {
 }
 
 /// `gatewayProbes`: how meshfed probes the east-west gateways (see [`crate::liveness`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayProbes {
     /// time between the starts of two rounds of probes (jittered by ±10%), default 1 s
     pub interval: Duration,
@@ -101,6 +102,46 @@ pub struct GatewayProbes {
     pub status_port: u16,
     /// probes in flight at most, default 16
     pub concurrency: usize,
+    /// `mtls`: after the connect (and readiness), an Istio mTLS handshake through the gateway with a
+    /// known service's SNI (None: no such stage)
+    pub mtls: Option<GatewayMtls>,
+}
+
+/// `gatewayProbes.mtls`: which service an mTLS handshake through each network's gateway reaches, and the
+/// client certificate it presents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayMtls {
+    /// the service of every network not in `networks` (None: those networks get no mTLS stage)
+    pub default: Option<MtlsTarget>,
+    /// per network: the service to reach through that network's gateways
+    pub networks: BTreeMap<NetworkId, MtlsTarget>,
+    /// `certFile`/`keyFile`: the client certificate chain and key (None: the certificate meshfed serves
+    /// xDS over mTLS with, `--xds-tls-cert`/`--xds-tls-key`)
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// `caFile`: the mesh root the backends' certificates chain to (None: `--xds-client-ca`)
+    pub ca: Option<PathBuf>,
+}
+
+impl GatewayMtls {
+    /// The service an mTLS probe through `network`'s gateways reaches, if any.
+    pub fn target(&self, network: &NetworkId) -> Option<&MtlsTarget> {
+        self.networks.get(network).or(self.default.as_ref())
+    }
+}
+
+/// A service port reached through an east-west gateway: `host` (its FQDN) and `port`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MtlsTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+impl MtlsTarget {
+    /// The SNI Istio's sidecars send to this service, which the gateway routes by:
+    /// `outbound_.PORT_._.FQDN`.
+    pub fn sni(&self) -> String {
+        format!("outbound_.{}_._.{}", self.port, self.host)
+    }
 }
 
 impl Default for GatewayProbes {
@@ -113,6 +154,7 @@ impl Default for GatewayProbes {
             hold_down: Duration::from_secs(30),
             status_port: 15021,
             concurrency: 16,
+            mtls: None,
         }
     }
 }
@@ -244,6 +286,101 @@ struct RawGatewayProbes {
     status_port: Option<u16>,
     #[serde(default)]
     concurrency: Option<usize>,
+    #[serde(default)]
+    mtls: Option<RawGatewayMtls>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawGatewayMtls {
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    networks: BTreeMap<String, RawMtlsTarget>,
+    #[serde(default)]
+    cert_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMtlsTarget {
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+/// A service's host and port (`field` names them in errors: `gatewayProbes.mtls`,
+/// `gatewayProbes.mtls.networks.NET`): both or neither.
+fn mtls_target(field: &str, host: Option<String>, port: Option<u16>) -> Result<Option<MtlsTarget>, String> {
+    let host = match (host, port) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(format!("{field}.port: missing (the service port, with {field}.host)")),
+        (None, Some(_)) => return Err(format!("{field}.host: missing (the service's FQDN, with {field}.port)")),
+        (Some(h), Some(_)) => h,
+    };
+    let port = port.unwrap_or_default();
+    if port == 0 {
+        return Err(format!("{field}.port: must be 1 to 65535"));
+    }
+    let valid_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(valid_label) {
+        return Err(format!(
+            "{field}.host: {host:?} is not a DNS name (the service's FQDN, e.g. reviews.shop.svc.cluster.local)"
+        ));
+    }
+    Ok(Some(MtlsTarget { host: host.to_ascii_lowercase(), port }))
+}
+
+impl RawGatewayMtls {
+    fn parse(self, base: &Path) -> Result<GatewayMtls, String> {
+        let field = "gatewayProbes.mtls";
+        let default = mtls_target(field, self.host, self.port)?;
+        let mut networks = BTreeMap::new();
+        for (name, t) in self.networks {
+            let f = format!("{field}.networks.{name}");
+            if name.is_empty() {
+                return Err(format!("{field}.networks: a network name is empty"));
+            }
+            let target = mtls_target(&f, t.host, t.port)?
+                .ok_or_else(|| format!("{f}: needs host and port (the service reached through its gateways)"))?;
+            networks.insert(NetworkId::new(&name), target);
+        }
+        if default.is_none() && networks.is_empty() {
+            return Err(format!(
+                "{field}: needs host and port (a service every network serves), or networks (a service per network)"
+            ));
+        }
+        let resolve = |f: &str, p: PathBuf| {
+            if p.as_os_str().is_empty() {
+                Err(format!("{field}.{f}: must not be empty"))
+            } else if p.is_absolute() {
+                Ok(p)
+            } else {
+                Ok(base.join(p))
+            }
+        };
+        let cert = match (self.cert_file, self.key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((resolve("certFile", c)?, resolve("keyFile", k)?)),
+            (Some(_), None) => return Err(format!("{field}.keyFile: missing (the key of {field}.certFile)")),
+            (None, Some(_)) => return Err(format!("{field}.certFile: missing (the certificate of {field}.keyFile)")),
+        };
+        let ca = self.ca_file.map(|c| resolve("caFile", c)).transpose()?;
+        Ok(GatewayMtls { default, networks, cert, ca })
+    }
 }
 
 #[derive(Deserialize)]
@@ -401,6 +538,7 @@ impl MeshConfig {
                     hold_down: duration("gatewayProbes.holdDown", g.hold_down, d.hold_down)?,
                     status_port: g.status_port.unwrap_or(d.status_port),
                     concurrency: g.concurrency.unwrap_or(d.concurrency),
+                    mtls: g.mtls.map(|m| m.parse(base)).transpose().map_err(invalid)?,
                 };
                 if probes.interval.is_zero() {
                     return Err(invalid("gatewayProbes.interval: must be more than 0".into()));
@@ -511,8 +649,61 @@ mod gateway_probes_tests {
                 hold_down: Duration::from_secs(1),
                 status_port: 0,
                 concurrency: 3,
+                mtls: None,
             }
         );
+    }
+
+    #[test]
+    fn mtls_targets_and_certificate_files() {
+        let g = parse("gatewayProbes: {mtls: {host: reviews.shop.svc.cluster.local, port: 9080}}\n")
+            .unwrap()
+            .gateway_probes
+            .unwrap();
+        let m = g.mtls.unwrap();
+        let reviews = MtlsTarget { host: "reviews.shop.svc.cluster.local".into(), port: 9080 };
+        assert_eq!(m, GatewayMtls { default: Some(reviews.clone()), networks: BTreeMap::new(), cert: None, ca: None });
+        assert_eq!(m.target(&NetworkId::new("any-net")), Some(&reviews));
+        assert_eq!(reviews.sni(), "outbound_.9080_._.reviews.shop.svc.cluster.local");
+
+        let m = parse(
+            "gatewayProbes:\n  mtls:\n    networks: {azure-net: {host: Ratings.shop.svc.cluster.local, port: 9080}}\n    certFile: certs/cert.pem\n    keyFile: /etc/certs/key.pem\n    caFile: certs/root.pem\n",
+        )
+        .unwrap()
+        .gateway_probes
+        .unwrap()
+        .mtls
+        .unwrap();
+        assert_eq!(m.default, None);
+        let ratings = MtlsTarget { host: "ratings.shop.svc.cluster.local".into(), port: 9080 };
+        assert_eq!(m.target(&NetworkId::new("azure-net")), Some(&ratings));
+        assert_eq!(m.target(&NetworkId::new("aws-net")), None, "a network not listed, no default: no mTLS stage");
+        assert_eq!(m.cert, Some((PathBuf::from("./certs/cert.pem"), PathBuf::from("/etc/certs/key.pem"))));
+        assert_eq!(m.ca, Some(PathBuf::from("./certs/root.pem")));
+    }
+
+    #[test]
+    fn invalid_mtls_settings_name_their_field() {
+        for (section, field) in [
+            ("mtls: {}", "gatewayProbes.mtls: needs host and port"),
+            ("mtls: {host: reviews.shop.svc.cluster.local}", "gatewayProbes.mtls.port"),
+            ("mtls: {port: 9080}", "gatewayProbes.mtls.host"),
+            ("mtls: {host: reviews.shop.svc.cluster.local, port: 0}", "gatewayProbes.mtls.port"),
+            ("mtls: {host: 'reviews shop', port: 9080}", "gatewayProbes.mtls.host"),
+            ("mtls: {host: 'outbound_.9080_._.reviews', port: 9080}", "gatewayProbes.mtls.host"),
+            ("mtls: {host: '', port: 9080}", "gatewayProbes.mtls.host"),
+            ("mtls: {networks: {azure-net: {}}}", "gatewayProbes.mtls.networks.azure-net"),
+            ("mtls: {networks: {azure-net: {host: r.shop}}}", "gatewayProbes.mtls.networks.azure-net.port"),
+            ("mtls: {networks: {azure-net: {host: a..b, port: 1}}}", "gatewayProbes.mtls.networks.azure-net.host"),
+            ("mtls: {host: r.shop, port: 1, certFile: c.pem}", "gatewayProbes.mtls.keyFile"),
+            ("mtls: {host: r.shop, port: 1, keyFile: k.pem}", "gatewayProbes.mtls.certFile"),
+            ("mtls: {host: r.shop, port: 1, caFile: ''}", "gatewayProbes.mtls.caFile"),
+            ("mtls: {host: r.shop, port: 70000}", "port"),
+            ("mtls: {host: r.shop, port: 1, sni: x}", "sni"),
+        ] {
+            let e = parse(&format!("gatewayProbes: {{{section}}}\n")).unwrap_err().to_string();
+            assert!(e.contains(field), "{section}: {e}");
+        }
     }
 
     #[test]

@@ -15,12 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tracing::{info, warn};
 
 /// How often [`watch_files`] checks the certificate and key files by default.
@@ -42,6 +44,8 @@ pub enum Error {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("client CA bundle {}: {reason}", .path.display())]
     ClientCa { path: PathBuf, reason: String },
+    #[error("mesh root CA bundle {}: {reason}", .path.display())]
+    MeshRoot { path: PathBuf, reason: String },
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -160,6 +164,17 @@ impl ReloadingCert {
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
+    }
+}
+
+/// A client presents the current pair too (meshfed's mesh certificate, when it dials through a gateway).
+impl ResolvesClientCert for ReloadingCert {
+    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -298,6 +313,131 @@ impl axum::serve::Listener for TlsListener {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Mesh mTLS as a client
+// ---------------------------------------------------------------------------------------------
+
+/// meshfed's mesh identity: its workload certificate (reloaded as it rotates) and the mesh root, as
+/// istio-agent writes them (`OUTPUT_CERTS`).
+#[derive(Clone, Debug)]
+pub struct MeshCertificate {
+    pub cert: Arc<ReloadingCert>,
+    /// the mesh root CA bundle (None: not known, e.g. xDS over TLS without client certificates)
+    pub root: Option<PathBuf>,
+}
+
+/// The roots of a mesh root CA bundle file.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let bad = |reason: String| Error::MeshRoot { path: path.to_path_buf(), reason };
+    let certs = load_certs(path).map_err(|e| match e {
+        Error::Read { .. } => e,
+        other => bad(other.to_string()),
+    })?;
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// Verifies a server as Istio's sidecars verify each other: the certificate chains to the mesh root and
+/// names a workload of the trust domain (a `spiffe://TRUST_DOMAIN/ns/NS/sa/SA` URI SAN). There is no DNS
+/// name to check: the SNI (`outbound_.PORT_._.FQDN`) names a route, not the server.
+#[derive(Debug)]
+pub struct MeshServerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domain: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl MeshServerVerifier {
+    pub fn new(roots: Arc<RootCertStore>, trust_domain: &str, provider: Arc<CryptoProvider>) -> MeshServerVerifier {
+        MeshServerVerifier { roots, trust_domain: trust_domain.to_string(), provider }
+    }
+
+    /// The workload identity a server certificate chain proves (leaf first), or why it proves none.
+    pub fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let uris = uri_sans(end_entity).map_err(rustls::Error::General)?;
+        uris.iter().filter_map(|u| SpiffeId::parse(u)).find(|id| id.trust_domain == self.trust_domain).ok_or_else(
+            || {
+                rustls::Error::General(format!(
+                    "the server certificate names no workload of trust domain {:?} (no spiffe://{}/ns/NS/sa/SA URI SAN; URI SANs: {uris:?})",
+                    self.trust_domain, self.trust_domain
+                ))
+            },
+        )
+    }
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify_chain(end_entity, intermediates, now).map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client configuration for Istio mTLS: presents `cert`, verifies servers with [`MeshServerVerifier`]
+/// against `roots` in `trust_domain`, offers `alpn`, and never resumes a session (each handshake is a
+/// full one, with the server's certificate verified).
+pub fn mesh_client_config(
+    cert: Arc<dyn ResolvesClientCert>,
+    roots: Arc<RootCertStore>,
+    trust_domain: &str,
+    alpn: &[&str],
+) -> Result<Arc<ClientConfig>, Error> {
+    let provider = provider();
+    let verifier = Arc::new(MeshServerVerifier::new(roots, trust_domain, provider.clone()));
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(cert);
+    config.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Peer identities
 // ---------------------------------------------------------------------------------------------
 
@@ -380,9 +520,101 @@ pub fn peer_auth(leaf: &[u8], trust_domain: &str) -> PeerAuth {
     }
 }
 
+/// A mesh CA for unit tests (rcgen): a root, and workload certificates with a SPIFFE URI SAN usable for
+/// client and server authentication, as Istio's.
+#[cfg(test)]
+pub(crate) mod test_ca {
+    use super::*;
+
+    pub struct Ca {
+        pub root: CertificateDer<'static>,
+        pub root_pem: String,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    /// A workload's certificate (PEM) and key (PEM).
+    pub struct Leaf {
+        pub cert_pem: String,
+        pub key_pem: String,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+            let cert = params.self_signed(&key).unwrap();
+            Ca { root: cert.der().clone(), root_pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) }
+        }
+
+        pub fn roots(&self) -> Arc<RootCertStore> {
+            let mut r = RootCertStore::empty();
+            r.add(self.root.clone()).unwrap();
+            Arc::new(r)
+        }
+
+        /// A leaf with these URI SANs (e.g. `spiffe://cluster.local/ns/shop/sa/reviews`).
+        pub fn issue(&self, uris: &[&str]) -> Leaf {
+            use rcgen::{ExtendedKeyUsagePurpose, KeyUsagePurpose, SanType};
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() }
+        }
+    }
+
+    impl Leaf {
+        pub fn der(&self) -> CertificateDer<'static> {
+            parse_certs(self.cert_pem.as_bytes(), Path::new("leaf")).unwrap().remove(0)
+        }
+
+        pub fn certified_key(&self) -> Arc<CertifiedKey> {
+            let p = Path::new("leaf");
+            Arc::new(
+                certified_key_from_pem(self.cert_pem.as_bytes(), p, self.key_pem.as_bytes(), p, &provider()).unwrap(),
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mesh_verifier_accepts_mesh_workloads_and_nothing_else() {
+        let mesh = test_ca::Ca::new("mesh root");
+        let foreign = test_ca::Ca::new("another root");
+        let verifier = MeshServerVerifier::new(mesh.roots(), "cluster.local", provider());
+        let now = UnixTime::now();
+        let reviews = mesh.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]);
+        assert_eq!(
+            verifier.verify_chain(&reviews.der(), &[], now).unwrap(),
+            SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/reviews").unwrap()
+        );
+        // through the rustls trait, with an SNI that names no server (it is not checked)
+        let sni = ServerName::try_from("outbound_.9080_._.reviews.shop.svc.cluster.local").unwrap();
+        assert!(verifier.verify_server_cert(&reviews.der(), &[], &sni, &[], now).is_ok());
+        // a workload of another CA, with the same identity
+        let impostor = foreign.issue(&["spiffe://cluster.local/ns/shop/sa/reviews"]);
+        let e = verifier.verify_chain(&impostor.der(), &[], now).unwrap_err();
+        assert!(matches!(e, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)), "{e}");
+        // the mesh's CA, another trust domain, or no SPIFFE id at all
+        for uris in [&["spiffe://other.domain/ns/shop/sa/reviews"][..], &["https://reviews.example"], &[]] {
+            let e = verifier.verify_chain(&mesh.issue(uris).der(), &[], now).unwrap_err().to_string();
+            assert!(e.contains("no workload of trust domain \"cluster.local\""), "{uris:?}: {e}");
+        }
+        // garbage
+        assert!(verifier.verify_chain(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), &[], now).is_err());
+        assert!(verifier.verify_chain(&CertificateDer::from(Vec::new()), &[], now).is_err());
+    }
 
     #[test]
     fn parses_spiffe_ids() {
