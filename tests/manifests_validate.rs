@@ -239,6 +239,8 @@ fn meshfed_parses_each_overlays_mesh_config() {
         let dir = state.path.parent().and_then(Path::to_str).expect("a directory");
         assert!(o.volume_at(dir)["emptyDir"].is_mapping(), "overlay {}: {dir} is the state volume", o.id);
         assert_eq!(mesh.defaults.locality_lb.failover.len(), 2, "overlay {}: failover between the clouds", o.id);
+        // data-plane evidence on, at the defaults (the NetworkPolicy admits the probes' ports)
+        assert_eq!(mesh.gateway_probes, Some(Default::default()), "overlay {}: gatewayProbes at the defaults", o.id);
         parsed.push(mesh);
     }
     // every cloud's meshfed serves the same mesh: the configs differ only in which cluster is local
@@ -512,7 +514,9 @@ fn the_network_policy_admits_exactly_what_each_client_needs() {
             vec![
                 (dns_ports, vec![dns.to_string()]),
                 (tcp(&[15012]), vec![istiod.to_string()]),
-                (tcp(&[443]), anywhere)
+                (tcp(&[443]), anywhere.clone()),
+                // gatewayProbes (on in both overlays): the east-west gateways' TLS and status ports
+                (tcp(&[15443, 15021]), anywhere)
             ]
         );
     }
