@@ -290,7 +290,7 @@ async fn two_replicas_reach_the_same_verdicts_within_the_stated_bound() -> Resul
     let _azure_status = Serving::start(addr(format!("127.{OCTET}.20.1:15021")), true).await?;
 
     let mesh = meshfed::mesh_config::MeshConfig::load(&mesh_path)?;
-    let probes = mesh.gateway_probes.ok_or_else(|| anyhow!("gatewayProbes set"))?;
+    let probes = mesh.gateway_probes.clone().ok_or_else(|| anyhow!("gatewayProbes set"))?;
     let bound = INTERVAL.mul_f64(0.2 * f64::from(probes.failure_threshold.max(probes.success_threshold)) + 0.9)
         + mesh.debounce.max;
     let mut replicas = Vec::new();
