@@ -69,7 +69,7 @@ run() {
 
 if [ "$mode" = smoke ]; then
   small=(--size 40x4 --proxies 20 --iterations 5 --duration 2 --rollout-pods 20 --flood-endpoints 100 --storm-proxies 20 --ready-timeout 60)
-  run smoke-meshfed 120 "${small[@]}" --steps flaps,rollout,nack,churn,flood,storm,cold,hold
+  run smoke-meshfed 120 "${small[@]}" --steps flaps,rollout,nack,churn,flood,storm,cold,hold,drain
   run smoke-floor 60 "${small[@]}" --server floor --steps flaps,cold
   run smoke-files 60 "${small[@]}" --server files --debounce-quiet 0ms --steps flaps
   # the per-type EDS mode (rows f1, f2): one connection per proxy, one EDS stream per service on it
@@ -136,6 +136,13 @@ run d1-sotw-floor-zc 900 "${S[@]}" --delta 0 --server floor-zero-copy --steps fl
 run d1-delta-floor-zc 900 "${S[@]}" --delta 1 --server floor-zero-copy --steps flaps --iterations 100
 # e1 without the NACK racing the next push
 run e1-settled 900 "${S[@]}" --steps nack --nack-settle-ms 500
+# t1, t2: traffic control: a drain step (the second cloud's capacity 100 -> 75 -> 50 -> 25 -> 0, every
+# service split 50/50) -> each proxy's ACK, at 1,000 and 10,000 proxies (an EDS-only change of every service)
+row=t1
+run t1 900 "${S[@]}" --steps drain --iterations 20
+row=t2
+run t2 1800 --size S --proxies 10000 --connect-parallel 512 --steps drain --iterations 10
+row=""
 # b3: 5,000 proxies
 run b3 1500 --size S --proxies 5000 --steps flaps --iterations 50
 run b3-floor 1500 --size S --proxies 5000 --server floor --steps flaps --iterations 50

@@ -93,7 +93,7 @@ pub struct BenchArgs {
     pub debounce_quiet: String,
     #[arg(long, default_value = "0ms")]
     pub debounce_max: String,
-    /// comma-separated steps: flaps, rollout, nack, churn, flood, storm, hold, cold
+    /// comma-separated steps: flaps, rollout, nack, churn, flood, storm, hold, cold, envoy, drain
     #[arg(long, default_value = "flaps")]
     pub steps: String,
     /// flaps: changes measured
@@ -240,6 +240,14 @@ impl ServerProc {
             topology.apply_to_files(dir.path(), c)?;
         }
         Ok(())
+    }
+
+    /// Sends one control command (`drain 50`) to a server with a control channel.
+    pub async fn control_call(&mut self, line: &str) -> Result<String> {
+        match &mut self.control {
+            Some(ctl) => ctl.call(line).await,
+            None => bail!("{line:?}: this server kind has no control channel"),
+        }
     }
 
     /// The server's own figures (connections, alive tasks), when it can tell.
@@ -555,6 +563,7 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
             "hold" => run.hold().await?,
             "cold" => run.cold().await?,
             "envoy" => run.envoy().await?,
+            "drain" => run.drain().await?,
             other => bail!("unknown step {other:?}"),
         };
         emit(&v);
@@ -672,6 +681,58 @@ impl Run<'_> {
             "server_rss_kb": self.server.rss_kb(),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
             "retries": self.fleet.rec.retries.load(Ordering::Relaxed),
+            "last_error": self.fleet.rec.last_error(),
+        }))
+    }
+
+    /// Drain steps (issue 17's "drain step -> last ACK"): the second cloud's capacity walks 75, 50, 25, 0,
+    /// 100 (after an unmeasured 100 that installs the 50/50 split); each step changes the EDS of every
+    /// service for every proxy, and is measured from the policy change to each proxy's ACK of one
+    /// service's assignment (all of them change in the same push).
+    async fn drain(&mut self) -> Result<Value> {
+        let n = self.n();
+        let watched: Arc<str> = topo::cluster_name(0).into();
+        let capacities = [100u32, 75, 50, 25, 0];
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        let mut missing = 0usize;
+        let before = self.fleet.rec.totals();
+        let cpu0 = self.server.cpu_ns();
+        let steps = self.args.iterations.max(1);
+        for i in 0..=steps {
+            let capacity = capacities[i % capacities.len()];
+            self.epoch += 1;
+            let epoch = self.epoch;
+            self.fleet.rec.watch_below(epoch, [watched.clone()], n as u32);
+            let t0 = Instant::now();
+            self.server.control_call(&format!("drain {capacity}")).await?;
+            self.fleet.rec.wait_hits(n, Duration::from_secs(10)).await;
+            self.fleet.rec.unwatch();
+            let lat = first_per_proxy(&self.fleet.rec.take_hits(), epoch, t0);
+            if i == 0 {
+                continue; // installs the split: not a drain step
+            }
+            missing += n.saturating_sub(lat.len());
+            if let Some(m) = lat.iter().cloned().reduce(f64::max) {
+                last.push(m);
+            }
+            all.extend(lat);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let after = self.fleet.rec.totals();
+        let updates = (after[1][1] - before[1][1]).max(1);
+        Ok(json!({
+            "step": "drain",
+            "base": self.base,
+            "changes": steps,
+            "change_to_ack_ms_per_proxy": percentiles(&all),
+            "change_to_last_ack_ms_per_change": percentiles(&last),
+            "missing_acks": missing,
+            "proxy_updates": updates,
+            "eds_resources_per_response": (after[1][2] - before[1][2]) as f64 / updates as f64,
+            "server_cpu_ms_per_change": (self.server.cpu_ns() - cpu0) as f64 / 1e6 / (steps + 1) as f64,
+            "server_rss_kb": self.server.rss_kb(),
+            "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
             "last_error": self.fleet.rec.last_error(),
         }))
     }

@@ -26,6 +26,11 @@ pub trait ControlHandler: Send {
     fn change(&mut self, change: &Change);
     /// A JSON object with whatever the server can say about itself.
     fn stats(&mut self) -> serde_json::Value;
+    /// Sets a traffic policy splitting every service 50/50 between the clouds, with the second cloud
+    /// drained to `capacity` % (`drain N`); servers without traffic control say so.
+    fn drain(&mut self, _capacity: u32) -> Result<(), String> {
+        Err("this server has no traffic control".into())
+    }
 }
 
 /// Serves the control protocol on `listener` (one client at a time) until the process ends.
@@ -39,6 +44,13 @@ pub async fn serve_control(listener: TcpListener, mut handler: impl ControlHandl
             let reply = match line.trim() {
                 "stats" => handler.stats().to_string(),
                 "ping" => "pong".to_string(),
+                l if l.starts_with("drain ") => match l["drain ".len()..].trim().parse::<u32>() {
+                    Ok(capacity) => match handler.drain(capacity) {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    Err(_) => format!("error: bad drain command {l:?}"),
+                },
                 l => match Change::parse(l) {
                     Some(c) => {
                         handler.change(&c);
@@ -100,6 +112,12 @@ impl ControlHandler for MeshfedControl {
         }
     }
 
+    fn drain(&mut self, capacity: u32) -> Result<(), String> {
+        let policy = drain_policy(capacity, std::time::SystemTime::now()).map_err(|e| e.to_string())?;
+        self.server.push.set_traffic_policy(policy);
+        Ok(())
+    }
+
     fn stats(&mut self) -> serde_json::Value {
         let metrics = tokio::runtime::Handle::current().metrics();
         serde_json::json!({
@@ -141,4 +159,22 @@ fn scope_counts(s: &meshfed::cache::Snapshot) -> serde_json::Value {
         "listeners": count(&s.listeners),
         "routes": count(&s.routes),
     })
+}
+
+/// The traffic policy of the `drain` step: every service split 50/50 between the two clouds for proxies of
+/// either region, the second cloud drained to `capacity` % (an hour's expiry).
+pub fn drain_policy(
+    capacity: u32,
+    now: std::time::SystemTime,
+) -> Result<meshfed::traffic::TrafficPolicy, meshfed::traffic::policy::Error> {
+    use super::topo::CLUSTERS;
+    let (a, b) = (CLUSTERS[0].0, CLUSTERS[1].0);
+    let expires = meshfed::source::format_time(now + Duration::from_secs(3600));
+    let yaml = format!(
+        "policies:\n  - split:\n      {}: {{{a}: 50, {b}: 50}}\n      {}: {{{a}: 50, {b}: 50}}\ndrains:\n  - cluster: {b}\n    capacity: {capacity}\n    expires: \"{expires}\"\n    reason: benchmark\n",
+        CLUSTERS[0].1, CLUSTERS[1].1
+    );
+    let value: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap_or_default();
+    let ids: Vec<meshfed::model::ClusterId> = CLUSTERS.iter().map(|c| meshfed::model::ClusterId::new(c.0)).collect();
+    meshfed::traffic::TrafficPolicy::parse(&value, &ids, now)
 }
