@@ -64,9 +64,12 @@ fn stored(path: &Path) -> Result<Option<(BTreeSet<String>, SystemTime)>> {
     Ok(stored_cluster(path, "east")?.map(|(a, t, _)| (a, t)))
 }
 
+/// A cluster's stored slice addresses, `observedAt` and remote secret.
+type Stored = (BTreeSet<String>, SystemTime, Option<String>);
+
 /// The stored addresses of `cluster`'s slices, the state's `observedAt` and its remote secret, if the file
 /// holds it.
-fn stored_cluster(path: &Path, cluster: &str) -> Result<Option<(BTreeSet<String>, SystemTime, Option<String>)>> {
+fn stored_cluster(path: &Path, cluster: &str) -> Result<Option<Stored>> {
     let Some(states) = last_known::read(path)? else { return Ok(None) };
     let Some(east) = states.iter().find(|s| s.cluster.as_str() == cluster) else { return Ok(None) };
     let mut addresses = BTreeSet::new();

@@ -3,13 +3,20 @@
 //!
 //! ## What is kept
 //!
-//! Per Kubernetes cluster of the mesh config (`kubeconfig` or `inCluster`; manifest directories are on
-//! local disk already, and remote-secret clusters are known only once the config cluster answers), the
-//! objects its live source last delivered completely — from its first complete [`SourceEvent::Sync`]
+//! Per Kubernetes cluster — those the mesh config names (`kubeconfig` or `inCluster`) and those
+//! discovered from Istio remote secrets (`remoteSecrets`), with the secret that defined them; manifest
+//! directories are on local disk already — the objects its live source last delivered completely — from its first complete [`SourceEvent::Sync`]
 //! on, kept current by the later `Upsert`s, `Delete`s and relists — and `observedAt`, when the live
 //! source last confirmed them: the last event, or, while the API server answers, the last write. It stops
 //! advancing when the source reports the API unreachable ([`SourceEvent::ClusterReachability`]), so
 //! the age of a file written during an outage is the age of what it holds.
+//!
+//! A remote-secret cluster is tracked from its first event on, once [`ClusterHealth`] names its secret
+//! (the remote-secret watcher registers it before its watch starts). Its secret's name is kept as
+//! `ClusterHealth` last names it, and the cluster leaves the file when its secret goes (it shows
+//! `closed`, its objects removed). Nothing else places it: the registry gives a discovered cluster the
+//! network of its `istio-system` Namespace's label, which is one of the kept objects, so the restored
+//! cluster lands on the network the live one was on.
 //!
 //! Restored objects are never written back as if freshly observed: a restored cluster keeps the
 //! `observedAt` it was loaded with until its live source delivers.
@@ -31,22 +38,34 @@
 //!
 //! [`LastKnown::open`] reads the file. A missing file restores nothing; an unreadable or corrupt one, or
 //! one of another format version, is reported (path and reason) and ignored. For every cluster the mesh
-//! config still names with a Kubernetes source and whose state is at most `maxAge` old, it returns a
-//! `Sync` of the restored objects and marks the cluster `restoredFrom` its `observedAt` in
+//! config still names with a Kubernetes source, and every remote-secret cluster the mesh config does not
+//! name when it still has `remoteSecrets` in the secret's namespace, whose state is at most `maxAge` old,
+//! it returns a `Sync` of the restored objects and marks the cluster `restoredFrom` its `observedAt` in
 //! [`ClusterHealth`] (shown by `/debug/clusterz` with its age, exported as
-//! `meshfed_cluster_restored_state_age_seconds`). A restored cluster counts as ready for the readiness
+//! `meshfed_cluster_restored_state_age_seconds`); a remote-secret cluster is registered there with its
+//! secret first, as the remote-secret watcher would. A restored cluster counts as ready for the readiness
 //! wait, and its source does not replace the restored objects with an empty partial state at the ready
 //! timeout: it waits for the cluster to answer. Older state is dropped (logged).
+//!
+//! Restored remote-secret clusters are served whether or not the config cluster answers: while it serves
+//! restored state itself, the readiness wait does not wait for the secrets' list. When the list comes,
+//! the remote-secret watcher starts the clusters of the listed secrets (a restored one stays restored
+//! until its own API answers) and removes a restored cluster that has no secret in it, as a deleted
+//! secret's cluster ([`crate::source::kube::remote_secrets`]).
 //!
 //! ## The file
 //!
 //! One JSON document, not pretty-printed: a header (`format`, `version` = [`FORMAT_VERSION`],
-//! `meshfedVersion`, `writtenAt`) and per cluster its id, `observedAt` (RFC 3339) and objects, in the
+//! `meshfedVersion`, `writtenAt`) and per cluster its id, `remoteSecret` (`namespace/name`, only for a
+//! remote-secret cluster), `observedAt` (RFC 3339) and objects, in the
 //! compact forms the registry keeps ([`TopologyObject`]); a DestinationRule is kept as the part of its
 //! object that its conversion reads ([`DestinationRuleInfo::source`]) and converted again when
 //! restored, so invalid rules round-trip as invalid. It is written atomically: a temporary file in the
 //! same directory, fsync, rename over the old one, fsync of the directory. A change of the persisted
-//! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape).
+//! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape), except an
+//! optional field that readers without it may ignore: `remoteSecret` was added so, in version 1 (a file
+//! without it reads as before; a meshfed that does not know it drops the remote-secret clusters, which
+//! its mesh config does not name).
 //!
 //! The tap keeps a copy of the tracked clusters' objects (shared strings, so mostly the maps); a write
 //! takes the objects as they are (copy-on-write) and encodes and writes them on a blocking thread.
@@ -350,7 +369,8 @@ struct State {
     last_error: Option<String>,
 }
 
-/// The last-known state of the mesh's Kubernetes clusters (see the module docs).
+/// The last-known state of the mesh's Kubernetes clusters, named and discovered from remote secrets (see
+/// the module docs).
 #[derive(Debug)]
 pub struct LastKnown {
     config: LastKnownState,
