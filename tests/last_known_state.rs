@@ -3,6 +3,11 @@
 //! server stops (an outage); meshfed starts again and serves the restored endpoints from its first response
 //! on, marked restored with their age (`/debug/clusterz`, metrics), without sitting out `readyTimeout`;
 //! the API server comes back with a changed endpoint and the live state replaces the restored one.
+//!
+//! `a_remote_secret_cluster_is_restored_until_its_secret_goes`: the same for a cluster discovered from an
+//! Istio remote secret in the config cluster (the shipped deployment's case): restored during its outage,
+//! kept restored once the secrets are listed, removed with its endpoints when its secret is deleted, and
+//! removed at the first list when its secret was deleted while meshfed was down.
 
 use meshfed_testkit as support;
 
@@ -36,8 +41,12 @@ fn set(addresses: &[&str]) -> BTreeSet<String> {
 
 /// A sidecar client of cluster `east`, subscribed to reviews' endpoints.
 async fn eds_client(meshfed: &Meshfed) -> Result<AdsClient> {
-    let meta = [("CLUSTER_ID", "east"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")];
-    let n = node("sidecar~127.0.0.9~client.shop~shop.svc.cluster.local", &meta, None);
+    eds_client_with(meshfed, &[("CLUSTER_ID", "east"), ("NETWORK", "net"), ("INTERCEPTION_MODE", "NONE")]).await
+}
+
+/// A sidecar client with node metadata `meta`, subscribed to reviews' endpoints.
+async fn eds_client_with(meshfed: &Meshfed, meta: &[(&str, &str)]) -> Result<AdsClient> {
+    let n = node("sidecar~127.0.0.9~client.shop~shop.svc.cluster.local", meta, None);
     let mut c = AdsClient::connect(meshfed.xds_address(), Flavor::Sotw, n).await?.with_timeouts(STEP, STEP);
     c.subscribe(type_url::ENDPOINT, &[REVIEWS]).await?;
     Ok(c)
@@ -52,23 +61,36 @@ async fn next_addresses(c: &mut AdsClient) -> Result<BTreeSet<String>> {
 
 /// The stored addresses of cluster `east`'s slice and the state's `observedAt`, if the file holds it.
 fn stored(path: &Path) -> Result<Option<(BTreeSet<String>, SystemTime)>> {
+    Ok(stored_cluster(path, "east")?.map(|(a, t, _)| (a, t)))
+}
+
+/// A cluster's stored slice addresses, `observedAt` and remote secret.
+type Stored = (BTreeSet<String>, SystemTime, Option<String>);
+
+/// The stored addresses of `cluster`'s slices, the state's `observedAt` and its remote secret, if the file
+/// holds it.
+fn stored_cluster(path: &Path, cluster: &str) -> Result<Option<Stored>> {
     let Some(states) = last_known::read(path)? else { return Ok(None) };
-    let Some(east) = states.iter().find(|s| s.cluster.as_str() == "east") else { return Ok(None) };
+    let Some(east) = states.iter().find(|s| s.cluster.as_str() == cluster) else { return Ok(None) };
     let mut addresses = BTreeSet::new();
     for o in &east.objects {
         if let meshfed::topology::TopologyObject::EndpointSlice(s) = o {
             addresses.extend(s.endpoints.iter().flat_map(|e| e.addresses.iter().map(|a| a.to_string())));
         }
     }
-    Ok(Some((addresses, east.observed_at)))
+    Ok(Some((addresses, east.observed_at, east.remote_secret.clone())))
 }
 
 async fn clusterz_east(meshfed: &Meshfed) -> Result<serde_json::Value> {
+    clusterz(meshfed, "east").await
+}
+
+async fn clusterz(meshfed: &Meshfed, id: &str) -> Result<serde_json::Value> {
     let z = meshfed.debug_json("/debug/clusterz").await?;
     z.as_array()
-        .and_then(|a| a.iter().find(|c| c["id"] == "east"))
+        .and_then(|a| a.iter().find(|c| c["id"] == id))
         .cloned()
-        .ok_or_else(|| anyhow!("/debug/clusterz has no cluster east: {z}"))
+        .ok_or_else(|| anyhow!("/debug/clusterz has no cluster {id}: {z}"))
 }
 
 /// The value of the metric line that starts with `prefix` (`name{labels} `), if exported.
@@ -193,6 +215,142 @@ async fn restart_during_an_api_outage_serves_the_restored_state_without_a_gap() 
             Some((a, t)) if a == set(&["10.1.0.3"]) && t > written_at => Ok(()),
             other => Err(anyhow!("the live state is not persisted yet: {other:?}")),
         }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Reads EDS responses until reviews' addresses are `want` (each response within a step).
+async fn until_addresses(c: &mut AdsClient, want: &BTreeSet<String>, what: &str) -> Result<()> {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let addresses = next_addresses(c).await?;
+        if &addresses == want {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{what}: still {addresses:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_secret_cluster_is_restored_until_its_secret_goes() -> Result<()> {
+    const SECRET: &str = "istio-remote-secret-azure";
+    let dir = tempfile::tempdir()?;
+    // the config cluster (named in the mesh config) and the cluster its remote secret names
+    let (aws, azure) = (KubeStandin::start().await?, KubeStandin::start().await?);
+    for (api, cluster, address) in [(&aws, "aws", "10.1.0.1"), (&azure, "azure", "10.2.0.1")] {
+        api.set_token(Some(TOKEN));
+        let node_name = format!("{cluster}-node-1");
+        api.apply(objects::namespace("shop", None))?;
+        api.apply(objects::node(&node_name, cluster, "z"))?;
+        api.apply(objects::service("shop", "reviews", &[("http", 9080)]))?;
+        api.apply(objects::endpoint_slice(
+            "shop",
+            &format!("reviews-{cluster}"),
+            "reviews",
+            ("http", 9080),
+            &[(address, &node_name)],
+        ))?;
+    }
+    // azure's network is the label of its istio-system Namespace, as istiod reads it
+    azure.apply(objects::namespace("istio-system", Some("azure-net")))?;
+    aws.apply(objects::remote_secret("istio-system", SECRET, "azure", &azure.kubeconfig("azure", Some(TOKEN))))?;
+    let kubeconfig = dir.path().join("aws.kubeconfig");
+    std::fs::write(&kubeconfig, aws.kubeconfig("aws", Some(TOKEN)))?;
+    let state = dir.path().join("state/last-known.json");
+    let mesh_path = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh_path,
+        format!(
+            "clusters:\n  - id: aws\n    network: aws-net\n    kubeconfig: {}\nremoteSecrets:\n  configCluster: aws\nreadyTimeout: 60s\nunreachableGracePeriod: 1h\nlastKnownState:\n  path: {}\n  maxAge: 1h\n  writeInterval: 100ms\n",
+            kubeconfig.display(),
+            state.display()
+        ),
+    )?;
+    // neither NETWORK nor CLUSTER_ID (which would give it aws's network): every network's endpoints are
+    // sent as they are
+    let meta = [("INTERCEPTION_MODE", "NONE")];
+    let both = set(&["10.1.0.1", "10.2.0.1"]);
+
+    // 1. live: meshfed lists both clusters and persists both, azure with its secret
+    let mut first = support::start_meshfed(&mesh_path).await?;
+    let mut c = eds_client_with(&first, &meta).await?;
+    until_addresses(&mut c, &both, "both clusters live").await?;
+    let (_, azure_written, _) = support::poll_until(STEP, || async {
+        let aws_state = stored_cluster(&state, "aws")?;
+        match stored_cluster(&state, "azure")? {
+            Some((a, t, secret))
+                if a == set(&["10.2.0.1"])
+                    && secret.as_deref() == Some("istio-system/istio-remote-secret-azure")
+                    && aws_state.as_ref().is_some_and(|(a, _, s)| *a == set(&["10.1.0.1"]) && s.is_none()) =>
+            {
+                Ok((a, t, secret))
+            }
+            other => Err(anyhow!("not persisted yet: azure {other:?}, aws {aws_state:?}")),
+        }
+    })
+    .await
+    .context("meshfed persists the config cluster and the remote-secret cluster")?;
+    drop(c);
+    first.guard.kill();
+    drop(first);
+    // kept for step 4: the state as it was before the secret is deleted
+    let before_delete = std::fs::read(&state)?;
+
+    // 2. azure's API server stops answering; meshfed starts again during the outage
+    azure.stop().await;
+    let started = Instant::now();
+    let second = support::start_meshfed(&mesh_path).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "a restored remote cluster counts as ready: meshfed did not sit out readyTimeout ({:?})",
+        started.elapsed()
+    );
+    let mut c = eds_client_with(&second, &meta).await?;
+    assert_eq!(next_addresses(&mut c).await?, both, "the first response holds azure's restored endpoints");
+    let z = clusterz(&second, "azure").await?;
+    let observed: jiff::Timestamp = z["restoredFrom"]["observedAt"].as_str().unwrap_or_default().parse()?;
+    assert_eq!(observed.as_second(), jiff::Timestamp::try_from(azure_written)?.as_second(), "{z}");
+    ensure!(z["secretName"] == "istio-system/istio-remote-secret-azure" && z["endpoints"] == 1, "{z}");
+    ensure!(z["network"] == "azure-net", "placed on its network again: {z}");
+    // the config cluster answers: the secret is listed, azure's watch runs and finds its API unreachable;
+    // azure stays restored (no empty state replaces it)
+    support::poll_until(STEP, || async {
+        let z = clusterz(&second, "azure").await?;
+        ensure!(z["unreachableSince"].is_string() && z["restoredFrom"].is_object() && z["endpoints"] == 1, "{z}");
+        Ok(())
+    })
+    .await
+    .context("azure is listed in the secrets and stays restored during its outage")?;
+    if let Some(r) = c.recv_within(Duration::from_secs(2)).await? {
+        return Err(anyhow!("the restored endpoints changed during the outage: {}", r.summary()));
+    }
+
+    // 3. the remote secret is deleted: the restored cluster and its endpoints go, and it leaves the file
+    aws.delete("v1", "Secret", "istio-system", SECRET)?;
+    until_addresses(&mut c, &set(&["10.1.0.1"]), "azure removed with its secret").await?;
+    let z = clusterz(&second, "azure").await?;
+    ensure!(z["syncStatus"] == "closed" && z["restoredFrom"].is_null() && z["endpoints"] == 0, "{z}");
+    support::poll_until(STEP, || async {
+        let azure_state = stored_cluster(&state, "azure")?;
+        ensure!(azure_state.is_none() && stored_cluster(&state, "aws")?.is_some(), "azure still kept: {azure_state:?}");
+        Ok(())
+    })
+    .await?;
+    drop(c);
+    drop(second);
+
+    // 4. the secret was deleted while meshfed was down: the restored cluster goes at the first list
+    std::fs::write(&state, &before_delete)?;
+    let third = support::start_meshfed(&mesh_path).await?;
+    let mut c = eds_client_with(&third, &meta).await?;
+    until_addresses(&mut c, &set(&["10.1.0.1"]), "azure removed: no secret in the first list").await?;
+    support::poll_until(STEP, || async {
+        let z = clusterz(&third, "azure").await?;
+        ensure!(z["syncStatus"] == "closed" && z["restoredFrom"].is_null() && z["endpoints"] == 0, "{z}");
+        let azure_state = stored_cluster(&state, "azure")?;
+        ensure!(azure_state.is_none(), "azure still kept: {azure_state:?}");
+        Ok(())
     })
     .await?;
     Ok(())

@@ -3,13 +3,20 @@
 //!
 //! ## What is kept
 //!
-//! Per Kubernetes cluster of the mesh config (`kubeconfig` or `inCluster`; manifest directories are on
-//! local disk already, and remote-secret clusters are known only once the config cluster answers), the
-//! objects its live source last delivered completely — from its first complete [`SourceEvent::Sync`]
+//! Per Kubernetes cluster — those the mesh config names (`kubeconfig` or `inCluster`) and those
+//! discovered from Istio remote secrets (`remoteSecrets`), with the secret that defined them; manifest
+//! directories are on local disk already — the objects its live source last delivered completely — from its first complete [`SourceEvent::Sync`]
 //! on, kept current by the later `Upsert`s, `Delete`s and relists — and `observedAt`, when the live
 //! source last confirmed them: the last event, or, while the API server answers, the last write. It stops
 //! advancing when the source reports the API unreachable ([`SourceEvent::ClusterReachability`]), so
 //! the age of a file written during an outage is the age of what it holds.
+//!
+//! A remote-secret cluster is tracked from its first event on, once [`ClusterHealth`] names its secret
+//! (the remote-secret watcher registers it before its watch starts). Its secret's name is kept as
+//! `ClusterHealth` last names it, and the cluster leaves the file when its secret goes (it shows
+//! `closed`, its objects removed). Nothing else places it: the registry gives a discovered cluster the
+//! network of its `istio-system` Namespace's label, which is one of the kept objects, so the restored
+//! cluster lands on the network the live one was on.
 //!
 //! Restored objects are never written back as if freshly observed: a restored cluster keeps the
 //! `observedAt` it was loaded with until its live source delivers.
@@ -31,22 +38,34 @@
 //!
 //! [`LastKnown::open`] reads the file. A missing file restores nothing; an unreadable or corrupt one, or
 //! one of another format version, is reported (path and reason) and ignored. For every cluster the mesh
-//! config still names with a Kubernetes source and whose state is at most `maxAge` old, it returns a
-//! `Sync` of the restored objects and marks the cluster `restoredFrom` its `observedAt` in
+//! config still names with a Kubernetes source, and every remote-secret cluster the mesh config does not
+//! name when it still has `remoteSecrets` in the secret's namespace, whose state is at most `maxAge` old,
+//! it returns a `Sync` of the restored objects and marks the cluster `restoredFrom` its `observedAt` in
 //! [`ClusterHealth`] (shown by `/debug/clusterz` with its age, exported as
-//! `meshfed_cluster_restored_state_age_seconds`). A restored cluster counts as ready for the readiness
+//! `meshfed_cluster_restored_state_age_seconds`); a remote-secret cluster is registered there with its
+//! secret first, as the remote-secret watcher would. A restored cluster counts as ready for the readiness
 //! wait, and its source does not replace the restored objects with an empty partial state at the ready
 //! timeout: it waits for the cluster to answer. Older state is dropped (logged).
+//!
+//! Restored remote-secret clusters are served whether or not the config cluster answers: while it serves
+//! restored state itself, the readiness wait does not wait for the secrets' list. When the list comes,
+//! the remote-secret watcher starts the clusters of the listed secrets (a restored one stays restored
+//! until its own API answers) and removes a restored cluster that has no secret in it, as a deleted
+//! secret's cluster ([`crate::source::kube::remote_secrets`]).
 //!
 //! ## The file
 //!
 //! One JSON document, not pretty-printed: a header (`format`, `version` = [`FORMAT_VERSION`],
-//! `meshfedVersion`, `writtenAt`) and per cluster its id, `observedAt` (RFC 3339) and objects, in the
+//! `meshfedVersion`, `writtenAt`) and per cluster its id, `remoteSecret` (`namespace/name`, only for a
+//! remote-secret cluster), `observedAt` (RFC 3339) and objects, in the
 //! compact forms the registry keeps ([`TopologyObject`]); a DestinationRule is kept as the part of its
 //! object that its conversion reads ([`DestinationRuleInfo::source`]) and converted again when
 //! restored, so invalid rules round-trip as invalid. It is written atomically: a temporary file in the
 //! same directory, fsync, rename over the old one, fsync of the directory. A change of the persisted
-//! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape).
+//! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape), except an
+//! optional field that readers without it may ignore: `remoteSecret` was added so, in version 1 (a file
+//! without it reads as before; a meshfed that does not know it drops the remote-secret clusters, which
+//! its mesh config does not name).
 //!
 //! The tap keeps a copy of the tracked clusters' objects (shared strings, so mostly the maps); a write
 //! takes the objects as they are (copy-on-write) and encodes and writes them on a blocking thread.
@@ -158,6 +177,10 @@ struct DocumentRef<'a> {
 #[serde(rename_all = "camelCase")]
 struct ClusterRef<'a> {
     id: &'a str,
+    /// a cluster discovered from a remote secret: the secret (`namespace/name`); absent for the clusters the
+    /// mesh config names (so a file without remote-secret clusters is byte for byte what version 1 wrote)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote_secret: Option<&'a str>,
     observed_at: String,
     objects: Vec<StoredObjectRef<'a>>,
 }
@@ -182,6 +205,8 @@ struct Document {
 #[serde(rename_all = "camelCase")]
 struct StoredCluster {
     id: String,
+    #[serde(default)]
+    remote_secret: Option<String>,
     observed_at: String,
     objects: Vec<StoredObject>,
 }
@@ -190,16 +215,24 @@ struct StoredCluster {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterState {
     pub cluster: ClusterId,
+    /// the remote secret (`namespace/name`) that defined the cluster; None for a cluster the mesh config
+    /// names
+    pub remote_secret: Option<String>,
     /// when the live source last confirmed the objects
     pub observed_at: SystemTime,
     pub objects: Vec<TopologyObject>,
 }
 
+/// One cluster's state to write.
+struct Kept {
+    id: ClusterId,
+    remote_secret: Option<String>,
+    observed_at: SystemTime,
+    objects: Objects,
+}
+
 /// Encodes the clusters' states as the file holds them.
-fn encode<'a>(
-    clusters: impl IntoIterator<Item = (&'a ClusterId, SystemTime, &'a BTreeMap<ObjectKey, TopologyObject>)>,
-    now: SystemTime,
-) -> Result<Vec<u8>, Error> {
+fn encode<'a>(clusters: impl IntoIterator<Item = &'a Kept>, now: SystemTime) -> Result<Vec<u8>, Error> {
     let doc = DocumentRef {
         format: FORMAT,
         version: FORMAT_VERSION,
@@ -207,10 +240,11 @@ fn encode<'a>(
         written_at: format_time(now),
         clusters: clusters
             .into_iter()
-            .map(|(id, observed_at, objects)| ClusterRef {
-                id: id.as_str(),
-                observed_at: format_time(observed_at),
-                objects: objects.values().filter_map(StoredObjectRef::from_object).collect(),
+            .map(|k| ClusterRef {
+                id: k.id.as_str(),
+                remote_secret: k.remote_secret.as_deref(),
+                observed_at: format_time(k.observed_at),
+                objects: k.objects.values().filter_map(StoredObjectRef::from_object).collect(),
             })
             .collect(),
     };
@@ -248,7 +282,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<ClusterState>, Error> {
                 Err(reason) => warn!(path = %path.display(), cluster = %c.id, "restored object dropped: {reason}"),
             }
         }
-        out.push(ClusterState { cluster: ClusterId::new(&c.id), observed_at, objects });
+        out.push(ClusterState { cluster: ClusterId::new(&c.id), remote_secret: c.remote_secret, observed_at, objects });
     }
     Ok(out)
 }
@@ -306,6 +340,8 @@ struct Due {
 /// One tracked cluster.
 #[derive(Debug, Default)]
 struct Tracked {
+    /// a cluster discovered from a remote secret: that secret (`namespace/name`), as last known
+    remote_secret: Option<String>,
     /// what the live source delivered (after its first Sync in this process)
     live: Option<Live>,
     /// what was restored at start, kept as loaded until the live source's state is kept instead
@@ -333,29 +369,41 @@ struct State {
     last_error: Option<String>,
 }
 
-/// The last-known state of the mesh config's Kubernetes clusters (see the module docs).
+/// The last-known state of the mesh's Kubernetes clusters, named and discovered from remote secrets (see
+/// the module docs).
 #[derive(Debug)]
 pub struct LastKnown {
     config: LastKnownState,
     health: ClusterHealth,
+    /// every cluster the mesh config names (whatever its source): never a remote-secret cluster
+    named: BTreeSet<ClusterId>,
+    /// the namespace of the remote secrets (mesh config `remoteSecrets`); None: no remote-secret cluster
+    /// is tracked
+    remote_namespace: Option<String>,
     state: Mutex<State>,
+}
+
+/// How a remote secret is named in [`ClusterHealth`] and the source description (`namespace/name`).
+fn remote_source(secret: &str) -> String {
+    format!("remote secret {secret}")
 }
 
 impl LastKnown {
     /// Reads the file and restores what is fresh enough: returns the store and, per restored cluster, the
-    /// `Sync` to queue before any source starts (restored clusters are marked in `health`). Never fails: a
-    /// file that cannot be used is logged and ignored.
+    /// `Sync` to queue before any source starts (restored clusters are marked in `health`; a restored
+    /// remote-secret cluster is registered there with its secret). Never fails: a file that cannot be used
+    /// is logged and ignored.
     pub fn open(
         config: &LastKnownState,
         mesh: &MeshConfig,
         health: &ClusterHealth,
         now: SystemTime,
     ) -> (LastKnown, Vec<SourceEvent>) {
-        let tracked: BTreeSet<ClusterId> =
-            mesh.clusters.iter().filter(|c| c.source.is_kubernetes()).map(|c| c.id.clone()).collect();
+        let named: BTreeSet<ClusterId> = mesh.clusters.iter().map(|c| c.id.clone()).collect();
+        let remote_namespace = mesh.remote_secrets.as_ref().map(|rs| rs.namespace.clone());
         let mut state = State::default();
-        for id in &tracked {
-            state.clusters.insert(id.clone(), Tracked::default());
+        for c in mesh.clusters.iter().filter(|c| c.source.is_kubernetes()) {
+            state.clusters.insert(c.id.clone(), Tracked::default());
         }
         let mut events = Vec::new();
         let loaded = match read(&config.path) {
@@ -371,34 +419,73 @@ impl LastKnown {
         };
         for c in loaded {
             let age = now.duration_since(c.observed_at).unwrap_or_default();
-            let Some(entry) = state.clusters.get_mut(&c.cluster) else {
-                info!(cluster = %c.cluster, "last-known state of a cluster the mesh config does not name (with a Kubernetes source); dropped");
-                continue;
+            // a cluster the mesh config names is restored as named (even if a remote secret defined it
+            // before); one it does not name only as a remote-secret cluster of the same namespace
+            let remote = match (&c.remote_secret, &remote_namespace) {
+                _ if named.contains(&c.cluster) => None,
+                (Some(secret), Some(ns)) if secret.strip_prefix(ns.as_str()).is_some_and(|r| r.starts_with('/')) => {
+                    Some(secret.clone())
+                }
+                _ => {
+                    info!(cluster = %c.cluster, remote_secret = ?c.remote_secret, "last-known state of a cluster the mesh config does not name (with a Kubernetes source) nor discovers from remote secrets in its namespace; dropped");
+                    continue;
+                }
             };
+            if remote.is_none() && !state.clusters.contains_key(&c.cluster) {
+                info!(cluster = %c.cluster, "last-known state of a cluster the mesh config does not name with a Kubernetes source; dropped");
+                continue;
+            }
             if age > config.max_age {
                 warn!(cluster = %c.cluster, ?age, max_age = ?config.max_age, observed_at = %format_time(c.observed_at), "last-known state older than lastKnownState.maxAge; not restored");
                 continue;
             }
-            info!(cluster = %c.cluster, objects = c.objects.len(), ?age, observed_at = %format_time(c.observed_at), "restored the last-known state; served until the cluster answers");
+            info!(cluster = %c.cluster, remote_secret = ?remote, objects = c.objects.len(), ?age, observed_at = %format_time(c.observed_at), "restored the last-known state; served until the cluster answers");
+            if let Some(secret) = &remote {
+                health.register(&c.cluster, remote_source(secret), Some(secret.clone()));
+            }
             let objects: BTreeMap<ObjectKey, TopologyObject> = c.objects.iter().map(|o| (o.key(), o.clone())).collect();
             health.update(&c.cluster, |s| s.restored_from = Some(c.observed_at));
             state.written.insert(c.cluster.clone(), c.observed_at);
+            let entry = state.clusters.entry(c.cluster.clone()).or_default();
+            entry.remote_secret = remote;
             entry.restored = Some((c.observed_at, Arc::new(objects)));
             events.push(SourceEvent::Sync { cluster: c.cluster, objects: c.objects });
         }
         // what was dropped (too old, clusters gone) leaves the file at the first write
         state.dirty = true;
-        (LastKnown { config: config.clone(), health: health.clone(), state: Mutex::new(state) }, events)
+        let store = LastKnown {
+            config: config.clone(),
+            health: health.clone(),
+            named,
+            remote_namespace,
+            state: Mutex::new(state),
+        };
+        (store, events)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The remote secret of a cluster discovered from one, as [`ClusterHealth`] knows it, while its
+    /// secret exists (not `closed`); None for any other cluster.
+    fn discovered(&self, id: &ClusterId) -> Option<String> {
+        if self.remote_namespace.is_none() || self.named.contains(id) {
+            return None;
+        }
+        self.health.get(id).filter(|s| s.sync != SyncState::Closed)?.secret_name
+    }
+
     /// Sees an event of a live source on its way to the push loop.
     pub fn observe(&self, event: &SourceEvent, now: SystemTime) {
         let mut guard = self.lock();
         let state = &mut *guard;
+        if !state.clusters.contains_key(event.cluster()) {
+            // a cluster discovered from a remote secret is tracked from its first event on
+            let Some(secret) = self.discovered(event.cluster()) else { return };
+            let tracked = Tracked { remote_secret: Some(secret), ..Tracked::default() };
+            state.clusters.insert(event.cluster().clone(), tracked);
+        }
         let Some(entry) = state.clusters.get_mut(event.cluster()) else { return };
         match event {
             SourceEvent::Sync { cluster, objects } => {
@@ -441,9 +528,30 @@ impl LastKnown {
         let refresh = REFRESH.max(self.config.write_interval);
         let mut guard = self.lock();
         let state = &mut *guard;
-        let mut keep: Vec<(ClusterId, SystemTime, Objects)> = Vec::new();
+        // remote-secret clusters whose secret is gone (closed, its objects removed) are no longer kept; one
+        // that is still restored stays (a secret whose kubeconfig cannot be used keeps the restored state)
+        let mut gone = Vec::new();
+        for (id, entry) in state.clusters.iter_mut().filter(|(_, e)| e.remote_secret.is_some()) {
+            match self.health.get(id) {
+                Some(s) if s.sync != SyncState::Closed || s.restored_from.is_some() => {
+                    if s.secret_name.is_some() && s.secret_name != entry.remote_secret {
+                        entry.remote_secret = s.secret_name;
+                        state.dirty = true;
+                    }
+                }
+                _ => gone.push(id.clone()),
+            }
+        }
+        for id in gone {
+            debug!(cluster = %id, "the remote secret of the cluster is gone: its last-known state leaves the file");
+            state.clusters.remove(&id);
+            state.written.remove(&id);
+            state.dirty = true;
+        }
+        let mut keep: Vec<Kept> = Vec::new();
         let mut refresh_due = false;
         for (id, entry) in &mut state.clusters {
+            let remote_secret = entry.remote_secret.clone();
             if let Some(live) = &mut entry.live {
                 if !live.complete && self.health.get(id).is_some_and(|s| s.sync == SyncState::Synced) {
                     live.complete = true;
@@ -456,12 +564,13 @@ impl LastKnown {
                     let written = state.written.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH);
                     refresh_due |= live.observed_at.duration_since(written).unwrap_or_default() >= refresh;
                     entry.restored = None;
-                    keep.push((id.clone(), live.observed_at, live.objects.clone()));
+                    let (observed_at, objects) = (live.observed_at, live.objects.clone());
+                    keep.push(Kept { id: id.clone(), remote_secret, observed_at, objects });
                     continue;
                 }
             }
             if let Some((observed_at, objects)) = &entry.restored {
-                keep.push((id.clone(), *observed_at, objects.clone()));
+                keep.push(Kept { id: id.clone(), remote_secret, observed_at: *observed_at, objects: objects.clone() });
             }
         }
         if !state.dirty && !refresh_due {
@@ -469,8 +578,8 @@ impl LastKnown {
         }
         state.dirty = false;
         drop(guard);
-        let bytes = encode(keep.iter().map(|(id, t, o)| (id, *t, &**o)), now)?;
-        Ok(Some(Due { bytes, observed: keep.into_iter().map(|(id, t, _)| (id, t)).collect() }))
+        let bytes = encode(&keep, now)?;
+        Ok(Some(Due { bytes, observed: keep.into_iter().map(|k| (k.id, k.observed_at)).collect() }))
     }
 
     /// Writes the file if something is due (see the module docs). On failure what was due stays due.
@@ -654,8 +763,184 @@ mod tests {
         let states = decode(Path::new("x"), text.as_bytes()).unwrap();
         assert_eq!(states.len(), 1);
         assert_eq!(states[0].observed_at, at(T0));
+        assert_eq!(states[0].remote_secret, None, "a cluster without remoteSecret is one the mesh config names");
         let kinds: Vec<crate::topology::Kind> = states[0].objects.iter().map(|o| o.key().kind).collect();
         assert_eq!(kinds.len(), 6, "{kinds:?}");
+    }
+
+    /// A mesh that names `a` (the config cluster) and discovers more clusters from remote secrets.
+    fn mesh_with_secrets() -> MeshConfig {
+        MeshConfig::parse(
+            "clusters:\n  - {id: a, network: n, kubeconfig: a.yaml}\n  - {id: files, network: n, manifests: m}\nremoteSecrets: {configCluster: a}\n",
+            Path::new("/nonexistent"),
+        )
+        .unwrap()
+    }
+
+    const FAR_SECRET: &str = "istio-system/istio-remote-secret-far";
+
+    /// What cluster `far` (discovered from a remote secret) delivers: its system namespace carries its
+    /// network, as istiod reads it.
+    fn far_objects() -> Vec<TopologyObject> {
+        vec![
+            TopologyObject::Namespace(NamespaceInfo {
+                name: "istio-system".into(),
+                network: Some(NetworkId::new("far-net")),
+            }),
+            slice("reviews-far", "10.9.0.1"),
+        ]
+    }
+
+    /// A store of `mesh_with_secrets` that saw `a` and the remote-secret cluster `far` sync, written at `now`.
+    fn written_with_far(cfg: &LastKnownState, now: SystemTime) -> (LastKnown, ClusterHealth) {
+        let health = ClusterHealth::default();
+        let (store, events) = LastKnown::open(cfg, &mesh_with_secrets(), &health, now);
+        assert!(events.is_empty());
+        // as the remote-secret watcher registers a cluster before its watch sends anything
+        let far = ClusterId::new("far");
+        health.register(&far, remote_source(FAR_SECRET), Some(FAR_SECRET.into()));
+        store.observe(&sync("a", vec![slice("s", "10.0.0.1")]), now);
+        store.observe(&sync("far", far_objects()), now);
+        for id in ["a", "far"] {
+            health.update(&ClusterId::new(id), |s| s.sync = SyncState::Synced);
+        }
+        assert!(store.write_now(now).unwrap());
+        (store, health)
+    }
+
+    #[test]
+    fn remote_secret_clusters_are_kept_with_their_secret_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        written_with_far(&cfg, at(T0));
+        let text = std::fs::read_to_string(&cfg.path).unwrap();
+        assert!(text.contains(r#"{"id":"a","observedAt":"#), "a named cluster has no remoteSecret: {text}");
+        assert!(text.contains(&format!(r#"{{"id":"far","remoteSecret":"{FAR_SECRET}","observedAt":"#)), "{text}");
+        let states = read(&cfg.path).unwrap().unwrap();
+        let secrets: Vec<(&str, Option<&str>)> =
+            states.iter().map(|s| (s.cluster.as_str(), s.remote_secret.as_deref())).collect();
+        assert_eq!(secrets, [("a", None), ("far", Some(FAR_SECRET))]);
+
+        // restarted: both are restored before any source runs; far is registered with its secret, marked
+        let mesh = mesh_with_secrets();
+        let health = ClusterHealth::default();
+        let (_store, events) = LastKnown::open(&cfg, &mesh, &health, at(T0 + 60));
+        let restored: Vec<(&str, usize)> = events
+            .iter()
+            .map(|e| match e {
+                SourceEvent::Sync { cluster, objects } => (cluster.as_str(), objects.len()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(restored, [("a", 1), ("far", 2)]);
+        let far = ClusterId::new("far");
+        let status = health.get(&far).unwrap();
+        assert_eq!(
+            (status.source.as_str(), status.secret_name.as_deref(), status.sync, status.restored_from),
+            ("remote secret istio-system/istio-remote-secret-far", Some(FAR_SECRET), SyncState::Syncing, Some(at(T0)))
+        );
+        // the registry places the restored cluster as it placed the live one: on its network, from its
+        // system namespace
+        let mut registry = crate::registry::Registry::new(&mesh);
+        for e in events {
+            registry.apply(e);
+        }
+        assert_eq!(registry.cluster_network(&far), Some(NetworkId::new("far-net")));
+
+        // not restored: without remoteSecrets, with remote secrets in another namespace, or too old
+        for (text, now) in [
+            (
+                "clusters:
+  - {id: a, network: n, kubeconfig: a.yaml}
+",
+                T0 + 60,
+            ),
+            (
+                "clusters:
+  - {id: a, network: n, kubeconfig: a.yaml}
+remoteSecrets: {configCluster: a, namespace: meshfed}
+",
+                T0 + 60,
+            ),
+            (
+                "clusters:
+  - {id: a, network: n, kubeconfig: a.yaml}
+remoteSecrets: {configCluster: a}
+",
+                T0 + 3601,
+            ),
+        ] {
+            let mesh = MeshConfig::parse(text, Path::new("/nonexistent")).unwrap();
+            let health = ClusterHealth::default();
+            let (_store, events) = LastKnown::open(&cfg, &mesh, &health, at(now));
+            assert!(events.iter().all(|e| e.cluster().as_str() != "far"), "{text}");
+            assert_eq!(health.get(&far), None, "{text}");
+        }
+        // the mesh config now names far itself: restored as a named cluster
+        let named = MeshConfig::parse(
+            "clusters:
+  - {id: a, network: n, kubeconfig: a.yaml}
+  - {id: far, network: n, inCluster: true}
+remoteSecrets: {configCluster: a}
+",
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        let health = ClusterHealth::default();
+        let (store, events) = LastKnown::open(&cfg, &named, &health, at(T0 + 60));
+        assert_eq!(events.len(), 2);
+        assert_eq!(health.get(&far).unwrap().secret_name, None);
+        assert!(store.write_now(at(T0 + 60)).unwrap());
+        assert!(read(&cfg.path).unwrap().unwrap().iter().all(|s| s.remote_secret.is_none()));
+    }
+
+    #[test]
+    fn a_remote_cluster_whose_secret_goes_leaves_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let far = ClusterId::new("far");
+        let ids = |path: &Path| -> Vec<(String, Option<String>)> {
+            read(path).unwrap().unwrap().into_iter().map(|s| (s.cluster.to_string(), s.remote_secret)).collect()
+        };
+
+        // live: the secret renamed (the cluster moved to another secret) is kept under its new name; the
+        // secret deleted (closed, objects removed) drops the cluster from the file
+        let (store, health) = written_with_far(&cfg, at(T0));
+        health.register(&far, remote_source("istio-system/renamed"), Some("istio-system/renamed".into()));
+        assert!(store.write_now(at(T0 + 1)).unwrap());
+        assert_eq!(ids(&cfg.path), [("a".into(), None), ("far".into(), Some("istio-system/renamed".into()))]);
+        health.update(&far, |s| s.sync = SyncState::Closed);
+        store.observe(&sync("far", vec![]), at(T0 + 2));
+        assert!(store.write_now(at(T0 + 2)).unwrap());
+        assert_eq!(ids(&cfg.path), [("a".to_string(), None)]);
+        // a closed cluster's late events do not bring it back; a new secret for it does
+        store.observe(&SourceEvent::Upsert { cluster: far.clone(), object: slice("t", "10.9.0.2") }, at(T0 + 3));
+        assert!(!store.write_now(at(T0 + 3)).unwrap());
+        health.register(&far, remote_source(FAR_SECRET), Some(FAR_SECRET.into()));
+        store.observe(&sync("far", far_objects()), at(T0 + 4));
+        health.update(&far, |s| s.sync = SyncState::Synced);
+        assert!(store.write_now(at(T0 + 4)).unwrap());
+        assert_eq!(ids(&cfg.path), [("a".into(), None), ("far".into(), Some(FAR_SECRET.into()))]);
+
+        // restored: kept while its secret is not listed yet and while its API does not answer; when the
+        // list has no secret for it, it is closed (the mark cleared, an empty Sync) and leaves the file
+        let health = ClusterHealth::default();
+        let (store, events) = LastKnown::open(&cfg, &mesh_with_secrets(), &health, at(T0 + 10));
+        assert_eq!(events.len(), 2);
+        store.observe(
+            &SourceEvent::ClusterReachability { cluster: far.clone(), reachable: false, since: at(T0 + 10) },
+            at(T0 + 10),
+        );
+        assert!(store.write_now(at(T0 + 11)).unwrap());
+        let states = read(&cfg.path).unwrap().unwrap();
+        assert_eq!((states[1].cluster.as_str(), states[1].observed_at), ("far", at(T0 + 4)));
+        health.update(&far, |s| {
+            s.sync = SyncState::Closed;
+            s.restored_from = None;
+        });
+        store.observe(&sync("far", vec![]), at(T0 + 12));
+        assert!(store.write_now(at(T0 + 12)).unwrap());
+        assert_eq!(ids(&cfg.path), [("a".to_string(), None)]);
     }
 
     #[test]

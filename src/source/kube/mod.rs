@@ -83,7 +83,8 @@ use remote_secrets::RemoteSecretsWatch;
 /// and the clusters of the remote secrets. Dropping it stops every watch.
 pub struct KubeSource {
     clusters: Vec<ClusterWatch>,
-    secrets: Option<RemoteSecretsWatch>,
+    /// the remote-secret watcher and its config cluster
+    secrets: Option<(RemoteSecretsWatch, ClusterId)>,
     health: ClusterHealth,
 }
 
@@ -104,14 +105,15 @@ pub fn start(
         let config = mesh.clusters.iter().find(|c| c.id == rs.config_cluster)?;
         let spec = ClientSpec::from_source(&config.source)?;
         let static_ids = mesh.clusters.iter().map(|c| c.id.clone()).collect();
-        Some(RemoteSecretsWatch::spawn(
+        let watch = RemoteSecretsWatch::spawn(
             spec,
             rs.namespace.clone(),
             static_ids,
             options.clone(),
             tx.clone(),
             health.clone(),
-        ))
+        );
+        Some((watch, rs.config_cluster.clone()))
     });
     KubeSource { clusters, secrets, health }
 }
@@ -123,11 +125,15 @@ impl KubeSource {
     }
 
     /// Waits until the remote secrets are listed and every Kubernetes cluster known by then has synced (or
-    /// was closed, or serves restored last-known state), at most `timeout`. Clusters still syncing then are marked [`SyncState::Timeout`] (they
-    /// join when they sync) and returned.
+    /// was closed, or serves restored last-known state), at most `timeout`. The remote secrets' list is not
+    /// waited for when the config cluster serves restored last-known state (the remote-secret clusters
+    /// restored with it stand for the list until it comes). Clusters still syncing then are marked
+    /// [`SyncState::Timeout`] (they join when they sync) and returned.
     pub async fn wait_ready(&self, timeout: Duration) -> Vec<ClusterId> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(secrets) = &self.secrets {
+        if let Some((secrets, config_cluster)) = &self.secrets
+            && self.health.get(config_cluster).is_none_or(|s| s.restored_from.is_none())
+        {
             let mut listed = secrets.listed();
             let _ = tokio::time::timeout_at(deadline, listed.wait_for(|l| *l)).await;
         }

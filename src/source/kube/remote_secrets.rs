@@ -10,6 +10,12 @@
 //! - a deleted secret (or key) stops the watch and removes the cluster's objects at once (an empty
 //!   [`SourceEvent::Sync`]); the cluster shows as `closed`.
 //!
+//! A cluster restored at start from the last-known state ([`crate::source::last_known`]; registered in
+//! [`ClusterHealth`] with its secret and `restoredFrom`) is served before the secrets are listed. Once
+//! they are, one that is in them is started like any other (its restored objects stay until its own API
+//! answers: its first live Sync replaces them), and one that is not is removed as a deleted secret's
+//! cluster is.
+//!
 //! Kubeconfigs from secrets may not run commands or auth plugins unless allowed (`allowExecAuth`), nor
 //! name local files. Ids of clusters configured statically in the mesh config are ignored (the config
 //! cluster's own secret, as istiod does). When the same id is in two secrets, the first secret by name
@@ -230,19 +236,21 @@ impl Secrets {
             if let Some(r) = self.running.remove(&id) {
                 info!(cluster = %id, secret = %self.secret_ref(&r.secret), "remote secret removed: stopping the cluster's watch and removing its endpoints");
                 drop(r.watch);
-                let now = SystemTime::now();
-                let _ = self.tx.send(SourceEvent::Sync { cluster: id.clone(), objects: Vec::new() });
-                let _ =
-                    self.tx.send(SourceEvent::ClusterReachability { cluster: id.clone(), reachable: true, since: now });
-                self.health.update(&id, |s| {
-                    s.sync = SyncState::Closed;
-                    s.unreachable_since = None;
-                    s.last_error = None;
-                    s.config_error = None;
-                    s.object_errors.clear();
-                    s.last_event = Some(now);
-                });
+                self.close(&id);
             }
+        }
+        // restored at start (last-known state) but in no secret of the list: removed as a deleted secret's
+        let restored_only: Vec<(ClusterId, String)> = self
+            .health
+            .list()
+            .into_iter()
+            .filter(|s| s.restored_from.is_some() && !self.static_ids.contains(&s.id))
+            .filter(|s| !self.running.contains_key(&s.id) && !desired.contains_key(&s.id))
+            .filter_map(|s| Some((s.id, s.secret_name?)))
+            .collect();
+        for (id, secret) in restored_only {
+            info!(cluster = %id, secret = %secret, "a cluster restored from the last-known state has no remote secret any more: removing its endpoints");
+            self.close(&id);
         }
         // new or changed
         for (id, (secret, kubeconfig)) in desired {
@@ -292,6 +300,23 @@ impl Secrets {
                 }
             }
         }
+    }
+
+    /// Removes a cluster whose secret is gone: its objects go at once (an empty Sync), it shows `closed`.
+    /// The status first, so that whoever sees the empty Sync (the last-known state's tap) sees it closed.
+    fn close(&self, id: &ClusterId) {
+        let now = SystemTime::now();
+        self.health.update(id, |s| {
+            s.sync = SyncState::Closed;
+            s.unreachable_since = None;
+            s.last_error = None;
+            s.config_error = None;
+            s.object_errors.clear();
+            s.last_event = Some(now);
+            s.restored_from = None;
+        });
+        let _ = self.tx.send(SourceEvent::Sync { cluster: id.clone(), objects: Vec::new() });
+        let _ = self.tx.send(SourceEvent::ClusterReachability { cluster: id.clone(), reachable: true, since: now });
     }
 
     fn usable(&self, secret: &str, id: &ClusterId, kubeconfig: &[u8]) -> Result<Kubeconfig, Error> {
