@@ -415,16 +415,34 @@ impl Drop for App {
     }
 }
 
-/// The last-known state's tap: every source event is observed, then handed to the push loop, in order.
+/// The last-known state's tap: every source event is observed, then handed to the push loop, in order; restored
+/// state that reaches `maxAge` before its cluster answers is dropped then (an empty `Sync`).
 async fn tap(
     mut events: mpsc::UnboundedReceiver<SourceEvent>,
     push: mpsc::UnboundedSender<SourceEvent>,
     store: Arc<LastKnown>,
 ) {
-    while let Some(e) = events.recv().await {
-        store.observe(&e, SystemTime::now());
-        if push.send(e).is_err() {
-            return;
+    loop {
+        // restored state reaching maxAge before its cluster answers is dropped then
+        let expiry = store.next_expiry().map(|at| {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::Instant::now() + wait.min(Duration::from_secs(24 * 3600))
+        });
+        tokio::select! {
+            e = events.recv() => {
+                let Some(e) = e else { return };
+                store.observe(&e, SystemTime::now());
+                if push.send(e).is_err() {
+                    return;
+                }
+            }
+            () = async { tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)).await }, if expiry.is_some() => {
+                for cluster in store.expire_restored(SystemTime::now()) {
+                    if push.send(SourceEvent::Sync { cluster, objects: Vec::new() }).is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 }

@@ -45,7 +45,9 @@
 //! `meshfed_cluster_restored_state_age_seconds`); a remote-secret cluster is registered there with its
 //! secret first, as the remote-secret watcher would. A restored cluster counts as ready for the readiness
 //! wait, and its source does not replace the restored objects with an empty partial state at the ready
-//! timeout: it waits for the cluster to answer. Older state is dropped (logged).
+//! timeout: it waits for the cluster to answer. Older state is dropped (logged), and restored state that
+//! reaches `maxAge` while its cluster still does not answer stops being served then
+//! ([`LastKnown::expire_restored`]: the tap sends the cluster an empty `Sync`; its status says why).
 //!
 //! Restored remote-secret clusters are served whether or not the config cluster answers: while it serves
 //! restored state itself, the readiness wait does not wait for the secrets' list. When the list comes,
@@ -520,6 +522,46 @@ impl LastKnown {
                 }
             }
         }
+    }
+
+    /// Restored state that reached `maxAge` while its cluster still has not answered: it is no longer
+    /// served. Returns those clusters (their restored mark cleared, the reason in their status); the
+    /// caller sends each an empty `Sync` so the registry drops the objects.
+    pub fn expire_restored(&self, now: SystemTime) -> Vec<ClusterId> {
+        let mut state = self.lock();
+        let mut expired = Vec::new();
+        for (id, entry) in &mut state.clusters {
+            let Some((observed_at, _)) = &entry.restored else { continue };
+            let served = self.health.get(id).is_some_and(|s| s.restored_from.is_some());
+            if !served || observed_at.checked_add(self.config.max_age).is_none_or(|end| end > now) {
+                continue;
+            }
+            let observed_at = *observed_at;
+            warn!(cluster = %id, observed_at = %format_time(observed_at), max_age = ?self.config.max_age, "the restored last-known state reached lastKnownState.maxAge before the cluster answered: no longer served");
+            self.health.update(id, |s| {
+                s.restored_from = None;
+                s.last_error = Some(format!(
+                    "restored last-known state observed at {} reached lastKnownState.maxAge ({:?}) before the cluster answered: no longer served",
+                    format_time(observed_at),
+                    self.config.max_age
+                ));
+            });
+            entry.restored = None;
+            expired.push(id.clone());
+        }
+        state.dirty |= !expired.is_empty();
+        expired
+    }
+
+    /// When restored state still served reaches `maxAge` next (see [`Self::expire_restored`]).
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        let state = self.lock();
+        state
+            .clusters
+            .iter()
+            .filter(|(id, _)| self.health.get(id).is_some_and(|s| s.restored_from.is_some()))
+            .filter_map(|(_, e)| e.restored.as_ref().and_then(|(at, _)| at.checked_add(self.config.max_age)))
+            .min()
     }
 
     /// What to write now, encoded, if anything (see the module docs); `observedAt` of the live clusters
@@ -1004,6 +1046,36 @@ remoteSecrets: {configCluster: a}
         )
         .unwrap();
         assert!(LastKnown::open(&cfg, &only_b, &ClusterHealth::default(), at(T0 + 1)).1.is_empty());
+    }
+
+    #[test]
+    fn restored_state_stops_being_served_at_max_age_unless_the_cluster_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
+        let a = ClusterId::new("a");
+        let health = ClusterHealth::default();
+        let (store, events) = LastKnown::open(&cfg, &mesh(), &health, at(T0 + 600));
+        assert_eq!(events.len(), 1);
+        assert_eq!(store.next_expiry(), Some(at(T0 + 3600)));
+        assert!(store.expire_restored(at(T0 + 3599)).is_empty(), "not yet maxAge old");
+        assert_eq!(store.expire_restored(at(T0 + 3600)), vec![a.clone()]);
+        let status = health.get(&a).unwrap();
+        assert_eq!(status.restored_from, None);
+        assert!(status.last_error.as_deref().is_some_and(|e| e.contains("maxAge")), "{status:?}");
+        assert_eq!(store.next_expiry(), None);
+        assert!(store.expire_restored(at(T0 + 7200)).is_empty(), "once");
+        // the expired state leaves the file
+        assert!(store.write_now(at(T0 + 3600)).unwrap());
+        assert_eq!(read(&cfg.path).unwrap().unwrap(), vec![]);
+
+        // a cluster whose live state replaced the restored one is not expired
+        written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
+        let health = ClusterHealth::default();
+        let (store, _) = LastKnown::open(&cfg, &mesh(), &health, at(T0 + 600));
+        store.observe(&sync("a", vec![slice("s", "10.0.0.2")]), at(T0 + 700));
+        assert_eq!(store.next_expiry(), None);
+        assert!(store.expire_restored(at(T0 + 7200)).is_empty());
     }
 
     #[test]
