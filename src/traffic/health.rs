@@ -179,7 +179,7 @@ mod tests {
     }
 
     fn ask(decisions: &Decisions, status: &Status, fenced: &[&str], cluster: &str, host: Option<&str>) -> Answer {
-        let fenced: BTreeSet<NetworkId> = fenced.iter().map(|n| NetworkId::new(n)).collect();
+        let fenced: BTreeSet<NetworkId> = fenced.iter().map(NetworkId::new).collect();
         let clusters = clusters();
         let state = State { clusters: &clusters, fenced: &fenced, decisions, status };
         decide(state, cluster, host, |_| None)
