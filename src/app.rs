@@ -129,6 +129,8 @@ pub struct Options {
     /// meshfed's mesh certificate and root (those it serves xDS over mTLS with): the gateway probes'
     /// mTLS stage presents it unless `gatewayProbes.mtls` names files of its own
     pub mesh_certificate: Option<crate::tls::MeshCertificate>,
+    /// the global DNS health endpoint (`GET /global/health`, [`crate::global_health`]), no token
+    pub global_health: Option<Listen>,
 }
 
 impl Options {
@@ -141,6 +143,7 @@ impl Options {
             debug: None,
             gateway_dns_interval: None,
             mesh_certificate: None,
+            global_health: None,
         }
     }
 }
@@ -156,9 +159,11 @@ pub struct App {
     pub events: mpsc::UnboundedSender<SourceEvent>,
     xds_addresses: Vec<SocketAddr>,
     debug_address: Option<SocketAddr>,
+    global_health_address: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     xds_tasks: Vec<JoinHandle<Result<(), crate::xds::server::Error>>>,
     debug_task: Option<JoinHandle<std::io::Result<()>>>,
+    global_health_task: Option<JoinHandle<std::io::Result<()>>>,
     push_task: JoinHandle<()>,
     gateway_dns_task: Option<JoinHandle<()>>,
     /// the gateway probes' latest report (the mesh config has `gatewayProbes`)
@@ -184,7 +189,7 @@ impl App {
     /// Starts meshfed: the sources (their initial state queued first), the push loop, the debug server, and
     /// — once the first snapshot is published — the xDS listeners.
     pub async fn start(options: Options) -> Result<App, Error> {
-        let Options { mesh, sources, xds, debug, gateway_dns_interval, mesh_certificate } = options;
+        let Options { mesh, sources, xds, debug, gateway_dns_interval, mesh_certificate, global_health } = options;
         // the gateway probes' mTLS stage is checked before anything starts: a missing or bad certificate is
         // fatal at start
         let mut gateway_probes_cert = None;
@@ -293,6 +298,19 @@ impl App {
             }
         };
 
+        let mut global_health_address = None;
+        let global_health_task = match global_health {
+            None => None,
+            Some(listen) => {
+                let addr = listen.address().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+                let listener =
+                    listen.bind().await.map_err(|source| Error::Bind { what: "global health", addr, source })?;
+                global_health_address = listener.local_addr().ok();
+                info!(address = ?global_health_address, "global health endpoint listening");
+                Some(tokio::spawn(crate::global_health::serve(listener, push.clone(), stopped(shutdown_rx.clone()))))
+            }
+        };
+
         // Serve xDS once the first full state is built: a proxy never sees a partial mesh.
         push.subscribe().wait_for(|s| s.generation > 0).await.map_err(|_| Error::PushLoop)?;
         let debug_types = crate::debug::config_dump::AdsDebug { connections: connections.clone(), push: push.clone() };
@@ -321,9 +339,11 @@ impl App {
             events,
             xds_addresses,
             debug_address,
+            global_health_address,
             shutdown,
             xds_tasks,
             debug_task,
+            global_health_task,
             push_task,
             gateway_dns_task,
             gateway_probes,
@@ -353,6 +373,11 @@ impl App {
         self.debug_address
     }
 
+    /// The global DNS health endpoint's address ([`Options::global_health`]).
+    pub fn global_health_address(&self) -> Option<SocketAddr> {
+        self.global_health_address
+    }
+
     /// Waits until a snapshot newer than `generation` is published; returns its generation.
     pub async fn wait_generation_after(&self, generation: u64) -> u64 {
         let mut rx = self.push.subscribe();
@@ -370,6 +395,7 @@ impl App {
         let _ = self.shutdown.send(true);
         let xds = std::mem::take(&mut self.xds_tasks);
         let debug = self.debug_task.take();
+        let global_health = self.global_health_task.take();
         let _ = tokio::time::timeout(drain_timeout + Duration::from_secs(2), async {
             for t in xds {
                 if let Ok(Err(e)) = t.await {
@@ -377,6 +403,9 @@ impl App {
                 }
             }
             if let Some(t) = debug {
+                let _ = t.await;
+            }
+            if let Some(t) = global_health {
                 let _ = t.await;
             }
         })
@@ -397,6 +426,9 @@ impl Drop for App {
             t.abort();
         }
         if let Some(t) = &self.debug_task {
+            t.abort();
+        }
+        if let Some(t) = &self.global_health_task {
             t.abort();
         }
         if let Some(t) = &self.gateway_dns_task {

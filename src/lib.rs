@@ -14,6 +14,7 @@ pub mod demo;
 pub mod descriptors;
 pub mod duration;
 pub mod gateway_dns;
+pub mod global_health;
 pub mod grpc;
 pub mod heap;
 pub mod istio;

@@ -98,6 +98,10 @@ struct ServeArgs {
     /// Address of the debug HTTP server (/healthz, /ready, /debug/...).
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_address: SocketAddr,
+    /// Serve only `GET /global/health?cluster=ID[&host=FQDN]` here, without a token, for global DNS
+    /// health checks (Route 53, Azure Traffic Manager): 200 while the cluster should receive traffic.
+    #[arg(long)]
+    global_health_address: Option<SocketAddr>,
     /// Allow the debug server on a non-loopback address; it then needs --debug-tls-cert/--debug-tls-key
     /// or --debug-token-file (or both).
     #[arg(long)]
@@ -318,6 +322,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         debug: Some(DebugListener { listen: Listen::Address(args.debug_address), access, demo }),
         gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
         mesh_certificate,
+        global_health: args.global_health_address.map(Listen::Address),
     };
     let app = App::start(options).await?;
 

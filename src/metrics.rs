@@ -161,6 +161,8 @@ pub struct Metrics {
     pub gateway_up: Family<NetworkAddressLabels, Gauge>,
     /// `meshfed_network_fenced{network}`: 1 if every gateway address of the network is down
     pub network_fenced: Family<NetworkLabel, Gauge>,
+    /// `meshfed_global_health{cluster}`: 1 if `/global/health?cluster=ID` answers 200 (set when scraped)
+    pub global_health: Family<ClusterLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -269,6 +271,12 @@ impl Metrics {
             "1 if every east-west gateway address of the network is down (its endpoints are last resort for other networks)",
             network_fenced.clone(),
         );
+        let global_health = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "meshfed_global_health",
+            "1 if the cluster should receive traffic (what /global/health?cluster=ID answers: 200), 0 if not",
+            global_health.clone(),
+        );
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         let sent_by_type = ResourceType::ALL.map(|t| {
@@ -301,6 +309,15 @@ impl Metrics {
             unknown_resources,
             gateway_up,
             network_fenced,
+            global_health,
+        }
+    }
+
+    /// Sets every cluster's global DNS health (clusters not given any more are dropped).
+    pub fn set_global_health(&self, clusters: &[(String, bool)]) {
+        self.global_health.clear();
+        for (cluster, healthy) in clusters {
+            self.global_health.get_or_create(&[("cluster", cluster.clone())]).set(i64::from(*healthy));
         }
     }
 
@@ -505,6 +522,18 @@ mod tests {
         let text = m.encode().unwrap();
         assert!(text.contains("meshfed_cluster_api_reachable{cluster=\"aws\"} 1\n"), "{text}");
         assert!(!text.contains("meshfed_cluster_restored_state_age_seconds{"), "live: absent: {text}");
+    }
+
+    #[test]
+    fn global_health_is_exported_and_replaced() {
+        let m = Metrics::new();
+        m.set_global_health(&[("aws-use1".into(), true), ("azure-weu".into(), false)]);
+        let text = m.encode().unwrap();
+        assert!(text.contains("# TYPE meshfed_global_health gauge\n"), "{text}");
+        assert!(text.contains("meshfed_global_health{cluster=\"aws-use1\"} 1\n"), "{text}");
+        assert!(text.contains("meshfed_global_health{cluster=\"azure-weu\"} 0\n"), "{text}");
+        m.set_global_health(&[("aws-use1".into(), true)]);
+        assert!(!m.encode().unwrap().contains("azure-weu"));
     }
 
     #[test]

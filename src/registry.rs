@@ -364,6 +364,11 @@ impl Registry {
         self.clusters.get(id).map(|c| c.network())
     }
 
+    /// The clusters' ids.
+    pub fn cluster_ids(&self) -> impl Iterator<Item = ClusterId> + '_ {
+        self.clusters.keys().cloned()
+    }
+
     pub fn cluster_summaries(&self) -> Vec<ClusterSummary> {
         self.clusters
             .iter()

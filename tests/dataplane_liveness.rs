@@ -22,7 +22,9 @@
 //! meshfed reads aws-use1 from files and azure-weu from the API stand-in (the demo's azure-weu objects),
 //! with `unreachableGracePeriod: 5s` (an outage of two minutes is far past it: without gateway evidence
 //! Azure would be demoted) and `gatewayProbes` at their defaults except `holdDown` (5 s instead of 30 s, so
-//! that recovery fits in a bounded test; the hold-down only delays the return).
+//! that recovery fits in a bounded test; the hold-down only delays the return). The mesh default outlier
+//! detection ejects for 2 s instead of 30 s: under the test's traffic Envoy ejects the dead gateway host
+//! within milliseconds, and the ejection must end soon after the gateway is back.
 //!
 //! `MESHFED_LIVENESS_RUNS=N cargo test --release --test dataplane_liveness -- --ignored gateway_death_timing`
 //! repeats the gateway's death N times and prints the time until the client stopped sending there
@@ -154,9 +156,18 @@ impl Mesh {
         let kubeconfig = dir.path().join("azure-weu.kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig("azure-weu", Some("token-of-meshfed")))?;
         let mesh = std::fs::read_to_string(&mesh_path)?;
-        let mut mesh =
+        let mesh =
             mesh.replacen("    manifests: azure-weu\n", &format!("    kubeconfig: {}\n", kubeconfig.display()), 1);
         ensure!(mesh.contains("kubeconfig:"), "no azure-weu manifests line in the demo's mesh config");
+        // outlier detection ejects the dead gateway host at once under this traffic; short ejections, so
+        // that it serves again soon after it is back (the demo's 30 s, multiplied per ejection, would not)
+        let mesh = mesh.replacen(
+            "    interval: 10s\n    baseEjectionTime: 30s\n",
+            "    interval: 1s\n    baseEjectionTime: 2s\n",
+            1,
+        );
+        ensure!(mesh.contains("baseEjectionTime: 2s"), "no default outlierDetection in the demo's mesh config");
+        let mut mesh = mesh;
         mesh.push_str(&format!("unreachableGracePeriod: 5s\ngatewayProbes:\n  holdDown: {}s\n", HOLD_DOWN.as_secs()));
         std::fs::write(&mesh_path, mesh)?;
 

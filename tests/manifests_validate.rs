@@ -435,7 +435,14 @@ fn the_deployment_serves_xds_over_mtls_with_the_pods_mesh_certificate() {
             .iter()
             .map(|p| (p["name"].as_str().unwrap(), (p["port"].as_u64().unwrap(), p["appProtocol"].as_str().unwrap())))
             .collect();
-        assert_eq!(ports, BTreeMap::from([("tcp-xds-tls", (15012, "tcp")), ("http-debug", (15014, "http"))]));
+        assert_eq!(
+            ports,
+            BTreeMap::from([
+                ("tcp-xds-tls", (15012, "tcp")),
+                ("http-debug", (15014, "http")),
+                ("http-global", (15016, "http"))
+            ])
+        );
     }
 }
 
@@ -483,7 +490,7 @@ fn the_network_policy_admits_exactly_what_each_client_needs() {
         let by_port: BTreeMap<u64, &Vec<String>> =
             ingress.iter().map(|(ports, peers)| (ports.iter().next().unwrap().0, peers)).collect();
         assert!(ingress.iter().all(|(ports, _)| ports.len() == 1), "one port per rule: {ingress:?}");
-        assert_eq!(by_port.keys().copied().collect::<Vec<_>>(), [15012, 15014, 15020], "{ingress:?}");
+        assert_eq!(by_port.keys().copied().collect::<Vec<_>>(), [15012, 15014, 15016, 15020], "{ingress:?}");
         // xDS: any namespace's pods with a sidecar or a gateway, and namespaces with injection on
         let xds = by_port[&15012];
         assert!(xds.contains(
@@ -498,6 +505,11 @@ fn the_network_policy_admits_exactly_what_each_client_needs() {
         // debug and metrics: Prometheus and istio-system only; the agent's metrics: Prometheus only
         assert_eq!(*by_port[&15014], vec![ns("monitoring"), ns("istio-system")]);
         assert_eq!(*by_port[&15020], vec![ns("monitoring")]);
+        // global DNS health: the providers' checkers, through the load balancer, from anywhere
+        assert_eq!(
+            *by_port[&15016],
+            vec![r#"{"ipBlock":{"cidr":"0.0.0.0/0"}}"#.to_string(), r#"{"ipBlock":{"cidr":"::/0"}}"#.to_string()]
+        );
         // every port the Service offers is admitted
         for p in o.find("Service", "meshfed")["spec"]["ports"].as_sequence().unwrap() {
             assert!(by_port.contains_key(&p["port"].as_u64().unwrap()), "{p:?}");
@@ -530,7 +542,10 @@ fn local_args(o: &Rendered, mounts: &BTreeMap<&str, &Path>, xds: SocketAddr, deb
     o.args()
         .iter()
         .map(|a| {
-            let mut a = a.replace("0.0.0.0:15012", &xds.to_string()).replace("0.0.0.0:15014", &debug.to_string());
+            let mut a = a
+                .replace("0.0.0.0:15012", &xds.to_string())
+                .replace("0.0.0.0:15014", &debug.to_string())
+                .replace("0.0.0.0:15016", "127.0.0.1:0");
             for (mount, local) in mounts {
                 a = a.replace(&format!("={mount}/"), &format!("={}/", local.display()));
             }

@@ -246,7 +246,9 @@ async fn ready(State(s): State<DebugState>) -> impl IntoResponse {
 
 async fn metrics(State(s): State<DebugState>) -> Result<Response, Error> {
     let m = crate::metrics::global();
-    m.refresh(&s.connections.proxy_counts(), s.push.snapshot().services.len(), &s.clusters.list());
+    let snapshot = s.push.snapshot();
+    m.refresh(&s.connections.proxy_counts(), snapshot.services.len(), &s.clusters.list());
+    m.set_global_health(&crate::global_health::all(&snapshot));
     let text = m.encode()?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

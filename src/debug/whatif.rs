@@ -149,7 +149,7 @@ pub fn whatif(
                 reason: "what-if".into(),
             });
         }
-        let all = crate::traffic::decide_all(&policy, [&svc], now, &snapshot.traffic.failover);
+        let all = crate::traffic::decide_all(&policy, [], [&svc], now, &snapshot.traffic.failover);
         let mut decisions = (*ctx.traffic).clone();
         match all.decisions.services.get(host) {
             Some(d) => {

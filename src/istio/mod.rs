@@ -390,6 +390,7 @@ pub fn plan(inventory: &Inventory, mesh: &MeshConfig, options: &Options) -> Resu
     // the services a traffic split covers need locality weighting (meshfed's EDS carries the split)
     let traffic = crate::traffic::decide_all(
         &mesh.traffic,
+        [],
         registry.services().values().map(|s| &**s),
         std::time::SystemTime::now(),
         &Default::default(),

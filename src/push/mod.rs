@@ -584,11 +584,16 @@ impl Pusher {
     pub fn refresh_traffic(&mut self, now: std::time::SystemTime) -> RegistryChange {
         let mut change = RegistryChange::default();
         let status = &self.traffic;
-        if status.policy.policies.is_empty() && self.ctx.traffic.services.is_empty() && status.failover.is_empty() {
+        if status.policy.is_empty()
+            && self.ctx.traffic.services.is_empty()
+            && status.failover.is_empty()
+            && status.drained.is_empty()
+        {
             return change;
         }
         let all = crate::traffic::decide_all(
             &status.policy,
+            self.registry.cluster_ids(),
             self.registry.services().values().map(|s| &**s),
             now,
             &status.failover,
@@ -607,11 +612,12 @@ impl Pusher {
             debug!(services = all.decisions.services.len(), "traffic decisions changed");
             self.ctx.traffic = Arc::new(all.decisions);
         }
-        if status.failover != all.failover || status.next_change != all.next_change {
+        if status.failover != all.failover || status.next_change != all.next_change || status.drained != all.drained {
             self.traffic = Arc::new(crate::traffic::Status {
                 policy: status.policy.clone(),
                 failover: all.failover,
                 next_change: all.next_change,
+                drained: all.drained,
             });
         }
         change

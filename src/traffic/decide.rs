@@ -12,6 +12,16 @@
 //!   over, the split stands among those with healthy endpoints; with none, the region gets no decision
 //!   (the service's usual priorities apply).
 //!
+//! A drain acts in every source region, also those the split does not name (a policy without a split:
+//! all of them), on the cluster's normal share there, what the proxies send without a split under
+//! locality failover: the clusters with healthy endpoints in the proxy's region take all, in proportion
+//! to those endpoints (a region without endpoints of the service, [`Decision::other_regions`]: every
+//! cluster with healthy endpoints, in proportion to them). The drained cluster keeps `capacity`% of
+//! that; what it loses goes to the undrained clusters with healthy endpoints in proportion to their
+//! healthy endpoints. Undrained clusters left at 0 stay out of such a row (their usual failover
+//! priorities apply after it); `failover` acts only in the split's rows. Without an active drain, a
+//! region the split does not name gets no decision.
+//!
 //! Shares always add up to 100 (property-tested below).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -91,6 +101,11 @@ pub type RegionShares = BTreeMap<ClusterId, Share>;
 pub struct Decision {
     /// source region -> cluster -> share
     pub by_region: BTreeMap<Arc<str>, RegionShares>,
+    /// the shares for proxies in any other source region (a drain acts there too; see the module docs)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_regions: Option<RegionShares>,
+    /// each cluster with endpoints of the service: what the decision holds for it in every region
+    pub clusters: BTreeMap<ClusterId, ClusterState>,
     /// what was ignored (expired drains) or could not be honoured
     pub notes: Vec<String>,
 }
@@ -98,7 +113,38 @@ pub struct Decision {
 impl Decision {
     /// The shares for proxies in `region`.
     pub fn shares(&self, region: &str) -> Option<&RegionShares> {
-        self.by_region.get(region)
+        self.by_region.get(region).or(self.other_regions.as_ref())
+    }
+}
+
+/// One cluster of a service as decided, whatever the source region.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterState {
+    pub healthy: u32,
+    pub total: u32,
+    /// percent of its normal share it keeps (100: not drained)
+    pub capacity: u32,
+    /// the drain that sets `capacity` (empty: none)
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub drain: String,
+    /// failed over: below `minHealthy`, or not yet back for `failbackAfter`
+    pub failed_over: bool,
+}
+
+impl ClusterState {
+    /// Why the cluster gets none of the service's traffic from any source region (None: it keeps a
+    /// share where it has one). A drain still ramping down (capacity above 0) keeps it.
+    pub fn out(&self) -> Option<String> {
+        if self.capacity == 0 {
+            Some(format!("{}: capacity 0%", self.drain))
+        } else if self.failed_over {
+            Some("failed over: below minHealthy (or not yet back for failbackAfter)".to_string())
+        } else if self.healthy == 0 {
+            Some("no healthy endpoints".to_string())
+        } else {
+            None
+        }
     }
 }
 
@@ -113,7 +159,7 @@ pub struct Decisions {
 }
 
 impl Decisions {
-    /// The shares of `hostname` for proxies in `region` (None: no split applies).
+    /// The shares of `hostname` for proxies in `region` (None: no split or drain applies).
     pub fn shares(&self, hostname: &str, region: &str) -> Option<&RegionShares> {
         self.services.get(hostname)?.shares(region)
     }
@@ -173,34 +219,8 @@ pub fn decide(
         }
     }
     // drains: the lowest active capacity per cluster
-    let mut capacity: BTreeMap<&ClusterId, (u32, String)> = BTreeMap::new();
-    for d in &policy.drains {
-        let targets: Vec<&ClusterId> = health
-            .iter()
-            .filter(|(id, h)| match &d.target {
-                DrainTarget::Cluster(c) => c == *id,
-                DrainTarget::Region(r) => h.regions.contains(r),
-            })
-            .map(|(id, _)| id)
-            .collect();
-        if targets.is_empty() {
-            continue;
-        }
-        if d.expired(now) {
-            notes.push(format!("the drain of {} ({}) expired at {}: ignored", d.target, d.reason, time_str(d.expires)));
-            continue;
-        }
-        next_change = earliest(next_change, earliest(d.next_step(now), Some(d.expires)));
-        let cap = d.capacity_at(now);
-        for t in targets {
-            let why =
-                if d.reason.is_empty() { format!("drain of {}", d.target) } else { format!("drain ({})", d.reason) };
-            let e = capacity.entry(t).or_insert((100, String::new()));
-            if cap < e.0 || e.1.is_empty() {
-                *e = (cap.min(e.0), why);
-            }
-        }
-    }
+    let capacity =
+        drain_capacity(policy, health.iter().map(|(id, h)| (id, &h.regions)), now, &mut notes, &mut next_change);
     let mut by_region = BTreeMap::new();
     for (region, row) in &split.split {
         match region_shares(row, health, &failover, &capacity, split) {
@@ -212,14 +232,146 @@ pub fn decide(
             )),
         }
     }
-    Outcome { decision: Decision { by_region, notes }, failover, next_change }
+    // a drain acts in every source region: where the split names none, on the cluster's normal share
+    let mut other_regions = None;
+    if capacity.values().any(|(cap, _)| *cap < 100) {
+        let unnamed: BTreeSet<&Arc<str>> =
+            health.values().flat_map(|h| h.regions.iter()).filter(|r| !split.split.contains_key(*r)).collect();
+        for region in unnamed {
+            if let Some(shares) = drained_shares(Some(region), health, &capacity) {
+                by_region.insert(region.clone(), shares);
+            }
+        }
+        other_regions = drained_shares(None, health, &capacity);
+    }
+    let clusters = health
+        .iter()
+        .map(|(c, h)| {
+            let (cap, drain) = capacity.get(c).cloned().unwrap_or((100, String::new()));
+            let state = ClusterState {
+                healthy: h.healthy,
+                total: h.total,
+                capacity: cap,
+                drain: if cap < 100 { drain } else { String::new() },
+                failed_over: failover.contains_key(c),
+            };
+            (c.clone(), state)
+        })
+        .collect();
+    Outcome { decision: Decision { by_region, other_regions, clusters, notes }, failover, next_change }
+}
+
+/// The lowest capacity of the active drains per target (a cluster, with the regions of its endpoints),
+/// with why; notes the expired drains and moves `next_change` to the next ramp step or expiry.
+pub fn drain_capacity<'a>(
+    policy: &TrafficPolicy,
+    clusters: impl IntoIterator<Item = (&'a ClusterId, &'a BTreeSet<Arc<str>>)> + Clone,
+    now: SystemTime,
+    notes: &mut Vec<String>,
+    next_change: &mut Option<SystemTime>,
+) -> BTreeMap<ClusterId, (u32, String)> {
+    let mut capacity: BTreeMap<ClusterId, (u32, String)> = BTreeMap::new();
+    for d in &policy.drains {
+        let targets: Vec<&ClusterId> = clusters
+            .clone()
+            .into_iter()
+            .filter(|(id, regions)| match &d.target {
+                DrainTarget::Cluster(c) => c == *id,
+                DrainTarget::Region(r) => regions.contains(r),
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        if d.expired(now) {
+            notes.push(format!("the drain of {} ({}) expired at {}: ignored", d.target, d.reason, time_str(d.expires)));
+            continue;
+        }
+        *next_change = earliest(*next_change, earliest(d.next_step(now), Some(d.expires)));
+        let cap = d.capacity_at(now);
+        for t in targets {
+            let why =
+                if d.reason.is_empty() { format!("drain of {}", d.target) } else { format!("drain ({})", d.reason) };
+            let e = capacity.entry(t.clone()).or_insert((100, String::new()));
+            if cap < e.0 || e.1.is_empty() {
+                *e = (cap.min(e.0), why);
+            }
+        }
+    }
+    capacity
+}
+
+/// The shares of a source region the split does not name (`region`; None: a region without endpoints
+/// of the service) under drains. The normal share, what the proxies send without a split under locality
+/// failover: the clusters with healthy endpoints in the source region take all, in proportion to those
+/// endpoints (none there: every cluster with healthy endpoints, in proportion to them). A drained cluster
+/// keeps `capacity`% of its normal share; what it loses goes to the undrained clusters with healthy
+/// endpoints in proportion to their healthy endpoints (none left: the drained ones carry all in
+/// proportion to what they keep, or, all at 0, their normal shares). Undrained clusters left at 0 are not
+/// in the row: they keep their usual (failover) priorities after it. None: no cluster has healthy
+/// endpoints.
+fn drained_shares(
+    region: Option<&Arc<str>>,
+    health: &ServiceHealth,
+    capacity: &BTreeMap<ClusterId, (u32, String)>,
+) -> Option<RegionShares> {
+    let alive: Vec<(&ClusterId, &ClusterHealth)> = health.iter().filter(|(_, h)| h.healthy > 0).collect();
+    let local: Vec<&(&ClusterId, &ClusterHealth)> =
+        alive.iter().filter(|(_, h)| region.is_some_and(|r| h.regions.contains(r))).collect();
+    let normal_set: Vec<&(&ClusterId, &ClusterHealth)> = if local.is_empty() { alive.iter().collect() } else { local };
+    let normal_total: f64 = normal_set.iter().map(|(_, h)| h.healthy as f64).sum();
+    if normal_total <= 0.0 {
+        return None;
+    }
+    let normal = |c: &ClusterId| -> f64 {
+        normal_set.iter().find(|(id, _)| *id == c).map_or(0.0, |(_, h)| 100.0 * h.healthy as f64 / normal_total)
+    };
+    let cap = |c: &ClusterId| capacity.get(c).filter(|(cap, _)| *cap < 100);
+    let kept: f64 = alive.iter().filter_map(|(c, _)| cap(c).map(|(k, _)| normal(c) * *k as f64 / 100.0)).sum();
+    let lost: f64 = alive.iter().filter_map(|(c, _)| cap(c).map(|(k, _)| normal(c) * (100 - k) as f64 / 100.0)).sum();
+    let receivers: f64 = alive.iter().filter(|(c, _)| cap(c).is_none()).map(|(_, h)| h.healthy as f64).sum();
+    let mut out = RegionShares::new();
+    for (c, h) in &alive {
+        let n = normal(c);
+        let (share, reason) = match cap(c) {
+            Some((k, why)) => {
+                let share = if receivers > 0.0 {
+                    n * *k as f64 / 100.0
+                } else if kept > 0.0 {
+                    n * *k as f64 / kept
+                } else {
+                    n
+                };
+                let mut reason = format!("{why}: capacity {k}% of its normal share {n:.1}%");
+                if receivers <= 0.0 && share > 0.0 {
+                    reason.push_str("; no undrained cluster left: the drained ones carry all");
+                }
+                (share, reason)
+            }
+            None if receivers > 0.0 => {
+                let more = lost * h.healthy as f64 / receivers;
+                if n + more <= 0.0 {
+                    continue;
+                }
+                let mut reason = format!("normal share {n:.1}% (no split for this source region)");
+                if more > 1e-9 {
+                    reason.push_str(&format!(", and {more:.1}% more from the drained clusters (by healthy endpoints)"));
+                }
+                (n + more, reason)
+            }
+            None => continue,
+        };
+        out.insert((*c).clone(), Share { share, split: 0, reason });
+    }
+    Some(out)
 }
 
 fn region_shares(
     row: &BTreeMap<ClusterId, u32>,
     health: &ServiceHealth,
     failover: &FailoverState,
-    capacity: &BTreeMap<&ClusterId, (u32, String)>,
+    capacity: &BTreeMap<ClusterId, (u32, String)>,
     split: &SplitPolicy,
 ) -> Option<RegionShares> {
     enum Role {
@@ -451,7 +603,121 @@ mod tests {
         assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 70.0), ("azure".into(), 30.0)]);
     }
 
+    fn no_split() -> SplitPolicy {
+        SplitPolicy { hosts: vec![], split: BTreeMap::new(), failover: None }
+    }
+
+    fn row(r: &RegionShares) -> Vec<(String, f64)> {
+        r.iter().map(|(c, s)| (c.to_string(), (s.share * 1000.0).round() / 1000.0)).collect()
+    }
+
+    #[test]
+    fn a_drain_acts_in_every_source_region_without_a_split() {
+        let h = health((4, 4), (2, 2));
+        let policy =
+            TrafficPolicy { drains: vec![drain(DrainTarget::Cluster(id("azure")), 0, None)], ..Default::default() };
+        // no split at all: westeurope proxies' normal share is their own region's cluster; drained, it
+        // goes to aws
+        let o = decide(&policy, &no_split(), &h, t0(), &Default::default());
+        assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        assert!(o.decision.by_region["westeurope"][&id("azure")].reason.contains("normal share 100.0%"));
+        assert!(o.decision.by_region["westeurope"][&id("aws")].reason.contains("100.0% more"));
+        assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        // a region without endpoints of the service: every cluster by healthy endpoints, drained
+        let other = o.decision.shares("eastus").expect("any other region");
+        assert_eq!(row(other), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        // what the decision holds per cluster
+        assert_eq!(o.decision.clusters[&id("azure")].capacity, 0);
+        assert!(o.decision.clusters[&id("azure")].out().is_some());
+        assert_eq!(o.decision.clusters[&id("aws")].out(), None);
+        // a split naming only us-east-1: westeurope still drains
+        let mut s = split_70_30(None);
+        s.split.remove("westeurope");
+        let o = decide(&policy, &s, &h, t0(), &Default::default());
+        assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        // capacity 50: half of the normal share
+        let policy =
+            TrafficPolicy { drains: vec![drain(DrainTarget::Cluster(id("azure")), 50, None)], ..Default::default() };
+        let o = decide(&policy, &no_split(), &h, t0(), &Default::default());
+        assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 50.0), ("azure".into(), 50.0)]);
+        assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        // elsewhere: normal 4:2 by healthy endpoints, azure keeps half of its third
+        let other = o.decision.other_regions.as_ref().unwrap();
+        assert_eq!(row(other), vec![("aws".into(), 83.333), ("azure".into(), 16.667)]);
+        // no drain: no decision outside the split (the usual priorities apply)
+        let o = decide(&TrafficPolicy::default(), &no_split(), &h, t0(), &Default::default());
+        assert!(o.decision.by_region.is_empty() && o.decision.other_regions.is_none());
+        assert_eq!(o.decision.shares("westeurope"), None);
+    }
+
+    #[test]
+    fn undrained_clusters_without_a_normal_share_keep_their_usual_priorities() {
+        // three clusters: gcp has endpoints in europe-west1; drain azure for westeurope proxies: its share
+        // goes to aws and gcp by healthy endpoints; us-east-1 proxies: aws stays at 100, gcp not listed
+        let mut h = health((4, 4), (2, 2));
+        h.insert(
+            id("gcp"),
+            ClusterHealth { total: 4, healthy: 4, regions: BTreeSet::from([Arc::from("europe-west1")]) },
+        );
+        let policy =
+            TrafficPolicy { drains: vec![drain(DrainTarget::Cluster(id("azure")), 0, None)], ..Default::default() };
+        let o = decide(&policy, &no_split(), &h, t0(), &Default::default());
+        assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 50.0), ("azure".into(), 0.0), ("gcp".into(), 50.0)]);
+        assert_eq!(shares(&o, "us-east-1"), vec![("aws".into(), 100.0), ("azure".into(), 0.0)]);
+        // every cluster drained to 0: the normal shares stand
+        let policy = TrafficPolicy {
+            drains: vec![
+                drain(DrainTarget::Region("westeurope".into()), 0, None),
+                drain(DrainTarget::Cluster(id("aws")), 0, None),
+                drain(DrainTarget::Cluster(id("gcp")), 0, None),
+            ],
+            ..Default::default()
+        };
+        let o = decide(&policy, &no_split(), &h, t0(), &Default::default());
+        assert_eq!(shares(&o, "westeurope"), vec![("aws".into(), 0.0), ("azure".into(), 100.0), ("gcp".into(), 0.0)]);
+    }
+
     proptest! {
+        #[test]
+        fn drained_rows_without_a_split_add_up_to_100(
+            healthy in proptest::collection::vec((0u32..6, 0u32..6), 1..5),
+            caps in proptest::collection::vec(proptest::option::of(0u32..=100), 5),
+            region in 0usize..6,
+        ) {
+            let regions = ["r0", "r1", "r2", "r3", "r4", "elsewhere"];
+            let ids: Vec<ClusterId> = (0..healthy.len()).map(|i| id(&format!("c{i}"))).collect();
+            let health: ServiceHealth = ids.iter().zip(&healthy).enumerate().map(|(i, (c, (t, h)))| {
+                (c.clone(), ClusterHealth { total: *t, healthy: (*h).min(*t), regions: BTreeSet::from([Arc::from(regions[i % 3])]) })
+            }).collect();
+            let policy = TrafficPolicy {
+                drains: ids.iter().zip(&caps).filter_map(|(c, cap)| cap.map(|cap| drain(DrainTarget::Cluster(c.clone()), cap, None))).collect(),
+                ..Default::default()
+            };
+            let o = decide(&policy, &no_split(), &health, t0(), &Default::default());
+            let drained = policy.drains.iter().any(|d| d.capacity < 100);
+            match o.decision.shares(regions[region]) {
+                Some(r) => {
+                    prop_assert!(drained);
+                    let sum: f64 = r.values().map(|s| s.share).sum();
+                    prop_assert!((sum - 100.0).abs() < 1e-6, "{r:?}");
+                    for (c, s) in r {
+                        prop_assert!(s.share >= 0.0);
+                        if health[c].healthy == 0 { prop_assert_eq!(s.share, 0.0); }
+                        prop_assert!(!s.reason.is_empty());
+                    }
+                    // a drained cluster never gets more than its normal share while an undrained one is left
+                    let undrained_alive = ids.iter().zip(&caps).any(|(c, cap)| cap.is_none_or(|k| k == 100) && health[c].healthy > 0);
+                    for (c, cap) in ids.iter().zip(&caps) {
+                        if let (Some(0), Some(s), true) = (cap, r.get(c), undrained_alive) {
+                            prop_assert_eq!(s.share, 0.0);
+                        }
+                    }
+                }
+                None => prop_assert!(!drained || health.values().all(|h| h.healthy == 0)),
+            }
+        }
+
         #[test]
         fn shares_always_add_up_to_100(
             row in proptest::collection::vec(0u32..=100, 1..5),

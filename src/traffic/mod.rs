@@ -13,6 +13,7 @@
 //! and at the next change time.
 
 pub mod decide;
+pub mod health;
 pub mod lb;
 pub mod policy;
 
@@ -25,7 +26,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::model::{Health, Service};
+use crate::model::{ClusterId, Health, Service};
 
 /// The push loop's traffic state, as the debug surface reads it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -38,6 +39,18 @@ pub struct Status {
     /// when the decisions change next by themselves (a ramp step, an expiry, a failback)
     #[serde(serialize_with = "ser_opt_time")]
     pub next_change: Option<SystemTime>,
+    /// the clusters an active drain names (by id, or by a region of their endpoints), as decided in the
+    /// same push as the services: cluster -> capacity in percent and why ([`health`] reads it)
+    pub drained: BTreeMap<ClusterId, Drained>,
+}
+
+/// A cluster under an active drain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drained {
+    /// percent of its normal share it keeps now
+    pub capacity: u32,
+    pub reason: String,
 }
 
 fn ser_opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -67,22 +80,35 @@ pub struct All {
     pub decisions: Decisions,
     pub failover: BTreeMap<Arc<str>, FailoverState>,
     pub next_change: Option<SystemTime>,
+    /// the clusters under an active drain ([`Status::drained`])
+    pub drained: BTreeMap<ClusterId, Drained>,
 }
 
 /// Decides every service `policy` covers (see [`decide::decide`]); `previous`: the failover state by
-/// hostname.
+/// hostname. The drains are also decided per cluster ([`Status::drained`]), with the same rule, whether
+/// or not a policy covers a service: `clusters` are the mesh's clusters (a region drain names the
+/// clusters with endpoints in that region, of any service).
 pub fn decide_all<'a>(
     policy: &TrafficPolicy,
+    clusters: impl IntoIterator<Item = ClusterId>,
     services: impl IntoIterator<Item = &'a Service>,
     now: SystemTime,
     previous: &BTreeMap<Arc<str>, FailoverState>,
 ) -> All {
     let mut all =
         All { decisions: Decisions { last_resort: policy.last_resort, ..Default::default() }, ..Default::default() };
-    if policy.policies.is_empty() {
+    if policy.is_empty() {
         return all;
     }
+    let by_region = policy.drains.iter().any(|d| matches!(d.target, policy::DrainTarget::Region(_)));
+    let mut regions: BTreeMap<ClusterId, std::collections::BTreeSet<Arc<str>>> =
+        clusters.into_iter().map(|c| (c, Default::default())).collect();
     for s in services {
+        if by_region {
+            for e in s.endpoints.iter().filter(|e| !e.locality.region.is_empty()) {
+                regions.entry(e.cluster.clone()).or_default().insert(e.locality.region.clone());
+            }
+        }
         let Some(split) = policy.policy_for(&s.hostname) else { continue };
         let empty = FailoverState::new();
         let prev = previous.get(&s.hostname).unwrap_or(&empty);
@@ -96,5 +122,14 @@ pub fn decide_all<'a>(
         };
         all.decisions.services.insert(s.hostname.clone(), Arc::new(o.decision));
     }
+    let mut notes = Vec::new();
+    let mut next_change = all.next_change;
+    let drained = decide::drain_capacity(policy, regions.iter(), now, &mut notes, &mut next_change);
+    all.next_change = next_change;
+    all.drained = drained
+        .into_iter()
+        .filter(|(_, (cap, _))| *cap < 100)
+        .map(|(c, (capacity, reason))| (c, Drained { capacity, reason }))
+        .collect();
     all
 }

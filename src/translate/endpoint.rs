@@ -1314,7 +1314,7 @@ mod tests {
             .iter()
             .map(|(id, share)| (ClusterId::new(id), Share { share: *share, split: 0, reason: "test".into() }))
             .collect();
-        let decision = Decision { by_region: BTreeMap::from([(Arc::from("us-east-1"), row)]), notes: vec![] };
+        let decision = Decision { by_region: BTreeMap::from([(Arc::from("us-east-1"), row)]), ..Default::default() };
         c.traffic = Arc::new(crate::traffic::Decisions {
             services: BTreeMap::from([(Arc::from("reviews.shop.svc.cluster.local"), Arc::new(decision))]),
             last_resort,
