@@ -124,12 +124,21 @@ pub struct Options {
     pub debug: Option<DebugListener>,
     /// how often east-west gateways' host names are resolved again (None: never; tests)
     pub gateway_dns_interval: Option<Duration>,
+    /// watch the mesh config's file (`mesh.path`) and apply its edits live ([`crate::config_watch`])
+    pub watch_mesh_config: bool,
 }
 
 impl Options {
     /// In-process: the given events as the sources, no listeners, no gateway DNS.
     pub fn in_process(mesh: MeshConfig, initial: Vec<SourceEvent>) -> Options {
-        Options { mesh, sources: Sources::Events(initial), xds: Vec::new(), debug: None, gateway_dns_interval: None }
+        Options {
+            mesh,
+            sources: Sources::Events(initial),
+            xds: Vec::new(),
+            debug: None,
+            gateway_dns_interval: None,
+            watch_mesh_config: false,
+        }
     }
 }
 
@@ -155,6 +164,8 @@ pub struct App {
     /// the last-known state's tap and writer (the mesh config has `lastKnownState`)
     last_known_tasks: Vec<JoinHandle<()>>,
     last_known: Option<Arc<LastKnown>>,
+    /// the mesh config's watcher (`meshfed serve --mesh-config`)
+    _config_watch: Option<crate::config_watch::ConfigWatch>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -170,7 +181,7 @@ impl App {
     /// Starts meshfed: the sources (their initial state queued first), the push loop, the debug server, and
     /// — once the first snapshot is published — the xDS listeners.
     pub async fn start(options: Options) -> Result<App, Error> {
-        let Options { mesh, sources, xds, debug, gateway_dns_interval } = options;
+        let Options { mesh, sources, xds, debug, gateway_dns_interval, watch_mesh_config } = options;
         let (events, mut events_rx) = mpsc::unbounded_channel();
         let clusters = ClusterHealth::new(mesh.unreachable_grace_period);
         // The last-known state: restored clusters are queued for the push loop before any source starts;
@@ -240,6 +251,10 @@ impl App {
                 (Some(report), Some(task))
             }
         };
+        let config_watch = match (&mesh.path, watch_mesh_config) {
+            (Some(path), true) => Some(crate::config_watch::start(path, mesh.clone(), push.clone())),
+            _ => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -258,6 +273,7 @@ impl App {
                     source_errors: source_errors(files.as_ref(), &clusters),
                     clusters: clusters.clone(),
                     gateway_probes: gateway_probes.clone(),
+                    mesh_config: config_watch.as_ref().map(|w| w.subscribe()),
                     demo,
                 };
                 info!(address = ?debug_address, "debug server listening");
@@ -300,6 +316,7 @@ impl App {
             gateway_probes_task,
             last_known_tasks,
             last_known: last_known_store,
+            _config_watch: config_watch,
             _files: files,
             _kube: kube,
         })

@@ -161,6 +161,12 @@ pub struct Metrics {
     pub gateway_up: Family<NetworkAddressLabels, Gauge>,
     /// `meshfed_network_fenced{network}`: 1 if every gateway address of the network is down
     pub network_fenced: Family<NetworkLabel, Gauge>,
+    /// `meshfed_mesh_config_reload_errors_total`: edits of the mesh config that did not load (the last
+    /// good config kept serving)
+    pub mesh_config_reload_errors: Counter,
+    /// `meshfed_mesh_config_last_reload_success`: 1 if the mesh config's current content is the one
+    /// serving (or its last edit loaded), 0 after an edit that did not load
+    pub mesh_config_last_reload_success: Gauge,
 }
 
 impl Default for Metrics {
@@ -269,6 +275,18 @@ impl Metrics {
             "1 if every east-west gateway address of the network is down (its endpoints are last resort for other networks)",
             network_fenced.clone(),
         );
+        let mesh_config_reload_errors = Counter::default();
+        registry.register(
+            "meshfed_mesh_config_reload_errors",
+            "Edits of the mesh config that did not load (invalid or unreadable); the last good config kept serving",
+            mesh_config_reload_errors.clone(),
+        );
+        let mesh_config_last_reload_success = Gauge::default();
+        registry.register(
+            "meshfed_mesh_config_last_reload_success",
+            "1 if the mesh config's last edit loaded (or none was made since the start), 0 if it did not",
+            mesh_config_last_reload_success.clone(),
+        );
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         let sent_by_type = ResourceType::ALL.map(|t| {
@@ -301,6 +319,8 @@ impl Metrics {
             unknown_resources,
             gateway_up,
             network_fenced,
+            mesh_config_reload_errors,
+            mesh_config_last_reload_success,
         }
     }
 
