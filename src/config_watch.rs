@@ -193,10 +193,10 @@ pub fn start(path: &Path, started: MeshConfig, push: PushHandle) -> ConfigWatch 
 fn watch_dir(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<notify::RecommendedWatcher, Error> {
     let werr = |source| Error::Watch { path: dir.to_path_buf(), source };
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(e) = res {
-            if !matches!(e.kind, notify::EventKind::Access(_)) {
-                let _ = tx.send(());
-            }
+        if let Ok(e) = res
+            && !matches!(e.kind, notify::EventKind::Access(_))
+        {
+            let _ = tx.send(());
         }
     })
     .map_err(werr)?;

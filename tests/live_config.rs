@@ -31,7 +31,7 @@ fn shares(cla: &ClusterLoadAssignment) -> BTreeMap<String, u32> {
         *weights.entry(region).or_default() += l.load_balancing_weight.map(|w| w.value).unwrap_or(0);
     }
     let total: u32 = weights.values().sum();
-    weights.into_iter().map(|(r, w)| (r, if total == 0 { 0 } else { (w * 100 + total / 2) / total })).collect()
+    weights.into_iter().map(|(r, w)| (r, (w * 100 + total / 2).checked_div(total).unwrap_or(0))).collect()
 }
 
 /// Receives EDS responses (ACKing them) until ratings' shares are `want`.
