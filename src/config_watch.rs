@@ -358,6 +358,34 @@ mod tests {
         (r, tx, commands)
     }
 
+    /// A Kubernetes ConfigMap mount: `mesh.yaml -> ..data/mesh.yaml`, `..data -> ..2026_...`; an update
+    /// writes a new timestamped directory and swaps `..data` by renaming a new symlink over it.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_configmap_symlink_swap_is_applied() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("..v1")).unwrap();
+        std::fs::write(d.join("..v1/mesh.yaml"), BASE).unwrap();
+        symlink("..v1", d.join("..data")).unwrap();
+        symlink("..data/mesh.yaml", d.join("mesh.yaml")).unwrap();
+        let path = d.join("mesh.yaml");
+        let started = MeshConfig::load(&path).unwrap();
+        let (tx, mut commands) = mpsc::unbounded_channel();
+        let push = crate::push::Pusher::new(&started).0.handle_for(tx);
+        let watch = start(&path, started, push);
+        // the update, as the kubelet makes it
+        std::fs::create_dir(d.join("..v2")).unwrap();
+        std::fs::write(d.join("..v2/mesh.yaml"), format!("{BASE}{SPLIT}")).unwrap();
+        symlink("..v2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        let got = tokio::time::timeout(POLL_INTERVAL * 3, commands.recv()).await.expect("a reload in time");
+        assert!(matches!(got, Some(crate::push::Command::TrafficPolicy(p)) if p.policies.len() == 1));
+        let status = watch.subscribe().borrow().clone();
+        assert!(status.error.is_none() && status.last_success.is_some(), "{status:?}");
+    }
+
     #[test]
     fn a_bad_edit_keeps_the_last_good_config_and_says_where() {
         let dir = tempfile::tempdir().unwrap();
