@@ -131,6 +131,8 @@ pub struct Options {
     pub mesh_certificate: Option<crate::tls::MeshCertificate>,
     /// the global DNS health endpoint (`GET /global/health`, [`crate::global_health`]), no token
     pub global_health: Option<Listen>,
+    /// watch the mesh config's file (`mesh.path`) and apply its edits live ([`crate::config_watch`])
+    pub watch_mesh_config: bool,
 }
 
 impl Options {
@@ -144,6 +146,7 @@ impl Options {
             gateway_dns_interval: None,
             mesh_certificate: None,
             global_health: None,
+            watch_mesh_config: false,
         }
     }
 }
@@ -174,6 +177,8 @@ pub struct App {
     /// the last-known state's tap and writer (the mesh config has `lastKnownState`)
     last_known_tasks: Vec<JoinHandle<()>>,
     last_known: Option<Arc<LastKnown>>,
+    /// the mesh config's watcher (`meshfed serve --mesh-config`)
+    _config_watch: Option<crate::config_watch::ConfigWatch>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -189,7 +194,16 @@ impl App {
     /// Starts meshfed: the sources (their initial state queued first), the push loop, the debug server, and
     /// — once the first snapshot is published — the xDS listeners.
     pub async fn start(options: Options) -> Result<App, Error> {
-        let Options { mesh, sources, xds, debug, gateway_dns_interval, mesh_certificate, global_health } = options;
+        let Options {
+            mesh,
+            sources,
+            xds,
+            debug,
+            gateway_dns_interval,
+            mesh_certificate,
+            global_health,
+            watch_mesh_config,
+        } = options;
         // the gateway probes' mTLS stage is checked before anything starts: a missing or bad certificate is
         // fatal at start
         let mut gateway_probes_cert = None;
@@ -273,6 +287,10 @@ impl App {
                 (Some(report), Some(task))
             }
         };
+        let config_watch = match (&mesh.path, watch_mesh_config) {
+            (Some(path), true) => Some(crate::config_watch::start(path, mesh.clone(), push.clone())),
+            _ => None,
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -291,6 +309,7 @@ impl App {
                     source_errors: source_errors(files.as_ref(), &clusters),
                     clusters: clusters.clone(),
                     gateway_probes: gateway_probes.clone(),
+                    mesh_config: config_watch.as_ref().map(|w| w.subscribe()),
                     demo,
                 };
                 info!(address = ?debug_address, "debug server listening");
@@ -351,6 +370,7 @@ impl App {
             gateway_probes_cert_task,
             last_known_tasks,
             last_known: last_known_store,
+            _config_watch: config_watch,
             _files: files,
             _kube: kube,
         })

@@ -9,6 +9,7 @@ pub mod app;
 pub mod bootstrap;
 pub mod cache;
 pub mod canonical;
+pub mod config_watch;
 pub mod debug;
 pub mod demo;
 pub mod descriptors;

@@ -39,6 +39,9 @@ enum Command {
     Bootstrap(BootstrapArgs),
     /// Print (or --apply) the Istio objects that wire meshfed's EDS in beside istiod.
     Istio(meshfed::istio::IstioArgs),
+    /// Traffic control: drain / undrain a cluster in the mesh config file (applied live by meshfed
+    /// serve), and read a running meshfed's traffic status and what-if predictions.
+    Traffic(meshfed::traffic::cli::TrafficArgs),
 }
 
 #[derive(clap::Args)]
@@ -323,6 +326,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         gateway_dns_interval: Some(meshfed::gateway_dns::DEFAULT_INTERVAL),
         mesh_certificate,
         global_health: args.global_health_address.map(Listen::Address),
+        // edits of the mesh config apply live (not the built-in demo's)
+        watch_mesh_config: !demo,
     };
     let app = App::start(options).await?;
 
@@ -400,6 +405,7 @@ fn main() {
     let result = match cli.command.unwrap_or_else(|| Cli::parse_from(["meshfed", "serve"]).command.expect("serve")) {
         Command::Bootstrap(args) => bootstrap_cmd(args),
         Command::Istio(args) => istio_cmd(args),
+        Command::Traffic(args) => meshfed::traffic::cli::run(&args).map(|out| print!("{out}")).map_err(Into::into),
         Command::Serve(args) => {
             tokio::runtime::Runtime::new().context("starting the runtime").and_then(|rt| rt.block_on(serve(args)))
         }

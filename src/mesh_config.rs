@@ -598,8 +598,14 @@ impl MeshConfig {
             Some(v) => {
                 let ids: Vec<ClusterId> = clusters.iter().map(|c| c.id.clone()).collect();
                 // the clock bounds the drains' expiry only (maxDrainDuration ahead at most)
-                crate::traffic::TrafficPolicy::parse(v, &ids, std::time::SystemTime::now())
-                    .map_err(|e| invalid(e.to_string()))?
+                // clusters from remote secrets are discovered: their ids cannot be checked here
+                crate::traffic::TrafficPolicy::parse_with(
+                    v,
+                    &ids,
+                    remote_secrets.is_some(),
+                    std::time::SystemTime::now(),
+                )
+                .map_err(|e| invalid(e.to_string()))?
             }
         };
         Ok(MeshConfig {

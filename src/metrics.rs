@@ -163,6 +163,12 @@ pub struct Metrics {
     pub network_fenced: Family<NetworkLabel, Gauge>,
     /// `meshfed_global_health{cluster}`: 1 if `/global/health?cluster=ID` answers 200 (set when scraped)
     pub global_health: Family<ClusterLabel, Gauge>,
+    /// `meshfed_mesh_config_reload_errors_total`: edits of the mesh config that did not load (the last
+    /// good config kept serving)
+    pub mesh_config_reload_errors: Counter,
+    /// `meshfed_mesh_config_last_reload_success`: 1 if the mesh config's current content is the one
+    /// serving (or its last edit loaded), 0 after an edit that did not load
+    pub mesh_config_last_reload_success: Gauge,
 }
 
 impl Default for Metrics {
@@ -277,6 +283,18 @@ impl Metrics {
             "1 if the cluster should receive traffic (what /global/health?cluster=ID answers: 200), 0 if not",
             global_health.clone(),
         );
+        let mesh_config_reload_errors = Counter::default();
+        registry.register(
+            "meshfed_mesh_config_reload_errors",
+            "Edits of the mesh config that did not load (invalid or unreadable); the last good config kept serving",
+            mesh_config_reload_errors.clone(),
+        );
+        let mesh_config_last_reload_success = Gauge::default();
+        registry.register(
+            "meshfed_mesh_config_last_reload_success",
+            "1 if the mesh config's last edit loaded (or none was made since the start), 0 if it did not",
+            mesh_config_last_reload_success.clone(),
+        );
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         let sent_by_type = ResourceType::ALL.map(|t| {
@@ -310,6 +328,8 @@ impl Metrics {
             gateway_up,
             network_fenced,
             global_health,
+            mesh_config_reload_errors,
+            mesh_config_last_reload_success,
         }
     }
 

@@ -94,6 +94,8 @@ pub struct DebugState {
     pub clusters: ClusterHealth,
     /// the gateway probes' latest report (None: probing off)
     pub gateway_probes: Option<tokio::sync::watch::Receiver<Arc<crate::liveness::Report>>>,
+    /// the live mesh config's reload status (None: not watched)
+    pub mesh_config: Option<tokio::sync::watch::Receiver<Arc<crate::config_watch::Status>>>,
     /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
     pub demo: bool,
 }
@@ -353,7 +355,42 @@ async fn whatif_handler(State(s): State<DebugState>, Query(q): Params) -> Result
 
 async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
     let snapshot = s.push.snapshot();
-    json_out(&q, &json!({ "decisions": &*snapshot.context.traffic, "status": &*snapshot.traffic }))
+    let now = SystemTime::now();
+    let drains: Vec<Value> = snapshot
+        .traffic
+        .policy
+        .drains
+        .iter()
+        .map(|d| {
+            json!({
+                "target": d.target.to_string(),
+                "capacity": d.capacity,
+                "capacityNow": if d.expired(now) { 100 } else { d.capacity_at(now) },
+                "ramp": d.ramp.map(|r| format!("-{}% every {:?}", r.step, r.every)),
+                "start": d.start.map(crate::traffic::decide::time_str),
+                "expires": crate::traffic::decide::time_str(d.expires),
+                "expired": d.expired(now),
+                "reason": d.reason,
+            })
+        })
+        .collect();
+    let unknown_clusters = unknown_traffic_clusters(&snapshot);
+    let mut out = json!({
+        "decisions": &*snapshot.context.traffic,
+        "status": &*snapshot.traffic,
+        "drains": drains,
+        "unknownClusters": unknown_clusters.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+    });
+    if let Some(status) = &s.mesh_config {
+        out["meshConfig"] = json!(&**status.borrow());
+    }
+    json_out(&q, &out)
+}
+
+/// The clusters the traffic policy names that the registry does not know (with remote secrets, a policy
+/// may name a cluster before its secret is read).
+fn unknown_traffic_clusters(snapshot: &crate::cache::Snapshot) -> Vec<ClusterId> {
+    snapshot.traffic.policy.unknown_clusters(snapshot.clusters_summary.iter().map(|c| &c.id))
 }
 
 async fn registryz(State(s): State<DebugState>, Query(q): Params) -> Response {
@@ -571,6 +608,20 @@ async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
     let mut out: Vec<Value> = s.push.warnings().iter().map(|w| json!(w)).collect();
     if s.demo {
         out.insert(0, json!({ "kind": "built-in-demo", "subject": "mesh config", "message": DEMO_WARNING }));
+    }
+    if let Some(status) = &s.mesh_config {
+        out.extend(status.borrow().warnings());
+    }
+    let snapshot = s.push.snapshot();
+    for id in unknown_traffic_clusters(&snapshot) {
+        out.push(json!({
+            "kind": "traffic-unknown-cluster",
+            "subject": id.as_str(),
+            "message": format!(
+                "the traffic policy names cluster {id:?}, which the registry does not know (not listed, no \
+                 remote secret for it yet): its shares go to no endpoint until it joins"
+            ),
+        }));
     }
     for c in s.connections.list() {
         for (t, st) in ResourceType::ALL.iter().zip(c.status()) {

@@ -35,6 +35,16 @@ pub enum Command {
     GatewayVerdict(crate::liveness::Verdict),
     /// A new (validated) traffic policy ([`crate::traffic`]).
     TrafficPolicy(crate::traffic::TrafficPolicy),
+    /// New mesh-wide settings from a reloaded mesh config ([`crate::config_watch`]).
+    Settings(LiveSettings),
+}
+
+/// The mesh config's settings besides `traffic` that change while meshfed runs (everything is translated
+/// again when they change).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LiveSettings {
+    pub defaults: crate::policy::MeshDefaults,
+    pub send_unhealthy_endpoints: bool,
 }
 
 /// A handle to the push loop for xDS streams and the debug surface.
@@ -80,6 +90,12 @@ impl PushHandle {
     /// keeps serving.
     pub fn set_traffic_policy(&self, policy: crate::traffic::TrafficPolicy) {
         let _ = self.commands.send(Command::TrafficPolicy(policy));
+    }
+
+    /// Hands new mesh-wide settings (`defaults`, `sendUnhealthyEndpoints`) to the push loop; it
+    /// translates everything again if they changed.
+    pub fn set_live_settings(&self, settings: LiveSettings) {
+        let _ = self.commands.send(Command::Settings(settings));
     }
 
     /// The mesh-wide configuration warnings ([`translate::diagnostics`]), as of the last push (at most
@@ -565,6 +581,18 @@ impl Pusher {
         &self.ctx
     }
 
+    /// New mesh-wide settings: everything is translated again at the next push if they changed.
+    pub fn set_live_settings(&mut self, settings: LiveSettings) {
+        if self.ctx.defaults != settings.defaults
+            || self.ctx.send_unhealthy_endpoints != settings.send_unhealthy_endpoints
+        {
+            info!(send_unhealthy_endpoints = settings.send_unhealthy_endpoints, "mesh-wide settings changed");
+            self.ctx.defaults = settings.defaults;
+            self.ctx.send_unhealthy_endpoints = settings.send_unhealthy_endpoints;
+            self.context_changed = true;
+        }
+    }
+
     /// A new traffic policy: drains keep their start if the previous policy had them; everything is
     /// decided and translated again at the next push.
     pub fn set_traffic_policy(&mut self, mut policy: crate::traffic::TrafficPolicy) {
@@ -858,6 +886,12 @@ impl Pusher {
             }
             Command::TrafficPolicy(policy) => {
                 self.set_traffic_policy(policy);
+                if self.context_changed {
+                    self.push(RegistryChange::default(), false);
+                }
+            }
+            Command::Settings(settings) => {
+                self.set_live_settings(settings);
                 if self.context_changed {
                     self.push(RegistryChange::default(), false);
                 }

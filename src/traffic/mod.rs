@@ -12,7 +12,10 @@
 //! push loop ([`crate::push`]) owns the policy and the failover state and re-decides on registry changes
 //! and at the next change time.
 
+pub mod cli;
+pub mod client;
 pub mod decide;
+pub mod edit;
 pub mod health;
 pub mod lb;
 pub mod policy;

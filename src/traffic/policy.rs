@@ -172,7 +172,7 @@ impl Drain {
 }
 
 /// A duration as [`parse_duration`] reads it, or in days (`7d`).
-fn parse_long_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_long_duration(s: &str) -> Option<Duration> {
     match s.trim().strip_suffix('d') {
         Some(days) => {
             let d: f64 = days.parse().ok()?;
@@ -202,6 +202,24 @@ impl TrafficPolicy {
         self.policies.iter().find(|p| p.hosts.is_empty() || p.hosts.iter().any(|h| host_matches(h, host)))
     }
 
+    /// Every cluster the policy names (in splits and drains).
+    pub fn clusters_named(&self) -> std::collections::BTreeSet<ClusterId> {
+        let mut out: std::collections::BTreeSet<ClusterId> =
+            self.policies.iter().flat_map(|p| p.split.values().flat_map(|row| row.keys().cloned())).collect();
+        out.extend(self.drains.iter().filter_map(|d| match &d.target {
+            DrainTarget::Cluster(c) => Some(c.clone()),
+            DrainTarget::Region(_) => None,
+        }));
+        out
+    }
+
+    /// The clusters the policy names that are not in `known` (the registry's clusters): with remote
+    /// secrets they are accepted at parse time and reported at run time.
+    pub fn unknown_clusters<'a>(&self, known: impl IntoIterator<Item = &'a ClusterId>) -> Vec<ClusterId> {
+        let known: std::collections::BTreeSet<&ClusterId> = known.into_iter().collect();
+        self.clusters_named().into_iter().filter(|c| !known.contains(c)).collect()
+    }
+
     /// Gives every drain without a start one: its start in `previous` if that policy had the same drain,
     /// else `now`. The push loop calls it when it takes a new policy, so a ramp starts when the drain is
     /// first seen and an unrelated edit does not restart it.
@@ -215,6 +233,19 @@ impl TrafficPolicy {
     /// Parses and validates a `traffic:` section: `clusters` are the mesh's cluster ids; `now` bounds the
     /// drains' expiry (`maxDrainDuration` ahead at most).
     pub fn parse(value: &serde_yaml::Value, clusters: &[ClusterId], now: SystemTime) -> Result<TrafficPolicy, Error> {
+        Self::parse_with(value, clusters, false, now)
+    }
+
+    /// [`TrafficPolicy::parse`]; with `dynamic_clusters` (the mesh discovers clusters from remote
+    /// secrets) a cluster id not in `clusters` is accepted: it cannot be checked before the secrets are
+    /// read, and the debug surface reports a policy naming a cluster the registry does not know
+    /// ([`TrafficPolicy::unknown_clusters`]).
+    pub fn parse_with(
+        value: &serde_yaml::Value,
+        clusters: &[ClusterId],
+        dynamic_clusters: bool,
+        now: SystemTime,
+    ) -> Result<TrafficPolicy, Error> {
         let raw: RawTraffic = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
             let path = e.path().to_string();
             let field = if path == "." { "traffic".to_string() } else { format!("traffic.{path}") };
@@ -226,7 +257,10 @@ impl TrafficPolicy {
                 .ok_or_else(|| err("traffic.maxDrainDuration", format!("invalid duration {m:?}")))?;
         }
         let known = |field: &str, id: &str| -> Result<ClusterId, Error> {
-            if clusters.iter().any(|c| c.as_str() == id) {
+            if id.is_empty() {
+                return Err(err(field, "an empty cluster id"));
+            }
+            if dynamic_clusters || clusters.iter().any(|c| c.as_str() == id) {
                 Ok(ClusterId::new(id))
             } else {
                 let list: Vec<&str> = clusters.iter().map(|c| c.as_str()).collect();
@@ -530,6 +564,22 @@ drains:
         assert!(
             parse("maxDrainDuration: 60d\ndrains: [{cluster: azure-weu, expires: '2027-01-05T00:00:00Z'}]").is_ok()
         );
+    }
+
+    #[test]
+    fn dynamic_clusters_accept_unknown_ids_and_report_them() {
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str("policies: [{split: {us-east-1: {aws-use1: 60, gke-remote: 40}}}]").unwrap();
+        let e = TrafficPolicy::parse_with(&yaml, &clusters(), false, now()).unwrap_err();
+        assert_eq!(e.field, "traffic.policies[0].split.us-east-1.gke-remote");
+        let p = TrafficPolicy::parse_with(&yaml, &clusters(), true, now()).unwrap();
+        assert_eq!(p.unknown_clusters(&clusters()), vec![ClusterId::new("gke-remote")]);
+        let all = [ClusterId::new("aws-use1"), ClusterId::new("gke-remote")];
+        assert!(p.unknown_clusters(&all).is_empty());
+        // the other checks still hold
+        let bad: serde_yaml::Value =
+            serde_yaml::from_str("policies: [{split: {us-east-1: {aws-use1: 60, gke-remote: 30}}}]").unwrap();
+        assert!(TrafficPolicy::parse_with(&bad, &clusters(), true, now()).unwrap_err().reason.contains("90"));
     }
 
     #[test]

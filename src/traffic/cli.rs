@@ -1,0 +1,218 @@
+//! `meshfed traffic drain | undrain | status | whatif`.
+//!
+//! `drain` and `undrain` edit the mesh config file ([`super::edit`]); a `meshfed serve` watching it
+//! applies the edit without a restart ([`crate::config_watch`]). `status` and `whatif` read a running
+//! meshfed's debug server ([`super::client`]).
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::{client, edit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Edit(#[from] edit::Error),
+    #[error(transparent)]
+    Client(#[from] client::Error),
+    #[error("reading the token file {path}: {source}")]
+    Token { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// `meshfed traffic`'s command line.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TrafficArgs {
+    #[command(subcommand)]
+    pub command: TrafficCommand,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum TrafficCommand {
+    /// Drain a cluster (or a region): set its drain in the mesh config's `traffic.drains`.
+    Drain(DrainArgs),
+    /// Remove a cluster's (or a region's) drain from the mesh config.
+    Undrain(UndrainArgs),
+    /// Print a running meshfed's traffic decisions, drains and mesh config reload state (/debug/trafficz).
+    Status(StatusArgs),
+    /// Print what a running meshfed predicts for a service, now and if a cluster were drained or down
+    /// (/debug/whatif).
+    Whatif(WhatifArgs),
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct FileArgs {
+    /// The mesh config file to edit (meshfed serve --mesh-config applies the edit without a restart).
+    #[arg(long, env = "MESHFED_MESH_CONFIG")]
+    pub mesh_config: PathBuf,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+#[group(id = "target", required = true, multiple = false)]
+pub struct TargetArgs {
+    /// The cluster to drain.
+    #[arg(long, group = "target")]
+    pub cluster: Option<String>,
+    /// The source region to drain (every cluster's endpoints there).
+    #[arg(long, group = "target")]
+    pub region: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> Result<edit::Target, Error> {
+        match (&self.cluster, &self.region) {
+            (Some(c), None) => Ok(edit::Target::Cluster(c.clone())),
+            (None, Some(r)) => Ok(edit::Target::Region(r.clone())),
+            _ => Err(Error::Usage("give --cluster or --region".into())),
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Percent of the target's normal share it keeps, 0..100.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub capacity: i64,
+    /// Ramp down: percent removed every --ramp-every (with --ramp-every).
+    #[arg(long, requires = "ramp_every", allow_negative_numbers = true)]
+    pub ramp_step: Option<i64>,
+    /// Ramp down: the time between two steps, e.g. 30s (with --ramp-step).
+    #[arg(long, requires = "ramp_step")]
+    pub ramp_every: Option<String>,
+    /// When the drain ends by itself: an RFC 3339 time or a duration from now (2h, 7d); at most the
+    /// policy's maxDrainDuration (default 7d) ahead.
+    #[arg(long)]
+    pub expires: String,
+    /// Why (shown on /debug/trafficz).
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub file: FileArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct UndrainArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub file: FileArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DebugArgs {
+    /// meshfed's debug address (HOST:PORT; plain HTTP).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub debug_address: String,
+    /// Bearer token of the debug server (--debug-token-file of meshfed serve).
+    #[arg(long, env = "MESHFED_DEBUG_TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print the JSON as meshfed answered it.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DebugArgs {
+    fn token(&self) -> Result<Option<String>, Error> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|source| Error::Token { path: path.clone(), source }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub debug: DebugArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+#[group(id = "from", required = true, multiple = false)]
+pub struct WhatifArgs {
+    #[command(flatten)]
+    pub debug: DebugArgs,
+    /// The service's FQDN.
+    #[arg(long)]
+    pub host: String,
+    /// The service port (default: its first).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// For this connected proxy (its node id, or POD.NAMESPACE).
+    #[arg(long, group = "from")]
+    pub proxy: Option<String>,
+    /// For a sidecar in this region.
+    #[arg(long, group = "from")]
+    pub region: Option<String>,
+    /// Hypothesis: this cluster drained to 0.
+    #[arg(long)]
+    pub drain: Option<String>,
+    /// Hypothesis: this cluster's endpoints gone.
+    #[arg(long)]
+    pub down: Option<String>,
+}
+
+/// Runs a `meshfed traffic` command; returns what to print on stdout (notes go to stderr).
+pub fn run(args: &TrafficArgs) -> Result<String, Error> {
+    match &args.command {
+        TrafficCommand::Drain(a) => {
+            let spec = edit::DrainSpec {
+                target: a.target.target()?,
+                capacity: a.capacity,
+                ramp: a.ramp_step.zip(a.ramp_every.clone()),
+                expires: edit::expiry(&a.expires, SystemTime::now())?,
+                reason: a.reason.clone(),
+            };
+            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::drain(text, base, &spec))?;
+            note_rewritten(&e);
+            Ok(format!(
+                "{} drained to {}% until {} in {}\n",
+                spec.target,
+                spec.capacity,
+                spec.expires,
+                a.file.mesh_config.display()
+            ))
+        }
+        TrafficCommand::Undrain(a) => {
+            let target = a.target.target()?;
+            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::undrain(text, base, &target))?;
+            note_rewritten(&e);
+            Ok(format!("{target}: drain removed from {}\n", a.file.mesh_config.display()))
+        }
+        TrafficCommand::Status(a) => {
+            let v = client::get_json(&a.debug.debug_address, "/debug/trafficz", a.debug.token()?.as_deref())?;
+            Ok(if a.debug.json { format!("{v:#}\n") } else { client::format_status(&v) })
+        }
+        TrafficCommand::Whatif(a) => {
+            let mut path = format!("/debug/whatif?host={}", client::encode(&a.host));
+            let mut param = |k: &str, v: &Option<String>| {
+                if let Some(v) = v {
+                    path.push_str(&format!("&{k}={}", client::encode(v)));
+                }
+            };
+            param("proxy", &a.proxy);
+            param("region", &a.region);
+            param("drain", &a.drain);
+            param("down", &a.down);
+            param("port", &a.port.map(|p| p.to_string()));
+            let v = client::get_json(&a.debug.debug_address, &path, a.debug.token()?.as_deref())?;
+            Ok(if a.debug.json { format!("{v:#}\n") } else { client::format_whatif(&v) })
+        }
+    }
+}
+
+fn note_rewritten(e: &edit::Edited) {
+    if e.rewritten {
+        eprintln!(
+            "note: the traffic: block could not be replaced on its own; the whole file was rewritten (its comments are lost)"
+        );
+    }
+}
