@@ -1,8 +1,9 @@
 //! Traffic control ([`meshfed::traffic`]) with real Envoys across two clouds on loopback: an active-active
 //! split of ratings:9080 70/30 between aws-use1 and azure-weu measured over 2,000 requests, a drain of
 //! azure-weu (capacity 50, then a ramp to 0 stepped by the push loop's timer), `/debug/whatif`'s
-//! prediction against what Envoy really sent, and failover of a cluster whose healthy endpoints fall
-//! below `minHealthy` in one push.
+//! prediction against what Envoy really sent (in every state), failover of a cluster whose healthy
+//! endpoints fall below `minHealthy` in one push and its failback only after `failbackAfter`, and a
+//! drain that reverts by itself at its expiry.
 //!
 //! Topology as in `tests/cross_cloud.rs` (see there), with meshfed in process (the traffic policy is
 //! handed to the push loop as the mesh config's live reload will hand it: `PushHandle::set_traffic_policy`):
@@ -41,6 +42,8 @@ const TOTAL: usize = 2000;
 /// points the measured share may differ from the expected one
 const TOLERANCE: f64 = 5.0;
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+/// `failbackAfter` of the policy: long enough to see the share stay away, short enough for a test
+const FAILBACK: Duration = Duration::from_secs(8);
 
 /// The copied demo: AWS pods without sidecars (plain backends), one Azure endpoint per zone.
 fn prepare_demo(dir: &Path) -> Result<()> {
@@ -58,11 +61,12 @@ fn prepare_demo(dir: &Path) -> Result<()> {
     support::write_atomically(&slices, &docs.to_yaml()?)
 }
 
-/// A `traffic:` section: ratings from us-east-1 70/30, failover below 50% healthy (failback after 1 s),
-/// and `drains` (YAML list items, or empty).
+/// A `traffic:` section: ratings from us-east-1 70/30, failover below 50% healthy (failback after
+/// [`FAILBACK`]), and `drains` (YAML list items, or empty).
 fn policy(drains: &str) -> Result<TrafficPolicy> {
     let yaml = format!(
-        "policies:\n  - hosts: [{RATINGS}]\n    split:\n      us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      westeurope: {{azure-weu: 70, aws-use1: 30}}\n    failover: {{minHealthy: 50, failbackAfter: 1s}}\ndrains: [{drains}]\n"
+        "policies:\n  - hosts: [{RATINGS}]\n    split:\n      us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      westeurope: {{azure-weu: 70, aws-use1: 30}}\n    failover: {{minHealthy: 50, failbackAfter: {}s}}\ndrains: [{drains}]\n",
+        FAILBACK.as_secs()
     );
     let ids = [ClusterId::new("aws-use1"), ClusterId::new("azure-weu")];
     Ok(TrafficPolicy::parse(&serde_yaml::from_str(&yaml)?, &ids, SystemTime::now())?)
@@ -91,7 +95,8 @@ impl Mesh {
         // the policy from the mesh config, as `meshfed serve` reads it
         let text = std::fs::read_to_string(&mesh_path)?;
         let section = format!(
-            "traffic:\n  policies:\n    - hosts: [{RATINGS}]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n        westeurope: {{azure-weu: 70, aws-use1: 30}}\n      failover: {{minHealthy: 50, failbackAfter: 1s}}\n"
+            "traffic:\n  policies:\n    - hosts: [{RATINGS}]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n        westeurope: {{azure-weu: 70, aws-use1: 30}}\n      failover: {{minHealthy: 50, failbackAfter: {}s}}\n",
+            FAILBACK.as_secs()
         );
         std::fs::write(&mesh_path, format!("{text}\n{section}"))?;
         let mesh = MeshConfig::load(&mesh_path)?;
@@ -279,10 +284,12 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     assert!(localities.iter().all(|l| l["rule"] == "traffic_split"), "(2) {cluster:#}");
     assert!(localities.iter().any(|l| l["reason"].as_str().unwrap_or("").contains("DR drill")), "(2) {cluster:#}");
 
-    // (3) a ramp to 0 (50 now, 0 after 3 s: the push loop's timer steps it): then nothing to Azure
-    let ramp = format!("{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 3s}}, expires: '{}'}}", expires());
+    // (3) a ramp to 0 (50 now, 0 after 8 s: the push loop's timer steps it): then nothing to Azure
+    let ramp = format!("{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 8s}}, expires: '{}'}}", expires());
     mesh.set_policy(policy(&ramp).unwrap()).await.unwrap_or_else(step("(3) policy"));
-    measure(&mesh, 15.0).await.unwrap_or_else(step("(3) first ramp step"));
+    let measured = measure(&mesh, 15.0).await.unwrap_or_else(step("(3) first ramp step"));
+    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
+    assert!((predicted - measured).abs() <= TOLERANCE, "(3) whatif {predicted}% vs measured {measured:.1}%");
     poll_until(STEP_TIMEOUT, || async {
         let share = azure_share(&send(mesh.listener(), 100, 4).await?)?;
         ensure!(share == 0.0, "Azure still gets {share:.1}%");
@@ -327,7 +334,60 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     let shares = pushed.context.traffic.shares(RATINGS, "us-east-1").expect("a decision").clone();
     assert_eq!(shares[&ClusterId::new("aws-use1")].share, 0.0, "in one push: {shares:?}");
     assert!(shares[&ClusterId::new("aws-use1")].reason.contains("below minHealthy"), "{shares:?}");
-    measure(&mesh, 100.0).await.unwrap_or_else(step("(4) failover"));
+    let measured = measure(&mesh, 100.0).await.unwrap_or_else(step("(4) failover"));
+    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
+    assert!((predicted - measured).abs() <= TOLERANCE, "(4) whatif {predicted}% vs measured {measured:.1}%");
+
+    // (5) aws-use1's endpoints ready again: its share stays with azure-weu until failbackAfter has passed
+    // (no flapping back at the first good push), then returns, once
+    let healthy = support::server::files_events(&mesh.mesh)
+        .into_iter()
+        .find_map(|e| match e {
+            SourceEvent::Sync { cluster, objects } if cluster.as_str() == "aws-use1" => Some(objects),
+            _ => None,
+        })
+        .expect("aws-use1's objects");
+    let before = mesh.server.push.snapshot().generation;
+    mesh.server.events.send(SourceEvent::Sync { cluster: ClusterId::new("aws-use1"), objects: healthy }).unwrap();
+    let back_at = std::time::Instant::now();
+    let pushed =
+        tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| s.generation > before)).await.unwrap().unwrap().clone();
+    let shares = pushed.context.traffic.shares(RATINGS, "us-east-1").expect("a decision").clone();
+    let aws = &shares[&ClusterId::new("aws-use1")];
+    assert_eq!(aws.share, 0.0, "(5) no failback before failbackAfter: {shares:?}");
+    assert!(aws.reason.contains("returns after failbackAfter"), "(5) {shares:?}");
+    // while failbackAfter runs, Envoy still sends everything to Azure
+    let share = azure_share(&send(mesh.listener(), 200, 8).await.unwrap()).unwrap();
+    if back_at.elapsed() < FAILBACK {
+        assert_eq!(share, 100.0, "(5) Azure got {share}% before failbackAfter");
+    }
+    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(5) failback"));
+    assert!(back_at.elapsed() >= FAILBACK, "(5) back to 70/30 after {:?}, before failbackAfter", back_at.elapsed());
+    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
+    assert!((predicted - measured).abs() <= TOLERANCE, "(5) whatif {predicted}% vs measured {measured:.1}%");
+
+    // (6) a drain that expires reverts by itself: azure-weu at 0 until the expiry, then 30% again
+    let expiry = SystemTime::now() + Duration::from_secs(6);
+    let expiring = format!(
+        "{{cluster: azure-weu, capacity: 0, expires: '{}', reason: short maintenance}}",
+        meshfed::traffic::decide::time_str(expiry)
+    );
+    mesh.set_policy(policy(&expiring).unwrap()).await.unwrap_or_else(step("(6) policy"));
+    // Envoy applies the drain (the push is out when set_policy returns; Envoy takes a moment more)
+    poll_until(Duration::from_secs(4), || async {
+        let share = azure_share(&send(mesh.listener(), 100, 4).await?)?;
+        ensure!(share == 0.0, "Azure still gets {share:.1}%");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(step("(6) drained to 0"));
+    assert!(SystemTime::now() < expiry, "(6) the drain took effect only after its expiry");
+    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
+    assert!(SystemTime::now() >= expiry || predicted == 0.0, "(6) whatif while drained: {predicted}%");
+    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(6) expiry reverts the drain"));
+    assert!(SystemTime::now() >= expiry, "(6) back before the drain expired");
+    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
+    assert!((predicted - measured).abs() <= TOLERANCE, "(6) whatif {predicted}% vs measured {measured:.1}%");
 
     for (what, e) in [("client", &mesh.client)] {
         e.assert_no_rejected_updates().await.unwrap_or_else(|e| panic!("{what}: {e:#}"));
