@@ -115,8 +115,13 @@ async fn azure_vs_rest(xds: SocketAddr, azure_gateway: &str) -> Result<(u32, u32
     Ok((azure, rest))
 }
 
+/// The gateway metrics are process-wide (one prober per meshfed process): the tests of this file, which
+/// run probers in one test process, take turns.
+static ONE_PROBER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after_the_hold_down() -> Result<()> {
+    let _turn = ONE_PROBER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir()?;
     let mesh_path = support::server::copy_demo(dir.path(), OCTET);
     let mut mesh = std::fs::read_to_string(&mesh_path)?;
@@ -273,6 +278,7 @@ async fn a_dead_gateway_fences_its_network_for_other_networks_and_recovers_after
 /// interval, the spread of their probe rounds (jitter ±10%, rounds not aligned), plus the push debounce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_reach_the_same_verdicts_within_the_stated_bound() -> Result<()> {
+    let _turn = ONE_PROBER_AT_A_TIME.lock().await;
     const OCTET: u8 = 234;
     let dir = tempfile::tempdir()?;
     let mesh_path = support::server::copy_demo(dir.path(), OCTET);
