@@ -4,14 +4,14 @@
 
 pub mod log;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::cache::{self, Changes, Resource, Resources, Snapshot};
 use crate::mesh_config::{Debounce, MeshConfig};
@@ -616,11 +616,16 @@ impl Pusher {
             && self.ctx.traffic.services.is_empty()
             && status.failover.is_empty()
             && status.drained.is_empty()
+            && status.drills.values().all(|r| !r.active() && r.steps.iter().all(|s| s.published_at.is_some()))
         {
             return change;
         }
+        let now_wall = now;
+        let drills = self.refresh_drills(now_wall);
+        let status = &self.traffic;
+        let effective = crate::traffic::effective_policy(&status.policy, &drills);
         let all = crate::traffic::decide_all(
-            &status.policy,
+            &effective,
             self.registry.cluster_ids(),
             self.registry.services().values().map(|s| &**s),
             now,
@@ -640,15 +645,80 @@ impl Pusher {
             debug!(services = all.decisions.services.len(), "traffic decisions changed");
             self.ctx.traffic = Arc::new(all.decisions);
         }
-        if status.failover != all.failover || status.next_change != all.next_change || status.drained != all.drained {
+        if status.failover != all.failover
+            || status.next_change != all.next_change
+            || status.drained != all.drained
+            || status.drills != drills
+        {
             self.traffic = Arc::new(crate::traffic::Status {
                 policy: status.policy.clone(),
                 failover: all.failover,
                 next_change: all.next_change,
                 drained: all.drained,
+                drills,
             });
         }
         change
+    }
+
+    /// The drills at `now` ([`crate::traffic::drill`]): new ones get a report, an active one whose receiving
+    /// clusters fall below its threshold is aborted (its drain stops applying in this push), the ones
+    /// expired or gone from the policy end; each active drill's capacity is recorded as a step when it
+    /// changes (published with the next push).
+    fn refresh_drills(&self, now: std::time::SystemTime) -> BTreeMap<String, crate::traffic::drill::Report> {
+        use crate::traffic::drill;
+        let status = &self.traffic;
+        let mut drills = status.drills.clone();
+        let listed: BTreeSet<String> =
+            status.policy.drains.iter().filter(|d| d.drill.is_some()).map(drill::key).collect();
+        let mut health: Option<Vec<(Arc<str>, crate::traffic::ServiceHealth)>> = None;
+        for d in status.policy.drains.iter().filter(|d| d.drill.is_some()) {
+            let Some(start) = d.start else { continue };
+            let key = drill::key(d);
+            let r = drills.entry(key.clone()).or_insert_with(|| drill::Report::new(d, start));
+            if !r.active() || now < start {
+                continue;
+            }
+            if d.expired(now) {
+                r.ended = Some(drill::End { at: now, how: "expired".into() });
+                r.record(100, now);
+                continue;
+            }
+            let services = health.get_or_insert_with(|| {
+                self.registry
+                    .services()
+                    .values()
+                    .map(|s| (s.hostname.clone(), crate::traffic::service_health(s)))
+                    .collect()
+            });
+            if let Some(reason) =
+                drill::abort_reason(&status.policy, d, services.iter().map(|(h, sh)| (&**h, sh)))
+            {
+                warn!(drill = %key, %reason, "drill aborted");
+                crate::metrics::global().record_drill_abort(&r.label);
+                r.aborted = Some(drill::Abort { at: now, reason });
+                r.record(100, now);
+                continue;
+            }
+            r.record(d.capacity_at(now), now);
+        }
+        for (key, r) in drills.iter_mut() {
+            if r.active() && !listed.contains(key) {
+                r.ended = Some(drill::End { at: now, how: "removed from the mesh config".into() });
+                r.record(100, now);
+            }
+        }
+        // bounded: the oldest ended drills go
+        let ended: Vec<String> = drills.iter().filter(|(_, r)| !r.active()).map(|(k, _)| k.clone()).collect();
+        if ended.len() > drill::KEEP_ENDED {
+            let mut by_start: Vec<(std::time::SystemTime, String)> =
+                ended.into_iter().map(|k| (drills[&k].start, k)).collect();
+            by_start.sort();
+            for (_, k) in by_start.iter().take(by_start.len() - drill::KEEP_ENDED) {
+                drills.remove(k);
+            }
+        }
+        drills
     }
 
     /// When the traffic decisions change next by themselves.
@@ -723,6 +793,13 @@ impl Pusher {
     /// Publishes the current scopes as the next snapshot.
     pub fn publish(&mut self, mut changes: Changes) -> u64 {
         self.generation += 1;
+        if self.traffic.drills.values().any(|r| r.steps.iter().any(|s| s.published_at.is_none())) {
+            let now = std::time::SystemTime::now();
+            let generation = self.generation;
+            for r in Arc::make_mut(&mut self.traffic).drills.values_mut() {
+                r.published(generation, now);
+            }
+        }
         // (cheap: shared parts)
         self.published_ctx = Arc::new(self.ctx.clone());
         for c in changes.by_type.iter_mut() {
