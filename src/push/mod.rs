@@ -1179,6 +1179,59 @@ mod tests {
     }
 
     /// The message in an encoded `Any`.
+    #[test]
+    fn a_drill_records_its_steps_and_aborts_in_the_push_that_brings_its_receivers_down() {
+        let (mut pusher, _rx, dir) = demo_pusher();
+        let now = std::time::SystemTime::now();
+        let expires = crate::traffic::decide::time_str(now + std::time::Duration::from_secs(3600));
+        let yaml = format!(
+            "policies: [{{hosts: [reviews.shop.svc.cluster.local], split: {{us-east-1: {{aws-use1: 70, azure-weu: 30}}}}}}]\n\
+             drains: [{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 30s}}, expires: '{expires}', \
+             drill: {{abortBelowHealthy: 50}}}}]\n"
+        );
+        let ids = [crate::model::ClusterId::new("aws-use1"), crate::model::ClusterId::new("azure-weu")];
+        let policy = crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap();
+        pusher.set_traffic_policy(policy);
+        pusher.push(RegistryChange::default(), false);
+        let reviews = "reviews.shop.svc.cluster.local";
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let azure_share =
+            |p: &Pusher| p.context().traffic.shares(reviews, "us-east-1").unwrap().get(&azure).map(|s| s.share.round());
+        assert_eq!(azure_share(&pusher), Some(15.0), "the first step: 50% of 30");
+        let report = |p: &Pusher| p.traffic.drills.values().next().cloned().expect("a drill report");
+        let r = report(&pusher);
+        assert!(r.active());
+        assert_eq!(r.steps.len(), 1);
+        assert_eq!((r.steps[0].capacity, r.steps[0].generation), (50, pusher.generation));
+        assert!(r.steps[0].published_at.is_some());
+        // a push without a change of the drill adds no step
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher).steps.len(), 1);
+        // every aws-use1 endpoint not ready: the cluster taking azure's traffic is below 50%
+        let slices = dir.path().join("aws-use1/endpointslices.yaml");
+        let text = std::fs::read_to_string(&slices).unwrap().replace("ready: true", "ready: false");
+        std::fs::write(&slices, text).unwrap();
+        let (objects, errors) = crate::source::files::load_cluster_dir(&dir.path().join("aws-use1"));
+        assert!(errors.is_empty(), "{errors:?}");
+        let change = pusher.apply(SourceEvent::Sync { cluster: crate::model::ClusterId::new("aws-use1"), objects });
+        pusher.push(change, false);
+        let r = report(&pusher);
+        let abort = r.aborted.clone().expect("aborted in that push");
+        assert!(abort.reason.contains("aws-use1") && abort.reason.contains("below abortBelowHealthy 50%"), "{abort:?}");
+        assert_eq!(azure_share(&pusher), Some(100.0), "the drain no longer applies: azure takes what aws cannot");
+        assert_eq!(r.steps.last().map(|s| (s.capacity, s.generation)), Some((100, pusher.generation)));
+        assert!(pusher.traffic.drained.is_empty());
+        // it stays aborted though the policy still lists it, and a later push changes nothing
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher), r);
+        assert_eq!(azure_share(&pusher), Some(100.0));
+        // removed from the mesh config: the report stays (aborted, not "removed")
+        pusher.set_traffic_policy(crate::traffic::TrafficPolicy::default());
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher).aborted, Some(abort));
+        assert!(report(&pusher).ended.is_none());
+    }
+
     fn prost_types_any(body: &[u8]) -> Vec<u8> {
         let any = envoy_types::pb::google::protobuf::Any::decode(body).unwrap();
         any.value
