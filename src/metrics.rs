@@ -303,7 +303,11 @@ impl Metrics {
             mesh_config_last_reload_success.clone(),
         );
         let drill_active = Family::<ClusterLabel, Gauge>::default();
-        registry.register("meshfed_drill_active", "1 while a drill of the target (cluster or region) is active", drill_active.clone());
+        registry.register(
+            "meshfed_drill_active",
+            "1 while a drill of the target (cluster or region) is active",
+            drill_active.clone(),
+        );
         let drill_aborts = Family::<ClusterLabel, Counter>::default();
         registry.register(
             "meshfed_drill_aborts",

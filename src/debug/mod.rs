@@ -187,10 +187,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
         "each cluster's share of a proxy's requests now and with &drain=CLUSTER or &down=CLUSTER (or &region=R instead of proxyID)",
     ),
     ("/debug/trafficz", "the traffic policy's decisions: each cluster's share per source region, and why"),
-    (
-        "/debug/drillz",
-        "drills: each step, when every proxy connected then had ACKed its EDS, the abort or the end",
-    ),
+    ("/debug/drillz", "drills: each step, when every proxy connected then had ACKed its EDS, the abort or the end"),
     ("/debug/registryz", "federated services"),
     ("/debug/endpointz", "endpoints of every federated service, with cluster, network, locality and health"),
     ("/debug/clusterz", "Kubernetes clusters: source and sync status"),

@@ -691,9 +691,7 @@ impl Pusher {
                     .map(|s| (s.hostname.clone(), crate::traffic::service_health(s)))
                     .collect()
             });
-            if let Some(reason) =
-                drill::abort_reason(&status.policy, d, services.iter().map(|(h, sh)| (&**h, sh)))
-            {
+            if let Some(reason) = drill::abort_reason(&status.policy, d, services.iter().map(|(h, sh)| (&**h, sh))) {
                 warn!(drill = %key, %reason, "drill aborted");
                 crate::metrics::global().record_drill_abort(&r.label);
                 r.aborted = Some(drill::Abort { at: now, reason });

@@ -269,7 +269,8 @@ mod tests {
     }
 
     const SPLIT: &str = "policies: [{split: {us-east-1: {aws-use1: 70, azure-weu: 30}}}]\n";
-    const DRILL: &str = "drains: [{cluster: azure-weu, drill: {abortBelowHealthy: 50}, expires: '2027-01-16T00:00:00Z'}]";
+    const DRILL: &str =
+        "drains: [{cluster: azure-weu, drill: {abortBelowHealthy: 50}, expires: '2027-01-16T00:00:00Z'}]";
 
     #[test]
     fn a_drill_aborts_when_a_receiving_cluster_falls_below_its_threshold() {

@@ -103,7 +103,13 @@ pub fn drain(text: &str, base: &Path, spec: &DrainSpec) -> Result<Edited, Error>
 /// Sets a drill (`meshfed traffic drill`): the drain of `spec` with an explicit `start` (RFC 3339: a
 /// restarted meshfed resumes the ramp where it was) and `drill: {abortBelowHealthy: N}` (replacing the
 /// target's drain, if it has one).
-pub fn drill(text: &str, base: &Path, spec: &DrainSpec, start: &str, abort_below_healthy: i64) -> Result<Edited, Error> {
+pub fn drill(
+    text: &str,
+    base: &Path,
+    spec: &DrainSpec,
+    start: &str,
+    abort_below_healthy: i64,
+) -> Result<Edited, Error> {
     set_drain(text, base, spec, |d| {
         d.insert("start".into(), start.into());
         let mut drill = Mapping::new();
