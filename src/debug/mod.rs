@@ -14,6 +14,7 @@
 //! | `/debug/explain?proxyID=POD.NS` | each locality's priority for the proxy, and why |
 //! | `/debug/whatif?proxyID=POD.NS&host=FQDN[&drain=C][&down=C]` | each cluster's and locality's share of the proxy's requests, now and under a hypothesis ([`whatif`]) |
 //! | `/debug/trafficz` | the traffic policy's decisions, reasons and failover state |
+//! | `/debug/drillz` | drills: steps, when every proxy had ACKed each, the abort or the end ([`crate::traffic::drill`]) |
 //! | `/metrics` | Prometheus text format ([`crate::metrics`]) |
 //!
 //! Every JSON endpoint indents its output with `?pretty`.
