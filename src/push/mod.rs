@@ -684,6 +684,10 @@ impl Pusher {
                 r.record(100, now);
                 continue;
             }
+            if d.drill.is_some_and(|x| x.abort_below_healthy == 0) {
+                r.record(d.capacity_at(now), now);
+                continue;
+            }
             let services = health.get_or_insert_with(|| {
                 self.registry
                     .services()
