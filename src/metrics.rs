@@ -169,6 +169,13 @@ pub struct Metrics {
     /// `meshfed_mesh_config_last_reload_success`: 1 if the mesh config's current content is the one
     /// serving (or its last edit loaded), 0 after an edit that did not load
     pub mesh_config_last_reload_success: Gauge,
+    /// `meshfed_drill_active{cluster}`: 1 while a drill of the target is active (set when scraped)
+    pub drill_active: Family<ClusterLabel, Gauge>,
+    /// `meshfed_drill_aborts_total{cluster}`: drills aborted by themselves
+    pub drill_aborts: Family<ClusterLabel, Counter>,
+    /// `meshfed_drill_step_ack_seconds{cluster}`: the last all-ACKed step of the target's latest drill,
+    /// from its publish to the last ACK of a proxy connected then (set when scraped)
+    pub drill_step_ack: Family<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -295,6 +302,24 @@ impl Metrics {
             "1 if the mesh config's last edit loaded (or none was made since the start), 0 if it did not",
             mesh_config_last_reload_success.clone(),
         );
+        let drill_active = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "meshfed_drill_active",
+            "1 while a drill of the target (cluster or region) is active",
+            drill_active.clone(),
+        );
+        let drill_aborts = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "meshfed_drill_aborts",
+            "Drills aborted by themselves (a cluster taking the drained traffic fell below abortBelowHealthy)",
+            drill_aborts.clone(),
+        );
+        let drill_step_ack = Family::<ClusterLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "meshfed_drill_step_ack_seconds",
+            "The latest drill step's time from its push's publish until every proxy connected then had ACKed its EDS",
+            drill_step_ack.clone(),
+        );
         let tasks = Gauge::default();
         registry.register("meshfed_tasks", "Tasks alive on meshfed's async runtime", tasks.clone());
         let sent_by_type = ResourceType::ALL.map(|t| {
@@ -330,6 +355,28 @@ impl Metrics {
             global_health,
             mesh_config_reload_errors,
             mesh_config_last_reload_success,
+            drill_active,
+            drill_aborts,
+            drill_step_ack,
+        }
+    }
+
+    /// A drill of `target` aborted by itself.
+    pub fn record_drill_abort(&self, target: &str) {
+        self.drill_aborts.get_or_create(&[("cluster", target.to_string())]).inc();
+    }
+
+    /// Sets the drills' gauges: per target, whether a drill is active and the last all-ACKed step's time
+    /// (targets not given any more are dropped).
+    pub fn set_drills(&self, drills: &[(String, bool, Option<f64>)]) {
+        self.drill_active.clear();
+        self.drill_step_ack.clear();
+        for (target, active, ack) in drills {
+            let label = [("cluster", target.clone())];
+            self.drill_active.get_or_create(&label).set(i64::from(*active));
+            if let Some(ack) = ack {
+                self.drill_step_ack.get_or_create(&label).set(*ack);
+            }
         }
     }
 

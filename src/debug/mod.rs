@@ -14,6 +14,7 @@
 //! | `/debug/explain?proxyID=POD.NS` | each locality's priority for the proxy, and why |
 //! | `/debug/whatif?proxyID=POD.NS&host=FQDN[&drain=C][&down=C]` | each cluster's and locality's share of the proxy's requests, now and under a hypothesis ([`whatif`]) |
 //! | `/debug/trafficz` | the traffic policy's decisions, reasons and failover state |
+//! | `/debug/drillz` | drills: steps, when every proxy had ACKed each, the abort or the end ([`crate::traffic::drill`]) |
 //! | `/metrics` | Prometheus text format ([`crate::metrics`]) |
 //!
 //! Every JSON endpoint indents its output with `?pretty`.
@@ -187,6 +188,7 @@ pub const ENDPOINTS: &[(&str, &str)] = &[
         "each cluster's share of a proxy's requests now and with &drain=CLUSTER or &down=CLUSTER (or &region=R instead of proxyID)",
     ),
     ("/debug/trafficz", "the traffic policy's decisions: each cluster's share per source region, and why"),
+    ("/debug/drillz", "drills: each step, when every proxy connected then had ACKed its EDS, the abort or the end"),
     ("/debug/registryz", "federated services"),
     ("/debug/endpointz", "endpoints of every federated service, with cluster, network, locality and health"),
     ("/debug/clusterz", "Kubernetes clusters: source and sync status"),
@@ -217,6 +219,7 @@ pub fn router(state: DebugState) -> Router {
         .route("/debug/explain", get(explain_handler))
         .route("/debug/whatif", get(whatif_handler))
         .route("/debug/trafficz", get(trafficz))
+        .route("/debug/drillz", get(drillz))
         .route("/debug/registryz", get(registryz))
         .route("/debug/endpointz", get(endpointz))
         .route("/debug/clusterz", get(clusterz))
@@ -251,6 +254,17 @@ async fn metrics(State(s): State<DebugState>) -> Result<Response, Error> {
     let snapshot = s.push.snapshot();
     m.refresh(&s.connections.proxy_counts(), snapshot.services.len(), &s.clusters.list());
     m.set_global_health(&crate::global_health::all(&snapshot));
+    let reports = drill_reports(&s, &snapshot);
+    let mut by_target: BTreeMap<String, (bool, Option<f64>)> = BTreeMap::new();
+    for r in &reports {
+        // the latest drill of a target (reports are in start order per target)
+        let e = by_target.entry(r.label.clone()).or_default();
+        e.0 |= r.active;
+        if let Some(ack) = r.steps.iter().rev().find_map(|s| s.acks.as_ref().and_then(|a| a.ack_seconds)) {
+            e.1 = Some(ack);
+        }
+    }
+    m.set_drills(&by_target.into_iter().map(|(t, (a, ack))| (t, a, ack)).collect::<Vec<_>>());
     let text = m.encode()?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
@@ -371,6 +385,7 @@ async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "expires": crate::traffic::decide::time_str(d.expires),
                 "expired": d.expired(now),
                 "reason": d.reason,
+                "drill": d.drill.map(|x| json!({ "abortBelowHealthy": x.abort_below_healthy })),
             })
         })
         .collect();
@@ -379,12 +394,74 @@ async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
         "decisions": &*snapshot.context.traffic,
         "status": &*snapshot.traffic,
         "drains": drains,
+        "drills": drill_reports(&s, &snapshot),
         "unknownClusters": unknown_clusters.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
     });
     if let Some(status) = &s.mesh_config {
         out["meshConfig"] = json!(&**status.borrow());
     }
     json_out(&q, &out)
+}
+
+/// A drill's report with, per step, when every proxy connected at its publish had ACKed its EDS.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DrillView<'a> {
+    key: &'a str,
+    active: bool,
+    #[serde(skip)]
+    label: String,
+    #[serde(flatten)]
+    report: &'a crate::traffic::drill::Report,
+    #[serde(rename = "stepAcks")]
+    steps: Vec<StepView<'a>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StepView<'a> {
+    #[serde(flatten)]
+    step: &'a crate::traffic::drill::Step,
+    /// None: not published yet
+    acks: Option<crate::traffic::drill::StepAcks>,
+}
+
+fn drill_reports<'a>(s: &DebugState, snapshot: &'a crate::cache::Snapshot) -> Vec<DrillView<'a>> {
+    use crate::traffic::drill;
+    let proxies: Vec<drill::ProxyAcks> = s
+        .connections
+        .proxies()
+        .iter()
+        .map(|c| {
+            let eds = &c.status()[crate::type_url::ResourceType::Endpoint.index()];
+            drill::ProxyAcks {
+                proxy: c.proxy.key.to_string(),
+                connected_at: Some(c.connected_at),
+                acked: eds.acks.iter().copied().collect(),
+                seen_generation: eds.seen_generation,
+                sent_generation: eds.sent_generation,
+                in_sync: eds.acked_nonce == eds.sent_nonce,
+            }
+        })
+        .collect();
+    snapshot
+        .traffic
+        .drills
+        .iter()
+        .map(|(key, r)| DrillView {
+            key,
+            active: r.active(),
+            label: r.label.clone(),
+            report: r,
+            steps: r.steps.iter().map(|st| StepView { step: st, acks: drill::step_acks(st, &proxies) }).collect(),
+        })
+        .collect()
+}
+
+async fn drillz(State(s): State<DebugState>, Query(q): Params) -> Response {
+    let snapshot = s.push.snapshot();
+    let reports = drill_reports(&s, &snapshot);
+    json_out(&q, &json!({ "drills": reports }))
 }
 
 /// The clusters the traffic policy names that the registry does not know (with remote secrets, a policy

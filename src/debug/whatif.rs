@@ -147,6 +147,7 @@ pub fn whatif(
                 start: Some(now),
                 expires: now + Duration::from_secs(3600),
                 reason: "what-if".into(),
+                drill: None,
             });
         }
         let all = crate::traffic::decide_all(&policy, [], [&svc], now, &snapshot.traffic.failover);

@@ -4,14 +4,14 @@
 
 pub mod log;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::cache::{self, Changes, Resource, Resources, Snapshot};
 use crate::mesh_config::{Debounce, MeshConfig};
@@ -616,11 +616,16 @@ impl Pusher {
             && self.ctx.traffic.services.is_empty()
             && status.failover.is_empty()
             && status.drained.is_empty()
+            && status.drills.values().all(|r| !r.active() && r.steps.iter().all(|s| s.published_at.is_some()))
         {
             return change;
         }
+        let now_wall = now;
+        let drills = self.refresh_drills(now_wall);
+        let status = &self.traffic;
+        let effective = crate::traffic::effective_policy(&status.policy, &drills);
         let all = crate::traffic::decide_all(
-            &status.policy,
+            &effective,
             self.registry.cluster_ids(),
             self.registry.services().values().map(|s| &**s),
             now,
@@ -640,15 +645,82 @@ impl Pusher {
             debug!(services = all.decisions.services.len(), "traffic decisions changed");
             self.ctx.traffic = Arc::new(all.decisions);
         }
-        if status.failover != all.failover || status.next_change != all.next_change || status.drained != all.drained {
+        if status.failover != all.failover
+            || status.next_change != all.next_change
+            || status.drained != all.drained
+            || status.drills != drills
+        {
             self.traffic = Arc::new(crate::traffic::Status {
                 policy: status.policy.clone(),
                 failover: all.failover,
                 next_change: all.next_change,
                 drained: all.drained,
+                drills,
             });
         }
         change
+    }
+
+    /// The drills at `now` ([`crate::traffic::drill`]): new ones get a report, an active one whose receiving
+    /// clusters fall below its threshold is aborted (its drain stops applying in this push), the ones
+    /// expired or gone from the policy end; each active drill's capacity is recorded as a step when it
+    /// changes (published with the next push).
+    fn refresh_drills(&self, now: std::time::SystemTime) -> BTreeMap<String, crate::traffic::drill::Report> {
+        use crate::traffic::drill;
+        let status = &self.traffic;
+        let mut drills = status.drills.clone();
+        let listed: BTreeSet<String> =
+            status.policy.drains.iter().filter(|d| d.drill.is_some()).map(drill::key).collect();
+        let mut health: Option<Vec<(Arc<str>, crate::traffic::ServiceHealth)>> = None;
+        for d in status.policy.drains.iter().filter(|d| d.drill.is_some()) {
+            let Some(start) = d.start else { continue };
+            let key = drill::key(d);
+            let r = drills.entry(key.clone()).or_insert_with(|| drill::Report::new(d, start));
+            if !r.active() || now < start {
+                continue;
+            }
+            if d.expired(now) {
+                r.ended = Some(drill::End { at: now, how: "expired".into() });
+                r.record(100, now);
+                continue;
+            }
+            if d.drill.is_some_and(|x| x.abort_below_healthy == 0) {
+                r.record(d.capacity_at(now), now);
+                continue;
+            }
+            let services = health.get_or_insert_with(|| {
+                self.registry
+                    .services()
+                    .values()
+                    .map(|s| (s.hostname.clone(), crate::traffic::service_health(s)))
+                    .collect()
+            });
+            if let Some(reason) = drill::abort_reason(&status.policy, d, services.iter().map(|(h, sh)| (&**h, sh))) {
+                warn!(drill = %key, %reason, "drill aborted");
+                crate::metrics::global().record_drill_abort(&r.label);
+                r.aborted = Some(drill::Abort { at: now, reason });
+                r.record(100, now);
+                continue;
+            }
+            r.record(d.capacity_at(now), now);
+        }
+        for (key, r) in drills.iter_mut() {
+            if r.active() && !listed.contains(key) {
+                r.ended = Some(drill::End { at: now, how: "removed from the mesh config".into() });
+                r.record(100, now);
+            }
+        }
+        // bounded: the oldest ended drills go
+        let ended: Vec<String> = drills.iter().filter(|(_, r)| !r.active()).map(|(k, _)| k.clone()).collect();
+        if ended.len() > drill::KEEP_ENDED {
+            let mut by_start: Vec<(std::time::SystemTime, String)> =
+                ended.into_iter().map(|k| (drills[&k].start, k)).collect();
+            by_start.sort();
+            for (_, k) in by_start.iter().take(by_start.len() - drill::KEEP_ENDED) {
+                drills.remove(k);
+            }
+        }
+        drills
     }
 
     /// When the traffic decisions change next by themselves.
@@ -723,6 +795,13 @@ impl Pusher {
     /// Publishes the current scopes as the next snapshot.
     pub fn publish(&mut self, mut changes: Changes) -> u64 {
         self.generation += 1;
+        if self.traffic.drills.values().any(|r| r.steps.iter().any(|s| s.published_at.is_none())) {
+            let now = std::time::SystemTime::now();
+            let generation = self.generation;
+            for r in Arc::make_mut(&mut self.traffic).drills.values_mut() {
+                r.published(generation, now);
+            }
+        }
         // (cheap: shared parts)
         self.published_ctx = Arc::new(self.ctx.clone());
         for c in changes.by_type.iter_mut() {
@@ -1102,6 +1181,59 @@ mod tests {
     }
 
     /// The message in an encoded `Any`.
+    #[test]
+    fn a_drill_records_its_steps_and_aborts_in_the_push_that_brings_its_receivers_down() {
+        let (mut pusher, _rx, dir) = demo_pusher();
+        let now = std::time::SystemTime::now();
+        let expires = crate::traffic::decide::time_str(now + std::time::Duration::from_secs(3600));
+        let yaml = format!(
+            "policies: [{{hosts: [reviews.shop.svc.cluster.local], split: {{us-east-1: {{aws-use1: 70, azure-weu: 30}}}}}}]\n\
+             drains: [{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 30s}}, expires: '{expires}', \
+             drill: {{abortBelowHealthy: 50}}}}]\n"
+        );
+        let ids = [crate::model::ClusterId::new("aws-use1"), crate::model::ClusterId::new("azure-weu")];
+        let policy = crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap();
+        pusher.set_traffic_policy(policy);
+        pusher.push(RegistryChange::default(), false);
+        let reviews = "reviews.shop.svc.cluster.local";
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let azure_share =
+            |p: &Pusher| p.context().traffic.shares(reviews, "us-east-1").unwrap().get(&azure).map(|s| s.share.round());
+        assert_eq!(azure_share(&pusher), Some(15.0), "the first step: 50% of 30");
+        let report = |p: &Pusher| p.traffic.drills.values().next().cloned().expect("a drill report");
+        let r = report(&pusher);
+        assert!(r.active());
+        assert_eq!(r.steps.len(), 1);
+        assert_eq!((r.steps[0].capacity, r.steps[0].generation), (50, pusher.generation));
+        assert!(r.steps[0].published_at.is_some());
+        // a push without a change of the drill adds no step
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher).steps.len(), 1);
+        // every aws-use1 endpoint not ready: the cluster taking azure's traffic is below 50%
+        let slices = dir.path().join("aws-use1/endpointslices.yaml");
+        let text = std::fs::read_to_string(&slices).unwrap().replace("ready: true", "ready: false");
+        std::fs::write(&slices, text).unwrap();
+        let (objects, errors) = crate::source::files::load_cluster_dir(&dir.path().join("aws-use1"));
+        assert!(errors.is_empty(), "{errors:?}");
+        let change = pusher.apply(SourceEvent::Sync { cluster: crate::model::ClusterId::new("aws-use1"), objects });
+        pusher.push(change, false);
+        let r = report(&pusher);
+        let abort = r.aborted.clone().expect("aborted in that push");
+        assert!(abort.reason.contains("aws-use1") && abort.reason.contains("below abortBelowHealthy 50%"), "{abort:?}");
+        assert_eq!(azure_share(&pusher), Some(100.0), "the drain no longer applies: azure takes what aws cannot");
+        assert_eq!(r.steps.last().map(|s| (s.capacity, s.generation)), Some((100, pusher.generation)));
+        assert!(pusher.traffic.drained.is_empty());
+        // it stays aborted though the policy still lists it, and a later push changes nothing
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher), r);
+        assert_eq!(azure_share(&pusher), Some(100.0));
+        // removed from the mesh config: the report stays (aborted, not "removed")
+        pusher.set_traffic_policy(crate::traffic::TrafficPolicy::default());
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(report(&pusher).aborted, Some(abort));
+        assert!(report(&pusher).ended.is_none());
+    }
+
     fn prost_types_any(body: &[u8]) -> Vec<u8> {
         let any = envoy_types::pb::google::protobuf::Any::decode(body).unwrap();
         any.value

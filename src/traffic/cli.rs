@@ -1,4 +1,4 @@
-//! `meshfed traffic drain | undrain | status | whatif`.
+//! `meshfed traffic drain | undrain | drill | status | whatif`.
 //!
 //! `drain` and `undrain` edit the mesh config file ([`super::edit`]); a `meshfed serve` watching it
 //! applies the edit without a restart ([`crate::config_watch`]). `status` and `whatif` read a running
@@ -34,6 +34,10 @@ pub enum TrafficCommand {
     Drain(DrainArgs),
     /// Remove a cluster's (or a region's) drain from the mesh config.
     Undrain(UndrainArgs),
+    /// Run a drill: a drain that ramps, aborts by itself when the clusters taking the traffic fall below
+    /// --abort-below-healthy percent healthy, and reverts after --duration (report: /debug/drillz). With
+    /// --abort: remove the drill (a manual abort).
+    Drill(DrillArgs),
     /// Print a running meshfed's traffic decisions, drains and mesh config reload state (/debug/trafficz).
     Status(StatusArgs),
     /// Print what a running meshfed predicts for a service, now and if a cluster were drained or down
@@ -87,6 +91,36 @@ pub struct DrainArgs {
     #[arg(long)]
     pub expires: String,
     /// Why (shown on /debug/trafficz).
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub file: FileArgs,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Abort the target's drill now: remove it from the mesh config.
+    #[arg(long, conflicts_with_all = ["duration", "ramp_step", "ramp_every", "abort_below_healthy", "reason"])]
+    pub abort: bool,
+    /// How long the drill lasts (e.g. 10m); it reverts by itself at the end.
+    #[arg(long, required_unless_present = "abort")]
+    pub duration: Option<String>,
+    /// Percent of the target's normal share it keeps at the end of the ramp, 0..100.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub capacity: i64,
+    /// Ramp down: percent removed every --ramp-every (with --ramp-every).
+    #[arg(long, requires = "ramp_every", allow_negative_numbers = true)]
+    pub ramp_step: Option<i64>,
+    /// Ramp down: the time between two steps, e.g. 1m (with --ramp-step).
+    #[arg(long, requires = "ramp_step")]
+    pub ramp_every: Option<String>,
+    /// Abort by itself when a cluster taking the drained traffic has fewer than this percent of a
+    /// service's endpoints healthy, 0..100 (0: never).
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
+    pub abort_below_healthy: i64,
+    /// Why (shown on /debug/trafficz and /debug/drillz).
     #[arg(long)]
     pub reason: Option<String>,
     #[command(flatten)]
@@ -186,6 +220,36 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
             let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::undrain(text, base, &target))?;
             note_rewritten(&e);
             Ok(format!("{target}: drain removed from {}\n", a.file.mesh_config.display()))
+        }
+        TrafficCommand::Drill(a) => {
+            let target = a.target.target()?;
+            if a.abort {
+                let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::abort_drill(text, base, &target))?;
+                note_rewritten(&e);
+                return Ok(format!("{target}: drill aborted (removed from {})\n", a.file.mesh_config.display()));
+            }
+            let duration = a.duration.as_deref().ok_or_else(|| Error::Usage("give --duration".into()))?;
+            let now = SystemTime::now();
+            let start = super::decide::time_str(now);
+            let spec = edit::DrainSpec {
+                target,
+                capacity: a.capacity,
+                ramp: a.ramp_step.zip(a.ramp_every.clone()),
+                expires: edit::expiry(duration, now)?,
+                reason: Some(a.reason.clone().unwrap_or_else(|| "drill".into())),
+            };
+            let e = edit::edit_file(&a.file.mesh_config, |text, base| {
+                edit::drill(text, base, &spec, &start, a.abort_below_healthy)
+            })?;
+            note_rewritten(&e);
+            Ok(format!(
+                "{}: drill from {start} until {}, down to {}%, aborts below {}% healthy; report: /debug/drillz ({})\n",
+                spec.target,
+                spec.expires,
+                spec.capacity,
+                a.abort_below_healthy,
+                a.file.mesh_config.display()
+            ))
         }
         TrafficCommand::Status(a) => {
             let v = client::get_json(&a.debug.debug_address, "/debug/trafficz", a.debug.token()?.as_deref())?;

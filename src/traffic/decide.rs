@@ -502,6 +502,7 @@ mod tests {
             start: Some(t0()),
             expires: t0() + Duration::from_secs(3600),
             reason: "DR drill".into(),
+            drill: None,
         }
     }
 

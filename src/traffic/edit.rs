@@ -97,6 +97,40 @@ pub struct Edited {
 /// Sets the drain of `spec.target` (replacing the target's drain, if it has one) in the mesh config
 /// `text`; `base`: the file's directory.
 pub fn drain(text: &str, base: &Path, spec: &DrainSpec) -> Result<Edited, Error> {
+    set_drain(text, base, spec, |_| {})
+}
+
+/// Sets a drill (`meshfed traffic drill`): the drain of `spec` with an explicit `start` (RFC 3339: a
+/// restarted meshfed resumes the ramp where it was) and `drill: {abortBelowHealthy: N}` (replacing the
+/// target's drain, if it has one).
+pub fn drill(
+    text: &str,
+    base: &Path,
+    spec: &DrainSpec,
+    start: &str,
+    abort_below_healthy: i64,
+) -> Result<Edited, Error> {
+    set_drain(text, base, spec, |d| {
+        d.insert("start".into(), start.into());
+        let mut drill = Mapping::new();
+        drill.insert("abortBelowHealthy".into(), abort_below_healthy.into());
+        d.insert("drill".into(), drill.into());
+    })
+}
+
+/// Removes the drill of `target` (a drain with `drill:`) from the mesh config `text`: a manual abort.
+pub fn abort_drill(text: &str, base: &Path, target: &Target) -> Result<Edited, Error> {
+    edit(text, base, |drains| {
+        let before = drains.len();
+        drains.retain(|v| !(is_drain_of(v, target) && v.get("drill").is_some()));
+        if drains.len() == before {
+            return Err(Error::NoDrain(format!("{target} (a drill)")));
+        }
+        Ok(())
+    })
+}
+
+fn set_drain(text: &str, base: &Path, spec: &DrainSpec, more: impl FnOnce(&mut Mapping)) -> Result<Edited, Error> {
     edit(text, base, |drains| {
         let (key, name) = spec.target.key();
         let mut d = Mapping::new();
@@ -112,6 +146,7 @@ pub fn drain(text: &str, base: &Path, spec: &DrainSpec) -> Result<Edited, Error>
         if let Some(reason) = &spec.reason {
             d.insert("reason".into(), reason.as_str().into());
         }
+        more(&mut d);
         match drains.iter().position(|v| is_drain_of(v, &spec.target)) {
             Some(i) => drains[i] = d.into(),
             None => drains.push(d.into()),
@@ -272,6 +307,30 @@ mod tests {
 
     fn load(text: &str) -> MeshConfig {
         MeshConfig::parse(text, Path::new("/m")).unwrap()
+    }
+
+    #[test]
+    fn a_drill_is_a_drain_with_a_start_and_a_threshold_and_its_abort_removes_only_it() {
+        let start = "2026-12-05T00:00:00Z";
+        let e = drill(MESH, Path::new("/m"), &spec(0), start, 50).unwrap();
+        assert!(!e.rewritten, "{}", e.text);
+        let cfg = load(&e.text);
+        let d = &cfg.traffic.drains[0];
+        assert_eq!(d.drill.map(|x| x.abort_below_healthy), Some(50));
+        assert_eq!(d.start.map(crate::traffic::decide::time_str).as_deref(), Some(start));
+        // a threshold out of range is refused with the parser's field
+        match drill(MESH, Path::new("/m"), &spec(0), start, 150) {
+            Err(Error::Invalid(e)) => assert!(e.to_string().contains("drill.abortBelowHealthy"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // the abort removes the drill, not a plain drain of the same target
+        let back = abort_drill(&e.text, Path::new("/m"), &Target::Cluster("azure".into())).unwrap();
+        assert_eq!(load(&back.text), load(MESH));
+        let plain = drain(MESH, Path::new("/m"), &spec(0)).unwrap();
+        assert!(matches!(
+            abort_drill(&plain.text, Path::new("/m"), &Target::Cluster("azure".into())),
+            Err(Error::NoDrain(_))
+        ));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod client;
 pub mod decide;
+pub mod drill;
 pub mod edit;
 pub mod health;
 pub mod lb;
@@ -45,6 +46,16 @@ pub struct Status {
     /// the clusters an active drain names (by id, or by a region of their endpoints), as decided in the
     /// same push as the services: cluster -> capacity in percent and why ([`health`] reads it)
     pub drained: BTreeMap<ClusterId, Drained>,
+    /// the drills (drains with `drill:`), active, aborted or ended, by [`drill::key`]; an aborted drill's
+    /// drain no longer applies although the mesh config still lists it
+    pub drills: BTreeMap<String, drill::Report>,
+}
+
+/// `policy` as decided: without the drains of the drills `drills` has aborted.
+pub fn effective_policy(policy: &TrafficPolicy, drills: &BTreeMap<String, drill::Report>) -> TrafficPolicy {
+    let mut p = policy.clone();
+    p.drains.retain(|d| d.drill.is_none() || drills.get(&drill::key(d)).is_none_or(|r| r.aborted.is_none()));
+    p
 }
 
 /// A cluster under an active drain.

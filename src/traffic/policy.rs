@@ -17,6 +17,7 @@
 //!       start: "2026-12-05T10:00:00Z" # optional: default when meshfed first saw the drain
 //!       expires: "2026-12-06T00:00:00Z"
 //!       reason: DR drill
+//!       drill: {abortBelowHealthy: 50} # optional: a drill (aborts by itself, see traffic::drill)
 //! ```
 //!
 //! Errors name the field path (`traffic.drains[0].capacity: ...`).
@@ -119,6 +120,16 @@ pub struct Drain {
     pub start: Option<SystemTime>,
     pub expires: SystemTime,
     pub reason: String,
+    /// a drill ([`super::drill`]): aborts by itself when a cluster taking the drained traffic falls below
+    /// `abortBelowHealthy` percent healthy
+    pub drill: Option<Drill>,
+}
+
+/// `drill: {abortBelowHealthy: N}` of a drain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drill {
+    /// percent, 0..=100 (0: never aborts by itself)
+    pub abort_below_healthy: u32,
 }
 
 impl Drain {
@@ -168,6 +179,7 @@ impl Drain {
             && self.ramp == other.ramp
             && self.expires == other.expires
             && self.reason == other.reason
+            && self.drill == other.drill
     }
 }
 
@@ -367,7 +379,25 @@ impl TrafficPolicy {
                     format!("more than maxDrainDuration ({:?}) ahead", out.max_drain_duration),
                 ));
             }
-            out.drains.push(Drain { target, capacity, ramp, start, expires, reason: d.reason.unwrap_or_default() });
+            let drill = match d.drill {
+                None => None,
+                Some(dr) => match dr.abort_below_healthy {
+                    None => Some(Drill { abort_below_healthy: 0 }),
+                    Some(n) if (0..=100).contains(&n) => Some(Drill { abort_below_healthy: n as u32 }),
+                    Some(n) => {
+                        return Err(err(format!("{at}.drill.abortBelowHealthy"), format!("{n} is not in 0..100")));
+                    }
+                },
+            };
+            out.drains.push(Drain {
+                target,
+                capacity,
+                ramp,
+                start,
+                expires,
+                reason: d.reason.unwrap_or_default(),
+                drill,
+            });
         }
         Ok(out)
     }
@@ -425,6 +455,15 @@ struct RawDrain {
     expires: Option<String>,
     #[serde(default)]
     reason: Option<String>,
+    #[serde(default)]
+    drill: Option<RawDrill>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDrill {
+    #[serde(default)]
+    abort_below_healthy: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -544,6 +583,16 @@ drains:
                 "drains: [{cluster: azure-weu, region: westeurope, expires: '2026-12-05T01:00:00Z'}]",
                 "traffic.drains[0]",
                 "not both",
+            ),
+            (
+                "drains: [{cluster: azure-weu, drill: {abortBelowHealthy: 101}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].drill.abortBelowHealthy",
+                "not in 0..100",
+            ),
+            (
+                "drains: [{cluster: azure-weu, drill: {abortBelow: 5}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].drill.abortBelow",
+                "unknown field",
             ),
             ("maxDrainDuration: forever", "traffic.maxDrainDuration", "invalid"),
             ("polices: []", "traffic.polices", "unknown field"),

@@ -72,7 +72,20 @@ pub struct TypeStatus {
     /// metric; None when the response answered a request rather than a change)
     #[serde(skip)]
     pub sent_change_seen: Option<Instant>,
+    /// the snapshot generation of the latest response sent
+    #[serde(skip)]
+    pub sent_generation: u64,
+    /// the newest snapshot generation the stream has looked at
+    #[serde(skip)]
+    pub seen_generation: u64,
+    /// the latest ACKs of the latest response: (its generation, when), oldest first, at most [`ACKS_KEPT`]
+    /// (drill reports: when every proxy had a push)
+    #[serde(skip)]
+    pub acks: std::collections::VecDeque<(u64, SystemTime)>,
 }
+
+/// ACKs kept per type status ([`TypeStatus::acks`]).
+pub const ACKS_KEPT: usize = 32;
 
 /// A proxy's sync state for one type, as `istioctl proxy-status` computes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -121,7 +134,9 @@ impl TypeStatus {
         let mut names = super::subscription::Names::default();
         let mut stale: Option<&TypeStatus> = None;
         let mut latest: Option<&TypeStatus> = None;
+        let mut seen: Option<u64> = None;
         for s in streams {
+            seen = Some(seen.map_or(s.seen_generation, |g| g.min(s.seen_generation)));
             out.subscribed |= s.subscribed;
             out.wildcard |= s.wildcard;
             names.extend(s.names.iter().cloned());
@@ -146,7 +161,11 @@ impl TypeStatus {
             out.acked_nonce = s.acked_nonce.clone();
             out.sent_version = s.sent_version.clone();
             out.sent_at = s.sent_at;
+            out.sent_generation = s.sent_generation;
+            out.acks = s.acks.clone();
         }
+        // the generation every stream has looked at
+        out.seen_generation = seen.unwrap_or_default();
         out.subscribed_names = names.len();
         out.names = super::subscription::intern(names);
         out
@@ -157,6 +176,12 @@ impl TypeStatus {
     /// converged on this proxy; once per response).
     pub fn ack(&mut self, nonce: &str) -> Option<Instant> {
         let converged = if self.sent_nonce == nonce { self.sent_change_seen.take() } else { None };
+        if self.sent_nonce == nonce && self.acks.back().is_none_or(|(g, _)| *g < self.sent_generation) {
+            if self.acks.len() >= ACKS_KEPT {
+                self.acks.pop_front();
+            }
+            self.acks.push_back((self.sent_generation, SystemTime::now()));
+        }
         self.acked_nonce = nonce.to_string();
         self.last_error = None;
         converged

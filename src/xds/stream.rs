@@ -360,6 +360,7 @@ impl Stream {
             Response::Raw(_) => 0,
         };
         let held = self.types[t.index()].as_ref().map(|s| s.held.len()).unwrap_or(0);
+        let generation = self.snapshot.generation;
         crate::metrics::global().record_response(t, count, bytes);
         if let Some(c) = self.conn() {
             // a change seen after the proxy connected: its ACK ends a convergence (metrics)
@@ -368,6 +369,7 @@ impl Stream {
                 s.sent_change_seen = seen;
                 s.sent_nonce = nonce.to_string();
                 s.sent_version = version.to_string();
+                s.sent_generation = generation;
                 s.sent_at = Some(SystemTime::now());
                 s.responses_sent += 1;
                 s.bytes_sent += bytes;
@@ -504,11 +506,24 @@ impl Stream {
                     Some(attached) => self.take_snapshot(attached),
                     None => self.snapshot = next,
                 }
-                return self.push_all(None, from).await;
+                self.push_all(None, from).await?;
+                self.record_seen();
+                return Ok(());
             }
         }
         self.snapshot = next;
-        self.push_all(changes, from).await
+        self.push_all(changes, from).await?;
+        self.record_seen();
+        Ok(())
+    }
+
+    /// The stream has looked at its snapshot's generation (sent what it changed, if anything): drill
+    /// reports count a proxy that had nothing to receive as having it.
+    fn record_seen(&self) {
+        let generation = self.snapshot.generation;
+        if self.types[ResourceType::Endpoint.index()].is_some() {
+            self.update_status(ResourceType::Endpoint, |s| s.seen_generation = generation);
+        }
     }
 
     /// Sends what the current snapshot changed (`contiguous`: it follows the previous one, so its change

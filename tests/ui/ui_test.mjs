@@ -100,6 +100,9 @@ try {
     },
     row,
   );
+  // the Traffic panel (drains and drills): the demo has none, and says so
+  const traffic = await page.locator("#traffic .body").innerText();
+  if (!traffic.includes("No drain and no drill")) fail(`the Traffic panel shows: ${traffic}`);
   const clouds = await page.locator(".cloud h3").allInnerTexts();
   console.log(`overview: clouds ${JSON.stringify(clouds)}`);
 

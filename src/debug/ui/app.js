@@ -266,6 +266,52 @@
     }));
   }
 
+  function renderTraffic(t) {
+    var drains = t.drains || [];
+    var drills = t.drills || [];
+    if (!drains.length && !drills.length) return h("p", { class: "muted", text: "No drain and no drill." });
+    var out = [];
+    if (drains.length) {
+      out.push(h("table", { class: "grid drains" },
+        h("thead", null, h("tr", null, ["target", "capacity now", "to", "ramp", "expires", "reason", "drill"].map(function (c) {
+          return h("th", { text: c });
+        }))),
+        h("tbody", null, drains.map(function (d) {
+          return h("tr", null,
+            h("td", { text: d.target }),
+            h("td", null, d.expired ? badge("expired", "warn") : d.capacityNow + "%"),
+            h("td", { text: d.capacity + "%" }),
+            h("td", { text: d.ramp || "" }),
+            h("td", { text: timeOf(d.expires) }),
+            h("td", { text: d.reason || "" }),
+            h("td", { text: d.drill ? "aborts below " + d.drill.abortBelowHealthy + "% healthy" : "" }));
+        }))));
+    }
+    drills.forEach(function (d) {
+      var state = d.aborted ? badge("ABORTED", "bad") : d.ended ? badge(d.ended.how, "ok") : badge("ACTIVE", "warn");
+      out.push(h("div", { class: "drill", "data-drill": d.key },
+        h("h3", null, "Drill: " + d.target + " ", state),
+        d.aborted ? h("p", { class: "abort", text: "aborted " + timeOf(d.aborted.at) + ": " + d.aborted.reason }) : null,
+        h("table", { class: "grid steps" },
+          h("thead", null, h("tr", null, ["capacity", "decided", "push", "published", "all proxies ACKed"].map(function (c) {
+            return h("th", { text: c });
+          }))),
+          h("tbody", null, (d.stepAcks || []).map(function (st) {
+            var acks = st.acks;
+            var acked = !acks ? "not published yet"
+              : acks.allAckedAt ? timeOf(acks.allAckedAt) + " (" + acks.ackSeconds.toFixed(2) + "s, " + acks.proxies + " proxies)"
+                : "not yet: " + acks.pending.length + " of " + acks.proxies + " pending";
+            return h("tr", null,
+              h("td", { text: st.capacity + "%" }),
+              h("td", { text: timeOf(st.decidedAt) }),
+              h("td", { text: st.generation ? String(st.generation) : "" }),
+              h("td", { text: st.publishedAt ? timeOf(st.publishedAt) : "" }),
+              h("td", { text: acked }));
+          })))));
+    });
+    return out;
+  }
+
   function section(id, title, sub) {
     return h("section", { id: id }, h("h2", null, title, sub ? h("span", { class: "muted small", text: " " + sub }) : null),
       h("div", { class: "body" }));
@@ -278,7 +324,8 @@
       section("warnings", "Warnings", "what meshfed had to work around"),
       section("services", "Federated services", "endpoints by cluster, region and zone"),
       section("proxies", "Connected proxies", "sync status per xDS type (istioctl proxy-status)"),
-      section("pushes", "Recent pushes", "newest first")
+      section("pushes", "Recent pushes", "newest first"),
+      section("traffic", "Traffic", "drains and drills (/debug/trafficz, /debug/drillz)")
     ]);
     function body(id) { return document.querySelector("#" + id + " .body"); }
     function poll() {
@@ -287,8 +334,10 @@
         getJSON("/debug/endpointz"),
         getJSON("/debug/syncz"),
         getJSON("/debug/push_status"),
-        getJSON("/debug/warnings")
+        getJSON("/debug/warnings"),
+        getJSON("/debug/trafficz")
       ]).then(function (r) {
+        replace(body("traffic"), renderTraffic(r[5]));
         replace(body("clusters"), renderClusters(r[0]));
         replace(body("services"), renderServices(r[1]));
         replace(body("proxies"), renderProxies(r[2]));
