@@ -1,13 +1,14 @@
 //! `meshfed traffic drain | undrain | status | whatif`.
 //!
 //! `drain` and `undrain` edit the mesh config file ([`super::edit`]); a `meshfed serve` watching it
-//! applies the edit without a restart ([`crate::config_watch`]). `status` and `whatif` read a running
+//! applies the edit without a restart ([`crate::config_watch`]). With `--kubeconfig` they edit the
+//! `TrafficPolicy` custom resource the replicas watch instead ([`super::kube_edit`]). `status` and `whatif` read a running
 //! meshfed's debug server ([`super::client`]).
 
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use super::{client, edit};
+use super::{client, edit, kube_edit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,6 +16,8 @@ pub enum Error {
     Edit(#[from] edit::Error),
     #[error(transparent)]
     Client(#[from] client::Error),
+    #[error(transparent)]
+    Kube(#[from] kube_edit::Error),
     #[error("reading the token file {path}: {source}")]
     Token { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -45,7 +48,49 @@ pub enum TrafficCommand {
 pub struct FileArgs {
     /// The mesh config file to edit (meshfed serve --mesh-config applies the edit without a restart).
     #[arg(long, env = "MESHFED_MESH_CONFIG")]
-    pub mesh_config: PathBuf,
+    pub mesh_config: Option<PathBuf>,
+    /// Kubernetes mode: edit the TrafficPolicy custom resource (meshfed.io) that the replicas watch
+    /// (mesh config `trafficPolicy`) through this kubeconfig, instead of the mesh config file.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context (default: its current context).
+    #[arg(long, requires = "kubeconfig")]
+    pub context: Option<String>,
+    /// The TrafficPolicy's namespace.
+    #[arg(long, default_value = "istio-system")]
+    pub namespace: String,
+    /// The TrafficPolicy's name.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+}
+
+/// Where `drain` / `undrain` write.
+enum Store<'a> {
+    File(&'a std::path::Path),
+    Kube(kube_edit::ObjectRef),
+}
+
+impl FileArgs {
+    fn store(&self) -> Result<Store<'_>, Error> {
+        match (&self.kubeconfig, &self.mesh_config) {
+            (Some(k), _) => Ok(Store::Kube(kube_edit::ObjectRef {
+                kubeconfig: k.clone(),
+                context: self.context.clone(),
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+            })),
+            (None, Some(p)) => Ok(Store::File(p)),
+            (None, None) => Err(Error::Usage("give --mesh-config FILE or --kubeconfig FILE".into())),
+        }
+    }
+}
+
+fn note_written(object: &kube_edit::ObjectRef, w: &kube_edit::Written) {
+    eprintln!(
+        "TrafficPolicy {object} {} (resourceVersion {})",
+        if w.created { "created" } else { "updated" },
+        w.resource_version.as_deref().unwrap_or("?")
+    );
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -171,21 +216,38 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
                 expires: edit::expiry(&a.expires, SystemTime::now())?,
                 reason: a.reason.clone(),
             };
-            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::drain(text, base, &spec))?;
-            note_rewritten(&e);
-            Ok(format!(
-                "{} drained to {}% until {} in {}\n",
-                spec.target,
-                spec.capacity,
-                spec.expires,
-                a.file.mesh_config.display()
-            ))
+            let place = match a.file.store()? {
+                Store::File(path) => {
+                    let e = edit::edit_file(path, |text, base| edit::drain(text, base, &spec))?;
+                    note_rewritten(&e);
+                    path.display().to_string()
+                }
+                Store::Kube(object) => {
+                    let w = kube_edit::edit_object_blocking(&object, |drains| {
+                        edit::set_drain(drains, &spec);
+                        Ok(())
+                    })?;
+                    note_written(&object, &w);
+                    format!("TrafficPolicy {object}")
+                }
+            };
+            Ok(format!("{} drained to {}% until {} in {place}\n", spec.target, spec.capacity, spec.expires))
         }
         TrafficCommand::Undrain(a) => {
             let target = a.target.target()?;
-            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::undrain(text, base, &target))?;
-            note_rewritten(&e);
-            Ok(format!("{target}: drain removed from {}\n", a.file.mesh_config.display()))
+            let place = match a.file.store()? {
+                Store::File(path) => {
+                    let e = edit::edit_file(path, |text, base| edit::undrain(text, base, &target))?;
+                    note_rewritten(&e);
+                    path.display().to_string()
+                }
+                Store::Kube(object) => {
+                    let w = kube_edit::edit_object_blocking(&object, |drains| edit::remove_drain(drains, &target))?;
+                    note_written(&object, &w);
+                    format!("TrafficPolicy {object}")
+                }
+            };
+            Ok(format!("{target}: drain removed from {place}\n"))
         }
         TrafficCommand::Status(a) => {
             let v = client::get_json(&a.debug.debug_address, "/debug/trafficz", a.debug.token()?.as_deref())?;

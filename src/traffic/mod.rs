@@ -17,7 +17,9 @@ pub mod client;
 pub mod decide;
 pub mod edit;
 pub mod health;
+pub mod kube_edit;
 pub mod lb;
+pub mod owner;
 pub mod policy;
 
 pub use decide::{Decision, Decisions, FailoverState, ServiceHealth};
