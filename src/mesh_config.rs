@@ -840,7 +840,8 @@ mod last_known_state_tests {
 mod traffic_policy_tests {
     use super::*;
 
-    const CLUSTERS: &str = "clusters:\n  - {id: k, network: n, kubeconfig: k.yaml}\n  - {id: files, network: n, manifests: m}\n";
+    const CLUSTERS: &str =
+        "clusters:\n  - {id: k, network: n, kubeconfig: k.yaml}\n  - {id: files, network: n, manifests: m}\n";
 
     fn parse(section: &str) -> Result<MeshConfig, Error> {
         MeshConfig::parse(&format!("{CLUSTERS}{section}"), Path::new("/etc/meshfed"))

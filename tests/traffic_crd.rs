@@ -115,8 +115,11 @@ async fn eds_stays(c: &mut AdsClient, what: &str, quiet: Duration) -> Result<()>
     Ok(())
 }
 
-fn traffic_cmd(args: &[&str]) -> Result<std::process::Output> {
-    Ok(std::process::Command::new(meshfed_path()).arg("traffic").args(args).output()?)
+/// `meshfed traffic ARGS` (not blocking the runtime the API stand-in runs on), bounded.
+async fn traffic_cmd(args: &[&str]) -> Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::new(meshfed_path());
+    cmd.arg("traffic").args(args).kill_on_drop(true);
+    Ok(tokio::time::timeout(TIMEOUT, cmd.output()).await.context("meshfed traffic timed out")??)
 }
 
 async fn warning_of(m: &Meshfed) -> Result<Option<serde_json::Value>> {
@@ -173,7 +176,8 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
         "DR drill",
         "--kubeconfig",
         &kc,
-    ])?;
+    ])
+    .await?;
     ensure!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("azure-weu") && stdout.contains("TrafficPolicy istio-system/default"), "{stdout}");
@@ -184,7 +188,7 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     eds_until(&mut cb, "replica b, the drain", &[("us-east-1", 100)]).await?;
 
     // 3. undrain: both back to the split
-    let out = traffic_cmd(&["undrain", "--cluster", "azure-weu", "--kubeconfig", &kc])?;
+    let out = traffic_cmd(&["undrain", "--cluster", "azure-weu", "--kubeconfig", &kc]).await?;
     ensure!(out.status.success(), "undrain: {}", String::from_utf8_lossy(&out.stderr));
     eds_until(&mut ca, "replica a, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
     eds_until(&mut cb, "replica b, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
@@ -213,7 +217,7 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     eds_stays(&mut cb, "replica b, the bad object", QUIET * 2).await?;
     // the CLI validates the whole result: it refuses to write on top of the bad object
     let before = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
-    let out = traffic_cmd(&["drain", "--cluster", "azure-weu", "--expires", "1h", "--kubeconfig", &kc])?;
+    let out = traffic_cmd(&["drain", "--cluster", "azure-weu", "--expires", "1h", "--kubeconfig", &kc]).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("refused") && stderr.contains("spec.policies[0]"), "{stderr}");
     let after = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;

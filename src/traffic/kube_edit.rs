@@ -102,10 +102,7 @@ pub async fn edit_object(
         let params = PatchParams::apply(FIELD_MANAGER).force();
         match api.patch(&target.name, &params, &Patch::Apply(&body)).await {
             Ok(written) => {
-                return Ok(Written {
-                    created: current.is_none(),
-                    resource_version: written.metadata.resource_version,
-                });
+                return Ok(Written { created: current.is_none(), resource_version: written.metadata.resource_version });
             }
             Err(kube::Error::Api(status)) if status.is_conflict() && attempt == 1 => {
                 tracing::info!(object = %object, "the TrafficPolicy changed meanwhile; editing its new version");

@@ -95,8 +95,13 @@ mod tests {
         let text = if drains == 0 { "{}".to_string() } else { format!("drains:\n{text}") };
         let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
         let ids: Vec<_> = (0..3).map(|i| crate::model::ClusterId::new(&format!("c{i}"))).collect();
-        TrafficPolicy::parse_with(&v, &ids, false, std::time::UNIX_EPOCH + std::time::Duration::from_secs(32503680000 - 3600))
-            .unwrap()
+        TrafficPolicy::parse_with(
+            &v,
+            &ids,
+            false,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(32503680000 - 3600),
+        )
+        .unwrap()
     }
 
     fn sent(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Command>) -> Vec<usize> {

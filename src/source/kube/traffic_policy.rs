@@ -54,10 +54,8 @@ pub fn parse_spec(
 ) -> Result<TrafficPolicy, crate::traffic::policy::Error> {
     let value = match spec {
         None | Some(serde_json::Value::Null) => serde_yaml::Value::Mapping(Default::default()),
-        Some(v) => serde_yaml::to_value(v).map_err(|e| crate::traffic::policy::Error {
-            field: "spec".into(),
-            reason: e.to_string(),
-        })?,
+        Some(v) => serde_yaml::to_value(v)
+            .map_err(|e| crate::traffic::policy::Error { field: "spec".into(), reason: e.to_string() })?,
     };
     TrafficPolicy::parse_with(&value, clusters, dynamic_clusters, now).map_err(|mut e| {
         if let Some(rest) = e.field.strip_prefix("traffic") {
@@ -243,7 +241,12 @@ impl Watcher {
                 });
             }
             Err(e) => {
-                let message = format!("TrafficPolicy {}/{} (resourceVersion {}): {e}", r.namespace, r.name, rv.as_deref().unwrap_or("?"));
+                let message = format!(
+                    "TrafficPolicy {}/{} (resourceVersion {}): {e}",
+                    r.namespace,
+                    r.name,
+                    rv.as_deref().unwrap_or("?")
+                );
                 warn!("{message}; the last good traffic policy keeps serving");
                 self.status.send_modify(|s| s.error = Some(message));
             }

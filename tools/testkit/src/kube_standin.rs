@@ -569,10 +569,11 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resul
         }
         ["api"] => return Ok(json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"]}))),
         ["apis"] => {
-            let groups: Vec<Value> = [("discovery.k8s.io", "v1"), ("networking.istio.io", "v1"), ("meshfed.io", "v1alpha1")]
-                .iter()
-                .map(|(g, v)| json!({"name": g, "versions": [{"groupVersion": format!("{g}/{v}"), "version": v}]}))
-                .collect();
+            let groups: Vec<Value> =
+                [("discovery.k8s.io", "v1"), ("networking.istio.io", "v1"), ("meshfed.io", "v1alpha1")]
+                    .iter()
+                    .map(|(g, v)| json!({"name": g, "versions": [{"groupVersion": format!("{g}/{v}"), "version": v}]}))
+                    .collect();
             return Ok(json_response(
                 StatusCode::OK,
                 &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
