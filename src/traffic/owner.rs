@@ -94,7 +94,7 @@ mod tests {
             .collect::<String>();
         let text = if drains == 0 { "{}".to_string() } else { format!("drains:\n{text}") };
         let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-        let ids: Vec<_> = (0..3).map(|i| crate::model::ClusterId::new(&format!("c{i}"))).collect();
+        let ids: Vec<_> = (0..3).map(|i| crate::model::ClusterId::new(format!("c{i}"))).collect();
         TrafficPolicy::parse_with(
             &v,
             &ids,
