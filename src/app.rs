@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::debug::{DebugAccess, DebugState};
 use crate::mesh_config::MeshConfig;
@@ -179,6 +179,8 @@ pub struct App {
     last_known: Option<Arc<LastKnown>>,
     /// the mesh config's watcher (`meshfed serve --mesh-config`)
     _config_watch: Option<crate::config_watch::ConfigWatch>,
+    /// the `TrafficPolicy` custom resource's watch (mesh config `trafficPolicy`)
+    _traffic_policy: Option<crate::source::kube::traffic_policy::TrafficPolicyWatch>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -229,6 +231,7 @@ impl App {
             }
             (Arc::new(store), push_tx, push_rx)
         });
+        let cli_allow_exec_auth = matches!(sources, Sources::Mesh { allow_exec_auth: true });
         let (files, kube) = match sources {
             Sources::Events(initial) => {
                 for e in initial {
@@ -287,10 +290,34 @@ impl App {
                 (Some(report), Some(task))
             }
         };
+        // one owner decides which traffic policy is in force: the file's `traffic:` or the custom resource
+        let traffic_owner = crate::traffic::owner::TrafficOwner::new(push.clone(), mesh.traffic.clone());
         let config_watch = match (&mesh.path, watch_mesh_config) {
-            (Some(path), true) => Some(crate::config_watch::start(path, mesh.clone(), push.clone())),
+            (Some(path), true) => {
+                Some(crate::config_watch::start(path, mesh.clone(), push.clone(), traffic_owner.clone()))
+            }
             _ => None,
         };
+        let traffic_policy = mesh.traffic_policy.as_ref().and_then(|reference| {
+            let cluster = mesh.clusters.iter().find(|c| c.id == reference.cluster)?;
+            let client = crate::source::kube::ClientSpec::from_source(&cluster.source)?;
+            info!(cluster = %reference.cluster, namespace = %reference.namespace, name = %reference.name, "watching the TrafficPolicy custom resource");
+            Some(crate::source::kube::traffic_policy::TrafficPolicyWatch::spawn(
+                client,
+                mesh.allow_exec_auth || cli_allow_exec_auth,
+                reference.clone(),
+                mesh.clusters.iter().map(|c| c.id.clone()).collect(),
+                mesh.remote_secrets.is_some(),
+                traffic_owner.clone(),
+            ))
+        });
+        if let Some(w) = &traffic_policy {
+            // a replica (re)starting serves the policy in force, not the file's, when the object can be read
+            let mut listed = w.listed();
+            if tokio::time::timeout(mesh.ready_timeout, listed.wait_for(|l| *l)).await.is_err() {
+                warn!(timeout = ?mesh.ready_timeout, "the TrafficPolicy custom resource could not be read yet; serving meanwhile");
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
@@ -310,6 +337,7 @@ impl App {
                     clusters: clusters.clone(),
                     gateway_probes: gateway_probes.clone(),
                     mesh_config: config_watch.as_ref().map(|w| w.subscribe()),
+                    traffic_policy: traffic_policy.as_ref().map(|w| w.subscribe()),
                     demo,
                 };
                 info!(address = ?debug_address, "debug server listening");
@@ -371,6 +399,7 @@ impl App {
             last_known_tasks,
             last_known: last_known_store,
             _config_watch: config_watch,
+            _traffic_policy: traffic_policy,
             _files: files,
             _kube: kube,
         })

@@ -28,6 +28,7 @@ use tracing::{info, warn};
 use crate::mesh_config::MeshConfig;
 use crate::push::{LiveSettings, PushHandle};
 use crate::traffic::TrafficPolicy;
+use crate::traffic::owner::TrafficOwner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -84,6 +85,7 @@ pub fn decide(started: &MeshConfig, applied: &MeshConfig, new: &MeshConfig) -> R
         ("readyTimeout", s.ready_timeout != n.ready_timeout),
         ("unreachableGracePeriod", s.unreachable_grace_period != n.unreachable_grace_period),
         ("allowExecAuth", s.allow_exec_auth != n.allow_exec_auth),
+        ("trafficPolicy", s.traffic_policy != n.traffic_policy),
     ] {
         if changed {
             out.restart.push(field);
@@ -166,9 +168,11 @@ impl ConfigWatch {
     }
 }
 
-/// Watches `path`, whose content `started` was loaded from, and hands valid edits to `push`. A
-/// directory that cannot be watched is logged; the file is still read every [`POLL_INTERVAL`].
-pub fn start(path: &Path, started: MeshConfig, push: PushHandle) -> ConfigWatch {
+/// Watches `path`, whose content `started` was loaded from, and hands valid edits to `push` (the
+/// `traffic` section to `traffic`, which decides whether it is in force: a `trafficPolicy` custom
+/// resource takes precedence). A directory that cannot be watched is logged; the file is still read
+/// every [`POLL_INTERVAL`].
+pub fn start(path: &Path, started: MeshConfig, push: PushHandle, traffic: TrafficOwner) -> ConfigWatch {
     let (status_tx, status) = watch::channel(Arc::new(Status { path: path.to_path_buf(), ..Default::default() }));
     let (events_tx, events) = mpsc::unbounded_channel();
     let dir = match path.parent() {
@@ -184,7 +188,8 @@ pub fn start(path: &Path, started: MeshConfig, push: PushHandle) -> ConfigWatch 
     };
     let initial = std::fs::read(path).ok();
     crate::metrics::global().mesh_config_last_reload_success.set(1);
-    let reloader = Reloader { path: path.to_path_buf(), applied: started.clone(), started, last: initial, push };
+    let reloader =
+        Reloader { path: path.to_path_buf(), applied: started.clone(), started, last: initial, push, traffic };
     let task = tokio::spawn(reloader.run(events, status_tx));
     info!(config = %path.display(), "watching the mesh config for edits");
     ConfigWatch { status, task, _watcher: watcher }
@@ -211,6 +216,8 @@ struct Reloader {
     /// the content last read (None: not readable)
     last: Option<Vec<u8>>,
     push: PushHandle,
+    /// decides which traffic policy is in force (the file's, or the custom resource's)
+    traffic: TrafficOwner,
 }
 
 impl Reloader {
@@ -264,7 +271,7 @@ impl Reloader {
                         drains = policy.drains.len(),
                         "mesh config: traffic changed"
                     );
-                    self.push.set_traffic_policy(policy.clone());
+                    self.traffic.set_file(policy.clone());
                 }
                 if let Some(settings) = &reload.settings {
                     self.push.set_live_settings(settings.clone());
@@ -353,8 +360,9 @@ mod tests {
         let started = MeshConfig::load(&path).unwrap();
         let (tx, commands) = mpsc::unbounded_channel();
         let push = crate::push::Pusher::new(&started).0.handle_for(tx);
+        let traffic = TrafficOwner::new(push.clone(), started.traffic.clone());
         let (tx, _) = watch::channel(Arc::new(Status::default()));
-        let r = Reloader { last: std::fs::read(&path).ok(), path, applied: started.clone(), started, push };
+        let r = Reloader { last: std::fs::read(&path).ok(), path, applied: started.clone(), started, push, traffic };
         (r, tx, commands)
     }
 
@@ -374,7 +382,8 @@ mod tests {
         let started = MeshConfig::load(&path).unwrap();
         let (tx, mut commands) = mpsc::unbounded_channel();
         let push = crate::push::Pusher::new(&started).0.handle_for(tx);
-        let watch = start(&path, started, push);
+        let traffic = TrafficOwner::new(push.clone(), started.traffic.clone());
+        let watch = start(&path, started, push, traffic);
         // the update, as the kubelet makes it
         std::fs::create_dir(d.join("..v2")).unwrap();
         std::fs::write(d.join("..v2/mesh.yaml"), format!("{BASE}{SPLIT}")).unwrap();

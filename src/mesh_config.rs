@@ -58,6 +58,21 @@ pub struct MeshConfig {
     pub last_known_state: Option<LastKnownState>,
     /// `traffic`: splits between clusters, failover by healthy share, drains ([`crate::traffic`]).
     pub traffic: crate::traffic::TrafficPolicy,
+    /// `trafficPolicy`: read the traffic policy from a `TrafficPolicy` custom resource (group
+    /// `meshfed.io`) in a Kubernetes cluster instead; while that object exists and is valid it replaces
+    /// `traffic` (None: `traffic` alone; see [`crate::source::kube::traffic_policy`]).
+    pub traffic_policy: Option<TrafficPolicyRef>,
+}
+
+/// `trafficPolicy`: the `TrafficPolicy` custom resource every replica reads its traffic policy from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrafficPolicyRef {
+    /// a cluster of `clusters` with a Kubernetes source; default `remoteSecrets.configCluster`
+    pub cluster: ClusterId,
+    /// default `istio-system`
+    pub namespace: String,
+    /// default `default`
+    pub name: String,
 }
 
 /// `lastKnownState`: where and how meshfed keeps its last good federated state.
@@ -256,6 +271,19 @@ struct RawMeshConfig {
     last_known_state: Option<RawLastKnownState>,
     #[serde(default)]
     traffic: Option<serde_yaml::Value>,
+    #[serde(default)]
+    traffic_policy: Option<RawTrafficPolicyRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTrafficPolicyRef {
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +547,36 @@ impl MeshConfig {
                 Some(RemoteSecrets { config_cluster: config.id.clone(), namespace })
             }
         };
+        let traffic_policy = match raw.traffic_policy {
+            None => None,
+            Some(t) => {
+                let id = match (t.cluster.filter(|c| !c.is_empty()), &remote_secrets) {
+                    (Some(c), _) => c,
+                    (None, Some(r)) => r.config_cluster.as_str().to_string(),
+                    (None, None) => {
+                        return Err(invalid(
+                            "trafficPolicy.cluster: required (there is no remoteSecrets.configCluster to default to)"
+                                .into(),
+                        ));
+                    }
+                };
+                let cluster = clusters
+                    .iter()
+                    .find(|c| c.id.as_str() == id)
+                    .ok_or_else(|| invalid(format!("trafficPolicy.cluster: {id:?} is not a listed cluster")))?;
+                if !cluster.source.is_kubernetes() {
+                    return Err(invalid(format!(
+                        "trafficPolicy.cluster: cluster {id:?} must have a Kubernetes source (`kubeconfig` or `inCluster`)"
+                    )));
+                }
+                let or = |v: Option<String>, d: &str| v.filter(|v| !v.is_empty()).unwrap_or_else(|| d.into());
+                Some(TrafficPolicyRef {
+                    cluster: cluster.id.clone(),
+                    namespace: or(t.namespace, "istio-system"),
+                    name: or(t.name, "default"),
+                })
+            }
+        };
         let duration = |field: &str, value: Option<String>, default: Duration| match value {
             None => Ok(default),
             Some(v) => parse_duration(&v).ok_or_else(|| invalid(format!("{field}: invalid duration {v:?}"))),
@@ -623,6 +681,7 @@ impl MeshConfig {
             gateway_probes,
             last_known_state,
             traffic,
+            traffic_policy,
         })
     }
 }
@@ -773,6 +832,43 @@ mod last_known_state_tests {
         ] {
             let e = parse(&format!("{section}\n")).unwrap_err().to_string();
             assert!(e.contains(field), "{section}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod traffic_policy_tests {
+    use super::*;
+
+    const CLUSTERS: &str =
+        "clusters:\n  - {id: k, network: n, kubeconfig: k.yaml}\n  - {id: files, network: n, manifests: m}\n";
+
+    fn parse(section: &str) -> Result<MeshConfig, Error> {
+        MeshConfig::parse(&format!("{CLUSTERS}{section}"), Path::new("/etc/meshfed"))
+    }
+
+    #[test]
+    fn the_traffic_policy_object_defaults_and_checks() {
+        assert_eq!(parse("").unwrap().traffic_policy, None);
+        let t = parse("trafficPolicy: {cluster: k}\n").unwrap().traffic_policy.unwrap();
+        assert_eq!(
+            t,
+            TrafficPolicyRef { cluster: ClusterId::new("k"), namespace: "istio-system".into(), name: "default".into() }
+        );
+        // default: the remote secrets' config cluster
+        let t = parse("remoteSecrets: {configCluster: k}\ntrafficPolicy: {namespace: meshfed, name: prod}\n")
+            .unwrap()
+            .traffic_policy
+            .unwrap();
+        assert_eq!((t.cluster.as_str(), t.namespace.as_str(), t.name.as_str()), ("k", "meshfed", "prod"));
+        for (section, words) in [
+            ("trafficPolicy: {}\n", "trafficPolicy.cluster: required"),
+            ("trafficPolicy: {cluster: nope}\n", "not a listed cluster"),
+            ("trafficPolicy: {cluster: files}\n", "must have a Kubernetes source"),
+            ("trafficPolicy: {cluster: k, nam: x}\n", "nam"),
+        ] {
+            let e = parse(section).unwrap_err().to_string();
+            assert!(e.contains(words), "{section}: {e}");
         }
     }
 }

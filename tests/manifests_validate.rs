@@ -320,7 +320,17 @@ fn rbac_grants_list_watch_on_exactly_what_is_read() {
         let secrets = o.find("Role", "meshfed-remote-secrets");
         assert_eq!(secrets["metadata"]["namespace"].as_str(), Some("istio-system"));
         assert_eq!(rules(secrets), [("".into(), "secrets".into(), vec!["list".into(), "watch".into()])].into());
-        for obj in &o.objects {
+        let traffic = o.find("Role", "meshfed-traffic-policy");
+        assert_eq!(traffic["metadata"]["namespace"].as_str(), Some("istio-system"));
+        assert_eq!(
+            rules(traffic),
+            [("meshfed.io".into(), "trafficpolicies".into(), vec!["list".into(), "watch".into()])].into()
+        );
+        // the operators' role (bound by the site) edits the TrafficPolicy, and nothing else
+        let operator = o.find("Role", "meshfed-traffic-operator");
+        let verbs: Vec<String> = ["get", "list", "watch", "create", "patch"].map(String::from).to_vec();
+        assert_eq!(rules(operator), [("meshfed.io".into(), "trafficpolicies".into(), verbs)].into());
+        for obj in o.objects.iter().filter(|obj| obj["metadata"]["name"].as_str() != Some("meshfed-traffic-operator")) {
             let verbs = obj["rules"]
                 .as_sequence()
                 .into_iter()
@@ -334,6 +344,7 @@ fn rbac_grants_list_watch_on_exactly_what_is_read() {
         for (kind, name, sa) in [
             ("ClusterRoleBinding", "meshfed-config", "meshfed"),
             ("RoleBinding", "meshfed-remote-secrets", "meshfed"),
+            ("RoleBinding", "meshfed-traffic-policy", "meshfed"),
             ("ClusterRoleBinding", "meshfed-reader", "meshfed-reader"),
         ] {
             let b = o.find(kind, name);

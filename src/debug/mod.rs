@@ -97,6 +97,8 @@ pub struct DebugState {
     pub gateway_probes: Option<tokio::sync::watch::Receiver<Arc<crate::liveness::Report>>>,
     /// the live mesh config's reload status (None: not watched)
     pub mesh_config: Option<tokio::sync::watch::Receiver<Arc<crate::config_watch::Status>>>,
+    /// the `TrafficPolicy` custom resource's watch (None: mesh config without `trafficPolicy`)
+    pub traffic_policy: Option<tokio::sync::watch::Receiver<crate::source::kube::traffic_policy::Status>>,
     /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
     pub demo: bool,
 }
@@ -400,6 +402,9 @@ async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
     if let Some(status) = &s.mesh_config {
         out["meshConfig"] = json!(&**status.borrow());
     }
+    if let Some(status) = &s.traffic_policy {
+        out["trafficPolicy"] = json!(&*status.borrow());
+    }
     json_out(&q, &out)
 }
 
@@ -685,6 +690,9 @@ async fn warnings(State(s): State<DebugState>, Query(q): Params) -> Response {
     let mut out: Vec<Value> = s.push.warnings().iter().map(|w| json!(w)).collect();
     if s.demo {
         out.insert(0, json!({ "kind": "built-in-demo", "subject": "mesh config", "message": DEMO_WARNING }));
+    }
+    if let Some(status) = &s.traffic_policy {
+        out.extend(status.borrow().warnings());
     }
     if let Some(status) = &s.mesh_config {
         out.extend(status.borrow().warnings());

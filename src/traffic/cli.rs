@@ -1,13 +1,14 @@
 //! `meshfed traffic drain | undrain | drill | status | whatif`.
 //!
 //! `drain` and `undrain` edit the mesh config file ([`super::edit`]); a `meshfed serve` watching it
-//! applies the edit without a restart ([`crate::config_watch`]). `status` and `whatif` read a running
+//! applies the edit without a restart ([`crate::config_watch`]). With `--kubeconfig` they edit the
+//! `TrafficPolicy` custom resource the replicas watch instead ([`super::kube_edit`]). `status` and `whatif` read a running
 //! meshfed's debug server ([`super::client`]).
 
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use super::{client, edit};
+use super::{client, edit, kube_edit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -15,6 +16,8 @@ pub enum Error {
     Edit(#[from] edit::Error),
     #[error(transparent)]
     Client(#[from] client::Error),
+    #[error(transparent)]
+    Kube(#[from] kube_edit::Error),
     #[error("reading the token file {path}: {source}")]
     Token { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -49,7 +52,49 @@ pub enum TrafficCommand {
 pub struct FileArgs {
     /// The mesh config file to edit (meshfed serve --mesh-config applies the edit without a restart).
     #[arg(long, env = "MESHFED_MESH_CONFIG")]
-    pub mesh_config: PathBuf,
+    pub mesh_config: Option<PathBuf>,
+    /// Kubernetes mode: edit the TrafficPolicy custom resource (meshfed.io) that the replicas watch
+    /// (mesh config `trafficPolicy`) through this kubeconfig, instead of the mesh config file.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context (default: its current context).
+    #[arg(long, requires = "kubeconfig")]
+    pub context: Option<String>,
+    /// The TrafficPolicy's namespace.
+    #[arg(long, default_value = "istio-system")]
+    pub namespace: String,
+    /// The TrafficPolicy's name.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+}
+
+/// Where `drain` / `undrain` write.
+enum Store<'a> {
+    File(&'a std::path::Path),
+    Kube(kube_edit::ObjectRef),
+}
+
+impl FileArgs {
+    fn store(&self) -> Result<Store<'_>, Error> {
+        match (&self.kubeconfig, &self.mesh_config) {
+            (Some(k), _) => Ok(Store::Kube(kube_edit::ObjectRef {
+                kubeconfig: k.clone(),
+                context: self.context.clone(),
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+            })),
+            (None, Some(p)) => Ok(Store::File(p)),
+            (None, None) => Err(Error::Usage("give --mesh-config FILE or --kubeconfig FILE".into())),
+        }
+    }
+}
+
+fn note_written(object: &kube_edit::ObjectRef, w: &kube_edit::Written) {
+    eprintln!(
+        "TrafficPolicy {object} {} (resourceVersion {})",
+        if w.created { "created" } else { "updated" },
+        w.resource_version.as_deref().unwrap_or("?")
+    );
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -205,28 +250,56 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
                 expires: edit::expiry(&a.expires, SystemTime::now())?,
                 reason: a.reason.clone(),
             };
-            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::drain(text, base, &spec))?;
-            note_rewritten(&e);
-            Ok(format!(
-                "{} drained to {}% until {} in {}\n",
-                spec.target,
-                spec.capacity,
-                spec.expires,
-                a.file.mesh_config.display()
-            ))
+            let place = match a.file.store()? {
+                Store::File(path) => {
+                    let e = edit::edit_file(path, |text, base| edit::drain(text, base, &spec))?;
+                    note_rewritten(&e);
+                    path.display().to_string()
+                }
+                Store::Kube(object) => {
+                    let w = kube_edit::edit_object_blocking(&object, |drains| {
+                        edit::set_drain(drains, &spec);
+                        Ok(())
+                    })?;
+                    note_written(&object, &w);
+                    format!("TrafficPolicy {object}")
+                }
+            };
+            Ok(format!("{} drained to {}% until {} in {place}\n", spec.target, spec.capacity, spec.expires))
         }
         TrafficCommand::Undrain(a) => {
             let target = a.target.target()?;
-            let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::undrain(text, base, &target))?;
-            note_rewritten(&e);
-            Ok(format!("{target}: drain removed from {}\n", a.file.mesh_config.display()))
+            let place = match a.file.store()? {
+                Store::File(path) => {
+                    let e = edit::edit_file(path, |text, base| edit::undrain(text, base, &target))?;
+                    note_rewritten(&e);
+                    path.display().to_string()
+                }
+                Store::Kube(object) => {
+                    let w = kube_edit::edit_object_blocking(&object, |drains| edit::remove_drain(drains, &target))?;
+                    note_written(&object, &w);
+                    format!("TrafficPolicy {object}")
+                }
+            };
+            Ok(format!("{target}: drain removed from {place}\n"))
         }
         TrafficCommand::Drill(a) => {
             let target = a.target.target()?;
+            let store = a.file.store()?;
             if a.abort {
-                let e = edit::edit_file(&a.file.mesh_config, |text, base| edit::abort_drill(text, base, &target))?;
-                note_rewritten(&e);
-                return Ok(format!("{target}: drill aborted (removed from {})\n", a.file.mesh_config.display()));
+                let place = match store {
+                    Store::File(path) => {
+                        let e = edit::edit_file(path, |text, base| edit::abort_drill(text, base, &target))?;
+                        note_rewritten(&e);
+                        path.display().to_string()
+                    }
+                    Store::Kube(object) => {
+                        let w = kube_edit::edit_object_blocking(&object, |drains| edit::remove_drill(drains, &target))?;
+                        note_written(&object, &w);
+                        format!("TrafficPolicy {object}")
+                    }
+                };
+                return Ok(format!("{target}: drill aborted (removed from {place})\n"));
             }
             let duration = a.duration.as_deref().ok_or_else(|| Error::Usage("give --duration".into()))?;
             let now = SystemTime::now();
@@ -238,17 +311,26 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
                 expires: edit::expiry(duration, now)?,
                 reason: Some(a.reason.clone().unwrap_or_else(|| "drill".into())),
             };
-            let e = edit::edit_file(&a.file.mesh_config, |text, base| {
-                edit::drill(text, base, &spec, &start, a.abort_below_healthy)
-            })?;
-            note_rewritten(&e);
+            let place = match store {
+                Store::File(path) => {
+                    let e = edit::edit_file(path, |text, base| {
+                        edit::drill(text, base, &spec, &start, a.abort_below_healthy)
+                    })?;
+                    note_rewritten(&e);
+                    path.display().to_string()
+                }
+                Store::Kube(object) => {
+                    let w = kube_edit::edit_object_blocking(&object, |drains| {
+                        edit::set_drain_with(drains, &spec, edit::drill_fields(&start, a.abort_below_healthy));
+                        Ok(())
+                    })?;
+                    note_written(&object, &w);
+                    format!("TrafficPolicy {object}")
+                }
+            };
             Ok(format!(
-                "{}: drill from {start} until {}, down to {}%, aborts below {}% healthy; report: /debug/drillz ({})\n",
-                spec.target,
-                spec.expires,
-                spec.capacity,
-                a.abort_below_healthy,
-                a.file.mesh_config.display()
+                "{}: drill from {start} until {}, down to {}%, aborts below {}% healthy; report: /debug/drillz ({place})\n",
+                spec.target, spec.expires, spec.capacity, a.abort_below_healthy
             ))
         }
         TrafficCommand::Status(a) => {

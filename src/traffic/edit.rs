@@ -97,7 +97,7 @@ pub struct Edited {
 /// Sets the drain of `spec.target` (replacing the target's drain, if it has one) in the mesh config
 /// `text`; `base`: the file's directory.
 pub fn drain(text: &str, base: &Path, spec: &DrainSpec) -> Result<Edited, Error> {
-    set_drain(text, base, spec, |_| {})
+    set_drain_in(text, base, spec, |_| {})
 }
 
 /// Sets a drill (`meshfed traffic drill`): the drain of `spec` with an explicit `start` (RFC 3339: a
@@ -110,61 +110,84 @@ pub fn drill(
     start: &str,
     abort_below_healthy: i64,
 ) -> Result<Edited, Error> {
-    set_drain(text, base, spec, |d| {
+    set_drain_in(text, base, spec, drill_fields(start, abort_below_healthy))
+}
+
+/// The fields that make a drain a drill: an explicit `start` and `drill: {abortBelowHealthy: N}`.
+pub fn drill_fields(start: &str, abort_below_healthy: i64) -> impl FnOnce(&mut Mapping) + '_ {
+    move |d| {
         d.insert("start".into(), start.into());
         let mut drill = Mapping::new();
         drill.insert("abortBelowHealthy".into(), abort_below_healthy.into());
         d.insert("drill".into(), drill.into());
-    })
+    }
 }
 
 /// Removes the drill of `target` (a drain with `drill:`) from the mesh config `text`: a manual abort.
 pub fn abort_drill(text: &str, base: &Path, target: &Target) -> Result<Edited, Error> {
-    edit(text, base, |drains| {
-        let before = drains.len();
-        drains.retain(|v| !(is_drain_of(v, target) && v.get("drill").is_some()));
-        if drains.len() == before {
-            return Err(Error::NoDrain(format!("{target} (a drill)")));
-        }
-        Ok(())
-    })
+    edit(text, base, |drains| remove_drill(drains, target))
 }
 
-fn set_drain(text: &str, base: &Path, spec: &DrainSpec, more: impl FnOnce(&mut Mapping)) -> Result<Edited, Error> {
+/// Removes the drill of `target` (a drain with `drill:`) from a `drains` list; a plain drain of the same
+/// target stays.
+pub fn remove_drill(drains: &mut Vec<Value>, target: &Target) -> Result<(), Error> {
+    let before = drains.len();
+    drains.retain(|v| !(is_drain_of(v, target) && v.get("drill").is_some()));
+    if drains.len() == before {
+        return Err(Error::NoDrain(format!("{target} (a drill)")));
+    }
+    Ok(())
+}
+
+/// Sets the drain of `spec` in the mesh config `text`, `more` adding fields to it.
+fn set_drain_in(text: &str, base: &Path, spec: &DrainSpec, more: impl FnOnce(&mut Mapping)) -> Result<Edited, Error> {
     edit(text, base, |drains| {
-        let (key, name) = spec.target.key();
-        let mut d = Mapping::new();
-        d.insert(key.into(), name.into());
-        d.insert("capacity".into(), spec.capacity.into());
-        if let Some((step, every)) = &spec.ramp {
-            let mut r = Mapping::new();
-            r.insert("step".into(), (*step).into());
-            r.insert("every".into(), every.as_str().into());
-            d.insert("ramp".into(), r.into());
-        }
-        d.insert("expires".into(), spec.expires.as_str().into());
-        if let Some(reason) = &spec.reason {
-            d.insert("reason".into(), reason.as_str().into());
-        }
-        more(&mut d);
-        match drains.iter().position(|v| is_drain_of(v, &spec.target)) {
-            Some(i) => drains[i] = d.into(),
-            None => drains.push(d.into()),
-        }
+        set_drain_with(drains, spec, more);
         Ok(())
     })
 }
 
 /// Removes the drains of `target` from the mesh config `text`.
 pub fn undrain(text: &str, base: &Path, target: &Target) -> Result<Edited, Error> {
-    edit(text, base, |drains| {
-        let before = drains.len();
-        drains.retain(|v| !is_drain_of(v, target));
-        if drains.len() == before {
-            return Err(Error::NoDrain(target.to_string()));
-        }
-        Ok(())
-    })
+    edit(text, base, |drains| remove_drain(drains, target))
+}
+
+/// Sets the drain of `spec.target` in a `drains` list (replacing the target's drain, if it has one).
+pub fn set_drain(drains: &mut Vec<Value>, spec: &DrainSpec) {
+    set_drain_with(drains, spec, |_| {})
+}
+
+/// [`set_drain`], `more` adding fields to the drain (a drill's `start` and `drill:`).
+pub fn set_drain_with(drains: &mut Vec<Value>, spec: &DrainSpec, more: impl FnOnce(&mut Mapping)) {
+    let (key, name) = spec.target.key();
+    let mut d = Mapping::new();
+    d.insert(key.into(), name.into());
+    d.insert("capacity".into(), spec.capacity.into());
+    if let Some((step, every)) = &spec.ramp {
+        let mut r = Mapping::new();
+        r.insert("step".into(), (*step).into());
+        r.insert("every".into(), every.as_str().into());
+        d.insert("ramp".into(), r.into());
+    }
+    d.insert("expires".into(), spec.expires.as_str().into());
+    if let Some(reason) = &spec.reason {
+        d.insert("reason".into(), reason.as_str().into());
+    }
+    more(&mut d);
+    match drains.iter().position(|v| is_drain_of(v, &spec.target)) {
+        Some(i) => drains[i] = d.into(),
+        None => drains.push(d.into()),
+    }
+}
+
+/// Removes the drains of `target` from a `drains` list ([`Error::NoDrain`] if it has none).
+pub fn remove_drain(drains: &mut Vec<Value>, target: &Target) -> Result<(), Error> {
+    let before = drains.len();
+    drains.retain(|v| !is_drain_of(v, target));
+    if drains.len() == before {
+        return Err(Error::NoDrain(target.to_string()));
+    }
+    Ok(())
 }
 
 fn is_drain_of(v: &Value, target: &Target) -> bool {
@@ -180,19 +203,7 @@ fn edit(text: &str, base: &Path, f: impl FnOnce(&mut Vec<Value>) -> Result<(), E
     let mut doc: Value = serde_yaml::from_str(text).map_err(yaml_err)?;
     let top = doc.as_mapping_mut().ok_or_else(|| yaml_err("the document is not a mapping"))?;
     let traffic = top.entry("traffic".into()).or_insert_with(|| Mapping::new().into());
-    if traffic.is_null() {
-        *traffic = Mapping::new().into();
-    }
-    let traffic = traffic.as_mapping_mut().ok_or_else(|| yaml_err("`traffic` is not a mapping"))?;
-    let drains = traffic.entry("drains".into()).or_insert_with(|| Value::Sequence(Vec::new()));
-    if drains.is_null() {
-        *drains = Value::Sequence(Vec::new());
-    }
-    let drains = drains.as_sequence_mut().ok_or_else(|| yaml_err("`traffic.drains` is not a list"))?;
-    f(drains)?;
-    if drains.is_empty() {
-        traffic.remove("drains");
-    }
+    edit_drains(traffic, "traffic", f)?;
     let new_traffic = top.get("traffic").cloned().unwrap_or_default();
     let mut block = Mapping::new();
     block.insert("traffic".into(), new_traffic);
@@ -206,6 +217,29 @@ fn edit(text: &str, base: &Path, f: impl FnOnce(&mut Vec<Value>) -> Result<(), E
     };
     MeshConfig::parse(&out.text, base).map_err(Error::Invalid)?;
     Ok(out)
+}
+
+/// Applies `f` to the `drains` list of a `traffic:` section (`traffic`, named `what` in errors; null: an
+/// empty section); a list left empty is removed.
+pub fn edit_drains(
+    traffic: &mut Value,
+    what: &str,
+    f: impl FnOnce(&mut Vec<Value>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    if traffic.is_null() {
+        *traffic = Mapping::new().into();
+    }
+    let traffic = traffic.as_mapping_mut().ok_or_else(|| yaml_err(format!("`{what}` is not a mapping")))?;
+    let drains = traffic.entry("drains".into()).or_insert_with(|| Value::Sequence(Vec::new()));
+    if drains.is_null() {
+        *drains = Value::Sequence(Vec::new());
+    }
+    let drains = drains.as_sequence_mut().ok_or_else(|| yaml_err(format!("`{what}.drains` is not a list")))?;
+    f(drains)?;
+    if drains.is_empty() {
+        traffic.remove("drains");
+    }
+    Ok(())
 }
 
 /// `text` with its top-level `traffic:` block (the `traffic:` line and the indented lines after it)

@@ -18,7 +18,9 @@ pub mod decide;
 pub mod drill;
 pub mod edit;
 pub mod health;
+pub mod kube_edit;
 pub mod lb;
+pub mod owner;
 pub mod policy;
 
 pub use decide::{Decision, Decisions, FailoverState, ServiceHealth};

@@ -25,7 +25,7 @@ pub const OVERLAYS: &[(&str, &str, &[&str])] = &[
 
 /// API groups of the custom resources the manifests ship (the Prometheus Operator's). The Kubernetes
 /// schemas do not know them: they are checked structurally instead.
-pub const CRD_GROUPS: &[&str] = &["monitoring.coreos.com"];
+pub const CRD_GROUPS: &[&str] = &["monitoring.coreos.com", "meshfed.io"];
 
 /// How long a tool may run (checkov starts in a few seconds; a cold first run on a busy machine is
 /// slower).

@@ -20,7 +20,9 @@
 //!   when [`KubeStandin::expire_watches`] is called;
 //! - `/version`, `/api`, `/apis`;
 //! - **server-side apply**: `PATCH .../namespaces/NS/PLURAL/NAME` with `application/apply-patch+yaml` (see
-//!   `apply_patch`: one field manager, no field merging).
+//!   `apply_patch`: one field manager, no field merging; a `metadata.resourceVersion` in the body must be
+//!   the stored one, else 409 Conflict);
+//! - `meshfed.io/v1alpha1` TrafficPolicies (meshfed's custom resource), listed, watched and applied.
 //!
 //! Objects are plain JSON (`serde_json::Value`, so tests can also store malformed ones); every change gets
 //! the next resource version of one server-wide counter, like etcd's. [`KubeStandin::stop`] closes the
@@ -121,6 +123,14 @@ pub const RESOURCES: &[ResourceDef] = &[
         version: "v1alpha3",
         kind: "EnvoyFilter",
         plural: "envoyfilters",
+        namespaced: true,
+    },
+    // meshfed's traffic policy custom resource (`trafficPolicy` in the mesh config)
+    ResourceDef {
+        group: "meshfed.io",
+        version: "v1alpha1",
+        kind: "TrafficPolicy",
+        plural: "trafficpolicies",
         namespaced: true,
     },
 ];
@@ -559,10 +569,11 @@ async fn handle(inner: Arc<Inner>, req: Request<hyper::body::Incoming>) -> Resul
         }
         ["api"] => return Ok(json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"]}))),
         ["apis"] => {
-            let groups: Vec<Value> = ["discovery.k8s.io", "networking.istio.io"]
-                .iter()
-                .map(|g| json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}]}))
-                .collect();
+            let groups: Vec<Value> =
+                [("discovery.k8s.io", "v1"), ("networking.istio.io", "v1"), ("meshfed.io", "v1alpha1")]
+                    .iter()
+                    .map(|(g, v)| json!({"name": g, "versions": [{"groupVersion": format!("{g}/{v}"), "version": v}]}))
+                    .collect();
             return Ok(json_response(
                 StatusCode::OK,
                 &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
@@ -654,6 +665,17 @@ async fn apply_patch(inner: &Inner, req: Request<hyper::body::Incoming>) -> Resp
         json!([{ "manager": manager, "operation": "Apply", "apiVersion": resource.api_version() }]);
     let previous =
         inner.lock().objects.get(&resource).and_then(|m| m.get(&(ns.to_string(), name.to_string())).cloned());
+    // a resourceVersion in the applied object is a precondition, as in the real API
+    if let Some(rv) = object["metadata"]["resourceVersion"].as_str() {
+        let stored = previous.as_ref().and_then(|p| p["metadata"]["resourceVersion"].as_str());
+        if stored != Some(rv) {
+            return status_response(
+                409,
+                "Conflict",
+                &format!("Operation cannot be fulfilled on {}: the object has been modified", resource.plural),
+            );
+        }
+    }
     if let Some(uid) = previous.as_ref().and_then(|p| p["metadata"].get("uid")) {
         object["metadata"]["uid"] = uid.clone();
     }

@@ -1,0 +1,247 @@
+//! The traffic policy as a custom resource (mesh config `trafficPolicy`), end to end: the Kubernetes API
+//! stand-in is the config cluster (a kubeconfig cluster of the mesh config) holding the
+//! `meshfed.io/v1alpha1` TrafficPolicy `istio-system/default`; two `meshfed serve` replicas watch it and
+//! serve the demo's two clouds to an AWS sidecar in us-east-1 (the testkit's ADS client on each):
+//!
+//! - the object's split (60/40) replaces the file's `traffic:` (70/30) on both replicas;
+//! - `meshfed traffic drain --kubeconfig` drains azure-weu in the object: both replicas give it no
+//!   share; `undrain`: both back to 60/40;
+//! - an invalid object (shares adding up to 90) written directly: both keep the last good policy and
+//!   `/debug/warnings` (kind `traffic-policy`) names the object and the field; the CLI refuses to edit
+//!   it (the object stays as it is);
+//! - a replica restarted while a drain is in the object comes up with the drain in force;
+//! - the object deleted: the file's `traffic:` is in force again.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use meshfed::type_url;
+use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::fixtures::AWS_SIDECAR;
+use meshfed_testkit::kube_standin::KubeStandin;
+use meshfed_testkit::meshfed::{Meshfed, MeshfedOptions, meshfed_path, start_meshfed, start_meshfed_with};
+use serde_json::json;
+
+const OCTET: u8 = 137;
+const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
+const TIMEOUT: Duration = Duration::from_secs(20);
+const QUIET: Duration = Duration::from_millis(400);
+const API_VERSION: &str = "meshfed.io/v1alpha1";
+
+/// The file's split (in force while there is no object).
+const FILE_SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
+
+fn split(us_east_aws: u32, us_east_azure: u32) -> serde_json::Value {
+    json!({"policies": [{
+        "hosts": ["ratings.shop.svc.cluster.local"],
+        "split": {
+            "us-east-1": {"aws-use1": us_east_aws, "azure-weu": us_east_azure},
+            "westeurope": {"azure-weu": 70, "aws-use1": 30},
+        },
+    }]})
+}
+
+fn object(spec: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": API_VERSION,
+        "kind": "TrafficPolicy",
+        "metadata": {"name": "default", "namespace": "istio-system"},
+        "spec": spec,
+    })
+}
+
+/// Percent of the priority-0 locality weight per region (us-east-1: aws-use1, westeurope: azure-weu).
+fn shares(cla: &ClusterLoadAssignment) -> BTreeMap<String, u32> {
+    let mut weights: BTreeMap<String, u32> = BTreeMap::new();
+    for l in cla.endpoints.iter().filter(|l| l.priority == 0) {
+        let region = l.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default();
+        *weights.entry(region).or_default() += l.load_balancing_weight.map(|w| w.value).unwrap_or(0);
+    }
+    let total: u32 = weights.values().sum();
+    weights
+        .into_iter()
+        .filter(|(_, w)| *w > 0)
+        .map(|(r, w)| (r, (w * 100 + total / 2).checked_div(total).unwrap_or(0)))
+        .collect()
+}
+
+/// An AWS sidecar in us-east-1 on `m`, subscribed to ratings' endpoints.
+async fn sidecar(m: &Meshfed, n: u8) -> Result<(AdsClient, BTreeMap<String, u32>)> {
+    let id = format!("sidecar~127.{OCTET}.50.{n}~client-{n}.shop~shop.svc.cluster.local");
+    let node = meshfed_testkit::fixtures::node(&id, &AWS_SIDECAR, Some(("us-east-1", "us-east-1a")));
+    let mut c = AdsClient::connect(m.xds_address(), Flavor::Sotw, node).await?.with_timeouts(TIMEOUT, QUIET);
+    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
+    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
+    let s = shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    Ok((c, s))
+}
+
+fn want(w: &[(&str, u32)]) -> BTreeMap<String, u32> {
+    w.iter().map(|(r, s)| (r.to_string(), *s)).collect()
+}
+
+/// Receives EDS responses (ACKing them) until ratings' non-zero shares are `w`.
+async fn eds_until(c: &mut AdsClient, what: &str, w: &[(&str, u32)]) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let w = want(w);
+    let mut last = None;
+    loop {
+        let r = c
+            .recv_until(deadline)
+            .await?
+            .ok_or_else(|| anyhow!("{what}: no EDS with shares {w:?} in {TIMEOUT:?} (last {last:?})"))?;
+        c.ack(&r).await?;
+        if r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none() {
+            continue;
+        }
+        let s = shares(&r.decode::<ClusterLoadAssignment>(RATINGS)?);
+        if s == w {
+            return Ok(());
+        }
+        last = Some(s);
+    }
+}
+
+/// No EDS change of ratings for `quiet`.
+async fn eds_stays(c: &mut AdsClient, what: &str, quiet: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Some(r) = c.recv_until(deadline).await? {
+        c.ack(&r).await?;
+        ensure!(r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none(), "{what}: ratings' EDS changed");
+    }
+    Ok(())
+}
+
+/// `meshfed traffic ARGS` (not blocking the runtime the API stand-in runs on), bounded.
+async fn traffic_cmd(args: &[&str]) -> Result<std::process::Output> {
+    let mut cmd = tokio::process::Command::new(meshfed_path());
+    cmd.arg("traffic").args(args).kill_on_drop(true);
+    Ok(tokio::time::timeout(TIMEOUT, cmd.output()).await.context("meshfed traffic timed out")??)
+}
+
+async fn warning_of(m: &Meshfed) -> Result<Option<serde_json::Value>> {
+    let w = m.debug_json("/debug/warnings").await?;
+    Ok(w.as_array().into_iter().flatten().find(|w| w["kind"] == "traffic-policy").cloned())
+}
+
+/// Writes the demo mesh with a `config` cluster (the stand-in, through `kubeconfig`) and
+/// `trafficPolicy: {cluster: config}`.
+fn write_mesh(dir: &Path, kubeconfig: &Path) -> Result<std::path::PathBuf> {
+    let path = meshfed_testkit::demo::copy_demo(dir, OCTET);
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+    let config: serde_yaml::Value = serde_yaml::from_str(&format!(
+        "{{id: config, network: config-net, kubeconfig: {}}}",
+        kubeconfig.to_str().context("utf-8 path")?
+    ))?;
+    doc["clusters"].as_sequence_mut().context("clusters")?.push(config);
+    doc["trafficPolicy"] = serde_yaml::from_str("{cluster: config}")?;
+    doc["traffic"] = serde_yaml::from_str::<serde_yaml::Value>(FILE_SPLIT)?["traffic"].clone();
+    std::fs::write(&path, serde_yaml::to_string(&doc)?)?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("meshfed-traffic-crd-").tempdir()?;
+    let api = KubeStandin::start().await?;
+    let kubeconfig = dir.path().join("config.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig("config", None))?;
+    let kc = kubeconfig.to_str().context("utf-8 path")?.to_string();
+    let mesh_path = write_mesh(dir.path(), &kubeconfig)?;
+    api.apply(object(split(60, 40)))?;
+
+    // 1. both replicas serve the object's split, not the file's
+    let a = start_meshfed(&mesh_path).await?;
+    let b = start_meshfed(&mesh_path).await?;
+    let (mut ca, sa) = sidecar(&a, 1).await?;
+    let (mut cb, sb) = sidecar(&b, 2).await?;
+    assert_eq!(sa, want(&[("us-east-1", 60), ("westeurope", 40)]), "replica a at start");
+    assert_eq!(sb, sa, "replica b at start");
+    let trafficz = a.debug_json("/debug/trafficz").await?;
+    assert_eq!(trafficz["trafficPolicy"]["inForce"], true, "{trafficz}");
+
+    // 2. `meshfed traffic drain --kubeconfig`: azure-weu loses its share on both replicas
+    let out = traffic_cmd(&[
+        "drain",
+        "--cluster",
+        "azure-weu",
+        "--capacity",
+        "0",
+        "--expires",
+        "1h",
+        "--reason",
+        "DR drill",
+        "--kubeconfig",
+        &kc,
+    ])
+    .await?;
+    ensure!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("azure-weu") && stdout.contains("TrafficPolicy istio-system/default"), "{stdout}");
+    let stored = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
+    assert_eq!(stored["spec"]["drains"][0]["cluster"], "azure-weu", "{stored}");
+    assert_eq!(stored["spec"]["policies"], split(60, 40)["policies"], "the split stays: {stored}");
+    eds_until(&mut ca, "replica a, the drain", &[("us-east-1", 100)]).await?;
+    eds_until(&mut cb, "replica b, the drain", &[("us-east-1", 100)]).await?;
+
+    // 3. undrain: both back to the split
+    let out = traffic_cmd(&["undrain", "--cluster", "azure-weu", "--kubeconfig", &kc]).await?;
+    ensure!(out.status.success(), "undrain: {}", String::from_utf8_lossy(&out.stderr));
+    eds_until(&mut ca, "replica a, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
+    eds_until(&mut cb, "replica b, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
+
+    // 4. a bad object written directly: both keep the last good policy and say which field
+    api.apply(object(split(60, 30)))?;
+    for (m, name) in [(&a, "a"), (&b, "b")] {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let w = loop {
+            if let Some(w) = warning_of(m).await? {
+                break w;
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "replica {name}: no traffic-policy warning");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let message = w["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("istio-system/default")
+                && message.contains("spec.policies[0].split.us-east-1")
+                && message.contains("90")
+                && message.contains("last good"),
+            "replica {name}: {w}"
+        );
+    }
+    eds_stays(&mut ca, "replica a, the bad object", QUIET * 2).await?;
+    eds_stays(&mut cb, "replica b, the bad object", QUIET * 2).await?;
+    // the CLI validates the whole result: it refuses to write on top of the bad object
+    let before = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
+    let out = traffic_cmd(&["drain", "--cluster", "azure-weu", "--expires", "1h", "--kubeconfig", &kc]).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("refused") && stderr.contains("spec.policies[0]"), "{stderr}");
+    let after = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
+    assert_eq!(before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"]);
+
+    // 5. fixed, with a drain (a drill in progress): both drained, the warning gone
+    let mut spec = split(60, 40);
+    let expires = meshfed::traffic::decide::time_str(std::time::SystemTime::now() + Duration::from_secs(7200));
+    spec["drains"] = json!([{"cluster": "azure-weu", "capacity": 0, "expires": expires, "reason": "drill"}]);
+    api.apply(object(spec))?;
+    eds_until(&mut ca, "replica a, the fixed object", &[("us-east-1", 100)]).await?;
+    eds_until(&mut cb, "replica b, the fixed object", &[("us-east-1", 100)]).await?;
+    ensure!(warning_of(&a).await?.is_none(), "the warning clears");
+
+    // 6. replica b restarted during the drill: it resumes it from its first response
+    let ports = (b.xds_port, b.debug_port);
+    drop(cb);
+    drop(b);
+    let b = start_meshfed_with(&mesh_path, &MeshfedOptions { ports: Some(ports), ..Default::default() }).await?;
+    let (_cb, sb) = sidecar(&b, 3).await?;
+    assert_eq!(sb, want(&[("us-east-1", 100)]), "the restarted replica serves the drain at once");
+
+    // 7. the object deleted: the file's traffic: is back
+    ensure!(api.delete(API_VERSION, "TrafficPolicy", "istio-system", "default")?, "deleted");
+    eds_until(&mut ca, "replica a, the object deleted", &[("us-east-1", 70), ("westeurope", 30)]).await?;
+    Ok(())
+}
