@@ -111,6 +111,9 @@ pub struct BenchArgs {
     /// storm: proxies that connect at once
     #[arg(long, default_value_t = 5000)]
     pub storm_proxies: usize,
+    /// drain: the services the traffic policy covers (the first N; 0: every service)
+    #[arg(long, default_value_t = 0)]
+    pub drain_services: usize,
     /// cold: pause between one connect's end and the next (more than meshfed's SCOPE_LINGER, 10 s, and
     /// each connect finds nothing translated)
     #[arg(long, default_value_t = 50)]
@@ -705,7 +708,7 @@ impl Run<'_> {
             let epoch = self.epoch;
             self.fleet.rec.watch_below(epoch, [watched.clone()], n as u32);
             let t0 = Instant::now();
-            self.server.control_call(&format!("drain {capacity}")).await?;
+            self.server.control_call(&format!("drain {capacity} {}", self.args.drain_services)).await?;
             self.fleet.rec.wait_hits(n, Duration::from_secs(10)).await;
             self.fleet.rec.unwatch();
             let lat = first_per_proxy(&self.fleet.rec.take_hits(), epoch, t0);
@@ -724,6 +727,7 @@ impl Run<'_> {
         Ok(json!({
             "step": "drain",
             "base": self.base,
+            "covered_services": if self.args.drain_services == 0 { self.args.size.services } else { self.args.drain_services },
             "changes": steps,
             "change_to_ack_ms_per_proxy": percentiles(&all),
             "change_to_last_ack_ms_per_change": percentiles(&last),

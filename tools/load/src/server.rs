@@ -26,9 +26,10 @@ pub trait ControlHandler: Send {
     fn change(&mut self, change: &Change);
     /// A JSON object with whatever the server can say about itself.
     fn stats(&mut self) -> serde_json::Value;
-    /// Sets a traffic policy splitting every service 50/50 between the clouds, with the second cloud
-    /// drained to `capacity` % (`drain N`); servers without traffic control say so.
-    fn drain(&mut self, _capacity: u32) -> Result<(), String> {
+    /// Sets a traffic policy splitting the first `services` services (0: every service) 50/50 between the
+    /// clouds, with the second cloud drained to `capacity` % (`drain CAPACITY SERVICES`); servers without
+    /// traffic control say so.
+    fn drain(&mut self, _capacity: u32, _services: usize) -> Result<(), String> {
         Err("this server has no traffic control".into())
     }
 }
@@ -44,13 +45,16 @@ pub async fn serve_control(listener: TcpListener, mut handler: impl ControlHandl
             let reply = match line.trim() {
                 "stats" => handler.stats().to_string(),
                 "ping" => "pong".to_string(),
-                l if l.starts_with("drain ") => match l["drain ".len()..].trim().parse::<u32>() {
-                    Ok(capacity) => match handler.drain(capacity) {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error: {e}"),
-                    },
-                    Err(_) => format!("error: bad drain command {l:?}"),
-                },
+                l if l.starts_with("drain ") => {
+                    let mut args = l["drain ".len()..].split_whitespace().map(str::parse::<usize>);
+                    match (args.next(), args.next().unwrap_or(Ok(0))) {
+                        (Some(Ok(capacity)), Ok(services)) => match handler.drain(capacity as u32, services) {
+                            Ok(()) => "ok".to_string(),
+                            Err(e) => format!("error: {e}"),
+                        },
+                        _ => format!("error: bad drain command {l:?}"),
+                    }
+                }
                 l => match Change::parse(l) {
                     Some(c) => {
                         handler.change(&c);
@@ -112,8 +116,8 @@ impl ControlHandler for MeshfedControl {
         }
     }
 
-    fn drain(&mut self, capacity: u32) -> Result<(), String> {
-        let policy = drain_policy(capacity, std::time::SystemTime::now()).map_err(|e| e.to_string())?;
+    fn drain(&mut self, capacity: u32, services: usize) -> Result<(), String> {
+        let policy = drain_policy(capacity, services, std::time::SystemTime::now()).map_err(|e| e.to_string())?;
         self.server.push.set_traffic_policy(policy);
         Ok(())
     }
@@ -161,17 +165,29 @@ fn scope_counts(s: &meshfed::cache::Snapshot) -> serde_json::Value {
     })
 }
 
-/// The traffic policy of the `drain` step: every service split 50/50 between the two clouds for proxies of
-/// either region, the second cloud drained to `capacity` % (an hour's expiry).
+/// The traffic policy of the `drain` step: the first `services` services (0: every service) split 50/50
+/// between the two clouds for proxies of either region, the second cloud drained to `capacity` % (an
+/// hour's expiry).
 pub fn drain_policy(
     capacity: u32,
+    services: usize,
     now: std::time::SystemTime,
 ) -> Result<meshfed::traffic::TrafficPolicy, meshfed::traffic::policy::Error> {
     use super::topo::CLUSTERS;
     let (a, b) = (CLUSTERS[0].0, CLUSTERS[1].0);
     let expires = meshfed::source::format_time(now + Duration::from_secs(3600));
+    let hosts = match services {
+        0 => String::new(),
+        n => format!(
+            "hosts: [{}]\n    ",
+            (0..n)
+                .map(|s| format!("{}.{}.svc.cluster.local", super::topo::service_name(s), super::topo::NAMESPACE))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let yaml = format!(
-        "policies:\n  - split:\n      {}: {{{a}: 50, {b}: 50}}\n      {}: {{{a}: 50, {b}: 50}}\ndrains:\n  - cluster: {b}\n    capacity: {capacity}\n    expires: \"{expires}\"\n    reason: benchmark\n",
+        "policies:\n  - {hosts}split:\n      {}: {{{a}: 50, {b}: 50}}\n      {}: {{{a}: 50, {b}: 50}}\ndrains:\n  - cluster: {b}\n    capacity: {capacity}\n    expires: \"{expires}\"\n    reason: benchmark\n",
         CLUSTERS[0].1, CLUSTERS[1].1
     );
     let value: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap_or_default();
