@@ -593,16 +593,19 @@ impl Pusher {
         }
     }
 
-    /// A new traffic policy: drains keep their start if the previous policy had them; everything is
-    /// decided and translated again at the next push.
-    pub fn set_traffic_policy(&mut self, mut policy: crate::traffic::TrafficPolicy) {
+    /// A new traffic policy: drains keep their start if the previous policy had them. Returns whether it
+    /// changed; the next push decides again and translates what the decisions changed: the EDS of the
+    /// services whose decision differs, or everything when the covered services or `lastResort` change
+    /// ([`Self::refresh_traffic`]).
+    pub fn set_traffic_policy(&mut self, mut policy: crate::traffic::TrafficPolicy) -> bool {
         let now = std::time::SystemTime::now();
         policy.stamp(&self.traffic.policy, now);
-        if policy != self.traffic.policy {
-            info!(policies = policy.policies.len(), drains = policy.drains.len(), "traffic policy changed");
-            self.traffic = Arc::new(crate::traffic::Status { policy, ..(*self.traffic).clone() });
-            self.context_changed = true;
+        if policy == self.traffic.policy {
+            return false;
         }
+        info!(policies = policy.policies.len(), drains = policy.drains.len(), "traffic policy changed");
+        self.traffic = Arc::new(crate::traffic::Status { policy, ..(*self.traffic).clone() });
+        true
     }
 
     /// Decides the traffic of every covered service at `now` ([`crate::traffic::decide_all`]): updates
@@ -964,8 +967,7 @@ impl Pusher {
                 }
             }
             Command::TrafficPolicy(policy) => {
-                self.set_traffic_policy(policy);
-                if self.context_changed {
+                if self.set_traffic_policy(policy) {
                     self.push(RegistryChange::default(), false);
                 }
             }
