@@ -109,27 +109,7 @@ const RATINGS_SVC: Svc =
 
 /// Adjusts the copied demo in `dir` for this test (see the module docs).
 fn prepare_demo(dir: &Path) -> Result<()> {
-    // The AWS backends are plain HTTP servers: their pods run no sidecar.
-    let pods = dir.join("aws-use1/pods.yaml");
-    let text = std::fs::read_to_string(&pods)?;
-    let plain = text.replace("    security.istio.io/tlsMode: istio\n", "");
-    ensure!(plain != text, "no tlsMode label in {}", pods.display());
-    std::fs::write(&pods, plain)?;
-
-    // One Azure endpoint per zone and service: fewer Envoys to run.
-    let slices = dir.join("azure-weu/endpointslices.yaml");
-    let mut docs = SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
-    let mut removed = 0;
-    for doc in &mut docs.0 {
-        let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
-        endpoints.retain(|ep| {
-            let second = ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32"));
-            removed += usize::from(second);
-            !second
-        });
-    }
-    ensure!(removed == 4, "expected to remove 4 Azure endpoints, removed {removed}");
-    support::write_atomically(&slices, &docs.to_yaml()?)?;
+    meshfed_testkit::demo::plain_aws_one_azure_endpoint_per_zone(dir)?;
 
     // Ejections of 3s instead of 30s: recovery after outlier ejection fits in a bounded test.
     let rules = dir.join("aws-use1/destinationrules.yaml");

@@ -41,7 +41,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use support::kube_standin::KubeStandin;
-use support::slices::SliceDocs;
 use support::{
     Backend, BootstrapSpec, Envoy, HostDetail, MeshIdentity, Meshfed, TestCa, addr4, bootstrap_with, http_get, ip4,
     poll_until, start_envoy, start_meshfed,
@@ -78,24 +77,6 @@ const OUTAGE: Duration = Duration::from_secs(120);
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---- the mesh ----
-
-/// Adjusts the copied demo: AWS pods without sidecars (plain backends), one Azure endpoint per zone.
-fn prepare_demo(dir: &Path) -> Result<()> {
-    let pods = dir.join("aws-use1/pods.yaml");
-    let text = std::fs::read_to_string(&pods)?;
-    let plain = text.replace("    security.istio.io/tlsMode: istio\n", "");
-    ensure!(plain != text, "no tlsMode label in {}", pods.display());
-    std::fs::write(&pods, plain)?;
-
-    let slices = dir.join("azure-weu/endpointslices.yaml");
-    let mut docs = SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
-    for doc in &mut docs.0 {
-        let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
-        endpoints.retain(|ep| !ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32")));
-    }
-    std::fs::write(&slices, docs.to_yaml()?)?;
-    Ok(())
-}
 
 /// Every object of the YAML files in `dir` (multi-document, `kind: List` flattened), as JSON.
 fn objects_of_dir(dir: &Path) -> Result<Vec<serde_json::Value>> {
@@ -146,7 +127,7 @@ impl Mesh {
         support::envoy_path();
         let dir = tempfile::Builder::new().prefix("meshfed-dataplane-liveness-").tempdir()?;
         let mesh_path = support::server::copy_demo(dir.path(), octet);
-        prepare_demo(dir.path())?;
+        support::demo::plain_aws_one_azure_endpoint_per_zone(dir.path())?;
 
         // azure-weu comes from the API stand-in, with the demo's objects
         let api = KubeStandin::start().await?;

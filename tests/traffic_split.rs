@@ -17,7 +17,6 @@ use meshfed_testkit as support;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -28,7 +27,6 @@ use meshfed::source::SourceEvent;
 use meshfed::topology::TopologyObject;
 use meshfed::traffic::TrafficPolicy;
 use support::server::TestServer;
-use support::slices::SliceDocs;
 use support::{Backend, BootstrapSpec, Envoy, TestCa, addr4, bootstrap_with, http_get, ip4, poll_until, start_envoy};
 
 const PORT: u16 = 9080;
@@ -44,22 +42,6 @@ const TOLERANCE: f64 = 5.0;
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 /// `failbackAfter` of the policy: long enough to see the share stay away, short enough for a test
 const FAILBACK: Duration = Duration::from_secs(8);
-
-/// The copied demo: AWS pods without sidecars (plain backends), one Azure endpoint per zone.
-fn prepare_demo(dir: &Path) -> Result<()> {
-    let pods = dir.join("aws-use1/pods.yaml");
-    let text = std::fs::read_to_string(&pods)?;
-    let plain = text.replace("    security.istio.io/tlsMode: istio\n", "");
-    ensure!(plain != text, "no tlsMode label in {}", pods.display());
-    std::fs::write(&pods, plain)?;
-    let slices = dir.join("azure-weu/endpointslices.yaml");
-    let mut docs = SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
-    for doc in &mut docs.0 {
-        let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
-        endpoints.retain(|ep| !ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32")));
-    }
-    support::write_atomically(&slices, &docs.to_yaml()?)
-}
 
 /// A `traffic:` section: ratings from us-east-1 70/30, failover below 50% healthy (failback after
 /// [`FAILBACK`]), and `drains` (YAML list items, or empty).
@@ -91,7 +73,7 @@ impl Mesh {
         support::envoy_path();
         let dir = tempfile::Builder::new().prefix("meshfed-traffic-").tempdir()?;
         let mesh_path = support::server::copy_demo(dir.path(), OCTET);
-        prepare_demo(dir.path())?;
+        support::demo::plain_aws_one_azure_endpoint_per_zone(dir.path())?;
         // the policy from the mesh config, as `meshfed serve` reads it
         let text = std::fs::read_to_string(&mesh_path)?;
         let section = format!(

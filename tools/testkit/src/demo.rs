@@ -185,3 +185,29 @@ impl Demo {
             .expect("push loop alive");
     }
 }
+
+/// Adjusts a demo copied into `dir` for tests that run plain backends for AWS and real sidecars for
+/// Azure: the AWS pods lose `security.istio.io/tlsMode` (their backends are plain HTTP servers, so a
+/// client talks plaintext to them), and only the first Azure endpoint of each zone and service is kept
+/// (`.22` and `.32` are removed: fewer Envoys to run). The slices file is rewritten atomically.
+pub fn plain_aws_one_azure_endpoint_per_zone(dir: &Path) -> anyhow::Result<()> {
+    let pods = dir.join("aws-use1/pods.yaml");
+    let text = std::fs::read_to_string(&pods)?;
+    let plain = text.replace("    security.istio.io/tlsMode: istio\n", "");
+    anyhow::ensure!(plain != text, "no tlsMode label in {}", pods.display());
+    std::fs::write(&pods, plain)?;
+
+    let slices = dir.join("azure-weu/endpointslices.yaml");
+    let mut docs = crate::slices::SliceDocs::parse(&std::fs::read_to_string(&slices)?)?;
+    let mut removed = 0;
+    for doc in &mut docs.0 {
+        let Some(endpoints) = doc["endpoints"].as_sequence_mut() else { continue };
+        endpoints.retain(|ep| {
+            let second = ep["addresses"][0].as_str().is_some_and(|a| a.ends_with(".22") || a.ends_with(".32"));
+            removed += usize::from(second);
+            !second
+        });
+    }
+    anyhow::ensure!(removed == 4, "expected to remove 4 Azure endpoints, removed {removed}");
+    crate::write_atomically(&slices, &docs.to_yaml()?)
+}
