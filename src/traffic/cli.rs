@@ -89,6 +89,25 @@ impl FileArgs {
     }
 }
 
+impl Store<'_> {
+    /// Applies `f` to the drains where they are kept (the mesh config file's `traffic.drains`, or the
+    /// TrafficPolicy's `spec.drains`), validated before it is written; returns the place, for the message.
+    fn edit_drains(&self, f: impl Fn(&mut Vec<serde_yaml::Value>) -> Result<(), edit::Error>) -> Result<String, Error> {
+        match self {
+            Store::File(path) => {
+                let e = edit::edit_file(path, |text, base| edit::edit(text, base, &f))?;
+                note_rewritten(&e);
+                Ok(path.display().to_string())
+            }
+            Store::Kube(object) => {
+                let w = kube_edit::edit_object_blocking(object, &f)?;
+                note_written(object, &w);
+                Ok(format!("TrafficPolicy {object}"))
+            }
+        }
+    }
+}
+
 fn note_written(object: &kube_edit::ObjectRef, w: &kube_edit::Written) {
     eprintln!(
         "TrafficPolicy {object} {} (resourceVersion {})",
@@ -250,55 +269,22 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
                 expires: edit::expiry(&a.expires, SystemTime::now())?,
                 reason: a.reason.clone(),
             };
-            let place = match a.file.store()? {
-                Store::File(path) => {
-                    let e = edit::edit_file(path, |text, base| edit::drain(text, base, &spec))?;
-                    note_rewritten(&e);
-                    path.display().to_string()
-                }
-                Store::Kube(object) => {
-                    let w = kube_edit::edit_object_blocking(&object, |drains| {
-                        edit::set_drain(drains, &spec);
-                        Ok(())
-                    })?;
-                    note_written(&object, &w);
-                    format!("TrafficPolicy {object}")
-                }
-            };
+            let place = a.file.store()?.edit_drains(|drains| {
+                edit::set_drain(drains, &spec);
+                Ok(())
+            })?;
             Ok(format!("{} drained to {}% until {} in {place}\n", spec.target, spec.capacity, spec.expires))
         }
         TrafficCommand::Undrain(a) => {
             let target = a.target.target()?;
-            let place = match a.file.store()? {
-                Store::File(path) => {
-                    let e = edit::edit_file(path, |text, base| edit::undrain(text, base, &target))?;
-                    note_rewritten(&e);
-                    path.display().to_string()
-                }
-                Store::Kube(object) => {
-                    let w = kube_edit::edit_object_blocking(&object, |drains| edit::remove_drain(drains, &target))?;
-                    note_written(&object, &w);
-                    format!("TrafficPolicy {object}")
-                }
-            };
+            let place = a.file.store()?.edit_drains(|drains| edit::remove_drain(drains, &target))?;
             Ok(format!("{target}: drain removed from {place}\n"))
         }
         TrafficCommand::Drill(a) => {
             let target = a.target.target()?;
             let store = a.file.store()?;
             if a.abort {
-                let place = match store {
-                    Store::File(path) => {
-                        let e = edit::edit_file(path, |text, base| edit::abort_drill(text, base, &target))?;
-                        note_rewritten(&e);
-                        path.display().to_string()
-                    }
-                    Store::Kube(object) => {
-                        let w = kube_edit::edit_object_blocking(&object, |drains| edit::remove_drill(drains, &target))?;
-                        note_written(&object, &w);
-                        format!("TrafficPolicy {object}")
-                    }
-                };
+                let place = store.edit_drains(|drains| edit::remove_drill(drains, &target))?;
                 return Ok(format!("{target}: drill aborted (removed from {place})\n"));
             }
             let duration = a.duration.as_deref().ok_or_else(|| Error::Usage("give --duration".into()))?;
@@ -311,23 +297,10 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
                 expires: edit::expiry(duration, now)?,
                 reason: Some(a.reason.clone().unwrap_or_else(|| "drill".into())),
             };
-            let place = match store {
-                Store::File(path) => {
-                    let e = edit::edit_file(path, |text, base| {
-                        edit::drill(text, base, &spec, &start, a.abort_below_healthy)
-                    })?;
-                    note_rewritten(&e);
-                    path.display().to_string()
-                }
-                Store::Kube(object) => {
-                    let w = kube_edit::edit_object_blocking(&object, |drains| {
-                        edit::set_drain_with(drains, &spec, edit::drill_fields(&start, a.abort_below_healthy));
-                        Ok(())
-                    })?;
-                    note_written(&object, &w);
-                    format!("TrafficPolicy {object}")
-                }
-            };
+            let place = store.edit_drains(|drains| {
+                edit::set_drain_with(drains, &spec, edit::drill_fields(&start, a.abort_below_healthy));
+                Ok(())
+            })?;
             Ok(format!(
                 "{}: drill from {start} until {}, down to {}%, aborts below {}% healthy; report: /debug/drillz ({place})\n",
                 spec.target, spec.expires, spec.capacity, a.abort_below_healthy

@@ -199,7 +199,9 @@ fn yaml_err(reason: impl std::fmt::Display) -> Error {
     Error::Yaml { path: PathBuf::from("<mesh config>"), reason: reason.to_string() }
 }
 
-fn edit(text: &str, base: &Path, f: impl FnOnce(&mut Vec<Value>) -> Result<(), Error>) -> Result<Edited, Error> {
+/// Applies `f` to the `traffic.drains` of the mesh config `text` (`base`: the file's directory): the
+/// edited text, checked with meshfed's parser.
+pub fn edit(text: &str, base: &Path, f: impl FnOnce(&mut Vec<Value>) -> Result<(), Error>) -> Result<Edited, Error> {
     let mut doc: Value = serde_yaml::from_str(text).map_err(yaml_err)?;
     let top = doc.as_mapping_mut().ok_or_else(|| yaml_err("the document is not a mapping"))?;
     let traffic = top.entry("traffic".into()).or_insert_with(|| Mapping::new().into());
