@@ -15,7 +15,7 @@ use crate::node_id::is_dns1123_subdomain;
 // at their paths from before node ids moved to `crate::node_id` and the interception mode to
 // `crate::proxy` (the CLI, the fuzz targets and the xDS streams name them here)
 use crate::node_id::parse_node_id;
-use crate::proxy::InterceptionMode;
+use crate::proxy::{InterceptionMode, RouterMode};
 
 /// The Istio version meshfed reports in node metadata (`ISTIO_VERSION`).
 pub const ISTIO_VERSION: &str = "1.24.0-meshfed";
@@ -61,6 +61,9 @@ pub struct BootstrapOptions {
     pub locality: Option<String>,
     /// node metadata `INTERCEPTION_MODE`
     pub interception_mode: InterceptionMode,
+    /// node metadata `ROUTER_MODE` (router node ids only): `sni-dnat` for an east-west gateway; unset or
+    /// `standard`, an ingress gateway
+    pub router_mode: Option<RouterMode>,
     /// node metadata `LABELS`
     pub labels: BTreeMap<String, String>,
     /// mesh certificates as files, served to Envoy as the static secrets `default` and `ROOTCA` (what
@@ -104,6 +107,7 @@ impl BootstrapOptions {
             network: None,
             locality: None,
             interception_mode: InterceptionMode::default(),
+            router_mode: None,
             labels: BTreeMap::new(),
             tls: None,
             inbound_address: None,
@@ -220,6 +224,15 @@ pub fn render_json(opts: &BootstrapOptions) -> Result<Value, Error> {
     metadata.insert("NAMESPACE".into(), json!(node_id.namespace));
     metadata.insert("INSTANCE_IPS".into(), json!(node_id.ip.to_string()));
     metadata.insert("INTERCEPTION_MODE".into(), json!(opts.interception_mode.as_str()));
+    if let Some(mode) = opts.router_mode {
+        if node_id.proxy_type != "router" {
+            return Err(Error::Metadata {
+                what: "ROUTER_MODE",
+                reason: format!("a router mode is for router node ids, not {:?}", node_id.proxy_type),
+            });
+        }
+        metadata.insert("ROUTER_MODE".into(), json!(mode.as_str()));
+    }
     metadata.insert("WORKLOAD_NAME".into(), json!(node_id.pod));
     metadata.insert("MESHFED_TLS".into(), json!(if opts.tls.is_some() { "static" } else { "none" }));
     if let Some(a) = opts.inbound_address {
@@ -478,9 +491,21 @@ mod tests {
         let y = rendered(&BootstrapOptions::new(ID));
         let md = &y["node"]["metadata"];
         assert_eq!(s(md, &["INTERCEPTION_MODE"]), "NONE");
-        for absent in ["CLUSTER_ID", "NETWORK", "LABELS"] {
+        for absent in ["CLUSTER_ID", "NETWORK", "LABELS", "ROUTER_MODE"] {
             assert!(md.get(absent).is_none(), "{absent}");
         }
+    }
+
+    #[test]
+    fn a_router_mode_is_rendered_for_routers_only() {
+        let mut opts =
+            BootstrapOptions::new("router~127.0.20.1~eastwest-0.istio-system~istio-system.svc.cluster.local");
+        opts.router_mode = Some(RouterMode::SniDnat);
+        assert_eq!(s(&rendered(&opts)["node"]["metadata"], &["ROUTER_MODE"]), "sni-dnat");
+        let mut sidecar = BootstrapOptions::new(ID);
+        sidecar.router_mode = Some(RouterMode::Standard);
+        let err = render(&sidecar).unwrap_err().to_string();
+        assert!(err.contains("ROUTER_MODE") && err.contains("router node ids"), "{err}");
     }
 
     #[test]

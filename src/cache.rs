@@ -145,7 +145,9 @@ impl Snapshot {
             ResourceType::Listener => {
                 let own = self.listeners.get(&view.listeners)?;
                 match view.listeners.kind {
-                    crate::proxy::ProxyKind::Sidecar if !self.api_listeners.is_empty() => {
+                    crate::proxy::ProxyKind::Sidecar | crate::proxy::ProxyKind::Ingress
+                        if !self.api_listeners.is_empty() =>
+                    {
                         Some(own.clone().union(self.api_listeners.clone()))
                     }
                     _ => Some(own.clone()),

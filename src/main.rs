@@ -152,6 +152,10 @@ struct BootstrapArgs {
     /// NONE: outbound listeners bind on the node id's IP; REDIRECT: iptables capture, as in Istio
     #[arg(long, value_enum, default_value = "NONE")]
     interception_mode: InterceptionMode,
+    /// Router node ids: sni-dnat for an east-west gateway (node metadata ROUTER_MODE, as Istio's
+    /// east-west gateways set it); standard (Istio's default when unset) for an ingress gateway
+    #[arg(long, value_enum)]
+    router_mode: Option<meshfed::proxy::RouterMode>,
     /// Workload labels (node metadata LABELS), KEY=VALUE, repeatable
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
@@ -362,6 +366,7 @@ fn bootstrap_cmd(args: BootstrapArgs) -> Result<()> {
         network: args.network,
         locality: args.locality,
         interception_mode: args.interception_mode,
+        router_mode: args.router_mode,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         tls: match (args.tls_cert, args.tls_key, args.tls_root_cert) {
             (Some(cert_chain), Some(private_key), Some(root_cert)) => {

@@ -29,14 +29,22 @@ pub enum Error {
     InterceptionMode(String),
 }
 
-/// Istio proxy types (the first part of the node id).
+/// What a proxy is, from the Istio node type (the first part of the node id) and, for `router` nodes,
+/// the router mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyKind {
     /// an application sidecar (or a proxyless gRPC client, which uses the same id form)
     Sidecar,
-    /// a gateway; east-west gateways in particular
+    /// an east-west gateway: node type `router` with node metadata `ROUTER_MODE: sni-dnat` or a
+    /// `REQUESTED_NETWORK_VIEW`, as Istio deploys them; it passes mTLS through by SNI to its own
+    /// network's endpoints
     Router,
+    /// any other `router`: an ingress (or egress) gateway, Istio's `ROUTER_MODE: standard` (its
+    /// default). Its clusters and endpoints are a sidecar's outbound ones (every network, through the
+    /// east-west gateways, under the traffic policy's decisions); standalone, its listeners are the
+    /// sidecar's outbound listeners bound on its address.
+    Ingress,
 }
 
 impl ProxyKind {
@@ -44,6 +52,61 @@ impl ProxyKind {
         match self {
             ProxyKind::Sidecar => "sidecar",
             ProxyKind::Router => "router",
+            ProxyKind::Ingress => "ingress",
+        }
+    }
+
+    /// Every kind, for counts.
+    pub const ALL: [ProxyKind; 3] = [ProxyKind::Sidecar, ProxyKind::Router, ProxyKind::Ingress];
+
+    /// The kind of a node: its type (`router` or anything else: a sidecar) and, for routers, node
+    /// metadata `ROUTER_MODE` ([`RouterMode`], default standard) and `REQUESTED_NETWORK_VIEW`.
+    pub fn of_node(node_type: &str, router_mode: Option<&str>, network_view: Option<&str>) -> Result<Self, Error> {
+        if node_type != "router" {
+            return Ok(ProxyKind::Sidecar);
+        }
+        let mode = match router_mode {
+            None => RouterMode::Standard,
+            Some(m) => RouterMode::from_str(m)?,
+        };
+        Ok(match mode {
+            RouterMode::SniDnat => ProxyKind::Router,
+            RouterMode::Standard if network_view.is_some() => ProxyKind::Router,
+            RouterMode::Standard => ProxyKind::Ingress,
+        })
+    }
+}
+
+/// Istio's router modes (node metadata `ROUTER_MODE`, from `ISTIO_META_ROUTER_MODE`): `sni-dnat` on
+/// east-west gateways, `standard` (the default) on ingress and egress gateways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RouterMode {
+    #[value(name = "standard")]
+    Standard,
+    #[value(name = "sni-dnat")]
+    SniDnat,
+}
+
+impl RouterMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterMode::Standard => "standard",
+            RouterMode::SniDnat => "sni-dnat",
+        }
+    }
+}
+
+impl FromStr for RouterMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "standard" => Ok(RouterMode::Standard),
+            "sni-dnat" => Ok(RouterMode::SniDnat),
+            other => Err(Error::InvalidMetadata {
+                key: "ROUTER_MODE",
+                reason: format!("{other:?} is not sni-dnat or standard"),
+            }),
         }
     }
 }
@@ -193,15 +256,13 @@ impl Proxy {
         let node = node.ok_or(Error::MissingNode)?;
         let nid = crate::node_id::parse_node_id(&node.id)
             .map_err(|e| Error::InvalidNodeId { id: node.id.clone(), reason: e.to_string() })?;
-        let kind = match nid.proxy_type.as_str() {
-            "router" => ProxyKind::Router,
-            _ => ProxyKind::Sidecar,
-        };
         let meta = node.metadata.as_ref();
+        let view = meta_str(meta, "REQUESTED_NETWORK_VIEW");
+        let kind = ProxyKind::of_node(&nid.proxy_type, meta_str(meta, "ROUTER_MODE"), view)?;
         let client = ClientKind::of_node(meta_str(meta, "GENERATOR"), &node.user_agent_name);
         let network = match kind {
-            ProxyKind::Router => meta_str(meta, "REQUESTED_NETWORK_VIEW").or(meta_str(meta, "NETWORK")),
-            ProxyKind::Sidecar => meta_str(meta, "NETWORK"),
+            ProxyKind::Router => view.or(meta_str(meta, "NETWORK")),
+            ProxyKind::Sidecar | ProxyKind::Ingress => meta_str(meta, "NETWORK"),
         };
         let locality = match &node.locality {
             Some(l) => Locality::new(&l.region, &l.zone, &l.sub_zone),
@@ -307,6 +368,27 @@ mod tests {
         assert_eq!(p.kind, ProxyKind::Router);
         assert_eq!(p.network, NetworkId::new("azure-net"));
         assert_eq!(p.interception, InterceptionMode::Redirect);
+    }
+
+    #[test]
+    fn a_router_is_an_east_west_gateway_by_its_mode_or_network_view_else_an_ingress() {
+        let id = "router~127.0.10.2~gw-0.istio-system~istio-system.svc.cluster.local";
+        let kind = |meta: &[(&str, &str)]| Proxy::from_node(Some(&node(id, meta))).map(|p| (p.kind, p.network));
+        let net = NetworkId::new;
+        assert_eq!(
+            kind(&[("ROUTER_MODE", "sni-dnat"), ("NETWORK", "aws-net")]),
+            Ok((ProxyKind::Router, net("aws-net")))
+        );
+        assert_eq!(kind(&[("REQUESTED_NETWORK_VIEW", "aws-net")]), Ok((ProxyKind::Router, net("aws-net"))));
+        // Istio's default mode is standard: an ingress gateway, on its own NETWORK
+        assert_eq!(kind(&[("NETWORK", "aws-net")]), Ok((ProxyKind::Ingress, net("aws-net"))));
+        assert_eq!(kind(&[("ROUTER_MODE", "standard")]), Ok((ProxyKind::Ingress, net(""))));
+        let bad = kind(&[("ROUTER_MODE", "sni")]).unwrap_err();
+        assert_eq!(bad.to_string(), "invalid node metadata ROUTER_MODE: \"sni\" is not sni-dnat or standard");
+        // the mode means nothing on a sidecar
+        let sidecar = "sidecar~127.0.0.1~c.shop~shop.svc.cluster.local";
+        let p = Proxy::from_node(Some(&node(sidecar, &[("ROUTER_MODE", "sni-dnat")]))).unwrap();
+        assert_eq!(p.kind, ProxyKind::Sidecar);
     }
 
     #[test]

@@ -72,12 +72,13 @@ async fn plan(mesh: &Path, argv: &[&str]) -> Plan {
     meshfed::istio::plan(&inventory, &config, &options).expect("a plan")
 }
 
-fn patch_values<'a>(plan: &'a Plan, operation: &str) -> Vec<&'a Value> {
+/// The values of the patches with `operation` in the proxy context of `who`.
+fn patch_values<'a>(plan: &'a Plan, who: Who, operation: &str) -> Vec<&'a Value> {
     plan.objects
         .iter()
         .filter(|o| o["kind"] == "EnvoyFilter")
         .flat_map(|o| o["spec"]["configPatches"].as_array().expect("configPatches"))
-        .filter(|p| p["patch"]["operation"] == operation && p["match"]["context"] == "SIDECAR_OUTBOUND")
+        .filter(|p| p["patch"]["operation"] == operation && p["match"]["context"] == who.context())
         .map(|p| &p["patch"]["value"])
         .collect()
 }
@@ -92,9 +93,9 @@ struct XdsTarget {
 /// `meshfed-xds` as `meshfed istio` ADDs it, pointed at the test's meshfed: over mTLS with the SDS
 /// secrets `default`/`ROOTCA` taken from the bootstrap's static secrets (istio-agent's stand-in), or
 /// plaintext.
-fn meshfed_xds_cluster(plan: &Plan, target: &XdsTarget) -> Value {
+fn meshfed_xds_cluster(plan: &Plan, who: Who, target: &XdsTarget) -> Value {
     // the EnvoyFilter's ADD (Delta), or the static cluster of the bootstrap override (SotW)
-    let mut c = match patch_values(plan, "ADD").first() {
+    let mut c = match patch_values(plan, who, "ADD").first() {
         Some(v) => (*v).clone(),
         None => {
             let cm = plan.objects.iter().find(|o| o["kind"] == "ConfigMap").expect("a bootstrap ConfigMap");
@@ -126,14 +127,14 @@ fn meshfed_xds_cluster(plan: &Plan, target: &XdsTarget) -> Value {
 }
 
 /// istiod's cluster for `name` (a subset or the whole service), with the MERGE applied as istiod does.
-fn istiod_cluster(plan: &Plan, name: &str) -> Value {
+fn istiod_cluster(plan: &Plan, who: Who, name: &str) -> Value {
     let mut c = fixture("reviews-9080.cluster.json");
     c["name"] = json!(name);
     c["alt_stat_name"] = json!(format!("{name};"));
     c["eds_cluster_config"]["service_name"] = json!(name);
     // mTLS to the workloads is istiod's business and off here: the demo's backends are plain HTTP
     c.as_object_mut().unwrap().remove("transport_socket_matches");
-    let merge = patch_values(plan, "MERGE").into_iter().next().expect("a MERGE patch");
+    let merge = patch_values(plan, who, "MERGE").into_iter().next().expect("a MERGE patch");
     let mut merged = meshfed::istio::merge::merge_json(&c, merge).expect("istiod's merge");
     // (a finite fetch timeout as meshfed istio writes it; shorter here only so a failing test fails sooner)
     assert!(merged["eds_cluster_config"]["eds_config"]["initial_fetch_timeout"].is_string());
@@ -141,8 +142,9 @@ fn istiod_cluster(plan: &Plan, name: &str) -> Value {
     merged
 }
 
-/// istiod's outbound listener for reviews:9080 on the sidecar's address, its route splitting 90/10
-/// between the subsets (a VirtualService with two weighted destinations).
+/// istiod's outbound listener for reviews:9080 on the proxy's address, its route splitting 90/10
+/// between the subsets (a VirtualService with two weighted destinations; on an ingress gateway, one
+/// bound to its Gateway renders the same route).
 fn istiod_listener(address: IpAddr) -> Value {
     json!({
         "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
@@ -181,11 +183,22 @@ fn write_resources(path: &Path, version: &str, resources: &[Value]) {
     support::write_atomically(path, &text).expect("writing an xDS file");
 }
 
-/// The Envoy bootstrap: istiod's sidecar bootstrap with CDS and LDS from files, and (SotW) the static
-/// `meshfed-xds`, or (mTLS) the static secrets standing in for istio-agent.
-fn envoy_bootstrap(dir: &Path, node_id: &str, static_xds: Option<&Value>, target: &XdsTarget) -> String {
+/// The Envoy bootstrap: istiod's sidecar bootstrap (an ingress gateway's node as Istio's gateway chart
+/// renders it) with CDS and LDS from files, and (SotW) the static `meshfed-xds`, or (mTLS) the static
+/// secrets standing in for istio-agent.
+fn envoy_bootstrap(dir: &Path, who: Who, node_ip: IpAddr, static_xds: Option<&Value>, target: &XdsTarget) -> String {
     let mut b = fixture("sidecar-bootstrap.json");
-    b["node"]["id"] = json!(node_id);
+    b["node"]["id"] = json!(who.node_id(node_ip));
+    if who == Who::IngressGateway {
+        let meta = b["node"]["metadata"].as_object_mut().expect("node metadata");
+        meta.remove("INTERCEPTION_MODE");
+        meta.insert("ROUTER_MODE".into(), json!("standard"));
+        meta.insert("NAMESPACE".into(), json!("istio-system"));
+        meta.insert("WORKLOAD_NAME".into(), json!("istio-ingressgateway"));
+        meta.insert("SERVICE_ACCOUNT".into(), json!("istio-ingressgateway-service-account"));
+        meta.insert("LABELS".into(), json!({ "app": "istio-ingressgateway", "istio": "ingressgateway" }));
+        b["node"]["cluster"] = json!("istio-ingressgateway.istio-system");
+    }
     // no istio-agent, no istiod: their clusters are not used
     b["static_resources"]["clusters"] = json!(static_xds.into_iter().cloned().collect::<Vec<_>>());
     if let Some(id) = &target.tls {
@@ -326,15 +339,15 @@ async fn expect_split(listener: SocketAddr, v1: SocketAddr, v2: SocketAddr) -> R
 }
 
 /// meshfed's view of the proxy: an EDS-only client with one stream per cluster, none NACKed.
-async fn expect_eds_proxy(meshfed: &Meshfed, delta: bool) -> Result<()> {
+async fn expect_eds_proxy(meshfed: &Meshfed, who: Who, delta: bool) -> Result<()> {
     poll_until(STEP_TIMEOUT, || async {
         let syncz = meshfed.debug_json("/debug/syncz").await?;
         let entry = syncz
             .as_array()
             .into_iter()
             .flatten()
-            .find(|e| e["proxy"] == "client-1.shop")
-            .ok_or_else(|| anyhow!("client-1.shop not in /debug/syncz: {syncz}"))?;
+            .find(|e| e["proxy"] == who.key())
+            .ok_or_else(|| anyhow!("{} not in /debug/syncz: {syncz}", who.key()))?;
         ensure!(entry["service"] == "eds", "{entry}");
         ensure!(entry["flavor"] == if delta { "delta" } else { "sotw" }, "{entry}");
         ensure!(entry["streams"] == 3, "one stream per cluster: {entry}");
@@ -345,7 +358,37 @@ async fn expect_eds_proxy(meshfed: &Meshfed, delta: bool) -> Result<()> {
     .await
 }
 
-async fn beside_istiod(delta: bool, mtls: bool, octet: u8) {
+/// The proxy istiod configures: a sidecar (`SIDECAR_OUTBOUND`) or an ingress gateway (`GATEWAY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Who {
+    Sidecar,
+    IngressGateway,
+}
+
+impl Who {
+    fn context(self) -> &'static str {
+        match self {
+            Who::Sidecar => "SIDECAR_OUTBOUND",
+            Who::IngressGateway => "GATEWAY",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Who::Sidecar => "client-1.shop",
+            Who::IngressGateway => "istio-ingressgateway-5c4f9-xk2lp.istio-system",
+        }
+    }
+
+    fn node_id(self, ip: IpAddr) -> String {
+        match self {
+            Who::Sidecar => format!("sidecar~{ip}~{}~shop.svc.cluster.local", self.key()),
+            Who::IngressGateway => format!("router~{ip}~{}~istio-system.svc.cluster.local", self.key()),
+        }
+    }
+}
+
+async fn beside_istiod(who: Who, delta: bool, mtls: bool, octet: u8) {
     support::envoy_path();
     let dir = tempfile::Builder::new().prefix("meshfed-beside-istiod-").tempdir().expect("temp dir");
     let mesh = meshfed_testkit::server::copy_demo_single_network(dir.path(), octet);
@@ -372,16 +415,18 @@ async fn beside_istiod(delta: bool, mtls: bool, octet: u8) {
     // what `meshfed istio --host reviews.shop` prints (SotW: the bootstrap-override form)
     let address = format!("127.0.0.1:{}", meshfed.xds_port);
     let mut argv = vec!["--host", "reviews.shop", "--meshfed-address", &address];
+    if who == Who::IngressGateway {
+        argv.extend(["--context", "gateway", "--scope", "mesh"]);
+    }
     if !delta {
         argv.extend(["--sotw", "--static-cluster"]);
     }
     let plan = plan(&s.mesh, &argv).await;
-    let xds_cluster = meshfed_xds_cluster(&plan, &target);
+    let xds_cluster = meshfed_xds_cluster(&plan, who, &target);
 
     // istiod's part: CDS and LDS files
     let node_ip = ip4(octet, 50, 1);
-    let node_id = format!("sidecar~{node_ip}~client-1.shop~shop.svc.cluster.local");
-    let mut clusters: Vec<Value> = [ALL, V1, V2].iter().map(|n| istiod_cluster(&plan, n)).collect();
+    let mut clusters: Vec<Value> = [ALL, V1, V2].iter().map(|n| istiod_cluster(&plan, who, n)).collect();
     if delta {
         let mut c = xds_cluster.clone();
         c["@type"] = json!("type.googleapis.com/envoy.config.cluster.v3.Cluster");
@@ -389,13 +434,13 @@ async fn beside_istiod(delta: bool, mtls: bool, octet: u8) {
     }
     write_resources(&s.dir.path().join("cds.json"), "1", &clusters);
     write_resources(&s.dir.path().join("lds.json"), "1", &[istiod_listener(node_ip)]);
-    let bootstrap = envoy_bootstrap(s.dir.path(), &node_id, (!delta).then_some(&xds_cluster), &target);
+    let bootstrap = envoy_bootstrap(s.dir.path(), who, node_ip, (!delta).then_some(&xds_cluster), &target);
     let envoy = start_envoy(&bootstrap).await.unwrap_or_else(|e| panic!("Envoy: {e:#}"));
     let listener = SocketAddr::new(node_ip, PORT);
 
     // 1. each subset cluster holds exactly its pods' endpoints from both clouds, at istiod's priorities
     expect_subsets(&envoy, &s, None).await.unwrap_or_else(step("subsets"));
-    expect_eds_proxy(&meshfed, delta).await.unwrap_or_else(step("meshfed's view of the proxy"));
+    expect_eds_proxy(&meshfed, who, delta).await.unwrap_or_else(step("meshfed's view of the proxy"));
     // 2. the VirtualService's 90/10 split between the subsets
     expect_split(listener, s.addr(1, V1_HOST), s.addr(1, V2_HOST)).await.unwrap_or_else(step("90/10"));
 
@@ -413,7 +458,7 @@ async fn beside_istiod(delta: bool, mtls: bool, octet: u8) {
     s.set_not_ready(None).unwrap();
     meshfed = start_meshfed_with(&s.mesh, &options).await.unwrap_or_else(|e| panic!("meshfed again: {e:#}"));
     expect_subsets(&envoy, &s, None).await.unwrap_or_else(step("resubscribed"));
-    expect_eds_proxy(&meshfed, delta).await.unwrap_or_else(step("meshfed's view after the restart"));
+    expect_eds_proxy(&meshfed, who, delta).await.unwrap_or_else(step("meshfed's view after the restart"));
     expect_split(listener, s.addr(1, V1_HOST), s.addr(1, V2_HOST)).await.unwrap_or_else(step("90/10 at the end"));
 
     envoy.assert_no_rejected_updates().await.unwrap_or_else(|e| panic!("{e:#}"));
@@ -424,15 +469,22 @@ async fn beside_istiod(delta: bool, mtls: bool, octet: u8) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stream_endpoints_beside_istiod() {
-    beside_istiod(false, false, 141).await;
+    beside_istiod(Who::Sidecar, false, false, 141).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delta_endpoints_beside_istiod() {
-    beside_istiod(true, false, 142).await;
+    beside_istiod(Who::Sidecar, true, false, 142).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn delta_endpoints_beside_istiod_over_mtls() {
-    beside_istiod(true, true, 143).await;
+    beside_istiod(Who::Sidecar, true, true, 143).await;
+}
+
+/// An ingress gateway istiod configures (node type router, ROUTER_MODE standard) with the `GATEWAY`
+/// patches of `meshfed istio --context gateway`: the same endpoints as a sidecar beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delta_endpoints_beside_istiod_for_an_ingress_gateway() {
+    beside_istiod(Who::IngressGateway, true, false, 144).await;
 }

@@ -189,6 +189,7 @@ impl Mesh {
             cluster_id: Some("azure-weu".into()),
             network: Some("azure-net".into()),
             locality: Some("westeurope/westeurope-1".into()),
+            router_mode: Some("sni-dnat"),
             ..BootstrapSpec::new(
                 &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
                 xds,

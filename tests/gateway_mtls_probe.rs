@@ -135,6 +135,7 @@ async fn only_the_mtls_probe_sees_a_gateway_without_its_backend() -> Result<()> 
         cluster_id: Some("azure-weu".into()),
         network: Some("azure-net".into()),
         locality: Some("westeurope/westeurope-1".into()),
+        router_mode: Some("sni-dnat"),
         ..BootstrapSpec::new(
             &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
             meshfed.xds_port,

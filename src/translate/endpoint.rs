@@ -285,12 +285,12 @@ pub fn port_load_assignment(
     let mut groups: BTreeMap<(u32, &Locality), Vec<LbEndpoint>> = BTreeMap::new();
     // (priority, locality, network) -> how many remote endpoints the gateway stands for
     let mut remote: BTreeMap<(u32, &Locality, &NetworkId), u32> = BTreeMap::new();
-    let reach_other_networks = scope.kind == ProxyKind::Sidecar && scope.tls != TlsSupport::None;
+    let reach_other_networks = scope.kind != ProxyKind::Router && scope.tls != TlsSupport::None;
     // the groups holding endpoints of the proxy's own network (the others hold only gateways)
     let mut has_local: std::collections::BTreeSet<(u32, &Locality)> = std::collections::BTreeSet::new();
     // a traffic split for the proxy's region (sidecars: gateways forward their own network's endpoints)
     let split = match scope.kind {
-        ProxyKind::Sidecar => ctx.traffic.shares(&service.hostname, &scope.locality.region),
+        ProxyKind::Sidecar | ProxyKind::Ingress => ctx.traffic.shares(&service.hostname, &scope.locality.region),
         ProxyKind::Router => None,
     };
     // the endpoints sent, with their priority before compaction and whether they are local
@@ -1390,7 +1390,7 @@ mod tests {
     }
 
     #[test]
-    fn a_split_applies_to_its_region_and_sidecars_only() {
+    fn a_split_applies_to_its_region_and_to_sidecars_and_ingress_gateways_only() {
         let mut c = ctx(true);
         c.gateways = Arc::new(vec![gateway("azure", "127.0.20.1")]);
         let s = split_service();
@@ -1398,7 +1398,12 @@ mod tests {
         let split = split_ctx(c.clone(), &[("a", 70.0), ("b", 30.0)], true);
         // another source region: the usual assignment, byte for byte
         assert_eq!(load_assignment(&split, &scope("westeurope/westeurope-1"), &s, &s.ports[0]), plain);
-        // gateways: their own network's endpoints as before
+        // an ingress gateway in us-east-1: the sidecar's assignment, split
+        let ingress = EndpointScope { kind: ProxyKind::Ingress, ..scope("us-east-1/us-east-1a") };
+        let sidecar = load_assignment(&split, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]);
+        assert_ne!(sidecar, load_assignment(&c, &scope("us-east-1/us-east-1a"), &s, &s.ports[0]));
+        assert_eq!(load_assignment(&split, &ingress, &s, &s.ports[0]), sidecar);
+        // east-west gateways: their own network's endpoints as before
         let router = EndpointScope { kind: ProxyKind::Router, ..scope("us-east-1/us-east-1a") };
         assert_eq!(load_assignment(&split, &router, &s, &s.ports[0]), load_assignment(&c, &router, &s, &s.ports[0]));
         // another service: untouched

@@ -276,7 +276,7 @@ pub fn api_listeners(registry: &Registry) -> Vec<Named<Listener>> {
 /// Every listener for proxies in `scope`.
 pub fn listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
     let mut out = scope_listeners(ctx, scope, registry);
-    if scope.kind == ProxyKind::Sidecar {
+    if scope.kind != ProxyKind::Router {
         out.extend(api_listeners(registry));
     }
     out
@@ -287,7 +287,7 @@ pub fn listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> V
 /// for every scope and kept apart, so they are translated and stored once.
 pub fn scope_listeners(ctx: &Context, scope: &ListenerScope, registry: &Registry) -> Vec<Named<Listener>> {
     match scope.kind {
-        ProxyKind::Sidecar => outbound_listeners(scope, registry),
+        ProxyKind::Sidecar | ProxyKind::Ingress => outbound_listeners(scope, registry),
         // (A listener needs a filter chain: none until there is a service.)
         ProxyKind::Router if registry.services().is_empty() => Vec::new(),
         ProxyKind::Router => vec![gateway_listener(ctx, scope, registry)],

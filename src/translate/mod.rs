@@ -290,11 +290,16 @@ impl View {
 
     /// The view of a proxy whose network is already resolved; `keys`: what else views depend on (the
     /// labels failoverPriority rules use, the namespaces and labels DestinationRules make matter).
+    ///
+    /// An ingress gateway's config is a sidecar's outbound config (the same scopes, shared with the
+    /// sidecars beside it): no inbound side, and its listeners bound on its own address, as there is no
+    /// traffic capture on a gateway.
     pub fn with_network(proxy: &Proxy, network: NetworkId, keys: &ViewKeys) -> View {
-        let tls = match proxy.kind {
-            // gateways pass TLS through; they need no certificates of their own
-            ProxyKind::Router => TlsSupport::None,
-            ProxyKind::Sidecar => proxy.tls,
+        let (kind, tls, interception) = match proxy.kind {
+            // east-west gateways pass TLS through; they need no certificates of their own
+            ProxyKind::Router => (ProxyKind::Router, TlsSupport::None, proxy.interception),
+            ProxyKind::Sidecar => (ProxyKind::Sidecar, proxy.tls, proxy.interception),
+            ProxyKind::Ingress => (ProxyKind::Sidecar, proxy.tls, InterceptionMode::None),
         };
         let inbound = (proxy.kind == ProxyKind::Sidecar && tls != TlsSupport::None)
             .then_some(InboundScope { ip: proxy.ip, app: proxy.inbound_address });
@@ -303,10 +308,10 @@ impl View {
             proxy.labels.iter().filter(|(k, _)| label_keys.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
         let rules = keys.rule_scope(&proxy.namespace, &proxy.labels);
         View {
-            clusters: ClusterScope { kind: proxy.kind, tls, rules: rules.clone() },
+            clusters: ClusterScope { kind, tls, rules: rules.clone() },
             inbound: inbound.clone(),
             endpoints: EndpointScope {
-                kind: proxy.kind,
+                kind,
                 network,
                 locality: proxy.locality.clone(),
                 // only a failoverPriority on the cluster label needs it (it would split scopes otherwise)
@@ -316,14 +321,14 @@ impl View {
                 rules: rules.clone(),
             },
             listeners: ListenerScope {
-                kind: proxy.kind,
-                interception: proxy.interception,
-                bind: (proxy.interception == InterceptionMode::None).then_some(proxy.ip),
+                kind,
+                interception,
+                bind: (interception == InterceptionMode::None).then_some(proxy.ip),
                 tls,
                 inbound,
-                rules: if proxy.kind == ProxyKind::Router { rules } else { RuleScope::default() },
+                rules: if kind == ProxyKind::Router { rules } else { RuleScope::default() },
             },
-            routes: RouteScope { kind: proxy.kind, namespace: proxy.namespace.clone() },
+            routes: RouteScope { kind, namespace: proxy.namespace.clone() },
         }
     }
 }
@@ -358,7 +363,7 @@ pub fn sni_name(port: u16, subset: &str, fqdn: &str) -> String {
 /// on gateways, Istio's outbound name on sidecars.
 pub fn cluster_name(kind: ProxyKind, port: u16, subset: &str, fqdn: &str) -> String {
     match kind {
-        ProxyKind::Sidecar => outbound_cluster_name(port, subset, fqdn),
+        ProxyKind::Sidecar | ProxyKind::Ingress => outbound_cluster_name(port, subset, fqdn),
         ProxyKind::Router => sni_name(port, subset, fqdn),
     }
 }

@@ -454,6 +454,45 @@ fn east_west_gateways_pass_every_service_port_through_by_sni() {
     assert_eq!(endpoint_addresses(&cla), ["127.0.3.21:9080", "127.0.3.22:9080", "127.0.4.21:9080", "127.0.4.22:9080"]);
 }
 
+#[test]
+fn ingress_gateways_get_a_sidecars_outbound_config_bound_on_their_address() {
+    let (ctx, r) = demo();
+    // an Istio ingress gateway in us-east-1a: node type router, ROUTER_MODE standard, no traffic capture
+    // in its metadata (Istio's gateways leave INTERCEPTION_MODE unset: REDIRECT by default)
+    let mut p = proxy("istio-system", AWS, "us-east-1/us-east-1a", InterceptionMode::Redirect);
+    p.kind = ProxyKind::Ingress;
+    p.ip = "127.0.30.1".parse().unwrap();
+    let view = View::of(&p, &r);
+    // the scopes of a sidecar beside it without interception (shared in the cache), without inbound
+    let mut beside = p.clone();
+    beside.kind = ProxyKind::Sidecar;
+    beside.interception = InterceptionMode::None;
+    let sidecar = View::of(&beside, &r);
+    assert_eq!(view.clusters, sidecar.clusters);
+    assert_eq!(view.endpoints, sidecar.endpoints);
+    assert_eq!(view.routes, sidecar.routes);
+    assert_eq!(view.inbound, None);
+    assert_eq!(view.listeners, ListenerScope { inbound: None, ..sidecar.listeners.clone() });
+    assert!(sidecar.inbound.is_some(), "(the sidecar has an inbound side)");
+    // outbound listeners on its own address, one per service port; no inbound listener
+    let ls = listener::listeners(&ctx, &view.listeners, &r);
+    let wildcard: Vec<&str> = ls.iter().filter(|l| l.wildcard).map(|l| l.name.as_str()).collect();
+    assert!(!wildcard.is_empty() && wildcard.iter().all(|n| n.starts_with("127.0.30.1_")), "{wildcard:?}");
+    assert!(wildcard.contains(&"127.0.30.1_9080"), "{wildcard:?}");
+    // Istio's outbound cluster names, with the mesh mTLS transport socket
+    let cs = cluster::clusters(&ctx, &view.clusters, &r);
+    let reviews = format!("outbound|9080||{}", fqdn("reviews"));
+    let c = cs.iter().find(|c| c.name == reviews).expect("outbound cluster");
+    assert!(!c.resource.transport_socket_matches.is_empty());
+    assert!(cs.iter().all(|c| !c.name.starts_with("inbound|")));
+    // split horizon: AWS endpoints as they are, Azure's through azure-net's east-west gateway
+    let cla = load_assignment(&ctx, &view.endpoints, &r, &reviews);
+    assert_eq!(
+        endpoint_addresses(&cla),
+        ["127.0.1.21:9080", "127.0.1.22:9080", "127.0.2.21:9080", "127.0.2.22:9080", "127.0.20.1:15443"]
+    );
+}
+
 // ---- RDS ----
 
 fn vhost_names(rc: &RouteConfiguration) -> Vec<&str> {

@@ -320,7 +320,7 @@ impl Connections {
     pub fn proxy_counts(&self) -> Vec<(crate::proxy::ProxyKind, &'static str, usize)> {
         let proxies = self.proxies();
         let mut out = Vec::new();
-        for kind in [crate::proxy::ProxyKind::Sidecar, crate::proxy::ProxyKind::Router] {
+        for kind in crate::proxy::ProxyKind::ALL {
             for flavor in [Flavor::Sotw, Flavor::Delta] {
                 let n = proxies.iter().filter(|c| c.proxy.kind == kind && c.flavor == flavor).count();
                 out.push((kind, flavor.as_str(), n));

@@ -71,6 +71,8 @@ pub struct BootstrapSpec {
     pub network: Option<String>,
     /// `REGION/ZONE[/SUBZONE]`
     pub locality: Option<String>,
+    /// `--router-mode` (router node ids): `sni-dnat` for east-west gateways, `standard` for ingress
+    pub router_mode: Option<&'static str>,
     /// the workload's mesh certificates (`--tls-cert/--tls-key/--tls-root-cert`)
     pub tls: Option<MeshIdentity>,
     /// `--inbound-address`: where the workload application listens
@@ -112,6 +114,9 @@ pub fn bootstrap_with(spec: &BootstrapSpec) -> String {
     }
     if spec.delta {
         cmd.arg("--delta");
+    }
+    if let Some(mode) = spec.router_mode {
+        cmd.args(["--router-mode", mode]);
     }
     if let Some(id) = &spec.tls {
         cmd.arg("--tls-cert").arg(&id.cert).arg("--tls-key").arg(&id.key).arg("--tls-root-cert").arg(&id.root);
