@@ -138,12 +138,13 @@ run d1-delta-floor-zc 900 "${S[@]}" --delta 1 --server floor-zero-copy --steps f
 run e1-settled 900 "${S[@]}" --steps nack --nack-settle-ms 500
 # t1, t2: traffic control: a drain step (the second cloud's capacity 100 -> 75 -> 50 -> 25 -> 0, every
 # service split 50/50) -> each proxy's ACK, at 1,000 and 10,000 proxies (an EDS-only change of every
-# covered service: all 1,000 of S; t1-one: a policy covering one service)
+# covered service: all 1,000 of S; t1-one, t2-one: a policy covering one service)
 row=t1
 run t1 900 "${S[@]}" --steps drain --iterations 20
 run t1-one 900 "${S[@]}" --steps drain --iterations 20 --drain-services 1
 row=t2
 run t2 1800 --size S --proxies 10000 --connect-parallel 512 --steps drain --iterations 10
+run t2-one 1800 --size S --proxies 10000 --connect-parallel 512 --steps drain --iterations 20 --drain-services 1
 row=""
 # b3: 5,000 proxies
 run b3 1500 --size S --proxies 5000 --steps flaps --iterations 50

@@ -241,12 +241,17 @@ fn meshfed_parses_each_overlays_mesh_config() {
         assert_eq!(mesh.defaults.locality_lb.failover.len(), 2, "overlay {}: failover between the clouds", o.id);
         // data-plane evidence on, at the defaults (the NetworkPolicy admits the probes' ports)
         assert_eq!(mesh.gateway_probes, Some(Default::default()), "overlay {}: gatewayProbes at the defaults", o.id);
+        // the traffic policy every replica of this cloud follows: the TrafficPolicy in its own cluster
+        let tp = mesh.traffic_policy.as_ref().expect("trafficPolicy on");
+        assert_eq!((tp.cluster.as_str(), tp.namespace.as_str(), tp.name.as_str()), (o.id, "istio-system", "default"));
         parsed.push(mesh);
     }
-    // every cloud's meshfed serves the same mesh: the configs differ only in which cluster is local
+    // every cloud's meshfed serves the same mesh: the configs differ only in which cluster is local (and
+    // so where its TrafficPolicy is)
     let mut same = parsed.iter().cloned().map(|mut m| {
         m.clusters.clear();
         m.remote_secrets = None;
+        m.traffic_policy = None;
         m
     });
     let first = same.next().unwrap();

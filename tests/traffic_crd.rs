@@ -245,3 +245,58 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     eds_until(&mut ca, "replica a, the object deleted", &[("us-east-1", 70), ("westeurope", 30)]).await?;
     Ok(())
 }
+
+/// Each cloud's meshfed reads the TrafficPolicy of its own cluster (the shipped overlays): one
+/// `meshfed traffic drain` with a `--context` per cloud edits both objects; a cloud whose API does not
+/// answer fails the command, naming it and what was already written.
+#[tokio::test]
+async fn one_command_edits_every_clouds_policy() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("meshfed-traffic-contexts-").tempdir()?;
+    let (eks, aks) = (KubeStandin::start().await?, KubeStandin::start().await?);
+    let clusters = [("eks", eks.url()), ("aks", aks.url())];
+    let mut kc = String::from("apiVersion: v1\nkind: Config\nclusters:\n");
+    for (name, url) in &clusters {
+        kc.push_str(&format!("- name: {name}\n  cluster:\n    server: {url}\n"));
+    }
+    kc.push_str("users:\n- name: operator\n  user: {}\ncontexts:\n");
+    for (name, _) in &clusters {
+        kc.push_str(&format!("- name: {name}\n  context:\n    cluster: {name}\n    user: operator\n"));
+    }
+    kc.push_str("current-context: eks\n");
+    let kubeconfig = dir.path().join("operator.kubeconfig");
+    std::fs::write(&kubeconfig, kc)?;
+    let kc = kubeconfig.to_str().context("utf-8 path")?.to_string();
+    let drain = [
+        "drain",
+        "--cluster",
+        "azure-weu",
+        "--capacity",
+        "25",
+        "--expires",
+        "1h",
+        "--kubeconfig",
+        &kc,
+        "--context",
+        "eks",
+        "--context",
+        "aks",
+    ];
+    let out = traffic_cmd(&drain).await?;
+    ensure!(out.status.success(), "drain: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("in context eks") && stdout.contains("in context aks"), "{stdout}");
+    for api in [&eks, &aks] {
+        let stored = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
+        assert_eq!(stored["spec"]["drains"][0]["cluster"], "azure-weu", "{stored}");
+        assert_eq!(stored["spec"]["drains"][0]["capacity"], 25, "{stored}");
+    }
+
+    // AKS's API gone: the command fails, names the context, and says EKS's object was written
+    drop(aks);
+    let out = traffic_cmd(&drain).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("in context aks") && stderr.contains("already written: TrafficPolicy"), "{stderr}");
+    assert!(stderr.contains("in context eks"), "{stderr}");
+    Ok(())
+}

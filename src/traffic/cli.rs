@@ -22,6 +22,9 @@ pub enum Error {
     Token { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Usage(String),
+    /// An edit of several TrafficPolicy objects (one per `--context`) that failed on one of them.
+    #[error("{failed}: {source}{}", if done.is_empty() { String::new() } else { format!(" (already written: {}; run the command again once the failed one answers, it is idempotent)", done.join(", ")) })]
+    Partial { done: Vec<String>, failed: String, source: Box<Error> },
 }
 
 /// `meshfed traffic`'s command line.
@@ -57,9 +60,10 @@ pub struct FileArgs {
     /// (mesh config `trafficPolicy`) through this kubeconfig, instead of the mesh config file.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// The kubeconfig's context (default: its current context).
-    #[arg(long, requires = "kubeconfig")]
-    pub context: Option<String>,
+    /// The kubeconfig's context (default: its current context). Repeat it to edit the TrafficPolicy
+    /// of every cloud's control plane in one command (each cloud's meshfed reads its own cluster's).
+    #[arg(long = "context", requires = "kubeconfig")]
+    pub contexts: Vec<String>,
     /// The TrafficPolicy's namespace.
     #[arg(long, default_value = "istio-system")]
     pub namespace: String,
@@ -71,18 +75,26 @@ pub struct FileArgs {
 /// Where `drain` / `undrain` write.
 enum Store<'a> {
     File(&'a std::path::Path),
-    Kube(kube_edit::ObjectRef),
+    /// one object per context, edited in turn
+    Kube(Vec<kube_edit::ObjectRef>),
 }
 
 impl FileArgs {
     fn store(&self) -> Result<Store<'_>, Error> {
         match (&self.kubeconfig, &self.mesh_config) {
-            (Some(k), _) => Ok(Store::Kube(kube_edit::ObjectRef {
-                kubeconfig: k.clone(),
-                context: self.context.clone(),
-                namespace: self.namespace.clone(),
-                name: self.name.clone(),
-            })),
+            (Some(k), _) => {
+                let contexts: Vec<Option<String>> = match self.contexts.as_slice() {
+                    [] => vec![None],
+                    cs => cs.iter().cloned().map(Some).collect(),
+                };
+                let objects = contexts.into_iter().map(|context| kube_edit::ObjectRef {
+                    kubeconfig: k.clone(),
+                    context,
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                });
+                Ok(Store::Kube(objects.collect()))
+            }
             (None, Some(p)) => Ok(Store::File(p)),
             (None, None) => Err(Error::Usage("give --mesh-config FILE or --kubeconfig FILE".into())),
         }
@@ -99,18 +111,29 @@ impl Store<'_> {
                 note_rewritten(&e);
                 Ok(path.display().to_string())
             }
-            Store::Kube(object) => {
-                let w = kube_edit::edit_object_blocking(object, &f)?;
-                note_written(object, &w);
-                Ok(format!("TrafficPolicy {object}"))
+            Store::Kube(objects) => {
+                let mut done = Vec::new();
+                for object in objects {
+                    let place = match &object.context {
+                        Some(c) => format!("TrafficPolicy {object} in context {c}"),
+                        None => format!("TrafficPolicy {object}"),
+                    };
+                    match kube_edit::edit_object_blocking(object, &f) {
+                        Ok(w) => note_written(&place, &w),
+                        Err(e) if objects.len() == 1 => return Err(e.into()),
+                        Err(e) => return Err(Error::Partial { done, failed: place, source: Box::new(e.into()) }),
+                    }
+                    done.push(place);
+                }
+                Ok(done.join(", "))
             }
         }
     }
 }
 
-fn note_written(object: &kube_edit::ObjectRef, w: &kube_edit::Written) {
+fn note_written(place: &str, w: &kube_edit::Written) {
     eprintln!(
-        "TrafficPolicy {object} {} (resourceVersion {})",
+        "{place} {} (resourceVersion {})",
         if w.created { "created" } else { "updated" },
         w.resource_version.as_deref().unwrap_or("?")
     );
