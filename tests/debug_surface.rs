@@ -493,6 +493,7 @@ fn eds_priorities(dump: &Value, cluster: &str) -> BTreeMap<String, u64> {
 }
 
 const RATINGS_HOST: &str = "ratings.shop.svc.cluster.local";
+const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
 
 /// ratings split 70/30 from us-east-1 and 30/70 from westeurope (the traffic page's table).
 const RATINGS_SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
@@ -535,16 +536,32 @@ async fn web_ui_in_headless_chromium() {
     let dump = setup.json("/debug/config_dump?proxyID=client-0.shop&include_eds=true").await.expect("dump");
     let priorities = eds_priorities(&dump, REVIEWS);
     assert!(priorities.values().any(|p| *p > 0), "the demo has failover priorities: {priorities:?}");
-    // What the what-if form must show for the sidecar: ratings 70/30 now, all to AWS with Azure drained.
-    let whatif = setup
-        .json(&format!("/debug/whatif?proxyID=client-0.shop&host={RATINGS_HOST}&drain=azure-weu"))
-        .await
-        .expect("whatif");
-    let (now, drained) = (by_cluster(&whatif, "now"), by_cluster(&whatif, "whatIf"));
-    assert_eq!(now.get("aws-use1").map(|x| x.round()), Some(70.0), "{whatif:#}");
-    assert_eq!(now.get("azure-weu").map(|x| x.round()), Some(30.0), "{whatif:#}");
-    assert_eq!(drained.get("aws-use1"), Some(&100.0), "{whatif:#}");
-    assert_eq!(drained.get("azure-weu").copied().unwrap_or(0.0), 0.0, "{whatif:#}");
+    // A sidecar with mesh certificates in us-east-1 (scripted: it ACKs every response until the test
+    // ends), which reaches Azure's ratings through the east-west gateway; the Envoy, without them, does not.
+    let mut mtls = connect(&setup.meshfed, Flavor::Sotw, sidecar_node(83, "client-1")).await;
+    subscribe_and_ack(&mut mtls, CDS, &[]).await;
+    subscribe_and_ack(&mut mtls, EDS, &[RATINGS]).await;
+    let acker = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + UI_TIMEOUT + TIMEOUT;
+        while let Ok(Some(r)) = mtls.recv_until(until).await {
+            if mtls.ack(&r).await.is_err() {
+                break;
+            }
+        }
+    });
+    // What the what-if form must show: ratings 70/30 for the mTLS sidecar now, all to AWS with Azure
+    // drained; all to AWS for the Envoy either way (the split decides; the EDS it can use is AWS's).
+    let mut whatifs = Vec::new();
+    for (proxy, now_aws) in [("client-1.shop", 70.0), ("client-0.shop", 100.0)] {
+        let path = format!("/debug/whatif?proxyID={proxy}&host={RATINGS_HOST}&drain=azure-weu");
+        let w = setup.json(&path).await.expect("whatif");
+        let (now, drained) = (by_cluster(&w, "now"), by_cluster(&w, "whatIf"));
+        assert_eq!(now.get("aws-use1").map(|x| x.round()), Some(now_aws), "{proxy}: {w:#}");
+        assert_eq!(now.get("azure-weu").map(|x| x.round()), Some(100.0 - now_aws), "{proxy}: {w:#}");
+        assert_eq!(drained.get("aws-use1"), Some(&100.0), "{proxy}: {w:#}");
+        assert_eq!(drained.get("azure-weu").copied().unwrap_or(0.0), 0.0, "{proxy}: {w:#}");
+        whatifs.push(serde_json::json!({ "proxy": proxy, "now": now, "drained": drained }));
+    }
     let artifacts = crate_dir().join("tests/artifacts");
     let new_endpoint = "127.83.1.29";
     let expected = serde_json::json!({
@@ -562,8 +579,8 @@ async fn web_ui_in_headless_chromium() {
             "shares": {"us-east-1": {"aws-use1": 70, "azure-weu": 30}, "westeurope": {"aws-use1": 30, "azure-weu": 70}},
             "drilled": {"us-east-1": {"aws-use1": 85, "azure-weu": 15}, "westeurope": {"aws-use1": 65, "azure-weu": 35}},
             "drain": "azure-weu",
-            "whatifNow": now,
-            "whatifDrained": drained,
+            "whatif": whatifs,
+            "proxies": 2,
         },
     });
     let expected_file = setup.dir.path().join("ui-expected.json");
@@ -608,6 +625,7 @@ async fn web_ui_in_headless_chromium() {
     }
     // The endpoint the page showed is in the proxy's EDS too.
     eds_has(&setup, new_endpoint).await.unwrap_or_else(|e| panic!("{e:#}"));
+    acker.abort();
 }
 
 /// The sidecar's EDS (in its config dump) has `endpoint`.

@@ -15,9 +15,11 @@
 //     "host": "ratings...",                    the split service
 //     "shares": {REGION: {CLUSTER: %}},        its shares per source region
 //     "drain": "azure-weu",                    the cluster the what-if drains, and the drill drains
-//     "whatifNow": {CLUSTER: %},               /debug/whatif for the proxy and host: the shares now
-//     "whatifDrained": {CLUSTER: %},           ... and with "drain" drained to 0
-//     "drilled": {REGION: {CLUSTER: %}}        the shares once the drill (50% step) is in force
+//     "whatif": [{"proxy": "POD.NS",           /debug/whatif for connected proxies and the host:
+//                 "now": {CLUSTER: %},         the shares now
+//                 "drained": {CLUSTER: %}}],   ... and with "drain" drained to 0
+//     "drilled": {REGION: {CLUSTER: %}},       the shares once the drill (50% step) is in force
+//     "proxies": 2                             the proxies connected (each ACKs the drill's step)
 //   }
 // }
 //
@@ -252,33 +254,41 @@ try {
     await page.waitForSelector('#whatif-result[data-state="ok"], #whatif-result[data-state="error"]');
     return page.locator("#whatif-result").getAttribute("data-state");
   }
-  if ((await askWhatIf(expected.proxy, t.host, t.drain)) !== "ok") {
-    fail(`what-if: ${await page.locator("#whatif-result").innerText()}`);
-  }
-  const whatif = await page.locator("tr.whatif-cluster").evaluateAll((trs) =>
-    trs.map((tr) => ({
-      cluster: tr.getAttribute("data-cluster"),
-      now: Number(tr.getAttribute("data-now")),
-      whatif: Number(tr.getAttribute("data-whatif")),
-      shown: [tr.querySelector("td.now").textContent, tr.querySelector("td.whatif").textContent],
-    })),
-  );
-  console.log(`traffic page: what-if ${JSON.stringify(whatif)}`);
-  const clustersShown = whatif.map((r) => r.cluster).sort();
-  if (JSON.stringify(clustersShown) !== JSON.stringify(Object.keys(t.whatifNow).sort())) {
-    fail(`what-if shows clusters ${clustersShown}, /debug/whatif has ${Object.keys(t.whatifNow)}`);
-  }
-  for (const r of whatif) {
-    const now = t.whatifNow[r.cluster];
-    const then = t.whatifDrained[r.cluster] ?? 0;
-    if (!near(r.now, now) || !near(r.whatif, then)) fail(`what-if ${r.cluster}: shows ${r.now} -> ${r.whatif}, want ${now} -> ${then}`);
-    if (r.shown[0] !== `${Math.round(now * 10) / 10}%` || r.shown[1] !== `${Math.round(then * 10) / 10}%`) {
-      fail(`what-if ${r.cluster}: text ${r.shown}`);
+  for (const want of t.whatif) {
+    // (the proxy typed, POD.NS, or picked from the connected proxies)
+    if ((await askWhatIf(want.proxy, t.host, t.drain)) !== "ok") {
+      fail(`what-if ${want.proxy}: ${await page.locator("#whatif-result").innerText()}`);
     }
+    const whatif = await page.locator("tr.whatif-cluster").evaluateAll((trs) =>
+      trs.map((tr) => ({
+        cluster: tr.getAttribute("data-cluster"),
+        now: Number(tr.getAttribute("data-now")),
+        whatif: Number(tr.getAttribute("data-whatif")),
+        shown: [tr.querySelector("td.now").textContent, tr.querySelector("td.whatif").textContent],
+      })),
+    );
+    console.log(`traffic page: what-if ${want.proxy} ${JSON.stringify(whatif)}`);
+    const clustersShown = whatif.map((r) => r.cluster).sort();
+    if (JSON.stringify(clustersShown) !== JSON.stringify(Object.keys(want.now).sort())) {
+      fail(`what-if ${want.proxy} shows clusters ${clustersShown}, /debug/whatif has ${Object.keys(want.now)}`);
+    }
+    for (const r of whatif) {
+      const now = want.now[r.cluster];
+      const then = want.drained[r.cluster] ?? 0;
+      if (!near(r.now, now) || !near(r.whatif, then)) {
+        fail(`what-if ${want.proxy} ${r.cluster}: shows ${r.now} -> ${r.whatif}, want ${now} -> ${then}`);
+      }
+      if (r.shown[0] !== `${Math.round(now * 10) / 10}%` || r.shown[1] !== `${Math.round(then * 10) / 10}%`) {
+        fail(`what-if ${want.proxy} ${r.cluster}: text ${r.shown}`);
+      }
+    }
+    const summary = await page.locator("#whatif-summary").innerText();
+    if (!summary.includes(`${t.drain} drained to 0`)) fail(`what-if summary: ${summary}`);
+    if (!summary.includes("region us-east-1")) fail(`what-if summary: ${summary}`);
   }
-  if (!near(whatif.find((r) => r.cluster === t.drain).whatif, 0)) fail("the drained cluster keeps a share");
-  const summary = await page.locator("#whatif-summary").innerText();
-  if (!summary.includes(`${t.drain} drained to 0`)) fail(`what-if summary: ${summary}`);
+  // the last proxy (the Envoy, without mesh certificates) gets none of Azure's decided share: said
+  const why = await page.locator(`tr.whatif-cluster[data-cluster="${t.drain}"] td.reason`).first().innerText();
+  if (!why.includes("no endpoint of")) fail(`what-if: why for ${t.drain}: "${why}"`);
   const localities = await page.locator("tr.whatif-locality").evaluateAll((trs) =>
     trs.map((tr) => [Number(tr.getAttribute("data-now")), Number(tr.getAttribute("data-whatif"))]),
   );
@@ -312,7 +322,7 @@ try {
   }
   await page.waitForSelector('.drill[data-active="1"] tr.step[data-capacity="50"][data-acked="1"]');
   const drillText = await page.locator('.drill[data-active="1"]').innerText();
-  if (!drillText.includes("IN PROGRESS") || !drillText.includes("1 proxies")) fail(`drill: ${drillText}`);
+  if (!drillText.includes("IN PROGRESS") || !drillText.includes(`${t.proxies} proxies`)) fail(`drill: ${drillText}`);
   // (a drain acts in every source region: a row for the regions the split does not name, "*")
   const drilled = await waitShares({ ...t.drilled, "*": "*" }, "the drill");
   for (const region of Object.keys(drilled)) {
@@ -322,6 +332,8 @@ try {
     fail("the polls cleared the what-if form");
   }
   console.log(`traffic page: drill shown, shares ${JSON.stringify(t.drilled)}`);
+  // (the screenshot with a hypothesis: the first proxy, the cluster drained)
+  if ((await askWhatIf(t.whatif[0].proxy, t.host, t.drain)) !== "ok") fail("what-if after the drill");
   await page.screenshot({ path: join(expected.artifacts, "debug-ui-traffic.png"), fullPage: true });
 
   // ---- the config dump it links to, and the debug index ----

@@ -474,8 +474,15 @@
     var clusters = Object.keys(now.byCluster);
     if (then) Object.keys(then.byCluster).forEach(function (c) { if (clusters.indexOf(c) < 0) clusters.push(c); });
     clusters.sort();
+    // the decision's reason; and when the proxy gets none of a share the decision gives (an assignment
+    // without endpoints of that cluster it can reach: another network without mesh mTLS), that too
     function decisionReason(p, c) {
-      return p && p.decision && p.decision[c] ? p.decision[c].reason : "";
+      var d = p && p.decision && p.decision[c];
+      if (!d) return "";
+      var got = p.byCluster[c] || 0;
+      return d.share > 0 && got === 0
+        ? d.reason + " (decided " + pct(d.share) + "; this proxy's assignment has no endpoint of " + c + " it can use)"
+        : d.reason;
     }
     var head = ["cluster", "now"].concat(then ? ["what if", "change"] : []).concat(["why (now)"]).concat(then ? ["why (what if)"] : []);
     var byCluster = h("table", { class: "grid whatif-clusters" },
