@@ -9,7 +9,8 @@
 //! - `/metrics` parsed by Prometheus' Python client (`tests/python/parse_metrics.py`), with the values
 //!   the test caused;
 //! - the web UI in headless Chromium (`tests/ui/ui_test.mjs`, playwright-core), with screenshots in
-//!   `tests/artifacts/`.
+//!   `tests/artifacts/`: the overview, a proxy's page, and the traffic page (ratings split 70/30, the
+//!   what-if form for the sidecar with Azure drained, a drill started while the page is open).
 //!
 //! Needs `.venv` or `$MESHFED_ENVOY` and `$MESHFED_PYTHON` (Envoy; Python with xds-protos and
 //! prometheus-client), Node.js with `tests/ui/node_modules`, and
@@ -81,10 +82,23 @@ impl Setup {
     }
 
     async fn start_with(octet: u8, options: &support::MeshfedOptions) -> Setup {
+        Setup::start_with_mesh(octet, options, "").await
+    }
+
+    /// [`Setup::start_with`], with `extra` appended to the demo's mesh config (e.g. a `traffic:` section).
+    async fn start_with_mesh(octet: u8, options: &support::MeshfedOptions, extra: &str) -> Setup {
         let dir = tempfile::Builder::new().prefix("meshfed-debug-surface-").tempdir().expect("temp dir");
         let mesh = meshfed_testkit::server::copy_demo(dir.path(), octet);
+        if !extra.is_empty() {
+            let text = std::fs::read_to_string(&mesh).expect("read mesh config");
+            support::write_atomically(&mesh, &format!("{text}{extra}")).expect("write mesh config");
+        }
         let meshfed = support::start_meshfed_with(&mesh, options).await.expect("meshfed starts");
         Setup { dir, octet, meshfed }
+    }
+
+    fn mesh_config(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
     }
 
     /// Adds a ready `reviews` endpoint `127.<octet>.1.<host>` in aws-use1/us-east-1a (a new file).
@@ -478,6 +492,27 @@ fn eds_priorities(dump: &Value, cluster: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+const RATINGS_HOST: &str = "ratings.shop.svc.cluster.local";
+const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
+
+/// ratings split 70/30 from us-east-1 and 30/70 from westeurope (the traffic page's table).
+const RATINGS_SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
+
+/// `/debug/whatif`'s `byCluster` of `part` (`now`, `whatIf`) as cluster -> percent.
+fn by_cluster(w: &Value, part: &str) -> BTreeMap<String, f64> {
+    w[part]["byCluster"]
+        .as_object()
+        .map(|o| o.iter().filter_map(|(c, v)| Some((c.clone(), v.as_f64()?))).collect())
+        .unwrap_or_default()
+}
+
+/// Runs `meshfed traffic ARGS`.
+fn traffic_cmd(args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(support::meshfed::meshfed_path());
+    cmd.arg("traffic").args(args);
+    support::run_command("meshfed traffic", &mut cmd)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_ui_in_headless_chromium() {
     support::envoy_path();
@@ -492,7 +527,7 @@ async fn web_ui_in_headless_chromium() {
     // as deployed: the debug surface behind a token, which the page asks for
     let token = "ui-test-token-0123456789abcdef";
     let options = support::MeshfedOptions { debug_token: Some(token.to_string()), ..Default::default() };
-    let setup = Setup::start_with(83, &options).await;
+    let setup = Setup::start_with_mesh(83, &options, RATINGS_SPLIT).await;
     let sidecar_id = "sidecar~127.83.50.1~client-0.shop~shop.svc.cluster.local";
     let yaml = bootstrap(sidecar_id, setup.meshfed.xds_port, false, 0, "aws-use1", "aws-net", "us-east-1/us-east-1a");
     let _envoy = start_envoy(&yaml).await.expect("Envoy starts");
@@ -501,6 +536,32 @@ async fn web_ui_in_headless_chromium() {
     let dump = setup.json("/debug/config_dump?proxyID=client-0.shop&include_eds=true").await.expect("dump");
     let priorities = eds_priorities(&dump, REVIEWS);
     assert!(priorities.values().any(|p| *p > 0), "the demo has failover priorities: {priorities:?}");
+    // A sidecar with mesh certificates in us-east-1 (scripted: it ACKs every response until the test
+    // ends), which reaches Azure's ratings through the east-west gateway; the Envoy, without them, does not.
+    let mut mtls = connect(&setup.meshfed, Flavor::Sotw, sidecar_node(83, "client-1")).await;
+    subscribe_and_ack(&mut mtls, CDS, &[]).await;
+    subscribe_and_ack(&mut mtls, EDS, &[RATINGS]).await;
+    let acker = tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + UI_TIMEOUT + TIMEOUT;
+        while let Ok(Some(r)) = mtls.recv_until(until).await {
+            if mtls.ack(&r).await.is_err() {
+                break;
+            }
+        }
+    });
+    // What the what-if form must show: ratings 70/30 for the mTLS sidecar now, all to AWS with Azure
+    // drained; all to AWS for the Envoy either way (the split decides; the EDS it can use is AWS's).
+    let mut whatifs = Vec::new();
+    for (proxy, now_aws) in [("client-1.shop", 70.0), ("client-0.shop", 100.0)] {
+        let path = format!("/debug/whatif?proxyID={proxy}&host={RATINGS_HOST}&drain=azure-weu");
+        let w = setup.json(&path).await.expect("whatif");
+        let (now, drained) = (by_cluster(&w, "now"), by_cluster(&w, "whatIf"));
+        assert_eq!(now.get("aws-use1").map(|x| x.round()), Some(now_aws), "{proxy}: {w:#}");
+        assert_eq!(now.get("azure-weu").map(|x| x.round()), Some(100.0 - now_aws), "{proxy}: {w:#}");
+        assert_eq!(drained.get("aws-use1"), Some(&100.0), "{proxy}: {w:#}");
+        assert_eq!(drained.get("azure-weu").copied().unwrap_or(0.0), 0.0, "{proxy}: {w:#}");
+        whatifs.push(serde_json::json!({ "proxy": proxy, "now": now, "drained": drained }));
+    }
     let artifacts = crate_dir().join("tests/artifacts");
     let new_endpoint = "127.83.1.29";
     let expected = serde_json::json!({
@@ -512,6 +573,15 @@ async fn web_ui_in_headless_chromium() {
         "artifacts": artifacts,
         "chromium": chromium,
         "token": token,
+        "traffic": {
+            "host": RATINGS_HOST,
+            // the split's rows, then (after the drill at 50%) Azure's half of its split share goes to AWS
+            "shares": {"us-east-1": {"aws-use1": 70, "azure-weu": 30}, "westeurope": {"aws-use1": 30, "azure-weu": 70}},
+            "drilled": {"us-east-1": {"aws-use1": 85, "azure-weu": 15}, "westeurope": {"aws-use1": 65, "azure-weu": 35}},
+            "drain": "azure-weu",
+            "whatif": whatifs,
+            "proxies": 2,
+        },
     });
     let expected_file = setup.dir.path().join("ui-expected.json");
     std::fs::write(&expected_file, expected.to_string()).unwrap();
@@ -520,28 +590,42 @@ async fn web_ui_in_headless_chromium() {
     cmd.arg(ui_dir.join("ui_test.mjs")).arg(&expected_file).current_dir(&ui_dir);
     let mut node =
         ChildGuard::spawn("ui-test", &mut cmd).expect("node runs (Node.js is installed by scripts/test-all.sh)");
-    // Once the overview is up, add an endpoint: the page must show it without a reload.
+    // Once the overview is up, add an endpoint: the page must show it without a reload. Once the traffic
+    // page has shown the split, start a drill: the page must show it, its step, and the new shares.
+    let mesh_file = setup.mesh_config();
+    let mesh_file = mesh_file.to_str().expect("utf-8 path");
     let deadline = Instant::now() + UI_TIMEOUT;
-    loop {
-        if node.stdout().lines().any(|l| l == "READY") {
+    let (mut ready, mut drill) = (false, false);
+    while !drill {
+        let out = node.stdout();
+        if !ready && out.lines().any(|l| l == "READY") {
             setup.add_reviews_endpoint(29);
-            break;
+            ready = true;
+        }
+        if !drill && out.lines().any(|l| l == "DRILL") {
+            let args = ["drill", "--cluster", "azure-weu", "--duration", "1h", "--ramp-step", "50", "--ramp-every"];
+            let more = ["1h", "--abort-below-healthy", "10", "--reason", "UI test drill", "--mesh-config", mesh_file];
+            let args: Vec<&str> = args.into_iter().chain(more).collect();
+            traffic_cmd(&args).unwrap_or_else(|e| panic!("{e:#}"));
+            drill = true;
         }
         if let Some(status) = node.try_exited() {
             panic!("UI test exited early ({status})\n{}", node.log_tail());
         }
-        assert!(Instant::now() < deadline, "UI test not READY within {UI_TIMEOUT:?}\n{}", node.log_tail());
+        let what = if ready { "DRILL" } else { "READY" };
+        assert!(Instant::now() < deadline, "UI test not {what} within {UI_TIMEOUT:?}\n{}", node.log_tail());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let status = node.wait_exit(deadline.saturating_duration_since(Instant::now())).expect("UI test finishes");
     assert!(status.success(), "UI test failed ({status})\n{}", node.log_tail());
     assert!(node.stdout().lines().any(|l| l == "PASS"), "{}", node.log_tail());
-    for shot in ["debug-ui-overview.png", "debug-ui-proxy.png"] {
+    for shot in ["debug-ui-overview.png", "debug-ui-proxy.png", "debug-ui-traffic.png"] {
         let meta = std::fs::metadata(artifacts.join(shot)).unwrap_or_else(|e| panic!("{shot}: {e}"));
         assert!(meta.len() > 10_000, "{shot} is {} bytes", meta.len());
     }
     // The endpoint the page showed is in the proxy's EDS too.
     eds_has(&setup, new_endpoint).await.unwrap_or_else(|e| panic!("{e:#}"));
+    acker.abort();
 }
 
 /// The sidecar's EDS (in its config dump) has `endpoint`.

@@ -3,7 +3,7 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/` , `/ui/proxy?id=POD.NS` | the web UI (static, embedded; polls the JSON endpoints) |
+//! | `/` , `/ui/proxy?id=POD.NS`, `/ui/traffic` | the web UI (static, embedded; polls the JSON endpoints) |
 //! | `/debug` | HTML index of the endpoints; `/debug/list` the same as JSON |
 //! | `/debug/config_dump?proxyID=POD.NS[&include_eds=true]` | the proxy's `envoy.admin.v3.ConfigDump` |
 //! | `/debug/syncz` | istiod's sync status per proxy, plus per-type status |
@@ -22,7 +22,8 @@
 //! The surface only reads: it holds handles to the push loop's snapshots ([`PushHandle`]), the connected
 //! proxies' status ([`Connections`]) and the sources' health, and owns none of that state. Its parts:
 //! [`auth`] (bearer token, TLS), [`config_dump`] (istiod's config dumps and the istioctl types over ADS),
-//! [`explain`] (locality priorities and why), [`ui`] (the web UI's files).
+//! [`explain`] (locality priorities and why), [`traffic`] (the decisions as a table of shares), [`whatif`]
+//! (shares now and under a hypothesis), [`ui`] (the web UI's files).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub mod auth;
 pub mod config_dump;
 pub mod explain;
 pub mod time;
+pub mod traffic;
 pub mod ui;
 pub mod whatif;
 
@@ -182,6 +184,7 @@ pub fn syncz_entry(c: &Connection) -> Value {
 /// The debug endpoints: (path, description), for `/debug` and `/debug/list`.
 pub const ENDPOINTS: &[(&str, &str)] = &[
     ("/", "web UI: clusters, services, proxies, pushes"),
+    ("/ui/traffic", "web UI: shares per service and source region, drains, drills, what-if"),
     ("/debug/syncz", "sync status of each connected proxy (istioctl proxy-status)"),
     ("/debug/config_dump?proxyID=POD.NS", "a proxy's envoy.admin.v3.ConfigDump (add &include_eds=true for EDS)"),
     ("/debug/explain?proxyID=POD.NS", "the priority each locality has for a proxy, and why"),
@@ -383,17 +386,24 @@ async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "capacity": d.capacity,
                 "capacityNow": if d.expired(now) { 100 } else { d.capacity_at(now) },
                 "ramp": d.ramp.map(|r| format!("-{}% every {:?}", r.step, r.every)),
+                "rampStep": d.ramp.map(|r| r.step),
+                "rampEverySeconds": d.ramp.map(|r| r.every.as_secs_f64()),
                 "start": d.start.map(crate::traffic::decide::time_str),
                 "expires": crate::traffic::decide::time_str(d.expires),
                 "expired": d.expired(now),
                 "reason": d.reason,
-                "drill": d.drill.map(|x| json!({ "abortBelowHealthy": x.abort_below_healthy })),
+                "drill": d.drill.map(|x| {
+                    let key = crate::traffic::drill::key(d);
+                    let aborted = snapshot.traffic.drills.get(&key).is_some_and(|r| r.aborted.is_some());
+                    json!({ "abortBelowHealthy": x.abort_below_healthy, "key": key, "aborted": aborted })
+                }),
             })
         })
         .collect();
     let unknown_clusters = unknown_traffic_clusters(&snapshot);
     let mut out = json!({
         "decisions": &*snapshot.context.traffic,
+        "shares": traffic::shares(&snapshot.context.traffic, snapshot.clusters_summary.iter().map(|c| (&c.id, &c.network))),
         "status": &*snapshot.traffic,
         "drains": drains,
         "drills": drill_reports(&s, &snapshot),

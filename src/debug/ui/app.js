@@ -266,32 +266,136 @@
     }));
   }
 
-  function renderTraffic(t) {
-    var drains = t.drains || [];
-    var drills = t.drills || [];
-    if (!drains.length && !drills.length) return h("p", { class: "muted", text: "No drain and no drill." });
+  // ---- traffic ----
+
+  function pct(x) {
+    if (x === null || x === undefined) return "";
+    var r = Math.round(x * 10) / 10;
+    return (r === Math.round(r) ? String(Math.round(r)) : r.toFixed(1)) + "%";
+  }
+
+  function duration(seconds) {
+    if (seconds >= 3600 && seconds % 3600 === 0) return seconds / 3600 + " h";
+    if (seconds >= 60 && seconds % 60 === 0) return seconds / 60 + " min";
+    return seconds + " s";
+  }
+
+  function drainState(d, now) {
+    if (d.expired) return badge("expired", "idle");
+    if (d.drill && d.drill.aborted) return badge("drill aborted: not applied", "bad");
+    if (d.start && new Date(d.start).getTime() > now) return badge("not started", "idle");
+    return badge("in force", "warn");
+  }
+
+  // The overview's Traffic panel: a summary and a link to the traffic page.
+  function renderTrafficSummary(t) {
+    var rows = (t.shares && t.shares.rows) || [];
+    var services = {};
+    rows.forEach(function (r) { services[r.service] = true; });
+    var drains = (t.drains || []).filter(function (d) { return !d.expired && !(d.drill && d.drill.aborted); });
+    var drills = (t.drills || []).filter(function (d) { return d.active; });
+    if (!rows.length && !(t.drains || []).length && !(t.drills || []).length) {
+      return h("p", { class: "muted" }, "No traffic policy decides any service; no drain and no drill. ",
+        h("a", { href: "/ui/traffic", text: "Traffic page (what-if) →" }));
+    }
+    return h("p", { class: "traffic-summary" },
+      Object.keys(services).length + " service(s) decided by the traffic policy · " + drains.length +
+      " drain(s) in force · " + drills.length + " drill(s) in progress. ",
+      h("a", { href: "/ui/traffic", text: "Traffic page →" }));
+  }
+
+  // Per service and source region, each cluster's share: the decision translation turns into the
+  // locality weights of the EDS meshfed serves.
+  function renderShares(t, clouds) {
+    var table = t.shares || { columns: [], rows: [] };
     var out = [];
-    if (drains.length) {
-      out.push(h("table", { class: "grid drains" },
-        h("thead", null, h("tr", null, ["target", "capacity now", "to", "ramp", "expires", "reason", "drill"].map(function (c) {
-          return h("th", { text: c });
-        }))),
-        h("tbody", null, drains.map(function (d) {
-          return h("tr", null,
-            h("td", { text: d.target }),
-            h("td", null, d.expired ? badge("expired", "warn") : d.capacityNow + "%"),
-            h("td", { text: d.capacity + "%" }),
-            h("td", { text: d.ramp || "" }),
-            h("td", { text: timeOf(d.expires) }),
-            h("td", { text: d.reason || "" }),
-            h("td", { text: d.drill ? "aborts below " + d.drill.abortBelowHealthy + "% healthy" : "" }));
+    if (!table.rows.length) {
+      out.push(h("p", { class: "muted", id: "shares-empty",
+        text: "No traffic policy decides any service: proxies get their usual locality failover priorities." }));
+    } else {
+      out.push(h("table", { class: "grid shares" },
+        h("thead", null, h("tr", null, h("th", { text: "service" }), h("th", { text: "source region" }),
+          table.columns.map(function (c) {
+            return h("th", { "data-cluster": c.cluster }, c.cluster,
+              h("div", { class: "muted small", text: (clouds[c.cluster] || cloudOf(c.cluster, [])) + (c.network ? " · " + c.network : "") }));
+          }))),
+        h("tbody", null, table.rows.map(function (r) {
+          var region = r.sourceRegion === null || r.sourceRegion === undefined ? "*" : r.sourceRegion;
+          return h("tr", { class: "share-row", "data-service": r.service, "data-region": region },
+            h("td", { text: r.service }),
+            h("td", { text: region === "*" ? "any other region" : region }),
+            table.columns.map(function (c) {
+              var cell = r.shares[c.cluster];
+              if (!cell) return h("td", { class: "share none", "data-cluster": c.cluster, text: "—", title: "not in this row: usual priorities" });
+              var bar = h("div", { class: "bar" }, h("span", { style: "width:" + Math.max(0, Math.min(100, cell.share)) + "%" }));
+              return h("td", { class: "share", "data-cluster": c.cluster, "data-share": String(cell.share), title: cell.reason },
+                h("div", { class: "share-value" }, h("b", { text: pct(cell.share) }),
+                  cell.split ? h("span", { class: "muted small", text: " of split " + cell.split + "%" }) : null),
+                bar,
+                h("div", { class: "why" }, (cell.why || []).map(function (w) {
+                  var kind = w === "drain" || w === "takes-over" ? "warn" : w === "failover" || w === "no-healthy-endpoints" ? "bad" : "idle";
+                  return [badge(w, kind), " "];
+                })),
+                h("div", { class: "reason small", text: cell.reason }));
+            }));
         }))));
     }
-    drills.forEach(function (d) {
-      var state = d.aborted ? badge("ABORTED", "bad") : d.ended ? badge(d.ended.how, "ok") : badge("ACTIVE", "warn");
-      out.push(h("div", { class: "drill", "data-drill": d.key },
+    var notes = [];
+    var decided = (t.decisions && t.decisions.services) || {};
+    Object.keys(decided).forEach(function (host) {
+      (decided[host].notes || []).forEach(function (n) { notes.push(host + ": " + n); });
+    });
+    var failover = (t.status && t.status.failover) || {};
+    Object.keys(failover).forEach(function (host) {
+      Object.keys(failover[host]).forEach(function (c) {
+        var f = failover[host][c];
+        notes.push(host + ": " + c + " failed over since " + timeOf(f.since) + (f.backSince ? ", healthy again since " + timeOf(f.backSince) : ""));
+      });
+    });
+    (t.unknownClusters || []).forEach(function (c) {
+      notes.push("the policy names cluster " + c + ", which the registry does not know");
+    });
+    if (notes.length) out.push(h("ul", { class: "notes" }, notes.map(function (n) { return h("li", { text: n }); })));
+    if (t.status && t.status.nextChange) {
+      out.push(h("p", { class: "muted small", text: "Next change by itself (a ramp step, an expiry, a failback): " + timeOf(t.status.nextChange) }));
+    }
+    return out;
+  }
+
+  function renderDrains(t) {
+    var drains = t.drains || [];
+    if (!drains.length) return h("p", { class: "muted", id: "drains-empty", text: "No drain." });
+    var now = Date.now();
+    return h("table", { class: "grid drains" },
+      h("thead", null, h("tr", null, ["target", "state", "capacity now", "to", "ramp", "start", "expires", "reason", "drill"].map(function (c) {
+        return h("th", { text: c });
+      }))),
+      h("tbody", null, drains.map(function (d) {
+        var ramp = d.rampStep ? "−" + d.rampStep + "% every " + duration(d.rampEverySeconds) : "none (at once)";
+        return h("tr", { class: "drain", "data-target": d.target },
+          h("td", { text: d.target }),
+          h("td", null, drainState(d, now)),
+          h("td", { class: "capacity-now", text: d.expired ? "100% (expired)" : d.capacityNow + "%" }),
+          h("td", { text: d.capacity + "%" }),
+          h("td", { class: "ramp", text: ramp }),
+          h("td", { text: d.start ? timeOf(d.start) : "when first seen" }),
+          h("td", { class: "expires", text: d.expires ? new Date(d.expires).toLocaleString() : "" }),
+          h("td", { text: d.reason || "" }),
+          h("td", { text: d.drill ? "aborts below " + d.drill.abortBelowHealthy + "% healthy" : "" }));
+      })));
+  }
+
+  function renderDrills(t) {
+    var drills = t.drills || [];
+    if (!drills.length) return h("p", { class: "muted", id: "drills-empty", text: "No drill." });
+    return drills.map(function (d) {
+      var state = d.aborted ? badge("ABORTED", "bad") : d.ended ? badge(d.ended.how, "ok") : badge("IN PROGRESS", "warn");
+      return h("div", { class: "drill card", "data-drill": d.key, "data-active": d.active ? "1" : "0" },
         h("h3", null, "Drill: " + d.target + " ", state),
+        h("p", { class: "muted small", text: (d.reason ? d.reason + " · " : "") + "started " + timeOf(d.start) + " · expires " +
+          timeOf(d.expires) + " · aborts when a cluster taking its traffic falls below " + d.abortBelowHealthy + "% healthy" }),
         d.aborted ? h("p", { class: "abort", text: "aborted " + timeOf(d.aborted.at) + ": " + d.aborted.reason }) : null,
+        d.ended ? h("p", { class: "muted", text: "ended " + timeOf(d.ended.at) + ": " + d.ended.how }) : null,
         h("table", { class: "grid steps" },
           h("thead", null, h("tr", null, ["capacity", "decided", "push", "published", "all proxies ACKed"].map(function (c) {
             return h("th", { text: c });
@@ -301,15 +405,181 @@
             var acked = !acks ? "not published yet"
               : acks.allAckedAt ? timeOf(acks.allAckedAt) + " (" + acks.ackSeconds.toFixed(2) + "s, " + acks.proxies + " proxies)"
                 : "not yet: " + acks.pending.length + " of " + acks.proxies + " pending";
-            return h("tr", null,
+            return h("tr", { class: "step", "data-capacity": st.capacity, "data-acked": acks && acks.allAckedAt ? "1" : "0" },
               h("td", { text: st.capacity + "%" }),
               h("td", { text: timeOf(st.decidedAt) }),
               h("td", { text: st.generation ? String(st.generation) : "" }),
               h("td", { text: st.publishedAt ? timeOf(st.publishedAt) : "" }),
-              h("td", { text: acked }));
-          })))));
+              h("td", { class: "acked", text: acked }));
+          }))));
     });
-    return out;
+  }
+
+  // The what-if form: each cluster's and locality's share of a proxy's requests to a host, now and under
+  // a hypothesis (/debug/whatif). Its inputs survive the polls: only the suggestion lists are refreshed.
+  function whatIfForm(initial) {
+    function field(label, input) { return h("label", { class: "field" }, h("span", { class: "muted small", text: label }), input); }
+    var proxy = h("input", { id: "whatif-proxy", name: "proxyID", required: true, placeholder: "POD.NS", autocomplete: "off", value: initial.proxy || "" });
+    proxy.setAttribute("list", "whatif-proxies");
+    var host = h("input", { id: "whatif-host", name: "host", required: true, placeholder: "FQDN", autocomplete: "off", value: initial.host || "" });
+    host.setAttribute("list", "whatif-hosts");
+    var drain = h("select", { id: "whatif-drain", name: "drain" }, h("option", { value: "", text: "(none)" }));
+    var down = h("select", { id: "whatif-down", name: "down" }, h("option", { value: "", text: "(none)" }));
+    var form = h("form", { id: "whatif-form", class: "whatif-form" },
+      field("proxy (connected)", proxy), field("host", host), field("drain cluster to 0", drain), field("cluster lost", down),
+      h("button", { type: "submit", text: "What if?" }),
+      h("datalist", { id: "whatif-proxies" }), h("datalist", { id: "whatif-hosts" }));
+    var result = h("div", { id: "whatif-result" });
+    var pendingDrain = initial.drain || "", pendingDown = initial.down || "";
+    form.onsubmit = function (ev) {
+      ev.preventDefault();
+      var q = "proxyID=" + encodeURIComponent(proxy.value.trim()) + "&host=" + encodeURIComponent(host.value.trim());
+      if (drain.value) q += "&drain=" + encodeURIComponent(drain.value);
+      if (down.value) q += "&down=" + encodeURIComponent(down.value);
+      history.replaceState(null, "", "/ui/traffic?" + q.replace("proxyID=", "proxy="));
+      replace(result, h("p", { class: "muted", text: "asking /debug/whatif…" }));
+      result.removeAttribute("data-state");
+      fetch("/debug/whatif?" + q, { cache: "no-store", credentials: "same-origin" }).then(function (r) {
+        if (r.ok) return r.json();
+        return r.text().then(function (text) { throw new Error("HTTP " + r.status + ": " + text.trim()); });
+      }).then(function (w) {
+        replace(result, renderWhatIf(w));
+        result.setAttribute("data-state", "ok");
+      }, function (e) {
+        replace(result, h("p", { id: "whatif-error", class: "error-text", role: "alert", text: "/debug/whatif: " + e.message }));
+        result.setAttribute("data-state", "error");
+      });
+    };
+    // suggestions from the polled state; the selects keep their value (or the one the URL asked for)
+    function update(proxies, hosts, clusters) {
+      replace(document.getElementById("whatif-proxies"), proxies.map(function (p) { return h("option", { value: p }); }));
+      replace(document.getElementById("whatif-hosts"), hosts.map(function (x) { return h("option", { value: x }); }));
+      [[drain, "pendingDrain"], [down, "pendingDown"]].forEach(function (pair) {
+        var sel = pair[0];
+        var want = sel.value || (pair[1] === "pendingDrain" ? pendingDrain : pendingDown);
+        var have = [].slice.call(sel.options, 1).map(function (o) { return o.value; });
+        if (have.join("\n") !== clusters.join("\n")) {
+          replace(sel, [h("option", { value: "", text: "(none)" })].concat(clusters.map(function (c) { return h("option", { value: c, text: c }); })));
+        }
+        if (want && clusters.indexOf(want) >= 0) sel.value = want;
+      });
+      pendingDrain = pendingDown = "";
+    }
+    return { form: form, result: result, update: update, submit: function () { form.requestSubmit(); } };
+  }
+
+  function renderWhatIf(w) {
+    var now = w.now || { byCluster: {}, localities: [] };
+    var then = w.whatIf;
+    var clusters = Object.keys(now.byCluster);
+    if (then) Object.keys(then.byCluster).forEach(function (c) { if (clusters.indexOf(c) < 0) clusters.push(c); });
+    clusters.sort();
+    // the decision's reason; and when the proxy gets none of a share the decision gives (an assignment
+    // without endpoints of that cluster it can reach: another network without mesh mTLS), that too
+    function decisionReason(p, c) {
+      var d = p && p.decision && p.decision[c];
+      if (!d) return "";
+      var got = p.byCluster[c] || 0;
+      return d.share > 0 && got === 0
+        ? d.reason + " (decided " + pct(d.share) + "; this proxy's assignment has no endpoint of " + c + " it can use)"
+        : d.reason;
+    }
+    var head = ["cluster", "now"].concat(then ? ["what if", "change"] : []).concat(["why (now)"]).concat(then ? ["why (what if)"] : []);
+    var byCluster = h("table", { class: "grid whatif-clusters" },
+      h("thead", null, h("tr", null, head.map(function (c) { return h("th", { text: c }); }))),
+      h("tbody", null, clusters.map(function (c) {
+        var a = now.byCluster[c] || 0, b = then ? (then.byCluster[c] || 0) : null;
+        var delta = then ? Math.round((b - a) * 10) / 10 : null;
+        return h("tr", { class: "whatif-cluster", "data-cluster": c, "data-now": String(a), "data-whatif": then ? String(b) : null },
+          h("td", { text: c }),
+          h("td", { class: "now", text: pct(a) }),
+          then ? h("td", { class: "whatif", text: pct(b) }) : null,
+          then ? h("td", { class: delta < 0 ? "bad-text" : delta > 0 ? "ok-text" : "muted", text: (delta > 0 ? "+" : "") + delta + " points" }) : null,
+          h("td", { class: "reason small", text: decisionReason(now, c) }),
+          then ? h("td", { class: "reason small", text: decisionReason(then, c) }) : null);
+      })));
+    // localities: now and under the hypothesis, side by side by name
+    var byName = {};
+    var order = [];
+    function add(list, which) {
+      (list || []).forEach(function (l) {
+        if (!byName[l.locality]) { byName[l.locality] = {}; order.push(l.locality); }
+        var e = byName[l.locality][which] = byName[l.locality][which] || { share: 0, priorities: [], byCluster: {} };
+        e.share += l.share;
+        if (e.priorities.indexOf(l.priority) < 0) e.priorities.push(l.priority);
+        Object.keys(l.byCluster).forEach(function (c) { e.byCluster[c] = (e.byCluster[c] || 0) + l.byCluster[c]; });
+      });
+    }
+    add(now.localities, "now");
+    if (then) add(then.localities, "then");
+    function cellOf(e) {
+      if (!e) return h("td", { class: "muted", text: "not served" });
+      var parts = Object.keys(e.byCluster).sort().map(function (c) { return c + " " + pct(e.byCluster[c]); });
+      return h("td", null, h("b", { text: pct(e.share) }), h("span", { class: "muted small", text: " P" + e.priorities.join("/P") }),
+        parts.length ? h("div", { class: "small muted", text: parts.join(", ") }) : null);
+    }
+    var localities = h("table", { class: "grid whatif-localities" },
+      h("thead", null, h("tr", null, ["locality", "now"].concat(then ? ["what if"] : []).map(function (c) { return h("th", { text: c }); }))),
+      h("tbody", null, order.map(function (name) {
+        var e = byName[name];
+        return h("tr", { class: "whatif-locality", "data-locality": name, "data-now": e.now ? String(e.now.share) : "0",
+          "data-whatif": then ? (e.then ? String(e.then.share) : "0") : null },
+          h("td", { text: name }), cellOf(e.now), then ? cellOf(e.then) : null);
+      })));
+    return [
+      h("p", { class: "summary", id: "whatif-summary", text: w.host + " (" + w.cluster + ") from a proxy in region " +
+        (w.sourceRegion || "(none)") + ", network " + (w.network || "(none)") +
+        (w.localityWeighted ? "; locality weights count" : "; locality weights do not count (no split or drain for it)") +
+        (w.hypothesis ? ". What if: " + w.hypothesis + "." : ". No hypothesis: the shares now.") }),
+      h("h3", { text: "Share per cluster" }), byCluster,
+      h("h3", { text: "Share per locality" }), localities,
+      (w.notes || []).length ? h("ul", { class: "notes" }, w.notes.map(function (n) { return h("li", { text: n }); })) : null
+    ];
+  }
+
+  function trafficPage() {
+    var app = document.getElementById("app");
+    document.title = "meshfed · traffic";
+    var initial = {
+      proxy: params.get("proxy") || "", host: params.get("host") || "",
+      drain: params.get("drain") || "", down: params.get("down") || ""
+    };
+    var whatIf = whatIfForm(initial);
+    replace(app, [
+      section("shares", "Shares", "per service and source region, each cluster's share: the decision the EDS serves (/debug/trafficz)"),
+      section("drains", "Drains", "in the mesh config or the TrafficPolicy"),
+      section("drills", "Drills", "steps, when every proxy ACKed each, the abort or the end (/debug/drillz)"),
+      h("section", { id: "whatif" }, h("h2", null, "What if", h("span", { class: "muted small",
+        text: " a proxy's requests to a host per cluster and locality, now and with a cluster drained or lost (/debug/whatif)" })),
+        whatIf.form, whatIf.result)
+    ]);
+    function body(id) { return document.querySelector("#" + id + " .body"); }
+    var polls = 0, hosts = [], autoSubmit = !!(initial.proxy && initial.host);
+    function poll() {
+      var wantHosts = polls % 20 === 0;
+      polls++;
+      Promise.all([
+        getJSON("/debug/trafficz"),
+        getJSON("/debug/syncz"),
+        getJSON("/debug/clusterz"),
+        wantHosts ? getJSON("/debug/registryz") : Promise.resolve(null)
+      ]).then(function (r) {
+        var t = r[0];
+        var clouds = {};
+        r[2].forEach(function (c) { clouds[c.id] = cloudOf(c.id, c.regions); });
+        replace(body("shares"), renderShares(t, clouds));
+        replace(body("drains"), renderDrains(t));
+        replace(body("drills"), renderDrills(t));
+        if (r[3]) hosts = (r[3].services || []).map(function (s) { return s.hostname; }).sort();
+        whatIf.update(r[1].map(function (p) { return p.proxy; }).sort(), hosts, r[2].map(function (c) { return c.id; }).sort());
+        if (autoSubmit) { autoSubmit = false; whatIf.submit(); }
+        setLive(true, "live · " + new Date().toLocaleTimeString());
+        document.body.setAttribute("data-loaded", "1");
+      }, function (e) {
+        setLive(false, "cannot reach meshfed (" + e.message + ")");
+      }).then(function () { setTimeout(poll, POLL_MS); });
+    }
+    poll();
   }
 
   function section(id, title, sub) {
@@ -325,7 +595,7 @@
       section("services", "Federated services", "endpoints by cluster, region and zone"),
       section("proxies", "Connected proxies", "sync status per xDS type (istioctl proxy-status)"),
       section("pushes", "Recent pushes", "newest first"),
-      section("traffic", "Traffic", "drains and drills (/debug/trafficz, /debug/drillz)")
+      section("traffic", "Traffic", "shares, drains and drills: the traffic page")
     ]);
     function body(id) { return document.querySelector("#" + id + " .body"); }
     function poll() {
@@ -337,7 +607,7 @@
         getJSON("/debug/warnings"),
         getJSON("/debug/trafficz")
       ]).then(function (r) {
-        replace(body("traffic"), renderTraffic(r[5]));
+        replace(body("traffic"), renderTrafficSummary(r[5]));
         replace(body("clusters"), renderClusters(r[0]));
         replace(body("services"), renderServices(r[1]));
         replace(body("proxies"), renderProxies(r[2]));
@@ -376,7 +646,8 @@
           h("a", { id: "config-dump-link", href: "/debug/config_dump?proxyID=" + encodeURIComponent(ex.proxy) + "&include_eds=true&pretty",
             text: "config_dump (with EDS)" }), " · ",
           h("a", { href: "/debug/config_dump?proxyID=" + encodeURIComponent(ex.proxy) + "&pretty", text: "without EDS" }), " · ",
-          h("a", { href: "/debug/explain?proxyID=" + encodeURIComponent(ex.proxy) + "&pretty", text: "explain (JSON)" }))));
+          h("a", { href: "/debug/explain?proxyID=" + encodeURIComponent(ex.proxy) + "&pretty", text: "explain (JSON)" }), " · ",
+          h("a", { id: "whatif-link", href: "/ui/traffic?proxy=" + encodeURIComponent(ex.proxy), text: "what if…" }))));
     var explained = ex.clusters.length ? ex.clusters.map(function (c) {
       return h("div", { class: "card explain", "data-envoy-cluster": c.name },
         h("div", { class: "card-head" }, h("span", { class: "card-title", text: c.service || c.name }),
@@ -436,5 +707,6 @@
 
   var params = new URLSearchParams(location.search);
   if (location.pathname === "/ui/proxy" && params.get("id")) proxyPage(params.get("id"));
+  else if (location.pathname === "/ui/traffic") trafficPage();
   else overview();
 })();
