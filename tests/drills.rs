@@ -5,13 +5,13 @@
 //! the drained traffic): the drill aborts by itself in that push, azure-weu's share returns, and the
 //! report, `/debug/trafficz` and the metrics say so; `meshfed traffic drill --abort` removes it from the file.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, ensure};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::eds_shares::{RegionShares, eds_until, region_shares};
 use meshfed_testkit::fixtures::AWS_SIDECAR;
 use meshfed_testkit::meshfed::{Meshfed, meshfed_path, start_meshfed};
 
@@ -21,39 +21,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
 
 const SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
-
-/// Percent of the priority-0 locality weight per region (us-east-1: aws-use1, westeurope: azure-weu).
-fn shares(cla: &ClusterLoadAssignment) -> BTreeMap<String, u32> {
-    let mut weights: BTreeMap<String, u32> = BTreeMap::new();
-    for l in cla.endpoints.iter().filter(|l| l.priority == 0) {
-        let region = l.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default();
-        *weights.entry(region).or_default() += l.load_balancing_weight.map(|w| w.value).unwrap_or(0);
-    }
-    let total: u32 = weights.values().sum();
-    weights.into_iter().map(|(r, w)| (r, (w * 100 + total / 2).checked_div(total).unwrap_or(0))).collect()
-}
-
-/// Receives EDS responses (ACKing them) until ratings' shares satisfy `ok`; returns every share seen.
-async fn eds_until(
-    c: &mut AdsClient,
-    what: &str,
-    ok: impl Fn(&BTreeMap<String, u32>) -> bool,
-) -> Result<Vec<BTreeMap<String, u32>>> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let mut seen = Vec::new();
-    loop {
-        let r = c.recv_until(deadline).await?.ok_or_else(|| anyhow!("{what}: not in {TIMEOUT:?} (seen {seen:?})"))?;
-        c.ack(&r).await?;
-        if r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none() {
-            continue;
-        }
-        let s = shares(&r.decode::<ClusterLoadAssignment>(RATINGS)?);
-        seen.push(s.clone());
-        if ok(&s) {
-            return Ok(seen);
-        }
-    }
-}
 
 fn traffic_cmd(args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(meshfed_path()).arg("traffic").args(args).output()?;
@@ -75,7 +42,7 @@ async fn drill_until(m: &Meshfed, what: &str, ok: impl Fn(&serde_json::Value) ->
     }
 }
 
-fn west(s: &BTreeMap<String, u32>) -> u32 {
+fn west(s: &RegionShares) -> u32 {
     s.get("westeurope").copied().unwrap_or(0)
 }
 
@@ -92,7 +59,7 @@ async fn a_drill_ramps_reports_its_acked_steps_and_aborts_when_its_receivers_fai
     let mut c = AdsClient::connect(m.xds_address(), Flavor::Sotw, node).await?.with_timeouts(TIMEOUT, QUIET);
     c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
     let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
-    assert_eq!(west(&shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?)), 30);
+    assert_eq!(west(&region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?)), 30);
 
     // the drill: 50% a second down to 0, reverting after 10 minutes, aborting below 50% healthy
     let out = traffic_cmd(&[
@@ -113,7 +80,7 @@ async fn a_drill_ramps_reports_its_acked_steps_and_aborts_when_its_receivers_fai
     assert!(out.contains("azure-weu") && out.contains("/debug/drillz"), "{out}");
     let file = std::fs::read_to_string(&mesh_path)?;
     assert!(file.contains("abortBelowHealthy: 50") && file.contains("start:"), "{file}");
-    let seen = eds_until(&mut c, "the drill's last step", |s| west(s) == 0).await?;
+    let seen = eds_until(&mut c, RATINGS, "the drill's last step", |s| west(s) == 0).await?;
     assert!(seen.iter().any(|s| west(s) == 15), "the 50% step first: {seen:?}");
     // both steps reported, each ACKed by the one proxy connected
     let d = drill_until(&m, "two ACKed steps", |d| {
@@ -137,7 +104,7 @@ async fn a_drill_ramps_reports_its_acked_steps_and_aborts_when_its_receivers_fai
     let slices = dir.path().join("aws-use1/endpointslices.yaml");
     let text = std::fs::read_to_string(&slices)?.replace("ready: true", "ready: false");
     meshfed_testkit::write_atomically(&slices, &text)?;
-    eds_until(&mut c, "azure-weu's share back", |s| west(s) > 0).await?;
+    eds_until(&mut c, RATINGS, "azure-weu's share back", |s| west(s) > 0).await?;
     let d = drill_until(&m, "the abort", |d| d["aborted"].is_object()).await?;
     let reason = d["aborted"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("aws-use1") && reason.contains("abortBelowHealthy 50%"), "{d:#}");

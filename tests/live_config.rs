@@ -5,14 +5,14 @@
 //! as they were and `/debug/warnings` names the field; `meshfed traffic undrain` brings the split back;
 //! `meshfed traffic status` prints it all.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, ensure};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::eds_shares::{eds_until_shares, region_shares};
 use meshfed_testkit::fixtures::AWS_SIDECAR;
 use meshfed_testkit::meshfed::{Meshfed, meshfed_path, start_meshfed};
 
@@ -22,41 +22,6 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
 
 const SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
-
-/// Percent of the priority-0 locality weight per region (us-east-1: aws-use1, westeurope: azure-weu).
-fn shares(cla: &ClusterLoadAssignment) -> BTreeMap<String, u32> {
-    let mut weights: BTreeMap<String, u32> = BTreeMap::new();
-    for l in cla.endpoints.iter().filter(|l| l.priority == 0) {
-        let region = l.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default();
-        *weights.entry(region).or_default() += l.load_balancing_weight.map(|w| w.value).unwrap_or(0);
-    }
-    let total: u32 = weights.values().sum();
-    weights.into_iter().map(|(r, w)| (r, (w * 100 + total / 2).checked_div(total).unwrap_or(0))).collect()
-}
-
-/// Receives EDS responses (ACKing them) until ratings' shares are `want`.
-async fn eds_until(c: &mut AdsClient, what: &str, want: &[(&str, u32)]) -> Result<BTreeMap<String, u32>> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let want: BTreeMap<String, u32> = want.iter().map(|(r, s)| (r.to_string(), *s)).collect();
-    let mut last = None;
-    loop {
-        let r = c
-            .recv_until(deadline)
-            .await?
-            .ok_or_else(|| anyhow!("{what}: no EDS with shares {want:?} in {TIMEOUT:?} (last {last:?})"))?;
-        c.ack(&r).await?;
-        if r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none() {
-            continue;
-        }
-        let s = shares(&r.decode::<ClusterLoadAssignment>(RATINGS)?);
-        if s.iter().filter(|(_, v)| **v > 0).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>()
-            == want.iter().filter(|(_, v)| **v > 0).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>()
-        {
-            return Ok(s);
-        }
-        last = Some(s);
-    }
-}
 
 fn traffic_cmd(args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(meshfed_path()).arg("traffic").args(args).output()?;
@@ -84,14 +49,14 @@ async fn mesh_config_edits_and_the_traffic_cli_change_eds_without_a_restart() ->
     let mut c = AdsClient::connect(m.xds_address(), Flavor::Sotw, node).await?.with_timeouts(TIMEOUT, QUIET);
     c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
     let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
-    let before = shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    let before = region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
     // no split yet: the localities' usual weights, not 70/30
     assert_ne!(before.get("westeurope"), Some(&30), "{before:?}");
 
     // 1. a split written into the mesh config: 70/30 without a restart
     let original = std::fs::read_to_string(&mesh_path)?;
     write(&mesh_path, &format!("{original}{SPLIT}"))?;
-    eds_until(&mut c, "the split", &[("us-east-1", 70), ("westeurope", 30)]).await?;
+    eds_until_shares(&mut c, RATINGS, "the split", &[("us-east-1", 70), ("westeurope", 30)]).await?;
 
     // 2. `meshfed traffic drain` on the file: azure-weu's share goes
     let out = traffic_cmd(&[
@@ -108,7 +73,7 @@ async fn mesh_config_edits_and_the_traffic_cli_change_eds_without_a_restart() ->
         &mesh_file,
     ])?;
     assert!(out.contains("azure-weu"), "{out}");
-    eds_until(&mut c, "the drain", &[("us-east-1", 100)]).await?;
+    eds_until_shares(&mut c, RATINGS, "the drain", &[("us-east-1", 100)]).await?;
     let drained = std::fs::read_to_string(&mesh_path)?;
     assert!(drained.starts_with("# meshfed mesh config"), "comments outside traffic: stay:\n{drained}");
 
@@ -159,7 +124,7 @@ async fn mesh_config_edits_and_the_traffic_cli_change_eds_without_a_restart() ->
 
     // 4. `meshfed traffic undrain`: the split is back
     traffic_cmd(&["undrain", "--cluster", "azure-weu", "--mesh-config", &mesh_file])?;
-    eds_until(&mut c, "the undrain", &[("us-east-1", 70), ("westeurope", 30)]).await?;
+    eds_until_shares(&mut c, RATINGS, "the undrain", &[("us-east-1", 70), ("westeurope", 30)]).await?;
     let whatif = traffic_cmd(&[
         "whatif",
         "--debug-address",

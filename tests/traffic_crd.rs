@@ -12,14 +12,14 @@
 //! - a replica restarted while a drain is in the object comes up with the drain in force;
 //! - the object deleted: the file's `traffic:` is in force again.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, ensure};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::eds_shares::{RegionShares, eds_stays, eds_until_shares, region_shares, shares_of};
 use meshfed_testkit::fixtures::AWS_SIDECAR;
 use meshfed_testkit::kube_standin::KubeStandin;
 use meshfed_testkit::meshfed::{Meshfed, MeshfedOptions, meshfed_path, start_meshfed, start_meshfed_with};
@@ -53,66 +53,15 @@ fn object(spec: serde_json::Value) -> serde_json::Value {
     })
 }
 
-/// Percent of the priority-0 locality weight per region (us-east-1: aws-use1, westeurope: azure-weu).
-fn shares(cla: &ClusterLoadAssignment) -> BTreeMap<String, u32> {
-    let mut weights: BTreeMap<String, u32> = BTreeMap::new();
-    for l in cla.endpoints.iter().filter(|l| l.priority == 0) {
-        let region = l.locality.as_ref().map(|l| l.region.clone()).unwrap_or_default();
-        *weights.entry(region).or_default() += l.load_balancing_weight.map(|w| w.value).unwrap_or(0);
-    }
-    let total: u32 = weights.values().sum();
-    weights
-        .into_iter()
-        .filter(|(_, w)| *w > 0)
-        .map(|(r, w)| (r, (w * 100 + total / 2).checked_div(total).unwrap_or(0)))
-        .collect()
-}
-
 /// An AWS sidecar in us-east-1 on `m`, subscribed to ratings' endpoints.
-async fn sidecar(m: &Meshfed, n: u8) -> Result<(AdsClient, BTreeMap<String, u32>)> {
+async fn sidecar(m: &Meshfed, n: u8) -> Result<(AdsClient, RegionShares)> {
     let id = format!("sidecar~127.{OCTET}.50.{n}~client-{n}.shop~shop.svc.cluster.local");
     let node = meshfed_testkit::fixtures::node(&id, &AWS_SIDECAR, Some(("us-east-1", "us-east-1a")));
     let mut c = AdsClient::connect(m.xds_address(), Flavor::Sotw, node).await?.with_timeouts(TIMEOUT, QUIET);
     c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
     let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
-    let s = shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    let s = region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
     Ok((c, s))
-}
-
-fn want(w: &[(&str, u32)]) -> BTreeMap<String, u32> {
-    w.iter().map(|(r, s)| (r.to_string(), *s)).collect()
-}
-
-/// Receives EDS responses (ACKing them) until ratings' non-zero shares are `w`.
-async fn eds_until(c: &mut AdsClient, what: &str, w: &[(&str, u32)]) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let w = want(w);
-    let mut last = None;
-    loop {
-        let r = c
-            .recv_until(deadline)
-            .await?
-            .ok_or_else(|| anyhow!("{what}: no EDS with shares {w:?} in {TIMEOUT:?} (last {last:?})"))?;
-        c.ack(&r).await?;
-        if r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none() {
-            continue;
-        }
-        let s = shares(&r.decode::<ClusterLoadAssignment>(RATINGS)?);
-        if s == w {
-            return Ok(());
-        }
-        last = Some(s);
-    }
-}
-
-/// No EDS change of ratings for `quiet`.
-async fn eds_stays(c: &mut AdsClient, what: &str, quiet: Duration) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + quiet;
-    while let Some(r) = c.recv_until(deadline).await? {
-        c.ack(&r).await?;
-        ensure!(r.type_url != type_url::ENDPOINT || r.get(RATINGS).is_none(), "{what}: ratings' EDS changed");
-    }
-    Ok(())
 }
 
 /// `meshfed traffic ARGS` (not blocking the runtime the API stand-in runs on), bounded.
@@ -158,7 +107,7 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     let b = start_meshfed(&mesh_path).await?;
     let (mut ca, sa) = sidecar(&a, 1).await?;
     let (mut cb, sb) = sidecar(&b, 2).await?;
-    assert_eq!(sa, want(&[("us-east-1", 60), ("westeurope", 40)]), "replica a at start");
+    assert_eq!(sa, shares_of(&[("us-east-1", 60), ("westeurope", 40)]), "replica a at start");
     assert_eq!(sb, sa, "replica b at start");
     let trafficz = a.debug_json("/debug/trafficz").await?;
     assert_eq!(trafficz["trafficPolicy"]["inForce"], true, "{trafficz}");
@@ -184,14 +133,14 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     let stored = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
     assert_eq!(stored["spec"]["drains"][0]["cluster"], "azure-weu", "{stored}");
     assert_eq!(stored["spec"]["policies"], split(60, 40)["policies"], "the split stays: {stored}");
-    eds_until(&mut ca, "replica a, the drain", &[("us-east-1", 100)]).await?;
-    eds_until(&mut cb, "replica b, the drain", &[("us-east-1", 100)]).await?;
+    eds_until_shares(&mut ca, RATINGS, "replica a, the drain", &[("us-east-1", 100)]).await?;
+    eds_until_shares(&mut cb, RATINGS, "replica b, the drain", &[("us-east-1", 100)]).await?;
 
     // 3. undrain: both back to the split
     let out = traffic_cmd(&["undrain", "--cluster", "azure-weu", "--kubeconfig", &kc]).await?;
     ensure!(out.status.success(), "undrain: {}", String::from_utf8_lossy(&out.stderr));
-    eds_until(&mut ca, "replica a, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
-    eds_until(&mut cb, "replica b, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
+    eds_until_shares(&mut ca, RATINGS, "replica a, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
+    eds_until_shares(&mut cb, RATINGS, "replica b, the undrain", &[("us-east-1", 60), ("westeurope", 40)]).await?;
 
     // 4. a bad object written directly: both keep the last good policy and say which field
     api.apply(object(split(60, 30)))?;
@@ -213,8 +162,8 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
             "replica {name}: {w}"
         );
     }
-    eds_stays(&mut ca, "replica a, the bad object", QUIET * 2).await?;
-    eds_stays(&mut cb, "replica b, the bad object", QUIET * 2).await?;
+    eds_stays(&mut ca, RATINGS, "replica a, the bad object", QUIET * 2).await?;
+    eds_stays(&mut cb, RATINGS, "replica b, the bad object", QUIET * 2).await?;
     // the CLI validates the whole result: it refuses to write on top of the bad object
     let before = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
     let out = traffic_cmd(&["drain", "--cluster", "azure-weu", "--expires", "1h", "--kubeconfig", &kc]).await?;
@@ -228,8 +177,8 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     let expires = meshfed::traffic::decide::time_str(std::time::SystemTime::now() + Duration::from_secs(7200));
     spec["drains"] = json!([{"cluster": "azure-weu", "capacity": 0, "expires": expires, "reason": "drill"}]);
     api.apply(object(spec))?;
-    eds_until(&mut ca, "replica a, the fixed object", &[("us-east-1", 100)]).await?;
-    eds_until(&mut cb, "replica b, the fixed object", &[("us-east-1", 100)]).await?;
+    eds_until_shares(&mut ca, RATINGS, "replica a, the fixed object", &[("us-east-1", 100)]).await?;
+    eds_until_shares(&mut cb, RATINGS, "replica b, the fixed object", &[("us-east-1", 100)]).await?;
     ensure!(warning_of(&a).await?.is_none(), "the warning clears");
 
     // 6. replica b restarted during the drill: it resumes it from its first response
@@ -238,11 +187,12 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     drop(b);
     let b = start_meshfed_with(&mesh_path, &MeshfedOptions { ports: Some(ports), ..Default::default() }).await?;
     let (_cb, sb) = sidecar(&b, 3).await?;
-    assert_eq!(sb, want(&[("us-east-1", 100)]), "the restarted replica serves the drain at once");
+    assert_eq!(sb, shares_of(&[("us-east-1", 100)]), "the restarted replica serves the drain at once");
 
     // 7. the object deleted: the file's traffic: is back
     ensure!(api.delete(API_VERSION, "TrafficPolicy", "istio-system", "default")?, "deleted");
-    eds_until(&mut ca, "replica a, the object deleted", &[("us-east-1", 70), ("westeurope", 30)]).await?;
+    eds_until_shares(&mut ca, RATINGS, "replica a, the object deleted", &[("us-east-1", 70), ("westeurope", 30)])
+        .await?;
     Ok(())
 }
 

@@ -1,9 +1,16 @@
 //! Traffic control ([`meshfed::traffic`]) with real Envoys across two clouds on loopback: an active-active
 //! split of ratings:9080 70/30 between aws-use1 and azure-weu measured over 2,000 requests, a drain of
-//! azure-weu (capacity 50, then a ramp to 0 stepped by the push loop's timer), `/debug/whatif`'s
-//! prediction against what Envoy really sent (in every state), failover of a cluster whose healthy
-//! endpoints fall below `minHealthy` in one push and its failback only after `failbackAfter`, and a
-//! drain that reverts by itself at its expiry.
+//! azure-weu (capacity 50), a drain with a 25-point ramp measured at each step (Azure 22.5%, 15%, 7.5%,
+//! then 0% when the push loop's timer takes the last step) and its undrain back to 70/30,
+//! `/debug/whatif`'s prediction against what Envoy really sent (in every state), failover of a cluster
+//! whose healthy endpoints fall below `minHealthy` in one push and its failback only after
+//! `failbackAfter`, and a drain that reverts by itself at its expiry.
+//!
+//! Each measured state of the split, the drain and the ramp is waited for the same way before a
+//! request is sent: meshfed's push carries the state's decision, the client's EDS stream has looked at
+//! that snapshot and its latest EDS response is ACKed, and the client's config dump holds locality
+//! weights giving Azure the state's share. Requests are counted only then, so a share measured is the
+//! share of that state, not a mix with the one before.
 //!
 //! Topology as in `tests/cross_cloud.rs` (see there), with meshfed in process (the traffic policy is
 //! handed to the push loop as the mesh config's live reload will hand it: `PushHandle::set_traffic_policy`):
@@ -26,6 +33,10 @@ use meshfed::model::ClusterId;
 use meshfed::source::SourceEvent;
 use meshfed::topology::TopologyObject;
 use meshfed::traffic::TrafficPolicy;
+use meshfed::traffic::decide::time_str;
+use meshfed::traffic::drill::ProxyAcks;
+use meshfed::type_url::ResourceType;
+use support::eds_shares::{envoy_region_weights, percent};
 use support::server::TestServer;
 use support::{Backend, BootstrapSpec, Envoy, TestCa, addr4, bootstrap_with, http_get, ip4, poll_until, start_envoy};
 
@@ -42,6 +53,13 @@ const TOLERANCE: f64 = 5.0;
 const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 /// `failbackAfter` of the policy: long enough to see the share stay away, short enough for a test
 const FAILBACK: Duration = Duration::from_secs(8);
+/// the ramp's `every`: no step falls due by itself while the test measures one (the test moves the
+/// ramp by its `start`, see [`ramp`])
+const RAMP_EVERY: Duration = Duration::from_secs(3600);
+/// the last step of the ramp is taken by the push loop's timer this long after the policy arrives
+const TIMER_LEAD: Duration = Duration::from_secs(2);
+/// points the client's EDS locality weights may differ from the decided share (weights are rounded)
+const WEIGHT_TOLERANCE: f64 = 1.0;
 
 /// A `traffic:` section: ratings from us-east-1 70/30, failover below 50% healthy (failback after
 /// [`FAILBACK`]), and `drains` (YAML list items, or empty).
@@ -55,7 +73,24 @@ fn policy(drains: &str) -> Result<TrafficPolicy> {
 }
 
 fn expires() -> String {
-    meshfed::traffic::decide::time_str(SystemTime::now() + Duration::from_secs(3600))
+    time_str(SystemTime::now() + Duration::from_secs(3600))
+}
+
+/// A drain of azure-weu to 0 in 25-point steps every [`RAMP_EVERY`] from `start`: at `start + k *
+/// RAMP_EVERY` (k = 0..3) its capacity becomes 75, 50, 25, 0% (see `Drain::capacity_at`).
+fn ramp(start: SystemTime) -> String {
+    format!(
+        "{{cluster: azure-weu, capacity: 0, ramp: {{step: 25, every: {}s}}, start: '{}', expires: '{}', reason: ramp}}",
+        RAMP_EVERY.as_secs(),
+        time_str(start),
+        expires()
+    )
+}
+
+/// The start that puts [`ramp`] half-way through step `k` now (0: capacity 75%, 3: 0%): a step is
+/// an hour long, so none falls due by itself while the test measures it.
+fn ramp_at_step(k: u32) -> SystemTime {
+    SystemTime::now() - RAMP_EVERY * k - RAMP_EVERY / 2
 }
 
 struct Mesh {
@@ -151,6 +186,70 @@ impl Mesh {
         Ok(())
     }
 
+    /// Waits until the client sidecar holds the EDS that gives Azure `want`% of ratings: a snapshot
+    /// with that decision for us-east-1 was pushed, the client ACKed EDS of that generation (meshfed's
+    /// view, as a drill's report counts the ACK of a step: `ProxyAcks::has`), and the client's config dump
+    /// has locality weights giving westeurope `want`% (± [`WEIGHT_TOLERANCE`]). Returns the snapshot's
+    /// generation.
+    async fn client_holds(&self, want: f64) -> Result<u64> {
+        let mut rx = self.server.push.subscribe();
+        let generation = tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| decides(s, want)))
+            .await
+            .with_context(|| format!("no push decides {want}% for azure-weu in {STEP_TIMEOUT:?}"))??
+            .generation;
+        poll_until(STEP_TIMEOUT, || async {
+            let c = self.server.connections.find_proxy("client-0.shop").context("the client is not connected")?;
+            let eds = &c.status()[ResourceType::Endpoint.index()];
+            // as a drill's report counts a proxy's ACK of a step
+            let acks = ProxyAcks {
+                proxy: c.proxy.key.to_string(),
+                connected_at: Some(c.connected_at),
+                acked: eds.acks.iter().copied().collect(),
+                seen_generation: eds.seen_generation,
+                sent_generation: eds.sent_generation,
+                in_sync: eds.acked_nonce == eds.sent_nonce,
+            };
+            ensure!(
+                acks.has(generation, SystemTime::now()).is_some(),
+                "the client has not ACKed EDS of generation {generation}: {acks:?}"
+            );
+            Ok(())
+        })
+        .await?;
+        let cluster = format!("outbound|{PORT}||{RATINGS}");
+        poll_until(STEP_TIMEOUT, || async {
+            let weights = envoy_region_weights(&self.client, &cluster).await?;
+            let azure = percent(&weights, "westeurope");
+            ensure!((azure - want).abs() <= WEIGHT_TOLERANCE, "the client's EDS gives Azure {azure:.2}% ({weights:?})");
+            Ok(())
+        })
+        .await?;
+        Ok(generation)
+    }
+
+    /// One state: waits until the client holds its EDS ([`Self::client_holds`]), measures Azure's share
+    /// over [`TOTAL`] requests ([`measure`]: within ± [`TOLERANCE`] of `want`; exactly 0 when `want` is
+    /// 0), and checks that `/debug/whatif` predicted the measured share (± [`TOLERANCE`]). Returns the
+    /// measured share.
+    async fn expect_share(&self, name: &str, want: f64) -> Result<f64> {
+        let generation = self.client_holds(want).await.with_context(|| format!("{name}: the client's EDS"))?;
+        let measured = measure(self, want).await.with_context(|| format!("{name}: the measured share"))?;
+        // the state did not change while it was measured (a ramp step falling due, say)
+        let now = self.server.push.snapshot();
+        ensure!(decides(&now, want), "{name}: the decision changed while measuring (generation {})", now.generation);
+        ensure!(want > 0.0 || measured == 0.0, "{name}: drained, yet Azure got {measured:.2}% of {TOTAL} requests");
+        let w = self.whatif("").await?;
+        let predicted = whatif_azure(&w, "now")?;
+        eprintln!(
+            "{name}: Azure: want {want}%, measured {measured:.1}%, whatif {predicted}% (generation {generation})"
+        );
+        ensure!(
+            (predicted - measured).abs() <= TOLERANCE,
+            "{name}: whatif {predicted}% vs measured {measured:.1}%: {w:#}"
+        );
+        Ok(measured)
+    }
+
     /// `/debug/whatif` for the client sidecar: (now, what-if) aws-use1 shares in percent.
     async fn whatif(&self, query: &str) -> Result<serde_json::Value> {
         let debug = self.server.app.debug_address().context("debug server")?;
@@ -159,6 +258,17 @@ impl Mesh {
         ensure!(status == 200, "{path}: {status}: {body}");
         Ok(serde_json::from_str(&body)?)
     }
+}
+
+/// Whether `snapshot` decides `want`% of ratings for azure-weu from us-east-1 (the client's region).
+fn decides(snapshot: &meshfed::cache::Snapshot, want: f64) -> bool {
+    let azure = ClusterId::new("azure-weu");
+    snapshot
+        .context
+        .traffic
+        .shares(RATINGS, "us-east-1")
+        .and_then(|shares| shares.get(&azure))
+        .is_some_and(|share| (share.share - want).abs() < 0.01)
 }
 
 fn aws_endpoints() -> BTreeSet<SocketAddr> {
@@ -233,14 +343,13 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     let mesh = Mesh::start().await.unwrap_or_else(step("starting the mesh"));
 
     // (1) the split from the mesh config: 70/30, as whatif predicts; Envoy weighs localities
-    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(1) split 70/30"));
+    let measured = mesh.expect_share("(1) split 70/30", 30.0).await.unwrap_or_else(step("(1) split 70/30"));
     let clusters = mesh.client.admin_get("/config_dump?resource=dynamic_active_clusters").await.unwrap();
     let ratings = clusters.split("\"name\": \"outbound|9080||ratings").nth(1).expect("the client's ratings cluster");
     let ratings = ratings.split("\"name\": \"outbound|").next().unwrap_or(ratings);
     assert!(ratings.contains("locality_weighted_lb_config"), "(1) no locality_weighted_lb_config: {ratings}");
     let w = mesh.whatif("&drain=azure-weu").await.unwrap_or_else(step("(1) whatif"));
     let predicted = whatif_azure(&w, "now").unwrap_or_else(step("(1) whatif now"));
-    eprintln!("(1) Azure: measured {measured:.1}%, whatif {predicted}%");
     assert!((predicted - measured).abs() <= TOLERANCE, "(1) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
     assert_eq!(whatif_azure(&w, "whatIf").unwrap(), 0.0, "(1) drained to 0: {w:#}");
     assert!(w["now"]["decision"]["aws-use1"]["reason"].as_str().unwrap_or("").contains("split 70%"), "{w:#}");
@@ -248,11 +357,8 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     // (2) azure-weu drained to 50%: 15%, as whatif predicts
     let drain = format!("{{cluster: azure-weu, capacity: 50, expires: '{}', reason: DR drill}}", expires());
     mesh.set_policy(policy(&drain).unwrap()).await.unwrap_or_else(step("(2) policy"));
-    let measured = measure(&mesh, 15.0).await.unwrap_or_else(step("(2) drain 50"));
+    mesh.expect_share("(2) drain 50", 15.0).await.unwrap_or_else(step("(2) drain 50"));
     let w = mesh.whatif("").await.unwrap_or_else(step("(2) whatif"));
-    let predicted = whatif_azure(&w, "now").unwrap();
-    eprintln!("(2) Azure: measured {measured:.1}%, whatif {predicted}%");
-    assert!((predicted - measured).abs() <= TOLERANCE, "(2) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
     assert!(w["now"]["decision"]["azure-weu"]["reason"].as_str().unwrap_or("").contains("DR drill"), "{w:#}");
     // /debug/explain says why each locality has its share
     let debug = mesh.server.app.debug_address().unwrap();
@@ -267,26 +373,27 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     assert!(localities.iter().all(|l| l["rule"] == "traffic_split"), "(2) {cluster:#}");
     assert!(localities.iter().any(|l| l["reason"].as_str().unwrap_or("").contains("DR drill")), "(2) {cluster:#}");
 
-    // (3) a ramp to 0 (50 now, 0 after 8 s: the push loop's timer steps it): then nothing to Azure
-    let ramp = format!("{{cluster: azure-weu, capacity: 0, ramp: {{step: 50, every: 8s}}, expires: '{}'}}", expires());
-    mesh.set_policy(policy(&ramp).unwrap()).await.unwrap_or_else(step("(3) policy"));
-    let measured = measure(&mesh, 15.0).await.unwrap_or_else(step("(3) first ramp step"));
-    let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
-    assert!((predicted - measured).abs() <= TOLERANCE, "(3) whatif {predicted}% vs measured {measured:.1}%");
-    poll_until(STEP_TIMEOUT, || async {
-        let share = azure_share(&send(mesh.listener(), 100, 4).await?)?;
-        ensure!(share == 0.0, "Azure still gets {share:.1}%");
-        Ok(())
-    })
-    .await
-    .unwrap_or_else(step("(3) ramp to 0"));
-    let share = azure_share(&send(mesh.listener(), 400, 8).await.unwrap()).unwrap();
-    assert_eq!(share, 0.0, "(3) drained to 0: Azure got {share}%");
+    // (3) a drain with a 25-point ramp: azure-weu's 30% at 75, 50, 25% of it, each step measured and
+    // compared with whatif. The ramp's `every` is an hour and the test moves it by its `start` (the
+    // step is known when the policy is handed over and none falls due while it is measured); the last
+    // step, to 0, is left to the push loop's timer: due TIMER_LEAD after the policy arrives
+    for (k, want) in [(0u32, 22.5), (1, 15.0), (2, 7.5)] {
+        let name = format!("(3) ramp step {k}, capacity {}%", 75 - 25 * k);
+        let policy = policy(&ramp(ramp_at_step(k))).unwrap();
+        mesh.set_policy(policy).await.unwrap_or_else(|e| panic!("{name}: policy: {e:#}"));
+        mesh.expect_share(&name, want).await.unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let due = SystemTime::now() + TIMER_LEAD;
+    mesh.set_policy(policy(&ramp(due - RAMP_EVERY * 3)).unwrap()).await.unwrap_or_else(step("(3) last step's policy"));
+    mesh.expect_share("(3) ramp step 3 (the timer's), capacity 0%", 0.0).await.unwrap_or_else(step("(3) ramp to 0"));
+    assert!(SystemTime::now() >= due, "(3) the ramp reached 0 before its last step was due");
 
-    // (4) no drain; then 3 of aws-use1's 4 ratings endpoints not ready (25% < minHealthy 50%): in the
-    // push that brings it, aws-use1's share goes to azure-weu
-    mesh.set_policy(policy("").unwrap()).await.unwrap_or_else(step("(4) policy"));
-    measure(&mesh, 30.0).await.unwrap_or_else(step("(4) split again"));
+    // (3b) undrain: 70/30 again
+    mesh.set_policy(policy("").unwrap()).await.unwrap_or_else(step("(3b) policy"));
+    mesh.expect_share("(3b) undrained", 30.0).await.unwrap_or_else(step("(3b) undrain"));
+
+    // (4) 3 of aws-use1's 4 ratings endpoints not ready (25% < minHealthy 50%): in the push that brings
+    // it, aws-use1's share goes to azure-weu
     let mut objects = support::server::files_events(&mesh.mesh)
         .into_iter()
         .find_map(|e| match e {
@@ -351,10 +458,8 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
 
     // (6) a drain that expires reverts by itself: azure-weu at 0 until the expiry, then 30% again
     let expiry = SystemTime::now() + Duration::from_secs(6);
-    let expiring = format!(
-        "{{cluster: azure-weu, capacity: 0, expires: '{}', reason: short maintenance}}",
-        meshfed::traffic::decide::time_str(expiry)
-    );
+    let expiring =
+        format!("{{cluster: azure-weu, capacity: 0, expires: '{}', reason: short maintenance}}", time_str(expiry));
     mesh.set_policy(policy(&expiring).unwrap()).await.unwrap_or_else(step("(6) policy"));
     // Envoy applies the drain (the push is out when set_policy returns; Envoy takes a moment more)
     poll_until(Duration::from_secs(4), || async {

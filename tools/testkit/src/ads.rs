@@ -611,6 +611,11 @@ impl AdsClient {
         self.flavor
     }
 
+    /// The bound of each step (see [`Self::with_timeouts`]).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// What this client accepted (ACKed), per type.
     pub fn held(&self) -> &Held {
         &self.held

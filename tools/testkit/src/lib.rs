@@ -6,7 +6,8 @@
 //!   channels for meshfed's TLS listeners);
 //! - fixtures: [`demo`] (copies of the two-clouds demo, the demo as source events, its objects edited in
 //!   memory), [`slices`] (a copy's EndpointSlice files edited), [`fixtures`] (nodes, resource names,
-//!   ClusterLoadAssignment helpers);
+//!   ClusterLoadAssignment helpers), [`eds_shares`] (the region shares of a split as EDS weights carry them:
+//!   read from an ADS response or a real Envoy, and waited for on an ADS client);
 //! - processes (all re-exported at the top, as `support::X`): [`process`] (child processes, ports,
 //!   polling, atomic writes), [`meshfed`] (`meshfed serve`), [`envoy`] (real Envoys, their bootstraps and
 //!   admin APIs), [`ca`] (a test CA), [`http`] (HTTP backends and a client);
@@ -18,6 +19,7 @@
 pub mod ads;
 pub mod ca;
 pub mod demo;
+pub mod eds_shares;
 pub mod envoy;
 pub mod fixtures;
 pub mod fuzz;
