@@ -7,10 +7,11 @@
 //! `failbackAfter`, and a drain that reverts by itself at its expiry.
 //!
 //! Each measured state of the split, the drain and the ramp is waited for the same way before a
-//! request is sent: meshfed's push carries the state's decision, the client's EDS stream has looked at
-//! that snapshot and its latest EDS response is ACKed, and the client's config dump holds locality
-//! weights giving Azure the state's share. Requests are counted only then, so a share measured is the
-//! share of that state, not a mix with the one before.
+//! request is sent: meshfed pushed a snapshot with the state's decision, the client ACKed EDS of that
+//! generation (as a drill's report counts the ACK of a step), and the client's config dump holds
+//! locality weights giving Azure the state's share. Requests are counted only then, so a share measured
+//! is the share of that state, not a mix with the one before; after the count the decision must still
+//! be the state's.
 //!
 //! Topology as in `tests/cross_cloud.rs` (see there), with meshfed in process (the traffic policy is
 //! handed to the push loop as the mesh config's live reload will hand it: `PushHandle::set_traffic_policy`):
@@ -385,8 +386,14 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     }
     let due = SystemTime::now() + TIMER_LEAD;
     mesh.set_policy(policy(&ramp(due - RAMP_EVERY * 3)).unwrap()).await.unwrap_or_else(step("(3) last step's policy"));
-    mesh.expect_share("(3) ramp step 3 (the timer's), capacity 0%", 0.0).await.unwrap_or_else(step("(3) ramp to 0"));
+    let snapshot = mesh.server.push.snapshot();
+    if SystemTime::now() < due {
+        assert!(decides(&snapshot, 7.5), "(3) still at capacity 25% until the last step is due");
+    }
+    let mut rx = mesh.server.push.subscribe();
+    tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| decides(s, 0.0))).await.unwrap().unwrap();
     assert!(SystemTime::now() >= due, "(3) the ramp reached 0 before its last step was due");
+    mesh.expect_share("(3) ramp step 3 (the timer's), capacity 0%", 0.0).await.unwrap_or_else(step("(3) ramp to 0"));
 
     // (3b) undrain: 70/30 again
     mesh.set_policy(policy("").unwrap()).await.unwrap_or_else(step("(3b) policy"));
