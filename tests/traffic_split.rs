@@ -17,7 +17,10 @@
 //! handed to the push loop as the mesh config's live reload will hand it: `PushHandle::set_traffic_policy`):
 //! a client sidecar in us-east-1a (aws-net); AWS backends 127.o.{1,2}.{31,32}:9080 (plain HTTP); Azure
 //! reached through its east-west gateway 127.o.20.1:15443 over mTLS, two Azure sidecars 127.o.{3,4}.31
-//! in front of their apps. Every backend answers with the endpoint address it stands for.
+//! in front of their apps. Every backend answers with the endpoint address it stands for. Beside the
+//! client, an ingress gateway (a `router` in Istio's standard mode, us-east-1b, with mesh certificates)
+//! serves the same requests in the split, the 50% drain and the drain to 0: it gets the same decisions
+//! for us-east-1, through its own EDS, and `/debug/whatif` for it predicts what it sent.
 //!
 //! Needs Envoy (see `support::envoy_path`); a missing Envoy fails the test.
 
@@ -94,8 +97,35 @@ fn ramp_at_step(k: u32) -> SystemTime {
     SystemTime::now() - RAMP_EVERY * k - RAMP_EVERY / 2
 }
 
+/// Who sends the requests measured: the client sidecar, or the ingress gateway beside it (a `router`
+/// in standard mode, on aws-net in us-east-1b: it reaches Azure through Azure's east-west gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    Client,
+    Ingress,
+}
+
+impl Via {
+    /// the proxy key (`POD.NS`)
+    fn key(self) -> &'static str {
+        match self {
+            Via::Client => "client-0.shop",
+            Via::Ingress => "istio-ingressgateway-0.istio-system",
+        }
+    }
+
+    /// its outbound listener for ratings' port
+    fn listener(self) -> SocketAddr {
+        match self {
+            Via::Client => addr4(OCTET, 50, 1, PORT),
+            Via::Ingress => addr4(OCTET, 60, 1, PORT),
+        }
+    }
+}
+
 struct Mesh {
     client: Envoy,
+    ingress: Envoy,
     _azure: Vec<(Envoy, Backend)>,
     _gateway: Envoy,
     _aws: Vec<Backend>,
@@ -128,6 +158,8 @@ impl Mesh {
         let ca = TestCa::new(&dir.path().join("certs"))?;
         let spiffe = |sa: &str| format!("spiffe://cluster.local/ns/shop/sa/{sa}");
         let client_id = ca.issue("client", &spiffe("client"))?;
+        let ingress_id =
+            ca.issue("ingress", "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account")?;
         let workload_id = ca.issue("ratings", &spiffe("ratings"))?;
         let gateway_ip = ip4(OCTET, 20, 1);
         let mut specs = vec![
@@ -151,6 +183,21 @@ impl Mesh {
                     xds,
                 )
             },
+            BootstrapSpec {
+                cluster_id: Some("aws-use1".into()),
+                network: Some("aws-net".into()),
+                locality: Some("us-east-1/us-east-1b".into()),
+                router_mode: Some("standard"),
+                tls: Some(ingress_id),
+                ..BootstrapSpec::new(
+                    &format!(
+                        "router~{}~{}~istio-system.svc.cluster.local",
+                        Via::Ingress.listener().ip(),
+                        Via::Ingress.key()
+                    ),
+                    xds,
+                )
+            },
         ];
         let mut apps = Vec::new();
         for (zone, pod) in [3u8, 4].into_iter().zip(AZURE_PODS) {
@@ -169,13 +216,21 @@ impl Mesh {
         let yamls: Vec<String> = specs.iter().map(bootstrap_with).collect();
         let mut envoys = futures::future::try_join_all(yamls.iter().map(|y| start_envoy(y))).await?.into_iter();
         let (gateway, client) = (envoys.next().expect("gateway"), envoys.next().expect("client"));
+        let ingress = envoys.next().expect("ingress");
         let azure = envoys.zip(apps).collect();
         let aws = support::start_backends(aws_endpoints()).await?;
-        Ok(Mesh { client, _azure: azure, _gateway: gateway, _aws: aws, server, mesh, _dir: dir })
+        Ok(Mesh { client, ingress, _azure: azure, _gateway: gateway, _aws: aws, server, mesh, _dir: dir })
     }
 
     fn listener(&self) -> SocketAddr {
-        addr4(OCTET, 50, 1, PORT)
+        Via::Client.listener()
+    }
+
+    fn envoy(&self, via: Via) -> &Envoy {
+        match via {
+            Via::Client => &self.client,
+            Via::Ingress => &self.ingress,
+        }
     }
 
     /// Hands `policy` to the push loop and waits for the push it causes.
@@ -187,19 +242,19 @@ impl Mesh {
         Ok(())
     }
 
-    /// Waits until the client sidecar holds the EDS that gives Azure `want`% of ratings: a snapshot
+    /// Waits until the proxy `via` holds the EDS that gives Azure `want`% of ratings: a snapshot
     /// with that decision for us-east-1 was pushed, the client ACKed EDS of that generation (meshfed's
     /// view, as a drill's report counts the ACK of a step: `ProxyAcks::has`), and the client's config dump
     /// has locality weights giving westeurope `want`% (± [`WEIGHT_TOLERANCE`]). Returns the snapshot's
     /// generation.
-    async fn client_holds(&self, want: f64) -> Result<u64> {
+    async fn holds(&self, via: Via, want: f64) -> Result<u64> {
         let mut rx = self.server.push.subscribe();
         let generation = tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| decides(s, want)))
             .await
             .with_context(|| format!("no push decides {want}% for azure-weu in {STEP_TIMEOUT:?}"))??
             .generation;
         poll_until(STEP_TIMEOUT, || async {
-            let c = self.server.connections.find_proxy("client-0.shop").context("the client is not connected")?;
+            let c = self.server.connections.find_proxy(via.key()).with_context(|| format!("{via:?} not connected"))?;
             let eds = &c.status()[ResourceType::Endpoint.index()];
             // as a drill's report counts a proxy's ACK of a step
             let acks = ProxyAcks {
@@ -212,37 +267,42 @@ impl Mesh {
             };
             ensure!(
                 acks.has(generation, SystemTime::now()).is_some(),
-                "the client has not ACKed EDS of generation {generation}: {acks:?}"
+                "{via:?} has not ACKed EDS of generation {generation}: {acks:?}"
             );
             Ok(())
         })
         .await?;
         let cluster = format!("outbound|{PORT}||{RATINGS}");
         poll_until(STEP_TIMEOUT, || async {
-            let weights = envoy_region_weights(&self.client, &cluster).await?;
+            let weights = envoy_region_weights(self.envoy(via), &cluster).await?;
             let azure = percent(&weights, "westeurope");
-            ensure!((azure - want).abs() <= WEIGHT_TOLERANCE, "the client's EDS gives Azure {azure:.2}% ({weights:?})");
+            ensure!((azure - want).abs() <= WEIGHT_TOLERANCE, "{via:?}'s EDS gives Azure {azure:.2}% ({weights:?})");
             Ok(())
         })
         .await?;
         Ok(generation)
     }
 
-    /// One state: waits until the client holds its EDS ([`Self::client_holds`]), measures Azure's share
+    /// One state, through the client sidecar: [`Self::expect_share_via`].
+    async fn expect_share(&self, name: &str, want: f64) -> Result<f64> {
+        self.expect_share_via(Via::Client, name, want).await
+    }
+
+    /// One state: waits until the proxy `via` holds its EDS ([`Self::holds`]), measures Azure's share
     /// over [`TOTAL`] requests ([`measure`]: within ± [`TOLERANCE`] of `want`; exactly 0 when `want` is
     /// 0), and checks that `/debug/whatif` predicted the measured share (± [`TOLERANCE`]). Returns the
     /// measured share.
-    async fn expect_share(&self, name: &str, want: f64) -> Result<f64> {
-        let generation = self.client_holds(want).await.with_context(|| format!("{name}: the client's EDS"))?;
-        let measured = measure(self, want).await.with_context(|| format!("{name}: the measured share"))?;
+    async fn expect_share_via(&self, via: Via, name: &str, want: f64) -> Result<f64> {
+        let generation = self.holds(via, want).await.with_context(|| format!("{name}: {via:?}'s EDS"))?;
+        let measured = measure(via.listener(), want).await.with_context(|| format!("{name}: the measured share"))?;
         // the state did not change while it was measured (a ramp step falling due, say)
         let now = self.server.push.snapshot();
         ensure!(decides(&now, want), "{name}: the decision changed while measuring (generation {})", now.generation);
         ensure!(want > 0.0 || measured == 0.0, "{name}: drained, yet Azure got {measured:.2}% of {TOTAL} requests");
-        let w = self.whatif("").await?;
+        let w = self.whatif_of(via, "").await?;
         let predicted = whatif_azure(&w, "now")?;
         eprintln!(
-            "{name}: Azure: want {want}%, measured {measured:.1}%, whatif {predicted}% (generation {generation})"
+            "{name}: Azure via {via:?}: want {want}%, measured {measured:.1}%, whatif {predicted}% (generation {generation})"
         );
         ensure!(
             (predicted - measured).abs() <= TOLERANCE,
@@ -251,10 +311,15 @@ impl Mesh {
         Ok(measured)
     }
 
-    /// `/debug/whatif` for the client sidecar: (now, what-if) aws-use1 shares in percent.
+    /// `/debug/whatif` for the client sidecar.
     async fn whatif(&self, query: &str) -> Result<serde_json::Value> {
+        self.whatif_of(Via::Client, query).await
+    }
+
+    /// `/debug/whatif` for the proxy `via`.
+    async fn whatif_of(&self, via: Via, query: &str) -> Result<serde_json::Value> {
         let debug = self.server.app.debug_address().context("debug server")?;
-        let path = format!("/debug/whatif?proxyID=client-0.shop&host={RATINGS}{query}");
+        let path = format!("/debug/whatif?proxyID={}&host={RATINGS}{query}", via.key());
         let (status, body) = http_get(debug, "127.0.0.1", &path).await?;
         ensure!(status == 200, "{path}: {status}: {body}");
         Ok(serde_json::from_str(&body)?)
@@ -314,16 +379,16 @@ fn azure_share(seen: &[SocketAddr]) -> Result<f64> {
 }
 
 /// Waits until Envoy's share for Azure (over probes of 200 requests) is within the tolerance of `want`,
-/// then measures it over [`TOTAL`] requests; returns the measured share.
-async fn measure(mesh: &Mesh, want: f64) -> Result<f64> {
+/// then measures it over [`TOTAL`] requests sent to `listener`; returns the measured share.
+async fn measure(listener: SocketAddr, want: f64) -> Result<f64> {
     poll_until(STEP_TIMEOUT, || async {
-        let share = azure_share(&send(mesh.listener(), 200, 8).await?)?;
+        let share = azure_share(&send(listener, 200, 8).await?)?;
         // (a loose check: 200 requests only tell whether the new weights arrived)
         ensure!((share - want).abs() <= 2.0 * TOLERANCE, "Azure got {share:.1}%, waiting for {want}%");
         Ok(())
     })
     .await?;
-    let share = azure_share(&send(mesh.listener(), TOTAL, 8).await?)?;
+    let share = azure_share(&send(listener, TOTAL, 8).await?)?;
     ensure!(
         (share - want).abs() <= TOLERANCE,
         "Azure got {share:.1}% of {TOTAL} requests, expected {want}% ± {TOLERANCE}"
@@ -354,11 +419,18 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     assert!((predicted - measured).abs() <= TOLERANCE, "(1) whatif {predicted}% vs measured {measured:.1}%: {w:#}");
     assert_eq!(whatif_azure(&w, "whatIf").unwrap(), 0.0, "(1) drained to 0: {w:#}");
     assert!(w["now"]["decision"]["aws-use1"]["reason"].as_str().unwrap_or("").contains("split 70%"), "{w:#}");
+    // the ingress gateway in us-east-1: the same split, reaching Azure through its east-west gateway
+    mesh.expect_share_via(Via::Ingress, "(1) split 70/30 via the ingress gateway", 30.0)
+        .await
+        .unwrap_or_else(step("(1) ingress"));
 
     // (2) azure-weu drained to 50%: 15%, as whatif predicts
     let drain = format!("{{cluster: azure-weu, capacity: 50, expires: '{}', reason: DR drill}}", expires());
     mesh.set_policy(policy(&drain).unwrap()).await.unwrap_or_else(step("(2) policy"));
     mesh.expect_share("(2) drain 50", 15.0).await.unwrap_or_else(step("(2) drain 50"));
+    mesh.expect_share_via(Via::Ingress, "(2) drain 50 via the ingress gateway", 15.0)
+        .await
+        .unwrap_or_else(step("(2) ingress"));
     let w = mesh.whatif("").await.unwrap_or_else(step("(2) whatif"));
     assert!(w["now"]["decision"]["azure-weu"]["reason"].as_str().unwrap_or("").contains("DR drill"), "{w:#}");
     // /debug/explain says why each locality has its share
@@ -393,6 +465,9 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     let mut rx = mesh.server.push.subscribe();
     tokio::time::timeout(STEP_TIMEOUT, rx.wait_for(|s| decides(s, 0.0))).await.unwrap().unwrap();
     assert!(SystemTime::now() >= due, "(3) the ramp reached 0 before its last step was due");
+    mesh.expect_share_via(Via::Ingress, "(3) drained to 0 via the ingress gateway", 0.0)
+        .await
+        .unwrap_or_else(step("(3) ingress"));
     mesh.expect_share("(3) ramp step 3 (the timer's), capacity 0%", 0.0).await.unwrap_or_else(step("(3) ramp to 0"));
 
     // (3b) undrain: 70/30 again
@@ -431,7 +506,7 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     let shares = pushed.context.traffic.shares(RATINGS, "us-east-1").expect("a decision").clone();
     assert_eq!(shares[&ClusterId::new("aws-use1")].share, 0.0, "in one push: {shares:?}");
     assert!(shares[&ClusterId::new("aws-use1")].reason.contains("below minHealthy"), "{shares:?}");
-    let measured = measure(&mesh, 100.0).await.unwrap_or_else(step("(4) failover"));
+    let measured = measure(mesh.listener(), 100.0).await.unwrap_or_else(step("(4) failover"));
     let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
     assert!((predicted - measured).abs() <= TOLERANCE, "(4) whatif {predicted}% vs measured {measured:.1}%");
 
@@ -458,7 +533,7 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     if back_at.elapsed() < FAILBACK {
         assert_eq!(share, 100.0, "(5) Azure got {share}% before failbackAfter");
     }
-    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(5) failback"));
+    let measured = measure(mesh.listener(), 30.0).await.unwrap_or_else(step("(5) failback"));
     assert!(back_at.elapsed() >= FAILBACK, "(5) back to 70/30 after {:?}, before failbackAfter", back_at.elapsed());
     let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
     assert!((predicted - measured).abs() <= TOLERANCE, "(5) whatif {predicted}% vs measured {measured:.1}%");
@@ -479,7 +554,7 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     assert!(SystemTime::now() < expiry, "(6) the drain took effect only after its expiry");
     let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
     assert!(SystemTime::now() >= expiry || predicted == 0.0, "(6) whatif while drained: {predicted}%");
-    let measured = measure(&mesh, 30.0).await.unwrap_or_else(step("(6) expiry reverts the drain"));
+    let measured = measure(mesh.listener(), 30.0).await.unwrap_or_else(step("(6) expiry reverts the drain"));
     assert!(SystemTime::now() >= expiry, "(6) back before the drain expired");
     let predicted = whatif_azure(&mesh.whatif("").await.unwrap(), "now").unwrap();
     assert!((predicted - measured).abs() <= TOLERANCE, "(6) whatif {predicted}% vs measured {measured:.1}%");

@@ -144,6 +144,7 @@ impl Drain {
                     100
                 }
             }
+            Some(_) if now < start => 100,
             Some(r) => {
                 let elapsed = now.duration_since(start).unwrap_or_default();
                 let steps = (elapsed.as_nanos() / r.every.as_nanos().max(1)) as u64 + 1;
@@ -646,6 +647,11 @@ drains:
         assert_eq!(d.next_step(at(0)), Some(at(30)));
         assert_eq!(d.next_step(at(45)), Some(at(60)));
         assert_eq!(d.next_step(at(90)), None);
+        // a start ahead: 100% until then, the first step at the start
+        let later = Drain { start: Some(at(100)), ..d.clone() };
+        assert_eq!(later.capacity_at(at(99)), 100);
+        assert_eq!(later.next_step(at(50)), Some(at(100)));
+        assert_eq!(later.capacity_at(at(100)), 75);
         // no ramp: the capacity at once
         let d = Drain { ramp: None, capacity: 40, ..d.clone() };
         assert_eq!(d.capacity_at(at(0)), 40);

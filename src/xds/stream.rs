@@ -413,11 +413,17 @@ impl Stream {
         let Some(ts) = &self.types[t.index()] else { return };
         let names = ts.names.clone();
         let wildcard = ts.wildcard;
+        // the subscription is answered from the current snapshot: the stream has seen its generation
+        // (what `record_seen` records at pushes)
+        let generation = self.snapshot.generation;
         self.update_status(t, |s| {
             s.subscribed = true;
             s.wildcard = wildcard;
             s.subscribed_names = names.len();
             s.names = names;
+            if t == ResourceType::Endpoint {
+                s.seen_generation = generation;
+            }
         });
     }
 
