@@ -9,7 +9,8 @@
 //! - an invalid object (shares adding up to 90) written directly: both keep the last good policy and
 //!   `/debug/warnings` (kind `traffic-policy`) names the object and the field; the CLI refuses to edit
 //!   it (the object stays as it is);
-//! - a replica restarted while a drain is in the object comes up with the drain in force;
+//! - a drill in progress in the object (a ramp half-way through its first step): both replicas at that
+//!   step; a replica restarted during it comes up at the same step of the same drill;
 //! - the object deleted: the file's `traffic:` is in force again.
 
 use std::path::Path;
@@ -172,22 +173,36 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     let after = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
     assert_eq!(before["metadata"]["resourceVersion"], after["metadata"]["resourceVersion"]);
 
-    // 5. fixed, with a drain (a drill in progress): both drained, the warning gone
+    // 5. fixed, with a drill in progress: azure-weu ramping down 50 points an hour, started half an
+    // hour ago (capacity 50%: 40% x 0.5 = 20%): both replicas at that step, the warning gone
     let mut spec = split(60, 40);
-    let expires = meshfed::traffic::decide::time_str(std::time::SystemTime::now() + Duration::from_secs(7200));
-    spec["drains"] = json!([{"cluster": "azure-weu", "capacity": 0, "expires": expires, "reason": "drill"}]);
+    let now = std::time::SystemTime::now();
+    let time = meshfed::traffic::decide::time_str;
+    spec["drains"] = json!([{
+        "cluster": "azure-weu", "capacity": 0, "ramp": {"step": 50, "every": "1h"},
+        "start": time(now - Duration::from_secs(1800)), "expires": time(now + Duration::from_secs(7200)),
+        "reason": "DR drill", "drill": {"abortBelowHealthy": 10},
+    }]);
     api.apply(object(spec))?;
-    eds_until_shares(&mut ca, RATINGS, "replica a, the fixed object", &[("us-east-1", 100)]).await?;
-    eds_until_shares(&mut cb, RATINGS, "replica b, the fixed object", &[("us-east-1", 100)]).await?;
+    let mid_drill = [("us-east-1", 80), ("westeurope", 20)];
+    eds_until_shares(&mut ca, RATINGS, "replica a, the drill", &mid_drill).await?;
+    eds_until_shares(&mut cb, RATINGS, "replica b, the drill", &mid_drill).await?;
     ensure!(warning_of(&a).await?.is_none(), "the warning clears");
+    let drill_of = |v: serde_json::Value| v["drills"][0].clone();
+    let in_a = drill_of(a.debug_json("/debug/drillz").await?);
+    assert_eq!(in_a["stepAcks"][0]["capacity"], 50, "{in_a:#}");
 
-    // 6. replica b restarted during the drill: it resumes it from its first response
+    // 6. replica b restarted during the drill: it resumes it at its step from its first response, the
+    // same drill (start) in its report
     let ports = (b.xds_port, b.debug_port);
     drop(cb);
     drop(b);
     let b = start_meshfed_with(&mesh_path, &MeshfedOptions { ports: Some(ports), ..Default::default() }).await?;
     let (_cb, sb) = sidecar(&b, 3).await?;
-    assert_eq!(sb, shares_of(&[("us-east-1", 100)]), "the restarted replica serves the drain at once");
+    assert_eq!(sb, shares_of(&mid_drill), "the restarted replica serves the drill's step at once");
+    let in_b = drill_of(b.debug_json("/debug/drillz").await?);
+    assert_eq!((&in_b["start"], &in_b["aborted"]), (&in_a["start"], &serde_json::Value::Null), "{in_b:#}");
+    assert_eq!(in_b["stepAcks"][0]["capacity"], 50, "{in_b:#}");
 
     // 7. the object deleted: the file's traffic: is back
     ensure!(api.delete(API_VERSION, "TrafficPolicy", "istio-system", "default")?, "deleted");
