@@ -142,6 +142,8 @@ run e1-settled 900 "${S[@]}" --steps nack --nack-settle-ms 500
 row=t1
 run t1 900 "${S[@]}" --steps drain --iterations 20
 run t1-one 900 "${S[@]}" --steps drain --iterations 20 --drain-services 1
+# the floor of the same step (every service covered): the decision, one translation, the bytes written
+run t1-floor-zc 900 "${S[@]}" --server floor-zero-copy --steps drain --iterations 20
 row=t2
 run t2 1800 --size S --proxies 10000 --connect-parallel 512 --steps drain --iterations 10
 run t2-one 1800 --size S --proxies 10000 --connect-parallel 512 --steps drain --iterations 20 --drain-services 1

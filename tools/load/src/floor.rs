@@ -77,15 +77,12 @@ struct FloorControl {
     state: watch::Sender<Arc<FloorState>>,
 }
 
-impl ControlHandler for FloorControl {
-    fn change(&mut self, change: &Change) {
-        let mut keys = Vec::new();
-        for e in self.topology.apply(change) {
-            let c = self.registry.apply(e);
-            keys.extend(c.services.into_keys());
-        }
+impl FloorControl {
+    /// Re-translates the assignments of `services` (once, for the one view) and sends them to every
+    /// stream that asked for EDS.
+    fn publish(&mut self, services: impl IntoIterator<Item = meshfed::model::ServiceKey>) {
         let mut changed = Vec::new();
-        for k in keys {
+        for k in services {
             if let Some(s) = self.registry.service(&k) {
                 changed.extend(
                     translate::endpoint::service_load_assignments(&self.ctx, &self.view.endpoints, s)
@@ -102,6 +99,43 @@ impl ControlHandler for FloorControl {
             }
         }
         self.state.send_replace(Arc::new(FloorState { generation: prev.generation + 1, all, changed }));
+    }
+}
+
+impl ControlHandler for FloorControl {
+    fn change(&mut self, change: &Change) {
+        let mut keys = Vec::new();
+        for e in self.topology.apply(change) {
+            let c = self.registry.apply(e);
+            keys.extend(c.services.into_keys());
+        }
+        self.publish(keys);
+    }
+
+    /// The floor of a drain step: meshfed's decision for the covered services (the same pure function),
+    /// their assignments re-translated once and sent to every EDS stream — no push loop, no per-proxy
+    /// state, no diff against what a proxy holds.
+    fn drain(&mut self, capacity: u32, services: usize) -> Result<(), String> {
+        let now = std::time::SystemTime::now();
+        let policy = super::server::drain_policy(capacity, services, now).map_err(|e| e.to_string())?;
+        let clusters = super::topo::CLUSTERS.iter().map(|c| meshfed::model::ClusterId::new(c.0));
+        let all = meshfed::traffic::decide_all(
+            &policy,
+            clusters,
+            self.registry.services().values().map(|s| &**s),
+            now,
+            &Default::default(),
+        );
+        let covered: Vec<_> = self
+            .registry
+            .services()
+            .iter()
+            .filter(|(_, s)| all.decisions.services.contains_key(&s.hostname))
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.ctx.traffic = Arc::new(all.decisions);
+        self.publish(covered);
+        Ok(())
     }
 
     fn stats(&mut self) -> serde_json::Value {
