@@ -181,6 +181,7 @@ pub struct App {
     _config_watch: Option<crate::config_watch::ConfigWatch>,
     /// the `TrafficPolicy` custom resource's watch (mesh config `trafficPolicy`)
     _traffic_policy: Option<crate::source::kube::traffic_policy::TrafficPolicyWatch>,
+    _abort_recorder: Option<crate::traffic::abort_record::AbortRecorder>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -311,6 +312,18 @@ impl App {
                 traffic_owner.clone(),
             ))
         });
+        // drill aborts recorded in the custom resource (while it is the policy in force)
+        let abort_recorder = mesh.traffic_policy.as_ref().and_then(|reference| {
+            let cluster = mesh.clusters.iter().find(|c| c.id == reference.cluster)?;
+            let client = crate::source::kube::ClientSpec::from_source(&cluster.source)?;
+            Some(crate::traffic::abort_record::AbortRecorder::spawn(
+                client,
+                mesh.allow_exec_auth || cli_allow_exec_auth,
+                reference.clone(),
+                traffic_owner.clone(),
+                push.clone(),
+            ))
+        });
         if let Some(w) = &traffic_policy {
             // a replica (re)starting serves the policy in force, not the file's, when the object can be read
             let mut listed = w.listed();
@@ -400,6 +413,7 @@ impl App {
             last_known: last_known_store,
             _config_watch: config_watch,
             _traffic_policy: traffic_policy,
+            _abort_recorder: abort_recorder,
             _files: files,
             _kube: kube,
         })

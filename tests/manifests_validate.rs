@@ -325,11 +325,13 @@ fn rbac_grants_list_watch_on_exactly_what_is_read() {
         let secrets = o.find("Role", "meshfed-remote-secrets");
         assert_eq!(secrets["metadata"]["namespace"].as_str(), Some("istio-system"));
         assert_eq!(rules(secrets), [("".into(), "secrets".into(), vec!["list".into(), "watch".into()])].into());
+        // the TrafficPolicy: read, and patched to record the drills meshfed aborted
         let traffic = o.find("Role", "meshfed-traffic-policy");
         assert_eq!(traffic["metadata"]["namespace"].as_str(), Some("istio-system"));
         assert_eq!(
             rules(traffic),
-            [("meshfed.io".into(), "trafficpolicies".into(), vec!["list".into(), "watch".into()])].into()
+            [("meshfed.io".into(), "trafficpolicies".into(), vec!["list".into(), "watch".into(), "patch".into()])]
+                .into()
         );
         // the operators' role (bound by the site) edits the TrafficPolicy, and nothing else
         let operator = o.find("Role", "meshfed-traffic-operator");

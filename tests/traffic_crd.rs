@@ -211,6 +211,66 @@ async fn two_replicas_converge_on_the_custom_resource() -> Result<()> {
     Ok(())
 }
 
+/// A drill meshfed aborts by itself is recorded in the object (`drill.aborted`), so the abort outlives
+/// the replica: restarted after its receivers are healthy again, it does not apply the drill again.
+#[tokio::test]
+async fn a_drill_abort_is_recorded_in_the_object_and_outlives_a_restart() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("meshfed-traffic-abort-").tempdir()?;
+    let api = KubeStandin::start().await?;
+    let kubeconfig = dir.path().join("config.kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig("config", None))?;
+    let mesh_path = write_mesh(dir.path(), &kubeconfig)?;
+    // a drill holding azure-weu at 50% of its 40%, aborting below 50% healthy receivers
+    let mut spec = split(60, 40);
+    let now = std::time::SystemTime::now();
+    let time = meshfed::traffic::decide::time_str;
+    spec["drains"] = json!([{
+        "cluster": "azure-weu", "capacity": 50, "start": time(now - Duration::from_secs(60)),
+        "expires": time(now + Duration::from_secs(7200)), "reason": "DR drill", "drill": {"abortBelowHealthy": 50},
+    }]);
+    api.apply(object(spec))?;
+    let a = start_meshfed(&mesh_path).await?;
+    let (mut c, s) = sidecar(&a, 1).await?;
+    assert_eq!(s, shares_of(&[("us-east-1", 80), ("westeurope", 20)]), "the drill at 50%");
+
+    // every aws-use1 endpoint not ready (the cluster taking azure-weu's traffic): the drill aborts, and
+    // the abort is written into the object
+    let slices = dir.path().join("aws-use1/endpointslices.yaml");
+    let healthy = std::fs::read_to_string(&slices)?;
+    meshfed_testkit::write_atomically(&slices, &healthy.replace("ready: true", "ready: false"))?;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let recorded = loop {
+        let o = api.get(API_VERSION, "TrafficPolicy", "istio-system", "default").context("the object")?;
+        if o["spec"]["drains"][0]["drill"]["aborted"].is_object() {
+            break o;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "the abort was not recorded: {o:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let record = &recorded["spec"]["drains"][0]["drill"]["aborted"];
+    assert!(record["reason"].as_str().unwrap_or("").contains("aws-use1"), "{recorded:#}");
+    assert_eq!(recorded["spec"]["policies"], split(60, 40)["policies"], "the rest of the spec stays: {recorded:#}");
+    assert_eq!(recorded["spec"]["drains"][0]["capacity"], 50, "{recorded:#}");
+    let drillz = a.debug_json("/debug/drillz").await?;
+    let at_abort = drillz["drills"][0]["aborted"].clone();
+    assert_eq!(at_abort["reason"], record["reason"], "{drillz:#}");
+    // (aws-use1 has no healthy endpoint: Azure takes all of it)
+    eds_until_shares(&mut c, RATINGS, "after the abort", &[("westeurope", 100)]).await?;
+
+    // aws-use1 healthy again, the replica restarted: the drill stays aborted (60/40, not 80/20), with the
+    // recorded time and reason
+    meshfed_testkit::write_atomically(&slices, &healthy)?;
+    let ports = (a.xds_port, a.debug_port);
+    drop(c);
+    drop(a);
+    let a = start_meshfed_with(&mesh_path, &MeshfedOptions { ports: Some(ports), ..Default::default() }).await?;
+    let (_c, s) = sidecar(&a, 2).await?;
+    assert_eq!(s, shares_of(&[("us-east-1", 60), ("westeurope", 40)]), "the aborted drill is not applied again");
+    let drillz = a.debug_json("/debug/drillz").await?;
+    assert_eq!(drillz["drills"][0]["aborted"], at_abort, "{drillz:#}");
+    Ok(())
+}
+
 /// Each cloud's meshfed reads the TrafficPolicy of its own cluster (the shipped overlays): one
 /// `meshfed traffic drain` with a `--context` per cloud edits both objects; a cloud whose API does not
 /// answer fails the command, naming it and what was already written.

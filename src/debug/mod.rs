@@ -392,10 +392,11 @@ async fn trafficz(State(s): State<DebugState>, Query(q): Params) -> Response {
                 "expires": crate::traffic::decide::time_str(d.expires),
                 "expired": d.expired(now),
                 "reason": d.reason,
-                "drill": d.drill.map(|x| {
+                "drill": d.drill.as_ref().map(|x| {
                     let key = crate::traffic::drill::key(d);
                     let aborted = snapshot.traffic.drills.get(&key).is_some_and(|r| r.aborted.is_some());
-                    json!({ "abortBelowHealthy": x.abort_below_healthy, "key": key, "aborted": aborted })
+                    let recorded = x.aborted.is_some();
+                    json!({ "abortBelowHealthy": x.abort_below_healthy, "key": key, "aborted": aborted, "abortRecorded": recorded })
                 }),
             })
         })

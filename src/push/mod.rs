@@ -679,6 +679,14 @@ impl Pusher {
             let Some(start) = d.start else { continue };
             let key = drill::key(d);
             let r = drills.entry(key.clone()).or_insert_with(|| drill::Report::new(d, start));
+            // aborted before (by this replica or another, before a restart): recorded in the TrafficPolicy
+            if r.active()
+                && let Some(rec) = d.drill.as_ref().and_then(|x| x.aborted.as_ref())
+            {
+                r.aborted = Some(drill::Abort { at: rec.at, reason: rec.reason.clone() });
+                r.record(100, now);
+                continue;
+            }
             if !r.active() || now < start {
                 continue;
             }
@@ -687,7 +695,7 @@ impl Pusher {
                 r.record(100, now);
                 continue;
             }
-            if d.drill.is_some_and(|x| x.abort_below_healthy == 0) {
+            if d.drill.as_ref().is_some_and(|x| x.abort_below_healthy == 0) {
                 r.record(d.capacity_at(now), now);
                 continue;
             }
@@ -1234,6 +1242,34 @@ mod tests {
         pusher.push(RegistryChange::default(), false);
         assert_eq!(report(&pusher).aborted, Some(abort));
         assert!(report(&pusher).ended.is_none());
+    }
+
+    #[test]
+    fn a_drill_whose_abort_the_policy_records_is_aborted_from_the_start() {
+        // a replica (re)starting on a TrafficPolicy that records the drill's abort: the receivers are
+        // healthy, yet the drill does not apply, and the report says when and why it aborted
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let now = std::time::SystemTime::now();
+        let time = crate::traffic::decide::time_str;
+        let (start, at) =
+            (time(now - std::time::Duration::from_secs(120)), time(now - std::time::Duration::from_secs(60)));
+        let expires = time(now + std::time::Duration::from_secs(3600));
+        let yaml = format!(
+            "policies: [{{hosts: [reviews.shop.svc.cluster.local], split: {{us-east-1: {{aws-use1: 70, azure-weu: 30}}}}}}]\n\
+             drains: [{{cluster: azure-weu, capacity: 0, start: '{start}', expires: '{expires}', \
+             drill: {{abortBelowHealthy: 50, aborted: {{at: '{at}', reason: 'aws-use1 below 50%'}}}}}}]\n"
+        );
+        let ids = [crate::model::ClusterId::new("aws-use1"), crate::model::ClusterId::new("azure-weu")];
+        let policy = crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap();
+        pusher.set_traffic_policy(policy);
+        pusher.push(RegistryChange::default(), false);
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let shares = pusher.context().traffic.shares("reviews.shop.svc.cluster.local", "us-east-1").unwrap();
+        assert_eq!(shares.get(&azure).map(|s| s.share.round()), Some(30.0), "the split, not the drill");
+        assert!(pusher.traffic.drained.is_empty());
+        let r = pusher.traffic.drills.values().next().cloned().expect("a drill report");
+        let abort = r.aborted.expect("aborted");
+        assert_eq!((time(abort.at), abort.reason.as_str()), (at, "aws-use1 below 50%"));
     }
 
     fn prost_types_any(body: &[u8]) -> Vec<u8> {

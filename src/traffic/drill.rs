@@ -59,7 +59,7 @@ impl Report {
                 DrainTarget::Region(r) => format!("region:{r}"),
             },
             reason: d.reason.clone(),
-            abort_below_healthy: d.drill.map_or(0, |x| x.abort_below_healthy),
+            abort_below_healthy: d.drill.as_ref().map_or(0, |x| x.abort_below_healthy),
             start,
             expires: d.expires,
             steps: Vec::new(),
@@ -139,7 +139,7 @@ pub fn abort_reason<'a>(
     d: &Drain,
     services: impl IntoIterator<Item = (&'a str, &'a BTreeMap<ClusterId, ClusterHealth>)>,
 ) -> Option<String> {
-    let min = d.drill?.abort_below_healthy;
+    let min = d.drill.as_ref()?.abort_below_healthy;
     if min == 0 {
         return None;
     }
@@ -277,7 +277,7 @@ mod tests {
         for base in [SPLIT, ""] {
             let p = policy(&format!("{base}{DRILL}"));
             let d = &p.drains[0];
-            assert_eq!(d.drill.map(|x| x.abort_below_healthy), Some(50));
+            assert_eq!(d.drill.as_ref().map(|x| x.abort_below_healthy), Some(50));
             let ok = health((2, 4), (0, 4));
             assert_eq!(abort_reason(&p, d, [("a.shop", &ok)]), None, "{base}: 50% is not below 50%");
             let bad = health((1, 4), (4, 4));

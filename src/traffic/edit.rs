@@ -352,7 +352,7 @@ mod tests {
         assert!(!e.rewritten, "{}", e.text);
         let cfg = load(&e.text);
         let d = &cfg.traffic.drains[0];
-        assert_eq!(d.drill.map(|x| x.abort_below_healthy), Some(50));
+        assert_eq!(d.drill.as_ref().map(|x| x.abort_below_healthy), Some(50));
         assert_eq!(d.start.map(crate::traffic::decide::time_str).as_deref(), Some(start));
         // a threshold out of range is refused with the parser's field
         match drill(MESH, Path::new("/m"), &spec(0), start, 150) {

@@ -65,21 +65,29 @@ pub async fn edit_object(
     target: &ObjectRef,
     f: impl Fn(&mut Vec<serde_yaml::Value>) -> Result<(), edit::Error>,
 ) -> Result<Written, Error> {
-    let object = target.to_string();
     let spec = ClientSpec::File { path: target.kubeconfig.clone(), context: target.context.clone() };
     // the operator's own kubeconfig, as kubectl uses it: exec users are accepted
     let client = build_client(&spec, true).await?;
-    let api: Api<DynamicObject> = Api::namespaced_with(client, &target.namespace, &api_resource());
+    edit_with(client, &target.namespace, &target.name, FIELD_MANAGER, f).await
+}
+
+/// [`edit_object`] through `client`, as `field_manager`.
+pub async fn edit_with(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    field_manager: &str,
+    f: impl Fn(&mut Vec<serde_yaml::Value>) -> Result<(), edit::Error>,
+) -> Result<Written, Error> {
+    let object = format!("{namespace}/{name}");
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &api_resource());
     let api_err = |source| Error::Api { object: object.clone(), source };
     let mut attempt = 0;
     loop {
         attempt += 1;
         // a list by name: an absent object is an empty list, not an error
-        let list = api
-            .list(&ListParams::default().fields(&format!("metadata.name={}", target.name)))
-            .await
-            .map_err(api_err)?;
-        let current = list.items.into_iter().find(|o| o.metadata.name.as_deref() == Some(target.name.as_str()));
+        let list = api.list(&ListParams::default().fields(&format!("metadata.name={name}"))).await.map_err(api_err)?;
+        let current = list.items.into_iter().find(|o| o.metadata.name.as_deref() == Some(name));
         let resource_version = current.as_ref().and_then(|o| o.metadata.resource_version.clone());
         let spec_json = current.as_ref().and_then(|o| o.data.get("spec")).cloned().unwrap_or(json!({}));
         let mut spec: serde_yaml::Value = serde_yaml::to_value(&spec_json)
@@ -89,7 +97,7 @@ pub async fn edit_object(
             .map_err(|e| Error::Object { object: object.clone(), reason: format!("spec: {e}") })?;
         parse_spec(Some(&new_spec), &[], true, SystemTime::now())
             .map_err(|source| Error::Invalid { object: object.clone(), source })?;
-        let mut metadata = json!({"name": target.name, "namespace": target.namespace});
+        let mut metadata = json!({"name": name, "namespace": namespace});
         if let Some(rv) = &resource_version {
             metadata["resourceVersion"] = json!(rv);
         }
@@ -99,8 +107,8 @@ pub async fn edit_object(
             "metadata": metadata,
             "spec": new_spec,
         });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        match api.patch(&target.name, &params, &Patch::Apply(&body)).await {
+        let params = PatchParams::apply(field_manager).force();
+        match api.patch(name, &params, &Patch::Apply(&body)).await {
             Ok(written) => {
                 return Ok(Written { created: current.is_none(), resource_version: written.metadata.resource_version });
             }

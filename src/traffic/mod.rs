@@ -12,6 +12,7 @@
 //! push loop ([`crate::push`]) owns the policy and the failover state and re-decides on registry changes
 //! and at the next change time.
 
+pub mod abort_record;
 pub mod cli;
 pub mod client;
 pub mod decide;
@@ -53,10 +54,14 @@ pub struct Status {
     pub drills: BTreeMap<String, drill::Report>,
 }
 
-/// `policy` as decided: without the drains of the drills `drills` has aborted.
+/// `policy` as decided: without the drains of the drills `drills` has aborted, or whose abort the
+/// policy records.
 pub fn effective_policy(policy: &TrafficPolicy, drills: &BTreeMap<String, drill::Report>) -> TrafficPolicy {
     let mut p = policy.clone();
-    p.drains.retain(|d| d.drill.is_none() || drills.get(&drill::key(d)).is_none_or(|r| r.aborted.is_none()));
+    p.drains.retain(|d| match &d.drill {
+        None => true,
+        Some(x) => x.aborted.is_none() && drills.get(&drill::key(d)).is_none_or(|r| r.aborted.is_none()),
+    });
     p
 }
 

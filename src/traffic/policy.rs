@@ -17,7 +17,8 @@
 //!       start: "2026-12-05T10:00:00Z" # optional: default when meshfed first saw the drain
 //!       expires: "2026-12-06T00:00:00Z"
 //!       reason: DR drill
-//!       drill: {abortBelowHealthy: 50} # optional: a drill (aborts by itself, see traffic::drill)
+//!       drill: {abortBelowHealthy: 50} # optional: a drill (aborts by itself, see traffic::drill); meshfed
+//!                                      # adds `aborted: {at, reason}` to a TrafficPolicy's drill it aborted
 //! ```
 //!
 //! Errors name the field path (`traffic.drains[0].capacity: ...`).
@@ -125,11 +126,21 @@ pub struct Drain {
     pub drill: Option<Drill>,
 }
 
-/// `drill: {abortBelowHealthy: N}` of a drain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `drill: {abortBelowHealthy: N, aborted: {at, reason}}` of a drain.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drill {
     /// percent, 0..=100 (0: never aborts by itself)
     pub abort_below_healthy: u32,
+    /// the abort meshfed recorded in the TrafficPolicy (see [`super::abort_record`]): the drill no longer
+    /// applies, on every replica and after a restart
+    pub aborted: Option<RecordedAbort>,
+}
+
+/// `drill.aborted` of a drain: when and why the drill aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedAbort {
+    pub at: SystemTime,
+    pub reason: String,
 }
 
 impl Drain {
@@ -180,7 +191,7 @@ impl Drain {
             && self.ramp == other.ramp
             && self.expires == other.expires
             && self.reason == other.reason
-            && self.drill == other.drill
+            && self.drill.as_ref().map(|d| d.abort_below_healthy) == other.drill.as_ref().map(|d| d.abort_below_healthy)
     }
 }
 
@@ -382,13 +393,26 @@ impl TrafficPolicy {
             }
             let drill = match d.drill {
                 None => None,
-                Some(dr) => match dr.abort_below_healthy {
-                    None => Some(Drill { abort_below_healthy: 0 }),
-                    Some(n) if (0..=100).contains(&n) => Some(Drill { abort_below_healthy: n as u32 }),
-                    Some(n) => {
-                        return Err(err(format!("{at}.drill.abortBelowHealthy"), format!("{n} is not in 0..100")));
-                    }
-                },
+                Some(dr) => {
+                    let abort_below_healthy = match dr.abort_below_healthy {
+                        None => 0,
+                        Some(n) if (0..=100).contains(&n) => n as u32,
+                        Some(n) => {
+                            return Err(err(format!("{at}.drill.abortBelowHealthy"), format!("{n} is not in 0..100")));
+                        }
+                    };
+                    let aborted = match dr.aborted {
+                        None => None,
+                        Some(a) => Some(RecordedAbort {
+                            at: time(
+                                "drill.aborted.at",
+                                a.at.as_deref().ok_or_else(|| err(format!("{at}.drill.aborted.at"), "missing"))?,
+                            )?,
+                            reason: a.reason.unwrap_or_default(),
+                        }),
+                    };
+                    Some(Drill { abort_below_healthy, aborted })
+                }
             };
             out.drains.push(Drain {
                 target,
@@ -465,6 +489,17 @@ struct RawDrain {
 struct RawDrill {
     #[serde(default)]
     abort_below_healthy: Option<i64>,
+    #[serde(default)]
+    aborted: Option<RawAbort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAbort {
+    #[serde(default)]
+    at: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -570,6 +605,16 @@ drains:
             ),
             ("drains: [{cluster: azure-weu, expires: tomorrow}]", "traffic.drains[0].expires", "RFC 3339"),
             (
+                "drains: [{cluster: azure-weu, drill: {aborted: {reason: x}}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].drill.aborted.at",
+                "missing",
+            ),
+            (
+                "drains: [{cluster: azure-weu, drill: {aborted: {at: soon}}, expires: '2026-12-05T01:00:00Z'}]",
+                "traffic.drains[0].drill.aborted.at",
+                "RFC 3339",
+            ),
+            (
                 "drains: [{cluster: azure-weu, ramp: {step: 0, every: 1s}, expires: '2026-12-05T01:00:00Z'}]",
                 "traffic.drains[0].ramp.step",
                 "1..100",
@@ -630,6 +675,22 @@ drains:
         let bad: serde_yaml::Value =
             serde_yaml::from_str("policies: [{split: {us-east-1: {aws-use1: 60, gke-remote: 30}}}]").unwrap();
         assert!(TrafficPolicy::parse_with(&bad, &clusters(), true, now()).unwrap_err().reason.contains("90"));
+    }
+
+    #[test]
+    fn a_recorded_abort_is_read_and_does_not_make_another_drain() {
+        let yaml = "drains: [{cluster: azure-weu, start: '2026-12-05T00:00:00Z', expires: '2026-12-05T01:00:00Z', \
+                    drill: {abortBelowHealthy: 50, aborted: {at: '2026-12-05T00:10:00Z', reason: 'aws-use1 below 50%'}}}]";
+        let p = parse(yaml).unwrap();
+        let drill = p.drains[0].drill.clone().unwrap();
+        assert_eq!(drill.abort_below_healthy, 50);
+        let rec = drill.aborted.expect("recorded");
+        assert_eq!(rec.reason, "aws-use1 below 50%");
+        assert_eq!(rec.at, now() + Duration::from_secs(600));
+        // the same drain with and without the record: one drain (the record does not restart it)
+        let mut plain = p.drains[0].clone();
+        plain.drill.as_mut().unwrap().aborted = None;
+        assert!(plain.same_as(&p.drains[0]));
     }
 
     #[test]
