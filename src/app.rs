@@ -180,8 +180,8 @@ pub struct App {
     /// the mesh config's watcher (`meshfed serve --mesh-config`)
     _config_watch: Option<crate::config_watch::ConfigWatch>,
     /// the `TrafficPolicy` custom resource's watch (mesh config `trafficPolicy`)
-    _traffic_policy: Option<crate::source::kube::traffic_policy::TrafficPolicyWatch>,
-    _abort_recorder: Option<crate::traffic::abort_record::AbortRecorder>,
+    _traffic_policy: Option<crate::traffic_policy::watch::TrafficPolicyWatch>,
+    _abort_recorder: Option<crate::traffic_policy::abort_record::AbortRecorder>,
     /// the sources run as long as these are held
     _files: Option<crate::source::files::FileSourceHandle>,
     _kube: Option<crate::source::kube::KubeSource>,
@@ -292,7 +292,7 @@ impl App {
             }
         };
         // one owner decides which traffic policy is in force: the file's `traffic:` or the custom resource
-        let traffic_owner = crate::traffic::owner::TrafficOwner::new(push.clone(), mesh.traffic.clone());
+        let traffic_owner = crate::traffic_policy::owner::TrafficOwner::new(push.clone(), mesh.traffic.clone());
         let config_watch = match (&mesh.path, watch_mesh_config) {
             (Some(path), true) => {
                 Some(crate::config_watch::start(path, mesh.clone(), push.clone(), traffic_owner.clone()))
@@ -303,7 +303,7 @@ impl App {
             let cluster = mesh.clusters.iter().find(|c| c.id == reference.cluster)?;
             let client = crate::source::kube::ClientSpec::from_source(&cluster.source)?;
             info!(cluster = %reference.cluster, namespace = %reference.namespace, name = %reference.name, "watching the TrafficPolicy custom resource");
-            Some(crate::source::kube::traffic_policy::TrafficPolicyWatch::spawn(
+            Some(crate::traffic_policy::watch::TrafficPolicyWatch::spawn(
                 client,
                 mesh.allow_exec_auth || cli_allow_exec_auth,
                 reference.clone(),
@@ -316,7 +316,7 @@ impl App {
         let abort_recorder = mesh.traffic_policy.as_ref().and_then(|reference| {
             let cluster = mesh.clusters.iter().find(|c| c.id == reference.cluster)?;
             let client = crate::source::kube::ClientSpec::from_source(&cluster.source)?;
-            Some(crate::traffic::abort_record::AbortRecorder::spawn(
+            Some(crate::traffic_policy::abort_record::AbortRecorder::spawn(
                 client,
                 mesh.allow_exec_auth || cli_allow_exec_auth,
                 reference.clone(),

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::mesh_config::MeshConfig;
 use crate::push::{LiveSettings, PushHandle};
 use crate::traffic::TrafficPolicy;
-use crate::traffic::owner::TrafficOwner;
+use crate::traffic_policy::owner::TrafficOwner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -32,6 +32,7 @@ pub mod source;
 pub mod tls;
 pub mod topology;
 pub mod traffic;
+pub mod traffic_policy;
 pub mod translate;
 pub mod type_url;
 pub mod xds;

@@ -41,7 +41,7 @@ enum Command {
     Istio(meshfed::istio::IstioArgs),
     /// Traffic control: drain / undrain a cluster in the mesh config file (applied live by meshfed
     /// serve), and read a running meshfed's traffic status and what-if predictions.
-    Traffic(meshfed::traffic::cli::TrafficArgs),
+    Traffic(meshfed::traffic_policy::cli::TrafficArgs),
 }
 
 #[derive(clap::Args)]
@@ -410,7 +410,9 @@ fn main() {
     let result = match cli.command.unwrap_or_else(|| Cli::parse_from(["meshfed", "serve"]).command.expect("serve")) {
         Command::Bootstrap(args) => bootstrap_cmd(args),
         Command::Istio(args) => istio_cmd(args),
-        Command::Traffic(args) => meshfed::traffic::cli::run(&args).map(|out| print!("{out}")).map_err(Into::into),
+        Command::Traffic(args) => {
+            meshfed::traffic_policy::cli::run(&args).map(|out| print!("{out}")).map_err(Into::into)
+        }
         Command::Serve(args) => {
             tokio::runtime::Runtime::new().context("starting the runtime").and_then(|rt| rt.block_on(serve(args)))
         }

@@ -60,7 +60,7 @@ pub struct MeshConfig {
     pub traffic: crate::traffic::TrafficPolicy,
     /// `trafficPolicy`: read the traffic policy from a `TrafficPolicy` custom resource (group
     /// `meshfed.io`) in a Kubernetes cluster instead; while that object exists and is valid it replaces
-    /// `traffic` (None: `traffic` alone; see [`crate::source::kube::traffic_policy`]).
+    /// `traffic` (None: `traffic` alone; see [`crate::traffic_policy::watch`]).
     pub traffic_policy: Option<TrafficPolicyRef>,
 }
 

@@ -25,6 +25,16 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use tracing::{info, warn};
 
+/// ALPN of Istio mTLS between sidecars (what meshfed's sidecars offer; istiod's offer them for TCP).
+pub const ISTIO_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
+/// ALPN istiod's sidecars offer for mTLS to HTTP ports (Istio's ALPN filter sets them per upstream
+/// protocol).
+pub const ISTIO_HTTP_ALPN: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+/// Every ALPN an Istio mTLS client may offer: what an inbound mTLS filter chain matches, so that both
+/// meshfed's and istiod's sidecars reach it.
+pub const INBOUND_MTLS_ALPN: [&str; 5] =
+    ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"];
+
 /// How often [`watch_files`] checks the certificate and key files by default.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 /// Cap of a TLS handshake: a client that has not completed it by then is disconnected.

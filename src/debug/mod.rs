@@ -100,7 +100,7 @@ pub struct DebugState {
     /// the live mesh config's reload status (None: not watched)
     pub mesh_config: Option<tokio::sync::watch::Receiver<Arc<crate::config_watch::Status>>>,
     /// the `TrafficPolicy` custom resource's watch (None: mesh config without `trafficPolicy`)
-    pub traffic_policy: Option<tokio::sync::watch::Receiver<crate::source::kube::traffic_policy::Status>>,
+    pub traffic_policy: Option<tokio::sync::watch::Receiver<crate::traffic_policy::watch::Status>>,
     /// serving the built-in demo (no mesh config given): every page and `/debug/warnings` say so
     pub demo: bool,
 }

@@ -82,7 +82,7 @@ impl MtlsProbes {
                     .into());
             }
         };
-        let client = mesh_client_config(cert, Arc::new(root), trust_domain, &crate::translate::tls::ISTIO_ALPN)
+        let client = mesh_client_config(cert, Arc::new(root), trust_domain, &crate::tls::ISTIO_ALPN)
             .map_err(|e| format!("gatewayProbes.mtls: {e}"))?;
         Ok((MtlsProbes { client, targets: targets.clone() }, loaded))
     }
@@ -404,8 +404,7 @@ mod tests {
             .unwrap()
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck.as_ref().clone())));
-        config.alpn_protocols =
-            crate::translate::tls::INBOUND_MTLS_ALPN.iter().map(|a| a.as_bytes().to_vec()).collect();
+        config.alpn_protocols = crate::tls::INBOUND_MTLS_ALPN.iter().map(|a| a.as_bytes().to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();

@@ -6,22 +6,20 @@
 //! - [`decide`]: pure: policy, per-cluster health of a service, `now` and the previous failover state ->
 //!   the share each cluster gets per source region, why, and when that changes next;
 //! - [`lb`]: Envoy's load-balancing math (priority load with the overprovisioning factor, locality
-//!   weights times availability), to predict what Envoy does with an assignment (`/debug/whatif`).
+//!   weights times availability), to predict what Envoy does with an assignment (`/debug/whatif`);
+//! - [`drill`]: drills' aborts and reports; [`health`]: the global DNS health from the decision.
+//!
+//! Where the policy in force comes from and how operators change it (the file, the `TrafficPolicy`
+//! custom resource, `meshfed traffic`) is [`crate::traffic_policy`]'s.
 //!
 //! Translation ([`crate::translate::endpoint`]) turns the decisions into priority-0 locality weights; the
 //! push loop ([`crate::push`]) owns the policy and the failover state and re-decides on registry changes
 //! and at the next change time.
 
-pub mod abort_record;
-pub mod cli;
-pub mod client;
 pub mod decide;
 pub mod drill;
-pub mod edit;
 pub mod health;
-pub mod kube_edit;
 pub mod lb;
-pub mod owner;
 pub mod policy;
 
 pub use decide::{Decision, Decisions, FailoverState, ServiceHealth};

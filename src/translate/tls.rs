@@ -23,15 +23,7 @@ use crate::proxy::TlsSupport;
 pub const CERT_SECRET: &str = "default";
 /// The root CA secret name Istio's agent serves.
 pub const ROOT_SECRET: &str = "ROOTCA";
-/// ALPN of Istio mTLS between sidecars (what meshfed's sidecars offer; istiod's offer them for TCP).
-pub const ISTIO_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
-/// ALPN istiod's sidecars offer for mTLS to HTTP ports (Istio's ALPN filter sets them per upstream
-/// protocol).
-pub const ISTIO_HTTP_ALPN: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
-/// Every ALPN an Istio mTLS client may offer: what an inbound mTLS filter chain matches, so that both
-/// meshfed's and istiod's sidecars reach it.
-pub const INBOUND_MTLS_ALPN: [&str; 5] =
-    ["istio-peer-exchange", "istio", "istio-http/1.0", "istio-http/1.1", "istio-h2"];
+pub use crate::tls::{INBOUND_MTLS_ALPN, ISTIO_ALPN, ISTIO_HTTP_ALPN};
 /// The cluster of Istio agent's SDS server in an Istio sidecar's bootstrap.
 pub const SDS_CLUSTER: &str = "sds-grpc";
 

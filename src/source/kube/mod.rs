@@ -66,7 +66,6 @@ mod client;
 mod cluster;
 mod kinds;
 pub mod remote_secrets;
-pub mod traffic_policy;
 mod watch_guard;
 
 pub use backoff::{

@@ -1,10 +1,10 @@
 //! The traffic policy as a custom resource: mesh config `trafficPolicy: {cluster, namespace, name}`
 //! names one `TrafficPolicy` object (`meshfed.io/v1alpha1`, CRD in `manifests/base`) whose `spec` has
 //! the shape of the mesh config's `traffic:` section. Every replica watches it, so they all serve one
-//! state, and `meshfed traffic drain --kubeconfig ...` edits it ([`crate::traffic::kube_edit`]).
+//! state, and `meshfed traffic drain --kubeconfig ...` edits it ([`crate::traffic_policy::kube_edit`]).
 //!
 //! - valid object: its policy replaces the file's `traffic:` ([`TrafficOwner`] decides; see
-//!   [`crate::traffic::owner`] for the precedence);
+//!   [`crate::traffic_policy::owner`] for the precedence);
 //! - invalid object: logged and reported on `/debug/warnings` (kind `traffic-policy`, naming
 //!   namespace/name, the field as `spec.…` and the reason); the last good policy stays in force;
 //! - object deleted (or absent): the file's `traffic:` is in force again;
@@ -20,12 +20,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::backoff::{Backoff, WATCH_BACKOFF};
-use super::client::{ClientSpec, build_client};
 use crate::mesh_config::TrafficPolicyRef;
 use crate::model::ClusterId;
+use crate::source::kube::{Backoff, WATCH_BACKOFF};
+use crate::source::kube::{ClientSpec, build_client};
 use crate::traffic::TrafficPolicy;
-use crate::traffic::owner::TrafficOwner;
+use crate::traffic_policy::owner::TrafficOwner;
 
 /// The API group of the custom resource.
 pub const GROUP: &str = "meshfed.io";

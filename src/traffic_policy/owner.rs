@@ -3,7 +3,7 @@
 //!
 //! - the mesh config file's `traffic:` section ([`crate::config_watch`] hands each valid edit here);
 //! - the `TrafficPolicy` custom resource named by `trafficPolicy` in the mesh config
-//!   ([`crate::source::kube::traffic_policy`]).
+//!   ([`crate::traffic_policy::watch`]).
 //!
 //! Precedence: while the custom resource exists and its last version that was read was valid, its
 //! `spec` is in force and the file's `traffic:` is not (an invalid version keeps the last good one in
@@ -12,8 +12,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::TrafficPolicy;
 use crate::push::PushHandle;
+use crate::traffic::TrafficPolicy;
 
 /// Where the policy in force comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

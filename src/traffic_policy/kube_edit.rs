@@ -1,5 +1,5 @@
 //! `meshfed traffic drain | undrain --kubeconfig FILE` (Kubernetes mode): edits `spec.drains` of the
-//! `TrafficPolicy` custom resource every replica watches ([`crate::source::kube::traffic_policy`]).
+//! `TrafficPolicy` custom resource every replica watches ([`crate::traffic_policy::watch`]).
 //!
 //! The object is read (absent: an empty `spec`), its drains edited with the functions of file mode
 //! ([`super::edit`]), the result validated with the parser meshfed uses (a bad edit is refused and the
@@ -17,8 +17,8 @@ use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use super::edit;
-use crate::source::kube::traffic_policy::{GROUP, KIND, VERSION, api_resource, parse_spec};
 use crate::source::kube::{ClientSpec, build_client};
+use crate::traffic_policy::watch::{GROUP, KIND, VERSION, api_resource, parse_spec};
 
 /// The field manager of the CLI's server-side applies.
 pub const FIELD_MANAGER: &str = "meshfed-traffic";
@@ -30,7 +30,7 @@ pub enum Error {
     #[error("TrafficPolicy {object}: {source}")]
     Api { object: String, source: kube::Error },
     #[error("TrafficPolicy {object}: the edit is refused (the object is unchanged): {source}")]
-    Invalid { object: String, source: super::policy::Error },
+    Invalid { object: String, source: crate::traffic::policy::Error },
     #[error("TrafficPolicy {object}: {source}")]
     Edit { object: String, source: edit::Error },
     #[error("TrafficPolicy {object}: {reason}")]

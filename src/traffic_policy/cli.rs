@@ -312,7 +312,7 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
             }
             let duration = a.duration.as_deref().ok_or_else(|| Error::Usage("give --duration".into()))?;
             let now = SystemTime::now();
-            let start = super::decide::time_str(now);
+            let start = crate::traffic::decide::time_str(now);
             let spec = edit::DrainSpec {
                 target,
                 capacity: a.capacity,

@@ -2,11 +2,11 @@
 //! that decided it.
 //!
 //! The push loop aborts a drill by itself when the clusters taking its traffic fall below
-//! `abortBelowHealthy` ([`super::drill`]); that decision lives in the loop's [`super::Status`]. While the
+//! `abortBelowHealthy` ([`crate::traffic::drill`]); that decision lives in the loop's [`crate::traffic::Status`]. While the
 //! policy in force comes from the custom resource ([`super::owner::Origin::CustomResource`]), this task
 //! writes each such abort into the object: the drill's drain gets `drill.aborted: {at, reason}`
 //! (server-side apply, field manager [`FIELD_MANAGER`], the edit of [`super::kube_edit`]). Every replica
-//! watching the object then drops that drain ([`super::effective_policy`]) and reports the drill aborted
+//! watching the object then drops that drain ([`crate::traffic::effective_policy`]) and reports the drill aborted
 //! with the recorded time and reason, also after a restart, and `meshfed traffic status` and the
 //! operator see it in the object. Replicas that abort the same drill write the same record (the second
 //! write changes nothing).
@@ -23,13 +23,13 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::drill::{self, Abort};
 use super::owner::{Origin, TrafficOwner};
-use super::policy::{Drain, DrainTarget};
 use super::{edit, kube_edit};
 use crate::mesh_config::TrafficPolicyRef;
 use crate::push::PushHandle;
 use crate::source::kube::{ClientSpec, build_client};
+use crate::traffic::drill::{self, Abort};
+use crate::traffic::policy::{Drain, DrainTarget};
 
 /// The field manager of the records' server-side applies.
 pub const FIELD_MANAGER: &str = "meshfed-drill-abort";
@@ -61,7 +61,7 @@ impl AbortRecorder {
 }
 
 /// The aborts of the policy in force that the policy does not record yet: (drain, abort).
-pub fn unrecorded(status: &super::Status) -> Vec<(Drain, Abort)> {
+pub fn unrecorded(status: &crate::traffic::Status) -> Vec<(Drain, Abort)> {
     status
         .policy
         .drains
@@ -95,7 +95,7 @@ pub fn mark_aborted(drains: &mut [serde_yaml::Value], d: &Drain, abort: &Abort) 
         let Some(drill) = m.get_mut("drill").and_then(Value::as_mapping_mut) else { continue };
         if !drill.contains_key("aborted") {
             let mut record = serde_yaml::Mapping::new();
-            record.insert("at".into(), super::decide::time_str(abort.at).into());
+            record.insert("at".into(), crate::traffic::decide::time_str(abort.at).into());
             record.insert("reason".into(), abort.reason.clone().into());
             drill.insert("aborted".into(), Value::Mapping(record));
         }
@@ -180,7 +180,7 @@ mod tests {
             start: Some(SystemTime::from(t)),
             expires: SystemTime::from(t) + Duration::from_secs(3600),
             reason: "drill".into(),
-            drill: Some(super::super::policy::Drill { abort_below_healthy: 50, aborted: None }),
+            drill: Some(crate::traffic::policy::Drill { abort_below_healthy: 50, aborted: None }),
         }
     }
 
@@ -218,9 +218,9 @@ mod tests {
         let mut aborted = drain("2026-12-05T10:00:00Z");
         let mut recorded = drain("2026-12-05T11:00:00Z");
         recorded.drill.as_mut().unwrap().aborted =
-            Some(super::super::policy::RecordedAbort { at: recorded.start.unwrap(), reason: "r".into() });
+            Some(crate::traffic::policy::RecordedAbort { at: recorded.start.unwrap(), reason: "r".into() });
         let active = drain("2026-12-05T12:00:00Z");
-        let mut status = super::super::Status::default();
+        let mut status = crate::traffic::Status::default();
         status.policy.drains = vec![aborted.clone(), recorded.clone(), active.clone()];
         for d in [&aborted, &recorded, &active] {
             status.drills.insert(drill::key(d), drill::Report::new(d, d.start.unwrap()));

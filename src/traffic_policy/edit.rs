@@ -76,14 +76,14 @@ pub fn expiry(value: &str, now: SystemTime) -> Result<String, Error> {
     let at = if let Ok(t) = value.parse::<jiff::Timestamp>() {
         SystemTime::from(t)
     } else {
-        let d = super::policy::parse_long_duration(value)
+        let d = crate::traffic::policy::parse_long_duration(value)
             .ok_or_else(|| bad("neither an RFC 3339 time nor a duration such as 2h or 7d".into()))?;
         now.checked_add(d).ok_or_else(|| bad("too far ahead".into()))?
     };
     if at <= now {
         return Err(bad("not in the future".into()));
     }
-    Ok(super::decide::time_str(at))
+    Ok(crate::traffic::decide::time_str(at))
 }
 
 /// The result of an edit.
