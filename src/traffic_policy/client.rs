@@ -110,6 +110,25 @@ pub fn format_status(v: &Value) -> String {
             out.push_str(&format!("  changed, takes effect at restart: {}\n", names.join(", ")));
         }
     }
+    match v.get("trafficPolicy").filter(|t| !t.is_null()) {
+        Some(t) if t["inForce"] == true => out.push_str(&format!(
+            "Policy in force: TrafficPolicy {} (resourceVersion {})\n",
+            s(&t["object"]),
+            s(&t["resourceVersion"])
+        )),
+        Some(t) => out.push_str(&format!(
+            "Policy in force: the mesh config's traffic: (TrafficPolicy {} absent or never valid)\n",
+            s(&t["object"])
+        )),
+        None => out.push_str("Policy in force: the mesh config's traffic:\n"),
+    }
+    if let Some(t) = v.get("trafficPolicy").filter(|t| !t.is_null()) {
+        for (what, e) in [("REFUSED", &t["error"]), ("NOT WATCHED", &t["watchError"])] {
+            if !e.is_null() {
+                out.push_str(&format!("  {what}: {}\n", s(e)));
+            }
+        }
+    }
     let drains = v["drains"].as_array().cloned().unwrap_or_default();
     out.push_str("Drains:\n");
     if drains.is_empty() {
@@ -131,6 +150,34 @@ pub fn format_status(v: &Value) -> String {
                 s(&d["start"]),
                 s(&d["expires"]),
                 s(&d["reason"]),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    if let Some(drills) = v["drills"].as_array().filter(|d| !d.is_empty()) {
+        out.push_str("Drills:\n");
+        let mut rows = vec![["DRILL", "STATE", "STEPS", "LAST STEP", "ALL ACKED"].map(String::from).to_vec()];
+        for d in drills {
+            let state = if !d["aborted"].is_null() {
+                format!("aborted at {}: {}", s(&d["aborted"]["at"]), s(&d["aborted"]["reason"]))
+            } else if !d["ended"].is_null() {
+                format!("ended ({})", s(&d["ended"]["how"]))
+            } else {
+                "in progress".into()
+            };
+            let steps = d["stepAcks"].as_array().cloned().unwrap_or_default();
+            let last = steps.last();
+            let acked = match last.map(|l| &l["acks"]) {
+                None | Some(Value::Null) => "-".to_string(),
+                Some(a) if !a["allAckedAt"].is_null() => s(&a["allAckedAt"]),
+                Some(a) => format!("{} pending", a["pending"].as_array().map_or(0, Vec::len)),
+            };
+            rows.push(vec![
+                s(&d["key"]),
+                state,
+                steps.len().to_string(),
+                last.map_or("-".into(), |l| format!("{}%", s(&l["capacity"]))),
+                acked,
             ]);
         }
         out.push_str(&table(&rows));
@@ -234,9 +281,16 @@ mod tests {
             "decisions": {"services": {"ratings.shop": {"byRegion": {"r1": {"aws": {"share": 85.0, "split": 70, "reason": "split"}, "azure": {"share": 15.0, "split": 30, "reason": "drain 50%"}}}, "notes": []}}},
             "status": {"failover": {}, "nextChange": "2026-12-05T00:00:30Z"},
             "unknownClusters": ["gke"],
+            "trafficPolicy": {"object": "aws-use1/istio-system/default", "inForce": true, "resourceVersion": "42", "error": null, "watchError": "watching: connection refused"},
+            "drills": [{"key": "cluster azure @ 2026-12-05T00:00:00Z", "aborted": {"at": "2026-12-05T00:01:00Z", "reason": "aws below 50%"}, "stepAcks": [{"capacity": 50, "acks": {"allAckedAt": "2026-12-05T00:00:01Z", "proxies": 2, "pending": []}}, {"capacity": 100, "acks": {"allAckedAt": null, "proxies": 2, "pending": ["a.shop"]}}]}],
         });
         let text = format_status(&status);
         for words in [
+            "Policy in force: TrafficPolicy aws-use1/istio-system/default (resourceVersion 42)",
+            "NOT WATCHED: watching: connection refused",
+            "cluster azure @ 2026-12-05T00:00:00Z",
+            "aborted at 2026-12-05T00:01:00Z: aws below 50%",
+            "1 pending",
             "LAST EDIT REFUSED",
             "shares add up to 90",
             "takes effect at restart: clusters",
