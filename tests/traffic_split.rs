@@ -38,8 +38,6 @@ use meshfed::source::SourceEvent;
 use meshfed::topology::TopologyObject;
 use meshfed::traffic::TrafficPolicy;
 use meshfed::traffic::decide::time_str;
-use meshfed::traffic::drill::ProxyAcks;
-use meshfed::type_url::ResourceType;
 use support::eds_shares::{envoy_region_weights, percent};
 use support::server::TestServer;
 use support::{Backend, BootstrapSpec, Envoy, TestCa, addr4, bootstrap_with, http_get, ip4, poll_until, start_envoy};
@@ -255,16 +253,8 @@ impl Mesh {
             .generation;
         poll_until(STEP_TIMEOUT, || async {
             let c = self.server.connections.find_proxy(via.key()).with_context(|| format!("{via:?} not connected"))?;
-            let eds = &c.status()[ResourceType::Endpoint.index()];
             // as a drill's report counts a proxy's ACK of a step
-            let acks = ProxyAcks {
-                proxy: c.proxy.key.to_string(),
-                connected_at: Some(c.connected_at),
-                acked: eds.acks.iter().copied().collect(),
-                seen_generation: eds.seen_generation,
-                sent_generation: eds.sent_generation,
-                in_sync: eds.acked_nonce == eds.sent_nonce,
-            };
+            let acks = c.eds_acks();
             ensure!(
                 acks.has(generation, SystemTime::now()).is_some(),
                 "{via:?} has not ACKed EDS of generation {generation}: {acks:?}"

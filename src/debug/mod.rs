@@ -444,22 +444,7 @@ struct StepView<'a> {
 
 fn drill_reports<'a>(s: &DebugState, snapshot: &'a crate::cache::Snapshot) -> Vec<DrillView<'a>> {
     use crate::traffic::drill;
-    let proxies: Vec<drill::ProxyAcks> = s
-        .connections
-        .proxies()
-        .iter()
-        .map(|c| {
-            let eds = &c.status()[crate::type_url::ResourceType::Endpoint.index()];
-            drill::ProxyAcks {
-                proxy: c.proxy.key.to_string(),
-                connected_at: Some(c.connected_at),
-                acked: eds.acks.iter().copied().collect(),
-                seen_generation: eds.seen_generation,
-                sent_generation: eds.sent_generation,
-                in_sync: eds.acked_nonce == eds.sent_nonce,
-            }
-        })
-        .collect();
+    let proxies: Vec<drill::ProxyAcks> = s.connections.proxies().iter().map(|c| c.eds_acks()).collect();
     snapshot
         .traffic
         .drills

@@ -229,6 +229,19 @@ impl Connection {
 
     /// Per type: the ADS stream's status; for a proxy on per-type streams, the EDS status summarises its
     /// streams ([`TypeStatus::summary`]).
+    /// The proxy's EDS ACKs as a drill's report counts them ([`crate::traffic::drill::ProxyAcks`]).
+    pub fn eds_acks(&self) -> crate::traffic::drill::ProxyAcks {
+        let eds = &self.status()[ResourceType::Endpoint.index()];
+        crate::traffic::drill::ProxyAcks {
+            proxy: self.proxy.key.to_string(),
+            connected_at: Some(self.connected_at),
+            acked: eds.acks.iter().copied().collect(),
+            seen_generation: eds.seen_generation,
+            sent_generation: eds.sent_generation,
+            in_sync: eds.acked_nonce == eds.sent_nonce,
+        }
+    }
+
     pub fn status(&self) -> [TypeStatus; 4] {
         let mut out = self.status.lock().map(|s| s.clone()).unwrap_or_default();
         if self.service == XdsService::Endpoints {
