@@ -270,7 +270,12 @@ impl App {
                 push_rx
             }
         };
-        let (push, push_task) = crate::push::start(&mesh, push_events);
+        let restored_failover = last_known_store.as_ref().map(|s| s.restored_failover()).unwrap_or_default();
+        let (push, push_task) = crate::push::start(&mesh, push_events, restored_failover);
+        if let Some(store) = &last_known_store {
+            // the traffic policy's failover state is kept in the last-known state too
+            last_known_tasks.push(tokio::spawn(keep_failover(push.subscribe(), store.clone())));
+        }
         let connections = Arc::new(Connections::default());
         let gateway_dns_task =
             gateway_dns_interval.map(|every| tokio::spawn(crate::gateway_dns::run(push.clone(), every)));
@@ -512,6 +517,17 @@ impl Drop for App {
 
 /// The last-known state's tap: every source event is observed, then handed to the push loop, in order; restored
 /// state that reaches `maxAge` before its cluster answers is dropped then (an empty `Sync`).
+/// Hands the push loop's failover state to the last-known store whenever it changes.
+async fn keep_failover(mut snapshots: watch::Receiver<Arc<crate::cache::Snapshot>>, store: Arc<LastKnown>) {
+    loop {
+        let failover = snapshots.borrow_and_update().traffic.failover.clone();
+        store.set_failover(&failover);
+        if snapshots.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn tap(
     mut events: mpsc::UnboundedReceiver<SourceEvent>,
     push: mpsc::UnboundedSender<SourceEvent>,

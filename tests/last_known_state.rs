@@ -70,8 +70,8 @@ type Stored = (BTreeSet<String>, SystemTime, Option<String>);
 /// The stored addresses of `cluster`'s slices, the state's `observedAt` and its remote secret, if the file
 /// holds it.
 fn stored_cluster(path: &Path, cluster: &str) -> Result<Option<Stored>> {
-    let Some(states) = last_known::read(path)? else { return Ok(None) };
-    let Some(east) = states.iter().find(|s| s.cluster.as_str() == cluster) else { return Ok(None) };
+    let Some(loaded) = last_known::read(path)? else { return Ok(None) };
+    let Some(east) = loaded.clusters.iter().find(|s| s.cluster.as_str() == cluster) else { return Ok(None) };
     let mut addresses = BTreeSet::new();
     for o in &east.objects {
         if let meshfed::topology::TopologyObject::EndpointSlice(s) = o {
@@ -353,5 +353,85 @@ async fn a_remote_secret_cluster_is_restored_until_its_secret_goes() -> Result<(
         Ok(())
     })
     .await?;
+    Ok(())
+}
+
+/// The traffic policy's failover state is kept in the last-known state too: a cluster failed over (below
+/// `minHealthy`) that is healthy again stays away for `failbackAfter` — also when meshfed restarts in
+/// between (without the kept state, the restarted replica would give the share back at once: the flap
+/// `failbackAfter` is there to prevent), and returns once it has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_over_cluster_stays_away_for_failback_after_across_a_restart() -> Result<()> {
+    use meshfed_testkit::eds_shares::{eds_until_shares, region_shares, shares_of};
+    use meshfed_testkit::meshfed::{MeshfedOptions, start_meshfed_with};
+    const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
+    const FAILBACK: u64 = 15;
+    let dir = tempfile::Builder::new().prefix("meshfed-failover-kept-").tempdir()?;
+    let mesh_path = support::demo::copy_demo(dir.path(), 139);
+    let state = dir.path().join("state/last-known.json");
+    let text = std::fs::read_to_string(&mesh_path)?;
+    std::fs::write(
+        &mesh_path,
+        format!(
+            "{text}\nlastKnownState:\n  path: {}\n  maxAge: 1h\n  writeInterval: 100ms\ntraffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      failover: {{minHealthy: 50, failbackAfter: {FAILBACK}s}}\n",
+            state.display()
+        ),
+    )?;
+    let client = |m: &Meshfed, n: u8| {
+        let id = format!("sidecar~127.139.50.{n}~client-{n}.shop~shop.svc.cluster.local");
+        let node = node(&id, &[("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net")], Some(("us-east-1", "us-east-1a")));
+        AdsClient::connect(m.xds_address(), Flavor::Sotw, node)
+    };
+    let options = MeshfedOptions { ports: Some((support::free_port(), support::free_port())), ..Default::default() };
+    let m = start_meshfed_with(&mesh_path, &options).await?;
+    let mut c = client(&m, 1).await?.with_timeouts(STEP, Duration::from_millis(400));
+    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
+    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
+    assert_eq!(
+        region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?),
+        shares_of(&[("us-east-1", 70), ("westeurope", 30)])
+    );
+
+    // azure-weu's endpoints not ready: failed over; ready again: still away (failbackAfter)
+    let slices = dir.path().join("azure-weu/endpointslices.yaml");
+    let healthy = std::fs::read_to_string(&slices)?;
+    support::write_atomically(&slices, &healthy.replace("ready: true", "ready: false"))?;
+    eds_until_shares(&mut c, RATINGS, "failed over", &[("us-east-1", 100)]).await?;
+    support::write_atomically(&slices, &healthy)?;
+    let recovered = Instant::now();
+    // the file holds the failover state, healthy again since the edit
+    let deadline = Instant::now() + STEP;
+    loop {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        if text.contains("\"failover\"") && text.contains("\"backSince\"") {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no failover state with backSince in {}: {text}", state.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // restarted before failbackAfter: still away from its first response
+    drop(c);
+    drop(m);
+    let m = start_meshfed_with(&mesh_path, &options).await?;
+    let mut c = client(&m, 2).await?.with_timeouts(STEP, Duration::from_millis(400));
+    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
+    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
+    let first = region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    ensure!(
+        recovered.elapsed() < Duration::from_secs(FAILBACK),
+        "the restart took past failbackAfter: the test proves nothing"
+    );
+    assert_eq!(first, shares_of(&[("us-east-1", 100)]), "the restarted replica keeps azure-weu away");
+    let trafficz = m.debug_json("/debug/trafficz").await?;
+    assert!(
+        trafficz["status"]["failover"]["ratings.shop.svc.cluster.local"]["azure-weu"]["backSince"].is_string(),
+        "{trafficz:#}"
+    );
+
+    // failbackAfter after the recovery (not after the restart): the share returns
+    eds_until_shares(&mut c, RATINGS, "failed back", &[("us-east-1", 70), ("westeurope", 30)]).await?;
+    let back = recovered.elapsed();
+    ensure!(back >= Duration::from_secs(FAILBACK), "failed back after {back:?}, before failbackAfter");
     Ok(())
 }

@@ -772,8 +772,8 @@ fn meshfed_runs_with_the_deployments_arguments() {
     // the last-known state file is written on the state volume (nothing listed here: no cluster in it)
     let deadline = Instant::now() + Duration::from_secs(20);
     let states = loop {
-        if let Ok(Some(states)) = meshfed::source::last_known::read(&state) {
-            break states;
+        if let Ok(Some(loaded)) = meshfed::source::last_known::read(&state) {
+            break loaded.clusters;
         }
         assert!(Instant::now() < deadline, "no last-known state at {}\n{}", state.display(), meshfed.log_tail());
         std::thread::sleep(Duration::from_millis(100));

@@ -608,6 +608,14 @@ impl Pusher {
         true
     }
 
+    /// The failover state of an earlier run (the last-known state): a cluster failed over then stays away
+    /// until it has been healthy for `failbackAfter`, as if this replica had never stopped.
+    pub fn restore_failover(&mut self, failover: BTreeMap<Arc<str>, crate::traffic::FailoverState>) {
+        if !failover.is_empty() {
+            self.traffic = Arc::new(crate::traffic::Status { failover, ..(*self.traffic).clone() });
+        }
+    }
+
     /// Decides the traffic of every covered service at `now` ([`crate::traffic::decide_all`]): updates
     /// `ctx.traffic` and the failover state, and returns the services whose decision changed as endpoint
     /// changes (a service that became covered or uncovered changes its cluster too: everything is
@@ -1065,9 +1073,11 @@ fn describe(change: &RegistryChange) -> String {
 pub fn start(
     mesh: &MeshConfig,
     events: mpsc::UnboundedReceiver<SourceEvent>,
+    failover: BTreeMap<Arc<str>, crate::traffic::FailoverState>,
 ) -> (PushHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    let (pusher, _rx) = Pusher::new(mesh);
+    let (mut pusher, _rx) = Pusher::new(mesh);
+    pusher.restore_failover(failover);
     let handle = pusher.handle_for(commands_tx);
     let task = tokio::spawn(pusher.run(events, commands_rx));
     (handle, task)

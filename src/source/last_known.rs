@@ -21,6 +21,11 @@
 //! Restored objects are never written back as if freshly observed: a restored cluster keeps the
 //! `observedAt` it was loaded with until its live source delivers.
 //!
+//! The file also keeps the traffic policy's failover state (per service, the failed-over clusters, since
+//! when and since when healthy again: [`crate::traffic::decide::Failed`]), handed over by the app from the
+//! push loop's snapshots ([`LastKnown::set_failover`]) and handed back to the push loop at start
+//! ([`LastKnown::restored_failover`]): a restart does not cut a cluster's `failbackAfter` short.
+//!
 //! ## Where it observes
 //!
 //! Data flows one way. With `lastKnownState` set, [`App::start`](crate::app::App::start) puts a tap
@@ -65,7 +70,7 @@
 //! restored, so invalid rules round-trip as invalid. It is written atomically: a temporary file in the
 //! same directory, fsync, rename over the old one, fsync of the directory. A change of the persisted
 //! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape), except an
-//! optional field that readers without it may ignore: `remoteSecret` was added so, in version 1 (a file
+//! optional field that readers without it may ignore: `failover` (absent when empty) and `remoteSecret` were added so, in version 1 (a file
 //! without it reads as before; a meshfed that does not know it drops the remote-secret clusters, which
 //! its mesh config does not name).
 //!
@@ -173,7 +178,23 @@ struct DocumentRef<'a> {
     meshfed_version: &'static str,
     written_at: String,
     clusters: Vec<ClusterRef<'a>>,
+    /// the traffic policy's failed-over clusters (optional: absent when none, so such a file is byte for
+    /// byte what version 1 wrote before)
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    failover: BTreeMap<&'a str, BTreeMap<&'a str, StoredFailed>>,
 }
+
+/// A failed-over cluster of a service ([`crate::traffic::decide::Failed`]), RFC 3339 times.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredFailed {
+    since: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    back_since: Option<String>,
+}
+
+/// The failed-over clusters per service, as the push loop keeps them.
+pub type Failover = BTreeMap<Arc<str>, crate::traffic::FailoverState>;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -201,6 +222,15 @@ struct Header {
 #[serde(rename_all = "camelCase")]
 struct Document {
     clusters: Vec<StoredCluster>,
+    #[serde(default)]
+    failover: BTreeMap<String, BTreeMap<String, StoredFailed>>,
+}
+
+/// What a file holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    pub clusters: Vec<ClusterState>,
+    pub failover: Failover,
 }
 
 #[derive(Deserialize)]
@@ -233,9 +263,25 @@ struct Kept {
     objects: Objects,
 }
 
-/// Encodes the clusters' states as the file holds them.
-fn encode<'a>(clusters: impl IntoIterator<Item = &'a Kept>, now: SystemTime) -> Result<Vec<u8>, Error> {
+/// Encodes the clusters' states (and the failover state) as the file holds them.
+fn encode<'a>(
+    clusters: impl IntoIterator<Item = &'a Kept>,
+    failover: &'a Failover,
+    now: SystemTime,
+) -> Result<Vec<u8>, Error> {
+    let failover = failover
+        .iter()
+        .map(|(host, f)| {
+            let clusters = f.iter().map(|(c, failed)| {
+                let stored =
+                    StoredFailed { since: format_time(failed.since), back_since: failed.back_since.map(format_time) };
+                (c.as_str(), stored)
+            });
+            (&**host, clusters.collect())
+        })
+        .collect();
     let doc = DocumentRef {
+        failover,
         format: FORMAT,
         version: FORMAT_VERSION,
         meshfed_version: env!("CARGO_PKG_VERSION"),
@@ -255,7 +301,7 @@ fn encode<'a>(clusters: impl IntoIterator<Item = &'a Kept>, now: SystemTime) -> 
 
 /// Decodes a file's text. Objects that cannot be converted again are dropped (logged); anything else
 /// wrong makes the whole file corrupt.
-fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<ClusterState>, Error> {
+fn decode(path: &Path, bytes: &[u8]) -> Result<Loaded, Error> {
     let corrupt = |reason: String| Error::Corrupt { path: path.to_path_buf(), reason };
     let header: Header = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     if header.format.as_deref() != Some(FORMAT) {
@@ -286,11 +332,26 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<ClusterState>, Error> {
         }
         out.push(ClusterState { cluster: ClusterId::new(&c.id), remote_secret: c.remote_secret, observed_at, objects });
     }
-    Ok(out)
+    let time = |host: &str, what: &str, t: &str| {
+        t.parse::<jiff::Timestamp>()
+            .map(SystemTime::from)
+            .map_err(|e| corrupt(format!("failover of {host}: {what} {t:?}: {e}")))
+    };
+    let mut failover = Failover::new();
+    for (host, clusters) in doc.failover {
+        let mut state = crate::traffic::FailoverState::new();
+        for (cluster, f) in clusters {
+            let since = time(&host, "since", &f.since)?;
+            let back_since = f.back_since.as_deref().map(|t| time(&host, "backSince", t)).transpose()?;
+            state.insert(ClusterId::new(&cluster), crate::traffic::decide::Failed { since, back_since });
+        }
+        failover.insert(host.as_str().into(), state);
+    }
+    Ok(Loaded { clusters: out, failover })
 }
 
 /// Reads the file: None when there is none.
-pub fn read(path: &Path) -> Result<Option<Vec<ClusterState>>, Error> {
+pub fn read(path: &Path) -> Result<Option<Loaded>, Error> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -369,6 +430,8 @@ struct State {
     written: BTreeMap<ClusterId, SystemTime>,
     /// the last write error (logged once until it changes)
     last_error: Option<String>,
+    /// the traffic policy's failover state, as last handed over ([`LastKnown::set_failover`])
+    failover: Failover,
 }
 
 /// The last-known state of the mesh's Kubernetes clusters, named and discovered from remote secrets (see
@@ -412,14 +475,18 @@ impl LastKnown {
             Ok(Some(l)) => l,
             Ok(None) => {
                 info!(path = %config.path.display(), "no last-known state to restore");
-                Vec::new()
+                Loaded::default()
             }
             Err(e) => {
                 warn!("{e}; starting without restoring it");
-                Vec::new()
+                Loaded::default()
             }
         };
-        for c in loaded {
+        if !loaded.failover.is_empty() {
+            info!(services = loaded.failover.len(), "restored the traffic policy's failed-over clusters");
+        }
+        state.failover = loaded.failover;
+        for c in loaded.clusters {
             let age = now.duration_since(c.observed_at).unwrap_or_default();
             // a cluster the mesh config names is restored as named (even if a remote secret defined it
             // before); one it does not name only as a remote-secret cluster of the same namespace
@@ -463,6 +530,21 @@ impl LastKnown {
             state: Mutex::new(state),
         };
         (store, events)
+    }
+
+    /// The failover state read from the file at start (to hand to the push loop before its first push).
+    pub fn restored_failover(&self) -> Failover {
+        self.lock().failover.clone()
+    }
+
+    /// The push loop's failover state now: written with the next write when it changed, so that a
+    /// restarted meshfed keeps a failed-over cluster away until its `failbackAfter` has passed.
+    pub fn set_failover(&self, failover: &Failover) {
+        let mut state = self.lock();
+        if state.failover != *failover {
+            state.failover = failover.clone();
+            state.dirty = true;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -619,8 +701,9 @@ impl LastKnown {
             return Ok(None);
         }
         state.dirty = false;
+        let failover = state.failover.clone();
         drop(guard);
-        let bytes = encode(&keep, now)?;
+        let bytes = encode(&keep, &failover, now)?;
         Ok(Some(Due { bytes, observed: keep.into_iter().map(|k| (k.id, k.observed_at)).collect() }))
     }
 
@@ -772,6 +855,25 @@ mod tests {
     }
 
     #[test]
+    fn the_failover_state_is_written_when_it_changes_and_restored() {
+        use crate::traffic::decide::Failed;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (store, _health) = written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
+        assert!(!std::fs::read_to_string(&cfg.path).unwrap().contains("failover"), "absent while empty");
+        let failed = Failed { since: at(T0 + 1), back_since: Some(at(T0 + 5)) };
+        let failover: Failover =
+            [("ratings.shop.svc.cluster.local".into(), [(ClusterId::new("b"), failed)].into())].into();
+        store.set_failover(&failover);
+        assert!(store.write_now(at(T0 + 6)).unwrap(), "a change of the failover state is due");
+        store.set_failover(&failover);
+        assert!(!store.write_now(at(T0 + 7)).unwrap(), "the same state again: nothing due");
+        assert_eq!(read(&cfg.path).unwrap().unwrap().failover, failover);
+        let (again, _) = LastKnown::open(&cfg, &mesh(), &ClusterHealth::default(), at(T0 + 8));
+        assert_eq!(again.restored_failover(), failover);
+    }
+
+    #[test]
     fn round_trip_restores_every_kind_and_marks_the_cluster() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = config(dir.path());
@@ -802,7 +904,9 @@ mod tests {
     #[test]
     fn a_version_1_document_still_reads() {
         let text = r#"{"format":"meshfed-last-known-state","version":1,"meshfedVersion":"0.1.0","writtenAt":"2023-11-14T22:13:20Z","clusters":[{"id":"a","observedAt":"2023-11-14T22:13:20Z","objects":[{"Namespace":{"name":"shop","network":null}},{"Service":{"namespace":"shop","name":"reviews","ports":[{"name":"http","port":9080,"protocol":"TCP","app_protocol":null,"node_port":null}],"network":null,"gateway_port":null,"service_type":"ClusterIP","external_ips":[],"load_balancer_ingress":[]}},{"EndpointSlice":{"namespace":"shop","name":"reviews-a","service":"reviews","ports":[["http",9080]],"endpoints":[{"addresses":["10.0.0.1"],"ready":true,"serving":null,"terminating":false,"node_name":"n1","zone":null,"pod":null}]}},{"Node":{"name":"n1","locality":{"region":"r","zone":"z","subzone":""}}},{"Pod":{"namespace":"shop","name":"p","labels":{"app":"reviews"},"service_account":"default","node_name":"n1","network":null,"failed":false}},{"DestinationRule":{"metadata":{"name":"r","namespace":"shop"},"spec":{"host":"reviews"}}}]}]}"#;
-        let states = decode(Path::new("x"), text.as_bytes()).unwrap();
+        let loaded = decode(Path::new("x"), text.as_bytes()).unwrap();
+        assert!(loaded.failover.is_empty());
+        let states = loaded.clusters;
         assert_eq!(states.len(), 1);
         assert_eq!(states[0].observed_at, at(T0));
         assert_eq!(states[0].remote_secret, None, "a cluster without remoteSecret is one the mesh config names");
@@ -858,7 +962,7 @@ mod tests {
         let text = std::fs::read_to_string(&cfg.path).unwrap();
         assert!(text.contains(r#"{"id":"a","observedAt":"#), "a named cluster has no remoteSecret: {text}");
         assert!(text.contains(&format!(r#"{{"id":"far","remoteSecret":"{FAR_SECRET}","observedAt":"#)), "{text}");
-        let states = read(&cfg.path).unwrap().unwrap();
+        let states = read(&cfg.path).unwrap().unwrap().clusters;
         let secrets: Vec<(&str, Option<&str>)> =
             states.iter().map(|s| (s.cluster.as_str(), s.remote_secret.as_deref())).collect();
         assert_eq!(secrets, [("a", None), ("far", Some(FAR_SECRET))]);
@@ -933,7 +1037,7 @@ remoteSecrets: {configCluster: a}
         assert_eq!(events.len(), 2);
         assert_eq!(health.get(&far).unwrap().secret_name, None);
         assert!(store.write_now(at(T0 + 60)).unwrap());
-        assert!(read(&cfg.path).unwrap().unwrap().iter().all(|s| s.remote_secret.is_none()));
+        assert!(read(&cfg.path).unwrap().unwrap().clusters.iter().all(|s| s.remote_secret.is_none()));
     }
 
     #[test]
@@ -942,7 +1046,13 @@ remoteSecrets: {configCluster: a}
         let cfg = config(dir.path());
         let far = ClusterId::new("far");
         let ids = |path: &Path| -> Vec<(String, Option<String>)> {
-            read(path).unwrap().unwrap().into_iter().map(|s| (s.cluster.to_string(), s.remote_secret)).collect()
+            read(path)
+                .unwrap()
+                .unwrap()
+                .clusters
+                .into_iter()
+                .map(|s| (s.cluster.to_string(), s.remote_secret))
+                .collect()
         };
 
         // live: the secret renamed (the cluster moved to another secret) is kept under its new name; the
@@ -974,7 +1084,7 @@ remoteSecrets: {configCluster: a}
             at(T0 + 10),
         );
         assert!(store.write_now(at(T0 + 11)).unwrap());
-        let states = read(&cfg.path).unwrap().unwrap();
+        let states = read(&cfg.path).unwrap().unwrap().clusters;
         assert_eq!((states[1].cluster.as_str(), states[1].observed_at), ("far", at(T0 + 4)));
         health.update(&far, |s| {
             s.sync = SyncState::Closed;
@@ -1036,7 +1146,7 @@ remoteSecrets: {configCluster: a}
         assert_eq!(health.get(&ClusterId::new("a")), None);
         // the dropped state leaves the file at the next write
         assert!(store.write_now(at(T0 + 3601)).unwrap());
-        assert_eq!(read(&cfg.path).unwrap().unwrap(), vec![]);
+        assert_eq!(read(&cfg.path).unwrap().unwrap().clusters, vec![]);
 
         // a cluster the mesh config no longer names (or names with manifests) is not restored
         written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
@@ -1067,7 +1177,7 @@ remoteSecrets: {configCluster: a}
         assert!(store.expire_restored(at(T0 + 7200)).is_empty(), "once");
         // the expired state leaves the file
         assert!(store.write_now(at(T0 + 3600)).unwrap());
-        assert_eq!(read(&cfg.path).unwrap().unwrap(), vec![]);
+        assert_eq!(read(&cfg.path).unwrap().unwrap().clusters, vec![]);
 
         // a cluster whose live state replaced the restored one is not expired
         written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
@@ -1095,7 +1205,7 @@ remoteSecrets: {configCluster: a}
         );
         for t in [T0 + 100, T0 + 200, T0 + 1000] {
             store.write_now(at(t)).unwrap();
-            let states = read(&cfg.path).unwrap().unwrap();
+            let states = read(&cfg.path).unwrap().unwrap().clusters;
             assert_eq!(states.len(), 1);
             assert_eq!(states[0].observed_at, at(T0), "the restored state keeps its age");
         }
@@ -1104,13 +1214,13 @@ remoteSecrets: {configCluster: a}
         store.observe(&sync("a", vec![]), at(T0 + 1100));
         assert_eq!(health.get(&a).unwrap().restored_from, None);
         store.write_now(at(T0 + 1100)).unwrap();
-        let states = read(&cfg.path).unwrap().unwrap();
+        let states = read(&cfg.path).unwrap().unwrap().clusters;
         assert_eq!((states[0].observed_at, states[0].objects.len()), (at(T0), 1));
         // synced: the live state is kept
         health.update(&a, |s| s.sync = SyncState::Synced);
         store.observe(&SourceEvent::Upsert { cluster: a.clone(), object: slice("t", "10.0.0.2") }, at(T0 + 1200));
         assert!(store.write_now(at(T0 + 1200)).unwrap());
-        let states = read(&cfg.path).unwrap().unwrap();
+        let states = read(&cfg.path).unwrap().unwrap().clusters;
         assert_eq!(states[0].observed_at, at(T0 + 1200));
         assert_eq!(states[0].objects, vec![slice("t", "10.0.0.2")]);
     }
@@ -1124,11 +1234,11 @@ remoteSecrets: {configCluster: a}
         assert!(!store.write_now(at(T0 + 1)).unwrap(), "nothing changed");
         store.observe(&SourceEvent::Delete { cluster: a.clone(), key: slice("s", "10.9.9.9").key() }, at(T0 + 2));
         assert!(store.write_now(at(T0 + 2)).unwrap());
-        assert_eq!(read(&cfg.path).unwrap().unwrap()[0].objects, vec![]);
+        assert_eq!(read(&cfg.path).unwrap().unwrap().clusters[0].objects, vec![]);
         // quiet and reachable: observedAt is refreshed every REFRESH
         assert!(!store.write_now(at(T0 + 30)).unwrap());
         assert!(store.write_now(at(T0 + 2 + REFRESH.as_secs())).unwrap());
-        assert_eq!(read(&cfg.path).unwrap().unwrap()[0].observed_at, at(T0 + 2 + REFRESH.as_secs()));
+        assert_eq!(read(&cfg.path).unwrap().unwrap().clusters[0].observed_at, at(T0 + 2 + REFRESH.as_secs()));
         // unreachable: it stops advancing
         let t = T0 + 2 + REFRESH.as_secs();
         store.observe(
@@ -1136,7 +1246,7 @@ remoteSecrets: {configCluster: a}
             at(t + 1),
         );
         assert!(!store.write_now(at(t + 10 * REFRESH.as_secs())).unwrap());
-        assert_eq!(read(&cfg.path).unwrap().unwrap()[0].observed_at, at(t));
+        assert_eq!(read(&cfg.path).unwrap().unwrap().clusters[0].observed_at, at(t));
         // events of clusters that are not tracked are ignored
         store.observe(&sync("files", vec![slice("s", "10.0.0.9")]), at(t));
         store.observe(&sync("remote", vec![slice("s", "10.0.0.9")]), at(t));
