@@ -140,23 +140,34 @@ impl Stream {
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
         let mut to_send: Vec<Arc<Resource>> = Vec::new();
         let mut removed: Vec<Arc<str>> = Vec::new();
-        let mut consider = |name: &Arc<str>, ts: &TypeState| match current.get(name) {
-            Some(r) if ts.wants(name, Some(r)) => {
-                if ts.needs(r) {
-                    to_send.push(r.clone());
+        // a name, what the scope has of it, what the client holds of it
+        let mut consider =
+            |name: &Arc<str>, r: Option<&Arc<Resource>>, held: Option<&Arc<Resource>>, ts: &TypeState| match r {
+                Some(r) if ts.wants(name, Some(r)) => {
+                    if ts.needs_given(r, held) {
+                        to_send.push(r.clone());
+                    }
                 }
-            }
-            _ => {
-                if ts.held.contains_key(name) {
-                    removed.push(name.clone());
+                _ => {
+                    if held.is_some() {
+                        removed.push(name.clone());
+                    }
                 }
-            }
-        };
+            };
         match candidates {
-            Some(c) => c.iter().for_each(|n| consider(n, ts)),
+            Some(c) => {
+                let now = super::type_state::lookup_all(&current, c.iter());
+                let held = super::type_state::lookup_all(&ts.held, c.iter());
+                for ((n, r), h) in c.iter().zip(now).zip(held) {
+                    consider(n, r, h, ts);
+                }
+            }
             None => {
-                current.keys().for_each(|n| consider(n, ts));
-                ts.held.keys().filter(|n| !current.contains_key(*n)).for_each(|n| consider(n, ts));
+                current.iter().for_each(|(n, r)| consider(n, Some(r), ts.held.get(n), ts));
+                ts.held
+                    .iter()
+                    .filter(|(n, _)| !current.contains_key(*n))
+                    .for_each(|(n, h)| consider(n, None, Some(h), ts));
             }
         }
         // A name subscribed that meshfed does not serve (nor the client holds) is answered as the protocol

@@ -155,17 +155,24 @@ impl Stream {
                 to_send.push(r.clone());
             }
         } else {
-            let mut consider = |r: &Arc<Resource>| {
+            let mut consider = |r: &Arc<Resource>, held: Option<&Arc<Resource>>| {
                 if ts.wants(&r.name, Some(r))
-                    && (requested || ts.needs(r))
+                    && (requested || ts.needs_given(r, held))
                     && ts.rejected.get(&r.name).is_none_or(|v| *v != r.version)
                 {
                     to_send.push(r.clone());
                 }
             };
             match candidates {
-                Some(c) => c.iter().filter_map(|n| current.get(n)).for_each(&mut consider),
-                None => current.values().for_each(&mut consider),
+                Some(c) => {
+                    let held = super::type_state::lookup_all(&ts.held, c.iter());
+                    for (r, h) in super::type_state::lookup_all(&current, c.iter()).into_iter().zip(held) {
+                        if let Some(r) = r {
+                            consider(r, h);
+                        }
+                    }
+                }
+                None => current.values().for_each(|r| consider(r, ts.held.get(&r.name))),
             }
             if to_send.is_empty() {
                 ts.unchanged(&current, candidates, from, generation);

@@ -21,6 +21,37 @@ pub(super) const MAX_PENDING_SOTW: usize = 4;
 /// on reconnect, `initial_resource_versions`) a stand-in with that version ([`Resource::reported`]).
 pub(super) type Held = Arc<Resource>;
 
+/// The entries of `map` for `names`, in the names' order (None where absent). A push that changes many
+/// names makes every stream look each up, and an ordered-map lookup compares the name with many keys
+/// sharing long prefixes (`outbound|9080||…`): when the names are many (and ascending, as a
+/// `BTreeSet` and a map's keys are), one ordered walk of the map beside them replaces the lookups. Names
+/// out of order are looked up one by one from there on.
+pub(super) fn lookup_all<'a, 'n>(
+    map: &'a Resources,
+    names: impl ExactSizeIterator<Item = &'n Arc<str>>,
+) -> Vec<Option<&'a Held>> {
+    let mut out = Vec::with_capacity(names.len());
+    // (a lookup costs about log2(map) comparisons per name, the walk about 1 + map/names)
+    if names.len().saturating_mul(16) < map.len() {
+        out.extend(names.map(|n| map.get(n)));
+        return out;
+    }
+    let mut walk = map.iter().peekable();
+    let mut prev: Option<&Arc<str>> = None;
+    let mut ordered = true;
+    for n in names {
+        ordered &= prev.is_none_or(|p| p <= n);
+        prev = Some(n);
+        if !ordered {
+            out.push(map.get(n));
+            continue;
+        }
+        while walk.next_if(|(k, _)| ***k < **n).is_some() {}
+        out.push(walk.peek().filter(|(k, _)| ***k == **n).map(|(_, v)| *v));
+    }
+    out
+}
+
 fn entry_hash(name: &str, version: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
 }
@@ -100,7 +131,12 @@ impl TypeState {
     /// Is `r` something to send: different from what the client holds (or to be sent again), and not a
     /// version it rejected?
     pub(super) fn needs(&self, r: &Resource) -> bool {
-        (self.dirty.contains(&r.name) || self.held.get(&r.name).is_none_or(|h| h.version != r.version))
+        self.needs_given(r, self.held.get(&r.name))
+    }
+
+    /// [`Self::needs`] with what the client holds of `r`'s name looked up already.
+    pub(super) fn needs_given(&self, r: &Resource, held: Option<&Held>) -> bool {
+        (self.dirty.contains(&r.name) || held.is_none_or(|h| h.version != r.version))
             && self.rejected.get(&r.name).is_none_or(|v| *v != r.version)
     }
 
@@ -118,7 +154,8 @@ impl TypeState {
         generation: u64,
     ) -> Inflight {
         let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
-        inflight.extend(sent.iter().map(|r| (r.name.clone(), self.held.get(&r.name).cloned())));
+        let held_sent = lookup_all(&self.held, sent.iter().map(|r| &r.name));
+        inflight.extend(sent.iter().zip(held_sent).map(|(r, h)| (r.name.clone(), h.cloned())));
         inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
         self.dirty.clear();
         // The first answer of a type: the client held nothing and gets all of `current` (the responders
@@ -152,7 +189,7 @@ impl TypeState {
                 }
                 self.held.get(n).map(|r| &*r.version)
             };
-            if c.iter().all(|n| after(n) == current.get(n).map(|r| &*r.version)) {
+            if c.iter().zip(lookup_all(current, c.iter())).all(|(n, r)| after(n) == r.map(|r| &*r.version)) {
                 for (name, prev) in &inflight {
                     if let Some(p) = prev {
                         self.held_hash ^= entry_hash(name, &p.version);
@@ -262,6 +299,35 @@ mod tests {
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
+
+    #[test]
+    fn lookup_all_finds_what_get_finds_walking_or_not() {
+        let names: Vec<Arc<str>> = (0..200).map(|i| Arc::from(format!("outbound|9080||svc-{i:04}.load.svc"))).collect();
+        let mut map = Resources::new();
+        for n in names.iter().step_by(2) {
+            map.insert(n.clone(), Resource::reported(n, "v"));
+        }
+        let get = |ns: &[Arc<str>]| ns.iter().map(|n| map.get(n).map(|r| r.name.clone())).collect::<Vec<_>>();
+        let got = |ns: &[Arc<str>]| {
+            lookup_all(&map, ns.iter()).into_iter().map(|r| r.map(|r| r.name.clone())).collect::<Vec<_>>()
+        };
+        // many names, ascending (the walk): present and absent ones, before, inside and after the map
+        let mut many: Vec<Arc<str>> = names.clone();
+        many.insert(0, Arc::from("a"));
+        many.push(Arc::from("zzz"));
+        assert_eq!(got(&many), get(&many));
+        assert_eq!(got(&many).iter().flatten().count(), 100);
+        // few names (lookups)
+        let few = vec![names[4].clone(), names[5].clone()];
+        assert_eq!(got(&few), get(&few));
+        // many, out of order from the middle on: still right
+        let mut shuffled = names.clone();
+        shuffled[100..].reverse();
+        assert_eq!(got(&shuffled), get(&shuffled));
+        // none, and an empty map
+        assert!(lookup_all(&map, std::iter::empty::<&Arc<str>>()).is_empty());
+        assert_eq!(lookup_all(&Resources::new(), many.iter()).iter().flatten().count(), 0);
+    }
     use crate::translate::Named;
 
     fn cla(name: &str, n: usize) -> Arc<Resource> {
