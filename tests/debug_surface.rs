@@ -506,13 +506,6 @@ fn by_cluster(w: &Value, part: &str) -> BTreeMap<String, f64> {
         .unwrap_or_default()
 }
 
-/// Runs `meshfed traffic ARGS`.
-fn traffic_cmd(args: &[&str]) -> Result<String> {
-    let mut cmd = Command::new(support::meshfed::meshfed_path());
-    cmd.arg("traffic").args(args);
-    support::run_command("meshfed traffic", &mut cmd)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_ui_in_headless_chromium() {
     support::envoy_path();
@@ -606,7 +599,7 @@ async fn web_ui_in_headless_chromium() {
             let args = ["drill", "--cluster", "azure-weu", "--duration", "1h", "--ramp-step", "50", "--ramp-every"];
             let more = ["1h", "--abort-below-healthy", "10", "--reason", "UI test drill", "--mesh-config", mesh_file];
             let args: Vec<&str> = args.into_iter().chain(more).collect();
-            traffic_cmd(&args).unwrap_or_else(|e| panic!("{e:#}"));
+            support::meshfed::traffic_cmd(&args).unwrap_or_else(|e| panic!("{e:#}"));
             drill = true;
         }
         if let Some(status) = node.try_exited() {

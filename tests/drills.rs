@@ -12,21 +12,13 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
 use meshfed_testkit::eds_shares::{RegionShares, eds_until, region_shares};
-use meshfed_testkit::fixtures::AWS_SIDECAR;
-use meshfed_testkit::meshfed::{Meshfed, meshfed_path, start_meshfed};
+use meshfed_testkit::fixtures::{AWS_SIDECAR, RATINGS_SPLIT};
+use meshfed_testkit::meshfed::{Meshfed, start_meshfed, traffic_cmd};
 
 const OCTET: u8 = 137;
 const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
 const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
-
-const SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
-
-fn traffic_cmd(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(meshfed_path()).arg("traffic").args(args).output()?;
-    ensure!(out.status.success(), "meshfed traffic {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 /// Polls `/debug/drillz` until its first drill satisfies `ok`.
 async fn drill_until(m: &Meshfed, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
@@ -52,7 +44,7 @@ async fn a_drill_ramps_reports_its_acked_steps_and_aborts_when_its_receivers_fai
     let mesh_path = meshfed_testkit::demo::copy_demo(dir.path(), OCTET);
     let mesh_file = mesh_path.to_str().context("utf-8 path")?.to_string();
     let original = std::fs::read_to_string(&mesh_path)?;
-    meshfed_testkit::write_atomically(&mesh_path, &format!("{original}{SPLIT}"))?;
+    meshfed_testkit::write_atomically(&mesh_path, &format!("{original}{RATINGS_SPLIT}"))?;
     let m = start_meshfed(&mesh_path).await?;
     let id = format!("sidecar~127.{OCTET}.50.1~client-1.shop~shop.svc.cluster.local");
     let node = meshfed_testkit::fixtures::node(&id, &AWS_SIDECAR, Some(("us-east-1", "us-east-1a")));

@@ -13,21 +13,13 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
 use meshfed_testkit::eds_shares::{eds_until_shares, region_shares};
-use meshfed_testkit::fixtures::AWS_SIDECAR;
-use meshfed_testkit::meshfed::{Meshfed, meshfed_path, start_meshfed};
+use meshfed_testkit::fixtures::{AWS_SIDECAR, RATINGS_SPLIT};
+use meshfed_testkit::meshfed::{Meshfed, meshfed_path, start_meshfed, traffic_cmd};
 
 const OCTET: u8 = 131;
 const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
 const TIMEOUT: Duration = Duration::from_secs(20);
 const QUIET: Duration = Duration::from_millis(400);
-
-const SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
-
-fn traffic_cmd(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(meshfed_path()).arg("traffic").args(args).output()?;
-    ensure!(out.status.success(), "meshfed traffic {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 async fn warnings_of(m: &Meshfed, kind: &str) -> Result<Vec<serde_json::Value>> {
     let w = m.debug_json("/debug/warnings").await?;
@@ -55,7 +47,7 @@ async fn mesh_config_edits_and_the_traffic_cli_change_eds_without_a_restart() ->
 
     // 1. a split written into the mesh config: 70/30 without a restart
     let original = std::fs::read_to_string(&mesh_path)?;
-    write(&mesh_path, &format!("{original}{SPLIT}"))?;
+    write(&mesh_path, &format!("{original}{RATINGS_SPLIT}"))?;
     eds_until_shares(&mut c, RATINGS, "the split", &[("us-east-1", 70), ("westeurope", 30)]).await?;
 
     // 2. `meshfed traffic drain` on the file: azure-weu's share goes

@@ -17,6 +17,10 @@ use meshfed::type_url;
 use prost::Message;
 
 /// The metadata of a sidecar in the demo's aws-use1 (network aws-net) without traffic interception.
+/// A `traffic:` section splitting ratings 70/30 from us-east-1 (aws-use1/azure-weu) and 30/70 from
+/// westeurope, to append to the demo's mesh config.
+pub const RATINGS_SPLIT: &str = "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {aws-use1: 70, azure-weu: 30}\n        westeurope: {azure-weu: 70, aws-use1: 30}\n";
+
 pub const AWS_SIDECAR: [(&str, &str); 3] =
     [("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net"), ("INTERCEPTION_MODE", "NONE")];
 

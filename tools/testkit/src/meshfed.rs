@@ -15,6 +15,13 @@ use tokio::net::TcpStream;
 use crate::http::{HTTP_TIMEOUT, http_get_with};
 use crate::process::{ChildGuard, POLL_INTERVAL, START_TIMEOUT, free_port};
 
+/// Runs `meshfed traffic ARGS` to its end (bounded); its stdout, or an error with its output when it fails.
+pub fn traffic_cmd(args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(meshfed_path());
+    cmd.arg("traffic").args(args);
+    crate::process::run_command("meshfed traffic", &mut cmd)
+}
+
 /// The meshfed binary Cargo built beside this test binary (`target/<profile>/meshfed`; Cargo builds a
 /// package's binaries before its integration tests), or `$MESHFED_BIN`.
 pub fn meshfed_path() -> PathBuf {
