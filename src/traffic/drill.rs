@@ -42,6 +42,8 @@ pub struct Report {
     pub start: SystemTime,
     #[serde(serialize_with = "ser_time")]
     pub expires: SystemTime,
+    /// (not serialized: the debug surface shows each step with its ACKs, `stepAcks`)
+    #[serde(skip)]
     pub steps: Vec<Step>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aborted: Option<Abort>,

@@ -49,6 +49,8 @@ pub struct Status {
     pub drained: BTreeMap<ClusterId, Drained>,
     /// the drills (drains with `drill:`), active, aborted or ended, by [`drill::key`]; an aborted drill's
     /// drain no longer applies although the mesh config still lists it
+    /// (not serialized: the debug surface shows them with each step's ACKs, `/debug/drillz`)
+    #[serde(skip)]
     pub drills: BTreeMap<String, drill::Report>,
 }
 
