@@ -185,16 +185,7 @@ impl Mesh {
         let xds = meshfed.xds_port;
 
         let gateway_ip = ip4(octet, AZURE_GATEWAY.0, AZURE_GATEWAY.1);
-        let gateway = BootstrapSpec {
-            cluster_id: Some("azure-weu".into()),
-            network: Some("azure-net".into()),
-            locality: Some("westeurope/westeurope-1".into()),
-            router_mode: Some("sni-dnat"),
-            ..BootstrapSpec::new(
-                &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
-                xds,
-            )
-        };
+        let gateway = BootstrapSpec::azure_east_west_gateway(gateway_ip, xds);
 
         let mut apps = Vec::new();
         let mut sidecars = Vec::new();

@@ -174,16 +174,7 @@ impl Mesh {
         let xds = meshfed.xds_port;
 
         let gateway_ip = ip4(octet, AZURE_GATEWAY.0, AZURE_GATEWAY.1);
-        let gateway_yaml = bootstrap_with(&BootstrapSpec {
-            cluster_id: Some("azure-weu".into()),
-            network: Some("azure-net".into()),
-            locality: Some("westeurope/westeurope-1".into()),
-            router_mode: Some("sni-dnat"),
-            ..BootstrapSpec::new(
-                &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
-                xds,
-            )
-        });
+        let gateway_yaml = bootstrap_with(&BootstrapSpec::azure_east_west_gateway(gateway_ip, xds));
         let mut yamls =
             vec![gateway_yaml.clone(), bootstrap_with(&client_spec(ip4(octet, CLIENT.0, CLIENT.1), xds, client_id))];
         let mut apps = Vec::new();

@@ -131,16 +131,7 @@ async fn only_the_mtls_probe_sees_a_gateway_without_its_backend() -> Result<()> 
 
     let meshfed = support::start_meshfed(&mesh_path).await?;
     let gateway_ip = ip4(OCTET, AZURE_GATEWAY.0, AZURE_GATEWAY.1);
-    let gateway_spec = BootstrapSpec {
-        cluster_id: Some("azure-weu".into()),
-        network: Some("azure-net".into()),
-        locality: Some("westeurope/westeurope-1".into()),
-        router_mode: Some("sni-dnat"),
-        ..BootstrapSpec::new(
-            &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
-            meshfed.xds_port,
-        )
-    };
+    let gateway_spec = BootstrapSpec::azure_east_west_gateway(gateway_ip, meshfed.xds_port);
     let sidecar_spec = BootstrapSpec {
         cluster_id: Some("azure-weu".into()),
         network: Some("azure-net".into()),

@@ -161,16 +161,7 @@ impl Mesh {
         let workload_id = ca.issue("ratings", &spiffe("ratings"))?;
         let gateway_ip = ip4(OCTET, 20, 1);
         let mut specs = vec![
-            BootstrapSpec {
-                cluster_id: Some("azure-weu".into()),
-                network: Some("azure-net".into()),
-                locality: Some("westeurope/westeurope-1".into()),
-                router_mode: Some("sni-dnat"),
-                ..BootstrapSpec::new(
-                    &format!("router~{gateway_ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
-                    xds,
-                )
-            },
+            BootstrapSpec::azure_east_west_gateway(gateway_ip, xds),
             BootstrapSpec {
                 cluster_id: Some("aws-use1".into()),
                 network: Some("aws-net".into()),

@@ -96,6 +96,21 @@ impl BootstrapSpec {
     pub fn new(node_id: &str, xds_port: u16) -> BootstrapSpec {
         BootstrapSpec { node_id: node_id.to_string(), xds_port, ..BootstrapSpec::default() }
     }
+
+    /// The demo's Azure east-west gateway at `ip`: a `router` in Istio's `sni-dnat` mode, cluster
+    /// azure-weu, network azure-net, westeurope-1.
+    pub fn azure_east_west_gateway(ip: IpAddr, xds_port: u16) -> BootstrapSpec {
+        BootstrapSpec {
+            cluster_id: Some("azure-weu".into()),
+            network: Some("azure-net".into()),
+            locality: Some("westeurope/westeurope-1".into()),
+            router_mode: Some("sni-dnat"),
+            ..BootstrapSpec::new(
+                &format!("router~{ip}~istio-eastwestgateway-0.istio-system~istio-system.svc.cluster.local"),
+                xds_port,
+            )
+        }
+    }
 }
 
 /// Runs `meshfed bootstrap` with `spec` and returns the bootstrap YAML.
