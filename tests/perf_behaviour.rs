@@ -4,6 +4,9 @@
 //! - A proxy that never reads its stream does not delay the others' pushes, and what the server keeps
 //!   for it stays bounded.
 //! - An endpoint-only change sends no CDS, LDS or RDS bytes, and EDS carries only the changed assignment.
+//! - A push that changes every assignment (a drain step), which meshfed works out once for all the
+//!   streams alike and writes to them as one shared block, leaves every proxy holding exactly what a new
+//!   proxy gets; a proxy that rejects it keeps what it had and gets the next one.
 //!
 //! Every wait is bounded by [`TIMEOUT`]; nothing here asserts how long anything takes.
 
@@ -14,6 +17,7 @@ use meshfed_load::client::{self, ClientOptions, Recorder};
 use meshfed_load::procfs;
 use meshfed_load::server::mesh_config;
 use meshfed_load::topo::{self, Change, ProxyIdentity, Size, Topology};
+use meshfed_testkit::ads::{AdsClient, Flavor};
 use meshfed_testkit::server::TestServer;
 
 /// Bound on waiting for something that must happen.
@@ -94,4 +98,76 @@ async fn an_endpoint_only_change_sends_no_cds_lds_rds_bytes() {
     }
     assert_eq!(diff(1, 1), 4, "one EDS response per change per proxy");
     assert_eq!(diff(1, 2), 4, "each EDS response carries only the changed assignment");
+}
+
+/// A load proxy `k` of `flavor` subscribed to CDS and to every assignment, both ACKed.
+async fn eds_client(server: &TestServer, flavor: Flavor, k: usize, names: &[String]) -> AdsClient {
+    let node = topo::proxy_node(k, &ProxyIdentity::default());
+    let mut c = AdsClient::connect(server.xds_addr, flavor, node)
+        .await
+        .expect("connects")
+        .with_timeouts(TIMEOUT, Duration::from_millis(300));
+    c.subscribe_and_ack::<&str>(meshfed::type_url::CLUSTER, &[]).await.expect("CDS");
+    let eds = c.subscribe_and_ack(meshfed::type_url::ENDPOINT, names).await.expect("EDS");
+    assert_eq!(eds.resources.len(), names.len());
+    c
+}
+
+/// Name -> encoded assignment a client holds.
+fn assignments(c: &AdsClient) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let held = c.held().get(meshfed::type_url::ENDPOINT).expect("EDS held");
+    held.resources.iter().map(|(n, r)| (n.clone(), r.body.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_step_of_every_service_leaves_every_proxy_with_the_servers_state() {
+    let (server, topology) = start(Size { services: 40, endpoints: 4 }).await;
+    let names: Vec<String> = topo::eds_names(&topology).iter().map(|n| n.to_string()).collect();
+    // proxies 0, 6, 12, 18 share a placement (aws-use1, us-east-1a: one EDS scope); 1 and 7 another
+    let mut clients = Vec::new();
+    for (flavor, k) in [
+        (Flavor::Sotw, 0),
+        (Flavor::Sotw, 6),
+        (Flavor::Sotw, 1),
+        (Flavor::Delta, 12),
+        (Flavor::Delta, 18),
+        (Flavor::Delta, 7),
+    ] {
+        clients.push(eds_client(&server, flavor, k, &names).await);
+    }
+    // what a proxy that connects now gets, per placement
+    let fresh = |k: usize| {
+        let names = names.clone();
+        let server = &server;
+        async move { assignments(&eds_client(server, Flavor::Delta, k, &names).await) }
+    };
+    let placement = [24, 24, 13, 24, 24, 13];
+    // the split installed, then drain steps; at the second the first proxy of each flavor rejects it
+    for (step, capacity) in [100u32, 50, 25].into_iter().enumerate() {
+        let policy = meshfed_load::server::drain_policy(capacity, 0, std::time::SystemTime::now()).expect("policy");
+        server.push.set_traffic_policy(policy);
+        for (i, c) in clients.iter_mut().enumerate() {
+            let r = c.skip_to(meshfed::type_url::ENDPOINT).await.expect("the step's EDS response");
+            assert_eq!(r.resources.len(), names.len(), "step {step}: proxy {i} gets every assignment in one response");
+            assert!(r.removed.is_empty());
+            if step == 1 && (i == 0 || i == 3) {
+                c.nack(&r, "rejected by the test").await.expect("NACK");
+            } else {
+                c.ack(&r).await.expect("ACK");
+            }
+        }
+        let want = [fresh(24).await, fresh(13).await];
+        for (i, c) in clients.iter().enumerate() {
+            let want = &want[usize::from(placement[i] == 13)];
+            if step == 1 && (i == 0 || i == 3) {
+                assert_ne!(&assignments(c), want, "step {step}: proxy {i} rejected the step and kept what it had");
+            } else {
+                assert_eq!(&assignments(c), want, "step {step}: proxy {i} holds what a new proxy gets");
+            }
+        }
+    }
+    // nothing else is sent: every stream holds the server's state
+    for c in clients.iter_mut() {
+        c.expect_silence("after the last step").await.expect("silence");
+    }
 }

@@ -56,7 +56,7 @@ pub struct SotwResponse {
     pub version_info: String,
     pub type_url: &'static str,
     pub nonce: String,
-    pub resources: Vec<Arc<Resource>>,
+    pub resources: Payload,
 }
 
 /// A `DeltaDiscoveryResponse` made of shared resources.
@@ -65,8 +65,139 @@ pub struct DeltaResponse {
     pub system_version_info: String,
     pub type_url: &'static str,
     pub nonce: String,
-    pub resources: Vec<Arc<Resource>>,
+    pub resources: Payload,
     pub removed_resources: Vec<Arc<str>>,
+}
+
+/// The resources a response carries.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// chosen for this response: each written from its shared encoding
+    Each(Vec<Arc<Resource>>),
+    /// the same resources many streams send in one push, their entries encoded once ([`Batch`])
+    Batch(Arc<Batch>),
+}
+
+impl Payload {
+    pub fn resources(&self) -> &[Arc<Resource>] {
+        match self {
+            Payload::Each(v) => v,
+            Payload::Batch(b) => &b.resources,
+        }
+    }
+}
+
+impl From<Vec<Arc<Resource>>> for Payload {
+    fn from(v: Vec<Arc<Resource>>) -> Payload {
+        Payload::Each(v)
+    }
+}
+
+/// Resources encoded once as the resource entries of a SotW or a Delta response (field 2 of either:
+/// `Any`s, or `Resource`s wrapping them), so that every stream sending them in one push writes the
+/// same bytes instead of gathering a copy of its own.
+#[derive(Debug)]
+pub struct Batch {
+    resources: Vec<Arc<Resource>>,
+    flavor: BatchFlavor,
+    entries: Bytes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BatchFlavor {
+    Sotw,
+    Delta,
+}
+
+impl Batch {
+    /// The entries of a SotW response.
+    pub fn sotw(resources: Vec<Arc<Resource>>) -> Batch {
+        Batch::encode(resources, BatchFlavor::Sotw)
+    }
+
+    /// The entries of a Delta response.
+    pub fn delta(resources: Vec<Arc<Resource>>) -> Batch {
+        Batch::encode(resources, BatchFlavor::Delta)
+    }
+
+    fn encode(resources: Vec<Arc<Resource>>, flavor: BatchFlavor) -> Batch {
+        let len = match flavor {
+            BatchFlavor::Sotw => sotw_entries_len(&resources),
+            BatchFlavor::Delta => delta_entries_len(&resources),
+        };
+        let mut buf = BytesMut::with_capacity(len);
+        let mut sink = Copy(&mut buf);
+        match flavor {
+            BatchFlavor::Sotw => put_sotw_entries(&mut sink, &resources),
+            BatchFlavor::Delta => put_delta_entries(&mut sink, &resources),
+        }
+        Batch { resources, flavor, entries: buf.freeze() }
+    }
+
+    pub fn resources(&self) -> &[Arc<Resource>] {
+        &self.resources
+    }
+
+    /// The encoded entries' size.
+    pub fn encoded_len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+fn sotw_entries_len(resources: &[Arc<Resource>]) -> usize {
+    resources.iter().map(|x| len_field(2, x.body.len())).sum()
+}
+
+fn delta_entries_len(resources: &[Arc<Resource>]) -> usize {
+    resources.iter().map(|x| len_field(2, delta_resource_len(x))).sum()
+}
+
+fn put_sotw_entries(sink: &mut impl Sink, resources: &[Arc<Resource>]) {
+    for x in resources {
+        sink.put_header(2, x.body.len());
+        sink.put_shared(&x.body);
+    }
+}
+
+fn put_delta_entries(sink: &mut impl Sink, resources: &[Arc<Resource>]) {
+    for x in resources {
+        sink.put_header(2, delta_resource_len(x));
+        // envoy.service.discovery.v3.Resource { version = 1, resource = 2, name = 3 }
+        sink.put_str(1, &x.version);
+        sink.put_header(2, x.body.len());
+        sink.put_shared(&x.body);
+        sink.put_str(3, &x.name);
+    }
+}
+
+impl Payload {
+    fn sotw_len(&self) -> usize {
+        match self {
+            Payload::Batch(b) if b.flavor == BatchFlavor::Sotw => b.entries.len(),
+            p => sotw_entries_len(p.resources()),
+        }
+    }
+
+    fn delta_len(&self) -> usize {
+        match self {
+            Payload::Batch(b) if b.flavor == BatchFlavor::Delta => b.entries.len(),
+            p => delta_entries_len(p.resources()),
+        }
+    }
+
+    fn put_sotw(&self, sink: &mut impl Sink) {
+        match self {
+            Payload::Batch(b) if b.flavor == BatchFlavor::Sotw => sink.put_shared(&b.entries),
+            p => put_sotw_entries(sink, p.resources()),
+        }
+    }
+
+    fn put_delta(&self, sink: &mut impl Sink) {
+        match self {
+            Payload::Batch(b) if b.flavor == BatchFlavor::Delta => sink.put_shared(&b.entries),
+            p => put_delta_entries(sink, p.resources()),
+        }
+    }
 }
 
 /// Either kind of response, or a response built by prost for types outside the cache (debug types).
@@ -165,14 +296,14 @@ impl Response {
         match self {
             Response::Sotw(r) => {
                 str_len(1, &r.version_info)
-                    + r.resources.iter().map(|x| len_field(2, x.body.len())).sum::<usize>()
+                    + r.resources.sotw_len()
                     + str_len(4, r.type_url)
                     + str_len(5, &r.nonce)
                     + len_field(SOTW_CONTROL_PLANE_TAG, control_plane().len())
             }
             Response::Delta(r) => {
                 str_len(1, &r.system_version_info)
-                    + r.resources.iter().map(|x| len_field(2, delta_resource_len(x))).sum::<usize>()
+                    + r.resources.delta_len()
                     + str_len(4, r.type_url)
                     + str_len(5, &r.nonce)
                     + r.removed_resources.iter().map(|n| len_field(6, n.len())).sum::<usize>()
@@ -186,10 +317,7 @@ impl Response {
         match self {
             Response::Sotw(r) => {
                 sink.put_str(1, &r.version_info);
-                for x in &r.resources {
-                    sink.put_header(2, x.body.len());
-                    sink.put_shared(&x.body);
-                }
+                r.resources.put_sotw(sink);
                 sink.put_str(4, r.type_url);
                 sink.put_str(5, &r.nonce);
                 sink.put_header(SOTW_CONTROL_PLANE_TAG, control_plane().len());
@@ -197,14 +325,7 @@ impl Response {
             }
             Response::Delta(r) => {
                 sink.put_str(1, &r.system_version_info);
-                for x in &r.resources {
-                    sink.put_header(2, delta_resource_len(x));
-                    // envoy.service.discovery.v3.Resource { version = 1, resource = 2, name = 3 }
-                    sink.put_str(1, &x.version);
-                    sink.put_header(2, x.body.len());
-                    sink.put_shared(&x.body);
-                    sink.put_str(3, &x.name);
-                }
+                r.resources.put_delta(sink);
                 sink.put_str(4, r.type_url);
                 sink.put_str(5, &r.nonce);
                 // every removed name is written, an empty one too (a repeated field keeps empty entries)
@@ -427,7 +548,7 @@ mod tests {
             version_info: "v1".into(),
             type_url: crate::type_url::ENDPOINT,
             nonce: "7".into(),
-            resources: vec![res("a"), res("b")],
+            resources: vec![res("a"), res("b")].into(),
         });
         let bytes = r.encode_to_vec();
         assert_eq!(bytes.len(), r.encoded_len());
@@ -452,7 +573,7 @@ mod tests {
             system_version_info: String::new(),
             type_url: crate::type_url::ENDPOINT,
             nonce: "1".into(),
-            resources: vec![a.clone()],
+            resources: vec![a.clone()].into(),
             removed_resources: vec!["gone".into()],
         });
         let bytes = r.encode_to_vec();
@@ -492,13 +613,13 @@ mod tests {
             version_info: "v".into(),
             type_url: crate::type_url::ENDPOINT,
             nonce: "3".into(),
-            resources: vec![res("a"), large.clone(), res("b")],
+            resources: vec![res("a"), large.clone(), res("b")].into(),
         });
         let delta = Response::Delta(DeltaResponse {
             system_version_info: String::new(),
             type_url: crate::type_url::ENDPOINT,
             nonce: "4".into(),
-            resources: vec![large.clone(), res("c")],
+            resources: vec![large.clone(), res("c")].into(),
             removed_resources: vec!["gone".into(), "".into()],
         });
         for r in [sotw, delta, Response::Raw(Bytes::from_static(b"raw"))] {
@@ -514,10 +635,56 @@ mod tests {
             version_info: String::new(),
             type_url: crate::type_url::ENDPOINT,
             nonce: "1".into(),
-            resources: vec![large.clone()],
+            resources: vec![large.clone()].into(),
         })
         .grpc_chunks(&mut chunks);
         assert!(chunks.iter().any(|c| c.as_ptr() == large.body.as_ptr() && c.len() == large.body.len()));
+    }
+
+    #[test]
+    fn a_batch_is_written_as_the_same_message_from_one_shared_block() {
+        let (a, large, b) = (res("a"), big("large"), res("b"));
+        let each = vec![a.clone(), large.clone(), b.clone()];
+        let sotw = |resources: Payload| {
+            Response::Sotw(SotwResponse {
+                version_info: "v".into(),
+                type_url: crate::type_url::ENDPOINT,
+                nonce: "3".into(),
+                resources,
+            })
+        };
+        let delta = |resources: Payload| {
+            Response::Delta(DeltaResponse {
+                system_version_info: String::new(),
+                type_url: crate::type_url::ENDPOINT,
+                nonce: "4".into(),
+                resources,
+                removed_resources: vec!["gone".into()],
+            })
+        };
+        let sotw_batch = Arc::new(Batch::sotw(each.clone()));
+        let delta_batch = Arc::new(Batch::delta(each.clone()));
+        for (own, batch) in [
+            (sotw(each.clone().into()), sotw(Payload::Batch(sotw_batch.clone()))),
+            (delta(each.clone().into()), delta(Payload::Batch(delta_batch.clone()))),
+            // a batch made for the other flavor is still written right (each resource again)
+            (sotw(each.clone().into()), sotw(Payload::Batch(delta_batch.clone()))),
+            (delta(each.clone().into()), delta(Payload::Batch(sotw_batch.clone()))),
+        ] {
+            assert_eq!(batch.encoded_len(), own.encoded_len());
+            assert_eq!(batch.encode_to_vec(), own.encode_to_vec());
+            assert_eq!(wire(&batch), wire(&own));
+        }
+        // every stream writing the batch writes its one block, not a copy
+        for (r, block) in [
+            (sotw(Payload::Batch(sotw_batch.clone())), &sotw_batch),
+            (delta(Payload::Batch(delta_batch.clone())), &delta_batch),
+        ] {
+            let mut chunks = VecDeque::new();
+            r.grpc_chunks(&mut chunks);
+            assert!(chunks.iter().any(|c| c.as_ptr() == block.entries.as_ptr() && c.len() == block.encoded_len()));
+        }
+        assert_eq!(sotw_batch.resources().len(), 3);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::proxy::{ClientKind, Proxy};
 use crate::translate::View;
 use crate::type_url::ResourceType;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Flavor {
     #[serde(rename = "sotw")]
     Sotw,

@@ -202,7 +202,7 @@ impl Stream {
             system_version_info: String::new(),
             type_url: t.type_url(),
             nonce: nonce.clone(),
-            resources: to_send,
+            resources: to_send.into(),
             removed_resources: removed,
         });
         self.send(t, response, &nonce, "").await

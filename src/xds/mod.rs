@@ -12,6 +12,7 @@ pub mod limits;
 pub mod server;
 pub mod service;
 pub mod session;
+mod shared_push;
 mod sotw;
 pub mod stream;
 pub mod subscription;
@@ -19,6 +20,7 @@ mod type_state;
 
 pub use context::DebugTypes;
 pub use service::{AdsConnection, AdsService, SERVICE_NAME};
+pub use shared_push::SharedPushes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

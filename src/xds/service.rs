@@ -10,6 +10,7 @@ use tonic::Status;
 use super::connections::{Connections, Flavor, XdsService};
 use super::context::{DebugTypes, StreamContext};
 use super::limits::ConnInfo;
+use super::shared_push::SharedPushes;
 use super::stream::{Outbox, Stream};
 use crate::grpc;
 use crate::push::PushHandle;
@@ -29,11 +30,13 @@ pub struct AdsService {
     debug: Option<Arc<dyn DebugTypes>>,
     /// becomes true when the listener drains: every stream ends with UNAVAILABLE
     drain: Option<tokio::sync::watch::Receiver<bool>>,
+    /// what pushes work out once for all the streams they do the same to
+    shared: Arc<SharedPushes>,
 }
 
 impl AdsService {
     pub fn new(push: PushHandle, connections: Arc<Connections>) -> AdsService {
-        AdsService { push, connections, debug: None, drain: None }
+        AdsService { push, connections, debug: None, drain: None, shared: Arc::default() }
     }
 
     /// The service answering istioctl's debug types with `debug`.
@@ -104,6 +107,7 @@ impl grpc::Handler for AdsConnection {
         let svc = &self.service;
         let stream = Stream::new(flavor, svc.push.clone(), svc.connections.clone(), Outbox::Grpc(responses))
             .with_context(context)
+            .sharing(svc.shared.clone())
             .for_service(service);
         Ok(Box::pin(stream.run(messages)))
     }

@@ -208,7 +208,7 @@ impl Stream {
             version_info: version.clone(),
             type_url: t.type_url(),
             nonce: nonce.clone(),
-            resources: to_send,
+            resources: to_send.into(),
         });
         self.send(t, response, &nonce, &version).await
     }

@@ -21,6 +21,7 @@ use super::connections::{Connection, Connections, Flavor, TypeStatus, XdsService
 pub use super::context::{Outbox, StreamContext, StreamResult};
 use super::context::{drained, proxy_namespace, request_error};
 use super::session::{ProxySession, Sessions};
+use super::shared_push::{self, SharedPushes};
 use super::type_state::TypeState;
 use crate::cache::{Resources, Snapshot};
 use crate::grpc;
@@ -87,6 +88,8 @@ pub struct Stream {
     warmth: Warmth,
     /// the generation the stream held before the push it is making
     pub(super) pushed_from: u64,
+    /// what a push does to the streams it does the same to, worked out once ([`super::shared_push`])
+    pub(super) shared: Arc<SharedPushes>,
 }
 
 /// Resolves when a warming stream's deadline passes (never for another stream).
@@ -119,7 +122,14 @@ impl Stream {
             context: StreamContext::default(),
             warmth: Warmth::Cold,
             pushed_from: 0,
+            shared: Arc::default(),
         }
+    }
+
+    /// Shares what pushes work out with the other streams of `shared` (the server's).
+    pub fn sharing(mut self, shared: Arc<SharedPushes>) -> Stream {
+        self.shared = shared;
+        self
     }
 
     /// Sets the connection and listener the stream runs on.
@@ -355,8 +365,8 @@ impl Stream {
         }
         let bytes = response.encoded_len() as u64;
         let count = match &response {
-            Response::Sotw(r) => r.resources.len(),
-            Response::Delta(r) => r.resources.len(),
+            Response::Sotw(r) => r.resources.resources().len(),
+            Response::Delta(r) => r.resources.resources().len(),
             Response::Raw(_) => 0,
         };
         let held = self.types[t.index()].as_ref().map(|s| s.held.len()).unwrap_or(0);
@@ -583,14 +593,77 @@ impl Stream {
                 c => c,
             };
             let missing = !ts.missing.is_empty();
-            match self.flavor {
-                Flavor::Sotw => self.sotw_respond(t, candidates.as_deref(), false).await?,
-                Flavor::Delta => self.delta_respond(t, candidates.as_deref(), false).await?,
+            // a push that changes many names: what it does to a synced stream is worked out once
+            let shared = match &candidates {
+                Some(std::borrow::Cow::Borrowed(changed)) if shared_push::shares(t) => {
+                    let current = self.current(t);
+                    self.shared
+                        .outcome(self.flavor, t, (from, generation), ts, &current, changed)
+                        .map(|outcome| (outcome, current))
+                }
+                _ => None,
+            };
+            match (shared, self.flavor) {
+                (Some((outcome, current)), _) => self.push_shared(t, &outcome, current).await?,
+                (None, Flavor::Sotw) => self.sotw_respond(t, candidates.as_deref(), false).await?,
+                (None, Flavor::Delta) => self.delta_respond(t, candidates.as_deref(), false).await?,
             }
             if missing {
                 self.refresh_missing(t);
             }
         }
         Ok(())
+    }
+
+    /// Makes a push whose outcome for this stream was worked out for every stream like it: the client
+    /// holds the scope's map of the push's generation afterwards.
+    async fn push_shared(
+        &mut self,
+        t: ResourceType,
+        outcome: &shared_push::Outcome,
+        current: Resources,
+    ) -> StreamResult {
+        let generation = self.snapshot.generation;
+        let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
+        ts.dirty.clear();
+        ts.held = current;
+        ts.synced = Some(generation);
+        let shared_push::Outcome::Send(update) = outcome else { return Ok(()) };
+        ts.held_hash ^= update.hash_delta;
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        let ts = self.types[t.index()].as_mut().expect("present");
+        ts.pending.push_back((nonce.clone(), update.inflight.clone()));
+        let resources = super::codec::Payload::Batch(update.batch.clone());
+        let (response, version) = match self.flavor {
+            Flavor::Sotw => {
+                while ts.pending.len() > super::type_state::MAX_PENDING_SOTW {
+                    ts.pending.pop_front();
+                }
+                ts.last_nonce = Some(nonce.clone());
+                let version = ts.sotw_version();
+                let r = super::codec::SotwResponse {
+                    version_info: version.clone(),
+                    type_url: t.type_url(),
+                    nonce: nonce.clone(),
+                    resources,
+                };
+                (Response::Sotw(r), version)
+            }
+            Flavor::Delta => {
+                while ts.pending.len() > super::type_state::MAX_PENDING {
+                    ts.pending.pop_front();
+                }
+                let r = super::codec::DeltaResponse {
+                    system_version_info: String::new(),
+                    type_url: t.type_url(),
+                    nonce: nonce.clone(),
+                    resources,
+                    removed_resources: update.removed.clone(),
+                };
+                (Response::Delta(r), String::new())
+            }
+        };
+        self.send(t, response, &nonce, &version).await
     }
 }

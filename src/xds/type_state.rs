@@ -52,14 +52,21 @@ pub(super) fn lookup_all<'a, 'n>(
     out
 }
 
-fn entry_hash(name: &str, version: &str) -> u64 {
+/// Does a subscription to `names` (and to every resource if `wildcard`) cover `name` (`r`: what the
+/// scope has of it)?
+pub(super) fn wants(names: &NameSet, wildcard: bool, name: &str, r: Option<&Resource>) -> bool {
+    names.contains(name) || (wildcard && r.is_none_or(|r| r.wildcard))
+}
+
+pub(super) fn entry_hash(name: &str, version: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(name.as_bytes()) ^ xxhash_rust::xxh3::xxh3_64(version.as_bytes()).rotate_left(1)
 }
 
-/// A response in flight: what each name held before it, to roll back on NACK.
-pub(super) type Inflight = Vec<(Arc<str>, Option<Held>)>;
+/// A response in flight: what each name held before it, to roll back on NACK (shared by the streams
+/// that sent the same update, [`super::shared_push`]; copied only when a NACK changes it).
+pub(super) type Inflight = Arc<Vec<(Arc<str>, Option<Held>)>>;
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(super) struct TypeState {
     pub(super) wildcard: bool,
     /// the names subscribed, shared with every stream subscribed to the same names
@@ -106,7 +113,7 @@ impl TypeState {
     }
 
     pub(super) fn wants(&self, name: &str, r: Option<&Resource>) -> bool {
-        self.names.contains(name) || (self.wildcard && r.is_none_or(|r| r.wildcard))
+        wants(&self.names, self.wildcard, name, r)
     }
 
     pub(super) fn set_held(&mut self, name: Arc<str>, held: Option<Held>) -> Option<Held> {
@@ -153,7 +160,7 @@ impl TypeState {
         from: u64,
         generation: u64,
     ) -> Inflight {
-        let mut inflight: Inflight = Vec::with_capacity(sent.len() + removed.len());
+        let mut inflight = Vec::with_capacity(sent.len() + removed.len());
         let held_sent = lookup_all(&self.held, sent.iter().map(|r| &r.name));
         inflight.extend(sent.iter().zip(held_sent).map(|(r, h)| (r.name.clone(), h.cloned())));
         inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
@@ -166,7 +173,7 @@ impl TypeState {
             }
             self.held = current.clone();
             self.synced = Some(generation);
-            return inflight;
+            return Arc::new(inflight);
         }
         // An update of a client that held the map of generation `from`, considering every name changed
         // since: only those can differ, so checking them says whether it holds the new map.
@@ -200,7 +207,7 @@ impl TypeState {
                 }
                 self.held = current.clone();
                 self.synced = Some(generation);
-                return inflight;
+                return Arc::new(inflight);
             }
         }
         for r in sent {
@@ -212,7 +219,7 @@ impl TypeState {
         if considered.is_none() {
             self.resync(current, generation);
         }
-        inflight
+        Arc::new(inflight)
     }
 
     /// Shares `current` as `held` if the client holds exactly what it has (O(n): after full evaluations
@@ -263,9 +270,16 @@ impl TypeState {
 /// must not be rolled back (that would overwrite what the newer response recorded); instead the newer
 /// response takes over what the client kept, in case it is NACKed too. Returns the other names.
 pub(super) fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Inflight) -> Inflight {
-    let mut own = Inflight::new();
-    for (name, prev) in inflight {
-        let newer = ts.pending.iter_mut().skip(i).find_map(|(_, f)| f.iter_mut().find(|(n, _)| *n == name));
+    let mut own = Vec::new();
+    for (name, prev) in Arc::unwrap_or_clone(inflight) {
+        // (a response shared with other streams is copied for this one when it changes)
+        let at = ts
+            .pending
+            .iter()
+            .enumerate()
+            .skip(i)
+            .find_map(|(k, (_, f))| Some((k, f.iter().position(|(n, _)| *n == name)?)));
+        let newer = at.map(|(k, j)| &mut Arc::make_mut(&mut ts.pending[k].1)[j]);
         match newer {
             Some((_, newer_prev)) => {
                 // The newer response's predecessor is what the NACKed one sent: the rejected version.
@@ -279,12 +293,12 @@ pub(super) fn hand_over_superseded(ts: &mut TypeState, i: usize, inflight: Infli
             None => own.push((name, prev)),
         }
     }
-    own
+    Arc::new(own)
 }
 
 /// Undoes a NACKed response: the client kept what it had; the versions it rejected are remembered.
 pub(super) fn rollback(ts: &mut TypeState, inflight: Inflight) {
-    for (name, prev) in inflight.into_iter().rev() {
+    for (name, prev) in Arc::unwrap_or_clone(inflight).into_iter().rev() {
         if let Some(sent) = ts.held.get(&name).cloned()
             && prev.as_ref().is_none_or(|p| p.version != sent.version)
         {

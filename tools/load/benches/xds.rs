@@ -78,13 +78,13 @@ fn benches(c: &mut Criterion) {
         version_info: "0123456789abcdef".into(),
         type_url: meshfed::type_url::ENDPOINT,
         nonce: "42".into(),
-        resources: f.clas.clone(),
+        resources: f.clas.clone().into(),
     });
     let delta = Response::Delta(DeltaResponse {
         system_version_info: String::new(),
         type_url: meshfed::type_url::ENDPOINT,
         nonce: "42".into(),
-        resources: f.clas.clone(),
+        resources: f.clas.clone().into(),
         removed_resources: Vec::new(),
     });
     c.bench_function("response/sotw_eds_1000", |b| b.iter(|| black_box(&sotw).encode_to_vec()));
@@ -93,7 +93,7 @@ fn benches(c: &mut Criterion) {
         version_info: "0123456789abcdef".into(),
         type_url: meshfed::type_url::ENDPOINT,
         nonce: "43".into(),
-        resources: vec![f.clas[42].clone()],
+        resources: vec![f.clas[42].clone()].into(),
     });
     c.bench_function("response/sotw_eds_1", |b| b.iter(|| black_box(&one).encode_to_vec()));
 }

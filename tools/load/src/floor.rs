@@ -44,16 +44,26 @@ use meshfed::cache::Resource;
 use meshfed::registry::Registry;
 use meshfed::translate::{self, Context as TContext, View};
 use meshfed::type_url::ResourceType;
-use meshfed::xds::codec::{DeltaResponse, Response, SotwRequest, SotwResponse};
+use meshfed::xds::codec::{Batch, DeltaResponse, Payload, Response, SotwRequest, SotwResponse};
 
 /// What the floor serves at one generation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FloorState {
     pub generation: u64,
     /// every resource per type (wildcard ones only for CDS/LDS)
     pub all: [Vec<Arc<Resource>>; 4],
     /// the assignments the latest change touched
     pub changed: Vec<Arc<Resource>>,
+    /// the same, encoded once as the entries of a SotW and of a Delta response (what every stream
+    /// subscribed to everything writes)
+    pub changed_batches: [Arc<Batch>; 2],
+}
+
+impl FloorState {
+    fn new(generation: u64, all: [Vec<Arc<Resource>>; 4], changed: Vec<Arc<Resource>>) -> FloorState {
+        let changed_batches = [Arc::new(Batch::sotw(changed.clone())), Arc::new(Batch::delta(changed.clone()))];
+        FloorState { generation, all, changed, changed_batches }
+    }
 }
 
 /// Builds the floor's resources for `registry`, for the view of load proxy 0.
@@ -98,7 +108,7 @@ impl FloorControl {
                 *slot = r.clone();
             }
         }
-        self.state.send_replace(Arc::new(FloorState { generation: prev.generation + 1, all, changed }));
+        self.state.send_replace(Arc::new(FloorState::new(prev.generation + 1, all, changed)));
     }
 }
 
@@ -156,7 +166,8 @@ struct FloorService {
 
 type ResponseStream = ReceiverStream<Result<Response, Status>>;
 
-fn response(delta: bool, t: ResourceType, nonce: u64, resources: Vec<Arc<Resource>>) -> Response {
+fn response(delta: bool, t: ResourceType, nonce: u64, resources: impl Into<Payload>) -> Response {
+    let resources = resources.into();
     if delta {
         Response::Delta(DeltaResponse {
             system_version_info: String::new(),
@@ -283,11 +294,16 @@ async fn run_stream(mut io: impl FloorIo, mut state: watch::Receiver<Arc<FloorSt
             changed = state.changed() => {
                 if changed.is_err() { return }
                 let s = state.borrow_and_update().clone();
-                // a stream that missed a generation (the watch keeps only the latest) gets every assignment
-                let resources = if s.generation == generation + 1 { &s.changed } else { &s.all[1] };
-                let resources = filter(&only, resources);
+                // a stream that missed a generation (the watch keeps only the latest) gets every assignment;
+                // one subscribed to everything writes the change's entries encoded once
+                let next = s.generation == generation + 1;
+                let resources = match (&only, next) {
+                    (None, true) => Payload::Batch(s.changed_batches[usize::from(delta)].clone()),
+                    (_, true) => filter(&only, &s.changed).into(),
+                    (_, false) => filter(&only, &s.all[1]).into(),
+                };
                 generation = s.generation;
-                if answered[1] && !resources.is_empty() {
+                if answered[1] && !resources.resources().is_empty() {
                     nonce += 1;
                     if !io.send(response(delta, ResourceType::Endpoint, nonce, resources)).await {
                         return;
@@ -430,7 +446,7 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let proxy = meshfed::proxy::Proxy::from_node(Some(&proxy_node(0, &ProxyIdentity::default())))?;
     let view = View::of(&proxy, &registry);
     let all = resources(&ctx, &registry, &view);
-    let (state_tx, state_rx) = watch::channel(Arc::new(FloorState { generation: 1, all, changed: Vec::new() }));
+    let (state_tx, state_rx) = watch::channel(Arc::new(FloorState::new(1, all, Vec::new())));
     // meshfed's accept queue depth (a fleet of 10,000 connecting through a 1,024-deep queue loses some)
     let listener = meshfed::xds::bind_listener(([127, 0, 0, 1], 0).into())?;
     let xds = listener.local_addr()?;
