@@ -270,11 +270,11 @@ impl App {
                 push_rx
             }
         };
-        let restored_failover = last_known_store.as_ref().map(|s| s.restored_failover()).unwrap_or_default();
-        let (push, push_task) = crate::push::start(&mesh, push_events, restored_failover);
+        // the traffic state a restart must not lose (failover, drill aborts) is kept in the last-known state
+        let restored_traffic = last_known_store.as_ref().map(|s| s.restored_traffic()).unwrap_or_default();
+        let (push, push_task) = crate::push::start(&mesh, push_events, restored_traffic);
         if let Some(store) = &last_known_store {
-            // the traffic policy's failover state is kept in the last-known state too
-            last_known_tasks.push(tokio::spawn(keep_failover(push.subscribe(), store.clone())));
+            last_known_tasks.push(tokio::spawn(keep_traffic_state(push.subscribe(), store.clone())));
         }
         let connections = Arc::new(Connections::default());
         let gateway_dns_task =
@@ -515,19 +515,20 @@ impl Drop for App {
     }
 }
 
-/// The last-known state's tap: every source event is observed, then handed to the push loop, in order; restored
-/// state that reaches `maxAge` before its cluster answers is dropped then (an empty `Sync`).
-/// Hands the push loop's failover state to the last-known store whenever it changes.
-async fn keep_failover(mut snapshots: watch::Receiver<Arc<crate::cache::Snapshot>>, store: Arc<LastKnown>) {
+/// Hands the push loop's durable traffic state (the failover state, the drills' aborts:
+/// [`crate::traffic::Durable`]) to the last-known store whenever a snapshot is published.
+async fn keep_traffic_state(mut snapshots: watch::Receiver<Arc<crate::cache::Snapshot>>, store: Arc<LastKnown>) {
     loop {
-        let failover = snapshots.borrow_and_update().traffic.failover.clone();
-        store.set_failover(&failover);
+        let traffic = snapshots.borrow_and_update().traffic.durable();
+        store.set_traffic(&traffic);
         if snapshots.changed().await.is_err() {
             return;
         }
     }
 }
 
+/// The last-known state's tap: every source event is observed, then handed to the push loop, in order; restored
+/// state that reaches `maxAge` before its cluster answers is dropped then (an empty `Sync`).
 async fn tap(
     mut events: mpsc::UnboundedReceiver<SourceEvent>,
     push: mpsc::UnboundedSender<SourceEvent>,

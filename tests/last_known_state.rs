@@ -8,11 +8,15 @@
 //! Istio remote secret in the config cluster (the shipped deployment's case): restored during its outage,
 //! kept restored once the secrets are listed, removed with its endpoints when its secret is deleted, and
 //! removed at the first list when its secret was deleted while meshfed was down.
+//!
+//! The traffic state kept with it, with the demo's manifest clusters and the file's `traffic:`:
+//! `a_failed_over_cluster_stays_away_for_failback_after_across_a_restart` (the failover state) and
+//! `an_aborted_drill_does_not_apply_again_across_a_restart` (a drill's abort).
 
 use meshfed_testkit as support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
@@ -20,6 +24,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use meshfed::source::last_known;
 use meshfed::type_url;
 use meshfed_testkit::ads::{AdsClient, Flavor};
+use meshfed_testkit::eds_shares::{RegionShares, region_shares, shares_of};
 use meshfed_testkit::fixtures::{endpoint_addresses, node};
 use meshfed_testkit::kube_standin::{KubeStandin, objects};
 use meshfed_testkit::meshfed::Meshfed;
@@ -27,6 +32,7 @@ use meshfed_testkit::meshfed::Meshfed;
 /// Cap of each step.
 const STEP: Duration = Duration::from_secs(30);
 const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local";
+const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
 const TOKEN: &str = "token-of-meshfed";
 
 fn set_slice(api: &KubeStandin, addresses: &[&str]) -> Result<()> {
@@ -356,42 +362,59 @@ async fn a_remote_secret_cluster_is_restored_until_its_secret_goes() -> Result<(
     Ok(())
 }
 
+/// The demo (its loopback addresses on octet `octet`) in `dir`, its mesh config with `lastKnownState` (in
+/// `dir/state/last-known.json`, written every 100 ms) and then `traffic` (a `traffic:` section): the mesh
+/// config's path and the state file's.
+fn demo_with_state(dir: &Path, octet: u8, traffic: &str) -> Result<(PathBuf, PathBuf)> {
+    let mesh_path = support::demo::copy_demo(dir, octet);
+    let state = dir.join("state/last-known.json");
+    let text = std::fs::read_to_string(&mesh_path)?;
+    std::fs::write(
+        &mesh_path,
+        format!(
+            "{text}\nlastKnownState:\n  path: {}\n  maxAge: 1h\n  writeInterval: 100ms\n{traffic}",
+            state.display()
+        ),
+    )?;
+    Ok((mesh_path, state))
+}
+
+/// Sidecar `n` of the demo's aws-use1 in us-east-1a (the demo on loopback octet `octet`), subscribed to
+/// every cluster and to ratings' endpoints (each ACKed): the client and ratings' region shares in its
+/// first EDS response.
+async fn ratings_client(m: &Meshfed, octet: u8, n: u8) -> Result<(AdsClient, RegionShares)> {
+    let id = format!("sidecar~127.{octet}.50.{n}~client-{n}.shop~shop.svc.cluster.local");
+    let node = node(&id, &[("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net")], Some(("us-east-1", "us-east-1a")));
+    let mut c =
+        AdsClient::connect(m.xds_address(), Flavor::Sotw, node).await?.with_timeouts(STEP, Duration::from_millis(400));
+    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
+    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
+    let shares = region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    Ok((c, shares))
+}
+
 /// The traffic policy's failover state is kept in the last-known state too: a cluster failed over (below
 /// `minHealthy`) that is healthy again stays away for `failbackAfter` — also when meshfed restarts in
 /// between (without the kept state, the restarted replica would give the share back at once: the flap
 /// `failbackAfter` is there to prevent), and returns once it has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_over_cluster_stays_away_for_failback_after_across_a_restart() -> Result<()> {
-    use meshfed_testkit::eds_shares::{eds_until_shares, region_shares, shares_of};
+    use meshfed_testkit::eds_shares::eds_until_shares;
     use meshfed_testkit::meshfed::{MeshfedOptions, start_meshfed_with};
-    const RATINGS: &str = "outbound|9080||ratings.shop.svc.cluster.local";
+    const OCTET: u8 = 139;
     const FAILBACK: u64 = 15;
     let dir = tempfile::Builder::new().prefix("meshfed-failover-kept-").tempdir()?;
-    let mesh_path = support::demo::copy_demo(dir.path(), 139);
-    let state = dir.path().join("state/last-known.json");
-    let text = std::fs::read_to_string(&mesh_path)?;
-    std::fs::write(
-        &mesh_path,
-        format!(
-            "{text}\nlastKnownState:\n  path: {}\n  maxAge: 1h\n  writeInterval: 100ms\ntraffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      failover: {{minHealthy: 50, failbackAfter: {FAILBACK}s}}\n",
-            state.display()
+    let (mesh_path, state) = demo_with_state(
+        dir.path(),
+        OCTET,
+        &format!(
+            "traffic:\n  policies:\n    - hosts: [ratings.shop.svc.cluster.local]\n      split:\n        us-east-1: {{aws-use1: 70, azure-weu: 30}}\n      failover: {{minHealthy: 50, failbackAfter: {FAILBACK}s}}\n"
         ),
     )?;
-    let client = |m: &Meshfed, n: u8| {
-        let id = format!("sidecar~127.139.50.{n}~client-{n}.shop~shop.svc.cluster.local");
-        let node = node(&id, &[("CLUSTER_ID", "aws-use1"), ("NETWORK", "aws-net")], Some(("us-east-1", "us-east-1a")));
-        AdsClient::connect(m.xds_address(), Flavor::Sotw, node)
-    };
     let options = MeshfedOptions { ports: Some((support::free_port(), support::free_port())), ..Default::default() };
     let m = start_meshfed_with(&mesh_path, &options).await?;
-    let mut c = client(&m, 1).await?.with_timeouts(STEP, Duration::from_millis(400));
-    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
-    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
-    assert_eq!(
-        region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?),
-        shares_of(&[("us-east-1", 70), ("westeurope", 30)])
-    );
-
+    let (mut c, first) = ratings_client(&m, OCTET, 1).await?;
+    assert_eq!(first, shares_of(&[("us-east-1", 70), ("westeurope", 30)]));
     // azure-weu's endpoints not ready: failed over; ready again: still away (failbackAfter)
     let slices = dir.path().join("azure-weu/endpointslices.yaml");
     let healthy = std::fs::read_to_string(&slices)?;
@@ -414,10 +437,7 @@ async fn a_failed_over_cluster_stays_away_for_failback_after_across_a_restart() 
     drop(c);
     drop(m);
     let m = start_meshfed_with(&mesh_path, &options).await?;
-    let mut c = client(&m, 2).await?.with_timeouts(STEP, Duration::from_millis(400));
-    c.subscribe_and_ack::<&str>(type_url::CLUSTER, &[]).await?;
-    let eds = c.subscribe_and_ack(type_url::ENDPOINT, &[RATINGS]).await?;
-    let first = region_shares(&eds.decode::<ClusterLoadAssignment>(RATINGS)?);
+    let (mut c, first) = ratings_client(&m, OCTET, 2).await?;
     ensure!(
         recovered.elapsed() < Duration::from_secs(FAILBACK),
         "the restart took past failbackAfter: the test proves nothing"
@@ -433,5 +453,97 @@ async fn a_failed_over_cluster_stays_away_for_failback_after_across_a_restart() 
     eds_until_shares(&mut c, RATINGS, "failed back", &[("us-east-1", 70), ("westeurope", 30)]).await?;
     let back = recovered.elapsed();
     ensure!(back >= Duration::from_secs(FAILBACK), "failed back after {back:?}, before failbackAfter");
+    Ok(())
+}
+
+/// A drill's abort is kept in the last-known state too: with the file's `traffic:` in force (which
+/// meshfed does not edit), a drill that aborted by itself (its receivers below `abortBelowHealthy`) and is
+/// still listed in the file, not past its end, does not apply again when meshfed restarts — also with its
+/// receivers healthy by then — and the restarted meshfed reports the abort's time and reason. (Without the
+/// kept abort, the restarted meshfed would drain the cluster again: the drain that safety aborted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_drill_does_not_apply_again_across_a_restart() -> Result<()> {
+    use meshfed_testkit::eds_shares::{eds_stays, eds_until, eds_until_shares};
+    use meshfed_testkit::fixtures::RATINGS_SPLIT;
+    use meshfed_testkit::meshfed::{MeshfedOptions, start_meshfed_with, traffic_cmd};
+    const OCTET: u8 = 141;
+    let split = shares_of(&[("us-east-1", 70), ("westeurope", 30)]);
+    let dir = tempfile::Builder::new().prefix("meshfed-drill-abort-kept-").tempdir()?;
+    let (mesh_path, state) = demo_with_state(dir.path(), OCTET, RATINGS_SPLIT)?;
+    let mesh_file = mesh_path.to_str().context("utf-8 path")?.to_string();
+    let options = MeshfedOptions { ports: Some((support::free_port(), support::free_port())), ..Default::default() };
+    let m = start_meshfed_with(&mesh_path, &options).await?;
+    let (mut c, first) = ratings_client(&m, OCTET, 1).await?;
+    assert_eq!(first, split);
+
+    // a drill draining azure-weu for 10 minutes, aborting below 50% healthy
+    traffic_cmd(&[
+        "drill",
+        "--cluster",
+        "azure-weu",
+        "--duration",
+        "10m",
+        "--abort-below-healthy",
+        "50",
+        "--mesh-config",
+        &mesh_file,
+    ])?;
+    eds_until_shares(&mut c, RATINGS, "azure-weu drained", &[("us-east-1", 100)]).await?;
+    // every aws-use1 endpoint (taking azure-weu's traffic) not ready: the drill aborts by itself
+    let slices = dir.path().join("aws-use1/endpointslices.yaml");
+    let healthy = std::fs::read_to_string(&slices)?;
+    support::write_atomically(&slices, &healthy.replace("ready: true", "ready: false"))?;
+    eds_until(&mut c, RATINGS, "azure-weu's share back", |s| s.get("westeurope").is_some_and(|w| *w > 0)).await?;
+    let aborted = support::poll_until(STEP, || async {
+        let d = m.debug_json("/debug/drillz").await?["drills"][0].clone();
+        ensure!(d["aborted"]["at"].is_string() && d["aborted"]["reason"].is_string(), "not aborted: {d:#}");
+        Ok(d["aborted"].clone())
+    })
+    .await
+    .context("the drill aborts")?;
+    // aws-use1 healthy again: the drill stays aborted (the split, not the drain)
+    support::write_atomically(&slices, &healthy)?;
+    eds_until_shares(
+        &mut c,
+        RATINGS,
+        "aws-use1 healthy, the drill still aborted",
+        &[("us-east-1", 70), ("westeurope", 30)],
+    )
+    .await?;
+    // the file keeps the abort (by the drill's key: target and start)
+    let kept = |path: &Path| -> Result<Vec<(String, String, String)>> {
+        let traffic = last_known::read(path)?.map(|l| l.traffic).unwrap_or_default();
+        Ok(traffic
+            .drill_aborts
+            .into_iter()
+            .map(|(key, a)| (key, meshfed::traffic::decide::time_str(a.at), a.reason))
+            .collect())
+    };
+    let in_file = support::poll_until(STEP, || async {
+        let k = kept(&state)?;
+        ensure!(k.len() == 1, "not kept yet in {}: {k:?}", state.display());
+        Ok(k)
+    })
+    .await?;
+    let (key, at, reason) = in_file[0].clone();
+    assert_eq!((Some(at.as_str()), Some(reason.as_str())), (aborted["at"].as_str(), aborted["reason"].as_str()));
+    ensure!(key.starts_with("cluster azure-weu @ "), "{key}");
+    let file = std::fs::read_to_string(&mesh_path)?;
+    ensure!(file.contains("abortBelowHealthy: 50"), "the file still lists the drill: {file}");
+
+    // restarted with the same files, the receivers healthy: the drill is aborted from the first response
+    drop(c);
+    drop(m);
+    let m = start_meshfed_with(&mesh_path, &options).await?;
+    let (mut c, first) = ratings_client(&m, OCTET, 2).await?;
+    assert_eq!(first, split, "the restarted meshfed does not apply the aborted drill's drain");
+    let d = m.debug_json("/debug/drillz").await?["drills"][0].clone();
+    assert_eq!(d["aborted"], aborted, "the same abort, time and reason: {d:#}");
+    assert_eq!(d["active"], false, "{d:#}");
+    let trafficz = m.debug_json("/debug/trafficz").await?;
+    ensure!(trafficz["status"]["drained"].as_object().is_some_and(|d| d.is_empty()), "nothing drained: {trafficz:#}");
+    eds_stays(&mut c, RATINGS, "the aborted drill stays aborted", Duration::from_secs(1)).await?;
+    // and the restarted meshfed keeps it in the file
+    assert_eq!(kept(&state)?, in_file);
     Ok(())
 }

@@ -264,6 +264,9 @@ pub struct Pusher {
     traffic: Arc<crate::traffic::Status>,
     /// the translation context as last published (shared with the snapshots)
     published_ctx: Arc<Context>,
+    /// the drills aborted before a restart (the last-known state), by [`crate::traffic::drill::key`]: such
+    /// a drill is aborted from the start, with this time and reason
+    restored_aborts: BTreeMap<String, crate::traffic::drill::Abort>,
 }
 
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
@@ -308,6 +311,7 @@ impl Pusher {
                 ..Default::default()
             }),
             published_ctx: Arc::default(),
+            restored_aborts: BTreeMap::new(),
         };
         (pusher, rx)
     }
@@ -608,12 +612,16 @@ impl Pusher {
         true
     }
 
-    /// The failover state of an earlier run (the last-known state): a cluster failed over then stays away
-    /// until it has been healthy for `failbackAfter`, as if this replica had never stopped.
-    pub fn restore_failover(&mut self, failover: BTreeMap<Arc<str>, crate::traffic::FailoverState>) {
+    /// The traffic state of an earlier run (the last-known state), as if this replica had never stopped:
+    /// a cluster failed over then stays away until it has been healthy for `failbackAfter`, and a drill
+    /// aborted then is aborted from the start (its drain does not apply; its report keeps the abort's
+    /// time and reason). Call before the first push.
+    pub fn restore(&mut self, restored: crate::traffic::Durable) {
+        let crate::traffic::Durable { failover, drill_aborts } = restored;
         if !failover.is_empty() {
             self.traffic = Arc::new(crate::traffic::Status { failover, ..(*self.traffic).clone() });
         }
+        self.restored_aborts = drill_aborts;
     }
 
     /// Decides the traffic of every covered service at `now` ([`crate::traffic::decide_all`]): updates
@@ -687,13 +695,22 @@ impl Pusher {
             let Some(start) = d.start else { continue };
             let key = drill::key(d);
             let r = drills.entry(key.clone()).or_insert_with(|| drill::Report::new(d, start));
-            // aborted before (by this replica or another, before a restart): recorded in the TrafficPolicy
-            if r.active()
-                && let Some(rec) = d.drill.as_ref().and_then(|x| x.aborted.as_ref())
-            {
-                r.aborted = Some(drill::Abort { at: rec.at, reason: rec.reason.clone() });
-                r.record(100, now);
-                continue;
+            // aborted before (by this replica or another, before a restart): recorded in the TrafficPolicy,
+            // or kept in this replica's last-known state
+            if r.active() {
+                let recorded = d.drill.as_ref().and_then(|x| x.aborted.as_ref());
+                let before = match recorded {
+                    Some(rec) => Some(drill::Abort { at: rec.at, reason: rec.reason.clone() }),
+                    None => self.restored_aborts.get(&key).cloned(),
+                };
+                if let Some(abort) = before {
+                    if recorded.is_none() {
+                        info!(drill = %key, reason = %abort.reason, "drill aborted before the restart (last-known state): not applied");
+                    }
+                    r.aborted = Some(abort);
+                    r.record(100, now);
+                    continue;
+                }
             }
             if !r.active() || now < start {
                 continue;
@@ -1069,15 +1086,16 @@ fn describe(change: &RegistryChange) -> String {
 }
 
 /// Starts the push loop on the current runtime, reading source events from `events` (queue the
-/// sources' initial state first: the first push then carries the complete state).
+/// sources' initial state first: the first push then carries the complete state), with the traffic state
+/// `restored` from an earlier run ([`Pusher::restore`]).
 pub fn start(
     mesh: &MeshConfig,
     events: mpsc::UnboundedReceiver<SourceEvent>,
-    failover: BTreeMap<Arc<str>, crate::traffic::FailoverState>,
+    restored: crate::traffic::Durable,
 ) -> (PushHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let (mut pusher, _rx) = Pusher::new(mesh);
-    pusher.restore_failover(failover);
+    pusher.restore(restored);
     let handle = pusher.handle_for(commands_tx);
     let task = tokio::spawn(pusher.run(events, commands_rx));
     (handle, task)
@@ -1254,32 +1272,87 @@ mod tests {
         assert!(report(&pusher).ended.is_none());
     }
 
-    #[test]
-    fn a_drill_whose_abort_the_policy_records_is_aborted_from_the_start() {
-        // a replica (re)starting on a TrafficPolicy that records the drill's abort: the receivers are
-        // healthy, yet the drill does not apply, and the report says when and why it aborted
-        let (mut pusher, _rx, _dir) = demo_pusher();
+    /// A policy splitting reviews 70/30 in us-east-1 with a drill draining azure-weu to 0, started two
+    /// minutes ago, and a time one minute ago (RFC 3339); `recorded`: the policy records the drill's
+    /// abort then, with this reason.
+    fn drill_policy(recorded: Option<&str>) -> (crate::traffic::TrafficPolicy, String) {
         let now = std::time::SystemTime::now();
         let time = crate::traffic::decide::time_str;
         let (start, at) =
             (time(now - std::time::Duration::from_secs(120)), time(now - std::time::Duration::from_secs(60)));
         let expires = time(now + std::time::Duration::from_secs(3600));
+        let aborted = recorded.map(|r| format!(", aborted: {{at: '{at}', reason: '{r}'}}")).unwrap_or_default();
         let yaml = format!(
             "policies: [{{hosts: [reviews.shop.svc.cluster.local], split: {{us-east-1: {{aws-use1: 70, azure-weu: 30}}}}}}]\n\
              drains: [{{cluster: azure-weu, capacity: 0, start: '{start}', expires: '{expires}', \
-             drill: {{abortBelowHealthy: 50, aborted: {{at: '{at}', reason: 'aws-use1 below 50%'}}}}}}]\n"
+             drill: {{abortBelowHealthy: 50{aborted}}}}}]\n"
         );
         let ids = [crate::model::ClusterId::new("aws-use1"), crate::model::ClusterId::new("azure-weu")];
-        let policy = crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap();
+        (crate::traffic::TrafficPolicy::parse(&serde_yaml::from_str(&yaml).unwrap(), &ids, now).unwrap(), at)
+    }
+
+    /// azure-weu's share of reviews for us-east-1 (rounded), and the one drill's report.
+    fn azure_share_and_drill(p: &Pusher) -> (Option<f64>, crate::traffic::drill::Report) {
+        let azure = crate::model::ClusterId::new("azure-weu");
+        let shares = p.context().traffic.shares("reviews.shop.svc.cluster.local", "us-east-1").unwrap();
+        let report = p.traffic.drills.values().next().cloned().expect("a drill report");
+        (shares.get(&azure).map(|s| s.share.round()), report)
+    }
+
+    #[test]
+    fn a_drill_whose_abort_the_policy_records_is_aborted_from_the_start() {
+        // a replica (re)starting on a TrafficPolicy that records the drill's abort: the receivers are
+        // healthy, yet the drill does not apply, and the report says when and why it aborted
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let (policy, at) = drill_policy(Some("aws-use1 below 50%"));
         pusher.set_traffic_policy(policy);
         pusher.push(RegistryChange::default(), false);
-        let azure = crate::model::ClusterId::new("azure-weu");
-        let shares = pusher.context().traffic.shares("reviews.shop.svc.cluster.local", "us-east-1").unwrap();
-        assert_eq!(shares.get(&azure).map(|s| s.share.round()), Some(30.0), "the split, not the drill");
+        let (azure, r) = azure_share_and_drill(&pusher);
+        assert_eq!(azure, Some(30.0), "the split, not the drill");
         assert!(pusher.traffic.drained.is_empty());
-        let r = pusher.traffic.drills.values().next().cloned().expect("a drill report");
         let abort = r.aborted.expect("aborted");
-        assert_eq!((time(abort.at), abort.reason.as_str()), (at, "aws-use1 below 50%"));
+        assert_eq!((crate::traffic::decide::time_str(abort.at), abort.reason.as_str()), (at, "aws-use1 below 50%"));
+    }
+
+    #[test]
+    fn a_drill_whose_abort_the_last_known_state_keeps_is_aborted_from_the_start() {
+        // meshfed restarting with the file's traffic policy (which it does not edit): the abort restored
+        // from the last-known state; the receivers are healthy, yet the drill does not apply
+        use crate::traffic::drill;
+        let (policy, at) = drill_policy(None);
+        let key = drill::key(&policy.drains[0]);
+        let at_time: std::time::SystemTime = at.parse::<jiff::Timestamp>().unwrap().into();
+        let abort = drill::Abort { at: at_time, reason: "aws-use1: 0 of 2 endpoints healthy".into() };
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        pusher.restore(crate::traffic::Durable {
+            drill_aborts: [(key.clone(), abort.clone())].into(),
+            ..Default::default()
+        });
+        pusher.set_traffic_policy(policy.clone());
+        pusher.push(RegistryChange::default(), false);
+        let (azure, r) = azure_share_and_drill(&pusher);
+        assert_eq!(azure, Some(30.0), "the split, not the drill");
+        assert!(pusher.traffic.drained.is_empty());
+        assert_eq!(r.aborted.as_ref(), Some(&abort), "the restored time and reason");
+        assert_eq!(r.steps.iter().map(|s| s.capacity).collect::<Vec<_>>(), vec![100], "no drain step");
+        // and it is kept: the snapshot's durable state holds it for the next write
+        assert_eq!(pusher.traffic.durable().drill_aborts, [(key, abort)].into());
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(azure_share_and_drill(&pusher).0, Some(30.0));
+
+        // an abort of another drill (another start) does not touch this one: it applies
+        let (mut other, _rx, _dir) = demo_pusher();
+        let old = drill::Abort { at: at_time, reason: "another drill".into() };
+        other.restore(crate::traffic::Durable {
+            drill_aborts: [("cluster azure-weu @ 2020-01-01T00:00:00Z".to_string(), old)].into(),
+            ..Default::default()
+        });
+        other.set_traffic_policy(policy);
+        other.push(RegistryChange::default(), false);
+        let (azure, r) = azure_share_and_drill(&other);
+        assert_eq!(azure, Some(0.0), "the drill applies");
+        assert!(r.active(), "{r:?}");
+        assert!(other.traffic.durable().drill_aborts.is_empty(), "an abort of no listed drill is not kept");
     }
 
     fn prost_types_any(body: &[u8]) -> Vec<u8> {

@@ -21,10 +21,15 @@
 //! Restored objects are never written back as if freshly observed: a restored cluster keeps the
 //! `observedAt` it was loaded with until its live source delivers.
 //!
-//! The file also keeps the traffic policy's failover state (per service, the failed-over clusters, since
-//! when and since when healthy again: [`crate::traffic::decide::Failed`]), handed over by the app from the
-//! push loop's snapshots ([`LastKnown::set_failover`]) and handed back to the push loop at start
-//! ([`LastKnown::restored_failover`]): a restart does not cut a cluster's `failbackAfter` short.
+//! The file also keeps the part of the traffic state that outlives a restart ([`crate::traffic::Durable`]),
+//! handed over by the app from the push loop's snapshots ([`LastKnown::set_traffic`]) and handed back to
+//! the push loop at start ([`LastKnown::restored_traffic`]):
+//! - the traffic policy's failover state (per service, the failed-over clusters, since when and since
+//!   when healthy again: [`crate::traffic::decide::Failed`]): a restart does not cut a cluster's
+//!   `failbackAfter` short;
+//! - the drills the push loop aborted (per drill key, target and start: when and why,
+//!   [`crate::traffic::drill::Abort`]): a restarted meshfed does not apply an aborted drill again while
+//!   the mesh config's `traffic:` still lists it, and reports it aborted with the same time and reason.
 //!
 //! ## Where it observes
 //!
@@ -70,9 +75,10 @@
 //! restored, so invalid rules round-trip as invalid. It is written atomically: a temporary file in the
 //! same directory, fsync, rename over the old one, fsync of the directory. A change of the persisted
 //! shapes must bump [`FORMAT_VERSION`] (`a_version_1_document_still_reads` pins the shape), except an
-//! optional field that readers without it may ignore: `failover` (absent when empty) and `remoteSecret` were added so, in version 1 (a file
-//! without it reads as before; a meshfed that does not know it drops the remote-secret clusters, which
-//! its mesh config does not name).
+//! optional field that readers without it may ignore: `failover` and `drillAborts` (each absent when
+//! empty; a meshfed that does not know them ignores them) and `remoteSecret` were added so, in version 1
+//! (a file without them reads as before; a meshfed that does not know `remoteSecret` drops the
+//! remote-secret clusters, which its mesh config does not name).
 //!
 //! The tap keeps a copy of the tracked clusters' objects (shared strings, so mostly the maps); a write
 //! takes the objects as they are (copy-on-write) and encodes and writes them on a blocking thread.
@@ -92,6 +98,7 @@ use crate::source::{ClusterHealth, SourceEvent, SyncState, format_time};
 use crate::topology::{
     DestinationRuleInfo, NamespaceInfo, NodeInfo, ObjectKey, PodInfo, ServiceInfo, SliceInfo, TopologyObject,
 };
+use crate::traffic::Durable;
 
 /// The `format` field of the file.
 pub const FORMAT: &str = "meshfed-last-known-state";
@@ -182,6 +189,9 @@ struct DocumentRef<'a> {
     /// byte what version 1 wrote before)
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     failover: BTreeMap<&'a str, BTreeMap<&'a str, StoredFailed>>,
+    /// the drills the push loop aborted, by drill key (optional: absent when none)
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    drill_aborts: BTreeMap<&'a str, StoredAbort>,
 }
 
 /// A failed-over cluster of a service ([`crate::traffic::decide::Failed`]), RFC 3339 times.
@@ -193,8 +203,12 @@ struct StoredFailed {
     back_since: Option<String>,
 }
 
-/// The failed-over clusters per service, as the push loop keeps them.
-pub type Failover = BTreeMap<Arc<str>, crate::traffic::FailoverState>;
+/// A drill's abort ([`crate::traffic::drill::Abort`]), the time RFC 3339.
+#[derive(Serialize, Deserialize)]
+struct StoredAbort {
+    at: String,
+    reason: String,
+}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -224,13 +238,16 @@ struct Document {
     clusters: Vec<StoredCluster>,
     #[serde(default)]
     failover: BTreeMap<String, BTreeMap<String, StoredFailed>>,
+    #[serde(default)]
+    drill_aborts: BTreeMap<String, StoredAbort>,
 }
 
 /// What a file holds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Loaded {
     pub clusters: Vec<ClusterState>,
-    pub failover: Failover,
+    /// the failover state and the drills' aborts
+    pub traffic: Durable,
 }
 
 #[derive(Deserialize)]
@@ -263,13 +280,14 @@ struct Kept {
     objects: Objects,
 }
 
-/// Encodes the clusters' states (and the failover state) as the file holds them.
+/// Encodes the clusters' states (and the traffic state) as the file holds them.
 fn encode<'a>(
     clusters: impl IntoIterator<Item = &'a Kept>,
-    failover: &'a Failover,
+    traffic: &'a Durable,
     now: SystemTime,
 ) -> Result<Vec<u8>, Error> {
-    let failover = failover
+    let failover = traffic
+        .failover
         .iter()
         .map(|(host, f)| {
             let clusters = f.iter().map(|(c, failed)| {
@@ -280,8 +298,14 @@ fn encode<'a>(
             (&**host, clusters.collect())
         })
         .collect();
+    let drill_aborts = traffic
+        .drill_aborts
+        .iter()
+        .map(|(key, a)| (key.as_str(), StoredAbort { at: format_time(a.at), reason: a.reason.clone() }))
+        .collect();
     let doc = DocumentRef {
         failover,
+        drill_aborts,
         format: FORMAT,
         version: FORMAT_VERSION,
         meshfed_version: env!("CARGO_PKG_VERSION"),
@@ -315,7 +339,9 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Loaded, Error> {
             written_by: header.meshfed_version.unwrap_or_else(|| "?".into()),
         });
     }
-    let doc: Document = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    // (the error names the field: `drillAborts: invalid type: ...`)
+    let doc: Document = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(bytes))
+        .map_err(|e| corrupt(e.to_string()))?;
     let mut out = Vec::new();
     for c in doc.clusters {
         let observed_at = c
@@ -337,7 +363,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Loaded, Error> {
             .map(SystemTime::from)
             .map_err(|e| corrupt(format!("failover of {host}: {what} {t:?}: {e}")))
     };
-    let mut failover = Failover::new();
+    let mut traffic = Durable::default();
     for (host, clusters) in doc.failover {
         let mut state = crate::traffic::FailoverState::new();
         for (cluster, f) in clusters {
@@ -345,9 +371,16 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Loaded, Error> {
             let back_since = f.back_since.as_deref().map(|t| time(&host, "backSince", t)).transpose()?;
             state.insert(ClusterId::new(&cluster), crate::traffic::decide::Failed { since, back_since });
         }
-        failover.insert(host.as_str().into(), state);
+        traffic.failover.insert(host.as_str().into(), state);
     }
-    Ok(Loaded { clusters: out, failover })
+    for (key, a) in doc.drill_aborts {
+        let at =
+            a.at.parse::<jiff::Timestamp>()
+                .map(SystemTime::from)
+                .map_err(|e| corrupt(format!("drillAborts of {key}: at {:?}: {e}", a.at)))?;
+        traffic.drill_aborts.insert(key, crate::traffic::drill::Abort { at, reason: a.reason });
+    }
+    Ok(Loaded { clusters: out, traffic })
 }
 
 /// Reads the file: None when there is none.
@@ -430,8 +463,8 @@ struct State {
     written: BTreeMap<ClusterId, SystemTime>,
     /// the last write error (logged once until it changes)
     last_error: Option<String>,
-    /// the traffic policy's failover state, as last handed over ([`LastKnown::set_failover`])
-    failover: Failover,
+    /// the failover state and the drills' aborts, as last handed over ([`LastKnown::set_traffic`])
+    traffic: Durable,
 }
 
 /// The last-known state of the mesh's Kubernetes clusters, named and discovered from remote secrets (see
@@ -482,10 +515,13 @@ impl LastKnown {
                 Loaded::default()
             }
         };
-        if !loaded.failover.is_empty() {
-            info!(services = loaded.failover.len(), "restored the traffic policy's failed-over clusters");
+        if !loaded.traffic.failover.is_empty() {
+            info!(services = loaded.traffic.failover.len(), "restored the traffic policy's failed-over clusters");
         }
-        state.failover = loaded.failover;
+        if !loaded.traffic.drill_aborts.is_empty() {
+            info!(drills = ?loaded.traffic.drill_aborts.keys().collect::<Vec<_>>(), "restored the drills' aborts");
+        }
+        state.traffic = loaded.traffic;
         for c in loaded.clusters {
             let age = now.duration_since(c.observed_at).unwrap_or_default();
             // a cluster the mesh config names is restored as named (even if a remote secret defined it
@@ -532,17 +568,18 @@ impl LastKnown {
         (store, events)
     }
 
-    /// The failover state read from the file at start (to hand to the push loop before its first push).
-    pub fn restored_failover(&self) -> Failover {
-        self.lock().failover.clone()
+    /// The traffic state read from the file at start (to hand to the push loop before its first push).
+    pub fn restored_traffic(&self) -> Durable {
+        self.lock().traffic.clone()
     }
 
-    /// The push loop's failover state now: written with the next write when it changed, so that a
-    /// restarted meshfed keeps a failed-over cluster away until its `failbackAfter` has passed.
-    pub fn set_failover(&self, failover: &Failover) {
+    /// The push loop's traffic state now: written with the next write when it changed, so that a
+    /// restarted meshfed keeps a failed-over cluster away until its `failbackAfter` has passed and does
+    /// not apply an aborted drill again.
+    pub fn set_traffic(&self, traffic: &Durable) {
         let mut state = self.lock();
-        if state.failover != *failover {
-            state.failover = failover.clone();
+        if state.traffic != *traffic {
+            state.traffic = traffic.clone();
             state.dirty = true;
         }
     }
@@ -701,9 +738,9 @@ impl LastKnown {
             return Ok(None);
         }
         state.dirty = false;
-        let failover = state.failover.clone();
+        let traffic = state.traffic.clone();
         drop(guard);
-        let bytes = encode(&keep, &failover, now)?;
+        let bytes = encode(&keep, &traffic, now)?;
         Ok(Some(Due { bytes, observed: keep.into_iter().map(|k| (k.id, k.observed_at)).collect() }))
     }
 
@@ -862,15 +899,88 @@ mod tests {
         let (store, _health) = written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
         assert!(!std::fs::read_to_string(&cfg.path).unwrap().contains("failover"), "absent while empty");
         let failed = Failed { since: at(T0 + 1), back_since: Some(at(T0 + 5)) };
-        let failover: Failover =
-            [("ratings.shop.svc.cluster.local".into(), [(ClusterId::new("b"), failed)].into())].into();
-        store.set_failover(&failover);
+        let traffic = Durable {
+            failover: [("ratings.shop.svc.cluster.local".into(), [(ClusterId::new("b"), failed)].into())].into(),
+            ..Durable::default()
+        };
+        store.set_traffic(&traffic);
         assert!(store.write_now(at(T0 + 6)).unwrap(), "a change of the failover state is due");
-        store.set_failover(&failover);
+        store.set_traffic(&traffic);
         assert!(!store.write_now(at(T0 + 7)).unwrap(), "the same state again: nothing due");
-        assert_eq!(read(&cfg.path).unwrap().unwrap().failover, failover);
+        assert_eq!(read(&cfg.path).unwrap().unwrap().traffic, traffic);
         let (again, _) = LastKnown::open(&cfg, &mesh(), &ClusterHealth::default(), at(T0 + 8));
-        assert_eq!(again.restored_failover(), failover);
+        assert_eq!(again.restored_traffic(), traffic);
+    }
+
+    const DRILL: &str = "cluster azure-weu @ 2023-11-14T22:13:20Z";
+
+    fn aborted(secs: u64, reason: &str) -> Durable {
+        let abort = crate::traffic::drill::Abort { at: at(secs), reason: reason.into() };
+        Durable { drill_aborts: [(DRILL.to_string(), abort)].into(), ..Durable::default() }
+    }
+
+    #[test]
+    fn the_drills_aborts_are_written_when_they_change_and_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let (store, _health) = written(&cfg, vec![slice("s", "10.0.0.1")], at(T0));
+        assert!(!std::fs::read_to_string(&cfg.path).unwrap().contains("drillAborts"), "absent while empty");
+        let traffic = aborted(T0 + 60, "aws-use1: 0 of 2 endpoints of ratings healthy");
+        store.set_traffic(&traffic);
+        assert!(store.write_now(at(T0 + 61)).unwrap(), "an abort is due");
+        let text = std::fs::read_to_string(&cfg.path).unwrap();
+        assert!(
+            text.contains(&format!(
+                r#""drillAborts":{{"{DRILL}":{{"at":"2023-11-14T22:14:20Z","reason":"aws-use1: 0 of 2 endpoints"#
+            )),
+            "{text}"
+        );
+        assert!(!text.contains("failover"), "{text}");
+        store.set_traffic(&traffic);
+        assert!(!store.write_now(at(T0 + 62)).unwrap(), "the same aborts again: nothing due");
+        // restored with the clusters' state, exactly (time to the nanosecond, reason)
+        let precise =
+            crate::traffic::drill::Abort { at: at(T0 + 60) + Duration::from_nanos(123_456_789), reason: "r".into() };
+        let traffic = Durable { drill_aborts: [(DRILL.to_string(), precise)].into(), ..Durable::default() };
+        store.set_traffic(&traffic);
+        assert!(store.write_now(at(T0 + 63)).unwrap());
+        assert_eq!(read(&cfg.path).unwrap().unwrap().traffic, traffic);
+        let health = ClusterHealth::default();
+        let (again, events) = LastKnown::open(&cfg, &mesh(), &health, at(T0 + 64));
+        assert_eq!((again.restored_traffic(), events.len()), (traffic, 1));
+        // the drill gone from the push loop's state: it leaves the file
+        again.set_traffic(&Durable::default());
+        assert!(again.write_now(at(T0 + 65)).unwrap());
+        assert!(!std::fs::read_to_string(&cfg.path).unwrap().contains("drillAborts"));
+        assert_eq!(read(&cfg.path).unwrap().unwrap().traffic, Durable::default());
+    }
+
+    #[test]
+    fn corrupt_drill_aborts_are_reported_by_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        std::fs::create_dir_all(cfg.path.parent().unwrap()).unwrap();
+        let head = r#"{"format":"meshfed-last-known-state","version":1,"meshfedVersion":"0.1.0","writtenAt":"2023-11-14T22:13:20Z","clusters":[{"id":"a","observedAt":"2023-11-14T22:13:20Z","objects":[]}]"#;
+        for (field, why) in [
+            (r#""drillAborts":{"d":{"at":"yesterday","reason":"r"}}"#, r#"drillAborts of d: at "yesterday""#),
+            (r#""drillAborts":{"d":{"at":"2023-11-14T22:13:20Z"}}"#, "drillAborts.d: missing field `reason`"),
+            (r#""drillAborts":["d"]"#, "drillAborts: invalid type"),
+            (r#""drillAborts":{"d":{"at":7,"reason":"r"}}"#, "drillAborts.d.at: invalid type"),
+        ] {
+            let text = format!("{head},{field}}}");
+            std::fs::write(&cfg.path, &text).unwrap();
+            let e = read(&cfg.path).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(&cfg.path.display().to_string()), "{text}: {e}");
+            // as any corrupt file: nothing restored
+            let health = ClusterHealth::default();
+            let (store, events) = LastKnown::open(&cfg, &mesh(), &health, at(T0 + 1));
+            assert!(events.is_empty() && store.restored_traffic() == Durable::default(), "{text}");
+        }
+        // a field this meshfed does not know (a later meshfed's optional one) is ignored, as an older
+        // meshfed ignores `drillAborts`
+        std::fs::write(&cfg.path, format!(r#"{head},"somethingLater":{{"x":[1]}}}}"#)).unwrap();
+        let loaded = read(&cfg.path).unwrap().unwrap();
+        assert_eq!((loaded.clusters.len(), loaded.traffic), (1, Durable::default()));
     }
 
     #[test]
@@ -905,7 +1015,7 @@ mod tests {
     fn a_version_1_document_still_reads() {
         let text = r#"{"format":"meshfed-last-known-state","version":1,"meshfedVersion":"0.1.0","writtenAt":"2023-11-14T22:13:20Z","clusters":[{"id":"a","observedAt":"2023-11-14T22:13:20Z","objects":[{"Namespace":{"name":"shop","network":null}},{"Service":{"namespace":"shop","name":"reviews","ports":[{"name":"http","port":9080,"protocol":"TCP","app_protocol":null,"node_port":null}],"network":null,"gateway_port":null,"service_type":"ClusterIP","external_ips":[],"load_balancer_ingress":[]}},{"EndpointSlice":{"namespace":"shop","name":"reviews-a","service":"reviews","ports":[["http",9080]],"endpoints":[{"addresses":["10.0.0.1"],"ready":true,"serving":null,"terminating":false,"node_name":"n1","zone":null,"pod":null}]}},{"Node":{"name":"n1","locality":{"region":"r","zone":"z","subzone":""}}},{"Pod":{"namespace":"shop","name":"p","labels":{"app":"reviews"},"service_account":"default","node_name":"n1","network":null,"failed":false}},{"DestinationRule":{"metadata":{"name":"r","namespace":"shop"},"spec":{"host":"reviews"}}}]}]}"#;
         let loaded = decode(Path::new("x"), text.as_bytes()).unwrap();
-        assert!(loaded.failover.is_empty());
+        assert_eq!(loaded.traffic, Durable::default(), "neither failover nor drillAborts");
         let states = loaded.clusters;
         assert_eq!(states.len(), 1);
         assert_eq!(states[0].observed_at, at(T0));

@@ -7,7 +7,8 @@
 //!   stops applying at once (as if expired). The push loop cannot edit the mesh config, so it keeps the
 //!   aborted state in its traffic [`super::Status`], by the drain's identity (target and start): the file
 //!   still lists the drain, aborted, until the operator removes it (`meshfed traffic drill --abort`) or
-//!   it expires.
+//!   it expires. The abort outlives a restart ([`super::Durable`]): recorded in the `TrafficPolicy`
+//!   custom resource, or kept in the last-known state file.
 //! - The report ([`Report`]): each step (the capacity, when its push was published, its generation), the
 //!   abort (time, reason) or the end (expired, removed). When every proxy connected at a step's publish
 //!   had ACKed its EDS ([`step_acks`]) is read from the connections by the debug surface.

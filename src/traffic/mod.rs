@@ -54,6 +54,31 @@ pub struct Status {
     pub drills: BTreeMap<String, drill::Report>,
 }
 
+impl Status {
+    /// What of this state a restart must not lose ([`Durable`]): the failover state and the drills'
+    /// aborts.
+    pub fn durable(&self) -> Durable {
+        Durable {
+            failover: self.failover.clone(),
+            drill_aborts: self.drills.iter().filter_map(|(key, r)| Some((key.clone(), r.aborted.clone()?))).collect(),
+        }
+    }
+}
+
+/// The part of the push loop's traffic state that outlives a restart: kept in the last-known state file
+/// (mesh config `lastKnownState`, [`crate::source::last_known`]) and handed back to the push loop at
+/// start ([`crate::push::start`]). A cluster failed over stays away until its `failbackAfter` has passed
+/// since it was healthy again, and a drill aborted by the push loop does not apply again (with the file's
+/// `traffic:`, which meshfed does not edit; the `TrafficPolicy` custom resource records an abort in the
+/// object as well, [`crate::traffic_policy::abort_record`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Durable {
+    /// hostname -> its failed-over clusters ([`Status::failover`])
+    pub failover: BTreeMap<Arc<str>, FailoverState>,
+    /// the aborted drills' aborts, by [`drill::key`] (target and start)
+    pub drill_aborts: BTreeMap<String, drill::Abort>,
+}
+
 /// `policy` as decided: without the drains of the drills `drills` has aborted, or whose abort the
 /// policy records.
 pub fn effective_policy(policy: &TrafficPolicy, drills: &BTreeMap<String, drill::Report>) -> TrafficPolicy {

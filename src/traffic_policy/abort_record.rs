@@ -14,8 +14,10 @@
 //! It reads the push loop's published snapshots (as the debug surface does) and writes only to the
 //! Kubernetes API; the watch brings the record back like any edit. A failed write (API unreachable) is
 //! retried every [`RETRY`] while the abort is still unrecorded. With the file's `traffic:` in force
-//! nothing is written: the file is the operator's (often a read-only ConfigMap), and the abort stays in
-//! memory.
+//! nothing is written here: the file is the operator's (often a read-only ConfigMap). The abort is then
+//! kept, per replica, in the last-known state file when `lastKnownState` is on (`drillAborts`,
+//! [`crate::source::last_known`]; the app hands it over from the push loop's snapshots and back at start),
+//! and in memory only otherwise.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
