@@ -269,6 +269,48 @@ pub struct Pusher {
     restored_aborts: BTreeMap<String, crate::traffic::drill::Abort>,
 }
 
+/// Below this many (scope, service) pairs a push translates on its own thread only.
+const PARALLEL_MIN: usize = 512;
+
+/// `f` of every (scope, item) pair, per scope in the items' order. Many pairs (a policy change or a
+/// lost cloud re-translates every service for every scope) are split over the machine's cores, the push
+/// loop's own thread among them; few are translated in place.
+fn translate_pairs<S: Sync, I: Sync, T: Send>(
+    scopes: &[S],
+    items: &[I],
+    f: impl Fn(&S, &I) -> T + Sync,
+) -> Vec<Vec<T>> {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pairs = scopes.len() * items.len();
+    let threads = cores.min(pairs / PARALLEL_MIN).max(1);
+    if threads == 1 {
+        return scopes.iter().map(|scope| items.iter().map(|i| f(scope, i)).collect()).collect();
+    }
+    // contiguous runs of the pairs (scope-major), one per thread
+    let per = pairs.div_ceil(threads);
+    let run = |k: usize| -> Vec<T> {
+        (k * per..((k + 1) * per).min(pairs)).map(|p| f(&scopes[p / items.len()], &items[p % items.len()])).collect()
+    };
+    let run = &run;
+    let flat: Vec<T> = std::thread::scope(|sc| {
+        let spawned: Vec<_> = (1..threads)
+            .map(|k| std::thread::Builder::new().name("meshfed-translate".into()).spawn_scoped(sc, move || run(k)))
+            .collect();
+        let mut out = run(0);
+        for (k, h) in (1..threads).zip(spawned) {
+            match h {
+                Ok(h) => out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))),
+                // no thread to be had: that run is translated here
+                Err(_) => out.extend(run(k)),
+            }
+        }
+        out
+    });
+    let mut flat = flat.into_iter();
+    scopes.iter().map(|_| flat.by_ref().take(items.len()).collect()).collect()
+}
+
 fn encode_all<M: prost::Message + prost::Name>(items: Vec<translate::Named<M>>) -> Vec<Arc<Resource>> {
     items.into_iter().map(Resource::encode).collect()
 }
@@ -324,13 +366,6 @@ impl Pusher {
     pub fn apply(&mut self, event: SourceEvent) -> RegistryChange {
         self.events_in_push += 1;
         self.registry.apply(event)
-    }
-
-    fn eds_for_service(&self, scope: &EndpointScope, key: &ServiceKey) -> Vec<Arc<Resource>> {
-        match self.registry.service(key) {
-            Some(s) => encode_all(translate::endpoint::service_load_assignments(&self.ctx, scope, s)),
-            None => Vec::new(),
-        }
     }
 
     fn translate_scope_eds(&self, scope: &EndpointScope) -> Vec<Arc<Resource>> {
@@ -482,33 +517,46 @@ impl Pusher {
         }
         // EDS: every assignment when policies, gateways or the context changed (priorities and gateway
         // endpoints depend on them); otherwise only the assignments of the services that changed.
+        // (a policy change or a lost cloud re-translates every service of every scope: the pairs are
+        // translated on the machine's cores, see `translate_pairs`)
+        let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
         if change.policies || change.gateways || self.context_changed {
-            let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
-            for scope in scopes {
-                let new = self.translate_scope_eds(&scope);
-                changes.add(ResourceType::Endpoint, cache::replace_all(self.endpoints.resources(&scope), new));
+            let services: Vec<&Arc<crate::model::Service>> = self.registry.services().values().collect();
+            let translated = translate_pairs(&scopes, &services, |scope, s| {
+                encode_all(translate::endpoint::service_load_assignments(&self.ctx, scope, s))
+            });
+            for (scope, per_service) in scopes.iter().zip(translated) {
+                let new = per_service.into_iter().flatten().collect();
+                changes.add(ResourceType::Endpoint, cache::replace_all(self.endpoints.resources(scope), new));
             }
         } else {
             let keys: Vec<&ServiceKey> = change.services.keys().collect();
-            let scopes: Vec<EndpointScope> = self.endpoints.scopes.keys().cloned().collect();
-            for scope in scopes {
-                let mut upserts = Vec::new();
-                let mut removals: Vec<Arc<str>> = Vec::new();
-                for key in &keys {
-                    let new = self.eds_for_service(&scope, key);
-                    if let Some((host, ports)) = self.eds_ports.get(*key) {
-                        // (the rules did not change: the old assignments had the same subsets)
-                        removals.extend(
-                            translate::endpoint::assignment_names(&self.ctx, &scope, &key.namespace, host, ports)
-                                .into_iter()
-                                .map(Arc::<str>::from)
-                                .filter(|n| !new.iter().any(|r| r.name == *n)),
-                        );
+            let (ctx, registry, eds_ports) = (&self.ctx, &self.registry, &self.eds_ports);
+            let translated = translate_pairs(&scopes, &keys, |scope, key| {
+                let new = match registry.service(key) {
+                    Some(s) => encode_all(translate::endpoint::service_load_assignments(ctx, scope, s)),
+                    None => Vec::new(),
+                };
+                // (the rules did not change: the old assignments had the same subsets)
+                let removals: Vec<Arc<str>> = match eds_ports.get(*key) {
+                    Some((host, ports)) => {
+                        translate::endpoint::assignment_names(ctx, scope, &key.namespace, host, ports)
+                            .into_iter()
+                            .map(Arc::<str>::from)
+                            .filter(|n| !new.iter().any(|r| r.name == *n))
+                            .collect()
                     }
+                    None => Vec::new(),
+                };
+                (new, removals)
+            });
+            for (scope, per_service) in scopes.iter().zip(translated) {
+                let (mut upserts, mut removals) = (Vec::new(), Vec::new());
+                for (new, gone) in per_service {
                     upserts.extend(new);
+                    removals.extend(gone);
                 }
-                changes
-                    .add(ResourceType::Endpoint, cache::update(self.endpoints.resources(&scope), upserts, &removals));
+                changes.add(ResourceType::Endpoint, cache::update(self.endpoints.resources(scope), upserts, &removals));
             }
         }
         for key in change.services.keys() {
@@ -1103,6 +1151,28 @@ pub fn start(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pairs_are_translated_per_scope_in_order_on_one_thread_or_several() {
+        for (scopes, items) in [(1usize, 10usize), (3, 100), (6, 1000), (1, 5000), (7, 333)] {
+            let scopes: Vec<String> = (0..scopes).map(|s| format!("scope-{s}")).collect();
+            let items: Vec<usize> = (0..items).collect();
+            let threads = std::sync::Mutex::new(std::collections::HashSet::new());
+            let got = super::translate_pairs(&scopes, &items, |scope, i| {
+                threads.lock().unwrap().insert(std::thread::current().id());
+                format!("{scope}/{i}")
+            });
+            let want: Vec<Vec<String>> =
+                scopes.iter().map(|s| items.iter().map(|i| format!("{s}/{i}")).collect()).collect();
+            assert_eq!(got, want);
+            let many = scopes.len() * items.len() >= 2 * super::PARALLEL_MIN;
+            if many && std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+                assert!(threads.lock().unwrap().len() > 1, "{} pairs on several threads", scopes.len() * items.len());
+            } else if !many {
+                assert_eq!(threads.lock().unwrap().len(), 1, "few pairs in place");
+            }
+        }
+    }
+
     use super::*;
     use crate::proxy::Proxy;
     use prost::Message;
