@@ -201,20 +201,23 @@ pub fn update(map: &mut Resources, upserts: Vec<Arc<Resource>>, removals: &[Arc<
     changed
 }
 
+/// An assignment `name` with `n` empty localities, encoded (for tests).
+#[cfg(test)]
+pub(crate) fn test_assignment(name: &str, n: usize) -> Arc<Resource> {
+    let c = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![Default::default(); n],
+        ..Default::default()
+    };
+    Resource::encode(crate::translate::Named::new(name, c))
+}
+
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
 
-    fn cla(name: &str, n: usize) -> Arc<Resource> {
-        let c = ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![Default::default(); n],
-            ..Default::default()
-        };
-        Resource::encode(Named::new(name, c))
-    }
+    use super::test_assignment as cla;
 
     #[test]
     fn versions_derive_from_content() {

@@ -212,21 +212,12 @@ impl SharedPushes {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
     use crate::cache::Resource;
-    use crate::translate::Named;
     use crate::xds::subscription;
 
-    fn cla(name: &str, n: usize) -> Arc<Resource> {
-        let c = ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![Default::default(); n],
-            ..Default::default()
-        };
-        Resource::encode(Named::new(name, c))
-    }
+    use crate::cache::test_assignment as cla;
 
     fn name(i: usize) -> String {
         format!("outbound|9080||svc-{i:03}.shop.svc.cluster.local")

@@ -310,7 +310,6 @@ pub(super) fn rollback(ts: &mut TypeState, inflight: Inflight) {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
     use super::*;
 
@@ -342,16 +341,8 @@ mod tests {
         assert!(lookup_all(&map, std::iter::empty::<&Arc<str>>()).is_empty());
         assert_eq!(lookup_all(&Resources::new(), many.iter()).iter().flatten().count(), 0);
     }
-    use crate::translate::Named;
 
-    fn cla(name: &str, n: usize) -> Arc<Resource> {
-        let c = ClusterLoadAssignment {
-            cluster_name: name.into(),
-            endpoints: vec![Default::default(); n],
-            ..Default::default()
-        };
-        Resource::encode(Named::new(name, c))
-    }
+    use crate::cache::test_assignment as cla;
 
     fn scope(entries: &[Arc<Resource>]) -> Resources {
         entries.iter().map(|r| (r.name.clone(), r.clone())).collect()
