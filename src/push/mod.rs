@@ -794,8 +794,10 @@ impl Pusher {
                 r.record(100, now);
             }
         }
-        // bounded: the oldest ended drills go
-        let ended: Vec<String> = drills.iter().filter(|(_, r)| !r.active()).map(|(k, _)| k.clone()).collect();
+        // bounded: the oldest ended drills go, but never one the policy still lists (its report is what
+        // keeps an aborted drill from applying again)
+        let ended: Vec<String> =
+            drills.iter().filter(|(k, r)| !r.active() && !listed.contains(*k)).map(|(k, _)| k.clone()).collect();
         if ended.len() > drill::KEEP_ENDED {
             let mut by_start: Vec<(std::time::SystemTime, String)> =
                 ended.into_iter().map(|k| (drills[&k].start, k)).collect();
@@ -1382,6 +1384,36 @@ mod tests {
         assert!(pusher.traffic.drained.is_empty());
         let abort = r.aborted.expect("aborted");
         assert_eq!((crate::traffic::decide::time_str(abort.at), abort.reason.as_str()), (at, "aws-use1 below 50%"));
+    }
+
+    #[test]
+    fn an_aborted_drill_the_policy_still_lists_outlives_the_pruning_of_ended_drills() {
+        // a drill aborted in this run (not recorded anywhere else) while the policy still lists it, and
+        // more ended drills than are kept, all newer: the oldest ended ones go, not this one's report,
+        // which is what keeps its drain from applying again
+        use crate::traffic::drill;
+        let (mut pusher, _rx, _dir) = demo_pusher();
+        let (policy, _) = drill_policy(None);
+        let key = drill::key(&policy.drains[0]);
+        pusher.set_traffic_policy(policy);
+        pusher.push(RegistryChange::default(), false);
+        assert_eq!(azure_share_and_drill(&pusher).0, Some(0.0), "the drill applies");
+        let mut status = (*pusher.traffic).clone();
+        let report = status.drills.get_mut(&key).expect("its report");
+        report.aborted = Some(drill::Abort { at: std::time::SystemTime::now(), reason: "test".into() });
+        let ended = report.clone();
+        for i in 0..drill::KEEP_ENDED + 3 {
+            let mut other = ended.clone();
+            other.start += std::time::Duration::from_secs(1 + i as u64);
+            status.drills.insert(format!("removed drill {i}"), other);
+        }
+        pusher.traffic = Arc::new(status);
+        pusher.push(RegistryChange::default(), false);
+        let (azure, r) = azure_share_and_drill(&pusher);
+        assert_eq!(azure, Some(30.0), "the aborted drill does not apply again");
+        assert!(r.aborted.is_some());
+        assert!(pusher.traffic.drills.contains_key(&key));
+        assert_eq!(pusher.traffic.drills.len(), drill::KEEP_ENDED + 1, "the listed one and the newest ended");
     }
 
     #[test]
