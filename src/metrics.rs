@@ -110,6 +110,7 @@ struct SentCounters {
     pushes: Counter,
     resources: Counter,
     bytes: Counter,
+    shared: Counter,
 }
 
 /// Every metric meshfed exports.
@@ -132,6 +133,9 @@ pub struct Metrics {
     pub resources_sent: Family<TypeLabel, Counter>,
     /// `meshfed_xds_bytes_sent_total{type}`
     pub bytes_sent: Family<TypeLabel, Counter>,
+    /// `meshfed_xds_shared_responses_total{type}`: responses written from an update worked out once for
+    /// every stream alike ([`crate::xds::SharedPushes`])
+    pub shared_responses: Family<TypeLabel, Counter>,
     /// the per-type counters of the response path, looked up once (a family lookup locks and hashes)
     sent_by_type: [SentCounters; 4],
     /// `meshfed_pushes_total`: pushes of the push loop
@@ -223,6 +227,12 @@ impl Metrics {
         );
         let bytes_sent = Family::<TypeLabel, Counter>::default();
         registry.register("meshfed_xds_bytes_sent", "Bytes of xDS responses sent, by type", bytes_sent.clone());
+        let shared_responses = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "meshfed_xds_shared_responses",
+            "xDS responses of a push written from one update worked out once for every stream alike (its client held the scope's previous map through the same subscription), by type",
+            shared_responses.clone(),
+        );
         let pushes = Counter::default();
         registry.register("meshfed_pushes", "Pushes of the push loop", pushes.clone());
         let unknown_resources = Family::<TypeLabel, Counter>::default();
@@ -328,6 +338,7 @@ impl Metrics {
                 pushes: xds_pushes.get_or_create(&label).clone(),
                 resources: resources_sent.get_or_create(&label).clone(),
                 bytes: bytes_sent.get_or_create(&label).clone(),
+                shared: shared_responses.get_or_create(&label).clone(),
             }
         });
         Metrics {
@@ -340,6 +351,7 @@ impl Metrics {
             xds_rejects,
             resources_sent,
             bytes_sent,
+            shared_responses,
             pushes,
             debounce_merged_events,
             cluster_last_event_age,
@@ -408,12 +420,16 @@ impl Metrics {
         self.xds_refused.get_or_create(&[("reason", reason.as_str())]).inc();
     }
 
-    /// An xDS response of type `t` carrying `resources` resources in `bytes` bytes was sent.
-    pub fn record_response(&self, t: ResourceType, resources: usize, bytes: u64) {
+    /// An xDS response of type `t` carrying `resources` resources in `bytes` bytes was sent; `shared`:
+    /// written from an update worked out once for every stream alike.
+    pub fn record_response(&self, t: ResourceType, resources: usize, bytes: u64, shared: bool) {
         let c = &self.sent_by_type[t.index()];
         c.pushes.inc();
         c.resources.inc_by(resources as u64);
         c.bytes.inc_by(bytes);
+        if shared {
+            c.shared.inc();
+        }
     }
 
     /// A proxy subscribed to `n` names of type `t` that meshfed does not serve.
@@ -533,7 +549,8 @@ mod tests {
     #[test]
     fn istio_counters_keep_istio_names() {
         let m = Metrics::new();
-        m.record_response(ResourceType::Cluster, 3, 100);
+        m.record_response(ResourceType::Cluster, 3, 100, false);
+        m.record_response(ResourceType::Endpoint, 2, 10, true);
         m.record_nack(ResourceType::Endpoint);
         m.record_push(&[(ResourceType::Endpoint, 2)], Duration::from_millis(3), 4);
         let text = m.encode().unwrap();
@@ -542,6 +559,8 @@ mod tests {
         assert!(text.contains("pilot_total_xds_rejects{type=\"eds\"} 1\n"), "{text}");
         assert!(text.contains("meshfed_xds_resources_sent_total{type=\"cds\"} 3\n"), "{text}");
         assert!(text.contains("meshfed_xds_bytes_sent_total{type=\"cds\"} 100\n"), "{text}");
+        assert!(text.contains("meshfed_xds_shared_responses_total{type=\"eds\"} 1\n"), "{text}");
+        assert!(text.contains("meshfed_xds_shared_responses_total{type=\"cds\"} 0\n"), "{text}");
         assert!(text.contains("meshfed_debounce_merged_events_total 4\n"), "{text}");
         assert!(text.contains("pilot_xds_push_time_count{type=\"eds\"} 1\n"), "{text}");
         assert!(!text.contains("pilot_xds_pushes_total"), "{text}");

@@ -110,7 +110,7 @@ fn the_alerts_use_metrics_meshfed_exports() {
     let t = meshfed::type_url::ResourceType::Endpoint;
     m.record_nack(t);
     m.record_unknown_resources(t, 1);
-    m.record_response(t, 1, 1);
+    m.record_response(t, 1, 1, true);
     m.record_push(&[(t, 1)], Duration::from_millis(1), 0);
     m.set_gateway_evidence(&[("net".into(), "10.0.0.1:15443".into(), true)], &[("net".into(), false)]);
     let mut status = meshfed::source::ClusterStatus::new(meshfed::model::ClusterId::new("c"), "test");

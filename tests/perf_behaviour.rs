@@ -113,6 +113,14 @@ async fn eds_client(server: &TestServer, flavor: Flavor, k: usize, names: &[Stri
     c
 }
 
+/// meshfed's count of EDS responses written from an update worked out once for every stream alike (this
+/// process's metrics: other tests here only add to it).
+fn shared_eds_responses() -> u64 {
+    let text = meshfed::metrics::global().encode().expect("metrics");
+    let line = text.lines().find(|l| l.starts_with("meshfed_xds_shared_responses_total{type=\"eds\"}"));
+    line.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 /// Name -> encoded assignment a client holds.
 fn assignments(c: &AdsClient) -> std::collections::BTreeMap<String, Vec<u8>> {
     let held = c.held().get(meshfed::type_url::ENDPOINT).expect("EDS held");
@@ -142,6 +150,7 @@ async fn a_drain_step_of_every_service_leaves_every_proxy_with_the_servers_state
         async move { assignments(&eds_client(server, Flavor::Delta, k, &names).await) }
     };
     let placement = [24, 24, 13, 24, 24, 13];
+    let shared_before = shared_eds_responses();
     // the split installed, then drain steps; at the second the first proxy of each flavor rejects it
     for (step, capacity) in [100u32, 50, 25].into_iter().enumerate() {
         let policy = meshfed_load::server::drain_policy(capacity, 0, std::time::SystemTime::now()).expect("policy");
@@ -166,6 +175,8 @@ async fn a_drain_step_of_every_service_leaves_every_proxy_with_the_servers_state
             }
         }
     }
+    // the first drain step reached all six from the update worked out once per scope and flavor
+    assert!(shared_eds_responses() >= shared_before + 6, "shared EDS responses");
     // nothing else is sent: every stream holds the server's state
     for c in clients.iter_mut() {
         c.expect_silence("after the last step").await.expect("silence");

@@ -454,6 +454,12 @@ async fn split_drain_whatif_and_failover_with_real_envoys() {
     // (3b) undrain: 70/30 again
     mesh.set_policy(policy("").unwrap()).await.unwrap_or_else(step("(3b) policy"));
     mesh.expect_share("(3b) undrained", 30.0).await.unwrap_or_else(step("(3b) undrain"));
+    // the steps above reached the real Envoys (at least in part) as EDS responses worked out once for
+    // every stream alike and written from one shared encoding (this binary runs this one test)
+    let metrics = meshfed::metrics::global().encode().unwrap();
+    let shared = metrics.lines().find(|l| l.starts_with("meshfed_xds_shared_responses_total{type=\"eds\"}"));
+    let shared: u64 = shared.and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(shared > 0, "(3b) no shared EDS response was sent");
 
     // (4) 3 of aws-use1's 4 ratings endpoints not ready (25% < minHealthy 50%): in the push that brings
     // it, aws-use1's share goes to azure-weu

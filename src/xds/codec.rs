@@ -79,6 +79,11 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// Written from a [`Batch`] (shared by the streams of one push).
+    pub fn is_batch(&self) -> bool {
+        matches!(self, Payload::Batch(_))
+    }
+
     pub fn resources(&self) -> &[Arc<Resource>] {
         match self {
             Payload::Each(v) => v,

@@ -22,8 +22,9 @@ use super::type_state::{Inflight, TypeState, entry_hash, lookup_all, wants};
 use crate::cache::Resources;
 use crate::type_url::ResourceType;
 
-/// Pushes that change fewer names are cheap per stream; they take the stream's own path.
-pub(super) const MIN_CHANGED: usize = 32;
+/// A push that changes one name (an endpoint change) takes each stream's own path, which is as cheap for
+/// one name; from two names on, the update is worked out once.
+pub(super) const MIN_CHANGED: usize = 2;
 /// Updates kept for one generation.
 pub(super) const MAX_ENTRIES: usize = 256;
 /// Encoded bytes kept for one generation (an S-sized drain step: ~0.7 MB per scope and flavor).

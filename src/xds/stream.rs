@@ -364,14 +364,14 @@ impl Stream {
             }
         }
         let bytes = response.encoded_len() as u64;
-        let count = match &response {
-            Response::Sotw(r) => r.resources.resources().len(),
-            Response::Delta(r) => r.resources.resources().len(),
-            Response::Raw(_) => 0,
+        let (count, shared) = match &response {
+            Response::Sotw(r) => (r.resources.resources().len(), r.resources.is_batch()),
+            Response::Delta(r) => (r.resources.resources().len(), r.resources.is_batch()),
+            Response::Raw(_) => (0, false),
         };
         let held = self.types[t.index()].as_ref().map(|s| s.held.len()).unwrap_or(0);
         let generation = self.snapshot.generation;
-        crate::metrics::global().record_response(t, count, bytes);
+        crate::metrics::global().record_response(t, count, bytes, shared);
         if let Some(c) = self.conn() {
             // a change seen after the proxy connected: its ACK ends a convergence (metrics)
             let seen = self.snapshot.changes.seen.filter(|seen| *seen >= c.connected);
