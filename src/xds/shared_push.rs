@@ -9,8 +9,9 @@
 //! them an O(1) update of its state and the write of one shared block, not a lookup, a compare and a
 //! copy per changed name.
 //!
-//! Only what the newest generation's pushes worked out is kept, at most [`MAX_ENTRIES`] updates and
-//! [`BUDGET`] bytes of encoded entries; beyond that a stream works its update out for itself.
+//! Only what the newest generation's pushes worked out is kept (until the next push), at most
+//! [`MAX_ENTRIES`] updates and [`BUDGET`] bytes of encoded entries; beyond that a stream works its update
+//! out for itself, as every stream did before.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ pub(super) const MIN_CHANGED: usize = 2;
 /// Updates kept for one generation.
 pub(super) const MAX_ENTRIES: usize = 256;
 /// Encoded bytes kept for one generation (an S-sized drain step: ~0.7 MB per scope and flavor).
-pub(super) const BUDGET: usize = 64 << 20;
+pub(super) const BUDGET: usize = 32 << 20;
 
 /// What a push does to a synced stream of a given scope and subscription.
 #[derive(Debug)]
