@@ -7,10 +7,10 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tracing::debug;
 
-use super::codec::{DeltaResponse, Response};
+use super::codec::Response;
 use super::stream::{Stream, StreamResult};
 use super::subscription;
-use super::type_state::{MAX_PENDING, TypeState, hand_over_superseded, rollback};
+use super::type_state::{TypeState, hand_over_superseded, rollback};
 use crate::cache::Resource;
 use crate::type_url::ResourceType;
 
@@ -188,23 +188,9 @@ impl Stream {
         }
         let changed_names: Vec<Arc<str>> = to_send.iter().map(|r| r.name.clone()).collect();
         let inflight = ts.record(&to_send, &removed, &current, candidates, from, generation);
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let ts = self.types[t.index()].as_mut().expect("present");
-        ts.pending.push_back((nonce.clone(), inflight));
-        while ts.pending.len() > MAX_PENDING {
-            ts.pending.pop_front();
-        }
         if t == ResourceType::Cluster {
             self.mark_endpoints_dirty(&changed_names);
         }
-        let response = Response::Delta(DeltaResponse {
-            system_version_info: String::new(),
-            type_url: t.type_url(),
-            nonce: nonce.clone(),
-            resources: to_send.into(),
-            removed_resources: removed,
-        });
-        self.send(t, response, &nonce, "").await
+        self.send_update(t, inflight, to_send.into(), removed).await
     }
 }

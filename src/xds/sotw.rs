@@ -7,10 +7,10 @@ use std::sync::Arc;
 use tonic::Status;
 use tracing::debug;
 
-use super::codec::{Response, SotwRequest, SotwResponse};
+use super::codec::{Response, SotwRequest};
 use super::stream::{Stream, StreamResult};
 use super::subscription;
-use super::type_state::{MAX_PENDING_SOTW, TypeState, hand_over_superseded, rollback};
+use super::type_state::{TypeState, hand_over_superseded, rollback};
 use crate::cache::Resource;
 use crate::type_url::ResourceType;
 
@@ -192,24 +192,9 @@ impl Stream {
             .map(|r| r.name.clone())
             .collect();
         let inflight = ts.record(&to_send, &removed, &current, candidates, from, generation);
-        let version = ts.sotw_version();
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let ts = self.types[t.index()].as_mut().expect("present");
-        ts.pending.push_back((nonce.clone(), inflight));
-        while ts.pending.len() > MAX_PENDING_SOTW {
-            ts.pending.pop_front();
-        }
-        ts.last_nonce = Some(nonce.clone());
         if t == ResourceType::Cluster {
             self.mark_endpoints_dirty(&changed_names);
         }
-        let response = Response::Sotw(SotwResponse {
-            version_info: version.clone(),
-            type_url: t.type_url(),
-            nonce: nonce.clone(),
-            resources: to_send.into(),
-        });
-        self.send(t, response, &nonce, &version).await
+        self.send_update(t, inflight, to_send.into(), Vec::new()).await
     }
 }

@@ -630,11 +630,23 @@ impl Stream {
         ts.synced = Some(generation);
         let shared_push::Outcome::Send(update) = outcome else { return Ok(()) };
         ts.held_hash ^= update.hash_delta;
+        let resources = super::codec::Payload::Batch(update.batch.clone());
+        self.send_update(t, update.inflight.clone(), resources, update.removed.clone()).await
+    }
+
+    /// Sends `resources` of type `t` (Delta: and `removed`) as the stream's next response, whose answer
+    /// rolls `inflight` back if it is a NACK. What the client will hold is recorded already.
+    pub(super) async fn send_update(
+        &mut self,
+        t: ResourceType,
+        inflight: super::type_state::Inflight,
+        resources: super::codec::Payload,
+        removed: Vec<Arc<str>>,
+    ) -> StreamResult {
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let ts = self.types[t.index()].as_mut().expect("present");
-        ts.pending.push_back((nonce.clone(), update.inflight.clone()));
-        let resources = super::codec::Payload::Batch(update.batch.clone());
+        let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
+        ts.pending.push_back((nonce.clone(), inflight));
         let (response, version) = match self.flavor {
             Flavor::Sotw => {
                 while ts.pending.len() > super::type_state::MAX_PENDING_SOTW {
@@ -659,7 +671,7 @@ impl Stream {
                     type_url: t.type_url(),
                     nonce: nonce.clone(),
                     resources,
-                    removed_resources: update.removed.clone(),
+                    removed_resources: removed,
                 };
                 (Response::Delta(r), String::new())
             }
