@@ -593,7 +593,7 @@ impl Stream {
                 c => c,
             };
             let missing = !ts.missing.is_empty();
-            // a push that changes many names: what it does to a synced stream is worked out once
+            // a push that changes several names: what it does to a synced stream is worked out once
             let shared = match &candidates {
                 Some(std::borrow::Cow::Borrowed(changed)) if shared_push::shares(t) => {
                     let current = self.current(t);
