@@ -247,31 +247,12 @@ fn predict(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh_config::MeshConfig;
     use crate::model::Locality;
     use crate::proxy::{ProxyKind, TlsSupport};
-    use crate::push::Pusher;
-    use crate::registry::RegistryChange;
-    use crate::source::SourceEvent;
 
     /// The demo with a traffic policy: reviews from us-east-1 70/30 between aws-use1 and azure-weu.
     fn demo_snapshot(traffic: &str) -> (Arc<Snapshot>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        crate::demo::write_to(dir.path()).unwrap();
-        let path = dir.path().join("mesh.yaml");
-        let text = std::fs::read_to_string(&path).unwrap() + traffic;
-        std::fs::write(&path, text).unwrap();
-        let mesh = MeshConfig::load(&path).unwrap();
-        let (mut pusher, rx) = Pusher::new(&mesh);
-        let mut change = RegistryChange::default();
-        for c in &mesh.clusters {
-            let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
-            let (objects, _) = crate::source::files::load_cluster_dir(d);
-            change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
-        }
-        change.merge(pusher.refresh_traffic(SystemTime::now()));
-        let changes = pusher.translate(&change);
-        pusher.publish(changes);
+        let (_pusher, rx, dir) = crate::push::demo_pusher(traffic);
         let s = rx.borrow().clone();
         (s, dir)
     }

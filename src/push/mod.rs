@@ -1151,6 +1151,28 @@ pub fn start(
     (handle, task)
 }
 
+/// A push loop (not running) on a copy of the demo whose mesh config has `mesh_extra` appended, its
+/// first push made; the snapshots' receiver and the copy's directory (for tests).
+#[cfg(test)]
+pub(crate) fn demo_pusher(mesh_extra: &str) -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::demo::write_to(dir.path()).unwrap();
+    let path = dir.path().join("mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap() + mesh_extra;
+    std::fs::write(&path, text).unwrap();
+    let mesh = MeshConfig::load(&path).unwrap();
+    let (mut pusher, rx) = Pusher::new(&mesh);
+    let mut change = RegistryChange::default();
+    for c in &mesh.clusters {
+        let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
+        let (objects, errors) = crate::source::files::load_cluster_dir(d);
+        assert!(errors.is_empty(), "{errors:?}");
+        change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
+    }
+    pusher.push(change, true);
+    (pusher, rx, dir)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1180,21 +1202,7 @@ mod tests {
     use prost::Message;
 
     fn demo_pusher() -> (Pusher, watch::Receiver<Arc<Snapshot>>, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let mesh = {
-            crate::demo::write_to(dir.path()).unwrap();
-            MeshConfig::load(&dir.path().join("mesh.yaml")).unwrap()
-        };
-        let (mut pusher, rx) = Pusher::new(&mesh);
-        let mut change = RegistryChange::default();
-        for c in &mesh.clusters {
-            let crate::mesh_config::ClusterSource::Manifests(d) = &c.source else { continue };
-            let (objects, errors) = crate::source::files::load_cluster_dir(d);
-            assert!(errors.is_empty(), "{errors:?}");
-            change.merge(pusher.apply(SourceEvent::Sync { cluster: c.id.clone(), objects }));
-        }
-        pusher.push(change, true);
-        (pusher, rx, dir)
+        super::demo_pusher("")
     }
 
     /// A sidecar with interception NONE on its own address (its own listener scope).
