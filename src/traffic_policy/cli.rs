@@ -160,11 +160,10 @@ impl TargetArgs {
     }
 }
 
+/// The share a drain or a drill leaves its target, and the ramp down to it.
 #[derive(Clone, Debug, clap::Args)]
-pub struct DrainArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
-    /// Percent of the target's normal share it keeps, 0..100.
+pub struct ShareArgs {
+    /// Percent of the target's normal share it keeps (at the end of the ramp, with one), 0..100.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub capacity: i64,
     /// Ramp down: percent removed every --ramp-every (with --ramp-every).
@@ -173,6 +172,21 @@ pub struct DrainArgs {
     /// Ramp down: the time between two steps, e.g. 30s (with --ramp-step).
     #[arg(long, requires = "ramp_step")]
     pub ramp_every: Option<String>,
+}
+
+impl ShareArgs {
+    /// The ramp (step, every), when both are given.
+    fn ramp(&self) -> Option<(i64, String)> {
+        self.ramp_step.zip(self.ramp_every.clone())
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// When the drain ends by itself: an RFC 3339 time or a duration from now (2h, 7d); at most the
     /// policy's maxDrainDuration (default 7d) ahead.
     #[arg(long)]
@@ -194,15 +208,8 @@ pub struct DrillArgs {
     /// How long the drill lasts (e.g. 10m); it reverts by itself at the end.
     #[arg(long, required_unless_present = "abort")]
     pub duration: Option<String>,
-    /// Percent of the target's normal share it keeps at the end of the ramp, 0..100.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub capacity: i64,
-    /// Ramp down: percent removed every --ramp-every (with --ramp-every).
-    #[arg(long, requires = "ramp_every", allow_negative_numbers = true)]
-    pub ramp_step: Option<i64>,
-    /// Ramp down: the time between two steps, e.g. 1m (with --ramp-step).
-    #[arg(long, requires = "ramp_step")]
-    pub ramp_every: Option<String>,
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// Abort by itself when a cluster taking the drained traffic has fewer than this percent of a
     /// service's endpoints healthy, 0..100 (0: never).
     #[arg(long, default_value_t = 50, allow_negative_numbers = true)]
@@ -287,8 +294,8 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
         TrafficCommand::Drain(a) => {
             let spec = edit::DrainSpec {
                 target: a.target.target()?,
-                capacity: a.capacity,
-                ramp: a.ramp_step.zip(a.ramp_every.clone()),
+                capacity: a.share.capacity,
+                ramp: a.share.ramp(),
                 expires: edit::expiry(&a.expires, SystemTime::now())?,
                 reason: a.reason.clone(),
             };
@@ -315,8 +322,8 @@ pub fn run(args: &TrafficArgs) -> Result<String, Error> {
             let start = crate::traffic::decide::time_str(now);
             let spec = edit::DrainSpec {
                 target,
-                capacity: a.capacity,
-                ramp: a.ramp_step.zip(a.ramp_every.clone()),
+                capacity: a.share.capacity,
+                ramp: a.share.ramp(),
                 expires: edit::expiry(duration, now)?,
                 reason: Some(a.reason.clone().unwrap_or_else(|| "drill".into())),
             };
