@@ -98,6 +98,12 @@ struct ServeArgs {
     /// On SIGTERM: how long connections get to close after GOAWAY before meshfed exits.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     drain_timeout: Duration,
+    /// An xDS connection quiet this long gets an HTTP/2 PING (istiod's --keepaliveInterval). 0s: never.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_arg)]
+    keepalive_interval: Duration,
+    /// A PING not answered this long closes the connection (istiod's --keepaliveTimeout).
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    keepalive_timeout: Duration,
     /// Address of the debug HTTP server (/healthz, /ready, /debug/...).
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_address: SocketAddr,
@@ -281,6 +287,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         _ => None,
     };
+    if !args.keepalive_interval.is_zero() && args.keepalive_timeout.is_zero() {
+        bail!(
+            "--keepalive-timeout 0s would close every connection at its first keepalive PING; give it time to answer"
+        );
+    }
     let limits = meshfed::xds::limits::Limits {
         max_message_size: args.max_message_size,
         max_connections: args.max_connections,
@@ -288,6 +299,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         request_rate: args.max_request_rate,
         request_burst: args.max_request_burst,
         drain_timeout: args.drain_timeout,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_timeout: args.keepalive_timeout,
         ..Default::default()
     };
     let demo = args.mesh_config.is_none();

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use meshfed::grpc::frame::{self, Frame, Head, Reason, setting};
@@ -509,6 +509,48 @@ async fn an_idle_connection_is_closed_after_the_admission_timeout() {
     assert!(refused("admission_timeout") > counted, "the closing is counted in meshfed_xds_refused_total");
 }
 
+/// `--keepalive-interval` / `--keepalive-timeout` reach the transport: a client that completes the
+/// handshake and then never answers a PING is closed after interval + timeout; with the interval at 0s
+/// no PING is sent at all.
+#[tokio::test]
+async fn the_keepalive_limits_close_a_client_that_never_answers_a_ping() {
+    let limits = Limits {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(100),
+        ..Limits::unlimited()
+    };
+    let server = Server::start(limits, None).await;
+    let mut h2 = RawH2::connect(server.addr).await;
+    h2.settings().await;
+    h2.open_ads_stream(1).await;
+    let pinged = bounded("the server's keepalive PING", async {
+        loop {
+            if let Frame::Ping { ack: false, .. } = h2.next().await {
+                return Instant::now();
+            }
+        }
+    })
+    .await;
+    // unanswered: the connection is closed once the timeout has passed
+    closed_by_server(&mut h2.tcp, "the connection to be closed for its unanswered PING").await;
+    assert!(pinged.elapsed() >= Duration::from_millis(90), "closed {:?} after the PING", pinged.elapsed());
+
+    let quiet = Limits { keepalive_interval: Duration::ZERO, ..Limits::unlimited() };
+    let server = Server::start(quiet, None).await;
+    let mut h2 = RawH2::connect(server.addr).await;
+    h2.settings().await;
+    h2.open_ads_stream(1).await;
+    let ping = tokio::time::timeout(Duration::from_millis(600), async {
+        loop {
+            if let Frame::Ping { ack: false, .. } = h2.next().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(ping.is_err(), "no keepalive PING with the interval at 0s");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Drain
 // ---------------------------------------------------------------------------------------------
@@ -724,6 +766,7 @@ fn serve_refuses_an_exposed_debug_server_without_protection() {
         "shorter than 16",
     );
     serve_fails_with(&["--no-plaintext-xds"], "--no-plaintext-xds needs --xds-tls-cert");
+    serve_fails_with(&["--xds-address", &xds, "--keepalive-timeout", "0s"], "--keepalive-timeout 0s");
     let missing = PathBuf::from("/nonexistent/meshfed.pem");
     serve_fails_with(
         &[

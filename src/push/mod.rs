@@ -264,9 +264,6 @@ pub struct Pusher {
     traffic: Arc<crate::traffic::Status>,
     /// the translation context as last published (shared with the snapshots)
     published_ctx: Arc<Context>,
-    /// the drills aborted before a restart (the last-known state), by [`crate::traffic::drill::key`]: such
-    /// a drill is aborted from the start, with this time and reason
-    restored_aborts: BTreeMap<String, crate::traffic::drill::Abort>,
 }
 
 /// Below this many (scope, service) pairs a push translates on its own thread only.
@@ -353,7 +350,6 @@ impl Pusher {
                 ..Default::default()
             }),
             published_ctx: Arc::default(),
-            restored_aborts: BTreeMap::new(),
         };
         (pusher, rx)
     }
@@ -666,10 +662,8 @@ impl Pusher {
     /// time and reason). Call before the first push.
     pub fn restore(&mut self, restored: crate::traffic::Durable) {
         let crate::traffic::Durable { failover, drill_aborts } = restored;
-        if !failover.is_empty() {
-            self.traffic = Arc::new(crate::traffic::Status { failover, ..(*self.traffic).clone() });
-        }
-        self.restored_aborts = drill_aborts;
+        self.traffic =
+            Arc::new(crate::traffic::Status { failover, restored_aborts: drill_aborts, ..(*self.traffic).clone() });
     }
 
     /// Decides the traffic of every covered service at `now` ([`crate::traffic::decide_all`]): updates
@@ -712,10 +706,14 @@ impl Pusher {
             debug!(services = all.decisions.services.len(), "traffic decisions changed");
             self.ctx.traffic = Arc::new(all.decisions);
         }
+        // a restored abort is kept until its drill's report carries it, or that drill has expired
+        let mut restored_aborts = status.restored_aborts.clone();
+        restored_aborts.retain(|key, a| !drills.contains_key(key) && now < a.at + status.policy.max_drain_duration);
         if status.failover != all.failover
             || status.next_change != all.next_change
             || status.drained != all.drained
             || status.drills != drills
+            || status.restored_aborts != restored_aborts
         {
             self.traffic = Arc::new(crate::traffic::Status {
                 policy: status.policy.clone(),
@@ -723,6 +721,7 @@ impl Pusher {
                 next_change: all.next_change,
                 drained: all.drained,
                 drills,
+                restored_aborts,
             });
         }
         change
@@ -749,7 +748,7 @@ impl Pusher {
                 let recorded = d.drill.as_ref().and_then(|x| x.aborted.as_ref());
                 let before = match recorded {
                     Some(rec) => Some(drill::Abort { at: rec.at, reason: rec.reason.clone() }),
-                    None => self.restored_aborts.get(&key).cloned(),
+                    None => status.restored_aborts.get(&key).cloned(),
                 };
                 if let Some(abort) = before {
                     if recorded.is_none() {
@@ -1462,7 +1461,13 @@ mod tests {
         let (azure, r) = azure_share_and_drill(&other);
         assert_eq!(azure, Some(0.0), "the drill applies");
         assert!(r.active(), "{r:?}");
-        assert!(other.traffic.durable().drill_aborts.is_empty(), "an abort of no listed drill is not kept");
+        // the abort of a drill the policy in force does not list is kept for the next restart (in
+        // custom-resource mode the file's policy serves until the object is read), until that drill must
+        // have expired: maxDrainDuration after the abort
+        assert_eq!(other.traffic.durable().drill_aborts.len(), 1, "kept while its drill may still be listed");
+        let later = at_time + other.traffic.policy.max_drain_duration + std::time::Duration::from_secs(1);
+        other.refresh_traffic(later);
+        assert!(other.traffic.durable().drill_aborts.is_empty(), "dropped once that drill has expired");
     }
 
     fn prost_types_any(body: &[u8]) -> Vec<u8> {

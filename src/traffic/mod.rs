@@ -52,6 +52,12 @@ pub struct Status {
     /// (not serialized: the debug surface shows them with each step's ACKs, `/debug/drillz`)
     #[serde(skip)]
     pub drills: BTreeMap<String, drill::Report>,
+    /// aborts restored from the last-known state ([`Durable::drill_aborts`]) whose drill the policy in
+    /// force does not list (yet: in custom-resource mode the file's policy serves until the object is
+    /// read). Kept for the next restart until `maxDrainDuration` after the abort, by when that drill has
+    /// expired anyway (not serialized)
+    #[serde(skip)]
+    pub restored_aborts: BTreeMap<String, drill::Abort>,
 }
 
 impl Status {
@@ -60,7 +66,12 @@ impl Status {
     pub fn durable(&self) -> Durable {
         Durable {
             failover: self.failover.clone(),
-            drill_aborts: self.drills.iter().filter_map(|(key, r)| Some((key.clone(), r.aborted.clone()?))).collect(),
+            drill_aborts: self
+                .restored_aborts
+                .iter()
+                .map(|(key, a)| (key.clone(), a.clone()))
+                .chain(self.drills.iter().filter_map(|(key, r)| Some((key.clone(), r.aborted.clone()?))))
+                .collect(),
         }
     }
 }

@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 1_000;
 pub const DEFAULT_REQUEST_RATE: u32 = 100;
 pub const DEFAULT_REQUEST_BURST: u32 = 1_000;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// istiod's defaults (`--keepaliveInterval`, `--keepaliveTimeout`).
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The limits of an xDS listener. `0` disables a limit (for the message size: the 4 MiB default).
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +47,10 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// a connection that has not opened an admitted stream this long after it was accepted is closed
     pub admission_timeout: Duration,
+    /// a connection quiet this long gets an HTTP/2 PING (`Duration::ZERO`: never)
+    pub keepalive_interval: Duration,
+    /// a PING not answered this long closes the connection
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -56,6 +63,8 @@ impl Default for Limits {
             request_burst: DEFAULT_REQUEST_BURST,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             admission_timeout: DEFAULT_ADMISSION_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         }
     }
 }

@@ -70,8 +70,8 @@ pub struct TlsOptions {
 /// The HTTP/2 settings of an xDS connection under `limits`.
 fn transport_config(limits: &Limits) -> crate::grpc::Config {
     let mut c = crate::grpc::Config {
-        keepalive_interval: Some(Duration::from_secs(30)),
-        keepalive_timeout: Duration::from_secs(10),
+        keepalive_interval: (!limits.keepalive_interval.is_zero()).then_some(limits.keepalive_interval),
+        keepalive_timeout: limits.keepalive_timeout,
         ..Default::default()
     };
     if limits.max_message_size > 0 {

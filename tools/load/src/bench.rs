@@ -114,6 +114,15 @@ pub struct BenchArgs {
     /// drain: the services the traffic policy covers (the first N; 0: every service)
     #[arg(long, default_value_t = 0)]
     pub drain_services: usize,
+    /// drain: how long a step may take to reach every proxy, seconds (then the next step starts)
+    #[arg(long, default_value_t = 10)]
+    pub step_wait: u64,
+    /// `--server meshfed` and the floors: seconds a keepalive PING may go unanswered before it closes the connection
+    /// (meshfed's and istiod's default: 10). A load client that shares the server's cores and decodes
+    /// gigabytes per step can fall that far behind, which a fleet of real proxies on their own machines
+    /// does not
+    #[arg(long, default_value_t = 10)]
+    pub server_keepalive_timeout: u64,
     /// cold: pause between one connect's end and the next (more than meshfed's SCOPE_LINGER, 10 s, and
     /// each connect finds nothing translated)
     #[arg(long, default_value_t = 50)]
@@ -177,6 +186,7 @@ impl ServerProc {
                         cmd.arg("--zero-copy");
                     }
                 }
+                cmd.args(["--keepalive-timeout", &args.server_keepalive_timeout.to_string()]);
                 cmd.env("RUST_LOG", std::env::var("MESHFED_LOAD_SERVER_LOG").unwrap_or_else(|_| "error".into()));
                 cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
                 let mut child = cmd.spawn().context("spawning the server")?;
@@ -513,6 +523,12 @@ async fn run_steps(args: &BenchArgs, server: &mut ServerProc) -> Result<Vec<Valu
         base["streams"] = json!(streams);
         base["server_limits"] = json!(args.server_limits.name());
     }
+    if args.step_wait != 10 {
+        base["step_wait_s"] = json!(args.step_wait);
+    }
+    if args.server_keepalive_timeout != 10 {
+        base["server_keepalive_timeout_s"] = json!(args.server_keepalive_timeout);
+    }
     let connect = json!({
         "step": "connect",
         "base": base,
@@ -709,7 +725,7 @@ impl Run<'_> {
             self.fleet.rec.watch_below(epoch, [watched.clone()], n as u32);
             let t0 = Instant::now();
             self.server.control_call(&format!("drain {capacity} {}", self.args.drain_services)).await?;
-            self.fleet.rec.wait_hits(n, Duration::from_secs(10)).await;
+            self.fleet.rec.wait_hits(n, Duration::from_secs(self.args.step_wait)).await;
             self.fleet.rec.unwatch();
             let lat = first_per_proxy(&self.fleet.rec.take_hits(), epoch, t0);
             if i == 0 {

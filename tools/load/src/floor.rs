@@ -435,7 +435,7 @@ impl NamedService for FloorService {
 }
 
 /// Runs the floor on a generated topology of `size`; prints `READY ...` and serves until killed.
-pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
+pub async fn serve_floor(size: Size, zero_copy: bool, keepalive_timeout: std::time::Duration) -> Result<()> {
     let topology = Topology::new(size);
     let mesh = mesh_config(&topology, "0ms", "0ms")?;
     let mut registry = Registry::new(&mesh);
@@ -452,7 +452,7 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     let xds = listener.local_addr()?;
     if zero_copy {
         // meshfed's transport, with the settings of its ADS listeners
-        let config = Arc::new(meshfed::grpc::Config::default());
+        let config = Arc::new(meshfed::grpc::Config { keepalive_timeout, ..Default::default() });
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let _ = tcp.set_nodelay(true);
@@ -475,7 +475,7 @@ pub async fn serve_floor(size: Size, zero_copy: bool) -> Result<()> {
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(keepalive_timeout))
             .add_service(svc)
             .serve_with_incoming(incoming)
             .await;

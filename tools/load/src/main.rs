@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run benchmark steps against a server started for the run.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// meshfed's pipeline on a generated topology, changes over a control socket (started by `bench`).
     Serve {
         #[arg(long, default_value = "S", value_parser = parse_size)]
@@ -41,6 +41,10 @@ enum Command {
         /// the xDS listener's limits
         #[arg(long, value_enum, default_value = "unlimited")]
         limits: bench::ServerLimits,
+        /// seconds a keepalive PING may go unanswered before the connection is closed (meshfed's default:
+        /// 10, istiod's)
+        #[arg(long, default_value_t = 10)]
+        keepalive_timeout: u64,
     },
     /// The floor server (started by `bench`).
     Floor {
@@ -49,6 +53,9 @@ enum Command {
         /// write responses as chunks referencing the shared resource bytes (not through tonic's encoder)
         #[arg(long)]
         zero_copy: bool,
+        /// seconds a keepalive PING may go unanswered (as `serve --keepalive-timeout`)
+        #[arg(long, default_value_t = 10)]
+        keepalive_timeout: u64,
     },
     /// Write a generated topology (mesh.yaml and manifests) to DIR.
     Gen {
@@ -76,12 +83,19 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench(args) => {
             eprintln!("meshfed-load: {}", bench::environment());
-            rt.block_on(bench::run(args))?;
+            rt.block_on(bench::run(*args))?;
         }
-        Command::Serve { size, debounce_quiet, debounce_max, limits } => {
-            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits.limits()))?
+        Command::Serve { size, debounce_quiet, debounce_max, limits, keepalive_timeout } => {
+            let limits = meshfed::xds::limits::Limits {
+                keepalive_timeout: std::time::Duration::from_secs(keepalive_timeout.max(1)),
+                ..limits.limits()
+            };
+            rt.block_on(meshfed_load::server::serve_meshfed(size, &debounce_quiet, &debounce_max, limits))?
         }
-        Command::Floor { size, zero_copy } => rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy))?,
+        Command::Floor { size, zero_copy, keepalive_timeout } => {
+            let keepalive_timeout = std::time::Duration::from_secs(keepalive_timeout.max(1));
+            rt.block_on(meshfed_load::floor::serve_floor(size, zero_copy, keepalive_timeout))?
+        }
         Command::Gen { size, debounce_quiet, debounce_max, dir } => {
             let mesh = Topology::new(size).write_files(&dir, &debounce_quiet, &debounce_max)?;
             println!("{}", mesh.display());
