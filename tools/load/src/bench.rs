@@ -715,6 +715,7 @@ impl Run<'_> {
         let mut all = Vec::new();
         let mut last = Vec::new();
         let mut missing = 0usize;
+        let mut steps_seen = Vec::new();
         let before = self.fleet.rec.totals();
         let cpu0 = self.server.cpu_ns();
         let steps = self.args.iterations.max(1);
@@ -723,6 +724,7 @@ impl Run<'_> {
             self.epoch += 1;
             let epoch = self.epoch;
             self.fleet.rec.watch_below(epoch, [watched.clone()], n as u32);
+            let (bytes0, step_cpu0) = (self.fleet.rec.totals(), self.server.cpu_ns());
             let t0 = Instant::now();
             self.server.control_call(&format!("drain {capacity} {}", self.args.drain_services)).await?;
             self.fleet.rec.wait_hits(n, Duration::from_secs(self.args.step_wait)).await;
@@ -731,6 +733,14 @@ impl Run<'_> {
             if i == 0 {
                 continue; // installs the split: not a drain step
             }
+            let bytes1 = self.fleet.rec.totals();
+            steps_seen.push(json!({
+                "capacity": capacity,
+                "last_ack_ms": lat.iter().cloned().reduce(f64::max),
+                "acks": lat.len(),
+                "server_cpu_ms": (self.server.cpu_ns() - step_cpu0) as f64 / 1e6,
+                "mb_by_type": (0..4).map(|t| (bytes1[t][0] - bytes0[t][0]) as f64 / 1e6).collect::<Vec<_>>(),
+            }));
             missing += n.saturating_sub(lat.len());
             if let Some(m) = lat.iter().cloned().reduce(f64::max) {
                 last.push(m);
@@ -747,6 +757,7 @@ impl Run<'_> {
             "changes": steps,
             "change_to_ack_ms_per_proxy": percentiles(&all),
             "change_to_last_ack_ms_per_change": percentiles(&last),
+            "steps": steps_seen,
             "missing_acks": missing,
             "proxy_updates": updates,
             "eds_resources_per_response": (after[1][2] - before[1][2]) as f64 / updates as f64,
