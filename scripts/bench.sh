@@ -144,6 +144,13 @@ run t1 900 "${S[@]}" --steps drain --iterations 20
 run t1-one 900 "${S[@]}" --steps drain --iterations 20 --drain-services 1
 # the floor of the same step (every service covered): the decision, one translation, the bytes written
 run t1-floor-zc 900 "${S[@]}" --server floor-zero-copy --steps drain --iterations 20
+# how a step's cost grows with the services the policy covers (and the floor of each)
+for n in 50 100 200; do
+  run t1-$n 900 "${S[@]}" --steps drain --iterations 20 --drain-services $n
+done
+for n in 50 100; do
+  run t1-$n-floor-zc 900 "${S[@]}" --server floor-zero-copy --steps drain --iterations 20 --drain-services $n
+done
 row=t2
 # every service at 10,000: ~6.5 GB per step, decoded by a load client on the same 2 cores, which falls
 # behind by more than the 10 s a keepalive PING gets (istiod's and meshfed's default) -- a fleet of
