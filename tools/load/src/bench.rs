@@ -763,6 +763,7 @@ impl Run<'_> {
             "eds_resources_per_response": (after[1][2] - before[1][2]) as f64 / updates as f64,
             "server_cpu_ms_per_change": (self.server.cpu_ns() - cpu0) as f64 / 1e6 / (steps + 1) as f64,
             "server_rss_kb": self.server.rss_kb(),
+            "server_heap_after": self.server.stats().await.get("heap").cloned().unwrap_or(Value::Null),
             "errors": self.fleet.rec.errors.load(Ordering::Relaxed),
             "last_error": self.fleet.rec.last_error(),
         }))
