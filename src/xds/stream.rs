@@ -625,7 +625,7 @@ impl Stream {
     ) -> StreamResult {
         let generation = self.snapshot.generation;
         let Some(ts) = self.types[t.index()].as_mut() else { return Ok(()) };
-        ts.dirty.clear();
+        ts.clear_dirty();
         ts.held = current;
         ts.synced = Some(generation);
         let shared_push::Outcome::Send(update) = outcome else { return Ok(()) };

@@ -66,6 +66,9 @@ pub(super) fn entry_hash(name: &str, version: &str) -> u64 {
 /// that sent the same update, [`super::shared_push`]; copied only when a NACK changes it).
 pub(super) type Inflight = Arc<Vec<(Arc<str>, Option<Held>)>>;
 
+/// The capacity of [`TypeState::dirty`] kept when it is emptied (a few changed clusters).
+const DIRTY_KEPT: usize = 16;
+
 #[derive(Clone, Debug)]
 pub(super) struct TypeState {
     pub(super) wildcard: bool,
@@ -109,6 +112,17 @@ impl TypeState {
             names_fingerprint: 0,
             acked: false,
             missing: Vec::new(),
+        }
+    }
+
+    /// Empties `dirty`, letting go of its table once it is large: a changed cluster marks its
+    /// assignment dirty, so a policy change that touches every cluster fills it with every EDS name
+    /// (~35 KB per stream at 1,000), and a cleared set would keep that table for the stream's life.
+    pub(super) fn clear_dirty(&mut self) {
+        if self.dirty.capacity() > DIRTY_KEPT {
+            self.dirty = HashSet::new();
+        } else {
+            self.dirty.clear();
         }
     }
 
@@ -164,7 +178,7 @@ impl TypeState {
         let held_sent = lookup_all(&self.held, sent.iter().map(|r| &r.name));
         inflight.extend(sent.iter().zip(held_sent).map(|(r, h)| (r.name.clone(), h.cloned())));
         inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
-        self.dirty.clear();
+        self.clear_dirty();
         // The first answer of a type: the client held nothing and gets all of `current` (the responders
         // take `sent` from `current`).
         if considered.is_none() && self.held.is_empty() && removed.is_empty() && sent.len() == current.len() {
@@ -245,7 +259,7 @@ impl TypeState {
         from: u64,
         generation: u64,
     ) {
-        self.dirty.clear();
+        self.clear_dirty();
         let Some(c) = considered else { return self.resync(current, generation) };
         let same = |n: &Arc<str>| self.held.get(n).map(|r| &r.version) == current.get(n).map(|r| &r.version);
         if self.synced == Some(from) && c.iter().all(same) {
@@ -392,6 +406,28 @@ mod tests {
         let g4 = g3.clone();
         ts.advance(&g4, 3, 4);
         assert_eq!(ts.synced, Some(4));
+    }
+
+    #[test]
+    fn a_cleared_dirty_set_does_not_keep_a_large_table() {
+        // a policy change rewrites every cluster, so every held assignment is marked dirty; once they are
+        // sent the set must not keep a table that large for the stream's life (~35 KB per 1,000 names)
+        let resources: Vec<Arc<Resource>> = (0..1000).map(|i| cla(&format!("svc-{i:04}"), 1)).collect();
+        let g1 = scope(&resources);
+        let names: Vec<String> = resources.iter().map(|r| r.name.to_string()).collect();
+        let mut ts = subscribed(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        ts.record(&resources, &[], &g1, None, 0, 1);
+        ts.dirty.extend(resources.iter().map(|r| r.name.clone()));
+        assert!(ts.dirty.capacity() >= 1000);
+        // the next EDS answer sends them again and empties the set
+        ts.record(&resources, &[], &g1, None, 1, 2);
+        assert!(ts.dirty.is_empty());
+        assert!(ts.dirty.capacity() <= DIRTY_KEPT, "capacity {} kept", ts.dirty.capacity());
+        // a few dirty names keep their small table (no allocation per push)
+        ts.dirty.extend(resources[..3].iter().map(|r| r.name.clone()));
+        let small = ts.dirty.capacity();
+        ts.clear_dirty();
+        assert_eq!(ts.dirty.capacity(), small);
     }
 
     #[test]
