@@ -126,6 +126,27 @@ impl TypeState {
         }
     }
 
+    /// A rejected version is remembered so that it is not sent again; once another version of the name
+    /// is sent (its content changed) or the name is removed, the record is moot. Kept, it would stop the
+    /// name from being sent should its content come back to the rejected one, and it keeps the stream
+    /// off the shared pushes ([`super::shared_push`]).
+    fn forget_rejections(&mut self, sent: &[Arc<Resource>], removed: &[Arc<str>]) {
+        if self.rejected.is_empty() {
+            return;
+        }
+        for r in sent {
+            if self.rejected.get(&r.name).is_some_and(|v| *v != r.version) {
+                self.rejected.remove(&r.name);
+            }
+        }
+        for n in removed {
+            self.rejected.remove(n);
+        }
+        if self.rejected.is_empty() && self.rejected.capacity() > DIRTY_KEPT {
+            self.rejected = HashMap::new();
+        }
+    }
+
     pub(super) fn wants(&self, name: &str, r: Option<&Resource>) -> bool {
         wants(&self.names, self.wildcard, name, r)
     }
@@ -179,6 +200,7 @@ impl TypeState {
         inflight.extend(sent.iter().zip(held_sent).map(|(r, h)| (r.name.clone(), h.cloned())));
         inflight.extend(removed.iter().map(|n| (n.clone(), self.held.get(n).cloned())));
         self.clear_dirty();
+        self.forget_rejections(sent, removed);
         // The first answer of a type: the client held nothing and gets all of `current` (the responders
         // take `sent` from `current`).
         if considered.is_none() && self.held.is_empty() && removed.is_empty() && sent.len() == current.len() {
@@ -478,6 +500,16 @@ mod tests {
         assert_eq!(ts.held.get("a").unwrap().version, a.version);
         assert_eq!(ts.rejected.get("a"), Some(&a2.version));
         assert_eq!(ts.held_hash, hash_of(&ts.held));
+        assert!(!ts.needs(&a2), "the rejected version is not sent again");
+        // its content changes: sent, and the rejection is forgotten, so the content coming back to the
+        // rejected one is sent again too
+        let a3 = cla("a", 3);
+        let mut g3 = g2.clone();
+        g3.insert(a3.name.clone(), a3.clone());
+        assert!(ts.needs(&a3));
+        ts.record(std::slice::from_ref(&a3), &[], &g3, None, 2, 3);
+        assert!(ts.rejected.is_empty(), "{:?}", ts.rejected);
+        assert!(ts.needs(&a2));
         // a Delta client reporting exactly the scope's versions is in sync without being sent anything
         let mut ts = subscribed(&["a", "b"]);
         ts.set_held("a".into(), Some(Resource::reported("a", &a.version)));
