@@ -66,8 +66,8 @@ pub(super) fn entry_hash(name: &str, version: &str) -> u64 {
 /// that sent the same update, [`super::shared_push`]; copied only when a NACK changes it).
 pub(super) type Inflight = Arc<Vec<(Arc<str>, Option<Held>)>>;
 
-/// The capacity of [`TypeState::dirty`] kept when it is emptied (a few changed clusters).
-const DIRTY_KEPT: usize = 16;
+/// The capacity that [`TypeState::dirty`] and [`TypeState::rejected`] keep when they are emptied (a few names).
+const NAMES_KEPT: usize = 16;
 
 #[derive(Clone, Debug)]
 pub(super) struct TypeState {
@@ -119,7 +119,7 @@ impl TypeState {
     /// assignment dirty, so a policy change that touches every cluster fills it with every EDS name
     /// (~35 KB per stream at 1,000), and a cleared set would keep that table for the stream's life.
     pub(super) fn clear_dirty(&mut self) {
-        if self.dirty.capacity() > DIRTY_KEPT {
+        if self.dirty.capacity() > NAMES_KEPT {
             self.dirty = HashSet::new();
         } else {
             self.dirty.clear();
@@ -142,7 +142,7 @@ impl TypeState {
         for n in removed {
             self.rejected.remove(n);
         }
-        if self.rejected.is_empty() && self.rejected.capacity() > DIRTY_KEPT {
+        if self.rejected.is_empty() && self.rejected.capacity() > NAMES_KEPT {
             self.rejected = HashMap::new();
         }
     }
@@ -444,7 +444,7 @@ mod tests {
         // the next EDS answer sends them again and empties the set
         ts.record(&resources, &[], &g1, None, 1, 2);
         assert!(ts.dirty.is_empty());
-        assert!(ts.dirty.capacity() <= DIRTY_KEPT, "capacity {} kept", ts.dirty.capacity());
+        assert!(ts.dirty.capacity() <= NAMES_KEPT, "capacity {} kept", ts.dirty.capacity());
         // a few dirty names keep their small table (no allocation per push)
         ts.dirty.extend(resources[..3].iter().map(|r| r.name.clone()));
         let small = ts.dirty.capacity();
