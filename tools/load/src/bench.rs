@@ -734,17 +734,16 @@ impl Run<'_> {
                 continue; // installs the split: not a drain step
             }
             let bytes1 = self.fleet.rec.totals();
+            let slowest = lat.iter().cloned().reduce(f64::max);
             steps_seen.push(json!({
                 "capacity": capacity,
-                "last_ack_ms": lat.iter().cloned().reduce(f64::max),
+                "last_ack_ms": slowest,
                 "acks": lat.len(),
                 "server_cpu_ms": (self.server.cpu_ns() - step_cpu0) as f64 / 1e6,
                 "mb_by_type": (0..4).map(|t| (bytes1[t][0] - bytes0[t][0]) as f64 / 1e6).collect::<Vec<_>>(),
             }));
             missing += n.saturating_sub(lat.len());
-            if let Some(m) = lat.iter().cloned().reduce(f64::max) {
-                last.push(m);
-            }
+            last.extend(slowest);
             all.extend(lat);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
